@@ -1,0 +1,259 @@
+//! The daemon's configuration: a TOML file (default `/etc/overlay/overlayd.toml`)
+//! overlaid with command-line flags. Every mistake names the file and the key.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Where `overlayd up` looks for its configuration when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/overlay/overlayd.toml";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/overlay";
+pub const DEFAULT_INTERFACE: &str = "overlay0";
+/// Small enough that WireGuard (32 bytes), UDP/IP (28) and TURN channel framing
+/// (4) fit inside a 1400-byte path MTU with room to spare.
+pub const DEFAULT_MTU: u16 = 1280;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The file's shape. Unknown keys are errors, so a typo never silently does nothing.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub coordinator: Option<String>,
+    pub auth_key: Option<String>,
+    pub auth_key_file: Option<PathBuf>,
+    pub hostname: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub interface: Option<String>,
+    pub socket: Option<PathBuf>,
+    pub mtu: Option<u16>,
+    pub ca_cert: Option<PathBuf>,
+    /// A `RUST_LOG`-style filter, used when `RUST_LOG` is not set.
+    pub log: Option<String>,
+}
+
+/// What the flags can override; `None` means "not given".
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub coordinator: Option<String>,
+    pub auth_key: Option<String>,
+    pub auth_key_file: Option<PathBuf>,
+    pub hostname: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub interface: Option<String>,
+    pub socket: Option<PathBuf>,
+    pub mtu: Option<u16>,
+    pub ca_cert: Option<PathBuf>,
+}
+
+/// The resolved configuration the daemon runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `None` only when the state directory already knows the coordinator.
+    pub coordinator: Option<String>,
+    pub auth_key: Option<String>,
+    pub hostname: String,
+    pub state_dir: PathBuf,
+    pub interface: String,
+    pub socket: PathBuf,
+    pub mtu: u16,
+    pub ca_cert: Option<PathBuf>,
+    pub log: Option<String>,
+}
+
+impl FileConfig {
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: one_line(&e.to_string()),
+        })
+    }
+
+    /// Reads `path`; a missing file is an empty config only when it is the default
+    /// path (so `overlayd up --coordinator ...` works without any file).
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let (path, required) = match path {
+            Some(p) => (p, true),
+            None => (Path::new(DEFAULT_CONFIG), false),
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(path, &text),
+            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(source) => Err(ConfigError::Read {
+                path: path.to_owned(),
+                source,
+            }),
+        }
+    }
+}
+
+impl Config {
+    pub fn resolve(file: FileConfig, flags: Overrides) -> Result<Self, ConfigError> {
+        let auth_key_file = flags.auth_key_file.or(file.auth_key_file);
+        let auth_key = match (flags.auth_key.or(file.auth_key), auth_key_file) {
+            (Some(key), _) => Some(key),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                Some(text.trim().to_owned())
+            }
+            (None, None) => None,
+        };
+        let interface = flags
+            .interface
+            .or(file.interface)
+            .unwrap_or_else(|| DEFAULT_INTERFACE.to_owned());
+        validate_interface(&interface)?;
+        let mtu = flags.mtu.or(file.mtu).unwrap_or(DEFAULT_MTU);
+        if !(576..=9000).contains(&mtu) {
+            return Err(ConfigError::Invalid(format!(
+                "mtu {mtu} is out of range (576..=9000)"
+            )));
+        }
+        let coordinator = flags.coordinator.or(file.coordinator);
+        if let Some(url) = &coordinator {
+            crate::transport::Endpoint::parse(url)
+                .map_err(|e| ConfigError::Invalid(format!("coordinator: {e}")))?;
+        }
+        let hostname = match flags.hostname.or(file.hostname) {
+            Some(h) => h,
+            None => system_hostname(),
+        };
+        Ok(Config {
+            coordinator,
+            auth_key: auth_key.filter(|k| !k.is_empty()),
+            hostname,
+            state_dir: flags
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| DEFAULT_STATE_DIR.into()),
+            interface,
+            socket: flags
+                .socket
+                .or(file.socket)
+                .unwrap_or_else(|| overlay_proto::api::DEFAULT_SOCKET.into()),
+            mtu,
+            ca_cert: flags.ca_cert.or(file.ca_cert),
+            log: file.log,
+        })
+    }
+}
+
+fn validate_interface(name: &str) -> Result<(), ConfigError> {
+    let ok = !name.is_empty()
+        && name.len() < 16
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "interface name {name:?} is not valid (1-15 characters: letters, digits, - _ .)"
+        )))
+    }
+}
+
+fn system_hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "node".to_owned())
+}
+
+/// toml's messages span several lines (with a source excerpt); a user gets one.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^'))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Mesh addresses are IPv4 for now (the `tun` crate only sets IPv4 addresses).
+pub fn netmask(prefix: u8) -> Ipv4Addr {
+    let bits = if prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(prefix))
+    };
+    Ipv4Addr::from(bits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_key_names_file_and_key() {
+        let err = FileConfig::parse(Path::new("/etc/o.toml"), "coordinatr = \"x\"\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("/etc/o.toml"), "{msg}");
+        assert!(msg.contains("coordinatr"), "{msg}");
+        assert!(!msg.contains('\n'), "{msg}");
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let file = FileConfig::parse(
+            Path::new("f"),
+            "coordinator = \"http://a:1\"\nhostname = \"h\"\nmtu = 1400\n",
+        )
+        .unwrap();
+        let cfg = Config::resolve(
+            file,
+            Overrides {
+                hostname: Some("flag".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(cfg.hostname, "flag");
+        assert_eq!(cfg.mtu, 1400);
+        assert_eq!(cfg.coordinator.as_deref(), Some("http://a:1"));
+        assert_eq!(cfg.interface, DEFAULT_INTERFACE);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let bad_mtu = Overrides {
+            mtu: Some(100),
+            ..Default::default()
+        };
+        assert!(Config::resolve(FileConfig::default(), bad_mtu).is_err());
+        let bad_if = Overrides {
+            interface: Some("a/b".into()),
+            ..Default::default()
+        };
+        assert!(Config::resolve(FileConfig::default(), bad_if).is_err());
+        let bad_url = Overrides {
+            coordinator: Some("ftp://x".into()),
+            ..Default::default()
+        };
+        assert!(Config::resolve(FileConfig::default(), bad_url).is_err());
+    }
+
+    #[test]
+    fn netmask_from_prefix() {
+        assert_eq!(netmask(10), Ipv4Addr::new(255, 192, 0, 0));
+        assert_eq!(netmask(24), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(netmask(32), Ipv4Addr::BROADCAST);
+        assert_eq!(netmask(0), Ipv4Addr::UNSPECIFIED);
+    }
+}

@@ -1,0 +1,180 @@
+//! `overlayd up`: identity, enrolment, interface, then every long-lived task,
+//! each with one shutdown path, and cleanup when any of them says stop.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use overlay_proto::coord::RegisterRequest;
+use tokio::sync::{mpsc, watch};
+
+use crate::config::Config;
+use crate::control::{self, ControlClient};
+use crate::dataplane::DataPlane;
+use crate::engine::Engine;
+use crate::identity::{Enrolment, Keypair, StateDir};
+use crate::local_api::{self, LocalApi, NodeInfo, SocketGuard};
+use crate::transport::{Connector, Endpoint};
+
+/// Capacity of the queue towards the coordinator (signals and relayed packets).
+/// Relayed packets beyond it are dropped, as a congested link would.
+const OUTBOUND_QUEUE: usize = 1024;
+
+pub async fn up(config: Config) -> anyhow::Result<()> {
+    let state = StateDir::open(&config.state_dir)?;
+    let keys = state.keypair()?;
+    let enrolment = enrol(&config, &state, &keys).await?;
+    tracing::info!(
+        "enrolled as {} (node {}) with mesh IP {}/{}",
+        enrolment.name,
+        enrolment.node_id,
+        enrolment.mesh_ip,
+        enrolment.network.prefix_len()
+    );
+
+    let listener = local_api::bind(&config.socket)
+        .await
+        .with_context(|| format!("cannot open local API socket {}", config.socket.display()))?;
+    let _socket_guard = SocketGuard(config.socket.clone());
+
+    let tun = crate::tun_device::create(
+        &config.interface,
+        enrolment.mesh_ip,
+        enrolment.network,
+        config.mtu,
+    )?;
+    tracing::info!(
+        "interface {} up with {}/{} (mtu {})",
+        config.interface,
+        enrolment.mesh_ip,
+        enrolment.network.prefix_len(),
+        config.mtu
+    );
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (outbound_tx, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
+    let (control_tx, control_rx) = mpsc::channel(256);
+    let (ice_tx, ice_rx) = mpsc::unbounded_channel();
+    let coord_connected = Arc::new(AtomicBool::new(false));
+    let dataplane = Arc::new(DataPlane::new(tun, enrolment.mesh_ip, outbound_tx.clone()));
+
+    let endpoint = Endpoint::parse(&enrolment.coordinator)?;
+    let client = ControlClient {
+        connector: Connector::new(&endpoint, config.ca_cert.as_deref())?,
+        endpoint,
+        node_id: enrolment.node_id,
+        credential: enrolment.credential.clone(),
+        connected: coord_connected.clone(),
+        events: control_tx,
+        dataplane: dataplane.clone(),
+    };
+    let control_task = tokio::spawn(client.run(outbound_rx, shutdown_rx.clone()));
+
+    let api = Arc::new(LocalApi {
+        node: NodeInfo {
+            name: enrolment.name.clone(),
+            node_id: enrolment.node_id,
+            mesh_ip: enrolment.mesh_ip,
+            network: enrolment.network,
+            interface: config.interface.clone(),
+            public_key: keys.public_base64(),
+            coordinator: enrolment.coordinator.clone(),
+            started: Instant::now(),
+            coord_connected: coord_connected.clone(),
+        },
+        dataplane: dataplane.clone(),
+        shutdown: shutdown_tx.clone(),
+    });
+    let api_task = tokio::spawn(api.serve(listener));
+
+    let engine = Engine::new(
+        enrolment.node_id,
+        keys.secret.clone(),
+        config.interface.clone(),
+        dataplane.clone(),
+        outbound_tx,
+        coord_connected,
+        ice_tx,
+    );
+    let mut engine_task = tokio::spawn(engine.run(control_rx, ice_rx, shutdown_rx.clone()));
+    let mut tun_task = tokio::spawn(dataplane.clone().run_tun_reader());
+
+    let outcome: anyhow::Result<()> = tokio::select! {
+        _ = wait_for_signal() => {
+            tracing::info!("stopping");
+            Ok(())
+        }
+        fatal = &mut engine_task => match fatal {
+            Ok(Some(message)) => Err(anyhow::anyhow!(message)),
+            _ => Ok(()),
+        },
+        result = &mut tun_task => match result {
+            Ok(Err(e)) => Err(anyhow::anyhow!("interface {} failed: {e}", config.interface)),
+            _ => Ok(()),
+        },
+    };
+    let _ = shutdown_tx.send(true);
+    tun_task.abort();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
+        let _ = engine_task.await;
+        let _ = control_task.await;
+        let _ = api_task.await;
+    })
+    .await;
+    // The TUN goes when its last handle drops: the reader task above, the data
+    // plane's peers' tasks; dropping `dataplane` here releases ours.
+    drop(dataplane);
+    outcome
+}
+
+/// SIGINT, SIGTERM, or `overlayctl down` (which flips the shutdown channel).
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Uses the stored enrolment, or registers with the auth key on first start.
+async fn enrol(config: &Config, state: &StateDir, keys: &Keypair) -> anyhow::Result<Enrolment> {
+    if let Some(enrolment) = state.enrolment()? {
+        match &config.coordinator {
+            Some(url)
+                if url.trim_end_matches('/') != enrolment.coordinator.trim_end_matches('/') =>
+            {
+                if config.auth_key.is_none() {
+                    bail!(
+                        "this node is enrolled with {} but the config names {url}; pass --auth-key to enrol with the new coordinator",
+                        enrolment.coordinator
+                    );
+                }
+            }
+            _ => return Ok(enrolment),
+        }
+    }
+    let Some(coordinator) = config.coordinator.as_deref() else {
+        bail!("this node is not enrolled yet: pass --coordinator URL and --auth-key KEY (or set them in the config)");
+    };
+    let Some(auth_key) = config.auth_key.clone() else {
+        bail!("this node is not enrolled yet: pass --auth-key KEY (from 'overlay-coord keys create') or set auth_key_file in the config");
+    };
+    let endpoint = Endpoint::parse(coordinator)?;
+    let connector = Connector::new(&endpoint, config.ca_cert.as_deref())?;
+    let request = RegisterRequest {
+        auth_key,
+        public_key: keys.public_base64(),
+        hostname: config.hostname.clone(),
+    };
+    let response = control::register(&connector, &endpoint, &request).await?;
+    let enrolment = Enrolment::from_response(coordinator, response);
+    state.save_enrolment(&enrolment)?;
+    Ok(enrolment)
+}

@@ -1,0 +1,261 @@
+//! The packet path: TUN → cryptokey routing → WireGuard → best path, and back.
+//!
+//! ```text
+//!   TUN ──read──▶ route by dst IP ──▶ Tunn::encapsulate ──▶ ICE conn (if selected)
+//!                                                        └─▶ coordination relay
+//!   ICE conn / relay frame ──▶ Tunn::decapsulate ──▶ src IP check ──▶ TUN
+//! ```
+//!
+//! Anything that arrives on any path goes to the same `Tunn`: WireGuard already
+//! tolerates roaming, so switching paths loses nothing.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use boringtun::noise::TunnResult;
+use overlay_proto::coord::{encode_relay_frame, ClientMsg};
+use overlay_proto::NodeId;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::packet;
+use crate::peer::{lock, Peer};
+
+/// Large enough for any IP packet plus WireGuard's overhead: boringtun panics on
+/// a short buffer, so every buffer handed to it has this size.
+pub const BUF_SIZE: usize = 65_536 + 256;
+
+/// What the data and control planes hand to the coordinator connection.
+#[derive(Debug)]
+pub enum Outbound {
+    Msg(ClientMsg),
+    /// A ready binary relay frame (destination id + WireGuard datagram).
+    Relay(Vec<u8>),
+}
+
+#[derive(Default)]
+struct PeerTable {
+    by_id: HashMap<NodeId, Arc<Peer>>,
+    by_ip: HashMap<Ipv4Addr, Arc<Peer>>,
+}
+
+/// Counters of packets the data plane refused; visible in logs at debug.
+#[derive(Default)]
+pub struct DropCounters {
+    pub no_route: AtomicU64,
+    pub spoofed_source: AtomicU64,
+    pub bad_datagram: AtomicU64,
+    pub relay_queue_full: AtomicU64,
+}
+
+pub struct DataPlane {
+    tun: Arc<tun::AsyncDevice>,
+    my_ip: Ipv4Addr,
+    peers: RwLock<PeerTable>,
+    outbound: mpsc::Sender<Outbound>,
+    pings: Mutex<HashMap<(u16, u16), oneshot::Sender<()>>>,
+    pub drops: DropCounters,
+}
+
+impl DataPlane {
+    pub fn new(
+        tun: Arc<tun::AsyncDevice>,
+        my_ip: Ipv4Addr,
+        outbound: mpsc::Sender<Outbound>,
+    ) -> Self {
+        DataPlane {
+            tun,
+            my_ip,
+            peers: RwLock::default(),
+            outbound,
+            pings: Mutex::default(),
+            drops: DropCounters::default(),
+        }
+    }
+
+    pub fn insert(&self, peer: Arc<Peer>) {
+        let mut table = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        table.by_ip.insert(peer.mesh_ip, peer.clone());
+        table.by_id.insert(peer.id, peer);
+    }
+
+    pub fn remove(&self, id: NodeId) -> Option<Arc<Peer>> {
+        let mut table = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        let peer = table.by_id.remove(&id)?;
+        if table.by_ip.get(&peer.mesh_ip).is_some_and(|p| p.id == id) {
+            table.by_ip.remove(&peer.mesh_ip);
+        }
+        Some(peer)
+    }
+
+    pub fn peer(&self, id: NodeId) -> Option<Arc<Peer>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_id
+            .get(&id)
+            .cloned()
+    }
+
+    pub fn peer_by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Peer>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_ip
+            .get(&ip)
+            .cloned()
+    }
+
+    pub fn peers(&self) -> Vec<Arc<Peer>> {
+        let table = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        let mut peers: Vec<_> = table.by_id.values().cloned().collect();
+        peers.sort_by_key(|p| p.mesh_ip);
+        peers
+    }
+
+    /// Reads the TUN until it fails (the interface went away).
+    pub async fn run_tun_reader(self: Arc<Self>) -> std::io::Result<()> {
+        let mut packet = vec![0u8; BUF_SIZE];
+        let mut out = vec![0u8; BUF_SIZE];
+        loop {
+            let n = self.tun.recv(&mut packet).await?;
+            let packet = &packet[..n];
+            let Some((_, dst)) = packet::ipv4_addrs(packet) else {
+                continue;
+            };
+            match self.peer_by_ip(dst) {
+                Some(peer) => self.send_packet(&peer, packet, &mut out).await,
+                None => {
+                    self.drops.no_route.fetch_add(1, Ordering::Relaxed);
+                    if let Some(reply) = packet::host_unreachable(self.my_ip, packet) {
+                        let _ = self.tun.send(&reply).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Encrypts one IP packet for `peer` and sends it on the best path.
+    pub async fn send_packet(&self, peer: &Peer, packet: &[u8], out: &mut [u8]) {
+        let len = match lock(&peer.tunn).encapsulate(packet, out) {
+            TunnResult::WriteToNetwork(datagram) => datagram.len(),
+            TunnResult::Err(e) => {
+                tracing::debug!(peer = peer.id, "encapsulate: {e:?}");
+                return;
+            }
+            _ => return,
+        };
+        peer.count_tx(packet.len());
+        self.transmit(peer, &out[..len]).await;
+    }
+
+    /// Sends a WireGuard datagram over the selected ICE pair, or the relay.
+    pub async fn transmit(&self, peer: &Peer, datagram: &[u8]) {
+        if let Some(conn) = peer.active_conn() {
+            // `Ok(0)` means the agent has no selected pair (any more): relay it.
+            if let Ok(n) = conn.send(datagram).await {
+                if n > 0 {
+                    return;
+                }
+            }
+        }
+        let frame = encode_relay_frame(peer.id, datagram);
+        if self.outbound.try_send(Outbound::Relay(frame)).is_err() {
+            self.drops.relay_queue_full.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A datagram arrived from `peer` on some path.
+    pub async fn receive(&self, peer: &Peer, datagram: &[u8], out: &mut [u8]) {
+        enum Next {
+            Nothing,
+            Tun(usize),
+            Network(Vec<Vec<u8>>),
+        }
+        let next = {
+            let mut tunn = lock(&peer.tunn);
+            match tunn.decapsulate(None, datagram, out) {
+                TunnResult::WriteToNetwork(d) => {
+                    // Handshake answers, and packets queued while the handshake ran.
+                    let mut pending = vec![d.to_vec()];
+                    while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], out) {
+                        pending.push(d.to_vec());
+                    }
+                    Next::Network(pending)
+                }
+                TunnResult::WriteToTunnelV4(p, src) if src == peer.mesh_ip => Next::Tun(p.len()),
+                TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                    // Cryptokey routing: a peer may only speak from its own mesh IP.
+                    self.drops.spoofed_source.fetch_add(1, Ordering::Relaxed);
+                    Next::Nothing
+                }
+                TunnResult::Err(e) => {
+                    self.drops.bad_datagram.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(peer = peer.id, "decapsulate: {e:?}");
+                    Next::Nothing
+                }
+                TunnResult::Done => Next::Nothing,
+            }
+        };
+        match next {
+            Next::Nothing => {}
+            Next::Tun(len) => {
+                let packet = &out[..len];
+                peer.count_rx(len);
+                if self.complete_ping(packet) {
+                    return;
+                }
+                if let Err(e) = self.tun.send(packet).await {
+                    tracing::debug!("TUN write: {e}");
+                }
+            }
+            Next::Network(datagrams) => {
+                for d in datagrams {
+                    self.transmit(peer, &d).await;
+                }
+            }
+        }
+    }
+
+    /// Runs WireGuard's timers for every peer (handshakes, keepalives).
+    pub async fn tick_timers(&self, out: &mut [u8]) {
+        for peer in self.peers() {
+            let len = match lock(&peer.tunn).update_timers(out) {
+                TunnResult::WriteToNetwork(d) => d.len(),
+                _ => continue,
+            };
+            self.transmit(&peer, &out[..len]).await;
+        }
+    }
+
+    /// Registers interest in the echo reply `(ident, seq)`; see [`Self::complete_ping`].
+    pub fn expect_ping(&self, ident: u16, seq: u16) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pings).insert((ident, seq), tx);
+        rx
+    }
+
+    pub fn forget_ping(&self, ident: u16, seq: u16) {
+        lock(&self.pings).remove(&(ident, seq));
+    }
+
+    /// True when `packet` answered one of our own pings (it then never reaches the
+    /// TUN: the kernel did not send the request and would only drop the reply).
+    fn complete_ping(&self, packet: &[u8]) -> bool {
+        let Some((_, ident, seq)) = packet::echo_reply(packet) else {
+            return false;
+        };
+        match lock(&self.pings).remove(&(ident, seq)) {
+            Some(tx) => {
+                let _ = tx.send(());
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn my_ip(&self) -> Ipv4Addr {
+        self.my_ip
+    }
+}

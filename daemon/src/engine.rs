@@ -1,0 +1,425 @@
+//! The engine: one task that applies the netmap, runs ICE signaling, and drives
+//! every peer's path state. The data plane runs beside it on its own tasks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use boringtun::x25519::StaticSecret;
+use overlay_proto::coord::{ClientMsg, PeerInfo, ServerMsg};
+use overlay_proto::signal::PeerSignal;
+use overlay_proto::NodeId;
+use tokio::sync::{mpsc, watch};
+use webrtc_ice::state::ConnectionState;
+
+use crate::control::ControlEvent;
+use crate::dataplane::{DataPlane, Outbound, BUF_SIZE};
+use crate::ice::{IceEvent, IceSession, IceSettings};
+use crate::identity::decode_public_key;
+use crate::netmap::{self, Change};
+use crate::path::{Action, PathState};
+use crate::peer::{lock, Peer};
+
+/// WireGuard wants its timers run about this often.
+const TICK: Duration = Duration::from_millis(250);
+
+pub struct Engine {
+    pub me: NodeId,
+    pub secret: StaticSecret,
+    pub tun_name: String,
+    pub dataplane: Arc<DataPlane>,
+    pub outbound: mpsc::Sender<Outbound>,
+    pub coord_connected: Arc<AtomicBool>,
+    pub(crate) netmap: HashMap<NodeId, PeerInfo>,
+    pub(crate) sessions: HashMap<NodeId, IceSession>,
+    pub(crate) ice: IceSettings,
+    pub(crate) ice_tx: mpsc::UnboundedSender<IceEvent>,
+    /// Last path label logged per peer, so path changes are logged once.
+    pub(crate) labels: HashMap<NodeId, String>,
+}
+
+impl Engine {
+    pub fn new(
+        me: NodeId,
+        secret: StaticSecret,
+        tun_name: String,
+        dataplane: Arc<DataPlane>,
+        outbound: mpsc::Sender<Outbound>,
+        coord_connected: Arc<AtomicBool>,
+        ice_tx: mpsc::UnboundedSender<IceEvent>,
+    ) -> Self {
+        let ice = IceSettings {
+            urls: Vec::new(),
+            tun_name: tun_name.clone(),
+        };
+        Engine {
+            me,
+            secret,
+            tun_name,
+            dataplane,
+            outbound,
+            coord_connected,
+            netmap: HashMap::new(),
+            sessions: HashMap::new(),
+            ice,
+            ice_tx,
+            labels: HashMap::new(),
+        }
+    }
+
+    /// Runs until shutdown; returns an error message when the node must stop
+    /// (its credential was refused).
+    pub async fn run(
+        mut self,
+        mut control: mpsc::Receiver<ControlEvent>,
+        mut ice_events: mpsc::UnboundedReceiver<IceEvent>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Option<String> {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut buf = vec![0u8; BUF_SIZE];
+        let fatal = loop {
+            tokio::select! {
+                ev = control.recv() => match ev {
+                    Some(ControlEvent::Message(msg)) => self.on_server_msg(msg).await,
+                    Some(ControlEvent::Connected | ControlEvent::Disconnected) => {}
+                    Some(ControlEvent::Unauthorized) => break Some(
+                        "the coordinator no longer accepts this node's credential (was it removed?); \
+                         enrol again with 'overlayd up --auth-key KEY'".to_owned()),
+                    None => break None,
+                },
+                Some(ev) = ice_events.recv() => self.on_ice_event(ev).await,
+                _ = tick.tick() => {
+                    self.dataplane.tick_timers(&mut buf).await;
+                    self.poll_paths().await;
+                }
+                _ = shutdown.changed() => break None,
+            }
+        };
+        for (_, session) in self.sessions.drain() {
+            session.close();
+        }
+        fatal
+    }
+
+    async fn on_server_msg(&mut self, msg: ServerMsg) {
+        match msg {
+            ServerMsg::Welcome { peers, ice, .. } => {
+                self.ice = IceSettings::from_config(&ice, &self.tun_name);
+                let changes = netmap::diff(&self.netmap, &peers, self.me);
+                for change in changes {
+                    self.apply(change);
+                }
+            }
+            ServerMsg::PeerUpsert { peer } if peer.id != self.me => {
+                for change in netmap::upsert(self.netmap.get(&peer.id), &peer) {
+                    self.apply(change);
+                }
+            }
+            ServerMsg::PeerRemoved { id } => self.apply(Change::Remove(id)),
+            ServerMsg::Signal { from, payload } => self.on_signal(from, &payload).await,
+            ServerMsg::IceConfig { ice } => {
+                self.ice = IceSettings::from_config(&ice, &self.tun_name)
+            }
+            ServerMsg::Error {
+                error,
+                message,
+                about,
+            } => {
+                tracing::debug!(?about, "coordinator refused a message: {error}: {message}");
+            }
+            ServerMsg::PeerUpsert { .. } | ServerMsg::Pong { .. } => {}
+        }
+    }
+
+    fn apply(&mut self, change: Change) {
+        let now = Instant::now();
+        match change {
+            Change::Add(info) => {
+                let Some(key) = decode_public_key(&info.public_key) else {
+                    tracing::warn!(
+                        peer = info.id,
+                        "ignoring peer {} with a malformed public key",
+                        info.name
+                    );
+                    return;
+                };
+                let peer = PathState::new(false, info.online, now);
+                let peer = Peer::new(info.clone(), key, &self.secret, peer);
+                // Role is known only once the keys are compared.
+                *lock(&peer.path) = PathState::new(peer.controlling, info.online, now);
+                tracing::info!(
+                    "peer {} ({}) added{}",
+                    info.name,
+                    info.mesh_ip,
+                    if info.online { "" } else { ", offline" }
+                );
+                self.dataplane.insert(Arc::new(peer));
+                self.netmap.insert(info.id, info);
+            }
+            Change::Update(info) => {
+                if let Some(peer) = self.dataplane.peer(info.id) {
+                    let was_online = lock(&peer.info).online;
+                    if was_online != info.online {
+                        tracing::info!(
+                            "peer {} ({}) is {}",
+                            info.name,
+                            info.mesh_ip,
+                            if info.online { "online" } else { "offline" }
+                        );
+                        lock(&peer.path).set_online(info.online, now);
+                        if !info.online {
+                            self.end_session(info.id);
+                        }
+                    }
+                    *lock(&peer.info) = info.clone();
+                    self.sync_path(&peer);
+                }
+                self.netmap.insert(info.id, info);
+            }
+            Change::Remove(id) => {
+                self.end_session(id);
+                self.labels.remove(&id);
+                if let Some(info) = self.netmap.remove(&id) {
+                    tracing::info!("peer {} ({}) removed", info.name, info.mesh_ip);
+                }
+                self.dataplane.remove(id);
+            }
+        }
+    }
+
+    fn end_session(&mut self, id: NodeId) {
+        if let Some(session) = self.sessions.remove(&id) {
+            session.close();
+        }
+        if let Some(peer) = self.dataplane.peer(id) {
+            peer.set_active_conn(None);
+        }
+    }
+
+    fn send_signal(&self, peer: &Peer, signal: &PeerSignal) {
+        let payload = peer.sealer.seal(signal);
+        let msg = ClientMsg::Signal {
+            to: peer.id,
+            from: None,
+            payload,
+        };
+        if self.outbound.try_send(Outbound::Msg(msg)).is_err() {
+            tracing::debug!(peer = peer.id, "signal dropped: coordinator queue full");
+        }
+    }
+
+    /// Opens a new ICE session with `peer` (we are controlling): a fresh agent and
+    /// an offer. Any previous session ends; packets use the relay meanwhile.
+    async fn start_session(&mut self, peer: &Arc<Peer>) {
+        self.end_session(peer.id);
+        let session_id: u64 = rand::random();
+        match IceSession::new(&self.ice, true, peer.id, session_id, self.ice_tx.clone()).await {
+            Ok(session) => {
+                self.send_signal(
+                    peer,
+                    &PeerSignal::Offer {
+                        session: session_id,
+                        ufrag: session.ufrag.clone(),
+                        pwd: session.pwd.clone(),
+                    },
+                );
+                tracing::debug!(peer = peer.id, session = session_id, "ICE offer sent");
+                self.sessions.insert(peer.id, session);
+            }
+            Err(e) => {
+                tracing::warn!("cannot start ICE with {}: {e}", peer.name());
+                lock(&peer.path).on_failed(Instant::now(), rand::random());
+            }
+        }
+    }
+
+    async fn on_signal(&mut self, from: NodeId, payload: &str) {
+        let Some(peer) = self.dataplane.peer(from) else {
+            return;
+        };
+        let signal = match peer.sealer.open(payload) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(peer = from, "dropping signal: {e}");
+                return;
+            }
+        };
+        let now = Instant::now();
+        match signal {
+            PeerSignal::Offer {
+                session,
+                ufrag,
+                pwd,
+            } if !peer.controlling => {
+                self.end_session(from);
+                let created =
+                    IceSession::new(&self.ice, false, from, session, self.ice_tx.clone()).await;
+                let mut s = match created {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("cannot answer ICE offer from {}: {e}", peer.name());
+                        return;
+                    }
+                };
+                self.send_signal(
+                    &peer,
+                    &PeerSignal::Answer {
+                        session,
+                        ufrag: s.ufrag.clone(),
+                        pwd: s.pwd.clone(),
+                    },
+                );
+                s.connect(false, from, ufrag, pwd, self.ice_tx.clone());
+                lock(&peer.path).session_started(now);
+                self.sessions.insert(from, s);
+                self.sync_path(&peer);
+            }
+            PeerSignal::Answer {
+                session,
+                ufrag,
+                pwd,
+            } if peer.controlling => {
+                if let Some(s) = self
+                    .sessions
+                    .get_mut(&from)
+                    .filter(|s| s.session == session)
+                {
+                    s.connect(true, from, ufrag, pwd, self.ice_tx.clone());
+                }
+            }
+            PeerSignal::Candidate { session, candidate } => {
+                if let Some(s) = self.sessions.get(&from).filter(|s| s.session == session) {
+                    if let Err(e) = s.add_remote_candidate(&candidate) {
+                        tracing::debug!(peer = from, "bad remote candidate {candidate:?}: {e}");
+                    }
+                }
+            }
+            PeerSignal::RestartRequest { reason } => {
+                let start = lock(&peer.path).on_restart_request(now);
+                if start {
+                    tracing::debug!(peer = from, "peer asked for a new ICE session: {reason}");
+                    self.start_session(&peer).await;
+                }
+            }
+            other => tracing::debug!(peer = from, "ignoring signal for the other role: {other:?}"),
+        }
+    }
+
+    async fn on_ice_event(&mut self, ev: IceEvent) {
+        let (peer_id, session_id) = match &ev {
+            IceEvent::Candidate { peer, session, .. }
+            | IceEvent::State { peer, session, .. }
+            | IceEvent::Selected { peer, session, .. }
+            | IceEvent::Ready { peer, session, .. }
+            | IceEvent::Failed { peer, session, .. } => (*peer, *session),
+        };
+        let current = self
+            .sessions
+            .get(&peer_id)
+            .is_some_and(|s| s.session == session_id);
+        let (true, Some(peer)) = (current, self.dataplane.peer(peer_id)) else {
+            return; // a stale session's late news
+        };
+        let now = Instant::now();
+        match ev {
+            IceEvent::Candidate { candidate, .. } => {
+                self.send_signal(
+                    &peer,
+                    &PeerSignal::Candidate {
+                        session: session_id,
+                        candidate,
+                    },
+                );
+            }
+            IceEvent::Selected { pair, .. } => lock(&peer.path).on_selected(pair),
+            IceEvent::Ready { conn, .. } => {
+                self.spawn_reader(&peer, conn.clone());
+                if let Some(s) = self.sessions.get_mut(&peer_id) {
+                    s.conn = Some(conn);
+                }
+                lock(&peer.path).on_connected();
+            }
+            IceEvent::State { state, .. } => match state {
+                ConnectionState::Connected => {
+                    if self
+                        .sessions
+                        .get(&peer_id)
+                        .is_some_and(|s| s.conn.is_some())
+                    {
+                        lock(&peer.path).on_connected();
+                    }
+                }
+                ConnectionState::Disconnected => lock(&peer.path).on_disconnected(),
+                ConnectionState::Failed => {
+                    lock(&peer.path).on_failed(now, rand::random());
+                    self.end_session(peer_id);
+                }
+                _ => {}
+            },
+            IceEvent::Failed { error, .. } => {
+                tracing::debug!(peer = peer_id, "ICE session ended: {error}");
+                lock(&peer.path).on_failed(now, rand::random());
+                self.end_session(peer_id);
+            }
+        }
+        self.sync_path(&peer);
+    }
+
+    /// Datagrams arriving on the ICE connection go to the peer's WireGuard session.
+    fn spawn_reader(&self, peer: &Arc<Peer>, conn: crate::peer::IceConn) {
+        let dataplane = self.dataplane.clone();
+        let peer = peer.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; BUF_SIZE];
+            let mut out = vec![0u8; BUF_SIZE];
+            while let Ok(n) = conn.recv(&mut buf).await {
+                dataplane.receive(&peer, &buf[..n], &mut out).await;
+            }
+        });
+    }
+
+    /// Points the data plane at the path the state machine chose, and logs changes.
+    fn sync_path(&mut self, peer: &Arc<Peer>) {
+        let (selected, online) = {
+            let path = lock(&peer.path);
+            (path.selected().cloned(), lock(&peer.info).online)
+        };
+        let conn = selected
+            .as_ref()
+            .and_then(|_| self.sessions.get(&peer.id))
+            .and_then(|s| s.conn.clone());
+        let label = match (&selected, &conn) {
+            (Some(pair), Some(_)) => format!("{} via {}", pair.label(), pair.remote_addr),
+            _ if online => "coord relay".to_owned(),
+            _ => "connecting".to_owned(),
+        };
+        peer.set_active_conn(conn);
+        if self.labels.get(&peer.id) != Some(&label) {
+            tracing::info!("peer {} ({}) now {label}", peer.name(), peer.mesh_ip);
+            self.labels.insert(peer.id, label);
+        }
+    }
+
+    async fn poll_paths(&mut self) {
+        if !self.coord_connected.load(Ordering::Relaxed) {
+            return; // no signaling without the coordinator; established paths go on
+        }
+        let now = Instant::now();
+        for peer in self.dataplane.peers() {
+            let action = lock(&peer.path).poll(now, rand::random());
+            match action {
+                Some(Action::StartSession) => self.start_session(&peer).await,
+                Some(Action::RequestRestart) => self.send_signal(
+                    &peer,
+                    &PeerSignal::RestartRequest {
+                        reason: "no working ICE session".into(),
+                    },
+                ),
+                None => {}
+            }
+            self.sync_path(&peer);
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The edge that owns webrtc-ice agents. It makes no decisions: it turns agent
+//! callbacks into [`IceEvent`]s for the engine, which feeds them to the peer's
+//! [`crate::path::PathState`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use overlay_proto::coord::IceConfig;
+use overlay_proto::NodeId;
+use tokio::sync::mpsc;
+use webrtc_ice::agent::agent_config::AgentConfig;
+use webrtc_ice::agent::Agent;
+use webrtc_ice::candidate::{Candidate, CandidateType};
+use webrtc_ice::mdns::MulticastDnsMode;
+use webrtc_ice::network_type::NetworkType;
+use webrtc_ice::state::ConnectionState;
+use webrtc_ice::url::Url;
+
+use crate::path::{CandidateKind, SelectedPair};
+use crate::peer::IceConn;
+
+/// ICE calls a pair disconnected after this long without traffic; packets move to
+/// the relay at that moment, so it bounds how long a dead path can swallow them.
+const DISCONNECTED_TIMEOUT: Duration = Duration::from_secs(3);
+/// After this long disconnected the session is failed and a new one is started.
+const FAILED_TIMEOUT: Duration = Duration::from_secs(8);
+/// STUN keepalives on the selected pair; also what makes a dead path noticed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+/// webrtc-ice waits 2 s by default before accepting a relayed pair; a relayed pair
+/// beats the coordination relay, so take it soon.
+const RELAY_ACCEPTANCE_MIN_WAIT: Duration = Duration::from_millis(500);
+
+/// Everything an agent reports, tagged with the peer and session it belongs to.
+pub enum IceEvent {
+    Candidate {
+        peer: NodeId,
+        session: u64,
+        candidate: String,
+    },
+    State {
+        peer: NodeId,
+        session: u64,
+        state: ConnectionState,
+    },
+    Selected {
+        peer: NodeId,
+        session: u64,
+        pair: SelectedPair,
+    },
+    /// `dial`/`accept` returned: the connection packets can use.
+    Ready {
+        peer: NodeId,
+        session: u64,
+        conn: IceConn,
+    },
+    Failed {
+        peer: NodeId,
+        session: u64,
+        error: String,
+    },
+}
+
+/// Settings shared by every agent the daemon creates.
+#[derive(Clone)]
+pub struct IceSettings {
+    pub urls: Vec<Url>,
+    /// Our TUN interface: never gather candidates on it, or the tunnel would
+    /// route into itself.
+    pub tun_name: String,
+}
+
+impl IceSettings {
+    pub fn from_config(ice: &IceConfig, tun_name: &str) -> Self {
+        let mut urls = Vec::new();
+        for raw in &ice.stun {
+            match Url::parse_url(raw) {
+                Ok(url) => urls.push(url),
+                Err(e) => tracing::warn!("ignoring STUN URL {raw:?}: {e}"),
+            }
+        }
+        for server in &ice.turn {
+            for raw in &server.urls {
+                match Url::parse_url(raw) {
+                    Ok(mut url) => {
+                        url.username = server.username.clone();
+                        url.password = server.credential.clone();
+                        urls.push(url);
+                    }
+                    Err(e) => tracing::warn!("ignoring TURN URL {raw:?}: {e}"),
+                }
+            }
+        }
+        IceSettings {
+            urls,
+            tun_name: tun_name.to_owned(),
+        }
+    }
+}
+
+/// One ICE negotiation with one peer.
+pub struct IceSession {
+    pub session: u64,
+    pub agent: Arc<Agent>,
+    pub ufrag: String,
+    pub pwd: String,
+    /// Dropping this cancels a pending `dial`/`accept`.
+    cancel: Option<mpsc::Sender<()>>,
+    pub conn: Option<IceConn>,
+}
+
+impl IceSession {
+    pub async fn new(
+        settings: &IceSettings,
+        controlling: bool,
+        peer: NodeId,
+        session: u64,
+        events: mpsc::UnboundedSender<IceEvent>,
+    ) -> Result<Self, webrtc_ice::Error> {
+        let tun_name = settings.tun_name.clone();
+        let config = AgentConfig {
+            urls: settings.urls.clone(),
+            network_types: vec![NetworkType::Udp4],
+            candidate_types: vec![
+                CandidateType::Host,
+                CandidateType::ServerReflexive,
+                CandidateType::Relay,
+            ],
+            multicast_dns_mode: MulticastDnsMode::Disabled,
+            interface_filter: Arc::new(Some(Box::new(move |name: &str| name != tun_name))),
+            is_controlling: controlling,
+            disconnected_timeout: Some(DISCONNECTED_TIMEOUT),
+            failed_timeout: Some(FAILED_TIMEOUT),
+            keepalive_interval: Some(KEEPALIVE_INTERVAL),
+            relay_acceptance_min_wait: Some(RELAY_ACCEPTANCE_MIN_WAIT),
+            ..Default::default()
+        };
+        let agent = Arc::new(Agent::new(config).await?);
+
+        let tx = events.clone();
+        agent.on_candidate(Box::new(
+            move |c: Option<Arc<dyn Candidate + Send + Sync>>| {
+                if let Some(c) = c {
+                    let _ = tx.send(IceEvent::Candidate {
+                        peer,
+                        session,
+                        candidate: c.marshal(),
+                    });
+                }
+                Box::pin(async {})
+            },
+        ));
+        let tx = events.clone();
+        agent.on_connection_state_change(Box::new(move |state| {
+            let _ = tx.send(IceEvent::State {
+                peer,
+                session,
+                state,
+            });
+            Box::pin(async {})
+        }));
+        let tx = events;
+        agent.on_selected_candidate_pair_change(Box::new(move |local, remote| {
+            let pair = SelectedPair {
+                local: kind(local.candidate_type()),
+                local_addr: addr(local.as_ref()),
+                remote: kind(remote.candidate_type()),
+                remote_addr: addr(remote.as_ref()),
+            };
+            let _ = tx.send(IceEvent::Selected {
+                peer,
+                session,
+                pair,
+            });
+            Box::pin(async {})
+        }));
+
+        let (ufrag, pwd) = agent.get_local_user_credentials().await;
+        agent.gather_candidates()?;
+        Ok(IceSession {
+            session,
+            agent,
+            ufrag,
+            pwd,
+            cancel: None,
+            conn: None,
+        })
+    }
+
+    /// Starts connectivity checks against the remote credentials; reports `Ready`
+    /// or `Failed` when they end. Only the first call per session does anything.
+    pub fn connect(
+        &mut self,
+        controlling: bool,
+        peer: NodeId,
+        remote_ufrag: String,
+        remote_pwd: String,
+        events: mpsc::UnboundedSender<IceEvent>,
+    ) {
+        if self.cancel.is_some() {
+            return;
+        }
+        let (cancel_tx, cancel_rx) = mpsc::channel(1);
+        self.cancel = Some(cancel_tx);
+        let agent = self.agent.clone();
+        let session = self.session;
+        tokio::spawn(async move {
+            let result = if controlling {
+                agent
+                    .dial(cancel_rx, remote_ufrag, remote_pwd)
+                    .await
+                    .map(|c| c as IceConn)
+            } else {
+                agent
+                    .accept(cancel_rx, remote_ufrag, remote_pwd)
+                    .await
+                    .map(|c| c as IceConn)
+            };
+            let event = match result {
+                Ok(conn) => IceEvent::Ready {
+                    peer,
+                    session,
+                    conn,
+                },
+                Err(e) => IceEvent::Failed {
+                    peer,
+                    session,
+                    error: e.to_string(),
+                },
+            };
+            let _ = events.send(event);
+        });
+    }
+
+    pub fn add_remote_candidate(&self, raw: &str) -> Result<(), webrtc_ice::Error> {
+        let candidate = webrtc_ice::candidate::candidate_base::unmarshal_candidate(raw)?;
+        let candidate: Arc<dyn Candidate + Send + Sync> = Arc::new(candidate);
+        self.agent.add_remote_candidate(&candidate)
+    }
+
+    /// Stops the agent in the background (closing can wait on its tasks).
+    pub fn close(mut self) {
+        self.cancel.take();
+        let agent = self.agent.clone();
+        tokio::spawn(async move {
+            let _ = agent.close().await;
+        });
+    }
+}
+
+fn kind(t: CandidateType) -> CandidateKind {
+    match t {
+        CandidateType::ServerReflexive => CandidateKind::Srflx,
+        CandidateType::PeerReflexive => CandidateKind::Prflx,
+        CandidateType::Relay => CandidateKind::Relay,
+        _ => CandidateKind::Host,
+    }
+}
+
+fn addr(c: &(dyn Candidate + Send + Sync)) -> String {
+    format!("{}:{}", c.address(), c.port())
+}

@@ -1,0 +1,23 @@
+//! `overlayd`: one node of the overlay mesh.
+//!
+//! Modules are named by responsibility: [`control`] talks to the coordination
+//! server, [`dataplane`] moves packets, [`path`] decides which path a peer's packets
+//! take, [`ice`] owns the ICE agents, [`engine`] ties signaling and paths together,
+//! [`local_api`] answers `overlayctl`.
+
+pub mod backoff;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod dataplane;
+pub mod engine;
+pub mod ice;
+pub mod identity;
+pub mod local_api;
+pub mod netmap;
+pub mod packet;
+pub mod path;
+pub mod peer;
+pub mod seal;
+pub mod transport;
+pub mod tun_device;

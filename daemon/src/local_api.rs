@@ -1,0 +1,272 @@
+//! The daemon's local API: `overlayctl` on a Unix socket (0660, root's), one JSON
+//! request line in, one or more JSON response lines out.
+
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use ipnet::Ipv4Net;
+use overlay_proto::api::{PathKind, PeerStatus, PingReply, PingSummary, Request, Response, Status};
+use overlay_proto::NodeId;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::watch;
+
+use crate::dataplane::{DataPlane, BUF_SIZE};
+use crate::packet;
+use crate::peer::{lock, Peer};
+
+/// Longest request line accepted; requests are tiny.
+const MAX_REQUEST: usize = 4096;
+/// At most this many pings per request, so one command cannot run forever.
+const MAX_PING_COUNT: u32 = 10_000;
+
+/// What `status` reports about this node.
+pub struct NodeInfo {
+    pub name: String,
+    pub node_id: NodeId,
+    pub mesh_ip: Ipv4Addr,
+    pub network: Ipv4Net,
+    pub interface: String,
+    pub public_key: String,
+    pub coordinator: String,
+    pub started: Instant,
+    pub coord_connected: Arc<AtomicBool>,
+}
+
+pub struct LocalApi {
+    pub node: NodeInfo,
+    pub dataplane: Arc<DataPlane>,
+    pub shutdown: watch::Sender<bool>,
+}
+
+/// Binds the socket, replacing a stale file from a daemon that died, but never
+/// one a running daemon still answers on.
+pub async fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another overlayd is running on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    Ok(listener)
+}
+
+/// Removes the socket file when the daemon stops.
+pub struct SocketGuard(pub PathBuf);
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+impl LocalApi {
+    pub async fn serve(self: Arc<Self>, listener: UnixListener) {
+        let mut shutdown = self.shutdown.subscribe();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        let api = self.clone();
+                        tokio::spawn(async move { api.handle(stream).await });
+                    }
+                    Err(e) => tracing::warn!("local API accept: {e}"),
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    async fn handle(&self, stream: UnixStream) {
+        let (read, mut write) = stream.into_split();
+        let mut line = String::new();
+        let mut reader = BufReader::new(read).take(MAX_REQUEST as u64);
+        if reader.read_line(&mut line).await.is_err() {
+            return;
+        }
+        let request = match serde_json::from_str::<Request>(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = send(
+                    &mut write,
+                    &Response::Error {
+                        message: format!("bad request: {e}"),
+                    },
+                )
+                .await;
+                return;
+            }
+        };
+        match request {
+            Request::Status => {
+                let _ = send(&mut write, &Response::Status(self.status())).await;
+            }
+            Request::Peers => {
+                let peers = self
+                    .dataplane
+                    .peers()
+                    .iter()
+                    .map(|p| peer_status(p))
+                    .collect();
+                let _ = send(&mut write, &Response::Peers { peers }).await;
+            }
+            Request::Ping {
+                target,
+                count,
+                interval_ms,
+                timeout_ms,
+            } => {
+                self.ping(&mut write, &target, count, interval_ms, timeout_ms)
+                    .await;
+            }
+            Request::Down => {
+                tracing::info!("stop requested by overlayctl");
+                let _ = send(&mut write, &Response::Ok).await;
+                let _ = self.shutdown.send(true);
+            }
+        }
+    }
+
+    fn status(&self) -> Status {
+        let n = &self.node;
+        Status {
+            name: n.name.clone(),
+            node_id: n.node_id,
+            mesh_ip: n.mesh_ip,
+            network: n.network,
+            interface: n.interface.clone(),
+            public_key: n.public_key.clone(),
+            coordinator: n.coordinator.clone(),
+            coordinator_connected: n.coord_connected.load(Ordering::Relaxed),
+            uptime_secs: n.started.elapsed().as_secs(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+
+    fn find(&self, target: &str) -> Option<Arc<Peer>> {
+        if let Ok(ip) = target.parse::<Ipv4Addr>() {
+            return self.dataplane.peer_by_ip(ip);
+        }
+        self.dataplane
+            .peers()
+            .into_iter()
+            .find(|p| p.name() == target)
+    }
+
+    async fn ping(
+        &self,
+        write: &mut tokio::net::unix::OwnedWriteHalf,
+        target: &str,
+        count: u32,
+        interval_ms: u64,
+        timeout_ms: u64,
+    ) {
+        let Some(peer) = self.find(target) else {
+            let message = format!("no peer named or addressed {target:?}; see 'overlayctl peers'");
+            let _ = send(write, &Response::Error { message }).await;
+            return;
+        };
+        let ident: u16 = rand::random();
+        let count = count.clamp(1, MAX_PING_COUNT);
+        let timeout = Duration::from_millis(timeout_ms.clamp(10, 60_000));
+        let interval = Duration::from_millis(interval_ms.clamp(10, 60_000));
+        let mut out = vec![0u8; BUF_SIZE];
+        let mut received = 0;
+        for i in 0..count {
+            let seq = (i % u32::from(u16::MAX)) as u16 + 1;
+            let started = Instant::now();
+            let waiter = self.dataplane.expect_ping(ident, seq);
+            let request = packet::echo_request(
+                self.node.mesh_ip,
+                peer.mesh_ip,
+                ident,
+                seq,
+                b"overlayctl ping",
+            );
+            let path = path_label(&peer).1;
+            self.dataplane.send_packet(&peer, &request, &mut out).await;
+            if let Ok(Ok(())) = tokio::time::timeout(timeout, waiter).await {
+                received += 1;
+                let reply = PingReply {
+                    seq,
+                    from: peer.mesh_ip,
+                    rtt_ms: started.elapsed().as_secs_f64() * 1000.0,
+                    path,
+                };
+                if send(write, &Response::PingReply(reply)).await.is_err() {
+                    self.dataplane.forget_ping(ident, seq);
+                    return; // the user went away
+                }
+            } else {
+                self.dataplane.forget_ping(ident, seq);
+            }
+            if i + 1 < count {
+                tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
+            }
+        }
+        let summary = PingSummary {
+            target: peer.mesh_ip,
+            sent: count,
+            received,
+        };
+        let _ = send(write, &Response::PingDone(summary)).await;
+    }
+}
+
+fn path_label(peer: &Peer) -> (PathKind, String, Option<String>, Option<String>) {
+    let online = lock(&peer.info).online;
+    let path = lock(&peer.path);
+    match (path.selected(), peer.active_conn().is_some()) {
+        (Some(pair), true) => (
+            pair.kind(),
+            pair.label(),
+            Some(pair.remote_addr.clone()),
+            Some(pair.local_addr.clone()),
+        ),
+        _ if online => (PathKind::CoordRelay, "coord relay".into(), None, None),
+        _ => (PathKind::Connecting, "connecting".into(), None, None),
+    }
+}
+
+fn peer_status(peer: &Peer) -> PeerStatus {
+    let info = lock(&peer.info).clone();
+    let (path_kind, path, endpoint, local_endpoint) = path_label(peer);
+    let last_handshake_secs = lock(&peer.tunn)
+        .time_since_last_handshake()
+        .map(|d| d.as_secs());
+    PeerStatus {
+        id: info.id,
+        name: info.name,
+        mesh_ip: info.mesh_ip,
+        public_key: info.public_key,
+        online: info.online,
+        path_kind,
+        path,
+        endpoint,
+        local_endpoint,
+        last_handshake_secs,
+        rx_bytes: peer.rx_bytes.load(Ordering::Relaxed),
+        tx_bytes: peer.tx_bytes.load(Ordering::Relaxed),
+    }
+}
+
+async fn send(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(response).unwrap_or_default();
+    line.push(b'\n');
+    write.write_all(&line).await
+}

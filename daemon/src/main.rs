@@ -1,0 +1,106 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use overlayd::config::{Config, FileConfig, Overrides};
+
+/// overlayd: a node of the overlay mesh VPN.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the interface, enrol (first start) and join the mesh; runs until stopped.
+    Up(UpArgs),
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Configuration file [default: /etc/overlay/overlayd.toml, if present]
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Coordination server URL, e.g. https://coord.example.com
+    #[arg(long)]
+    coordinator: Option<String>,
+    /// Auth key from 'overlay-coord keys create' (first start only)
+    #[arg(long, conflicts_with = "auth_key_file")]
+    auth_key: Option<String>,
+    /// File holding the auth key
+    #[arg(long)]
+    auth_key_file: Option<PathBuf>,
+    /// Name of this node in the mesh [default: the system hostname]
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Where the key and enrolment are kept [default: /var/lib/overlay]
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// TUN interface name [default: overlay0]
+    #[arg(long)]
+    interface: Option<String>,
+    /// Local API socket for overlayctl [default: /run/overlay/overlayd.sock]
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// MTU of the interface [default: 1280]
+    #[arg(long)]
+    mtu: Option<u16>,
+    /// Extra CA certificate (PEM) to trust for an https coordinator
+    #[arg(long)]
+    ca_cert: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let Command::Up(args) = cli.command;
+    let config = FileConfig::load(args.config.as_deref()).and_then(|file| {
+        Config::resolve(
+            file,
+            Overrides {
+                coordinator: args.coordinator,
+                auth_key: args.auth_key,
+                auth_key_file: args.auth_key_file,
+                hostname: args.hostname,
+                state_dir: args.state_dir,
+                interface: args.interface,
+                socket: args.socket,
+                mtu: args.mtu,
+                ca_cert: args.ca_cert,
+            },
+        )
+    });
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => return fail(&e),
+    };
+    init_logging(config.log.as_deref());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => return fail(&e),
+    };
+    match runtime.block_on(overlayd::daemon::up(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(&format!("{e:#}")),
+    }
+}
+
+fn init_logging(config_filter: Option<&str>) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .or_else(|| config_filter.map(str::to_owned))
+        .unwrap_or_else(|| "info,webrtc_ice=warn,webrtc_mdns=warn,turn=warn".to_owned());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn fail(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("overlayd: error: {e}");
+    ExitCode::FAILURE
+}

@@ -1,0 +1,92 @@
+//! Netmap diffing: from the peer list we have and the one the coordinator sent,
+//! the changes to apply. Plain data in, plain data out.
+
+use std::collections::HashMap;
+
+use overlay_proto::coord::PeerInfo;
+use overlay_proto::NodeId;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Add(PeerInfo),
+    Remove(NodeId),
+    /// Same node and key; name or online state changed.
+    Update(PeerInfo),
+}
+
+/// Changes that turn `current` into `next`. A node whose key or mesh IP changed is
+/// a different WireGuard peer, so it is removed and added again. `me` is skipped.
+pub fn diff(current: &HashMap<NodeId, PeerInfo>, next: &[PeerInfo], me: NodeId) -> Vec<Change> {
+    let mut changes = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for peer in next.iter().filter(|p| p.id != me) {
+        seen.insert(peer.id);
+        changes.extend(upsert(current.get(&peer.id), peer));
+    }
+    let mut gone: Vec<_> = current
+        .keys()
+        .filter(|id| !seen.contains(id))
+        .copied()
+        .collect();
+    gone.sort_unstable();
+    changes.extend(gone.into_iter().map(Change::Remove));
+    changes
+}
+
+/// The changes one `PeerUpsert` makes.
+pub fn upsert(current: Option<&PeerInfo>, next: &PeerInfo) -> Vec<Change> {
+    match current {
+        None => vec![Change::Add(next.clone())],
+        Some(old) if old.public_key != next.public_key || old.mesh_ip != next.mesh_ip => {
+            vec![Change::Remove(old.id), Change::Add(next.clone())]
+        }
+        Some(old) if old != next => vec![Change::Update(next.clone())],
+        Some(_) => vec![],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(id: NodeId, key: &str, online: bool) -> PeerInfo {
+        PeerInfo {
+            id,
+            name: format!("n{id}"),
+            mesh_ip: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
+            public_key: key.into(),
+            online,
+        }
+    }
+
+    #[test]
+    fn adds_updates_and_removes() {
+        let current: HashMap<_, _> = [(2, peer(2, "k2", true)), (3, peer(3, "k3", true))]
+            .into_iter()
+            .collect();
+        let next = vec![
+            peer(1, "me", true),
+            peer(2, "k2", false),
+            peer(4, "k4", true),
+        ];
+        let changes = diff(&current, &next, 1);
+        assert_eq!(
+            changes,
+            vec![
+                Change::Update(peer(2, "k2", false)),
+                Change::Add(peer(4, "k4", true)),
+                Change::Remove(3),
+            ]
+        );
+    }
+
+    #[test]
+    fn new_key_is_a_new_peer_and_no_change_is_nothing() {
+        let old = peer(2, "k2", true);
+        assert_eq!(
+            upsert(Some(&old), &peer(2, "other", true)),
+            vec![Change::Remove(2), Change::Add(peer(2, "other", true))]
+        );
+        assert!(upsert(Some(&old), &old.clone()).is_empty());
+    }
+}

@@ -1,0 +1,343 @@
+//! Which path a peer's packets take, and when to (re)try ICE: a sans-IO state
+//! machine driven by ICE events and `now`.
+//!
+//! ```text
+//!   peer online ──▶ Idle ──start──▶ Checking ──connected──▶ Connected ◀─┐
+//!                    ▲                 │ timeout/failed         │ no   │ ICE
+//!                    │                 ▼                        ▼ traffic  recovers
+//!                    └──backoff──── Failed ◀──failed──────── Disconnected
+//! ```
+//!
+//! Packets use the ICE pair only while it is `Connected`; at every other moment
+//! they go through the coordination relay, so a peer is reachable from the first
+//! packet and never waits for ICE.
+
+use std::time::{Duration, Instant};
+
+use overlay_proto::api::PathKind;
+
+use crate::backoff::Backoff;
+
+/// How long one ICE session may check before we call it failed and retry later.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
+/// First retry delay after a failed session; doubles per failure.
+pub const RETRY_BASE: Duration = Duration::from_secs(2);
+/// A relayed peer retries ICE at least this often, so a path that opens later is found.
+pub const RETRY_CAP: Duration = Duration::from_secs(120);
+/// The controlled side waits this long for an offer before asking for one.
+pub const OFFER_GRACE: Duration = Duration::from_secs(4);
+/// Restart requests from the peer are honoured at most this often.
+pub const MIN_RESTART_INTERVAL: Duration = Duration::from_secs(1);
+
+/// ICE's view of the current session, reduced to what decides the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IceStatus {
+    Idle,
+    Checking { since: Instant },
+    Connected,
+    Disconnected,
+    Failed,
+}
+
+/// Candidate types of a selected pair, as far as the path label needs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CandidateKind {
+    Host,
+    Srflx,
+    Prflx,
+    Relay,
+}
+
+impl CandidateKind {
+    fn label(self) -> &'static str {
+        match self {
+            CandidateKind::Host => "host",
+            CandidateKind::Srflx => "srflx",
+            CandidateKind::Prflx => "prflx",
+            CandidateKind::Relay => "relay",
+        }
+    }
+}
+
+/// The ICE pair that carries packets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectedPair {
+    pub local: CandidateKind,
+    pub local_addr: String,
+    pub remote: CandidateKind,
+    pub remote_addr: String,
+}
+
+impl SelectedPair {
+    pub fn kind(&self) -> PathKind {
+        if self.local == CandidateKind::Relay || self.remote == CandidateKind::Relay {
+            PathKind::Turn
+        } else {
+            PathKind::Direct
+        }
+    }
+
+    /// `direct (host)`, `direct (srflx)`, `turn (relay via ADDR)`.
+    pub fn label(&self) -> String {
+        match (self.local, self.remote) {
+            (CandidateKind::Relay, _) => format!("turn (relay via {})", self.local_addr),
+            (_, CandidateKind::Relay) => format!("turn (relay via {})", self.remote_addr),
+            (l, r) => {
+                // The "least direct" side names the path: host only if both are.
+                let rank = |k: CandidateKind| match k {
+                    CandidateKind::Host => 0,
+                    CandidateKind::Srflx => 2,
+                    _ => 1,
+                };
+                let worst = if rank(l) >= rank(r) { l } else { r };
+                format!("direct ({})", worst.label())
+            }
+        }
+    }
+}
+
+/// What the owner of the ICE agent should do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Controlling side: open a new ICE session (an offer).
+    StartSession,
+    /// Controlled side: ask the controlling peer for a new session.
+    RequestRestart,
+}
+
+#[derive(Debug)]
+pub struct PathState {
+    controlling: bool,
+    online: bool,
+    status: IceStatus,
+    selected: Option<SelectedPair>,
+    backoff: Backoff,
+    next_attempt: Instant,
+    last_start: Option<Instant>,
+}
+
+impl PathState {
+    pub fn new(controlling: bool, online: bool, now: Instant) -> Self {
+        PathState {
+            controlling,
+            online,
+            status: IceStatus::Idle,
+            selected: None,
+            backoff: Backoff::new(RETRY_BASE, RETRY_CAP),
+            next_attempt: if controlling { now } else { now + OFFER_GRACE },
+            last_start: None,
+        }
+    }
+
+    pub fn status(&self) -> IceStatus {
+        self.status
+    }
+
+    /// The pair packets go over, or `None` when they take the coordination relay.
+    pub fn selected(&self) -> Option<&SelectedPair> {
+        match self.status {
+            IceStatus::Connected => self.selected.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// When the next ICE attempt is due (for `overlayctl why`-style reporting).
+    pub fn next_attempt(&self) -> Instant {
+        self.next_attempt
+    }
+
+    pub fn set_online(&mut self, online: bool, now: Instant) {
+        if online == self.online {
+            return;
+        }
+        self.online = online;
+        self.status = IceStatus::Idle;
+        self.selected = None;
+        self.backoff.reset();
+        self.next_attempt = if self.controlling {
+            now
+        } else {
+            now + OFFER_GRACE
+        };
+    }
+
+    /// A new session began on our side (we sent an offer, or answered one).
+    pub fn session_started(&mut self, now: Instant) {
+        self.status = IceStatus::Checking { since: now };
+        self.selected = None;
+        self.last_start = Some(now);
+    }
+
+    pub fn on_selected(&mut self, pair: SelectedPair) {
+        self.selected = Some(pair);
+    }
+
+    pub fn on_connected(&mut self) {
+        self.status = IceStatus::Connected;
+        self.backoff.reset();
+    }
+
+    /// ICE saw no traffic on the pair for a while; it may still recover.
+    pub fn on_disconnected(&mut self) {
+        if self.status == IceStatus::Connected {
+            self.status = IceStatus::Disconnected;
+        }
+    }
+
+    pub fn on_failed(&mut self, now: Instant, jitter: f64) {
+        if matches!(self.status, IceStatus::Failed | IceStatus::Idle) {
+            return;
+        }
+        self.status = IceStatus::Failed;
+        self.selected = None;
+        self.next_attempt = now + self.backoff.next_delay(jitter);
+    }
+
+    /// The peer asked for a new session (it restarted, or its side failed).
+    /// Returns whether to start one now.
+    pub fn on_restart_request(&mut self, now: Instant) -> bool {
+        if !self.controlling || !self.online {
+            return false;
+        }
+        let recent = self
+            .last_start
+            .is_some_and(|t| now.duration_since(t) < MIN_RESTART_INTERVAL);
+        if recent {
+            return false;
+        }
+        self.session_started(now);
+        true
+    }
+
+    /// Call periodically; returns what to do about ICE now, if anything.
+    pub fn poll(&mut self, now: Instant, jitter: f64) -> Option<Action> {
+        if !self.online {
+            return None;
+        }
+        if let IceStatus::Checking { since } = self.status {
+            if now.duration_since(since) >= CHECK_TIMEOUT {
+                self.on_failed(now, jitter);
+            }
+        }
+        let idle_or_failed = matches!(self.status, IceStatus::Idle | IceStatus::Failed);
+        if !idle_or_failed || now < self.next_attempt {
+            return None;
+        }
+        if self.controlling {
+            self.session_started(now);
+            Some(Action::StartSession)
+        } else {
+            // Until an offer comes, ask again on the backoff schedule.
+            self.next_attempt = now + self.backoff.next_delay(jitter);
+            Some(Action::RequestRestart)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(local: CandidateKind, remote: CandidateKind) -> SelectedPair {
+        SelectedPair {
+            local,
+            local_addr: "10.0.0.1:5000".into(),
+            remote,
+            remote_addr: "10.0.0.2:6000".into(),
+        }
+    }
+
+    #[test]
+    fn controlling_peer_starts_at_once_and_uses_ice_only_when_connected() {
+        let now = Instant::now();
+        let mut p = PathState::new(true, true, now);
+        assert_eq!(p.poll(now, 0.5), Some(Action::StartSession));
+        assert_eq!(p.poll(now, 0.5), None, "one session at a time");
+        p.on_selected(pair(CandidateKind::Host, CandidateKind::Host));
+        assert!(p.selected().is_none(), "checking: still relayed");
+        p.on_connected();
+        assert_eq!(p.selected().unwrap().label(), "direct (host)");
+        p.on_disconnected();
+        assert!(p.selected().is_none(), "falls back to the relay at once");
+        p.on_connected();
+        assert!(p.selected().is_some(), "ICE recovered");
+    }
+
+    #[test]
+    fn relayed_peer_retries_ice_with_capped_backoff() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(true, true, t0);
+        assert_eq!(p.poll(t0, 1.0), Some(Action::StartSession));
+        let mut now = t0;
+        let mut gaps = Vec::new();
+        for _ in 0..10 {
+            p.on_failed(now, 1.0);
+            let due = p.next_attempt();
+            gaps.push(due - now);
+            assert_eq!(p.poll(due - Duration::from_millis(1), 1.0), None);
+            assert_eq!(p.poll(due, 1.0), Some(Action::StartSession));
+            now = due;
+        }
+        assert_eq!(gaps[0], RETRY_BASE);
+        assert_eq!(gaps[1], RETRY_BASE * 2);
+        assert_eq!(*gaps.last().unwrap(), RETRY_CAP);
+    }
+
+    #[test]
+    fn checking_too_long_counts_as_failure() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(true, true, t0);
+        p.poll(t0, 0.0);
+        assert_eq!(p.poll(t0 + CHECK_TIMEOUT, 1.0), None);
+        assert_eq!(p.status(), IceStatus::Failed);
+        assert_eq!(
+            p.poll(t0 + CHECK_TIMEOUT + RETRY_BASE, 1.0),
+            Some(Action::StartSession)
+        );
+    }
+
+    #[test]
+    fn controlled_peer_waits_for_an_offer_then_asks_for_one() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(false, true, t0);
+        assert_eq!(p.poll(t0, 0.0), None);
+        assert_eq!(p.poll(t0 + OFFER_GRACE, 1.0), Some(Action::RequestRestart));
+        assert_eq!(p.poll(t0 + OFFER_GRACE, 1.0), None, "asks on a schedule");
+        p.session_started(t0 + OFFER_GRACE);
+        p.on_connected();
+        assert_eq!(p.poll(t0 + Duration::from_secs(600), 1.0), None);
+    }
+
+    #[test]
+    fn offline_peer_is_left_alone_and_online_again_restarts_at_once() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(true, false, t0);
+        assert_eq!(p.poll(t0, 0.0), None);
+        p.set_online(true, t0);
+        assert_eq!(p.poll(t0, 0.0), Some(Action::StartSession));
+        p.on_connected();
+        p.set_online(false, t0);
+        assert!(p.selected().is_none());
+    }
+
+    #[test]
+    fn restart_requests_are_rate_limited_and_only_for_the_controlling_side() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(true, true, t0);
+        assert!(p.on_restart_request(t0));
+        assert!(!p.on_restart_request(t0 + Duration::from_millis(10)));
+        assert!(p.on_restart_request(t0 + MIN_RESTART_INTERVAL));
+        let mut q = PathState::new(false, true, t0);
+        assert!(!q.on_restart_request(t0));
+    }
+
+    #[test]
+    fn path_labels_name_the_least_direct_side() {
+        use CandidateKind::*;
+        assert_eq!(pair(Host, Srflx).label(), "direct (srflx)");
+        assert_eq!(pair(Prflx, Host).label(), "direct (prflx)");
+        assert_eq!(pair(Relay, Host).label(), "turn (relay via 10.0.0.1:5000)");
+        assert_eq!(pair(Host, Relay).kind(), PathKind::Turn);
+        assert_eq!(pair(Srflx, Prflx).kind(), PathKind::Direct);
+    }
+}

@@ -1,0 +1,128 @@
+//! One remote node as the data plane sees it: its WireGuard session, the ICE
+//! connection packets currently take (if any), and counters.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use boringtun::noise::Tunn;
+use boringtun::x25519::{PublicKey, StaticSecret};
+use overlay_proto::coord::PeerInfo;
+use overlay_proto::NodeId;
+use webrtc_util::Conn;
+
+use crate::path::PathState;
+use crate::seal::Sealer;
+
+/// Keeps NAT mappings and idle paths alive (the interval WireGuard users know).
+pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
+
+/// The ICE connection of the current session, once ICE selected a pair.
+pub type IceConn = Arc<dyn Conn + Send + Sync>;
+
+pub struct Peer {
+    pub id: NodeId,
+    pub mesh_ip: Ipv4Addr,
+    pub public_key: [u8; 32],
+    /// We control ICE when our public key is the smaller one.
+    pub controlling: bool,
+    pub info: Mutex<PeerInfo>,
+    pub tunn: Mutex<Tunn>,
+    pub sealer: Sealer,
+    /// Where packets go while the path state says ICE is usable.
+    active: RwLock<Option<IceConn>>,
+    pub path: Mutex<PathState>,
+    pub rx_bytes: AtomicU64,
+    pub tx_bytes: AtomicU64,
+}
+
+/// A WireGuard sender/receiver index whose little-endian bytes never look like
+/// the STUN magic cookie `0x2112A442` at datagram offset 4, where webrtc-ice
+/// would take a WireGuard packet for STUN. boringtun puts `index << 8` there
+/// (the low byte counts sessions), so bytes 5..8 are the index's low 24 bits.
+pub fn wireguard_index(random: u32) -> u32 {
+    const COOKIE_TAIL: u32 = 0x0042_A412; // bytes 12 A4 42 read little-endian
+    let index = random & 0x00ff_ffff;
+    if index == COOKIE_TAIL {
+        index ^ 1
+    } else {
+        index
+    }
+}
+
+impl Peer {
+    pub fn new(
+        info: PeerInfo,
+        public_key: [u8; 32],
+        our_secret: &StaticSecret,
+        path: PathState,
+    ) -> Self {
+        let our_public = PublicKey::from(our_secret);
+        let controlling = our_public.as_bytes() < &public_key;
+        let tunn = Tunn::new(
+            our_secret.clone(),
+            PublicKey::from(public_key),
+            None,
+            Some(PERSISTENT_KEEPALIVE_SECS),
+            wireguard_index(rand::random()),
+            None,
+        );
+        Peer {
+            id: info.id,
+            mesh_ip: info.mesh_ip,
+            public_key,
+            controlling,
+            sealer: Sealer::new(our_secret.to_bytes(), public_key),
+            info: Mutex::new(info),
+            tunn: Mutex::new(tunn),
+            active: RwLock::new(None),
+            path: Mutex::new(path),
+            rx_bytes: AtomicU64::new(0),
+            tx_bytes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        lock(&self.info).name.clone()
+    }
+
+    pub fn active_conn(&self) -> Option<IceConn> {
+        self.active
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn set_active_conn(&self, conn: Option<IceConn>) {
+        *self.active.write().unwrap_or_else(|e| e.into_inner()) = conn;
+    }
+
+    pub fn count_rx(&self, n: usize) {
+        self.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn count_tx(&self, n: usize) {
+        self.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// Locks a std mutex, ignoring poisoning: a panicking holder cannot leave these
+/// values half-updated in a way that matters more than stopping the daemon would.
+pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wireguard_index_never_produces_the_stun_cookie() {
+        for random in [0x0042_A412, 0xff42_A412, 0x1234_5678, 0] {
+            let index = wireguard_index(random) << 8;
+            let bytes = index.to_le_bytes();
+            assert_ne!(&bytes[1..4], &[0x12, 0xA4, 0x42], "random {random:#x}");
+        }
+        assert_eq!(wireguard_index(0x0042_A412) << 8 >> 8, 0x0042_A413);
+    }
+}

@@ -1,0 +1,261 @@
+//! Reaching the coordination server: its URL, a TCP or TLS stream to it, the
+//! enrolment POST over HTTP/1.1 and the WebSocket upgrade.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls;
+
+/// How long connecting (TCP + TLS) may take before the attempt counts as failed.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest HTTP response body accepted from the coordinator.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("{0}")]
+    BadUrl(String),
+    #[error("cannot reach coordinator at {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS with coordinator {host} failed: {source}")]
+    Tls {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("coordinator HTTP exchange failed: {0}")]
+    Http(String),
+    #[error("coordinator WebSocket handshake failed: {0}")]
+    WebSocket(String),
+    #[error("cannot load CA certificate {path}: {message}")]
+    Ca { path: String, message: String },
+}
+
+/// `http[s]://host[:port]` of the coordination server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Endpoint {
+    pub fn parse(url: &str) -> Result<Self, TransportError> {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else {
+            return Err(TransportError::BadUrl(format!(
+                "{url:?} must start with http:// or https://"
+            )));
+        };
+        let authority = rest.trim_end_matches('/');
+        if authority.is_empty() || authority.contains('/') {
+            return Err(TransportError::BadUrl(format!(
+                "{url:?} must be a bare http[s]://host[:port]"
+            )));
+        }
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+                let port = port
+                    .parse()
+                    .map_err(|_| TransportError::BadUrl(format!("{url:?} has a bad port")))?;
+                (host, port)
+            }
+            _ => (authority, default_port),
+        };
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() {
+            return Err(TransportError::BadUrl(format!("{url:?} has no host")));
+        }
+        Ok(Endpoint {
+            tls,
+            host: host.to_owned(),
+            port,
+        })
+    }
+
+    fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    pub fn ws_url(&self, path: &str) -> String {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://{}{path}", self.authority())
+    }
+}
+
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// Connects to the coordinator, with TLS when the URL says https.
+pub struct Connector {
+    tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl Connector {
+    pub fn new(endpoint: &Endpoint, ca_cert: Option<&Path>) -> Result<Self, TransportError> {
+        if !endpoint.tls {
+            return Ok(Connector { tls: None });
+        }
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_native_certs::load_native_certs().certs {
+            let _ = roots.add(cert);
+        }
+        if let Some(path) = ca_cert {
+            let ca_err = |message: String| TransportError::Ca {
+                path: path.display().to_string(),
+                message,
+            };
+            let pem = std::fs::read(path).map_err(|e| ca_err(e.to_string()))?;
+            for cert in rustls_pemfile::certs(&mut pem.as_slice()) {
+                let cert = cert.map_err(|e| ca_err(e.to_string()))?;
+                roots.add(cert).map_err(|e| ca_err(e.to_string()))?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TransportError::Http(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(Connector {
+            tls: Some(tokio_rustls::TlsConnector::from(Arc::new(config))),
+        })
+    }
+
+    pub async fn connect(&self, endpoint: &Endpoint) -> Result<Box<dyn Io>, TransportError> {
+        let addr = endpoint.authority();
+        let connect = async {
+            let tcp =
+                TcpStream::connect(&addr)
+                    .await
+                    .map_err(|source| TransportError::Connect {
+                        addr: addr.clone(),
+                        source,
+                    })?;
+            let _ = tcp.set_nodelay(true);
+            let Some(tls) = &self.tls else {
+                return Ok(Box::new(tcp) as Box<dyn Io>);
+            };
+            let name = rustls::pki_types::ServerName::try_from(endpoint.host.clone())
+                .map_err(|e| TransportError::BadUrl(e.to_string()))?;
+            let stream = tls
+                .connect(name, tcp)
+                .await
+                .map_err(|source| TransportError::Tls {
+                    host: endpoint.host.clone(),
+                    source,
+                })?;
+            Ok(Box::new(stream) as Box<dyn Io>)
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+            Ok(result) => result,
+            Err(_) => Err(TransportError::Connect {
+                addr,
+                source: std::io::ErrorKind::TimedOut.into(),
+            }),
+        }
+    }
+
+    /// POSTs `body` as JSON and returns the status and body of the answer.
+    pub async fn post_json(
+        &self,
+        endpoint: &Endpoint,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Vec<u8>), TransportError> {
+        let http = |e: &dyn std::fmt::Display| TransportError::Http(e.to_string());
+        let io = self.connect(endpoint).await?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| http(&e))?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let request = hyper::Request::post(path)
+            .header(hyper::header::HOST, endpoint.authority())
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| http(&e))?;
+        let response = sender.send_request(request).await.map_err(|e| http(&e))?;
+        let status = response.status().as_u16();
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| http(&e))?
+            .to_bytes()
+            .to_vec();
+        Ok((status, body))
+    }
+
+    /// Opens the control WebSocket at `path` with the given `Authorization` value.
+    pub async fn websocket(
+        &self,
+        endpoint: &Endpoint,
+        path: &str,
+        authorization: &str,
+    ) -> Result<tokio_tungstenite::WebSocketStream<Box<dyn Io>>, TransportError> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let io = self.connect(endpoint).await?;
+        let mut request = endpoint
+            .ws_url(path)
+            .into_client_request()
+            .map_err(|e| TransportError::WebSocket(e.to_string()))?;
+        let value = authorization
+            .parse()
+            .map_err(|_| TransportError::WebSocket("credential is not a valid header".into()))?;
+        request.headers_mut().insert("authorization", value);
+        let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+            .max_message_size(Some(overlay_proto::coord::MAX_FRAME_BYTES))
+            .max_frame_size(Some(overlay_proto::coord::MAX_FRAME_BYTES));
+        let (ws, _) = tokio_tungstenite::client_async_with_config(request, io, Some(config))
+            .await
+            .map_err(|e| match e {
+                tokio_tungstenite::tungstenite::Error::Http(resp) => {
+                    TransportError::WebSocket(format!("coordinator answered {}", resp.status()))
+                }
+                other => TransportError::WebSocket(other.to_string()),
+            })?;
+        Ok(ws)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_urls() {
+        let e = Endpoint::parse("http://10.0.0.1:8080").unwrap();
+        assert_eq!((e.tls, e.host.as_str(), e.port), (false, "10.0.0.1", 8080));
+        let e = Endpoint::parse("https://coord.example.com/").unwrap();
+        assert_eq!(
+            (e.tls, e.host.as_str(), e.port),
+            (true, "coord.example.com", 443)
+        );
+        assert_eq!(
+            e.ws_url("/v1/connect"),
+            "wss://coord.example.com:443/v1/connect"
+        );
+        let e = Endpoint::parse("http://[::1]:9").unwrap();
+        assert_eq!((e.host.as_str(), e.port), ("::1", 9));
+        assert!(Endpoint::parse("coord:80").is_err());
+        assert!(Endpoint::parse("http://h:99999").is_err());
+        assert!(Endpoint::parse("http://h/path").is_err());
+        assert!(Endpoint::parse("http://").is_err());
+    }
+}

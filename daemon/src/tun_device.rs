@@ -1,0 +1,52 @@
+//! The TUN interface: created with the node's mesh IP and the network's prefix
+//! (which routes the whole mesh network to it), removed when the device is dropped.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+
+use crate::config::netmask;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TunError {
+    #[error("creating TUN interface {name} needs root (CAP_NET_ADMIN); run 'sudo overlayd up'")]
+    Permission { name: String },
+    #[error("cannot create TUN interface {name}: {message}")]
+    Other { name: String, message: String },
+}
+
+pub fn create(
+    name: &str,
+    ip: Ipv4Addr,
+    network: Ipv4Net,
+    mtu: u16,
+) -> Result<Arc<tun::AsyncDevice>, TunError> {
+    let mut config = tun::Configuration::default();
+    config
+        .tun_name(name)
+        .address(ip)
+        .netmask(netmask(network.prefix_len()))
+        .mtu(mtu)
+        .up();
+    config.platform_config(|p| {
+        p.ensure_root_privileges(false);
+    });
+    match tun::create_as_async(&config) {
+        Ok(dev) => Ok(Arc::new(dev)),
+        Err(e) => {
+            let message = e.to_string();
+            if message.contains("Operation not permitted") || message.contains("Permission denied")
+            {
+                Err(TunError::Permission {
+                    name: name.to_owned(),
+                })
+            } else {
+                Err(TunError::Other {
+                    name: name.to_owned(),
+                    message,
+                })
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+//! Node ⇄ coordination server.
+//!
+//! ```text
+//!  POST /v1/register      RegisterRequest  ─▶  RegisterResponse | ApiError (JSON)
+//!  GET  /v1/connect       WebSocket, header `Authorization: Bearer <node-id>:<credential>`
+//!       text frames       ClientMsg ─▶ / ◀─ ServerMsg (JSON)
+//!       binary frames     RelayFrame: 8-byte node id (big endian) + WireGuard datagram
+//! ```
+//!
+//! In a binary frame from a node, the id is the *destination*; in a binary frame
+//! from the server, it is the *source* (stamped from the authenticated session).
+
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::NodeId;
+
+/// Path of the enrolment endpoint.
+pub const REGISTER_PATH: &str = "/v1/register";
+/// Path of the WebSocket control stream.
+pub const CONNECT_PATH: &str = "/v1/connect";
+/// Largest text or binary frame either side accepts on the control stream.
+/// A relayed WireGuard datagram of a 1280-byte MTU is far below it.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024;
+
+/// Body of `POST /v1/register`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterRequest {
+    pub auth_key: String,
+    /// The node's WireGuard (X25519) public key, standard base64 of 32 bytes.
+    pub public_key: String,
+    pub hostname: String,
+}
+
+/// Answer to a successful registration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterResponse {
+    pub node_id: NodeId,
+    /// The hostname as the server recorded it (a suffix is added on collision).
+    pub name: String,
+    pub mesh_ip: Ipv4Addr,
+    pub network: Ipv4Net,
+    /// Secret the node presents on `/v1/connect`; the server keeps only its hash.
+    pub credential: String,
+}
+
+/// JSON body of every HTTP error (and of `ServerMsg::Error`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// Machine-readable reason, e.g. `auth_key_expired`.
+    pub error: String,
+    /// One sentence for a person.
+    pub message: String,
+}
+
+/// Stable error codes of [`ApiError::error`].
+pub mod error_code {
+    pub const AUTH_KEY_UNKNOWN: &str = "auth_key_unknown";
+    pub const AUTH_KEY_EXPIRED: &str = "auth_key_expired";
+    pub const AUTH_KEY_REVOKED: &str = "auth_key_revoked";
+    pub const AUTH_KEY_SPENT: &str = "auth_key_spent";
+    pub const UNAUTHORIZED: &str = "unauthorized";
+    pub const BAD_REQUEST: &str = "bad_request";
+    pub const POOL_EXHAUSTED: &str = "pool_exhausted";
+    pub const UNKNOWN_PEER: &str = "unknown_peer";
+    pub const PEER_OFFLINE: &str = "peer_offline";
+    pub const RATE_LIMITED: &str = "rate_limited";
+    pub const TOO_MANY_SESSIONS: &str = "too_many_sessions";
+}
+
+/// A node as others see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    pub id: NodeId,
+    pub name: String,
+    pub mesh_ip: Ipv4Addr,
+    /// WireGuard public key, standard base64.
+    pub public_key: String,
+    pub online: bool,
+}
+
+/// Where a node finds STUN and TURN, and the credentials for TURN.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IceConfig {
+    /// `stun:host:port` URLs.
+    pub stun: Vec<String>,
+    pub turn: Vec<TurnServer>,
+}
+
+/// One TURN server with time-limited credentials in coturn's REST scheme
+/// (`use-auth-secret`): username `"<expiry-unix>:<node-id>"`,
+/// credential `base64(HMAC-SHA1(secret, username))`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TurnServer {
+    /// `turn:host:port?transport=udp` URLs.
+    pub urls: Vec<String>,
+    pub username: String,
+    pub credential: String,
+    /// Unix time after which the credential stops working; the node reconnects
+    /// (or asks again) before then.
+    pub expires_at: u64,
+}
+
+/// Frames the server sends on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMsg {
+    /// First message after connecting: who you are, everyone else, how to do ICE.
+    Welcome {
+        protocol: u32,
+        node: PeerInfo,
+        network: Ipv4Net,
+        peers: Vec<PeerInfo>,
+        ice: IceConfig,
+    },
+    /// A node joined, changed, came online or went offline.
+    PeerUpsert { peer: PeerInfo },
+    /// A node was removed by an administrator.
+    PeerRemoved { id: NodeId },
+    /// A signaling message from another node; `from` is stamped by the server.
+    Signal { from: NodeId, payload: String },
+    /// Fresh ICE configuration (TURN credentials renewed).
+    IceConfig { ice: IceConfig },
+    /// Something the node sent was refused. The session stays open unless the
+    /// server closes it.
+    Error {
+        error: String,
+        message: String,
+        /// The node id the refused message was about, when there was one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        about: Option<NodeId>,
+    },
+    /// Answer to [`ClientMsg::Ping`]; lets a node measure the coordinator's latency.
+    Pong { nonce: u64 },
+}
+
+/// Frames a node sends on the control stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientMsg {
+    /// Forward `payload` to node `to`. Any `from` a node puts here is ignored:
+    /// the server stamps the sender from the session.
+    Signal {
+        to: NodeId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        from: Option<NodeId>,
+        payload: String,
+    },
+    /// Ask for fresh TURN credentials.
+    RefreshIce,
+    Ping {
+        nonce: u64,
+    },
+}
+
+/// Length of the node-id header of a binary relay frame.
+pub const RELAY_HEADER_LEN: usize = 8;
+
+/// Builds a binary relay frame: `id` then `payload`.
+pub fn encode_relay_frame(id: NodeId, payload: &[u8]) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(RELAY_HEADER_LEN + payload.len());
+    frame.extend_from_slice(&id.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// Splits a binary relay frame into its node id and payload; `None` when the
+/// frame is too short to carry an id.
+pub fn decode_relay_frame(frame: &[u8]) -> Option<(NodeId, &[u8])> {
+    if frame.len() < RELAY_HEADER_LEN {
+        return None;
+    }
+    let (id, payload) = frame.split_at(RELAY_HEADER_LEN);
+    let id = NodeId::from_be_bytes(id.try_into().ok()?);
+    Some((id, payload))
+}
+
+/// Value of the `Authorization` header on `/v1/connect`.
+pub fn bearer(node_id: NodeId, credential: &str) -> String {
+    format!("Bearer {node_id}:{credential}")
+}
+
+/// Parses an `Authorization` header into node id and credential.
+pub fn parse_bearer(header: &str) -> Option<(NodeId, &str)> {
+    let token = header.strip_prefix("Bearer ")?;
+    let (id, credential) = token.split_once(':')?;
+    Some((id.parse().ok()?, credential))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relay_frame_round_trips() {
+        let frame = encode_relay_frame(0x0102_0304_0506_0708, b"wg");
+        assert_eq!(&frame[..8], &[1, 2, 3, 4, 5, 6, 7, 8]);
+        assert_eq!(
+            decode_relay_frame(&frame),
+            Some((0x0102_0304_0506_0708, &b"wg"[..]))
+        );
+    }
+
+    #[test]
+    fn short_relay_frame_is_rejected() {
+        assert_eq!(decode_relay_frame(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn bearer_round_trips_and_rejects_garbage() {
+        assert_eq!(parse_bearer(&bearer(7, "abc")), Some((7, "abc")));
+        assert_eq!(parse_bearer("Bearer x:abc"), None);
+        assert_eq!(parse_bearer("Basic 7:abc"), None);
+    }
+
+    #[test]
+    fn server_messages_are_tagged_json() {
+        let msg = ServerMsg::PeerRemoved { id: 3 };
+        let json = serde_json::to_string(&msg).unwrap();
+        assert_eq!(json, r#"{"type":"peer_removed","id":3}"#);
+        let back: ServerMsg = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    #[test]
+    fn client_signal_without_from_parses() {
+        let msg: ClientMsg =
+            serde_json::from_str(r#"{"type":"signal","to":2,"payload":"x"}"#).unwrap();
+        assert_eq!(
+            msg,
+            ClientMsg::Signal {
+                to: 2,
+                from: None,
+                payload: "x".into()
+            }
+        );
+    }
+}

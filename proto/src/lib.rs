@@ -1,0 +1,21 @@
+//! Every message that crosses a process boundary in overlay.
+//!
+//! Like Tailscale's `tailcfg`, this crate holds types and their encoding and
+//! nothing else: no runtime, no sockets.
+//!
+//! - [`coord`]: a node and the coordination server (`overlay-coord`): the HTTP
+//!   enrolment call, the WebSocket control stream and its binary relay frames.
+//! - [`api`]: `overlayctl` and the local `overlayd` over its Unix socket.
+//! - [`signal`]: what two nodes tell each other (ICE credentials and candidates),
+//!   sealed for the target so the coordination server only routes it.
+
+pub mod api;
+pub mod coord;
+pub mod signal;
+
+/// A node's identity on the coordination server. Assigned at enrolment, never reused.
+pub type NodeId = u64;
+
+/// Version of the control protocol spoken over `/v1/connect`; bumped on any
+/// incompatible change so a mismatched node and server say so instead of misparsing.
+pub const PROTOCOL_VERSION: u32 = 1;
