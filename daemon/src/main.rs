@@ -85,7 +85,7 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(overlayd::daemon::up(config)) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => fail(&format!("{e:#}")),
+        Err(e) => fail(&one_line(&e)),
     }
 }
 
@@ -93,11 +93,30 @@ fn init_logging(config_filter: Option<&str>) {
     let filter = std::env::var("RUST_LOG")
         .ok()
         .or_else(|| config_filter.map(str::to_owned))
-        .unwrap_or_else(|| "info,webrtc_ice=warn,webrtc_mdns=warn,turn=warn".to_owned());
+        .unwrap_or_else(|| {
+            "info,webrtc_ice=error,webrtc_mdns=error,turn=error,webrtc_util=error".to_owned()
+        });
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// The error and its causes on one line, skipping a cause whose text the line
+/// already carries (library errors often include their source in their message).
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn fail(e: &dyn std::fmt::Display) -> ExitCode {

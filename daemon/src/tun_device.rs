@@ -29,9 +29,6 @@ pub fn create(
         .netmask(netmask(network.prefix_len()))
         .mtu(mtu)
         .up();
-    config.platform_config(|p| {
-        p.ensure_root_privileges(false);
-    });
     match tun::create_as_async(&config) {
         Ok(dev) => Ok(Arc::new(dev)),
         Err(e) => {

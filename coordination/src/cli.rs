@@ -1,0 +1,325 @@
+//! Command line: `serve` and the admin commands on the same store.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+
+use crate::config::{self, Config, FileConfig, Overrides};
+use crate::store::{now_unix, KeyProblem, Store};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "overlay-coord",
+    version,
+    about = "overlay's coordination server"
+)]
+pub struct Cli {
+    /// TOML configuration file (flags override it).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// State directory holding the store [default: /var/lib/overlay-coord].
+    #[arg(long, global = true, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordination server and its embedded STUN/TURN server.
+    Serve(ServeArgs),
+    /// Manage auth keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Manage enrolled nodes.
+    Nodes {
+        #[command(subcommand)]
+        command: NodesCommand,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// HTTP/WebSocket listen address [default: 0.0.0.0:8080].
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// Mesh network, any IPv4 CIDR [default: 100.64.0.0/10].
+    #[arg(long, value_name = "CIDR")]
+    pub network: Option<Ipv4Net>,
+    /// Address announced in STUN/TURN URLs [default: the listen IP].
+    #[arg(long, value_name = "IP")]
+    pub public_addr: Option<IpAddr>,
+    /// UDP port of the embedded STUN/TURN server [default: 3478].
+    #[arg(long, value_name = "PORT")]
+    pub stun_port: Option<u16>,
+    /// Do not run the embedded STUN/TURN server.
+    #[arg(long)]
+    pub no_embedded_turn: bool,
+    /// Shared TURN secret [default: generated once in the state directory].
+    #[arg(
+        long,
+        value_name = "S",
+        env = "OVERLAY_COORD_TURN_SECRET",
+        hide_env_values = true
+    )]
+    pub turn_secret: Option<String>,
+    /// Let the embedded TURN server relay to private addresses.
+    #[arg(long)]
+    pub turn_allow_private: bool,
+    /// Lifetime of TURN credentials [default: 12h].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub turn_ttl: Option<Duration>,
+    /// PEM certificate chain for TLS.
+    #[arg(long, value_name = "F", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS.
+    #[arg(long, value_name = "F", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve plain HTTP (only behind a TLS-terminating proxy, or for tests).
+    #[arg(long)]
+    pub allow_http: bool,
+    /// Maximum concurrent node sessions [default: 20000].
+    #[arg(long, value_name = "N")]
+    pub max_sessions: Option<usize>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an auth key; prints only the key on stdout.
+    Create {
+        /// Allow the key to enrol more than one node.
+        #[arg(long)]
+        reusable: bool,
+        /// Expire the key after this long (e.g. 24h, 7d) [default: never].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        expires: Option<Duration>,
+    },
+    /// List auth keys (never the keys themselves).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an auth key by id.
+    Revoke { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodesCommand {
+    /// List nodes.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a node: its session is closed and it cannot reconnect.
+    Remove { name: String },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    config::parse_duration(s)
+}
+
+fn load_file(path: Option<&Path>) -> Result<Option<FileConfig>> {
+    path.map(|p| config::load_file(p).map_err(anyhow::Error::from))
+        .transpose()
+}
+
+/// The resolved `serve` configuration.
+pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<Config> {
+    let file = load_file(cli.config.as_deref())?;
+    let flags = Overrides {
+        listen: args.listen,
+        state_dir: cli.state_dir.clone(),
+        network: args.network,
+        public_addr: args.public_addr,
+        stun_port: args.stun_port,
+        no_embedded_turn: args.no_embedded_turn,
+        turn_secret: args.turn_secret.clone(),
+        turn_allow_private: args.turn_allow_private,
+        turn_ttl: args.turn_ttl,
+        tls_cert: args.tls_cert.clone(),
+        tls_key: args.tls_key.clone(),
+        allow_http: args.allow_http,
+        max_sessions: args.max_sessions,
+    };
+    let file = match (&cli.config, file) {
+        (Some(path), Some(f)) => Some((path.as_path(), f)),
+        _ => None,
+    };
+    Ok(Config::resolve(file, flags)?)
+}
+
+fn open_store(cli: &Cli) -> Result<Store> {
+    let file = load_file(cli.config.as_deref())?;
+    let dir = config::state_dir(file.as_ref(), cli.state_dir.as_deref());
+    Store::open(&dir).with_context(|| format!("opening the store in {}", dir.display()))
+}
+
+/// Runs an admin command (everything but `serve`).
+pub fn admin(cli: &Cli) -> Result<()> {
+    let store = open_store(cli)?;
+    let now = now_unix();
+    let mut out = std::io::stdout().lock();
+    match &cli.command {
+        Command::Serve(_) => unreachable!("serve is not an admin command"),
+        Command::Keys { command } => match command {
+            KeysCommand::Create { reusable, expires } => {
+                let expires_at = expires.map(|d| now.saturating_add(d.as_secs()));
+                let (id, key) = store.create_key(*reusable, expires_at, now)?;
+                writeln!(out, "{key}")?;
+                eprintln!(
+                    "created auth key {id} ({}, {}); it is shown only this once",
+                    if *reusable { "reusable" } else { "single-use" },
+                    match expires_at {
+                        Some(t) => format!("expires {}", fmt_time(t)),
+                        None => "never expires".into(),
+                    }
+                );
+            }
+            KeysCommand::List { json } => {
+                let keys = store.list_keys()?;
+                if *json {
+                    serde_json::to_writer_pretty(&mut out, &keys)?;
+                    writeln!(out)?;
+                } else {
+                    writeln!(
+                        out,
+                        "{:<5} {:<11} {:>5}  {:<20} {:<20} STATUS",
+                        "ID", "KIND", "USES", "CREATED", "EXPIRES"
+                    )?;
+                    for k in keys {
+                        let status = match k.problem(now) {
+                            None => "valid",
+                            Some(KeyProblem::Expired) => "expired",
+                            Some(KeyProblem::Revoked) => "revoked",
+                            Some(KeyProblem::Spent) => "spent",
+                            Some(KeyProblem::Unknown) => "unknown",
+                        };
+                        writeln!(
+                            out,
+                            "{:<5} {:<11} {:>5}  {:<20} {:<20} {status}",
+                            k.id,
+                            if k.reusable { "reusable" } else { "single-use" },
+                            k.uses,
+                            fmt_time(k.created_at),
+                            k.expires_at.map(fmt_time).unwrap_or_else(|| "never".into()),
+                        )?;
+                    }
+                }
+            }
+            KeysCommand::Revoke { id } => {
+                if !store.revoke_key(*id, now)? {
+                    bail!("no auth key with id {id}");
+                }
+                eprintln!("revoked auth key {id}");
+            }
+        },
+        Command::Nodes { command } => match command {
+            NodesCommand::List { json } => {
+                let nodes = store.list_nodes()?;
+                if *json {
+                    serde_json::to_writer_pretty(&mut out, &nodes)?;
+                    writeln!(out)?;
+                } else {
+                    writeln!(
+                        out,
+                        "{:<24} {:<15} {:<44} {:<7} LAST SEEN",
+                        "NAME", "MESH IP", "PUBLIC KEY", "ONLINE"
+                    )?;
+                    for n in nodes {
+                        let last_seen = if n.online {
+                            "now".to_string()
+                        } else {
+                            n.last_seen.map(fmt_time).unwrap_or_else(|| "never".into())
+                        };
+                        writeln!(
+                            out,
+                            "{:<24} {:<15} {:<44} {:<7} {last_seen}",
+                            n.name,
+                            n.mesh_ip.to_string(),
+                            n.public_key,
+                            if n.online { "yes" } else { "no" },
+                        )?;
+                    }
+                }
+            }
+            NodesCommand::Remove { name } => match store.remove_node(name, now)? {
+                Some(id) => eprintln!("removed node {name} (id {id})"),
+                None => bail!("no node named {name:?}"),
+            },
+        },
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS` UTC.
+pub fn fmt_time(unix: u64) -> String {
+    let days = (unix / 86_400) as i64;
+    let secs = unix % 86_400;
+    // Howard Hinnant's civil-from-days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn global_state_dir_works_after_subcommands() {
+        let cli = Cli::try_parse_from([
+            "overlay-coord",
+            "keys",
+            "create",
+            "--reusable",
+            "--expires",
+            "24h",
+            "--state-dir",
+            "/tmp/x",
+        ])
+        .unwrap();
+        assert_eq!(cli.state_dir, Some(PathBuf::from("/tmp/x")));
+        match cli.command {
+            Command::Keys {
+                command: KeysCommand::Create { reusable, expires },
+            } => {
+                assert!(reusable);
+                assert_eq!(expires, Some(Duration::from_secs(86_400)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn time_formats_as_utc() {
+        assert_eq!(fmt_time(0), "1970-01-01 00:00:00");
+        assert_eq!(fmt_time(1_700_000_000), "2023-11-14 22:13:20");
+        assert_eq!(fmt_time(951_782_400), "2000-02-29 00:00:00");
+    }
+}

@@ -1,0 +1,363 @@
+//! Server configuration: the TOML file, command-line overrides, and the
+//! resolved [`Config`] the rest of the crate reads.
+//!
+//! Precedence is flag > file > embedded default. Every file error names the
+//! file, and `toml` adds the line, column and key.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use serde::Deserialize;
+
+/// Default address of the HTTP/WebSocket listener.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Default state directory (SQLite store, generated TURN secret).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/overlay-coord";
+/// Default mesh network (the CGNAT range, like Tailscale).
+pub const DEFAULT_NETWORK: &str = "100.64.0.0/10";
+/// Default UDP port of the embedded STUN/TURN server.
+pub const DEFAULT_STUN_PORT: u16 = 3478;
+/// Default lifetime of TURN credentials handed to nodes.
+pub const DEFAULT_TURN_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Default bound on concurrent control sessions.
+pub const DEFAULT_MAX_SESSIONS: usize = 20_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// The TOML file, field for field. Every field is optional: the file only
+/// overrides the embedded defaults.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<SocketAddr>,
+    pub state_dir: Option<PathBuf>,
+    pub network: Option<Ipv4Net>,
+    pub public_addr: Option<IpAddr>,
+    pub allow_http: Option<bool>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub max_sessions: Option<usize>,
+    #[serde(default)]
+    pub turn: FileTurn,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTurn {
+    pub embedded: Option<bool>,
+    pub port: Option<u16>,
+    pub secret: Option<String>,
+    pub allow_private: Option<bool>,
+    /// A duration such as `12h`.
+    pub ttl: Option<String>,
+    #[serde(default)]
+    pub external: Vec<ExternalTurn>,
+}
+
+/// A TURN server run by someone else (typically coturn with
+/// `use-auth-secret`), announced to nodes with REST credentials.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalTurn {
+    /// `turn:`/`turns:` URLs get credentials; `stun:` URLs are announced as STUN.
+    pub urls: Vec<String>,
+    /// Shared secret of that server; defaults to `turn.secret`.
+    pub secret: Option<String>,
+}
+
+/// Values given on the command line; `None` means "not given".
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub state_dir: Option<PathBuf>,
+    pub network: Option<Ipv4Net>,
+    pub public_addr: Option<IpAddr>,
+    pub stun_port: Option<u16>,
+    pub no_embedded_turn: bool,
+    pub turn_secret: Option<String>,
+    pub turn_allow_private: bool,
+    pub turn_ttl: Option<Duration>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub allow_http: bool,
+    pub max_sessions: Option<usize>,
+}
+
+/// The resolved configuration of `serve`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub network: Ipv4Net,
+    /// Address announced in STUN/TURN URLs. Required when the embedded TURN
+    /// server runs and `listen` is unspecified (0.0.0.0).
+    pub public_addr: Option<IpAddr>,
+    pub transport: Transport,
+    pub turn: TurnConfig,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Transport {
+    Tls { cert: PathBuf, key: PathBuf },
+    PlainHttp,
+}
+
+#[derive(Debug, Clone)]
+pub struct TurnConfig {
+    pub embedded: bool,
+    /// UDP port of the embedded server; 0 picks an ephemeral port (tests).
+    pub port: u16,
+    /// Shared secret; `None` means "generate once and keep in the state dir".
+    pub secret: Option<String>,
+    pub allow_private: bool,
+    pub ttl: Duration,
+    pub external: Vec<ExternalTurn>,
+}
+
+/// Bounds on what a remote can make the server hold or do.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_sessions: usize,
+    /// Sustained text messages per second per session.
+    pub msg_rate: f64,
+    /// Text-message burst per session.
+    pub msg_burst: f64,
+    /// Sustained relay bytes per second per session; excess frames are dropped.
+    pub relay_rate: f64,
+    pub relay_burst: f64,
+    /// Direct messages (signals, pongs, errors) queued per session.
+    pub control_queue: usize,
+    /// Relay frames queued per session; more are dropped.
+    pub relay_queue: usize,
+    /// Netmap deltas buffered for the slowest session before it is dropped.
+    pub delta_backlog: usize,
+    pub ping_interval: Duration,
+    /// A session that sent nothing (not even a pong) for this long is dropped.
+    pub idle_timeout: Duration,
+    /// Largest accepted `POST /v1/register` body.
+    pub register_body_max: usize,
+    /// How often the server polls the store for nodes removed by the CLI.
+    pub store_poll: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_sessions: DEFAULT_MAX_SESSIONS,
+            msg_rate: 200.0,
+            msg_burst: 400.0,
+            relay_rate: 8.0 * 1024.0 * 1024.0,
+            relay_burst: 16.0 * 1024.0 * 1024.0,
+            control_queue: 256,
+            relay_queue: 512,
+            delta_backlog: 8192,
+            ping_interval: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(30),
+            register_body_max: 8 * 1024,
+            store_poll: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Reads and parses a config file.
+pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_file(path, &text)
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', " "),
+    })
+}
+
+/// The state directory an admin command uses: flag, else file, else default.
+pub fn state_dir(file: Option<&FileConfig>, flag: Option<&Path>) -> PathBuf {
+    flag.map(Path::to_path_buf)
+        .or_else(|| file.and_then(|f| f.state_dir.clone()))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR))
+}
+
+impl Config {
+    /// Merges defaults, the file (named by `path` for error messages) and the flags.
+    pub fn resolve(
+        file: Option<(&Path, FileConfig)>,
+        flags: Overrides,
+    ) -> Result<Config, ConfigError> {
+        let (path, file) = match file {
+            Some((p, f)) => (Some(p.to_path_buf()), f),
+            None => (None, FileConfig::default()),
+        };
+        let in_file = |key: &str| match &path {
+            Some(p) => format!("{} (key `{key}`)", p.display()),
+            None => format!("`{key}`"),
+        };
+
+        let listen = flags
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080)));
+        let state_dir = state_dir(Some(&file), flags.state_dir.as_deref());
+        let network = flags
+            .network
+            .or(file.network)
+            .unwrap_or(Ipv4Net::new(std::net::Ipv4Addr::new(100, 64, 0, 0), 10).unwrap_or_default())
+            .trunc();
+
+        let ttl = match (flags.turn_ttl, &file.turn.ttl) {
+            (Some(d), _) => d,
+            (None, Some(text)) => parse_duration(text)
+                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", in_file("turn.ttl"))))?,
+            (None, None) => DEFAULT_TURN_TTL,
+        };
+        if ttl.as_secs() == 0 {
+            return Err(ConfigError::Invalid(
+                "the TURN credential lifetime must be at least one second".into(),
+            ));
+        }
+        let turn = TurnConfig {
+            embedded: !flags.no_embedded_turn && file.turn.embedded.unwrap_or(true),
+            port: flags
+                .stun_port
+                .or(file.turn.port)
+                .unwrap_or(DEFAULT_STUN_PORT),
+            secret: flags.turn_secret.or(file.turn.secret),
+            allow_private: flags.turn_allow_private || file.turn.allow_private.unwrap_or(false),
+            ttl,
+            external: file.turn.external,
+        };
+        if let Some(s) = &turn.secret {
+            if s.is_empty() {
+                return Err(ConfigError::Invalid(
+                    "the TURN secret must not be empty".into(),
+                ));
+            }
+        }
+        for ext in &turn.external {
+            if ext.urls.is_empty() {
+                return Err(ConfigError::Invalid(format!(
+                    "{}: an external TURN server needs at least one URL",
+                    in_file("turn.external")
+                )));
+            }
+        }
+
+        let cert = flags.tls_cert.or(file.tls_cert);
+        let key = flags.tls_key.or(file.tls_key);
+        let allow_http = flags.allow_http || file.allow_http.unwrap_or(false);
+        let transport = match (cert, key) {
+            (Some(cert), Some(key)) => Transport::Tls { cert, key },
+            (Some(_), None) | (None, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "TLS needs both --tls-cert and --tls-key".into(),
+                ))
+            }
+            (None, None) if allow_http => Transport::PlainHttp,
+            (None, None) => {
+                return Err(ConfigError::Invalid(
+                    "no TLS certificate given: pass --tls-cert and --tls-key, or --allow-http to serve plain HTTP".into(),
+                ))
+            }
+        };
+
+        let public_addr = flags.public_addr.or(file.public_addr);
+        if turn.embedded && public_addr.is_none() && listen.ip().is_unspecified() {
+            return Err(ConfigError::Invalid(format!(
+                "listening on {} announces no usable STUN/TURN address: give --public-addr (or `public_addr`), or --no-embedded-turn",
+                listen.ip()
+            )));
+        }
+
+        let limits = Limits {
+            max_sessions: flags
+                .max_sessions
+                .or(file.max_sessions)
+                .unwrap_or(DEFAULT_MAX_SESSIONS),
+            ..Limits::default()
+        };
+        if limits.max_sessions == 0 {
+            return Err(ConfigError::Invalid(format!(
+                "{} must be at least 1",
+                in_file("max_sessions")
+            )));
+        }
+
+        Ok(Config {
+            listen,
+            state_dir,
+            network,
+            public_addr,
+            transport,
+            turn,
+            limits,
+        })
+    }
+
+    /// The address announced in STUN/TURN URLs.
+    pub fn announced_ip(&self) -> IpAddr {
+        self.public_addr.unwrap_or(self.listen.ip())
+    }
+}
+
+/// Parses `90s`, `30m`, `12h`, `7d` or a combination such as `1h30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Err("empty duration".into());
+    }
+    let mut total: u64 = 0;
+    let mut digits = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            digits.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => {
+                return Err(format!(
+                    "invalid duration `{text}` (use e.g. 90s, 30m, 12h, 7d)"
+                ))
+            }
+        };
+        let n: u64 = digits
+            .parse()
+            .map_err(|_| format!("invalid duration `{text}` (a number must precede `{c}`)"))?;
+        digits.clear();
+        total = n
+            .checked_mul(unit)
+            .and_then(|v| total.checked_add(v))
+            .ok_or_else(|| format!("duration `{text}` is too large"))?;
+    }
+    if !digits.is_empty() {
+        return Err(format!(
+            "invalid duration `{text}` (missing unit: s, m, h or d)"
+        ));
+    }
+    Ok(Duration::from_secs(total))
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

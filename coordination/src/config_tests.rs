@@ -1,0 +1,157 @@
+use super::*;
+
+fn flags_http() -> Overrides {
+    Overrides {
+        allow_http: true,
+        public_addr: Some("192.0.2.1".parse().unwrap()),
+        ..Overrides::default()
+    }
+}
+
+#[test]
+fn durations_parse_with_units_and_combinations() {
+    assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+    assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43_200)));
+    assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5_400)));
+    assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(604_800)));
+    assert!(parse_duration("12").is_err());
+    assert!(parse_duration("h").is_err());
+    assert!(parse_duration("3w").is_err());
+    assert!(parse_duration("").is_err());
+}
+
+#[test]
+fn defaults_apply_without_file() {
+    let c = Config::resolve(None, flags_http()).unwrap();
+    assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+    assert_eq!(c.network.to_string(), DEFAULT_NETWORK);
+    assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+    assert!(c.turn.embedded);
+    assert_eq!(c.turn.port, DEFAULT_STUN_PORT);
+    assert_eq!(c.turn.ttl, DEFAULT_TURN_TTL);
+    assert_eq!(c.transport, Transport::PlainHttp);
+    assert_eq!(c.limits.max_sessions, DEFAULT_MAX_SESSIONS);
+}
+
+#[test]
+fn unknown_key_names_file_and_key() {
+    let err = parse_file(
+        Path::new("/etc/coord.toml"),
+        "listen = \"127.0.0.1:1\"\nlisten_addr = 3\n",
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("/etc/coord.toml"), "{err}");
+    assert!(err.contains("listen_addr"), "{err}");
+    assert!(err.contains("line 2"), "{err}");
+}
+
+#[test]
+fn unknown_turn_key_is_rejected() {
+    let err = parse_file(Path::new("c.toml"), "[turn]\nembeded = false\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("embeded"), "{err}");
+}
+
+#[test]
+fn bad_value_is_rejected_with_key() {
+    let err = parse_file(Path::new("c.toml"), "network = \"not-a-cidr\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("network"), "{err}");
+}
+
+#[test]
+fn bad_ttl_in_file_names_file_and_key() {
+    let file = parse_file(
+        Path::new("c.toml"),
+        "allow_http = true\npublic_addr = \"192.0.2.1\"\n[turn]\nttl = \"soon\"\n",
+    )
+    .unwrap();
+    let err = Config::resolve(Some((Path::new("c.toml"), file)), Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("c.toml") && err.contains("turn.ttl"), "{err}");
+}
+
+#[test]
+fn full_file_parses_and_flags_override_it() {
+    let text = r#"
+        listen = "127.0.0.1:9000"
+        state_dir = "/tmp/x"
+        network = "10.20.0.0/16"
+        allow_http = true
+        max_sessions = 10
+        [turn]
+        embedded = false
+        port = 4000
+        secret = "s3"
+        allow_private = true
+        ttl = "1h"
+        [[turn.external]]
+        urls = ["turn:turn.example.com:3478?transport=udp"]
+    "#;
+    let file = parse_file(Path::new("c.toml"), text).unwrap();
+    let flags = Overrides {
+        listen: Some("127.0.0.1:9001".parse().unwrap()),
+        max_sessions: Some(20),
+        ..Overrides::default()
+    };
+    let c = Config::resolve(Some((Path::new("c.toml"), file)), flags).unwrap();
+    assert_eq!(c.listen.port(), 9001);
+    assert_eq!(c.limits.max_sessions, 20);
+    assert_eq!(c.network.to_string(), "10.20.0.0/16");
+    assert!(!c.turn.embedded);
+    assert_eq!(c.turn.secret.as_deref(), Some("s3"));
+    assert_eq!(c.turn.ttl, Duration::from_secs(3600));
+    assert_eq!(c.turn.external.len(), 1);
+}
+
+#[test]
+fn neither_tls_nor_http_is_refused() {
+    let flags = Overrides {
+        allow_http: false,
+        ..flags_http()
+    };
+    let err = Config::resolve(None, flags).unwrap_err().to_string();
+    assert!(err.contains("--allow-http"), "{err}");
+}
+
+#[test]
+fn unspecified_listen_without_public_addr_is_refused_with_embedded_turn() {
+    let flags = Overrides {
+        public_addr: None,
+        ..flags_http()
+    };
+    assert!(Config::resolve(None, flags.clone()).is_err());
+    let flags = Overrides {
+        no_embedded_turn: true,
+        ..flags
+    };
+    assert!(Config::resolve(None, flags).is_ok());
+}
+
+#[test]
+fn network_is_truncated_to_its_prefix() {
+    let flags = Overrides {
+        network: Some("10.1.2.3/24".parse().unwrap()),
+        ..flags_http()
+    };
+    let c = Config::resolve(None, flags).unwrap();
+    assert_eq!(c.network.to_string(), "10.1.2.0/24");
+}
+
+#[test]
+fn example_config_parses() {
+    let text = include_str!("../coord.example.toml");
+    let file = parse_file(Path::new("coord.example.toml"), text).unwrap();
+    assert_eq!(file.turn.ttl.as_deref(), Some("12h"));
+    let c = Config::resolve(
+        Some((Path::new("coord.example.toml"), file)),
+        Overrides::default(),
+    )
+    .unwrap();
+    assert!(matches!(c.transport, Transport::Tls { .. }));
+    assert_eq!(c.announced_ip().to_string(), "203.0.113.10");
+}

@@ -1,0 +1,416 @@
+//! The registry of nodes and their online sessions: who is online, where to
+//! route a signal or a relay frame, and the broadcast of netmap deltas.
+//!
+//! ```text
+//!   register ──upsert──▶ ┌─────────┐ ──deltas (one shared broadcast queue)──▶ every session
+//!   session ──attach───▶ │   Hub   │ ──control queue (signals)──────────────▶ one session
+//!   poller ───remove───▶ └─────────┘ ──relay queue (frames, drop when full)─▶ one session
+//! ```
+//!
+//! A delta is serialized once and shared by reference among all sessions;
+//! a session that falls more than `delta_backlog` deltas behind is closed
+//! and gets a fresh netmap on reconnect. The lock is a std `RwLock` never
+//! held across an `.await`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use axum::body::Bytes;
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use overlay_proto::coord::{encode_relay_frame, PeerInfo, ServerMsg};
+use overlay_proto::NodeId;
+
+use crate::config::Limits;
+use crate::metrics::{Metrics, RelayDrop, Snapshot};
+
+/// A netmap change, serialized once.
+#[derive(Debug, Clone)]
+pub struct Delta {
+    /// The node the delta is about; its own session skips it.
+    pub about: NodeId,
+    pub text: Utf8Bytes,
+}
+
+/// Why the hub closes a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    Replaced,
+    Removed,
+}
+
+impl CloseReason {
+    /// WebSocket close code and reason text.
+    pub fn frame(self) -> (u16, &'static str) {
+        match self {
+            // 4000–4999 are private-use codes.
+            CloseReason::Replaced => (4001, "replaced by a newer session of this node"),
+            CloseReason::Removed => (4003, "node removed by an administrator"),
+        }
+    }
+}
+
+/// Relay bytes of one node, since start and since the last store flush.
+#[derive(Debug, Default)]
+pub struct RelayStats {
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+    unflushed_in: AtomicU64,
+    unflushed_out: AtomicU64,
+}
+
+impl RelayStats {
+    fn add_in(&self, n: u64) {
+        self.bytes_in.fetch_add(n, Ordering::Relaxed);
+        self.unflushed_in.fetch_add(n, Ordering::Relaxed);
+    }
+    fn add_out(&self, n: u64) {
+        self.bytes_out.fetch_add(n, Ordering::Relaxed);
+        self.unflushed_out.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
+struct Live {
+    id: u64,
+    control: mpsc::Sender<Utf8Bytes>,
+    relay: mpsc::Sender<Bytes>,
+    close: oneshot::Sender<CloseReason>,
+}
+
+struct Entry {
+    info: PeerInfo,
+    stats: Arc<RelayStats>,
+    live: Option<Live>,
+}
+
+#[derive(Default)]
+struct Inner {
+    nodes: HashMap<NodeId, Entry>,
+    online: usize,
+    next_session: u64,
+}
+
+/// What a session gets when it attaches.
+pub struct Attached {
+    pub session_id: u64,
+    /// The node's own record (online).
+    pub node: PeerInfo,
+    /// Every other node.
+    pub peers: Vec<PeerInfo>,
+    pub control: mpsc::Receiver<Utf8Bytes>,
+    pub relay: mpsc::Receiver<Bytes>,
+    pub deltas: broadcast::Receiver<Delta>,
+    pub close: oneshot::Receiver<CloseReason>,
+    pub stats: Arc<RelayStats>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AttachError {
+    #[error("unknown node")]
+    UnknownNode,
+    #[error("too many sessions")]
+    TooManySessions,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalError {
+    UnknownPeer,
+    PeerOffline,
+    /// The target's queue is full; the signal is dropped.
+    QueueFull,
+}
+
+pub struct Hub {
+    inner: RwLock<Inner>,
+    deltas: broadcast::Sender<Delta>,
+    /// Presence changes not yet written to the store.
+    presence: Mutex<Vec<(NodeId, bool)>>,
+    metrics: Arc<Metrics>,
+    limits: Limits,
+}
+
+fn serialize(msg: &ServerMsg) -> Utf8Bytes {
+    // Serializing these plain structs cannot fail.
+    Utf8Bytes::from(serde_json::to_string(msg).unwrap_or_default())
+}
+
+impl Hub {
+    pub fn new(nodes: Vec<PeerInfo>, metrics: Arc<Metrics>, limits: Limits) -> Hub {
+        let (deltas, _) = broadcast::channel(limits.delta_backlog.max(1));
+        let mut inner = Inner::default();
+        for mut info in nodes {
+            info.online = false;
+            inner.nodes.insert(
+                info.id,
+                Entry {
+                    info,
+                    stats: Arc::default(),
+                    live: None,
+                },
+            );
+        }
+        Hub {
+            inner: RwLock::new(inner),
+            deltas,
+            presence: Mutex::new(Vec::new()),
+            metrics,
+            limits,
+        }
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called with the write lock held, so that deltas are ordered with the
+    /// snapshots sessions take in [`Hub::attach`].
+    fn broadcast(&self, about: NodeId, msg: &ServerMsg) {
+        self.metrics.deltas.fetch_add(1, Ordering::Relaxed);
+        // An error only means nobody is listening.
+        let _ = self.deltas.send(Delta {
+            about,
+            text: serialize(msg),
+        });
+    }
+
+    fn record_presence(&self, id: NodeId, online: bool) {
+        self.presence
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((id, online));
+    }
+
+    /// A node registered (new, or again with possibly a new name).
+    pub fn upsert(&self, mut info: PeerInfo) {
+        let mut inner = self.write();
+        let changed = match inner.nodes.get_mut(&info.id) {
+            Some(entry) => {
+                info.online = entry.live.is_some();
+                let changed = entry.info != info;
+                entry.info = info.clone();
+                changed
+            }
+            None => {
+                info.online = false;
+                inner.nodes.insert(
+                    info.id,
+                    Entry {
+                        info: info.clone(),
+                        stats: Arc::default(),
+                        live: None,
+                    },
+                );
+                true
+            }
+        };
+        if changed {
+            self.broadcast(info.id, &ServerMsg::PeerUpsert { peer: info });
+        }
+    }
+
+    /// Opens a session for `id`, replacing (and closing) any previous one.
+    pub fn attach(&self, id: NodeId) -> Result<Attached, AttachError> {
+        let (control_tx, control) = mpsc::channel(self.limits.control_queue.max(1));
+        let (relay_tx, relay) = mpsc::channel(self.limits.relay_queue.max(1));
+        let (close_tx, close) = oneshot::channel();
+
+        let mut inner = self.write();
+        let online = inner.online;
+        let session_id = inner.next_session;
+        let entry = inner.nodes.get_mut(&id).ok_or(AttachError::UnknownNode)?;
+        let was_online = entry.live.is_some();
+        if !was_online && online >= self.limits.max_sessions {
+            return Err(AttachError::TooManySessions);
+        }
+        if let Some(old) = entry.live.take() {
+            let _ = old.close.send(CloseReason::Replaced);
+        }
+        entry.live = Some(Live {
+            id: session_id,
+            control: control_tx,
+            relay: relay_tx,
+            close: close_tx,
+        });
+        entry.info.online = true;
+        let node = entry.info.clone();
+        let stats = Arc::clone(&entry.stats);
+        inner.next_session += 1;
+        if !was_online {
+            inner.online += 1;
+        }
+        let peers = inner
+            .nodes
+            .values()
+            .filter(|e| e.info.id != id)
+            .map(|e| e.info.clone())
+            .collect();
+        let deltas = self.deltas.subscribe();
+        if !was_online {
+            self.broadcast(id, &ServerMsg::PeerUpsert { peer: node.clone() });
+            self.record_presence(id, true);
+        }
+        self.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
+        Ok(Attached {
+            session_id,
+            node,
+            peers,
+            control,
+            relay,
+            deltas,
+            close,
+            stats,
+        })
+    }
+
+    /// A session ended. A no-op when a newer session already replaced it.
+    /// Returns whether the node went offline.
+    pub fn detach(&self, id: NodeId, session_id: u64) -> bool {
+        let mut inner = self.write();
+        let Some(entry) = inner.nodes.get_mut(&id) else {
+            return false;
+        };
+        if entry.live.as_ref().map(|l| l.id) != Some(session_id) {
+            return false;
+        }
+        entry.live = None;
+        entry.info.online = false;
+        let peer = entry.info.clone();
+        inner.online -= 1;
+        self.broadcast(id, &ServerMsg::PeerUpsert { peer });
+        self.record_presence(id, false);
+        true
+    }
+
+    /// A node was removed: close its session and tell everyone. Returns
+    /// its last record, `None` when it was not known.
+    pub fn remove(&self, id: NodeId) -> Option<PeerInfo> {
+        let mut inner = self.write();
+        let entry = inner.nodes.remove(&id)?;
+        if let Some(live) = entry.live {
+            let _ = live.close.send(CloseReason::Removed);
+            inner.online -= 1;
+            self.record_presence(id, false);
+        }
+        self.broadcast(id, &ServerMsg::PeerRemoved { id });
+        Some(entry.info)
+    }
+
+    /// Forwards a signal, `from` being the authenticated sender.
+    pub fn signal(&self, from: NodeId, to: NodeId, payload: String) -> Result<(), SignalError> {
+        let inner = self.read();
+        let entry = inner.nodes.get(&to).ok_or(SignalError::UnknownPeer)?;
+        let live = entry.live.as_ref().ok_or(SignalError::PeerOffline)?;
+        let text = serialize(&ServerMsg::Signal { from, payload });
+        live.control
+            .try_send(text)
+            .map_err(|_| SignalError::QueueFull)?;
+        self.metrics
+            .signaling_messages
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Queues a relay frame for `to`, stamped with `from`. Never blocks:
+    /// a full queue drops the frame.
+    pub fn relay(
+        &self,
+        from: NodeId,
+        from_stats: &RelayStats,
+        to: NodeId,
+        payload: &[u8],
+    ) -> Result<(), RelayDrop> {
+        let len = payload.len() as u64;
+        from_stats.add_in(len);
+        let inner = self.read();
+        let result = match inner.nodes.get(&to) {
+            None => Err(RelayDrop::UnknownPeer),
+            Some(Entry { live: None, .. }) => Err(RelayDrop::PeerOffline),
+            Some(Entry {
+                live: Some(live),
+                stats,
+                ..
+            }) => match live
+                .relay
+                .try_send(Bytes::from(encode_relay_frame(from, payload)))
+            {
+                Ok(()) => {
+                    stats.add_out(len);
+                    Ok(())
+                }
+                Err(_) => Err(RelayDrop::QueueFull),
+            },
+        };
+        drop(inner);
+        match result {
+            Ok(()) => {
+                self.metrics.relay_frames.fetch_add(1, Ordering::Relaxed);
+                self.metrics.relay_bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            Err(reason) => self.metrics.relay_drop(reason),
+        }
+        result
+    }
+
+    pub fn is_online(&self, id: NodeId) -> bool {
+        self.read().nodes.get(&id).is_some_and(|e| e.live.is_some())
+    }
+
+    pub fn online_count(&self) -> usize {
+        self.read().online
+    }
+
+    pub fn contains(&self, id: NodeId) -> bool {
+        self.read().nodes.contains_key(&id)
+    }
+
+    /// Gauges and per-node relay counters for `/metrics`.
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = self.read();
+        let mut per_node_relay: Vec<_> = inner
+            .nodes
+            .iter()
+            .map(|(id, e)| {
+                (
+                    *id,
+                    e.stats.bytes_in.load(Ordering::Relaxed),
+                    e.stats.bytes_out.load(Ordering::Relaxed),
+                )
+            })
+            .filter(|(_, i, o)| *i > 0 || *o > 0)
+            .collect();
+        per_node_relay.sort_unstable();
+        Snapshot {
+            nodes: inner.nodes.len(),
+            sessions_online: inner.online,
+            per_node_relay,
+        }
+    }
+
+    /// Presence changes and relay byte deltas since the last call, for the store.
+    #[allow(clippy::type_complexity)]
+    pub fn drain_activity(&self) -> (Vec<(NodeId, bool)>, Vec<(NodeId, u64, u64)>) {
+        let presence =
+            std::mem::take(&mut *self.presence.lock().unwrap_or_else(|e| e.into_inner()));
+        let inner = self.read();
+        let relay = inner
+            .nodes
+            .iter()
+            .filter_map(|(id, e)| {
+                let i = e.stats.unflushed_in.swap(0, Ordering::Relaxed);
+                let o = e.stats.unflushed_out.swap(0, Ordering::Relaxed);
+                (i > 0 || o > 0).then_some((*id, i, o))
+            })
+            .collect();
+        (presence, relay)
+    }
+}
+
+#[cfg(test)]
+#[path = "hub_tests.rs"]
+mod tests;

@@ -1,0 +1,46 @@
+//! overlay's coordination server: enrolment, the node store, IP allocation,
+//! netmap push, signaling routing, the last-resort packet relay, TURN
+//! credentials and an embedded STUN/TURN server.
+//!
+//! Start it in-process with [`server::start`] (tests) or [`server::run`]
+//! (the binary); administer the same store with [`store::Store`].
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`config`] | TOML file, flags, resolved settings and limits |
+//! | [`store`], [`migrations`] | SQLite: nodes, keys, credentials, removals |
+//! | [`ipam`] | sans-IO mesh address allocation |
+//! | [`auth`] | secrets, hashing, TURN REST credentials |
+//! | [`validate`] | public key and hostname checks |
+//! | [`http`] | routes: register, connect, healthz, metrics |
+//! | [`session`] | one node's WebSocket session |
+//! | [`hub`] | online sessions, routing, delta broadcast |
+//! | [`store_sync`] | presence to the store, removals from it |
+//! | [`ice`] | the ICE configuration handed to nodes |
+//! | [`turn_server`], [`peer_policy`], [`stun_filter`] | embedded STUN/TURN and its denied peers |
+//! | [`metrics`], [`ratelimit`], [`tls`] | operations |
+//! | [`server`] | wiring and shutdown |
+//! | [`cli`] | the command line and admin commands |
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod ice;
+pub mod ipam;
+pub mod metrics;
+pub mod migrations;
+pub mod peer_policy;
+pub mod ratelimit;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod store_sync;
+pub mod stun_filter;
+pub mod tls;
+pub mod turn_server;
+pub mod validate;
+
+pub use config::Config;
+pub use server::{run, start, ServeError, Server};

@@ -1,0 +1,275 @@
+//! Counters, and their rendering in the Prometheus text format.
+//! Gauges (nodes, online sessions) and per-node relay counters live in the
+//! hub and are passed in at render time.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use overlay_proto::NodeId;
+
+/// Why an input from a remote was refused (label of `rejected_inputs_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// A text frame that is not a `ClientMsg`.
+    Malformed,
+    /// A frame larger than `MAX_FRAME_BYTES`.
+    Oversized,
+    /// More text messages than the session's token bucket allows.
+    RateLimited,
+    /// A binary frame too short to carry a node id.
+    BadRelayFrame,
+    /// A wrong or missing credential on `/v1/connect`.
+    Unauthorized,
+    /// A `POST /v1/register` that failed validation or parsing.
+    BadRegister,
+    /// An auth key that was unknown, expired, revoked or spent.
+    BadAuthKey,
+    /// A connection refused because `max_sessions` are online.
+    TooManySessions,
+    /// A session that could not keep up with its deltas.
+    SlowConsumer,
+    /// A WebSocket protocol error (bad framing, etc.).
+    Protocol,
+}
+
+impl Rejected {
+    const ALL: [Rejected; 10] = [
+        Rejected::Malformed,
+        Rejected::Oversized,
+        Rejected::RateLimited,
+        Rejected::BadRelayFrame,
+        Rejected::Unauthorized,
+        Rejected::BadRegister,
+        Rejected::BadAuthKey,
+        Rejected::TooManySessions,
+        Rejected::SlowConsumer,
+        Rejected::Protocol,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejected::Malformed => "malformed",
+            Rejected::Oversized => "oversized",
+            Rejected::RateLimited => "rate_limited",
+            Rejected::BadRelayFrame => "bad_relay_frame",
+            Rejected::Unauthorized => "unauthorized",
+            Rejected::BadRegister => "bad_register",
+            Rejected::BadAuthKey => "bad_auth_key",
+            Rejected::TooManySessions => "too_many_sessions",
+            Rejected::SlowConsumer => "slow_consumer",
+            Rejected::Protocol => "protocol",
+        }
+    }
+}
+
+/// Why a relay frame was dropped (label of `relay_dropped_frames_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayDrop {
+    UnknownPeer,
+    PeerOffline,
+    QueueFull,
+    RateLimited,
+}
+
+impl RelayDrop {
+    const ALL: [RelayDrop; 4] = [
+        RelayDrop::UnknownPeer,
+        RelayDrop::PeerOffline,
+        RelayDrop::QueueFull,
+        RelayDrop::RateLimited,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            RelayDrop::UnknownPeer => "unknown_peer",
+            RelayDrop::PeerOffline => "peer_offline",
+            RelayDrop::QueueFull => "queue_full",
+            RelayDrop::RateLimited => "rate_limited",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    pub registrations: AtomicU64,
+    pub sessions_opened: AtomicU64,
+    pub signaling_messages: AtomicU64,
+    /// Signals refused (unknown/offline target) or dropped (target queue full).
+    pub signaling_refused: AtomicU64,
+    pub relay_frames: AtomicU64,
+    pub relay_bytes: AtomicU64,
+    pub deltas: AtomicU64,
+    /// Datagrams the embedded TURN server refused to relay to a denied peer.
+    pub turn_denied_peer: AtomicU64,
+    rejected: [AtomicU64; Rejected::ALL.len()],
+    relay_dropped: [AtomicU64; RelayDrop::ALL.len()],
+}
+
+/// Point-in-time values the hub provides.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub nodes: usize,
+    pub sessions_online: usize,
+    /// `(node, relay bytes from it, relay bytes to it)` since start.
+    pub per_node_relay: Vec<(NodeId, u64, u64)>,
+}
+
+fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Metrics {
+    pub fn reject(&self, reason: Rejected) {
+        if let Some(i) = Rejected::ALL.iter().position(|r| *r == reason) {
+            inc(&self.rejected[i]);
+        }
+    }
+
+    pub fn rejected(&self, reason: Rejected) -> u64 {
+        Rejected::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map(|i| self.rejected[i].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    pub fn relay_drop(&self, reason: RelayDrop) {
+        if let Some(i) = RelayDrop::ALL.iter().position(|r| *r == reason) {
+            inc(&self.relay_dropped[i]);
+        }
+    }
+
+    pub fn relay_dropped(&self, reason: RelayDrop) -> u64 {
+        RelayDrop::ALL
+            .iter()
+            .position(|r| *r == reason)
+            .map(|i| self.relay_dropped[i].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// Prometheus text exposition format, version 0.0.4.
+    pub fn render(&self, snap: &Snapshot) -> String {
+        let mut out = String::with_capacity(4096 + snap.per_node_relay.len() * 120);
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        metric(
+            "overlay_coord_nodes",
+            "gauge",
+            "Enrolled nodes.",
+            snap.nodes as u64,
+        );
+        metric(
+            "overlay_coord_sessions_online",
+            "gauge",
+            "Nodes with an open control session.",
+            snap.sessions_online as u64,
+        );
+        metric(
+            "overlay_coord_registrations_total",
+            "counter",
+            "Successful registrations.",
+            load(&self.registrations),
+        );
+        metric(
+            "overlay_coord_sessions_opened_total",
+            "counter",
+            "Control sessions opened.",
+            load(&self.sessions_opened),
+        );
+        metric(
+            "overlay_coord_signaling_messages_total",
+            "counter",
+            "Signaling messages forwarded.",
+            load(&self.signaling_messages),
+        );
+        metric(
+            "overlay_coord_signaling_refused_total",
+            "counter",
+            "Signaling messages refused or dropped.",
+            load(&self.signaling_refused),
+        );
+        metric(
+            "overlay_coord_relayed_frames_total",
+            "counter",
+            "Relay frames forwarded.",
+            load(&self.relay_frames),
+        );
+        metric(
+            "overlay_coord_relayed_bytes_total",
+            "counter",
+            "Relay payload bytes forwarded.",
+            load(&self.relay_bytes),
+        );
+        metric(
+            "overlay_coord_deltas_total",
+            "counter",
+            "Netmap deltas broadcast.",
+            load(&self.deltas),
+        );
+        metric(
+            "overlay_coord_turn_denied_peer_total",
+            "counter",
+            "Datagrams the embedded TURN server refused to relay to a denied address.",
+            load(&self.turn_denied_peer),
+        );
+
+        let _ = writeln!(out, "# HELP overlay_coord_relay_dropped_frames_total Relay frames dropped.\n# TYPE overlay_coord_relay_dropped_frames_total counter");
+        for (i, r) in RelayDrop::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "overlay_coord_relay_dropped_frames_total{{reason=\"{}\"}} {}",
+                r.label(),
+                load(&self.relay_dropped[i])
+            );
+        }
+        let _ = writeln!(out, "# HELP overlay_coord_rejected_inputs_total Inputs refused from remotes.\n# TYPE overlay_coord_rejected_inputs_total counter");
+        for (i, r) in Rejected::ALL.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "overlay_coord_rejected_inputs_total{{reason=\"{}\"}} {}",
+                r.label(),
+                load(&self.rejected[i])
+            );
+        }
+        let _ = writeln!(out, "# HELP overlay_coord_node_relay_bytes_total Relay payload bytes per node since start.\n# TYPE overlay_coord_node_relay_bytes_total counter");
+        for (node, bytes_in, bytes_out) in &snap.per_node_relay {
+            let _ = writeln!(
+                out,
+                "overlay_coord_node_relay_bytes_total{{node=\"{node}\",direction=\"in\"}} {bytes_in}\noverlay_coord_node_relay_bytes_total{{node=\"{node}\",direction=\"out\"}} {bytes_out}"
+            );
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn render_has_labelled_counters_and_gauges() {
+        let m = Metrics::default();
+        m.reject(Rejected::Oversized);
+        m.reject(Rejected::Oversized);
+        m.relay_drop(RelayDrop::PeerOffline);
+        let text = m.render(&Snapshot {
+            nodes: 3,
+            sessions_online: 2,
+            per_node_relay: vec![(7, 10, 20)],
+        });
+        assert!(text.contains("overlay_coord_nodes 3\n"));
+        assert!(text.contains("overlay_coord_sessions_online 2\n"));
+        assert!(text.contains("overlay_coord_rejected_inputs_total{reason=\"oversized\"} 2\n"));
+        assert!(
+            text.contains("overlay_coord_relay_dropped_frames_total{reason=\"peer_offline\"} 1\n")
+        );
+        assert!(text
+            .contains("overlay_coord_node_relay_bytes_total{node=\"7\",direction=\"out\"} 20\n"));
+        assert_eq!(m.rejected(Rejected::Oversized), 2);
+    }
+}

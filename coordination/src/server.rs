@@ -1,0 +1,270 @@
+//! `serve`: wires the store, the hub, the embedded TURN server and the HTTP
+//! listener together, and takes them down again in order.
+//!
+//! Shutdown order: stop accepting → sessions close (they watch the same
+//! signal) → wait for them → last store flush → TURN server closes.
+
+use std::future::{Future, IntoFuture};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use crate::auth::{self, SecretFileError};
+use crate::config::{Config, Transport};
+use crate::http::{self, AppState};
+use crate::hub::Hub;
+use crate::ice::IceSettings;
+use crate::metrics::Metrics;
+use crate::peer_policy::PeerPolicy;
+use crate::session::SessionContext;
+use crate::store::{Store, StoreError};
+use crate::store_sync::StoreSync;
+use crate::tls::{self, TlsError};
+use crate::turn_server::{EmbeddedTurn, TurnError, TurnOptions};
+
+/// How long shutdown waits for sessions to say goodbye.
+const SESSION_DRAIN: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("TURN secret: {0}")]
+    Secret(#[from] SecretFileError),
+    #[error(transparent)]
+    Turn(#[from] TurnError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error("server task failed: {0}")]
+    Task(String),
+}
+
+/// A running server.
+pub struct Server {
+    http_addr: SocketAddr,
+    turn_addr: Option<SocketAddr>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), ServeError>>,
+}
+
+impl Server {
+    /// Where the HTTP/WebSocket listener is bound.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Where the embedded STUN/TURN server is bound, if it runs.
+    pub fn turn_addr(&self) -> Option<SocketAddr> {
+        self.turn_addr
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops the server and waits until it has stopped.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        let _ = self.shutdown.send(true);
+        self.task
+            .await
+            .map_err(|e| ServeError::Task(e.to_string()))?
+    }
+}
+
+/// Runs `serve` until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+    let server = start(config).await?;
+    shutdown.await;
+    info!("shutting down");
+    server.shutdown().await
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+/// Opens everything, binds the ports and starts serving in the background.
+pub async fn start(config: Config) -> Result<Server, ServeError> {
+    let state_dir = config.state_dir.clone();
+    let network = config.network;
+    let store = Arc::new(blocking(move || Store::open(&state_dir)).await?);
+    let nodes = {
+        let store = Arc::clone(&store);
+        blocking(move || {
+            store.check_network(network)?;
+            store.mark_all_offline()?;
+            store.list_nodes()
+        })
+        .await?
+    };
+    let removal_seq = {
+        let store = Arc::clone(&store);
+        blocking(move || store.last_removal_seq()).await?
+    };
+    let secret = match &config.turn.secret {
+        Some(s) => s.clone(),
+        None => auth::load_or_create_turn_secret(&config.state_dir)?,
+    };
+    let metrics = Arc::new(Metrics::default());
+
+    // Everything that can fail on bad input happens before any task starts.
+    let tls_config = match &config.transport {
+        Transport::Tls { cert, key } => Some(tls::server_config(cert, key)?),
+        Transport::PlainHttp => None,
+    };
+    let tcp = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let http_addr = tcp.local_addr().map_err(|source| ServeError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+
+    let announced = config.announced_ip();
+    let turn = if config.turn.embedded {
+        let mut own = std::collections::HashSet::from([announced]);
+        if !config.listen.ip().is_unspecified() {
+            own.insert(config.listen.ip());
+        }
+        Some(
+            EmbeddedTurn::start(TurnOptions {
+                bind: SocketAddr::new(config.listen.ip(), config.turn.port),
+                relay_ip: announced,
+                secret: secret.clone(),
+                policy: PeerPolicy {
+                    allow_private: config.turn.allow_private,
+                    own,
+                },
+                metrics: Arc::clone(&metrics),
+            })
+            .await?,
+        )
+    } else {
+        None
+    };
+    let turn_addr = turn.as_ref().map(EmbeddedTurn::local_addr);
+    let ice = Arc::new(IceSettings::new(
+        turn_addr.map(|a| SocketAddr::new(announced, a.port())),
+        &secret,
+        &config.turn.external,
+        config.turn.ttl.as_secs(),
+    ));
+
+    let node_count = nodes.len();
+    let hub = Arc::new(Hub::new(
+        nodes.iter().map(|n| n.peer_info()).collect(),
+        Arc::clone(&metrics),
+        config.limits.clone(),
+    ));
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let state = AppState {
+        store: Arc::clone(&store),
+        hub: Arc::clone(&hub),
+        metrics: Arc::clone(&metrics),
+        session: SessionContext {
+            hub: Arc::clone(&hub),
+            metrics: Arc::clone(&metrics),
+            ice,
+            network,
+            limits: config.limits.clone(),
+            shutdown: shutdown_rx.clone(),
+            done: done_tx,
+        },
+    };
+    let router = http::router(state);
+
+    let stop = {
+        let mut rx = shutdown_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let serving: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
+        match tls_config {
+            Some(tls_config) => {
+                let listener = tls::TlsListener::new(tcp, http_addr, tls_config);
+                info!("listening on https://{http_addr}");
+                Box::pin(
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(stop)
+                        .into_future(),
+                )
+            }
+            None => {
+                warn!(
+                "serving plain HTTP: node credentials and auth keys cross the network unencrypted"
+            );
+                info!("listening on http://{http_addr}");
+                Box::pin(
+                    axum::serve(tcp, router)
+                        .with_graceful_shutdown(stop)
+                        .into_future(),
+                )
+            }
+        };
+    info!(
+        network = %network,
+        state_dir = %config.state_dir.display(),
+        nodes = node_count,
+        stun_turn = %turn_addr.map(|a| format!("{announced}:{}", a.port())).unwrap_or_else(|| "external only".into()),
+        max_sessions = config.limits.max_sessions,
+        "overlay-coord ready"
+    );
+
+    let sync = StoreSync::new(Arc::clone(&store), Arc::clone(&hub), removal_seq);
+    let sync_task = tokio::spawn(sync.run(config.limits.store_poll, shutdown_rx.clone()));
+    let task = tokio::spawn(async move {
+        let served = serving.await;
+        // Sessions saw the same signal; each holds a `done` sender.
+        if tokio::time::timeout(SESSION_DRAIN, done_rx.recv())
+            .await
+            .is_err()
+        {
+            warn!("some sessions did not close within {SESSION_DRAIN:?}");
+        }
+        match sync_task.await {
+            Ok(mut sync) => {
+                if let Err(e) = sync.sync_once().await {
+                    warn!("final store flush: {e}");
+                }
+            }
+            Err(e) => warn!("store sync task failed: {e}"),
+        }
+        if let Err(e) = blocking(move || store.mark_all_offline()).await {
+            warn!("marking nodes offline: {e}");
+        }
+        if let Some(turn) = turn {
+            turn.close().await;
+        }
+        served.map_err(ServeError::Http)
+    });
+
+    Ok(Server {
+        http_addr,
+        turn_addr,
+        metrics,
+        shutdown: shutdown_tx,
+        task,
+    })
+}

@@ -1,0 +1,361 @@
+//! One node's control session over an authenticated WebSocket: the Welcome,
+//! then a loop that forwards deltas, signals and relay frames to the node
+//! and handles what the node sends, within the session's limits.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use ipnet::Ipv4Net;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tracing::{debug, info};
+
+use overlay_proto::coord::{decode_relay_frame, error_code, ClientMsg, ServerMsg, MAX_FRAME_BYTES};
+use overlay_proto::{NodeId, PROTOCOL_VERSION};
+
+use crate::config::Limits;
+use crate::hub::{AttachError, Attached, Hub, SignalError};
+use crate::ice::IceSettings;
+use crate::metrics::{Metrics, Rejected, RelayDrop};
+use crate::ratelimit::TokenBucket;
+use crate::store::now_unix;
+
+/// How long one write to a node may take before the session is dropped;
+/// bounds what a stalled reader can cost the server.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for the node's reply to our close frame.
+const CLOSE_LINGER: Duration = Duration::from_millis(500);
+
+/// WebSocket close codes (RFC 6455 §7.4.1).
+mod code {
+    pub const GOING_AWAY: u16 = 1001;
+    pub const INVALID_DATA: u16 = 1007;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_BIG: u16 = 1009;
+    pub const TRY_AGAIN: u16 = 1013;
+    /// Private use: the session fell too far behind its deltas.
+    pub const TOO_SLOW: u16 = 4008;
+    /// Private use: nothing heard from the node for `idle_timeout`.
+    pub const IDLE: u16 = 4009;
+    pub const GONE: u16 = 4003;
+}
+
+/// What every session shares.
+#[derive(Clone)]
+pub struct SessionContext {
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub ice: Arc<IceSettings>,
+    pub network: Ipv4Net,
+    pub limits: Limits,
+    pub shutdown: watch::Receiver<bool>,
+    /// Dropped when the session ends; the server waits for all of them.
+    pub done: mpsc::Sender<()>,
+}
+
+enum Flow {
+    Continue,
+    /// Send a close frame with this code and reason, then end.
+    Close(u16, String),
+    /// End without a close frame (the connection is gone or closing).
+    End(String),
+}
+
+struct Session {
+    node: NodeId,
+    socket: WebSocket,
+    ctx: SessionContext,
+    text_bucket: TokenBucket,
+    relay_bucket: TokenBucket,
+    last_rx: Instant,
+}
+
+fn to_text(msg: &ServerMsg) -> Message {
+    Message::Text(Utf8Bytes::from(
+        serde_json::to_string(msg).unwrap_or_default(),
+    ))
+}
+
+fn error_msg(error: &str, message: &str, about: Option<NodeId>) -> Message {
+    to_text(&ServerMsg::Error {
+        error: error.into(),
+        message: message.into(),
+        about,
+    })
+}
+
+/// A close reason fits in a control frame (123 bytes).
+fn close_frame(code: u16, reason: &str) -> Message {
+    let mut end = reason.len().min(120);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: Utf8Bytes::from(&reason[..end]),
+    }))
+}
+
+/// Runs the session of `node` until either side ends it.
+pub async fn run(socket: WebSocket, node: NodeId, name: String, ctx: SessionContext) {
+    let now = Instant::now();
+    let limits = ctx.limits.clone();
+    let mut session = Session {
+        node,
+        socket,
+        text_bucket: TokenBucket::new(limits.msg_rate, limits.msg_burst, now.into_std()),
+        relay_bucket: TokenBucket::new(limits.relay_rate, limits.relay_burst, now.into_std()),
+        last_rx: now,
+        ctx,
+    };
+    if *session.ctx.shutdown.borrow() {
+        session
+            .close(code::GOING_AWAY, "server shutting down")
+            .await;
+        return;
+    }
+    let attached = match session.ctx.hub.attach(node) {
+        Ok(a) => a,
+        Err(e) => {
+            let (c, reason) = match e {
+                AttachError::UnknownNode => (code::GONE, "node removed"),
+                AttachError::TooManySessions => {
+                    session.ctx.metrics.reject(Rejected::TooManySessions);
+                    (code::TRY_AGAIN, "too many sessions")
+                }
+            };
+            session.close(c, reason).await;
+            return;
+        }
+    };
+    let session_id = attached.session_id;
+    info!(node = node, name = %name, "session online");
+    let reason = session.serve(attached).await;
+    if session.ctx.hub.detach(node, session_id) {
+        info!(node = node, name = %name, reason = %reason, "session offline");
+    } else {
+        info!(node = node, name = %name, reason = %reason, "session closed");
+    }
+}
+
+impl Session {
+    async fn send(&mut self, msg: Message) -> Result<(), ()> {
+        match tokio::time::timeout(WRITE_TIMEOUT, self.socket.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    async fn close(&mut self, code: u16, reason: &str) {
+        if self.send(close_frame(code, reason)).await.is_ok() {
+            // Give the node a moment to answer the close handshake.
+            let _ = tokio::time::timeout(CLOSE_LINGER, async {
+                while let Some(Ok(m)) = self.socket.recv().await {
+                    if matches!(m, Message::Close(_)) {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+    }
+
+    /// The session loop; returns why it ended.
+    async fn serve(&mut self, attached: Attached) -> String {
+        let Attached {
+            node,
+            peers,
+            mut control,
+            mut relay,
+            mut deltas,
+            mut close,
+            stats,
+            ..
+        } = attached;
+        let welcome = ServerMsg::Welcome {
+            protocol: PROTOCOL_VERSION,
+            node,
+            network: self.ctx.network,
+            peers,
+            ice: self.ctx.ice.for_node(self.node, now_unix()),
+        };
+        if self.send(to_text(&welcome)).await.is_err() {
+            return "write failed".into();
+        }
+        drop(welcome);
+
+        let mut ping = tokio::time::interval(self.ctx.limits.ping_interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        ping.tick().await;
+        let mut shutdown = self.ctx.shutdown.clone();
+
+        let (code, reason) = loop {
+            let flow = tokio::select! {
+                biased;
+                _ = shutdown.changed() => Flow::Close(code::GOING_AWAY, "server shutting down".into()),
+                reason = &mut close => match reason {
+                    Ok(r) => {
+                        let (c, text) = r.frame();
+                        Flow::Close(c, text.into())
+                    }
+                    // The hub dropped us without a reason: removed while attaching.
+                    Err(_) => Flow::Close(code::GONE, "session ended".into()),
+                },
+                delta = deltas.recv() => match delta {
+                    Ok(d) if d.about == self.node => Flow::Continue,
+                    Ok(d) => self.forward(Message::Text(d.text)).await,
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.ctx.metrics.reject(Rejected::SlowConsumer);
+                        Flow::Close(code::TOO_SLOW, "too slow to receive updates; reconnect".into())
+                    }
+                    Err(broadcast::error::RecvError::Closed) => Flow::Close(code::GOING_AWAY, "server shutting down".into()),
+                },
+                Some(text) = control.recv() => self.forward(Message::Text(text)).await,
+                Some(frame) = relay.recv() => self.forward(Message::Binary(frame)).await,
+                incoming = self.socket.recv() => match incoming {
+                    Some(Ok(msg)) => {
+                        self.last_rx = Instant::now();
+                        self.handle(msg, &stats).await
+                    }
+                    Some(Err(e)) => {
+                        debug!(node = self.node, error = %e, "websocket error");
+                        // axum hides tungstenite's error type; its capacity
+                        // error is recognisable by its text only.
+                        if e.to_string().starts_with("Space limit exceeded") {
+                            self.ctx.metrics.reject(Rejected::Oversized);
+                            break (Some(code::TOO_BIG), format!("frame larger than {MAX_FRAME_BYTES} bytes"));
+                        }
+                        self.ctx.metrics.reject(Rejected::Protocol);
+                        break (None, format!("websocket error: {e}"));
+                    }
+                    None => break (None, "connection closed".into()),
+                },
+                _ = ping.tick() => {
+                    if self.last_rx.elapsed() > self.ctx.limits.idle_timeout {
+                        Flow::Close(code::IDLE, "idle timeout".into())
+                    } else {
+                        self.forward(Message::Ping(Default::default())).await
+                    }
+                }
+            };
+            match flow {
+                Flow::Continue => {}
+                Flow::Close(c, r) => break (Some(c), r),
+                Flow::End(r) => break (None, r),
+            }
+        };
+        match code {
+            Some(code) => self.close(code, &reason).await,
+            // Lets tungstenite flush its reply to the node's close frame.
+            None => {
+                let _ = tokio::time::timeout(CLOSE_LINGER, self.socket.recv()).await;
+            }
+        }
+        reason
+    }
+
+    async fn forward(&mut self, msg: Message) -> Flow {
+        match self.send(msg).await {
+            Ok(()) => Flow::Continue,
+            Err(()) => Flow::End("write failed or timed out".into()),
+        }
+    }
+
+    async fn handle(&mut self, msg: Message, stats: &crate::hub::RelayStats) -> Flow {
+        match msg {
+            Message::Text(text) => {
+                if text.len() > MAX_FRAME_BYTES {
+                    self.ctx.metrics.reject(Rejected::Oversized);
+                    return Flow::Close(
+                        code::TOO_BIG,
+                        format!("frame larger than {MAX_FRAME_BYTES} bytes"),
+                    );
+                }
+                if !self.text_bucket.try_take(1.0, std::time::Instant::now()) {
+                    self.ctx.metrics.reject(Rejected::RateLimited);
+                    let _ = self
+                        .send(error_msg(
+                            error_code::RATE_LIMITED,
+                            "too many messages",
+                            None,
+                        ))
+                        .await;
+                    return Flow::Close(code::POLICY, "rate limit exceeded".into());
+                }
+                match serde_json::from_str::<ClientMsg>(&text) {
+                    Ok(m) => self.handle_client_msg(m).await,
+                    Err(e) => {
+                        self.ctx.metrics.reject(Rejected::Malformed);
+                        Flow::Close(code::INVALID_DATA, format!("malformed message: {e}"))
+                    }
+                }
+            }
+            Message::Binary(frame) => {
+                if frame.len() > MAX_FRAME_BYTES {
+                    self.ctx.metrics.reject(Rejected::Oversized);
+                    return Flow::Close(
+                        code::TOO_BIG,
+                        format!("frame larger than {MAX_FRAME_BYTES} bytes"),
+                    );
+                }
+                let Some((to, payload)) = decode_relay_frame(&frame) else {
+                    self.ctx.metrics.reject(Rejected::BadRelayFrame);
+                    return Flow::Close(
+                        code::INVALID_DATA,
+                        "relay frame shorter than its header".into(),
+                    );
+                };
+                if !self
+                    .relay_bucket
+                    .try_take(frame.len() as f64, std::time::Instant::now())
+                {
+                    self.ctx.metrics.relay_drop(RelayDrop::RateLimited);
+                    return Flow::Continue;
+                }
+                // Drops are counted by the hub; the sender is never told (UDP semantics).
+                let _ = self.ctx.hub.relay(self.node, stats, to, payload);
+                Flow::Continue
+            }
+            Message::Close(_) => Flow::End("closed by node".into()),
+            Message::Ping(_) | Message::Pong(_) => Flow::Continue,
+        }
+    }
+
+    async fn handle_client_msg(&mut self, msg: ClientMsg) -> Flow {
+        let reply = match msg {
+            ClientMsg::Signal { to, payload, .. } => {
+                match self.ctx.hub.signal(self.node, to, payload) {
+                    Ok(()) => None,
+                    Err(e) => {
+                        self.ctx
+                            .metrics
+                            .signaling_refused
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        match e {
+                            SignalError::UnknownPeer => Some(error_msg(
+                                error_code::UNKNOWN_PEER,
+                                "no such node",
+                                Some(to),
+                            )),
+                            SignalError::PeerOffline => Some(error_msg(
+                                error_code::PEER_OFFLINE,
+                                "that node is offline",
+                                Some(to),
+                            )),
+                            SignalError::QueueFull => None,
+                        }
+                    }
+                }
+            }
+            ClientMsg::RefreshIce => Some(to_text(&ServerMsg::IceConfig {
+                ice: self.ctx.ice.for_node(self.node, now_unix()),
+            })),
+            ClientMsg::Ping { nonce } => Some(to_text(&ServerMsg::Pong { nonce })),
+        };
+        match reply {
+            Some(m) => self.forward(m).await,
+            None => Flow::Continue,
+        }
+    }
+}

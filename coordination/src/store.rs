@@ -1,0 +1,507 @@
+//! The SQLite store: nodes, auth keys, IP allocations (a node's `mesh_ip`),
+//! credentials (hashed) and removals. Shared by `serve` and the admin CLI,
+//! possibly at the same time: WAL mode and a busy timeout let both proceed.
+//!
+//! Every method is synchronous and short; the server calls them from
+//! `spawn_blocking`.
+
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::Serialize;
+
+use overlay_proto::coord::PeerInfo;
+use overlay_proto::NodeId;
+
+use crate::auth;
+use crate::ipam;
+use crate::migrations::{self, MigrationError};
+use crate::validate;
+
+/// File name of the database inside the state directory.
+pub const DB_FILE: &str = "coord.db";
+/// How long a writer waits for another process's lock before failing.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create state directory {path}: {source}")]
+    CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open store {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error(transparent)]
+    Migration(#[from] MigrationError),
+    #[error("store error: {0}")]
+    Sql(#[from] rusqlite::Error),
+    #[error("store task failed: {0}")]
+    Task(String),
+    #[error("the store's nodes live in {stored} but the configured network is {configured}; keep --network {stored} or start with a new state directory")]
+    NetworkChanged {
+        stored: Ipv4Net,
+        configured: Ipv4Net,
+    },
+}
+
+/// Why an auth key was refused; each maps to a code in `proto::coord::error_code`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyProblem {
+    Unknown,
+    Expired,
+    Revoked,
+    Spent,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    #[error("auth key refused: {0:?}")]
+    AuthKey(KeyProblem),
+    #[error("no free address left in {0}")]
+    PoolExhausted(Ipv4Net),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<rusqlite::Error> for RegisterError {
+    fn from(e: rusqlite::Error) -> Self {
+        RegisterError::Store(StoreError::Sql(e))
+    }
+}
+
+/// A validated enrolment request.
+#[derive(Debug, Clone)]
+pub struct Enrolment {
+    pub auth_key: String,
+    /// Canonical base64.
+    pub public_key: String,
+    /// Validated DNS label, lower case.
+    pub hostname: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registered {
+    pub node: NodeRow,
+    /// The new credential, in clear, returned to the node once.
+    pub credential: String,
+    /// False when an existing node (same public key) re-registered.
+    pub created: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NodeRow {
+    pub id: NodeId,
+    pub name: String,
+    pub mesh_ip: Ipv4Addr,
+    pub public_key: String,
+    pub online: bool,
+    pub created_at: u64,
+    pub last_seen: Option<u64>,
+    pub relay_bytes_in: u64,
+    pub relay_bytes_out: u64,
+}
+
+impl NodeRow {
+    pub fn peer_info(&self) -> PeerInfo {
+        PeerInfo {
+            id: self.id,
+            name: self.name.clone(),
+            mesh_ip: self.mesh_ip,
+            public_key: self.public_key.clone(),
+            online: self.online,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyRow {
+    pub id: u64,
+    pub reusable: bool,
+    pub created_at: u64,
+    pub expires_at: Option<u64>,
+    pub revoked_at: Option<u64>,
+    pub uses: u64,
+    pub last_used_at: Option<u64>,
+}
+
+impl KeyRow {
+    /// Why this key cannot be used at `now`, if it cannot.
+    pub fn problem(&self, now: u64) -> Option<KeyProblem> {
+        if self.revoked_at.is_some() {
+            Some(KeyProblem::Revoked)
+        } else if self.expires_at.is_some_and(|e| e <= now) {
+            Some(KeyProblem::Expired)
+        } else if !self.reusable && self.uses > 0 {
+            Some(KeyProblem::Spent)
+        } else {
+            None
+        }
+    }
+}
+
+pub struct Store {
+    conn: Mutex<Connection>,
+}
+
+const NODE_COLUMNS: &str =
+    "id, name, mesh_ip, public_key, online, created_at, last_seen, relay_bytes_in, relay_bytes_out";
+const KEY_COLUMNS: &str = "id, reusable, created_at, expires_at, revoked_at, uses, last_used_at";
+
+fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
+    Ok(NodeRow {
+        id: r.get::<_, i64>(0)? as NodeId,
+        name: r.get(1)?,
+        mesh_ip: Ipv4Addr::from(r.get::<_, u32>(2)?),
+        public_key: r.get(3)?,
+        online: r.get(4)?,
+        created_at: r.get::<_, i64>(5)? as u64,
+        last_seen: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+        relay_bytes_in: r.get::<_, i64>(7)? as u64,
+        relay_bytes_out: r.get::<_, i64>(8)? as u64,
+    })
+}
+
+fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
+    Ok(KeyRow {
+        id: r.get::<_, i64>(0)? as u64,
+        reusable: r.get(1)?,
+        created_at: r.get::<_, i64>(2)? as u64,
+        expires_at: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
+        revoked_at: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+        uses: r.get::<_, i64>(5)? as u64,
+        last_used_at: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+    })
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl Store {
+    /// Opens (creating if needed) the store in `state_dir` and migrates it.
+    pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
+        create_private_dir(state_dir).map_err(|source| StoreError::CreateDir {
+            path: state_dir.to_path_buf(),
+            source,
+        })?;
+        let path = state_dir.join(DB_FILE);
+        let open_err = |source| StoreError::Open {
+            path: path.clone(),
+            source,
+        };
+        let mut conn = Connection::open(&path).map_err(open_err)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(open_err)?;
+        migrations::migrate(&mut conn)?;
+        Ok(Store {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (transactions roll back on drop), so a poisoned lock is still usable.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the mesh network on first start; refuses a different one
+    /// later while nodes hold addresses in the old one.
+    pub fn check_network(&self, configured: Ipv4Net) -> Result<(), StoreError> {
+        let conn = self.conn();
+        let stored: Option<String> = conn
+            .query_row("SELECT value FROM meta WHERE key = 'network'", [], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        if let Some(stored) = stored.and_then(|s| s.parse::<Ipv4Net>().ok()) {
+            if stored == configured {
+                return Ok(());
+            }
+            let nodes: i64 = conn.query_row("SELECT count(*) FROM nodes", [], |r| r.get(0))?;
+            if nodes > 0 {
+                return Err(StoreError::NetworkChanged { stored, configured });
+            }
+        }
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('network', ?1)
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![configured.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Creates an auth key; returns its id and the key in clear (shown once).
+    pub fn create_key(
+        &self,
+        reusable: bool,
+        expires_at: Option<u64>,
+        now: u64,
+    ) -> Result<(u64, String), StoreError> {
+        let key = auth::new_auth_key();
+        let hash = auth::hash_secret(&key);
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO auth_keys (hash, reusable, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+            params![&hash[..], reusable, now as i64, expires_at.map(|e| e as i64)],
+        )?;
+        Ok((conn.last_insert_rowid() as u64, key))
+    }
+
+    pub fn list_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {KEY_COLUMNS} FROM auth_keys ORDER BY id"))?;
+        let rows = stmt.query_map([], key_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Revokes a key; false when no key has that id.
+    pub fn revoke_key(&self, id: u64, now: u64) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        let exists: Option<i64> = conn
+            .query_row(
+                "SELECT id FROM auth_keys WHERE id = ?1",
+                params![id as i64],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        conn.execute(
+            "UPDATE auth_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+            params![id as i64, now as i64],
+        )?;
+        Ok(true)
+    }
+
+    /// Enrols a node in one transaction: checks and spends the key, keeps the
+    /// id and address of a known public key, picks a unique name and a free
+    /// address otherwise, and issues a new credential.
+    pub fn register(
+        &self,
+        req: &Enrolment,
+        network: Ipv4Net,
+        now: u64,
+    ) -> Result<Registered, RegisterError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+
+        let key_hash = auth::hash_secret(&req.auth_key);
+        let key: Option<KeyRow> = tx
+            .query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM auth_keys WHERE hash = ?1"),
+                params![&key_hash[..]],
+                key_from_row,
+            )
+            .optional()?;
+        let key = key.ok_or(RegisterError::AuthKey(KeyProblem::Unknown))?;
+        if let Some(problem) = key.problem(now) {
+            return Err(RegisterError::AuthKey(problem));
+        }
+
+        let credential = auth::new_credential();
+        let cred_hash = auth::hash_secret(&credential);
+        let existing: Option<NodeRow> = tx
+            .query_row(
+                &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE public_key = ?1"),
+                params![req.public_key],
+                node_from_row,
+            )
+            .optional()?;
+
+        let (id, created) = match existing {
+            Some(node) => {
+                let name = if node.name == req.hostname {
+                    node.name.clone()
+                } else {
+                    unique_name(&tx, &req.hostname, Some(node.id))?
+                };
+                tx.execute(
+                    "UPDATE nodes SET name = ?2, credential_hash = ?3, auth_key_id = ?4 WHERE id = ?1",
+                    params![node.id as i64, name, &cred_hash[..], key.id as i64],
+                )?;
+                (node.id, false)
+            }
+            None => {
+                let name = unique_name(&tx, &req.hostname, None)?;
+                let taken: BTreeSet<Ipv4Addr> = {
+                    let mut stmt = tx.prepare("SELECT mesh_ip FROM nodes")?;
+                    let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?;
+                    rows.map(|r| r.map(Ipv4Addr::from))
+                        .collect::<Result<_, _>>()?
+                };
+                let ip =
+                    ipam::allocate(network, &taken).ok_or(RegisterError::PoolExhausted(network))?;
+                tx.execute(
+                    "INSERT INTO nodes (name, public_key, mesh_ip, credential_hash, auth_key_id, created_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![name, req.public_key, u32::from(ip), &cred_hash[..], key.id as i64, now as i64],
+                )?;
+                (tx.last_insert_rowid() as NodeId, true)
+            }
+        };
+        tx.execute(
+            "UPDATE auth_keys SET uses = uses + 1, last_used_at = ?2 WHERE id = ?1",
+            params![key.id as i64, now as i64],
+        )?;
+        let node = tx.query_row(
+            &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?1"),
+            params![id as i64],
+            node_from_row,
+        )?;
+        tx.commit()?;
+        Ok(Registered {
+            node,
+            credential,
+            created,
+        })
+    }
+
+    /// The node if `credential` is its current one. Unknown node and wrong
+    /// credential are indistinguishable to the caller and take the same work.
+    pub fn verify_node(&self, id: NodeId, credential: &str) -> Result<Option<NodeRow>, StoreError> {
+        let conn = self.conn();
+        let found: Option<(Vec<u8>, NodeRow)> = conn
+            .query_row(
+                &format!("SELECT {NODE_COLUMNS}, credential_hash FROM nodes WHERE id = ?1"),
+                params![id as i64],
+                |r| Ok((r.get(9)?, node_from_row(r)?)),
+            )
+            .optional()?;
+        let ok = auth::verify_secret(credential, found.as_ref().map(|(h, _)| h.as_slice()));
+        Ok(found.filter(|_| ok).map(|(_, node)| node))
+    }
+
+    pub fn list_nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"))?;
+        let rows = stmt.query_map([], node_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Removes a node by name and records the removal for the running
+    /// server; its address becomes free. `None` when no node has that name.
+    pub fn remove_node(&self, name: &str, now: u64) -> Result<Option<NodeId>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let id: Option<i64> = tx
+            .query_row(
+                "SELECT id FROM nodes WHERE name = ?1",
+                params![name.to_ascii_lowercase()],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let Some(id) = id else {
+            return Ok(None);
+        };
+        tx.execute("DELETE FROM nodes WHERE id = ?1", params![id])?;
+        tx.execute(
+            "INSERT INTO removals (node_id, removed_at) VALUES (?1, ?2)",
+            params![id, now as i64],
+        )?;
+        tx.commit()?;
+        Ok(Some(id as NodeId))
+    }
+
+    /// Highest removal sequence number so far (0 when none).
+    pub fn last_removal_seq(&self) -> Result<u64, StoreError> {
+        let conn = self.conn();
+        let seq: Option<i64> = conn.query_row("SELECT max(seq) FROM removals", [], |r| r.get(0))?;
+        Ok(seq.unwrap_or(0) as u64)
+    }
+
+    /// Removals after `seq`, oldest first, as `(seq, node id)`.
+    pub fn removals_after(&self, seq: u64) -> Result<Vec<(u64, NodeId)>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT seq, node_id FROM removals WHERE seq > ?1 ORDER BY seq")?;
+        let rows = stmt.query_map(params![seq as i64], |r| {
+            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as NodeId))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records presence changes and relay byte deltas in one transaction.
+    pub fn record_activity(
+        &self,
+        presence: &[(NodeId, bool)],
+        relay: &[(NodeId, u64, u64)],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        if presence.is_empty() && relay.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        {
+            let mut set_online =
+                tx.prepare_cached("UPDATE nodes SET online = ?2, last_seen = ?3 WHERE id = ?1")?;
+            for (id, online) in presence {
+                set_online.execute(params![*id as i64, online, now as i64])?;
+            }
+            let mut add = tx.prepare_cached(
+                "UPDATE nodes SET relay_bytes_in = relay_bytes_in + ?2, relay_bytes_out = relay_bytes_out + ?3 WHERE id = ?1",
+            )?;
+            for (id, bytes_in, bytes_out) in relay {
+                add.execute(params![*id as i64, *bytes_in as i64, *bytes_out as i64])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// At startup nobody is connected, whatever the last run left behind.
+    pub fn mark_all_offline(&self) -> Result<(), StoreError> {
+        self.conn()
+            .execute("UPDATE nodes SET online = 0 WHERE online != 0", [])?;
+        Ok(())
+    }
+}
+
+/// `wanted`, or `wanted-2`, `wanted-3`, … whichever is free (ignoring `own`).
+fn unique_name(
+    tx: &rusqlite::Transaction<'_>,
+    wanted: &str,
+    own: Option<NodeId>,
+) -> Result<String, rusqlite::Error> {
+    let own = own.map(|id| id as i64).unwrap_or(-1);
+    let mut stmt = tx.prepare_cached("SELECT 1 FROM nodes WHERE name = ?1 AND id != ?2")?;
+    let mut candidate = wanted.to_string();
+    let mut n = 1u32;
+    while stmt.exists(params![candidate, own])? {
+        n += 1;
+        candidate = validate::suffixed(wanted, n);
+    }
+    Ok(candidate)
+}
+
+fn create_private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
+#[cfg(test)]
+#[path = "store_tests.rs"]
+mod tests;

@@ -1,0 +1,211 @@
+use super::*;
+use base64::Engine;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let dir = std::env::temp_dir().join(format!("ovc-store-{}", rand::random::<u64>()));
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn pk(n: u8) -> String {
+    base64::engine::general_purpose::STANDARD.encode([n; 32])
+}
+
+fn enrol(key: &str, n: u8, host: &str) -> Enrolment {
+    Enrolment {
+        auth_key: key.into(),
+        public_key: pk(n),
+        hostname: host.into(),
+    }
+}
+
+fn net(s: &str) -> Ipv4Net {
+    s.parse().unwrap()
+}
+
+#[test]
+fn registration_allocates_and_reregistration_keeps_id_and_ip() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let (_, key) = store.create_key(true, None, 100).unwrap();
+    let n = net("100.64.0.0/10");
+
+    let a = store.register(&enrol(&key, 1, "web"), n, 100).unwrap();
+    assert!(a.created);
+    assert_eq!(a.node.mesh_ip, "100.64.0.1".parse::<Ipv4Addr>().unwrap());
+    let b = store.register(&enrol(&key, 2, "web"), n, 100).unwrap();
+    assert_eq!(b.node.name, "web-2");
+    assert_eq!(b.node.mesh_ip, "100.64.0.2".parse::<Ipv4Addr>().unwrap());
+
+    let again = store.register(&enrol(&key, 1, "web"), n, 101).unwrap();
+    assert!(!again.created);
+    assert_eq!(again.node.id, a.node.id);
+    assert_eq!(again.node.mesh_ip, a.node.mesh_ip);
+    assert_eq!(again.node.name, "web");
+    assert_ne!(again.credential, a.credential);
+    assert!(store
+        .verify_node(a.node.id, &a.credential)
+        .unwrap()
+        .is_none());
+    assert!(store
+        .verify_node(a.node.id, &again.credential)
+        .unwrap()
+        .is_some());
+}
+
+#[test]
+fn credentials_are_stored_hashed() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let (_, key) = store.create_key(false, None, 1).unwrap();
+    let r = store
+        .register(&enrol(&key, 1, "a"), net("10.0.0.0/24"), 1)
+        .unwrap();
+    drop(store);
+    let raw = std::fs::read(dir.0.join(DB_FILE)).unwrap();
+    let wal = std::fs::read(dir.0.join(format!("{DB_FILE}-wal"))).unwrap_or_default();
+    for secret in [key.as_bytes(), r.credential.as_bytes()] {
+        assert!(!raw.windows(secret.len()).any(|w| w == secret));
+        assert!(!wal.windows(secret.len()).any(|w| w == secret));
+    }
+}
+
+#[test]
+fn key_problems_are_reported_precisely() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let n = net("10.0.0.0/24");
+    let problem = |r: Result<Registered, RegisterError>| match r {
+        Err(RegisterError::AuthKey(p)) => p,
+        other => panic!("expected key problem, got {other:?}"),
+    };
+    assert_eq!(
+        problem(store.register(&enrol("ovk_nope", 1, "a"), n, 10)),
+        KeyProblem::Unknown
+    );
+    let (_, expired) = store.create_key(true, Some(10), 1).unwrap();
+    assert_eq!(
+        problem(store.register(&enrol(&expired, 1, "a"), n, 10)),
+        KeyProblem::Expired
+    );
+    let (id, revoked) = store.create_key(true, None, 1).unwrap();
+    assert!(store.revoke_key(id, 5).unwrap());
+    assert!(!store.revoke_key(999, 5).unwrap());
+    assert_eq!(
+        problem(store.register(&enrol(&revoked, 1, "a"), n, 10)),
+        KeyProblem::Revoked
+    );
+    let (_, single) = store.create_key(false, None, 1).unwrap();
+    store.register(&enrol(&single, 1, "a"), n, 10).unwrap();
+    assert_eq!(
+        problem(store.register(&enrol(&single, 2, "b"), n, 10)),
+        KeyProblem::Spent
+    );
+    let keys = store.list_keys().unwrap();
+    assert_eq!(keys.len(), 3);
+    assert_eq!(keys[2].uses, 1);
+}
+
+#[test]
+fn exhausted_pool_is_reported_and_does_not_spend_the_key() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let n = net("10.0.0.0/30");
+    let (_, reusable) = store.create_key(true, None, 1).unwrap();
+    store.register(&enrol(&reusable, 1, "a"), n, 1).unwrap();
+    store.register(&enrol(&reusable, 2, "b"), n, 1).unwrap();
+    let (_, single) = store.create_key(false, None, 1).unwrap();
+    assert!(matches!(
+        store.register(&enrol(&single, 3, "c"), n, 1),
+        Err(RegisterError::PoolExhausted(_))
+    ));
+    let keys = store.list_keys().unwrap();
+    assert_eq!(keys[1].uses, 0);
+}
+
+#[test]
+fn removal_frees_the_node_and_is_recorded_for_the_server() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let (_, key) = store.create_key(true, None, 1).unwrap();
+    let r = store
+        .register(&enrol(&key, 1, "gone"), net("10.0.0.0/24"), 1)
+        .unwrap();
+    assert_eq!(store.last_removal_seq().unwrap(), 0);
+    assert_eq!(store.remove_node("GONE", 2).unwrap(), Some(r.node.id));
+    assert_eq!(store.remove_node("gone", 2).unwrap(), None);
+    assert!(store
+        .verify_node(r.node.id, &r.credential)
+        .unwrap()
+        .is_none());
+    assert_eq!(store.removals_after(0).unwrap(), vec![(1, r.node.id)]);
+    assert!(store.removals_after(1).unwrap().is_empty());
+    // Ids are never reused, even after removal.
+    let again = store
+        .register(&enrol(&key, 1, "gone"), net("10.0.0.0/24"), 3)
+        .unwrap();
+    assert!(again.node.id > r.node.id);
+}
+
+#[test]
+fn activity_is_recorded_and_reset_at_start() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let (_, key) = store.create_key(true, None, 1).unwrap();
+    let r = store
+        .register(&enrol(&key, 1, "a"), net("10.0.0.0/24"), 1)
+        .unwrap();
+    store
+        .record_activity(&[(r.node.id, true)], &[(r.node.id, 10, 20)], 50)
+        .unwrap();
+    store
+        .record_activity(&[], &[(r.node.id, 1, 2)], 51)
+        .unwrap();
+    let n = &store.list_nodes().unwrap()[0];
+    assert!(n.online);
+    assert_eq!(n.last_seen, Some(50));
+    assert_eq!((n.relay_bytes_in, n.relay_bytes_out), (11, 22));
+    store.mark_all_offline().unwrap();
+    assert!(!store.list_nodes().unwrap()[0].online);
+}
+
+#[test]
+fn changing_network_with_nodes_is_refused() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    store.check_network(net("10.0.0.0/24")).unwrap();
+    store.check_network(net("10.1.0.0/24")).unwrap();
+    let (_, key) = store.create_key(true, None, 1).unwrap();
+    store
+        .register(&enrol(&key, 1, "a"), net("10.1.0.0/24"), 1)
+        .unwrap();
+    assert!(matches!(
+        store.check_network(net("10.2.0.0/24")),
+        Err(StoreError::NetworkChanged { .. })
+    ));
+    store.check_network(net("10.1.0.0/24")).unwrap();
+}
+
+#[test]
+fn data_survives_reopen() {
+    let dir = TempDir::new();
+    let (id, cred) = {
+        let store = Store::open(&dir.0).unwrap();
+        let (_, key) = store.create_key(true, None, 1).unwrap();
+        let r = store
+            .register(&enrol(&key, 1, "a"), net("10.0.0.0/24"), 1)
+            .unwrap();
+        (r.node.id, r.credential)
+    };
+    let store = Store::open(&dir.0).unwrap();
+    assert!(store.verify_node(id, &cred).unwrap().is_some());
+}

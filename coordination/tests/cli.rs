@@ -1,0 +1,203 @@
+//! The `overlay-coord` binary: admin commands, errors, serve and SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use overlay_proto::coord::ServerMsg;
+
+const BIN: &str = env!("CARGO_BIN_EXE_overlay-coord");
+
+fn run(dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .arg("--state-dir")
+        .arg(dir)
+        .output()
+        .expect("run overlay-coord")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+#[test]
+fn keys_create_prints_only_the_key_and_keys_can_be_listed_and_revoked() {
+    let dir = TempDir::new("cli-keys");
+    let o = run(&dir.0, &["keys", "create"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(
+        out.lines().count(),
+        1,
+        "stdout must be the key only: {out:?}"
+    );
+    assert!(out.trim().starts_with("ovk_"));
+    assert!(!stderr(&o).is_empty(), "explanation goes to stderr");
+
+    let o = run(
+        &dir.0,
+        &["keys", "create", "--reusable", "--expires", "24h"],
+    );
+    assert!(o.status.success());
+    let o = run(&dir.0, &["keys", "revoke", "1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = run(&dir.0, &["keys", "list", "--json"]);
+    let keys: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let keys = keys.as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(keys[0]["revoked_at"].is_u64());
+    assert_eq!(keys[1]["reusable"], true);
+    assert!(keys[1]["expires_at"].is_u64());
+    let o = run(&dir.0, &["keys", "list"]);
+    assert!(stdout(&o).contains("revoked"));
+    assert!(!stdout(&o).contains("ovk_"), "keys are never shown again");
+}
+
+#[test]
+fn errors_are_one_clear_line() {
+    let dir = TempDir::new("cli-err");
+    for args in [
+        &["keys", "revoke", "42"][..],
+        &["nodes", "remove", "nobody"][..],
+        &["serve", "--listen", "127.0.0.1:0"][..],
+    ] {
+        let o = run(&dir.0, args);
+        assert!(!o.status.success());
+        let err = stderr(&o);
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("overlay-coord: error: "), "{err}");
+        assert!(!err.contains("panicked"));
+    }
+    let o = run(&dir.0, &["serve", "--listen", "127.0.0.1:0"]);
+    assert!(stderr(&o).contains("--allow-http"));
+
+    let config = dir.0.join("coord.toml");
+    std::fs::write(&config, "allow_http = true\nlisten_port = 3\n").unwrap();
+    let o = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("coord.toml") && err.contains("listen_port"),
+        "{err}"
+    );
+}
+
+struct Serving {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dir: &Path) -> Serving {
+    let mut child = Command::new(BIN)
+        .args([
+            "serve",
+            "--allow-http",
+            "--listen",
+            "127.0.0.1:0",
+            "--stun-port",
+            "0",
+        ])
+        .arg("--state-dir")
+        .arg(dir)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn serve");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let _ = tx.send(rest.trim().to_string());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(DEADLINE)
+        .expect("serve logs its address")
+        .parse()
+        .expect("an address");
+    Serving { child, addr }
+}
+
+#[tokio::test]
+async fn serve_runs_admin_commands_alongside_and_stops_on_sigterm() {
+    let dir = TempDir::new("cli-serve");
+    let key = stdout(&run(&dir.0, &["keys", "create"])).trim().to_string();
+    let mut serving = serve(&dir.0);
+
+    let srv_addr = serving.addr;
+    let (status, body) = http(
+        srv_addr,
+        "POST",
+        "/v1/register",
+        &[],
+        format!(
+            r#"{{"auth_key":"{key}","public_key":"{}","hostname":"cli-node"}}"#,
+            random_public_key()
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let reg: overlay_proto::coord::RegisterResponse = serde_json::from_str(&body).unwrap();
+    let mut node = Node::connect(srv_addr, reg.node_id, &reg.credential)
+        .await
+        .unwrap();
+    assert!(matches!(node.welcome().await, ServerMsg::Welcome { .. }));
+
+    wait_until("nodes list to show the node online", || async {
+        let o = run(&dir.0, &["nodes", "list", "--json"]);
+        let nodes: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+        nodes[0]["name"] == "cli-node" && nodes[0]["online"] == true
+    })
+    .await;
+    let table = stdout(&run(&dir.0, &["nodes", "list"]));
+    assert!(
+        table.contains("cli-node") && table.contains("100.64.0.1"),
+        "{table}"
+    );
+
+    let o = run(&dir.0, &["nodes", "remove", "cli-node"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let frame = node.expect_close().await.expect("close frame");
+    assert_eq!(u16::from(frame.code), 4003);
+
+    let kill = Command::new("kill")
+        .args(["-TERM", &serving.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let deadline = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(s) = serving.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "serve did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+}

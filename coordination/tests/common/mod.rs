@@ -1,0 +1,360 @@
+//! Helpers for the integration tests: a server on loopback with a temp state
+//! directory, a tiny HTTP/1.1 client, and a WebSocket node client.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use base64::Engine;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use overlay_coord::config::{Config, Limits, Transport, TurnConfig};
+use overlay_coord::store::Store;
+use overlay_coord::Server;
+use overlay_proto::coord::{
+    bearer, ApiError, ClientMsg, RegisterRequest, RegisterResponse, ServerMsg, CONNECT_PATH,
+    REGISTER_PATH,
+};
+
+/// Upper bound for anything a test waits on.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A unique temp directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "overlay-coord-{tag}-{}-{}",
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn config(state_dir: &TempDir) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        state_dir: state_dir.0.clone(),
+        network: "100.64.0.0/10".parse().unwrap(),
+        public_addr: None,
+        transport: Transport::PlainHttp,
+        turn: TurnConfig {
+            embedded: true,
+            port: 0,
+            secret: Some("test-secret".into()),
+            allow_private: false,
+            ttl: Duration::from_secs(3600),
+            external: vec![],
+        },
+        limits: Limits {
+            store_poll: Duration::from_millis(100),
+            ..Limits::default()
+        },
+    }
+}
+
+/// A server on loopback plus the state directory it lives in.
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub addr: SocketAddr,
+    pub config: Config,
+    pub dir: TempDir,
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = TempDir::new("srv");
+        let mut config = config(&dir);
+        tweak(&mut config);
+        let server = overlay_coord::start(config.clone())
+            .await
+            .expect("server starts");
+        TestServer {
+            addr: server.http_addr(),
+            server: Some(server),
+            config,
+            dir,
+        }
+    }
+
+    pub fn server(&self) -> &Server {
+        self.server.as_ref().expect("running")
+    }
+
+    /// Stops the server and starts a new one on the same state directory
+    /// (and, when possible, the same port).
+    pub async fn restart(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await.expect("clean shutdown");
+        }
+        let mut config = self.config.clone();
+        config.listen = self.addr;
+        let server = match overlay_coord::start(config.clone()).await {
+            Ok(s) => s,
+            Err(_) => {
+                config.listen = "127.0.0.1:0".parse().unwrap();
+                overlay_coord::start(config).await.expect("server restarts")
+            }
+        };
+        self.addr = server.http_addr();
+        self.server = Some(server);
+    }
+
+    /// Opens the same store the admin CLI would.
+    pub fn store(&self) -> Store {
+        Store::open(&self.dir.0).expect("open store")
+    }
+
+    pub fn create_key(&self, reusable: bool) -> String {
+        let now = overlay_coord::store::now_unix();
+        self.store().create_key(reusable, None, now).unwrap().1
+    }
+
+    pub async fn register(&self, key: &str, public_key: &str, hostname: &str) -> (u16, String) {
+        let body = serde_json::to_string(&RegisterRequest {
+            auth_key: key.into(),
+            public_key: public_key.into(),
+            hostname: hostname.into(),
+        })
+        .unwrap();
+        http(self.addr, "POST", REGISTER_PATH, &[], body.as_bytes()).await
+    }
+
+    pub async fn register_ok(
+        &self,
+        key: &str,
+        public_key: &str,
+        hostname: &str,
+    ) -> RegisterResponse {
+        let (status, body) = self.register(key, public_key, hostname).await;
+        assert_eq!(status, 200, "register failed: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Registers a fresh node with a fresh reusable key.
+    pub async fn new_node(&self, hostname: &str) -> RegisterResponse {
+        let key = self.create_key(true);
+        self.register_ok(&key, &random_public_key(), hostname).await
+    }
+
+    pub async fn connect(&self, node: &RegisterResponse) -> Node {
+        Node::connect(self.addr, node.node_id, &node.credential)
+            .await
+            .expect("connect")
+    }
+
+    pub async fn metrics(&self) -> String {
+        let (status, body) = http(self.addr, "GET", "/metrics", &[], b"").await;
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// Value of a metric line (`name{labels}` exactly as rendered).
+    pub async fn metric(&self, series: &str) -> u64 {
+        let text = self.metrics().await;
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+pub fn random_public_key() -> String {
+    base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+}
+
+/// A minimal HTTP/1.1 client: one request, `Connection: close`.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).await.expect("tcp connect");
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    stream.write_all(req.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut buf))
+        .await
+        .expect("response in time")
+        .expect("read response");
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    // Bodies of our errors are small; undo chunked encoding if present.
+    let body = if text
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(body)
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+fn dechunk(mut body: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = body.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        body = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+pub fn api_error(body: &str) -> ApiError {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not an ApiError ({e}): {body}"))
+}
+
+/// A node's control stream.
+pub struct Node {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+}
+
+/// What the server sent, as a test sees it.
+#[derive(Debug)]
+pub enum Event {
+    Msg(ServerMsg),
+    Relay(Vec<u8>),
+    Closed(Option<CloseFrame>),
+}
+
+impl Node {
+    pub async fn connect(
+        addr: SocketAddr,
+        id: u64,
+        credential: &str,
+    ) -> Result<Node, tokio_tungstenite::tungstenite::Error> {
+        let mut req = format!("ws://{addr}{CONNECT_PATH}")
+            .into_client_request()
+            .unwrap();
+        req.headers_mut()
+            .insert("authorization", bearer(id, credential).parse().unwrap());
+        let (ws, _) = tokio_tungstenite::connect_async(req).await?;
+        Ok(Node { ws })
+    }
+
+    pub async fn send(&mut self, msg: &ClientMsg) {
+        let text = serde_json::to_string(msg).unwrap();
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    pub async fn send_raw(&mut self, msg: Message) -> bool {
+        self.ws.send(msg).await.is_ok()
+    }
+
+    /// The next event, skipping pings; panics after the deadline.
+    pub async fn next(&mut self) -> Event {
+        self.next_within(DEADLINE)
+            .await
+            .expect("an event before the deadline")
+    }
+
+    pub async fn next_within(&mut self, d: Duration) -> Option<Event> {
+        let deadline = Instant::now() + d;
+        loop {
+            let msg = tokio::time::timeout_at(deadline, self.ws.next())
+                .await
+                .ok()?;
+            return Some(match msg {
+                Some(Ok(Message::Text(t))) => {
+                    Event::Msg(serde_json::from_str(t.as_str()).expect("valid ServerMsg"))
+                }
+                Some(Ok(Message::Binary(b))) => Event::Relay(b.to_vec()),
+                Some(Ok(Message::Close(frame))) => Event::Closed(frame),
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => Event::Closed(None),
+            });
+        }
+    }
+
+    /// Waits for a message matching `pred`, skipping others.
+    pub async fn expect_msg(
+        &mut self,
+        what: &str,
+        mut pred: impl FnMut(&ServerMsg) -> bool,
+    ) -> ServerMsg {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_within(left).await {
+                Some(Event::Msg(m)) if pred(&m) => return m,
+                Some(Event::Msg(_)) | Some(Event::Relay(_)) => continue,
+                Some(Event::Closed(f)) => panic!("closed ({f:?}) while waiting for {what}"),
+                None => panic!("timed out waiting for {what}"),
+            }
+        }
+    }
+
+    pub async fn welcome(&mut self) -> ServerMsg {
+        self.expect_msg("welcome", |m| matches!(m, ServerMsg::Welcome { .. }))
+            .await
+    }
+
+    /// Waits for the server to close the session; returns the close frame.
+    pub async fn expect_close(&mut self) -> Option<CloseFrame> {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_within(left).await {
+                Some(Event::Closed(f)) => return f,
+                Some(_) => continue,
+                None => panic!("timed out waiting for the server to close"),
+            }
+        }
+    }
+}
+
+/// Polls `cond` until it holds or the deadline passes.
+pub async fn wait_until<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + DEADLINE;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,120 @@
+//! TLS on the HTTP/WebSocket listener, with a certificate made by openssl.
+
+mod common;
+
+use std::process::Command;
+use std::sync::Arc;
+
+use common::*;
+use overlay_coord::config::Transport;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
+
+/// A self-signed end-entity certificate for 127.0.0.1; `None` without openssl.
+fn make_cert(dir: &TempDir) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let cert = dir.0.join("cert.pem");
+    let key = dir.0.join("key.pem");
+    let status = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .ok()?;
+    status.success().then_some((cert, key))
+}
+
+#[tokio::test]
+async fn serves_https_with_the_given_certificate() {
+    let certs = TempDir::new("tls");
+    let Some((cert, key)) = make_cert(&certs) else {
+        eprintln!("openssl not available; skipping the TLS test");
+        return;
+    };
+    let (cert2, key2) = (cert.clone(), key.clone());
+    let srv = TestServer::start_with(move |c| {
+        c.transport = Transport::Tls {
+            cert: cert2,
+            key: key2,
+        }
+    })
+    .await;
+
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(&cert).unwrap())
+        .unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(srv.addr).await.unwrap();
+    let mut tls = connector
+        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
+        .await
+        .expect("TLS handshake");
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, tls.read_to_end(&mut buf))
+        .await
+        .expect("response in time")
+        .ok();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+
+    // Plain HTTP on the TLS port gets nowhere.
+    let mut plain = TcpStream::connect(srv.addr).await.unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, plain.read_to_end(&mut buf)).await;
+    assert!(!String::from_utf8_lossy(&buf).contains("200 OK"));
+}
+
+#[tokio::test]
+async fn missing_certificate_file_is_a_clear_error() {
+    let dir = TempDir::new("tls-missing");
+    let mut config = overlay_coord::config::Config {
+        transport: Transport::Tls {
+            cert: dir.0.join("nope.pem"),
+            key: dir.0.join("nope.key"),
+        },
+        ..common::config(&dir)
+    };
+    config.turn.embedded = false;
+    let err = match overlay_coord::start(config).await {
+        Ok(_) => panic!("must refuse to start"),
+        Err(e) => e.to_string(),
+    };
+    assert!(err.contains("nope.pem"), "{err}");
+}

@@ -1,0 +1,122 @@
+//! The embedded STUN/TURN server, driven by the turn crate's own client.
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use overlay_coord::auth::turn_credential;
+use overlay_coord::store::now_unix;
+use tokio::net::UdpSocket;
+use turn::client::{Client, ClientConfig};
+use webrtc_util::Conn;
+
+async fn client(server: SocketAddr, username: &str, password: &str) -> Client {
+    let conn = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let c = Client::new(ClientConfig {
+        stun_serv_addr: server.to_string(),
+        turn_serv_addr: server.to_string(),
+        username: username.into(),
+        password: password.into(),
+        realm: String::new(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn,
+        vnet: None,
+    })
+    .await
+    .unwrap();
+    c.listen().await.unwrap();
+    c
+}
+
+/// A non-loopback IPv4 address of this host, if it has a default route.
+fn outbound_ipv4() -> Option<IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// Sends through the relay to `target` until it arrives or `tries` run out.
+async fn relay_reaches(relay: &impl Conn, target: &UdpSocket, tries: u32) -> bool {
+    let dest = target.local_addr().unwrap();
+    let mut buf = [0u8; 64];
+    for _ in 0..tries {
+        let _ = relay.send_to(b"through-turn", dest).await;
+        if let Ok(Ok((n, _))) =
+            tokio::time::timeout(Duration::from_millis(200), target.recv_from(&mut buf)).await
+        {
+            return &buf[..n] == b"through-turn";
+        }
+    }
+    false
+}
+
+#[tokio::test]
+async fn stun_binding_is_answered_without_credentials() {
+    let srv = TestServer::start().await;
+    let turn_addr = srv.server().turn_addr().unwrap();
+    let c = client(turn_addr, "", "").await;
+    let mapped = tokio::time::timeout(DEADLINE, c.send_binding_request())
+        .await
+        .expect("answer in time")
+        .expect("binding success");
+    assert_eq!(mapped.ip().to_string(), "127.0.0.1");
+    c.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn turn_accepts_rest_credentials_and_refuses_bad_or_expired_ones() {
+    let srv = TestServer::start().await;
+    let turn_addr = srv.server().turn_addr().unwrap();
+
+    let good = turn_credential("test-secret", 1, now_unix(), 600);
+    let c = client(turn_addr, &good.username, &good.password).await;
+    assert!(c.allocate().await.is_ok());
+    c.close().await.unwrap();
+
+    let c = client(turn_addr, &good.username, "wrong-password").await;
+    assert!(c.allocate().await.is_err());
+    c.close().await.unwrap();
+
+    let expired = turn_credential("test-secret", 1, now_unix() - 7200, 600);
+    let c = client(turn_addr, &expired.username, &expired.password).await;
+    assert!(c.allocate().await.is_err());
+    c.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn turn_refuses_to_relay_to_loopback() {
+    let srv = TestServer::start_with(|c| c.turn.allow_private = true).await;
+    let turn_addr = srv.server().turn_addr().unwrap();
+    let cred = turn_credential("test-secret", 1, now_unix(), 600);
+    let c = client(turn_addr, &cred.username, &cred.password).await;
+    let relay = c.allocate().await.expect("allocation");
+
+    let victim = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let dest = victim.local_addr().unwrap();
+    // The permission itself is refused (403), as coturn's denied-peer-ip does…
+    let refused = relay.send_to(b"attack", dest).await;
+    assert!(
+        refused.is_err(),
+        "CreatePermission to loopback must fail: {refused:?}"
+    );
+    assert!(srv.metric("overlay_coord_turn_denied_peer_total").await >= 1);
+    // …and nothing arrives at the loopback socket.
+    assert!(!relay_reaches(&relay, &victim, 3).await);
+
+    // Control: the same relay does deliver to a permitted (non-loopback,
+    // private-but-allowed) address, when this host has one.
+    if let Some(ip) = outbound_ipv4() {
+        if let Ok(peer) = UdpSocket::bind(SocketAddr::new(ip, 0)).await {
+            assert!(
+                relay_reaches(&relay, &peer, 20).await,
+                "relay to {ip} must work"
+            );
+        }
+    }
+    c.close().await.unwrap();
+}

@@ -1,0 +1,292 @@
+//! Human-readable rendering of the daemon's answers. Pure functions of their input,
+//! so the exact output is unit-tested.
+
+use overlay_proto::api::{PeerStatus, PingReply, PingSummary, Status};
+
+/// `1536` → `1.5 KiB`; exact below 1 KiB.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+    if bytes < 1024 {
+        return format!("{bytes} B");
+    }
+    let mut value = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    format!("{value:.1} {}", UNITS[unit])
+}
+
+/// A duration in the two largest units that matter: `45s`, `3m 4s`, `2h 5m`, `3d 4h`.
+pub fn human_duration(secs: u64) -> String {
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    if d > 0 {
+        format!("{d}d {h}h")
+    } else if h > 0 {
+        format!("{h}h {m}m")
+    } else if m > 0 {
+        format!("{m}m {s}s")
+    } else {
+        format!("{s}s")
+    }
+}
+
+/// `12s ago`, or `never` when no handshake has completed.
+pub fn handshake_age(secs: Option<u64>) -> String {
+    match secs {
+        Some(secs) => format!("{} ago", human_duration(secs)),
+        None => "never".to_string(),
+    }
+}
+
+/// The `overlayctl status` text.
+pub fn status(status: &Status) -> String {
+    let coordinator = if status.coordinator_connected {
+        "connected"
+    } else {
+        "not connected"
+    };
+    let rows = [
+        ("name", format!("{} (node {})", status.name, status.node_id)),
+        (
+            "mesh ip",
+            format!("{}/{}", status.mesh_ip, status.network.prefix_len()),
+        ),
+        ("network", status.network.to_string()),
+        ("interface", status.interface.clone()),
+        ("public key", status.public_key.clone()),
+        (
+            "coordinator",
+            format!("{} ({coordinator})", status.coordinator),
+        ),
+        ("uptime", human_duration(status.uptime_secs)),
+        ("version", status.version.clone()),
+    ];
+    let mut out = String::new();
+    for (key, value) in rows {
+        out.push_str(&format!("{:<13}{value}\n", format!("{key}:")));
+    }
+    out
+}
+
+/// The `overlayctl peers` table, peers sorted by name; offline peers are marked in
+/// the NAME column so the table says it even when the path string is stale.
+pub fn peers_table(peers: &[PeerStatus]) -> String {
+    if peers.is_empty() {
+        return "no peers\n".to_string();
+    }
+    let mut sorted: Vec<&PeerStatus> = peers.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name).then(a.mesh_ip.cmp(&b.mesh_ip)));
+
+    let header = [
+        "NAME",
+        "MESH IP",
+        "PATH",
+        "ENDPOINT",
+        "HANDSHAKE",
+        "RX",
+        "TX",
+    ]
+    .map(String::from);
+    let mut rows = vec![header];
+    for peer in sorted {
+        let name = if peer.online {
+            peer.name.clone()
+        } else {
+            format!("{} (offline)", peer.name)
+        };
+        rows.push([
+            name,
+            peer.mesh_ip.to_string(),
+            peer.path.clone(),
+            peer.endpoint.clone().unwrap_or_else(|| "-".to_string()),
+            handshake_age(peer.last_handshake_secs),
+            human_bytes(peer.rx_bytes),
+            human_bytes(peer.tx_bytes),
+        ]);
+    }
+    render_columns(&rows)
+}
+
+/// Left-aligned columns separated by two spaces, no trailing whitespace.
+fn render_columns<const N: usize>(rows: &[[String; N]]) -> String {
+    let mut widths = [0usize; N];
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for row in rows {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 == N {
+                line.push_str(cell);
+            } else {
+                let pad = widths[i] - cell.chars().count() + 2;
+                line.push_str(cell);
+                line.extend(std::iter::repeat_n(' ', pad));
+            }
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// One line per echo reply, like ping(8).
+pub fn ping_reply(reply: &PingReply) -> String {
+    format!(
+        "reply from {}: seq={} time={:.2} ms via {}",
+        reply.from, reply.seq, reply.rtt_ms, reply.path
+    )
+}
+
+/// The closing statistics of a ping, with round-trip figures from the replies seen.
+pub fn ping_summary(summary: &PingSummary, rtts_ms: &[f64]) -> String {
+    let loss = if summary.sent == 0 {
+        0.0
+    } else {
+        100.0 * f64::from(summary.sent.saturating_sub(summary.received)) / f64::from(summary.sent)
+    };
+    let mut out = format!(
+        "--- {} ping statistics ---\n{} packets transmitted, {} received, {loss:.0}% packet loss\n",
+        summary.target, summary.sent, summary.received
+    );
+    if !rtts_ms.is_empty() {
+        let min = rtts_ms.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = rtts_ms.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let avg = rtts_ms.iter().sum::<f64>() / rtts_ms.len() as f64;
+        out.push_str(&format!(
+            "rtt min/avg/max = {min:.2}/{avg:.2}/{max:.2} ms\n"
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use overlay_proto::api::PathKind;
+    use std::net::Ipv4Addr;
+
+    fn peer(name: &str, ip: [u8; 4], online: bool) -> PeerStatus {
+        PeerStatus {
+            id: 1,
+            name: name.to_string(),
+            mesh_ip: Ipv4Addr::from(ip),
+            public_key: "k".to_string(),
+            online,
+            path_kind: if online {
+                PathKind::Direct
+            } else {
+                PathKind::Connecting
+            },
+            path: if online {
+                "direct (host)"
+            } else {
+                "connecting"
+            }
+            .to_string(),
+            endpoint: online.then(|| "10.77.0.3:41641".to_string()),
+            local_endpoint: None,
+            last_handshake_secs: online.then_some(12),
+            rx_bytes: 1536,
+            tx_bytes: 100,
+        }
+    }
+
+    #[test]
+    fn bytes_are_exact_below_a_kibibyte_and_scaled_above() {
+        assert_eq!(human_bytes(0), "0 B");
+        assert_eq!(human_bytes(1023), "1023 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(5 * 1024 * 1024), "5.0 MiB");
+        assert_eq!(human_bytes(u64::MAX), "16.0 EiB");
+    }
+
+    #[test]
+    fn durations_use_the_two_largest_units() {
+        assert_eq!(human_duration(0), "0s");
+        assert_eq!(human_duration(59), "59s");
+        assert_eq!(human_duration(184), "3m 4s");
+        assert_eq!(human_duration(7500), "2h 5m");
+        assert_eq!(human_duration(3 * 86_400 + 4 * 3600 + 5), "3d 4h");
+        assert_eq!(handshake_age(Some(12)), "12s ago");
+        assert_eq!(handshake_age(None), "never");
+    }
+
+    #[test]
+    fn peers_table_aligns_columns_and_marks_offline_peers() {
+        let table = peers_table(&[
+            peer("charlie", [100, 64, 0, 4], false),
+            peer("bob", [100, 64, 0, 3], true),
+        ]);
+        let expected = "\
+NAME               MESH IP     PATH           ENDPOINT         HANDSHAKE  RX       TX
+bob                100.64.0.3  direct (host)  10.77.0.3:41641  12s ago    1.5 KiB  100 B
+charlie (offline)  100.64.0.4  connecting     -                never      1.5 KiB  100 B
+";
+        assert_eq!(table, expected);
+    }
+
+    #[test]
+    fn empty_peer_list_says_so() {
+        assert_eq!(peers_table(&[]), "no peers\n");
+    }
+
+    #[test]
+    fn ping_lines_match_ping8_style() {
+        let reply = PingReply {
+            seq: 1,
+            from: Ipv4Addr::new(100, 64, 0, 2),
+            rtt_ms: 0.8412,
+            path: "direct (host)".to_string(),
+        };
+        assert_eq!(
+            ping_reply(&reply),
+            "reply from 100.64.0.2: seq=1 time=0.84 ms via direct (host)"
+        );
+        let summary = PingSummary {
+            target: Ipv4Addr::new(100, 64, 0, 2),
+            sent: 4,
+            received: 3,
+        };
+        assert_eq!(
+            ping_summary(&summary, &[1.0, 2.0, 3.0]),
+            "--- 100.64.0.2 ping statistics ---\n\
+             4 packets transmitted, 3 received, 25% packet loss\n\
+             rtt min/avg/max = 1.00/2.00/3.00 ms\n"
+        );
+        let none = PingSummary {
+            received: 0,
+            ..summary
+        };
+        assert!(ping_summary(&none, &[]).ends_with("100% packet loss\n"));
+    }
+
+    #[test]
+    fn status_lists_every_field() {
+        let sample = Status {
+            name: "alice".to_string(),
+            node_id: 7,
+            mesh_ip: Ipv4Addr::new(100, 64, 0, 2),
+            network: "100.64.0.0/10".parse().expect("valid net"),
+            interface: "ovl0".to_string(),
+            public_key: "PUB".to_string(),
+            coordinator: "http://10.77.0.1:8080".to_string(),
+            coordinator_connected: true,
+            uptime_secs: 65,
+            version: "0.1.0".to_string(),
+        };
+        let text = status(&sample);
+        assert!(text.contains("name:        alice (node 7)\n"), "{text}");
+        assert!(text.contains("mesh ip:     100.64.0.2/10\n"), "{text}");
+        assert!(
+            text.contains("coordinator: http://10.77.0.1:8080 (connected)\n"),
+            "{text}"
+        );
+        assert!(text.contains("uptime:      1m 5s\n"), "{text}");
+    }
+}

@@ -1,0 +1,438 @@
+//! `coord-load`: holds N control sessions open against `overlay-coord`, then
+//! enrols one more node and measures how long its `peer_upsert` takes to reach
+//! each of the N.
+//!
+//! ```text
+//!  1. register N nodes          POST /v1/register      (concurrently)
+//!  2. connect N sessions        GET  /v1/connect (WS)  (in batches; each batch
+//!                                                        lets the fan-out settle)
+//!  3. arm, register newcomer ──▶ peer_upsert{online:false} ──▶ N sessions   (t_register)
+//!  4. connect newcomer       ──▶ peer_upsert{online:true}  ──▶ N sessions   (t_connect)
+//! ```
+//!
+//! Each delay is measured from just before the newcomer's request to the moment
+//! a session's reader task reads the frame, so it includes the client's own
+//! scheduling on a shared machine; it is an upper bound for the server.
+
+mod http;
+mod session;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use base64::Engine;
+use clap::Parser;
+use rand::RngCore;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use overlay_proto::coord::{error_code, RegisterRequest, RegisterResponse, MAX_FRAME_BYTES};
+
+use crate::http::RegisterFailure;
+use crate::session::{Shared, Upsert};
+
+/// Connections one loopback source address carries before the next is used;
+/// below the ~28 000 ephemeral ports of the default `ip_local_port_range`.
+const CONNECTIONS_PER_SOURCE: usize = 20_000;
+/// How many times a refused (rate-limited) or failed registration is retried.
+const REGISTER_ATTEMPTS: u32 = 30;
+/// No frame for this long means the server's fan-out has drained.
+const QUIET: Duration = Duration::from_millis(300);
+
+#[derive(Parser, Debug)]
+#[command(about = "Load generator for overlay-coord's control sessions")]
+struct Args {
+    /// The coordination server's HTTP address.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    server: SocketAddr,
+    /// A reusable auth key (`overlay-coord keys create --reusable`).
+    #[arg(long, env = "COORD_LOAD_AUTH_KEY")]
+    auth_key: String,
+    /// Sessions to hold open before the measurement.
+    #[arg(long, default_value_t = 1000)]
+    nodes: usize,
+    /// The server's PID, to report its VmRSS.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Loopback source addresses to spread connections over (127.0.0.1, .2, …);
+    /// 0 picks enough for the ephemeral port range.
+    #[arg(long, default_value_t = 0)]
+    sources: usize,
+    /// Requests in flight at once while registering and connecting.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Sessions connected between two waits for the fan-out to settle. The
+    /// server closes a session more than `delta_backlog` deltas behind.
+    #[arg(long, default_value_t = 250)]
+    batch: usize,
+    /// How long to wait for the newcomer's upserts to reach every session.
+    #[arg(long, default_value_t = 60)]
+    timeout_secs: u64,
+    /// Prefix of the simulated nodes' hostnames.
+    #[arg(long, default_value = "load")]
+    hostname_prefix: String,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("coord-load: error: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("coord-load: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let sources = source_addresses(&args);
+    let source_of = |i: usize| sources[i % sources.len()];
+    let rss_start = server_rss(args.server_pid);
+    println!(
+        "coord-load: {} sessions against {} from {} source address(es)",
+        args.nodes,
+        args.server,
+        sources.len()
+    );
+
+    // 1. Enrol everyone first: with no session online the server fans nothing out.
+    let started = Instant::now();
+    let nodes = register_all(&args, &sources).await?;
+    let register_secs = started.elapsed().as_secs_f64();
+    println!(
+        "  register {} nodes: {:.2} s ({:.0}/s)",
+        args.nodes,
+        register_secs,
+        args.nodes as f64 / register_secs.max(1e-9)
+    );
+
+    // 2. Connect in batches, letting each batch's netmap deltas drain.
+    let shared = Arc::new(Shared::default());
+    let (upsert_tx, mut upsert_rx) = mpsc::unbounded_channel::<Upsert>();
+    let started = Instant::now();
+    let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    for (b, batch) in nodes.chunks(args.batch.max(1)).enumerate() {
+        let mut set = JoinSet::new();
+        for (j, node) in batch.iter().enumerate() {
+            let i = b * args.batch.max(1) + j;
+            let (server, source, node) = (args.server, source_of(i), node.clone());
+            let (limit, shared, tx) = (limit.clone(), shared.clone(), upsert_tx.clone());
+            set.spawn(async move {
+                let _permit = limit.acquire().await;
+                let (ws, _) =
+                    session::connect(server, source, node.node_id, &node.credential).await?;
+                tokio::spawn(session::read_loop(i, ws, shared, tx));
+                anyhow::Ok(())
+            });
+        }
+        while let Some(joined) = set.join_next().await {
+            joined.context("connect task panicked")??;
+        }
+        wait_quiet(&shared, Duration::from_secs(120)).await;
+    }
+    wait_quiet(&shared, Duration::from_secs(120)).await;
+    let connect_secs = started.elapsed().as_secs_f64();
+    println!(
+        "  connect {} sessions: {:.2} s, {} netmap frames fanned out meanwhile",
+        args.nodes,
+        connect_secs,
+        shared.frames.load(Ordering::Relaxed)
+    );
+    let closed = shared.closed.load(Ordering::Relaxed);
+    if closed > 0 {
+        bail!("{closed} sessions closed during setup: {:?}", close_reasons(&shared));
+    }
+    let rss_loaded = server_rss(args.server_pid);
+
+    // 3. and 4. The newcomer.
+    shared.armed.store(true, Ordering::SeqCst);
+    let t_register = Instant::now();
+    let newcomer = register_one(&args, source_of(args.nodes), args.nodes).await?;
+    let t_connect = Instant::now();
+    let (ws, welcome_bytes) = session::connect(
+        args.server,
+        source_of(args.nodes),
+        newcomer.node_id,
+        &newcomer.credential,
+    )
+    .await?;
+    let newcomer_reader = tokio::spawn(session::read_loop(
+        usize::MAX,
+        ws,
+        shared.clone(),
+        upsert_tx.clone(),
+    ));
+
+    let mut first: HashMap<usize, Instant> = HashMap::new();
+    let mut online: HashMap<usize, Instant> = HashMap::new();
+    let deadline = tokio::time::sleep(Duration::from_secs(args.timeout_secs));
+    tokio::pin!(deadline);
+    while online.len() < args.nodes {
+        tokio::select! {
+            _ = &mut deadline => break,
+            Some(u) = upsert_rx.recv() => {
+                if u.about != newcomer.node_id || u.session == usize::MAX {
+                    continue;
+                }
+                first.entry(u.session).or_insert(u.at);
+                if u.online {
+                    online.entry(u.session).or_insert(u.at);
+                }
+            }
+        }
+    }
+    newcomer_reader.abort();
+    let rss_end = server_rss(args.server_pid);
+
+    let register_delays: Vec<Duration> = first.values().map(|t| *t - t_register).collect();
+    let online_delays: Vec<Duration> = online.values().map(|t| *t - t_connect).collect();
+    println!(
+        "  newcomer registered -> its peer_upsert read by {}/{} sessions: {}",
+        register_delays.len(),
+        args.nodes,
+        Stats::of(&register_delays)
+    );
+    println!(
+        "  newcomer connected  -> its peer_upsert(online) read by {}/{} sessions: {}",
+        online_delays.len(),
+        args.nodes,
+        Stats::of(&online_delays)
+    );
+    println!(
+        "  Welcome for a mesh of {} nodes: {} bytes (overlayd accepts frames up to {MAX_FRAME_BYTES}){}",
+        args.nodes + 1,
+        welcome_bytes,
+        if welcome_bytes > MAX_FRAME_BYTES { "  ** TOO BIG FOR overlayd **" } else { "" }
+    );
+    println!(
+        "  server VmRSS: {} at start, {} with {} sessions, {} at the end; peak VmHWM {}",
+        mib(rss_start.map(|r| r.0)),
+        mib(rss_loaded.map(|r| r.0)),
+        args.nodes,
+        mib(rss_end.map(|r| r.0)),
+        mib(rss_end.map(|r| r.1)),
+    );
+    let closed = shared.closed.load(Ordering::Relaxed);
+    if closed > 0 {
+        println!("  sessions closed: {closed}: {:?}", close_reasons(&shared));
+    }
+    // One line for scripts.
+    let (r, o) = (Stats::of(&register_delays), Stats::of(&online_delays));
+    println!(
+        "RESULT nodes={} register_s={:.2} connect_s={:.2} reg_n={} reg_p50_ms={:.1} reg_p99_ms={:.1} reg_max_ms={:.1} \
+         online_n={} online_p50_ms={:.1} online_p99_ms={:.1} online_max_ms={:.1} welcome_bytes={} \
+         rss_start_kb={} rss_loaded_kb={} rss_end_kb={} hwm_kb={} closed={}",
+        args.nodes,
+        register_secs,
+        connect_secs,
+        register_delays.len(),
+        r.p50_ms,
+        r.p99_ms,
+        r.max_ms,
+        online_delays.len(),
+        o.p50_ms,
+        o.p99_ms,
+        o.max_ms,
+        welcome_bytes,
+        kb(rss_start.map(|r| r.0)),
+        kb(rss_loaded.map(|r| r.0)),
+        kb(rss_end.map(|r| r.0)),
+        kb(rss_end.map(|r| r.1)),
+        closed
+    );
+    if online_delays.len() < args.nodes {
+        bail!(
+            "only {}/{} sessions saw the newcomer come online within {} s",
+            online_delays.len(),
+            args.nodes,
+            args.timeout_secs
+        );
+    }
+    Ok(())
+}
+
+fn source_addresses(args: &Args) -> Vec<Option<IpAddr>> {
+    let needed = (args.nodes + 1).div_ceil(CONNECTIONS_PER_SOURCE);
+    let count = if args.sources == 0 { needed } else { args.sources };
+    if count <= 1 {
+        // Let connect() choose the source: ports are then shared across destinations.
+        return vec![None];
+    }
+    (1..=count.min(254))
+        .map(|n| Some(IpAddr::V4(Ipv4Addr::new(127, 0, 0, n as u8))))
+        .collect()
+}
+
+async fn register_all(
+    args: &Args,
+    sources: &[Option<IpAddr>],
+) -> anyhow::Result<Vec<RegisterResponse>> {
+    let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
+    let mut set = JoinSet::new();
+    for i in 0..args.nodes {
+        let (limit, source) = (limit.clone(), sources[i % sources.len()]);
+        let (server, key, prefix) = (args.server, args.auth_key.clone(), args.hostname_prefix.clone());
+        set.spawn(async move {
+            let _permit = limit.acquire().await;
+            register_with_retry(server, source, &key, &format!("{prefix}-{i}"))
+                .await
+                .map(|r| (i, r))
+        });
+    }
+    let mut nodes: Vec<Option<RegisterResponse>> = vec![None; args.nodes];
+    while let Some(joined) = set.join_next().await {
+        let (i, response) = joined.context("register task panicked")??;
+        nodes[i] = Some(response);
+    }
+    Ok(nodes.into_iter().flatten().collect())
+}
+
+async fn register_one(
+    args: &Args,
+    source: Option<IpAddr>,
+    i: usize,
+) -> anyhow::Result<RegisterResponse> {
+    let name = format!("{}-{i}", args.hostname_prefix);
+    register_with_retry(args.server, source, &args.auth_key, &name).await
+}
+
+async fn register_with_retry(
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    auth_key: &str,
+    hostname: &str,
+) -> anyhow::Result<RegisterResponse> {
+    let mut public_key = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut public_key);
+    let request = RegisterRequest {
+        auth_key: auth_key.to_string(),
+        public_key: base64::engine::general_purpose::STANDARD.encode(public_key),
+        hostname: hostname.to_string(),
+    };
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let result = match session::dial(server, source).await {
+            Ok(stream) => http::register(stream, server, &request).await,
+            Err(e) => Err(RegisterFailure::Other(e)),
+        };
+        match result {
+            Ok(response) => return Ok(response),
+            Err(RegisterFailure::Refused { status, error })
+                if error.error != error_code::RATE_LIMITED =>
+            {
+                bail!("registering {hostname}: HTTP {status} {}: {}", error.error, error.message)
+            }
+            Err(e) if attempt >= REGISTER_ATTEMPTS => {
+                bail!("registering {hostname}: {e} (after {attempt} attempts)")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await,
+        }
+    }
+}
+
+/// Returns once no session has read a frame for [`QUIET`], or after `max`.
+async fn wait_quiet(shared: &Shared, max: Duration) {
+    let deadline = Instant::now() + max;
+    let mut last = shared.frames.load(Ordering::Relaxed);
+    while Instant::now() < deadline {
+        tokio::time::sleep(QUIET).await;
+        let now = shared.frames.load(Ordering::Relaxed);
+        if now == last {
+            return;
+        }
+        last = now;
+    }
+}
+
+fn close_reasons(shared: &Shared) -> Vec<String> {
+    shared
+        .close_reasons
+        .lock()
+        .map(|r| r.clone())
+        .unwrap_or_default()
+}
+
+/// p50, p99 (nearest rank) and max of a set of delays.
+#[derive(Debug, Clone, Copy, Default)]
+struct Stats {
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+impl Stats {
+    fn of(delays: &[Duration]) -> Stats {
+        if delays.is_empty() {
+            return Stats::default();
+        }
+        let mut ms: Vec<f64> = delays.iter().map(|d| d.as_secs_f64() * 1e3).collect();
+        ms.sort_by(f64::total_cmp);
+        let rank = |q: usize| ms[(ms.len() * q).div_ceil(100).max(1) - 1];
+        Stats {
+            p50_ms: rank(50),
+            p99_ms: rank(99),
+            max_ms: ms[ms.len() - 1],
+        }
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            self.p50_ms, self.p99_ms, self.max_ms
+        )
+    }
+}
+
+/// (VmRSS, VmHWM) of `pid` in kB.
+fn server_rss(pid: Option<u32>) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn mib(kb: Option<u64>) -> String {
+    kb.map_or("-".to_string(), |kb| format!("{:.1} MiB", kb as f64 / 1024.0))
+}
+
+fn kb(kb: Option<u64>) -> String {
+    kb.map_or("-".to_string(), |kb| kb.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_use_nearest_rank() {
+        let delays: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        let s = Stats::of(&delays);
+        assert_eq!((s.p50_ms, s.p99_ms, s.max_ms), (50.0, 99.0, 100.0));
+    }
+
+    #[test]
+    fn no_delays_give_zero_stats() {
+        assert_eq!(Stats::of(&[]).max_ms, 0.0);
+    }
+}

@@ -1,0 +1,153 @@
+//! One simulated node's control session: the WebSocket handshake, the Welcome,
+//! then a reader task that counts every frame and, once the measurement is
+//! armed, timestamps each `peer_upsert` the moment it is read.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use futures_util::StreamExt;
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::header::{HeaderValue, AUTHORIZATION};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use overlay_proto::coord::{bearer, ServerMsg, CONNECT_PATH};
+use overlay_proto::NodeId;
+
+/// How long the server gets to answer the handshake with a Welcome.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
+/// tungstenite reads into a 128 KiB buffer per connection by default: 1.3 GB
+/// for 10 000 sessions. Netmap deltas are a few hundred bytes.
+const READ_BUFFER_BYTES: usize = 8 * 1024;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A `peer_upsert` seen by session `session` after the measurement was armed.
+#[derive(Debug, Clone, Copy)]
+pub struct Upsert {
+    pub session: usize,
+    pub at: Instant,
+    pub about: NodeId,
+    pub online: bool,
+}
+
+/// What every reader task shares with the driver.
+#[derive(Default)]
+pub struct Shared {
+    /// Text frames read by all sessions, Welcomes excluded.
+    pub frames: AtomicU64,
+    /// Set just before the newcomer registers: from then on readers parse
+    /// `peer_upsert` frames. Before, they only count, so setup stays cheap.
+    pub armed: AtomicBool,
+    /// Sessions the server closed (or that failed), and the first few reasons.
+    pub closed: AtomicUsize,
+    pub close_reasons: Mutex<Vec<String>>,
+}
+
+/// Opens a TCP connection to `server`, from `source` when one is given (to
+/// spread many connections over several loopback addresses).
+pub async fn dial(server: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect(server)
+            .await
+            .with_context(|| format!("connecting to {server}"));
+    };
+    let socket = if source.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket
+        .bind(SocketAddr::new(source, 0))
+        .with_context(|| format!("binding {source}"))?;
+    socket
+        .connect(server)
+        .await
+        .with_context(|| format!("connecting to {server} from {source}"))
+}
+
+/// Connects node `id` and waits for its Welcome; returns the stream and the
+/// Welcome's size in bytes.
+pub async fn connect(
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    id: NodeId,
+    credential: &str,
+) -> anyhow::Result<(Ws, usize)> {
+    let tcp = dial(server, source).await?;
+    tcp.set_nodelay(true)?;
+    let mut request = format!("ws://{server}{CONNECT_PATH}").into_client_request()?;
+    request.headers_mut().insert(
+        AUTHORIZATION,
+        HeaderValue::from_str(&bearer(id, credential)).context("credential is not a header value")?,
+    );
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(0);
+    let (mut ws, _) = tokio_tungstenite::client_async_with_config(
+        request,
+        MaybeTlsStream::Plain(tcp),
+        Some(config),
+    )
+    .await
+    .with_context(|| format!("WebSocket handshake for node {id}"))?;
+    let first = tokio::time::timeout(WELCOME_TIMEOUT, ws.next())
+        .await
+        .with_context(|| format!("node {id}: no Welcome within {WELCOME_TIMEOUT:?}"))?;
+    match first {
+        Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerMsg>(&text) {
+            Ok(ServerMsg::Welcome { .. }) => Ok((ws, text.len())),
+            Ok(other) => bail!("node {id}: first frame is not a Welcome: {other:?}"),
+            Err(e) => bail!("node {id}: unparsable first frame: {e}"),
+        },
+        Some(Ok(Message::Close(frame))) => bail!("node {id}: closed before Welcome: {frame:?}"),
+        Some(Ok(other)) => bail!("node {id}: unexpected first frame {other:?}"),
+        Some(Err(e)) => bail!("node {id}: {e}"),
+        None => bail!("node {id}: connection ended before Welcome"),
+    }
+}
+
+/// Reads `ws` until it ends. Reading also answers the server's keepalive
+/// pings (tungstenite queues the pong and flushes it on the next read).
+pub async fn read_loop(
+    session: usize,
+    mut ws: Ws,
+    shared: Arc<Shared>,
+    upserts: mpsc::UnboundedSender<Upsert>,
+) {
+    let reason = loop {
+        match ws.next().await {
+            Some(Ok(Message::Text(text))) => {
+                let at = Instant::now();
+                shared.frames.fetch_add(1, Ordering::Relaxed);
+                if shared.armed.load(Ordering::Relaxed) && text.contains("\"peer_upsert\"") {
+                    if let Ok(ServerMsg::PeerUpsert { peer }) = serde_json::from_str(&text) {
+                        let _ = upserts.send(Upsert {
+                            session,
+                            at,
+                            about: peer.id,
+                            online: peer.online,
+                        });
+                    }
+                }
+            }
+            Some(Ok(Message::Close(frame))) => break format!("closed by server: {frame:?}"),
+            Some(Ok(_)) => {}
+            Some(Err(e)) => break format!("error: {e}"),
+            None => break "connection ended".to_string(),
+        }
+    };
+    shared.closed.fetch_add(1, Ordering::Relaxed);
+    if let Ok(mut reasons) = shared.close_reasons.lock() {
+        if reasons.len() < 5 {
+            reasons.push(format!("session {session}: {reason}"));
+        }
+    }
+}

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# Coordination-server benchmark: overlay-coord on loopback with N control
+# sessions held open by coord-load, for N = 1000 then 10000 (COORD_NODES).
+#
+# Environment:
+#   COORD_NODES="1000 10000"   session counts, one server per count
+#   OVERLAY_BIN_DIR=DIR        overlay-coord and coord-load from DIR instead of
+#                              building them (release)
+#   BENCH_KEEP=1               keep the work directory (server logs)
+
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+NODES=${COORD_NODES:-1000 10000}
+WORK=$(mktemp -d /tmp/overlay-coord-bench.XXXX)
+SERVER_PID=""
+
+log() { printf '[coord-bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    stop_server
+    if [[ ${BENCH_KEEP:-0} == 1 ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+    exit "$rc"
+}
+
+stop_server() {
+    [[ -n $SERVER_PID ]] || return 0
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$SERVER_PID" 2>/dev/null || true
+    wait "$SERVER_PID" 2>/dev/null || true
+    SERVER_PID=""
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# 10 000 sessions are 10 000 sockets on each side, plus the registrations.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+log "open-file limit $(ulimit -n)"
+
+if [[ -n ${OVERLAY_BIN_DIR:-} ]]; then
+    BIN=$OVERLAY_BIN_DIR
+else
+    log "building overlay-coord and coord-load (release)"
+    (cd "$ROOT" && cargo build --release -j2 -p overlay-coord -p overlay-coord-load) >"$WORK/cargo.log" 2>&1 ||
+        { tail -20 "$WORK/cargo.log" >&2; exit 1; }
+    BIN=$ROOT/target/release
+fi
+
+# A free loopback port: bind to port 0 and read what the kernel chose.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+
+summary=()
+for n in $NODES; do
+    state=$WORK/state-$n
+    mkdir -p "$state"
+    port=$(free_port)
+    stun_port=$(free_port)
+    # The server logs every registration and session at info; at 10 000 nodes
+    # that is the benchmark measuring its logger, so warn and above only.
+    RUST_LOG=${RUST_LOG:-warn} "$BIN/overlay-coord" serve --listen "127.0.0.1:$port" --allow-http \
+        --public-addr 127.0.0.1 --stun-port "$stun_port" --max-sessions 20000 --state-dir "$state" \
+        >"$WORK/server-$n.log" 2>&1 &
+    SERVER_PID=$!
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+        kill -0 "$SERVER_PID" 2>/dev/null || { tail -5 "$WORK/server-$n.log" >&2; exit 1; }
+        sleep 0.1
+    done
+    key=$("$BIN/overlay-coord" keys create --reusable --state-dir "$state")
+    log "N=$n: server pid $SERVER_PID on 127.0.0.1:$port"
+    if COORD_LOAD_AUTH_KEY=$key "$BIN/coord-load" --server "127.0.0.1:$port" --nodes "$n" \
+        --server-pid "$SERVER_PID" | tee "$WORK/load-$n.txt"; then
+        :
+    else
+        log "N=$n: coord-load failed; server log tail:"
+        tail -5 "$WORK/server-$n.log" >&2
+    fi
+    summary+=("$(grep '^RESULT' "$WORK/load-$n.txt" || echo "RESULT nodes=$n failed=1")")
+    stop_server
+done
+
+echo
+printf '%s\n' "${summary[@]}" | python3 "$HERE/bench.py" coord-report

@@ -1,0 +1,390 @@
+#!/usr/bin/env bash
+# Data-plane benchmark: overlay beside the raw link and wireguard-go, in a
+# two-host network-namespace lab. Run as root from anywhere in the workspace.
+#
+#   host a (10.99.0.1) ══ veth ══ host b (10.99.0.2)
+#     iperf3 -c / ping              iperf3 -s
+#     overlay-coord :8080
+#
+# Environment:
+#   BENCH_SECS=10        seconds per iperf3 run
+#   BENCH_PINGS=200      pings per RTT measurement (10 ms apart)
+#   BENCH_SMOKE=1        1-second iperf3 runs and 20 pings
+#   BENCH_ONLY=raw,wg,overlay   which systems to measure
+#   OVERLAY_BIN_DIR=DIR  use the overlay binaries in DIR instead of building release
+#   BENCH_KEEP=1         keep the work directory (logs) after the run
+# See tests/bench/README.md for what each figure means.
+
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+PY="python3 $HERE/bench.py"
+
+if [[ ${BENCH_SMOKE:-0} == 1 ]]; then
+    SECS=${BENCH_SECS:-1}
+    PINGS=${BENCH_PINGS:-20}
+    MODE=smoke
+else
+    SECS=${BENCH_SECS:-10}
+    PINGS=${BENCH_PINGS:-200}
+    MODE=full
+fi
+ONLY=${BENCH_ONLY:-raw,wg,overlay}
+# How long overlay gets to come up before its figures are given up.
+START_TIMEOUT=${BENCH_START_TIMEOUT:-60}
+
+[[ $(id -u) == 0 ]] || { echo "run.sh: must run as root (network namespaces)" >&2; exit 1; }
+for tool in ip iperf3 ping python3; do
+    command -v "$tool" >/dev/null || { echo "run.sh: $tool is missing" >&2; exit 1; }
+done
+
+# Unique names per run so concurrent runs and other labs never collide.
+ID=$(printf %04x $((RANDOM ^ ($$ & 0xffff))))
+NS_A=bn$ID-a
+NS_B=bn$ID-b
+IP_A=10.99.0.1
+IP_B=10.99.0.2
+WG_A=bwg${ID}a      # wireguard-go's UAPI socket lives in the shared /var/run/wireguard
+WG_B=bwg${ID}b
+WG_IP_A=10.99.1.1
+WG_IP_B=10.99.1.2
+WG_PORT=51820
+COORD_PORT=8080
+WORK=$(mktemp -d "/tmp/overlay-bench.$ID.XXXX")
+RESULTS=$WORK/results
+: >"$RESULTS"
+mkdir -p "$WORK/logs"
+
+log() { printf '[bench %s] %s\n' "$(date +%T)" "$*" >&2; }
+put() { echo "$1 $2 $3" >>"$RESULTS"; }        # system key value
+note() { put "$1" note "$2"; log "$1: $2"; }
+# Background daemons are started with a bare `ip netns exec` (which execs), never
+# through these functions, so that $! is the daemon itself and not a subshell.
+in_a() { ip netns exec "$NS_A" "$@"; }
+in_b() { ip netns exec "$NS_B" "$@"; }
+now() { echo "$EPOCHREALTIME"; }
+since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$(now)"; }
+
+# Every background process we start is recorded here, by phase, so a phase can
+# stop its own and the exit trap can stop whatever is left.
+track() { echo "$2" >>"$WORK/pids.$1"; }
+
+stop_pids() {
+    local file=$WORK/pids.$1 pid
+    [[ -f $file ]] || return 0
+    while read -r pid; do kill -TERM "$pid" 2>/dev/null || true; done <"$file"
+    for _ in $(seq 50); do
+        local alive=0
+        while read -r pid; do kill -0 "$pid" 2>/dev/null && alive=1; done <"$file"
+        [[ $alive == 0 ]] && break
+        sleep 0.1
+    done
+    while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done <"$file"
+    rm -f "$file"
+}
+
+cleanup() {
+    local rc=$?
+    trap - EXIT INT TERM
+    local f ns pid
+    for f in "$WORK"/pids.*; do [[ -e $f ]] && stop_pids "${f##*/pids.}"; done
+    for ns in "$NS_A" "$NS_B"; do
+        if ip netns list | grep -qw "$ns"; then
+            # Anything still inside our own namespaces was started by this run.
+            for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+            ip netns del "$ns" 2>/dev/null || true
+        fi
+    done
+    rm -f "/var/run/wireguard/$WG_A.sock" "/var/run/wireguard/$WG_B.sock"
+    if [[ ${BENCH_KEEP:-0} == 1 ]]; then
+        log "kept $WORK"
+    else
+        rm -rf "$WORK"
+    fi
+    exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- lab --------------------------------------------------------------------
+
+make_lab() {
+    ip netns add "$NS_A"
+    ip netns add "$NS_B"
+    ip link add eth0 netns "$NS_A" type veth peer name eth0 netns "$NS_B"
+    ip -n "$NS_A" addr add "$IP_A/24" dev eth0
+    ip -n "$NS_B" addr add "$IP_B/24" dev eth0
+    for ns in "$NS_A" "$NS_B"; do
+        ip -n "$ns" link set lo up
+        ip -n "$ns" link set eth0 up
+    done
+    in_a ping -c 1 -W 2 "$IP_B" >/dev/null
+    # One iperf3 server for every system: it listens on all of b's addresses.
+    ip netns exec "$NS_B" iperf3 -s >"$WORK/logs/iperf3-server.log" 2>&1 &
+    track lab $!
+    sleep 0.3
+}
+
+# --- measurements -----------------------------------------------------------
+
+# rss_sampler OUT PID...: appends VmRSS (kB) of each PID every 0.2 s.
+rss_sampler() {
+    local out=$1 pid
+    shift
+    while :; do
+        for pid in "$@"; do
+            awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null || true
+        done
+        sleep 0.2
+    done >>"$out"
+}
+
+rss_max() { # PID...: the largest VmRSS (kB) among them now
+    local pid
+    for pid in "$@"; do awk '/^VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null || true; done |
+        sort -n | tail -1
+}
+
+# measure SYSTEM TARGET_IP MTU DAEMON_PID...: every figure for one system.
+measure() {
+    local sys=$1 target=$2 mtu=$3
+    shift 3
+    local pids=("$@")
+    put "$sys" mtu "$mtu"
+
+    log "$sys: ping x$PINGS"
+    in_a ping -n -i 0.01 -c "$PINGS" -W 1 "$target" >"$WORK/logs/$sys-ping.txt" 2>&1 || true
+    local p50 p99 replies
+    if read -r _ p50 < <($PY ping "$WORK/logs/$sys-ping.txt" | sed -n 1p); then
+        p99=$($PY ping "$WORK/logs/$sys-ping.txt" | awk '$1 == "p99" {print $2}')
+        replies=$($PY ping "$WORK/logs/$sys-ping.txt" | awk '$1 == "replies" {print $2}')
+        put "$sys" rtt_p50 "$p50"
+        put "$sys" rtt_p99 "$p99"
+        put "$sys" ping_replies "$replies/$PINGS"
+    else
+        note "$sys" "ping got no replies"
+    fi
+
+    if ((${#pids[@]})); then
+        sleep 1
+        put "$sys" rss_idle_kb "$(rss_max "${pids[@]}")"
+        rss_sampler "$WORK/$sys-rss.txt" "${pids[@]}" &
+        track "$sys" $!
+    fi
+
+    local du=0 ds=0 kt=0 total=0 name args u0 s0 k0 u1 s1 k1 bps bytes
+    for spec in "tcp1_fwd:-P 1" "tcp1_rev:-P 1 -R" "tcp4_fwd:-P 4" "tcp4_rev:-P 4 -R"; do
+        name=${spec%%:*}
+        args=${spec#*:}
+        log "$sys: iperf3 $args, $SECS s"
+        read -r u0 s0 k0 < <($PY cpu "${pids[@]}")
+        # shellcheck disable=SC2086  # $args is a list of flags
+        if ! in_a timeout $((SECS + 30)) iperf3 -c "$target" -t "$SECS" $args --connect-timeout 5000 --json \
+            >"$WORK/logs/$sys-$name.json" 2>"$WORK/logs/$sys-$name.err"; then
+            note "$sys" "iperf3 $args failed: $(head -c 300 "$WORK/logs/$sys-$name.err" "$WORK/logs/$sys-$name.json" | tr '\n' ' ')"
+            continue
+        fi
+        read -r u1 s1 k1 < <($PY cpu "${pids[@]}")
+        bps=$($PY iperf "$WORK/logs/$sys-$name.json" | awk '$1 == "bps" {print $2}')
+        bytes=$($PY iperf "$WORK/logs/$sys-$name.json" | awk '$1 == "bytes" {print $2}')
+        put "$sys" "${name}_bps" "$bps"
+        du=$((du + u1 - u0))
+        ds=$((ds + s1 - s0))
+        kt=$((kt + k1 - k0))
+        total=$((total + bytes))
+    done
+    put "$sys" bytes_total "$total"
+    put "$sys" kernel_ticks "$kt"
+    if ((${#pids[@]})); then
+        put "$sys" daemon_user_ticks "$du"
+        put "$sys" daemon_sys_ticks "$ds"
+        stop_pids "$sys" # the sampler; daemons are tracked under their own phase
+        put "$sys" rss_load_kb "$(sort -n "$WORK/$sys-rss.txt" | tail -1)"
+    fi
+}
+
+# --- systems ----------------------------------------------------------------
+
+phase_raw() {
+    measure raw "$IP_B" "$(in_a cat /sys/class/net/eth0/mtu)"
+}
+
+phase_wg() {
+    command -v wireguard-go >/dev/null && command -v wg >/dev/null ||
+        { note wg "wireguard-go or wg missing: apt-get install -y wireguard-go wireguard-tools"; return 1; }
+    local keys=$WORK/wg
+    mkdir -p "$keys"
+    (umask 077; wg genkey >"$keys/a.key"; wg genkey >"$keys/b.key")
+    wg pubkey <"$keys/a.key" >"$keys/a.pub"
+    wg pubkey <"$keys/b.key" >"$keys/b.pub"
+
+    # -f keeps wireguard-go in the foreground, so $! is the daemon itself.
+    ip netns exec "$NS_A" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$WG_A" >"$WORK/logs/wg-a.log" 2>&1 &
+    local pid_a=$!
+    track wgd "$pid_a"
+    ip netns exec "$NS_B" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$WG_B" >"$WORK/logs/wg-b.log" 2>&1 &
+    local pid_b=$!
+    track wgd "$pid_b"
+    for _ in $(seq 50); do
+        [[ -S /var/run/wireguard/$WG_A.sock && -S /var/run/wireguard/$WG_B.sock ]] && break
+        sleep 0.1
+    done
+    in_a wg set "$WG_A" private-key "$keys/a.key" listen-port "$WG_PORT" \
+        peer "$(cat "$keys/b.pub")" endpoint "$IP_B:$WG_PORT" allowed-ips "$WG_IP_B/32"
+    in_b wg set "$WG_B" private-key "$keys/b.key" listen-port "$WG_PORT" \
+        peer "$(cat "$keys/a.pub")" endpoint "$IP_A:$WG_PORT" allowed-ips "$WG_IP_A/32"
+    in_a ip addr add "$WG_IP_A/24" dev "$WG_A"
+    in_b ip addr add "$WG_IP_B/24" dev "$WG_B"
+    in_a ip link set "$WG_A" up
+    in_b ip link set "$WG_B" up
+    in_a ping -c 1 -W 5 "$WG_IP_B" >/dev/null || { note wg "no ping through wireguard-go"; return 1; }
+    sleep 1 # let the handshake traffic settle before the idle RSS sample
+    measure wg "$WG_IP_B" "$(in_a cat "/sys/class/net/$WG_A/mtu")" "$pid_a" "$pid_b"
+    stop_pids wgd
+}
+
+overlay_bins() {
+    if [[ -n ${OVERLAY_BIN_DIR:-} ]]; then
+        BIN=$OVERLAY_BIN_DIR
+    else
+        log "building overlay (release)"
+        (cd "$ROOT" && cargo build --release -j2 -p overlayd -p overlay-coord -p overlayctl) \
+            >"$WORK/logs/cargo.log" 2>&1 ||
+            { note overlay "release build failed: $(grep -m1 -E '^error' "$WORK/logs/cargo.log")"; return 1; }
+        BIN=$ROOT/target/release
+    fi
+    local b
+    for b in overlay-coord overlayd overlayctl; do
+        [[ -x $BIN/$b ]] || { note overlay "$BIN/$b missing"; return 1; }
+    done
+}
+
+# mesh_ip NS SOCKET: the node's mesh address, empty until it has one.
+mesh_ip() {
+    ip netns exec "$1" "$BIN/overlayctl" --socket "$2" status --json 2>/dev/null |
+        python3 -c 'import json,sys; print(json.load(sys.stdin).get("mesh_ip") or "")' 2>/dev/null || true
+}
+
+# all_direct NS SOCKET: true when every peer is on a direct path.
+all_direct() {
+    ip netns exec "$1" "$BIN/overlayctl" --socket "$2" peers --json 2>/dev/null | python3 -c '
+import json, sys
+peers = json.load(sys.stdin)
+sys.exit(0 if peers and all(p.get("path_kind") == "direct" for p in peers) else 1)' 2>/dev/null
+}
+
+phase_overlay() {
+    overlay_bins
+    local dir=$WORK/overlay
+    mkdir -p "$dir/coord" "$dir/a" "$dir/b"
+    chmod 700 "$dir/a" "$dir/b"
+    if ! "$BIN/overlay-coord" serve --help 2>/dev/null | grep -q -- --listen; then
+        note overlay "overlay-coord has no 'serve --listen' yet"
+        return 1
+    fi
+
+    ip netns exec "$NS_A" "$BIN/overlay-coord" serve --listen "$IP_A:$COORD_PORT" --state-dir "$dir/coord" \
+        --public-addr "$IP_A" --allow-http >"$WORK/logs/coord.log" 2>&1 &
+    track ovld $!
+    local key=""
+    for _ in $(seq 100); do
+        key=$("$BIN/overlay-coord" keys create --reusable --state-dir "$dir/coord" 2>>"$WORK/logs/coord-keys.log") && break
+        sleep 0.1
+    done
+    [[ -n $key ]] || { note overlay "could not create an auth key: $(tail -1 "$WORK/logs/coord-keys.log")"; return 1; }
+    for _ in $(seq 100); do
+        in_b bash -c "exec 3<>/dev/tcp/$IP_A/$COORD_PORT" 2>/dev/null && break
+        sleep 0.1
+    done
+
+    local sock_a=$dir/a/sock sock_b=$dir/b/sock t0
+    t0=$(now)
+    ip netns exec "$NS_A" "$BIN/overlayd" up --coordinator "http://$IP_A:$COORD_PORT" --auth-key "$key" --hostname h1 \
+        --state-dir "$dir/a" --interface ovl0 --socket "$sock_a" >"$WORK/logs/overlayd-a.log" 2>&1 &
+    local pid_a=$!
+    track ovld "$pid_a"
+    ip netns exec "$NS_B" "$BIN/overlayd" up --coordinator "http://$IP_A:$COORD_PORT" --auth-key "$key" --hostname h2 \
+        --state-dir "$dir/b" --interface ovl0 --socket "$sock_b" >"$WORK/logs/overlayd-b.log" 2>&1 &
+    local pid_b=$!
+    track ovld "$pid_b"
+
+    # Two watchers race: the first answered ping a -> b, and both sides direct.
+    (
+        local ip=""
+        while [[ -z $ip ]]; do ip=$(mesh_ip "$NS_B" "$sock_b"); [[ -n $ip ]] || sleep 0.02; done
+        echo "$ip" >"$dir/mesh_b"
+        # -c 1 -w: keep sending every 10 ms until one answer arrives.
+        until in_a ping -n -c 1 -i 0.01 -w "$START_TIMEOUT" "$ip" >/dev/null 2>&1; do sleep 0.01; done
+        since "$t0" >"$dir/t_ping"
+    ) &
+    local w1=$!
+    track ovlw "$w1"
+    (
+        until all_direct "$NS_A" "$sock_a" && all_direct "$NS_B" "$sock_b"; do sleep 0.05; done
+        since "$t0" >"$dir/t_direct"
+    ) &
+    local w2=$!
+    track ovlw "$w2"
+    local deadline=$((SECONDS + START_TIMEOUT))
+    while ((SECONDS < deadline)) && [[ ! -s $dir/t_ping || ! -s $dir/t_direct ]]; do
+        kill -0 "$pid_a" 2>/dev/null && kill -0 "$pid_b" 2>/dev/null || break
+        sleep 0.1
+    done
+    stop_pids ovlw
+    [[ -s $dir/t_ping ]] && put overlay start_ping_s "$(cat "$dir/t_ping")" ||
+        note overlay "no answered ping within ${START_TIMEOUT}s"
+    [[ -s $dir/t_direct ]] && put overlay start_direct_s "$(cat "$dir/t_direct")" ||
+        note overlay "path never direct within ${START_TIMEOUT}s"
+    kill -0 "$pid_a" 2>/dev/null && kill -0 "$pid_b" 2>/dev/null ||
+        { note overlay "a daemon exited: $(tail -2 "$WORK/logs/overlayd-a.log" "$WORK/logs/overlayd-b.log" | tr '\n' ' ')"; return 1; }
+    [[ -s $dir/mesh_b ]] || { note overlay "b never got a mesh IP"; return 1; }
+    [[ -s $dir/t_ping ]] || return 1
+    if [[ ! -s $dir/t_direct ]]; then
+        in_a "$BIN/overlayctl" --socket "$sock_a" peers >"$WORK/logs/overlay-peers.txt" 2>&1 || true
+        note overlay "measured on path: $(tail -1 "$WORK/logs/overlay-peers.txt")"
+    fi
+    sleep 1
+    measure overlay "$(cat "$dir/mesh_b")" "$(in_a cat /sys/class/net/ovl0/mtu)" "$pid_a" "$pid_b"
+    stop_pids ovld
+}
+
+# phase_exit NAME RC: the end of a phase's subshell, however it ended.
+phase_exit() {
+    local f
+    [[ $2 == 0 ]] || note "$1" "phase stopped early (exit $2); logs: BENCH_KEEP=1 keeps $WORK/logs"
+    for f in "$WORK"/pids.*; do
+        [[ -e $f && $f != "$WORK/pids.lab" ]] && stop_pids "${f##*/pids.}"
+    done
+    return 0
+}
+
+# run_phase NAME: one system in a subshell, so a failure there leaves a note in
+# the table instead of ending the run; its processes are stopped either way.
+run_phase() {
+    local name=$1 rc
+    [[ ,$ONLY, == *,$name,* ]] || return 0
+    log "--- $name"
+    set +e
+    (
+        set -e
+        trap 'phase_exit '"$name"' $?' EXIT
+        "phase_$name"
+    )
+    rc=$?
+    set -e
+    return 0
+}
+
+put meta mode "$MODE"
+put meta secs "$SECS"
+put meta pings "$PINGS"
+put meta cores "$(nproc)"
+put meta kernel "$(uname -r)"
+log "lab $NS_A <-> $NS_B, work dir $WORK"
+make_lab
+run_phase raw
+run_phase wg
+run_phase overlay
+$PY report "$RESULTS"

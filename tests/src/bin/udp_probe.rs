@@ -1,0 +1,154 @@
+//! A tiny probe to see what NAT routers in the lab do to a flow.
+//!
+//! ```text
+//! udp_probe serve IP:PORT               UDP and TCP on IP:PORT; answers every datagram
+//!                                       or connection with the source address it saw
+//! udp_probe send LOCAL_PORT TARGET...   from one UDP socket bound to LOCAL_PORT, asks
+//!                                       each TARGET; prints "TARGET SEEN_AS" per answer
+//! udp_probe tcp TARGET                  one TCP connection; prints "TARGET SEEN_AS"
+//! ```
+//!
+//! `send` and `tcp` exit 2 when a target does not answer, 1 on usage errors. It is
+//! only ever run inside lab namespaces, against lab addresses.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::process::ExitCode;
+use std::time::Duration;
+
+/// How long one UDP attempt waits for its answer.
+const UDP_WAIT: Duration = Duration::from_millis(700);
+/// UDP attempts per target before calling it unreachable.
+const UDP_ATTEMPTS: usize = 3;
+/// How long a TCP connection may take.
+const TCP_WAIT: Duration = Duration::from_secs(3);
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.first().map(String::as_str) {
+        Some("serve") if args.len() == 2 => serve(&args[1]),
+        Some("send") if args.len() >= 3 => send(&args[1], &args[2..]),
+        Some("tcp") if args.len() == 2 => tcp(&args[1]),
+        _ => Err(Failure::Usage),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Usage) => {
+            eprintln!("usage: udp_probe serve IP:PORT | send LOCAL_PORT TARGET... | tcp TARGET");
+            ExitCode::from(1)
+        }
+        Err(Failure::Error(message)) => {
+            eprintln!("udp_probe: {message}");
+            ExitCode::from(1)
+        }
+        Err(Failure::NoAnswer) => ExitCode::from(2),
+    }
+}
+
+enum Failure {
+    Usage,
+    Error(String),
+    /// At least one target did not answer (already reported on stdout).
+    NoAnswer,
+}
+
+fn err(context: &str, e: impl std::fmt::Display) -> Failure {
+    Failure::Error(format!("{context}: {e}"))
+}
+
+fn addr(text: &str) -> Result<SocketAddr, Failure> {
+    text.parse()
+        .map_err(|e| err(&format!("address {text:?}"), e))
+}
+
+fn serve(listen: &str) -> Result<(), Failure> {
+    let listen = addr(listen)?;
+    let udp = UdpSocket::bind(listen).map_err(|e| err("bind udp", e))?;
+    let tcp = TcpListener::bind(listen).map_err(|e| err("bind tcp", e))?;
+    std::thread::spawn(move || {
+        for mut stream in tcp.incoming().flatten() {
+            if let Ok(peer) = stream.peer_addr() {
+                let _ = stream.write_all(peer.to_string().as_bytes());
+            }
+        }
+    });
+    println!("ready on {listen}");
+    let _ = std::io::stdout().flush();
+    let mut buf = [0u8; 1500];
+    loop {
+        let (_, from) = udp.recv_from(&mut buf).map_err(|e| err("recv", e))?;
+        println!("udp from {from}");
+        let _ = std::io::stdout().flush();
+        let _ = udp.send_to(from.to_string().as_bytes(), from);
+    }
+}
+
+fn send(local_port: &str, targets: &[String]) -> Result<(), Failure> {
+    let port: u16 = local_port.parse().map_err(|e| err("local port", e))?;
+    let socket = UdpSocket::bind(("0.0.0.0", port)).map_err(|e| err("bind", e))?;
+    socket
+        .set_read_timeout(Some(UDP_WAIT))
+        .map_err(|e| err("timeout", e))?;
+    let mut all_answered = true;
+    for target in targets {
+        let target = addr(target)?;
+        match ask(&socket, target)? {
+            Some(seen) => println!("{target} {seen}"),
+            None => {
+                println!("{target} no-answer");
+                all_answered = false;
+            }
+        }
+    }
+    if all_answered {
+        Ok(())
+    } else {
+        Err(Failure::NoAnswer)
+    }
+}
+
+/// Sends to `target` until it answers (up to [`UDP_ATTEMPTS`]); the answer is how
+/// it saw us.
+fn ask(socket: &UdpSocket, target: SocketAddr) -> Result<Option<String>, Failure> {
+    let mut buf = [0u8; 1500];
+    for _ in 0..UDP_ATTEMPTS {
+        // An unreachable network is "no answer", like a dropped datagram.
+        if socket.send_to(b"probe", target).is_err() {
+            std::thread::sleep(UDP_WAIT);
+            continue;
+        }
+        loop {
+            match socket.recv_from(&mut buf) {
+                Ok((n, from)) if from == target => {
+                    return Ok(Some(String::from_utf8_lossy(&buf[..n]).into_owned()));
+                }
+                // Late answers to an earlier target: skip.
+                Ok(_) => continue,
+                Err(_) => break,
+            }
+        }
+    }
+    Ok(None)
+}
+
+fn tcp(target: &str) -> Result<(), Failure> {
+    let target = addr(target)?;
+    let Ok(mut stream) = TcpStream::connect_timeout(&target, TCP_WAIT) else {
+        println!("{target} no-answer");
+        return Err(Failure::NoAnswer);
+    };
+    stream
+        .set_read_timeout(Some(TCP_WAIT))
+        .map_err(|e| err("timeout", e))?;
+    let mut seen = String::new();
+    match stream.read_to_string(&mut seen) {
+        Ok(_) if !seen.is_empty() => {
+            println!("{target} {seen}");
+            Ok(())
+        }
+        _ => {
+            println!("{target} no-answer");
+            Err(Failure::NoAnswer)
+        }
+    }
+}

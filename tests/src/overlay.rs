@@ -1,0 +1,288 @@
+//! overlay's own programs in the lab: a running coordination server, running node
+//! daemons, and `overlayctl` against them.
+
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::process::{Command, ExitStatus, Output};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context};
+use overlay_proto::api::{PeerStatus, Status};
+
+use crate::bin;
+use crate::lab::{Host, Lab};
+use crate::process::{self, Proc};
+use crate::wait::{fatal, wait_until, Wait};
+
+/// The coordinator's HTTP/WebSocket port in the lab.
+pub const COORD_PORT: u16 = 8080;
+/// The TUN interface name every lab daemon uses (each is in its own namespace).
+pub const MESH_IFACE: &str = "ovl0";
+/// How long a freshly started program may take to be ready.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// `RUST_LOG` for the programs under test, unless the environment sets one.
+fn rust_log() -> String {
+    std::env::var("RUST_LOG")
+        .unwrap_or_else(|_| "info,overlayd=debug,overlay_coord=debug".to_string())
+}
+
+/// A running `overlay-coord serve` on a lab host.
+pub struct Coordinator {
+    pub host: Host,
+    pub ip: Ipv4Addr,
+    /// `http://IP:PORT`, what daemons are given as `--coordinator`.
+    pub url: String,
+    pub state_dir: PathBuf,
+    pub proc: Proc,
+}
+
+impl Coordinator {
+    /// Starts the server on `ip` (an address of `host`) and waits until it listens.
+    /// `extra` is appended to the `serve` arguments.
+    pub fn start(
+        lab: &Lab,
+        host: &Host,
+        ip: Ipv4Addr,
+        extra: &[&str],
+    ) -> anyhow::Result<Coordinator> {
+        let state_dir = lab.subdir(&format!("{}-state", host.name))?;
+        let mut cmd = Command::new(bin("overlay-coord")?);
+        cmd.arg("serve")
+            .args(["--listen", &format!("{ip}:{COORD_PORT}")])
+            .arg("--state-dir")
+            .arg(&state_dir)
+            .args(["--public-addr", &ip.to_string(), "--allow-http"])
+            .args(extra)
+            .env("RUST_LOG", rust_log())
+            .env("NO_COLOR", "1");
+        let mut proc = lab.spawn(host, &format!("coord-{}", host.name), cmd)?;
+        let port = COORD_PORT.to_string();
+        wait_until(START_TIMEOUT, "overlay-coord to listen", || {
+            proc.ensure_running().map_err(fatal)?;
+            if tcp_listening(lab, host, &port)? {
+                Ok(())
+            } else {
+                Err(Wait::NotYet(format!("nothing listens on TCP port {port}")))
+            }
+        })?;
+        Ok(Coordinator {
+            host: host.clone(),
+            ip,
+            url: format!("http://{ip}:{COORD_PORT}"),
+            state_dir,
+            proc,
+        })
+    }
+
+    /// Runs an admin subcommand of `overlay-coord` against this server's state.
+    pub fn admin(&self, lab: &Lab, args: &[&str]) -> anyhow::Result<String> {
+        let program = bin("overlay-coord")?;
+        let mut cmd = lab.command(&self.host, program);
+        cmd.args(args).arg("--state-dir").arg(&self.state_dir);
+        process::checked(&mut cmd)
+    }
+
+    /// `keys create --reusable`: a key any number of nodes can enrol with.
+    pub fn create_key(&self, lab: &Lab) -> anyhow::Result<String> {
+        let out = self.admin(lab, &["keys", "create", "--reusable"])?;
+        let key = out.trim();
+        ensure!(
+            !key.is_empty() && !key.contains(char::is_whitespace),
+            "`overlay-coord keys create` should print only the key, printed {out:?}"
+        );
+        Ok(key.to_string())
+    }
+
+    /// `nodes list --json`.
+    pub fn nodes(&self, lab: &Lab) -> anyhow::Result<serde_json::Value> {
+        let out = self.admin(lab, &["nodes", "list", "--json"])?;
+        serde_json::from_str(&out).with_context(|| format!("`nodes list --json` printed {out:?}"))
+    }
+
+    /// `nodes remove NAME`.
+    pub fn remove_node(&self, lab: &Lab, name: &str) -> anyhow::Result<()> {
+        self.admin(lab, &["nodes", "remove", name]).map(|_| ())
+    }
+}
+
+/// One `overlayd` on a lab host, which can be stopped and started again with the
+/// same state.
+pub struct Daemon {
+    pub host: Host,
+    pub name: String,
+    pub coordinator: String,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub proc: Option<Proc>,
+    starts: u32,
+}
+
+impl Daemon {
+    /// A daemon for `host` named `name`, not started yet.
+    pub fn new(lab: &Lab, host: &Host, name: &str, coordinator: &str) -> anyhow::Result<Daemon> {
+        let dir = lab.subdir(&format!("{name}-node"))?;
+        Ok(Daemon {
+            host: host.clone(),
+            name: name.to_string(),
+            coordinator: coordinator.to_string(),
+            state_dir: dir.join("state"),
+            socket: dir.join("overlayd.sock"),
+            proc: None,
+            starts: 0,
+        })
+    }
+
+    /// Starts `overlayd up` (with `auth_key` on first enrolment, `None` to reuse the
+    /// stored credential) and waits until its local API answers `status`.
+    pub fn start(&mut self, lab: &Lab, auth_key: Option<&str>) -> anyhow::Result<()> {
+        ensure!(self.proc.is_none(), "{} is already running", self.name);
+        let mut cmd = Command::new(bin("overlayd")?);
+        cmd.arg("up")
+            .args(["--coordinator", &self.coordinator])
+            .args(["--hostname", &self.name])
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .args(["--interface", MESH_IFACE])
+            .arg("--socket")
+            .arg(&self.socket)
+            .env("RUST_LOG", rust_log())
+            .env("NO_COLOR", "1");
+        if let Some(key) = auth_key {
+            cmd.args(["--auth-key", key]);
+        }
+        self.starts += 1;
+        // Each start gets its own log so a restart's output is not mixed in.
+        let label = format!("overlayd-{}-{}", self.name, self.starts);
+        let mut proc = lab.spawn(&self.host, &label, cmd)?;
+        let what = format!("overlayd {} to answer status", self.name);
+        let result = wait_until(START_TIMEOUT, &what, || {
+            proc.ensure_running().map_err(fatal)?;
+            Ok(self.status()?)
+        });
+        self.proc = Some(proc);
+        result.map(|_| ())
+    }
+
+    /// Stops the daemon with SIGTERM and checks it exits cleanly and promptly.
+    pub fn stop(&mut self) -> anyhow::Result<ExitStatus> {
+        let mut proc = self
+            .proc
+            .take()
+            .with_context(|| format!("{} is not running", self.name))?;
+        let (status, killed) = proc.stop_within(Duration::from_secs(10))?;
+        ensure!(
+            !killed,
+            "overlayd {} ignored SIGTERM for 10s and was killed",
+            self.name
+        );
+        Ok(status)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.proc
+            .as_mut()
+            .is_some_and(|p| matches!(p.try_exit(), Ok(None)))
+    }
+
+    /// Runs `overlayctl --socket S args…` (from the root namespace: the socket is a
+    /// file, and overlayctl makes no network traffic).
+    pub fn ctl(&self, args: &[&str]) -> anyhow::Result<Output> {
+        let mut cmd = Command::new(bin("overlayctl")?);
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        process::output(&mut cmd)
+    }
+
+    /// `overlayctl … --json` parsed as `T`; a failure carries overlayctl's stderr.
+    pub fn ctl_json<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> anyhow::Result<T> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.ctl(&all)?;
+        if !out.status.success() {
+            bail!(
+                "overlayctl {} on {}: {}",
+                args.join(" "),
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        serde_json::from_str(&text)
+            .with_context(|| format!("overlayctl {} --json printed {text:?}", args.join(" ")))
+    }
+
+    pub fn status(&self) -> anyhow::Result<Status> {
+        self.ctl_json(&["status"])
+    }
+
+    pub fn peers(&self) -> anyhow::Result<Vec<PeerStatus>> {
+        self.ctl_json(&["peers"])
+    }
+}
+
+/// Whether something in `host` listens on TCP `port` (checked with `ss` inside the
+/// namespace, so no packet is sent anywhere).
+pub fn tcp_listening(lab: &Lab, host: &Host, port: &str) -> anyhow::Result<bool> {
+    let out = lab.exec(host, "ss", &["-Hltn", &format!("sport = :{port}")])?;
+    Ok(!out.trim().is_empty())
+}
+
+/// Runs ping(8) in `host` and returns `(transmitted, received)` from its summary.
+pub fn ping(lab: &Lab, host: &Host, target: Ipv4Addr, args: &[&str]) -> anyhow::Result<(u32, u32)> {
+    let mut all: Vec<&str> = args.to_vec();
+    let target = target.to_string();
+    all.push(&target);
+    let out = lab.output(host, "ping", &all)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    parse_ping_summary(&text).with_context(|| {
+        format!(
+            "ping {} from {}: no summary in output {text:?} (stderr {:?}); {}",
+            all.join(" "),
+            host.name,
+            String::from_utf8_lossy(&out.stderr),
+            network_state(lab, host)
+        )
+    })
+}
+
+/// `ip addr` and `ip route` of `host`, for error messages about unreachable targets.
+pub fn network_state(lab: &Lab, host: &Host) -> String {
+    let show = |args: &[&str]| {
+        lab.exec(host, "ip", args)
+            .unwrap_or_else(|e| format!("{e:#}"))
+            .trim_end()
+            .replace('\n', "; ")
+    };
+    format!(
+        "addresses in {}: [{}], routes: [{}]",
+        host.name,
+        show(&["-br", "addr"]),
+        show(&["route"])
+    )
+}
+
+/// `(transmitted, received)` from ping(8)'s `N packets transmitted, M received` line.
+pub fn parse_ping_summary(text: &str) -> Option<(u32, u32)> {
+    let line = text.lines().find(|l| l.contains("packets transmitted"))?;
+    let mut parts = line.split(',');
+    let sent = parts.next()?.split_whitespace().next()?.parse().ok()?;
+    let received = parts.next()?.split_whitespace().next()?.parse().ok()?;
+    Some((sent, received))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ping_summary_is_parsed() {
+        let text = "PING 100.64.0.3 (100.64.0.3) 56(84) bytes of data.\n\
+                    64 bytes from 100.64.0.3: icmp_seq=1 ttl=64 time=0.5 ms\n\n\
+                    --- 100.64.0.3 ping statistics ---\n\
+                    20 packets transmitted, 19 received, 5% packet loss, time 3804ms\n";
+        assert_eq!(parse_ping_summary(text), Some((20, 19)));
+        let errors = "3 packets transmitted, 0 received, +3 errors, 100% packet loss, time 2ms\n";
+        assert_eq!(parse_ping_summary(errors), Some((3, 0)));
+        assert_eq!(parse_ping_summary("ping: unknown host"), None);
+    }
+}
