@@ -164,7 +164,7 @@ impl Default for Limits {
             relay_burst: 16.0 * 1024.0 * 1024.0,
             control_queue: 256,
             relay_queue: 512,
-            delta_backlog: 8192,
+            delta_backlog: 32_768,
             ping_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             register_body_max: 8 * 1024,

@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::signal::{MappingBehaviour, NatSummary};
 use crate::NodeId;
 
 /// Where the daemon listens unless told otherwise.
@@ -29,6 +30,10 @@ pub enum Request {
         timeout_ms: u64,
     },
     Down,
+    /// Measure the network: UDP, public address, NAT mapping, TURN, coordinator latency.
+    Netcheck,
+    /// Explain the path to one peer (name or mesh IP).
+    Why { peer: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +43,8 @@ pub enum Response {
     Peers { peers: Vec<PeerStatus> },
     PingReply(PingReply),
     PingDone(PingSummary),
+    Netcheck(NetcheckReport),
+    Why(Box<WhyReport>),
     Ok,
     Error { message: String },
 }
@@ -104,4 +111,76 @@ pub struct PingSummary {
     pub target: Ipv4Addr,
     pub sent: u32,
     pub received: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StunProbe {
+    pub server: String,
+    /// Our address and port as that server saw them.
+    pub mapped: Option<String>,
+    pub rtt_ms: Option<f64>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TurnProbe {
+    pub server: String,
+    /// The relayed address TURN allocated for us, when allocation worked.
+    pub relay_addr: Option<String>,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetcheckReport {
+    /// Whether any STUN server answered over UDP.
+    pub udp: bool,
+    pub public_addr: Option<String>,
+    pub mapping: MappingBehaviour,
+    pub stun: Vec<StunProbe>,
+    pub turn: Vec<TurnProbe>,
+    /// Round trip of a control-stream ping to the coordination server.
+    pub coordinator_rtt_ms: Option<f64>,
+}
+
+impl NetcheckReport {
+    pub fn summary(&self) -> NatSummary {
+        NatSummary {
+            udp: self.udp,
+            mapping: self.mapping,
+            public_addr: self.public_addr.clone(),
+        }
+    }
+}
+
+/// One candidate pair ICE checked, and how it ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairReport {
+    pub local: String,
+    pub remote: String,
+    /// `succeeded`, `failed (no answer)`, `in progress`, `waiting`.
+    pub outcome: String,
+    pub nominated: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WhyReport {
+    pub peer: String,
+    pub mesh_ip: Ipv4Addr,
+    pub online: bool,
+    pub path_kind: PathKind,
+    pub path: String,
+    /// Whether this node drives ICE with the peer (smaller public key).
+    pub controlling: bool,
+    /// Candidates of the latest ICE attempt, `type addr:port`.
+    pub local_candidates: Vec<String>,
+    pub remote_candidates: Vec<String>,
+    pub pairs: Vec<PairReport>,
+    /// Seconds since the latest ICE attempt started.
+    pub attempt_age_secs: Option<u64>,
+    pub local_nat: Option<NatSummary>,
+    pub remote_nat: Option<NatSummary>,
+    /// When the next direct attempt is due, if the peer is not on a direct path.
+    pub next_attempt_in_secs: Option<u64>,
+    /// One plain sentence.
+    pub conclusion: String,
 }

@@ -33,6 +33,33 @@ pub enum PeerSignal {
     /// Sent by the controlled node when its path failed or it (re)started, asking
     /// the controlling node to open a new session.
     RestartRequest { reason: String },
+    /// What the sender's netcheck found, so `overlayctl why` can show both sides.
+    NetInfo { nat: NatSummary },
+}
+
+/// How a node's NAT maps one local UDP port towards different destinations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MappingBehaviour {
+    /// The same public address and port for every destination (no NAT, or a
+    /// "cone" NAT): hole punching works.
+    EndpointIndependent,
+    /// A new public port per destination ("symmetric" NAT): direct paths to
+    /// another such node are impossible; TURN is needed.
+    EndpointDependent,
+    /// No STUN server answered: UDP does not get out.
+    NoUdp,
+    /// Fewer than two STUN servers answered, so the behaviour could not be told.
+    Unknown,
+}
+
+/// The part of a netcheck report a node shares with its peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatSummary {
+    pub udp: bool,
+    pub mapping: MappingBehaviour,
+    /// The address and port STUN saw, when it answered.
+    pub public_addr: Option<String>,
 }
 
 /// Size of the nonce at the front of a sealed payload.

@@ -287,17 +287,17 @@ phase_overlay() {
 
     ip netns exec "$NS_A" "$BIN/overlay-coord" serve --listen "$IP_A:$COORD_PORT" --state-dir "$dir/coord" \
         --public-addr "$IP_A" --allow-http >"$WORK/logs/coord.log" 2>&1 &
-    track ovld $!
-    local key=""
-    for _ in $(seq 100); do
-        key=$("$BIN/overlay-coord" keys create --reusable --state-dir "$dir/coord" 2>>"$WORK/logs/coord-keys.log") && break
-        sleep 0.1
-    done
-    [[ -n $key ]] || { note overlay "could not create an auth key: $(tail -1 "$WORK/logs/coord-keys.log")"; return 1; }
+    local coord_pid=$! key=""
+    track ovld "$coord_pid"
+    # The key is created only once the server listens: both open the store, and
+    # the server must be the one that creates it.
     for _ in $(seq 100); do
         in_b bash -c "exec 3<>/dev/tcp/$IP_A/$COORD_PORT" 2>/dev/null && break
+        kill -0 "$coord_pid" 2>/dev/null || { note overlay "coordinator exited: $(tail -1 "$WORK/logs/coord.log")"; return 1; }
         sleep 0.1
     done
+    key=$("$BIN/overlay-coord" keys create --reusable --state-dir "$dir/coord" 2>>"$WORK/logs/coord-keys.log") ||
+        { note overlay "could not create an auth key: $(tail -1 "$WORK/logs/coord-keys.log")"; return 1; }
 
     local sock_a=$dir/a/sock sock_b=$dir/b/sock t0
     t0=$(now)
