@@ -20,6 +20,7 @@ struct TurnDeployment {
 #[derive(Debug, Clone, Default)]
 pub struct IceSettings {
     stun: Vec<String>,
+    netcheck: Vec<String>,
     turn: Vec<TurnDeployment>,
     ttl_secs: u64,
 }
@@ -69,10 +70,17 @@ impl IceSettings {
         settings
     }
 
+    /// Announces a STUN-only listener that netcheck compares with the main one.
+    pub fn with_netcheck(mut self, addr: SocketAddr) -> Self {
+        self.netcheck.push(format!("stun:{}", host_port(addr)));
+        self
+    }
+
     /// The configuration for `node`, with credentials valid from `now`.
     pub fn for_node(&self, node: NodeId, now: u64) -> IceConfig {
         IceConfig {
             stun: self.stun.clone(),
+            netcheck: self.netcheck.clone(),
             turn: self
                 .turn
                 .iter()

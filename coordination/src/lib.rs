@@ -37,6 +37,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod store_sync;
+pub mod stun_alt;
 pub mod stun_filter;
 pub mod tls;
 pub mod turn_server;

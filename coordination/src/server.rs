@@ -24,6 +24,7 @@ use crate::peer_policy::PeerPolicy;
 use crate::session::SessionContext;
 use crate::store::{Store, StoreError};
 use crate::store_sync::StoreSync;
+use crate::stun_alt::StunResponder;
 use crate::tls::{self, TlsError};
 use crate::turn_server::{EmbeddedTurn, TurnError, TurnOptions};
 
@@ -163,12 +164,34 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         None
     };
     let turn_addr = turn.as_ref().map(EmbeddedTurn::local_addr);
-    let ice = Arc::new(IceSettings::new(
+    // A second STUN port beside the embedded server, for netcheck's mapping test.
+    let stun_alt = match turn_addr {
+        Some(addr) => {
+            let port = if config.turn.port == 0 {
+                0
+            } else {
+                addr.port().wrapping_add(1)
+            };
+            match StunResponder::start(SocketAddr::new(config.listen.ip(), port)).await {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    warn!("no second STUN port for netcheck: {e}");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let mut ice = IceSettings::new(
         turn_addr.map(|a| SocketAddr::new(announced, a.port())),
         &secret,
         &config.turn.external,
         config.turn.ttl.as_secs(),
-    ));
+    );
+    if let Some(r) = &stun_alt {
+        ice = ice.with_netcheck(SocketAddr::new(announced, r.local_addr().port()));
+    }
+    let ice = Arc::new(ice);
 
     let node_count = nodes.len();
     let hub = Arc::new(Hub::new(
@@ -254,6 +277,7 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         if let Err(e) = blocking(move || store.mark_all_offline()).await {
             warn!("marking nodes offline: {e}");
         }
+        drop(stun_alt);
         if let Some(turn) = turn {
             turn.close().await;
         }

@@ -4,6 +4,7 @@
 //! as a human table or, with `--json`, as machine-readable JSON.
 
 mod client;
+mod explain;
 mod format;
 
 use std::io::Write;
@@ -16,6 +17,8 @@ use overlay_proto::api::{Request, Response, DEFAULT_SOCKET, SOCKET_ENV};
 
 /// How long a one-shot request (status, peers, down) may wait for the daemon.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Netcheck waits for STUN and TURN probes, a few seconds each at worst.
+const NETCHECK_TIMEOUT: Duration = Duration::from_secs(40);
 /// Slack on top of a ping's own interval and timeout before we give up on the daemon.
 const PING_SLACK: Duration = Duration::from_secs(5);
 
@@ -44,6 +47,13 @@ enum Command {
     Peers,
     /// Ping a peer through the mesh.
     Ping(PingArgs),
+    /// Measure this node's network: UDP, public address, NAT mapping, TURN, coordinator latency.
+    Netcheck,
+    /// Explain the path to a peer: candidates, pairs tried, both NATs, and a conclusion.
+    Why {
+        /// A peer's name or mesh IP.
+        peer: String,
+    },
     /// Ask the daemon to stop.
     Down,
 }
@@ -133,12 +143,33 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Failure> {
             other => Err(unexpected(&other)),
         },
         Command::Ping(args) => ping(&socket, args, cli.json, out),
+        Command::Netcheck => match single_within(&socket, &Request::Netcheck, NETCHECK_TIMEOUT)? {
+            Response::Netcheck(report) if cli.json => emit(out, &json(&report)),
+            Response::Netcheck(report) => emit(out, explain::netcheck(&report).trim_end()),
+            other => Err(unexpected(&other)),
+        },
+        Command::Why { peer } => {
+            let request = Request::Why { peer: peer.clone() };
+            match single(&socket, &request)? {
+                Response::Why(report) if cli.json => emit(out, &json(&report)),
+                Response::Why(report) => emit(out, explain::why(&report).trim_end()),
+                other => Err(unexpected(&other)),
+            }
+        }
     }
 }
 
 /// Sends a request whose answer is exactly one response.
 fn single(socket: &std::path::Path, request: &Request) -> Result<Response, Failure> {
-    let mut exchange = client::send(socket, request, REQUEST_TIMEOUT)?;
+    single_within(socket, request, REQUEST_TIMEOUT)
+}
+
+fn single_within(
+    socket: &std::path::Path,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Response, Failure> {
+    let mut exchange = client::send(socket, request, timeout)?;
     match exchange.next_response()? {
         Some(Response::Error { message }) => Err(Failure::Message(message)),
         Some(response) => Ok(response),

@@ -3,7 +3,7 @@
 //! capped exponential backoff. Relay frames go straight to the data plane; every
 //! other message goes to the engine.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -72,6 +72,8 @@ pub struct ControlClient {
     pub node_id: NodeId,
     pub credential: String,
     pub connected: Arc<AtomicBool>,
+    /// Latest control-stream round trip in microseconds, for netcheck.
+    pub rtt_us: Arc<AtomicU64>,
     pub events: mpsc::Sender<ControlEvent>,
     pub dataplane: Arc<DataPlane>,
 }
@@ -136,6 +138,7 @@ impl ControlClient {
     {
         let mut ping = tokio::time::interval(PING_INTERVAL);
         let mut last_heard = Instant::now();
+        let mut ping_sent: Option<(u64, Instant)> = None;
         let mut out = vec![0u8; BUF_SIZE];
         loop {
             tokio::select! {
@@ -143,6 +146,14 @@ impl ControlClient {
                     last_heard = Instant::now();
                     match msg {
                         Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerMsg>(&text) {
+                            Ok(ServerMsg::Pong { nonce }) => {
+                                if let Some((sent_nonce, at)) = ping_sent.take() {
+                                    if sent_nonce == nonce {
+                                        let us = at.elapsed().as_micros().max(1);
+                                        self.rtt_us.store(u64::try_from(us).unwrap_or(u64::MAX), Ordering::Relaxed);
+                                    }
+                                }
+                            }
                             Ok(msg) => { let _ = self.events.send(ControlEvent::Message(msg)).await; }
                             Err(e) => tracing::debug!("ignoring unknown message from coordinator: {e}"),
                         },
@@ -178,7 +189,9 @@ impl ControlClient {
                     if last_heard.elapsed() > SILENCE_LIMIT {
                         return format!("no word from the coordinator for {}s", SILENCE_LIMIT.as_secs());
                     }
-                    let msg = ClientMsg::Ping { nonce: rand::random() };
+                    let nonce = rand::random();
+                    ping_sent = Some((nonce, Instant::now()));
+                    let msg = ClientMsg::Ping { nonce };
                     if let Err(e) = ws.send(Message::text(serde_json::to_string(&msg).unwrap_or_default())).await {
                         return e.to_string();
                     }

@@ -1,7 +1,7 @@
 //! `overlayd up`: identity, enrolment, interface, then every long-lived task,
 //! each with one shutdown path, and cleanup when any of them says stop.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::control::{self, ControlClient};
 use crate::dataplane::DataPlane;
-use crate::engine::Engine;
+use crate::engine::{Engine, Links};
 use crate::identity::{Enrolment, Keypair, StateDir};
 use crate::local_api::{self, LocalApi, NodeInfo, SocketGuard};
 use crate::transport::{Connector, Endpoint};
@@ -56,7 +56,9 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
     let (outbound_tx, outbound_rx) = mpsc::channel(OUTBOUND_QUEUE);
     let (control_tx, control_rx) = mpsc::channel(256);
     let (ice_tx, ice_rx) = mpsc::unbounded_channel();
+    let (query_tx, query_rx) = mpsc::channel(16);
     let coord_connected = Arc::new(AtomicBool::new(false));
+    let coord_rtt_us = Arc::new(AtomicU64::new(0));
     let dataplane = Arc::new(DataPlane::new(tun, enrolment.mesh_ip, outbound_tx.clone()));
 
     let endpoint = Endpoint::parse(&enrolment.coordinator)?;
@@ -66,6 +68,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         node_id: enrolment.node_id,
         credential: enrolment.credential.clone(),
         connected: coord_connected.clone(),
+        rtt_us: coord_rtt_us.clone(),
         events: control_tx,
         dataplane: dataplane.clone(),
     };
@@ -84,6 +87,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
             coord_connected: coord_connected.clone(),
         },
         dataplane: dataplane.clone(),
+        queries: query_tx,
         shutdown: shutdown_tx.clone(),
     });
     let api_task = tokio::spawn(api.serve(listener));
@@ -93,11 +97,15 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         keys.secret.clone(),
         config.interface.clone(),
         dataplane.clone(),
-        outbound_tx,
-        coord_connected,
-        ice_tx,
+        Links {
+            outbound: outbound_tx,
+            coord_connected,
+            coord_rtt_us,
+            ice_tx,
+        },
     );
-    let mut engine_task = tokio::spawn(engine.run(control_rx, ice_rx, shutdown_rx.clone()));
+    let mut engine_task =
+        tokio::spawn(engine.run(control_rx, ice_rx, query_rx, shutdown_rx.clone()));
     let mut tun_task = tokio::spawn(dataplane.clone().run_tun_reader());
 
     let outcome: anyhow::Result<()> = tokio::select! {

@@ -2,15 +2,16 @@
 //! every peer's path state. The data plane runs beside it on its own tasks.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boringtun::x25519::StaticSecret;
-use overlay_proto::coord::{ClientMsg, PeerInfo, ServerMsg};
-use overlay_proto::signal::PeerSignal;
+use overlay_proto::api::{NetcheckReport, PathKind, WhyReport};
+use overlay_proto::coord::{ClientMsg, IceConfig, PeerInfo, ServerMsg};
+use overlay_proto::signal::{NatSummary, PeerSignal};
 use overlay_proto::NodeId;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use webrtc_ice::state::ConnectionState;
 
 use crate::control::ControlEvent;
@@ -18,11 +19,29 @@ use crate::dataplane::{DataPlane, Outbound, BUF_SIZE};
 use crate::ice::{IceEvent, IceSession, IceSettings};
 use crate::identity::decode_public_key;
 use crate::netmap::{self, Change};
-use crate::path::{Action, PathState};
+use crate::path::{Action, IceStatus, PathState};
 use crate::peer::{lock, Peer};
+use crate::why::{self, Attempt, Evidence};
 
 /// WireGuard wants its timers run about this often.
 const TICK: Duration = Duration::from_millis(250);
+/// How often the node re-measures its network and tells its peers.
+const NETCHECK_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Questions the local API asks the engine, which owns the ICE agents.
+pub enum Query {
+    Netcheck(oneshot::Sender<NetcheckReport>),
+    Why(String, oneshot::Sender<Result<WhyReport, String>>),
+}
+
+/// Channels and shared flags between the engine and the other tasks.
+pub struct Links {
+    pub outbound: mpsc::Sender<Outbound>,
+    pub coord_connected: Arc<AtomicBool>,
+    /// Latest control-stream round trip in microseconds; 0 when unknown.
+    pub coord_rtt_us: Arc<AtomicU64>,
+    pub ice_tx: mpsc::UnboundedSender<IceEvent>,
+}
 
 pub struct Engine {
     pub me: NodeId,
@@ -31,12 +50,22 @@ pub struct Engine {
     pub dataplane: Arc<DataPlane>,
     pub outbound: mpsc::Sender<Outbound>,
     pub coord_connected: Arc<AtomicBool>,
-    pub(crate) netmap: HashMap<NodeId, PeerInfo>,
-    pub(crate) sessions: HashMap<NodeId, IceSession>,
-    pub(crate) ice: IceSettings,
-    pub(crate) ice_tx: mpsc::UnboundedSender<IceEvent>,
+    coord_rtt_us: Arc<AtomicU64>,
+    netmap: HashMap<NodeId, PeerInfo>,
+    sessions: HashMap<NodeId, IceSession>,
+    ice: IceSettings,
+    ice_config: IceConfig,
+    ice_tx: mpsc::UnboundedSender<IceEvent>,
     /// Last path label logged per peer, so path changes are logged once.
-    pub(crate) labels: HashMap<NodeId, String>,
+    labels: HashMap<NodeId, String>,
+    /// Our latest netcheck, shared with peers, and theirs.
+    nat: Option<NatSummary>,
+    remote_nat: HashMap<NodeId, NatSummary>,
+    /// What the latest ICE attempt per peer saw, kept after it failed.
+    attempts: HashMap<NodeId, (Instant, Attempt)>,
+    netcheck_tx: mpsc::UnboundedSender<NetcheckReport>,
+    netcheck_rx: Option<mpsc::UnboundedReceiver<NetcheckReport>>,
+    last_netcheck: Option<Instant>,
 }
 
 impl Engine {
@@ -45,26 +74,33 @@ impl Engine {
         secret: StaticSecret,
         tun_name: String,
         dataplane: Arc<DataPlane>,
-        outbound: mpsc::Sender<Outbound>,
-        coord_connected: Arc<AtomicBool>,
-        ice_tx: mpsc::UnboundedSender<IceEvent>,
+        links: Links,
     ) -> Self {
         let ice = IceSettings {
             urls: Vec::new(),
             tun_name: tun_name.clone(),
         };
+        let (netcheck_tx, netcheck_rx) = mpsc::unbounded_channel();
         Engine {
             me,
             secret,
             tun_name,
             dataplane,
-            outbound,
-            coord_connected,
+            outbound: links.outbound,
+            coord_connected: links.coord_connected,
+            coord_rtt_us: links.coord_rtt_us,
             netmap: HashMap::new(),
             sessions: HashMap::new(),
             ice,
-            ice_tx,
+            ice_config: IceConfig::default(),
+            ice_tx: links.ice_tx,
             labels: HashMap::new(),
+            nat: None,
+            remote_nat: HashMap::new(),
+            attempts: HashMap::new(),
+            netcheck_tx,
+            netcheck_rx: Some(netcheck_rx),
+            last_netcheck: None,
         }
     }
 
@@ -74,8 +110,10 @@ impl Engine {
         mut self,
         mut control: mpsc::Receiver<ControlEvent>,
         mut ice_events: mpsc::UnboundedReceiver<IceEvent>,
+        mut queries: mpsc::Receiver<Query>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Option<String> {
+        let mut netchecks = self.netcheck_rx.take()?;
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf = vec![0u8; BUF_SIZE];
@@ -90,6 +128,8 @@ impl Engine {
                     None => break None,
                 },
                 Some(ev) = ice_events.recv() => self.on_ice_event(ev).await,
+                Some(q) = queries.recv() => self.on_query(q).await,
+                Some(report) = netchecks.recv() => self.on_netcheck(report),
                 _ = tick.tick() => {
                     self.dataplane.tick_timers(&mut buf).await;
                     self.poll_paths().await;
@@ -107,6 +147,13 @@ impl Engine {
         match msg {
             ServerMsg::Welcome { peers, ice, .. } => {
                 self.ice = IceSettings::from_config(&ice, &self.tun_name);
+                self.ice_config = ice;
+                let due = self
+                    .last_netcheck
+                    .is_none_or(|t| t.elapsed() >= NETCHECK_INTERVAL);
+                if due {
+                    self.spawn_netcheck();
+                }
                 let changes = netmap::diff(&self.netmap, &peers, self.me);
                 for change in changes {
                     self.apply(change);
@@ -155,7 +202,11 @@ impl Engine {
                     info.mesh_ip,
                     if info.online { "" } else { ", offline" }
                 );
-                self.dataplane.insert(Arc::new(peer));
+                let peer = Arc::new(peer);
+                if info.online {
+                    self.send_nat(&peer);
+                }
+                self.dataplane.insert(peer);
                 self.netmap.insert(info.id, info);
             }
             Change::Update(info) => {
@@ -169,7 +220,9 @@ impl Engine {
                             if info.online { "online" } else { "offline" }
                         );
                         lock(&peer.path).set_online(info.online, now);
-                        if !info.online {
+                        if info.online {
+                            self.send_nat(&peer);
+                        } else {
                             self.end_session(info.id);
                         }
                     }
@@ -185,6 +238,8 @@ impl Engine {
                     tracing::info!("peer {} ({}) removed", info.name, info.mesh_ip);
                 }
                 self.dataplane.remove(id);
+                self.remote_nat.remove(&id);
+                self.attempts.remove(&id);
             }
         }
     }
@@ -296,6 +351,9 @@ impl Engine {
                     }
                 }
             }
+            PeerSignal::NetInfo { nat } => {
+                self.remote_nat.insert(from, nat);
+            }
             PeerSignal::RestartRequest { reason } => {
                 let start = lock(&peer.path).on_restart_request(now);
                 if start {
@@ -342,18 +400,18 @@ impl Engine {
                 lock(&peer.path).on_connected();
             }
             IceEvent::State { state, .. } => match state {
-                ConnectionState::Connected => {
+                ConnectionState::Connected
                     if self
                         .sessions
                         .get(&peer_id)
-                        .is_some_and(|s| s.conn.is_some())
-                    {
-                        lock(&peer.path).on_connected();
-                    }
+                        .is_some_and(|s| s.conn.is_some()) =>
+                {
+                    lock(&peer.path).on_connected();
                 }
                 ConnectionState::Disconnected => lock(&peer.path).on_disconnected(),
                 ConnectionState::Failed => {
                     lock(&peer.path).on_failed(now, rand::random());
+                    self.snapshot(peer_id).await;
                     self.end_session(peer_id);
                 }
                 _ => {}
@@ -361,6 +419,7 @@ impl Engine {
             IceEvent::Failed { error, .. } => {
                 tracing::debug!(peer = peer_id, "ICE session ended: {error}");
                 lock(&peer.path).on_failed(now, rand::random());
+                self.snapshot(peer_id).await;
                 self.end_session(peer_id);
             }
         }
@@ -421,5 +480,138 @@ impl Engine {
             }
             self.sync_path(&peer);
         }
+    }
+}
+
+impl Engine {
+    fn spawn_netcheck(&mut self) {
+        self.last_netcheck = Some(Instant::now());
+        let ice = self.ice_config.clone();
+        let rtt = self.coord_rtt();
+        let tx = self.netcheck_tx.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(crate::netcheck::run(&ice, rtt).await);
+        });
+    }
+
+    fn coord_rtt(&self) -> Option<Duration> {
+        match self.coord_rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    fn on_netcheck(&mut self, report: NetcheckReport) {
+        let nat = report.summary();
+        tracing::info!(
+            "netcheck: udp {}, public address {}, mapping {:?}",
+            if nat.udp { "works" } else { "blocked" },
+            nat.public_addr.as_deref().unwrap_or("unknown"),
+            nat.mapping
+        );
+        self.nat = Some(nat);
+        for peer in self.dataplane.peers() {
+            if lock(&peer.info).online {
+                self.send_nat(&peer);
+            }
+        }
+    }
+
+    fn send_nat(&self, peer: &Peer) {
+        if let Some(nat) = &self.nat {
+            self.send_signal(peer, &PeerSignal::NetInfo { nat: nat.clone() });
+        }
+    }
+
+    /// Keeps what the current ICE attempt with `id` saw, for `overlayctl why`.
+    async fn snapshot(&mut self, id: NodeId) {
+        let Some(s) = self.sessions.get(&id) else {
+            return;
+        };
+        let local = s.agent.get_local_candidates_stats().await;
+        let remote = s.agent.get_remote_candidates_stats().await;
+        let pairs = s.agent.get_candidate_pairs_stats().await;
+        self.attempts.insert(
+            id,
+            (s.started, Attempt::from_stats(&local, &remote, &pairs)),
+        );
+    }
+
+    async fn on_query(&mut self, query: Query) {
+        match query {
+            Query::Netcheck(reply) => {
+                let ice = self.ice_config.clone();
+                let rtt = self.coord_rtt();
+                let tx = self.netcheck_tx.clone();
+                tokio::spawn(async move {
+                    let report = crate::netcheck::run(&ice, rtt).await;
+                    let _ = tx.send(report.clone());
+                    let _ = reply.send(report);
+                });
+            }
+            Query::Why(target, reply) => {
+                let _ = reply.send(self.why(&target).await);
+            }
+        }
+    }
+
+    async fn why(&mut self, target: &str) -> Result<WhyReport, String> {
+        let peer = match target.parse::<std::net::Ipv4Addr>() {
+            Ok(ip) => self.dataplane.peer_by_ip(ip),
+            Err(_) => self
+                .dataplane
+                .peers()
+                .into_iter()
+                .find(|p| p.name() == target),
+        }
+        .ok_or_else(|| format!("no peer named or addressed {target:?}; see 'overlayctl peers'"))?;
+        self.snapshot(peer.id).await;
+        let now = Instant::now();
+        let info = lock(&peer.info).clone();
+        let (path_kind, path, checking, next_attempt) = {
+            let path = lock(&peer.path);
+            let (kind, label) = match (path.selected(), peer.active_conn().is_some()) {
+                (Some(pair), true) => (pair.kind(), pair.label()),
+                _ if info.online => (PathKind::CoordRelay, "coord relay".to_owned()),
+                _ => (PathKind::Connecting, "connecting".to_owned()),
+            };
+            let checking = matches!(path.status(), IceStatus::Checking { .. });
+            let next = (kind != PathKind::Direct && info.online && !checking)
+                .then(|| path.next_attempt().saturating_duration_since(now).as_secs());
+            (kind, label, checking, next)
+        };
+        let (age, attempt) = match self.attempts.get(&peer.id) {
+            Some((started, a)) => (Some(now.duration_since(*started).as_secs()), a.clone()),
+            None => (None, Attempt::default()),
+        };
+        let local_nat = self.nat.clone();
+        let remote_nat = self.remote_nat.get(&peer.id).cloned();
+        let conclusion = why::conclude(&Evidence {
+            peer: &info.name,
+            online: info.online,
+            coordinator_connected: self.coord_connected.load(Ordering::Relaxed),
+            path_kind,
+            path: &path,
+            checking,
+            local_nat: local_nat.as_ref(),
+            remote_nat: remote_nat.as_ref(),
+            next_attempt_in_secs: next_attempt,
+        });
+        Ok(WhyReport {
+            peer: info.name,
+            mesh_ip: info.mesh_ip,
+            online: info.online,
+            path_kind,
+            path,
+            controlling: peer.controlling,
+            local_candidates: attempt.local,
+            remote_candidates: attempt.remote,
+            pairs: attempt.pairs,
+            attempt_age_secs: age,
+            local_nat,
+            remote_nat,
+            next_attempt_in_secs: next_attempt,
+            conclusion,
+        })
     }
 }

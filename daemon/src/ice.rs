@@ -100,6 +100,7 @@ impl IceSettings {
 /// One ICE negotiation with one peer.
 pub struct IceSession {
     pub session: u64,
+    pub started: std::time::Instant,
     pub agent: Arc<Agent>,
     pub ufrag: String,
     pub pwd: String,
@@ -178,6 +179,7 @@ impl IceSession {
         agent.gather_candidates()?;
         Ok(IceSession {
             session,
+            started: std::time::Instant::now(),
             agent,
             ufrag,
             pwd,

@@ -13,9 +13,10 @@ use overlay_proto::api::{PathKind, PeerStatus, PingReply, PingSummary, Request, 
 use overlay_proto::NodeId;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dataplane::{DataPlane, BUF_SIZE};
+use crate::engine::Query;
 use crate::packet;
 use crate::peer::{lock, Peer};
 
@@ -40,6 +41,7 @@ pub struct NodeInfo {
 pub struct LocalApi {
     pub node: NodeInfo,
     pub dataplane: Arc<DataPlane>,
+    pub queries: mpsc::Sender<Query>,
     pub shutdown: watch::Sender<bool>,
 }
 
@@ -130,6 +132,29 @@ impl LocalApi {
             } => {
                 self.ping(&mut write, &target, count, interval_ms, timeout_ms)
                     .await;
+            }
+            Request::Netcheck => {
+                let (tx, rx) = oneshot::channel();
+                let response = match self.queries.send(Query::Netcheck(tx)).await {
+                    Ok(()) => match rx.await {
+                        Ok(report) => Response::Netcheck(report),
+                        Err(_) => stopping(),
+                    },
+                    Err(_) => stopping(),
+                };
+                let _ = send(&mut write, &response).await;
+            }
+            Request::Why { peer } => {
+                let (tx, rx) = oneshot::channel();
+                let response = match self.queries.send(Query::Why(peer, tx)).await {
+                    Ok(()) => match rx.await {
+                        Ok(Ok(report)) => Response::Why(Box::new(report)),
+                        Ok(Err(message)) => Response::Error { message },
+                        Err(_) => stopping(),
+                    },
+                    Err(_) => stopping(),
+                };
+                let _ = send(&mut write, &response).await;
             }
             Request::Down => {
                 tracing::info!("stop requested by overlayctl");
@@ -222,6 +247,12 @@ impl LocalApi {
             received,
         };
         let _ = send(write, &Response::PingDone(summary)).await;
+    }
+}
+
+fn stopping() -> Response {
+    Response::Error {
+        message: "overlayd is stopping".into(),
     }
 }
 

@@ -118,7 +118,7 @@ mod tests {
 
     #[test]
     fn wireguard_index_never_produces_the_stun_cookie() {
-        for random in [0x0042_A412, 0xff42_A412, 0x1234_5678, 0] {
+        for random in [0x0042_A412, 0xFF42_A412, 0x1234_5678, 0] {
             let index = wireguard_index(random) << 8;
             let bytes = index.to_le_bytes();
             assert_ne!(&bytes[1..4], &[0x12, 0xA4, 0x42], "random {random:#x}");

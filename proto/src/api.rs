@@ -33,7 +33,9 @@ pub enum Request {
     /// Measure the network: UDP, public address, NAT mapping, TURN, coordinator latency.
     Netcheck,
     /// Explain the path to one peer (name or mesh IP).
-    Why { peer: String },
+    Why {
+        peer: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -88,6 +88,10 @@ pub struct IceConfig {
     /// `stun:host:port` URLs.
     pub stun: Vec<String>,
     pub turn: Vec<TurnServer>,
+    /// More `stun:` URLs, used only by netcheck: answers from two addresses tell
+    /// whether the node's NAT keeps one mapping for every destination.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub netcheck: Vec<String>,
 }
 
 /// One TURN server with time-limited credentials in coturn's REST scheme

@@ -1,0 +1,103 @@
+//! A STUN-only listener on a second port. A node asks both this and the embedded
+//! STUN/TURN server from one socket: if its NAT reports different public ports for
+//! the two, the mapping depends on the destination ("symmetric") and hole punching
+//! to another such node cannot work. Only Binding requests are answered.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use stun::message::{Message, Setter, BINDING_REQUEST, BINDING_SUCCESS};
+use stun::xoraddr::XorMappedAddress;
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+/// Largest datagram read; a Binding request is 20 bytes plus a few attributes.
+const MAX_DATAGRAM: usize = 1500;
+
+pub struct StunResponder {
+    local_addr: SocketAddr,
+    task: JoinHandle<()>,
+}
+
+impl StunResponder {
+    pub async fn start(bind: SocketAddr) -> std::io::Result<StunResponder> {
+        let socket = Arc::new(UdpSocket::bind(bind).await?);
+        let local_addr = socket.local_addr()?;
+        let task = tokio::spawn(async move {
+            let mut buf = vec![0u8; MAX_DATAGRAM];
+            loop {
+                let Ok((n, from)) = socket.recv_from(&mut buf).await else {
+                    continue;
+                };
+                if let Some(reply) = answer(&buf[..n], from) {
+                    let _ = socket.send_to(&reply, from).await;
+                }
+            }
+        });
+        Ok(StunResponder { local_addr, task })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+}
+
+impl Drop for StunResponder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// The Binding success response to `request` from `from`; `None` for anything
+/// that is not a well-formed Binding request (it is ignored, never answered).
+pub fn answer(request: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+    let mut req = Message::new();
+    req.unmarshal_binary(request).ok()?;
+    if req.typ != BINDING_REQUEST {
+        return None;
+    }
+    let mut resp = Message::new();
+    resp.transaction_id = req.transaction_id;
+    resp.set_type(BINDING_SUCCESS);
+    resp.write_header();
+    XorMappedAddress {
+        ip: from.ip(),
+        port: from.port(),
+    }
+    .add_to(&mut resp)
+    .ok()?;
+    Some(resp.raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stun::message::Getter;
+
+    #[test]
+    fn binding_request_gets_the_observed_address() {
+        let mut req = Message::new();
+        req.new_transaction_id().unwrap();
+        req.set_type(BINDING_REQUEST);
+        req.write_header();
+        let from: SocketAddr = "203.0.113.7:40000".parse().unwrap();
+        let raw = answer(&req.raw, from).unwrap();
+        let mut resp = Message::new();
+        resp.unmarshal_binary(&raw).unwrap();
+        assert_eq!(resp.typ, BINDING_SUCCESS);
+        assert_eq!(resp.transaction_id, req.transaction_id);
+        let mut xor = XorMappedAddress::default();
+        xor.get_from(&resp).unwrap();
+        assert_eq!(SocketAddr::new(xor.ip, xor.port), from);
+    }
+
+    #[test]
+    fn garbage_and_other_methods_are_ignored() {
+        assert!(answer(b"hello", "127.0.0.1:1".parse().unwrap()).is_none());
+        let mut resp = Message::new();
+        resp.new_transaction_id().unwrap();
+        resp.set_type(BINDING_SUCCESS);
+        resp.write_header();
+        assert!(answer(&resp.raw, "127.0.0.1:1".parse().unwrap()).is_none());
+    }
+}

@@ -1,0 +1,191 @@
+//! Human forms of `netcheck` and `why`.
+
+use std::fmt::Write;
+
+use overlay_proto::api::{NetcheckReport, WhyReport};
+use overlay_proto::signal::{MappingBehaviour, NatSummary};
+
+fn mapping(m: MappingBehaviour) -> &'static str {
+    match m {
+        MappingBehaviour::EndpointIndependent => {
+            "same public port for every destination (hole punching works)"
+        }
+        MappingBehaviour::EndpointDependent => {
+            "new public port per destination (symmetric NAT: needs TURN with another such node)"
+        }
+        MappingBehaviour::NoUdp => "unknown: UDP does not get out",
+        MappingBehaviour::Unknown => "unknown: fewer than two STUN servers answered",
+    }
+}
+
+fn nat_line(nat: Option<&NatSummary>) -> String {
+    match nat {
+        None => "not reported yet".to_owned(),
+        Some(n) if !n.udp => "UDP blocked".to_owned(),
+        Some(n) => format!(
+            "public {}, {}",
+            n.public_addr.as_deref().unwrap_or("?"),
+            mapping(n.mapping)
+        ),
+    }
+}
+
+pub fn netcheck(r: &NetcheckReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "UDP:             {}",
+        if r.udp { "yes" } else { "no (blocked?)" }
+    );
+    let _ = writeln!(
+        s,
+        "Public address:  {}",
+        r.public_addr.as_deref().unwrap_or("unknown")
+    );
+    let _ = writeln!(s, "NAT mapping:     {}", mapping(r.mapping));
+    for p in &r.stun {
+        let result = match (&p.mapped, p.rtt_ms) {
+            (Some(m), Some(rtt)) => format!("sees {m} ({rtt:.1} ms)"),
+            (Some(m), None) => format!("sees {m}"),
+            _ => p.error.clone().unwrap_or_else(|| "no answer".into()),
+        };
+        let _ = writeln!(s, "  STUN {:<22} {result}", p.server);
+    }
+    if r.turn.is_empty() {
+        let _ = writeln!(s, "TURN:            none configured");
+    }
+    for t in &r.turn {
+        let result = match &t.relay_addr {
+            Some(a) => format!("reachable, relay address {a}"),
+            None => format!("unreachable: {}", t.error.as_deref().unwrap_or("no answer")),
+        };
+        let _ = writeln!(s, "TURN {:<23} {result}", t.server);
+    }
+    let rtt = match r.coordinator_rtt_ms {
+        Some(ms) => format!("{ms:.1} ms"),
+        None => "unknown (not connected yet)".into(),
+    };
+    let _ = writeln!(s, "Coordinator RTT: {rtt}");
+    s
+}
+
+pub fn why(r: &WhyReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "{} ({}): {}", r.peer, r.mesh_ip, r.path);
+    let _ = writeln!(s, "  {}", r.conclusion);
+    let _ = writeln!(s);
+    let _ = writeln!(s, "This node:  {}", nat_line(r.local_nat.as_ref()));
+    let _ = writeln!(
+        s,
+        "{:<11} {}",
+        format!("{}:", r.peer),
+        nat_line(r.remote_nat.as_ref())
+    );
+    let role = if r.controlling {
+        "controlling"
+    } else {
+        "controlled"
+    };
+    match r.attempt_age_secs {
+        Some(age) => {
+            let _ = writeln!(s, "Latest ICE attempt: {age}s ago (this node is {role})");
+        }
+        None => {
+            let _ = writeln!(s, "No ICE attempt yet (this node is {role})");
+        }
+    }
+    let list = |v: &[String]| {
+        if v.is_empty() {
+            "none".to_owned()
+        } else {
+            v.join(", ")
+        }
+    };
+    let _ = writeln!(s, "  local candidates:  {}", list(&r.local_candidates));
+    let _ = writeln!(s, "  remote candidates: {}", list(&r.remote_candidates));
+    if !r.pairs.is_empty() {
+        let _ = writeln!(s, "  pairs tried:");
+        for p in &r.pairs {
+            let nominated = if p.nominated { " [selected]" } else { "" };
+            let _ = writeln!(
+                s,
+                "    {} -> {}: {}{nominated}",
+                p.local, p.remote, p.outcome
+            );
+        }
+    }
+    if let Some(secs) = r.next_attempt_in_secs {
+        let _ = writeln!(s, "Next direct attempt in {secs}s");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use overlay_proto::api::{PairReport, PathKind, StunProbe};
+
+    #[test]
+    fn netcheck_names_mapping_and_servers() {
+        let r = NetcheckReport {
+            udp: true,
+            public_addr: Some("203.0.113.5:4000".into()),
+            mapping: MappingBehaviour::EndpointDependent,
+            stun: vec![StunProbe {
+                server: "203.0.113.1:3478".into(),
+                mapped: Some("203.0.113.5:4000".into()),
+                rtt_ms: Some(0.5),
+                error: None,
+            }],
+            turn: vec![],
+            coordinator_rtt_ms: Some(1.25),
+        };
+        let text = netcheck(&r);
+        assert!(text.contains("symmetric NAT"), "{text}");
+        assert!(text.contains("sees 203.0.113.5:4000 (0.5 ms)"), "{text}");
+        assert!(
+            text.contains("Coordinator RTT: 1.2 ms") || text.contains("Coordinator RTT: 1.3 ms"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn why_shows_conclusion_pairs_and_retry() {
+        let r = WhyReport {
+            peer: "b".into(),
+            mesh_ip: "100.64.0.2".parse().unwrap(),
+            online: true,
+            path_kind: PathKind::CoordRelay,
+            path: "coord relay".into(),
+            controlling: true,
+            local_candidates: vec!["host 10.0.0.1:5000".into()],
+            remote_candidates: vec![],
+            pairs: vec![PairReport {
+                local: "host 10.0.0.1:5000".into(),
+                remote: "srflx 203.0.113.9:6000".into(),
+                outcome: "failed (no answer)".into(),
+                nominated: false,
+            }],
+            attempt_age_secs: Some(12),
+            local_nat: None,
+            remote_nat: Some(NatSummary {
+                udp: false,
+                mapping: MappingBehaviour::NoUdp,
+                public_addr: None,
+            }),
+            next_attempt_in_secs: Some(30),
+            conclusion: "b gets no UDP out".into(),
+        };
+        let text = why(&r);
+        assert!(
+            text.starts_with("b (100.64.0.2): coord relay\n  b gets no UDP out"),
+            "{text}"
+        );
+        assert!(text.contains("b:          UDP blocked"), "{text}");
+        assert!(
+            text.contains("host 10.0.0.1:5000 -> srflx 203.0.113.9:6000: failed (no answer)"),
+            "{text}"
+        );
+        assert!(text.contains("Next direct attempt in 30s"), "{text}");
+    }
+}

@@ -1,0 +1,199 @@
+//! `overlayctl why PEER`: the evidence behind a peer's path and one plain
+//! sentence that explains it. The sentence is a pure function of the evidence.
+
+use overlay_proto::api::{PairReport, PathKind};
+use overlay_proto::signal::{MappingBehaviour, NatSummary};
+use webrtc_ice::agent::agent_stats::{CandidatePairStats, CandidateStats};
+use webrtc_ice::candidate::{CandidatePairState, CandidateType};
+
+/// What the latest ICE attempt with a peer saw, kept after the attempt ends.
+#[derive(Debug, Clone, Default)]
+pub struct Attempt {
+    pub local: Vec<String>,
+    pub remote: Vec<String>,
+    pub pairs: Vec<PairReport>,
+}
+
+impl Attempt {
+    pub fn from_stats(
+        local: &[CandidateStats],
+        remote: &[CandidateStats],
+        pairs: &[CandidatePairStats],
+    ) -> Self {
+        let describe =
+            |c: &CandidateStats| format!("{} {}:{}", type_name(c.candidate_type), c.ip, c.port);
+        let find = |id: &str| {
+            local
+                .iter()
+                .chain(remote.iter())
+                .find(|c| c.id == id)
+                .map(describe)
+                .unwrap_or_else(|| id.to_owned())
+        };
+        Attempt {
+            local: local.iter().map(describe).collect(),
+            remote: remote.iter().map(describe).collect(),
+            pairs: pairs
+                .iter()
+                .map(|p| PairReport {
+                    local: find(&p.local_candidate_id),
+                    remote: find(&p.remote_candidate_id),
+                    outcome: outcome(p.state).to_owned(),
+                    nominated: p.nominated,
+                })
+                .collect(),
+        }
+    }
+}
+
+fn type_name(t: CandidateType) -> &'static str {
+    match t {
+        CandidateType::Host => "host",
+        CandidateType::ServerReflexive => "srflx",
+        CandidateType::PeerReflexive => "prflx",
+        CandidateType::Relay => "relay",
+        CandidateType::Unspecified => "unknown",
+    }
+}
+
+fn outcome(state: CandidatePairState) -> &'static str {
+    match state {
+        CandidatePairState::Succeeded => "succeeded",
+        CandidatePairState::Failed => "failed (no answer)",
+        CandidatePairState::InProgress => "in progress",
+        CandidatePairState::Waiting | CandidatePairState::Unspecified => "waiting",
+    }
+}
+
+/// The facts the conclusion is drawn from.
+pub struct Evidence<'a> {
+    pub peer: &'a str,
+    pub online: bool,
+    pub coordinator_connected: bool,
+    pub path_kind: PathKind,
+    pub path: &'a str,
+    pub checking: bool,
+    pub local_nat: Option<&'a NatSummary>,
+    pub remote_nat: Option<&'a NatSummary>,
+    pub next_attempt_in_secs: Option<u64>,
+}
+
+fn symmetric(nat: Option<&NatSummary>) -> bool {
+    nat.is_some_and(|n| n.mapping == MappingBehaviour::EndpointDependent)
+}
+
+fn no_udp(nat: Option<&NatSummary>) -> bool {
+    nat.is_some_and(|n| !n.udp)
+}
+
+pub fn conclude(e: &Evidence) -> String {
+    let retry = match e.next_attempt_in_secs {
+        Some(s) => format!("; the next direct attempt is in {s}s"),
+        None => String::new(),
+    };
+    match e.path_kind {
+        PathKind::Direct => format!(
+            "packets go straight to {} ({}); nothing is relayed",
+            e.peer, e.path
+        ),
+        PathKind::Turn => {
+            let via = e.path.trim_start_matches("turn (").trim_end_matches(')');
+            let why = match (symmetric(e.local_nat), symmetric(e.remote_nat)) {
+                (true, true) => "both sides are behind NATs that change the port per destination; no direct path is possible".to_owned(),
+                (true, false) => "this node is behind a NAT that changes the port per destination, and no direct pair answered".to_owned(),
+                (false, true) => format!("{} is behind a NAT that changes the port per destination, and no direct pair answered", e.peer),
+                (false, false) => "no direct candidate pair answered ICE checks (a firewall may drop UDP between the sites)".to_owned(),
+            };
+            format!("{why}; using TURN, {via}{retry}")
+        }
+        PathKind::CoordRelay => {
+            let why = if no_udp(e.local_nat) {
+                "this node gets no UDP out (no STUN server answered), so only the coordination server's relay over TCP works".to_owned()
+            } else if no_udp(e.remote_nat) {
+                format!("{} gets no UDP out (no STUN server answered), so only the coordination server's relay over TCP works", e.peer)
+            } else if e.checking {
+                "ICE is still checking candidate pairs; packets use the coordination relay meanwhile".to_owned()
+            } else {
+                "ICE found no working pair, neither direct nor through TURN; packets use the coordination relay".to_owned()
+            };
+            format!("{why}{retry}")
+        }
+        PathKind::Connecting if !e.online => format!("{} is offline", e.peer),
+        PathKind::Connecting if !e.coordinator_connected => {
+            "the coordinator is unreachable and no direct path is established yet".to_owned()
+        }
+        PathKind::Connecting => "no path yet; ICE and the relay are being set up".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nat(udp: bool, mapping: MappingBehaviour) -> NatSummary {
+        NatSummary {
+            udp,
+            mapping,
+            public_addr: None,
+        }
+    }
+
+    fn evidence<'a>(
+        kind: PathKind,
+        path: &'a str,
+        l: Option<&'a NatSummary>,
+        r: Option<&'a NatSummary>,
+    ) -> Evidence<'a> {
+        Evidence {
+            peer: "b",
+            online: true,
+            coordinator_connected: true,
+            path_kind: kind,
+            path,
+            checking: false,
+            local_nat: l,
+            remote_nat: r,
+            next_attempt_in_secs: None,
+        }
+    }
+
+    #[test]
+    fn two_symmetric_nats_explain_turn() {
+        let s = nat(true, MappingBehaviour::EndpointDependent);
+        let e = evidence(
+            PathKind::Turn,
+            "turn (relay via 203.0.113.1:50000)",
+            Some(&s),
+            Some(&s),
+        );
+        assert_eq!(
+            conclude(&e),
+            "both sides are behind NATs that change the port per destination; no direct path is possible; using TURN, relay via 203.0.113.1:50000"
+        );
+    }
+
+    #[test]
+    fn blocked_udp_explains_the_coordination_relay() {
+        let blocked = nat(false, MappingBehaviour::NoUdp);
+        let cone = nat(true, MappingBehaviour::EndpointIndependent);
+        let mut e = evidence(
+            PathKind::CoordRelay,
+            "coord relay",
+            Some(&cone),
+            Some(&blocked),
+        );
+        e.next_attempt_in_secs = Some(64);
+        let c = conclude(&e);
+        assert!(c.starts_with("b gets no UDP out"), "{c}");
+        assert!(c.ends_with("the next direct attempt is in 64s"), "{c}");
+    }
+
+    #[test]
+    fn direct_and_offline_are_plain() {
+        let e = evidence(PathKind::Direct, "direct (srflx)", None, None);
+        assert!(conclude(&e).contains("straight to b (direct (srflx))"));
+        let mut e = evidence(PathKind::Connecting, "connecting", None, None);
+        e.online = false;
+        assert_eq!(conclude(&e), "b is offline");
+    }
+}
