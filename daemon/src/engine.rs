@@ -576,7 +576,10 @@ impl Engine {
                 _ => (PathKind::Connecting, "connecting".to_owned()),
             };
             let checking = matches!(path.status(), IceStatus::Checking { .. });
-            let next = (kind != PathKind::Direct && info.online && !checking)
+            // A retry is scheduled only once a session failed (or none ran yet);
+            // a disconnected pair may still recover by itself.
+            let scheduled = matches!(path.status(), IceStatus::Failed | IceStatus::Idle);
+            let next = (kind != PathKind::Direct && info.online && scheduled)
                 .then(|| path.next_attempt().saturating_duration_since(now).as_secs());
             (kind, label, checking, next)
         };
