@@ -234,11 +234,20 @@ def coord_report():
     table = [[name for name, _ in cols]]
     for r in rows:
         if "failed" in r:
-            table.append([r.get("nodes", "?"), "failed"] + [""] * (len(cols) - 2))
+            detail = r["failed"]
+            if "connected" in r:
+                detail += f" with {r['connected']} sessions connected"
+            if "rss_kb" in r:
+                detail += f", server VmRSS {int(r['rss_kb']) / 1024:.0f} MiB"
+            table.append([r.get("nodes", "?"), "FAILED: " + detail] + [""] * (len(cols) - 2))
         else:
             table.append([get(r) for _, get in cols])
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(cols))]
+    widths = [max(len(str(row[i])) for row in table if not str(row[1]).startswith("FAILED"))
+              for i in range(len(cols))]
     for i, row in enumerate(table):
+        if str(row[1]).startswith("FAILED"):
+            print(str(row[0]).rjust(widths[0]) + "  " + row[1])
+            continue
         print("  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
         if i == 0:
             print("-" * (sum(widths) + 2 * (len(widths) - 1)))

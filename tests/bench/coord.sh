@@ -6,6 +6,8 @@
 #   COORD_NODES="1000 10000"   session counts, one server per count
 #   OVERLAY_BIN_DIR=DIR        overlay-coord and coord-load from DIR instead of
 #                              building them (release)
+#   COORD_MAX_RSS_MIB=4096     stop a run once the server's VmRSS passes this
+#   COORD_MAX_VM_MIB=8192      address-space cap (ulimit -v) of the server
 #   BENCH_KEEP=1               keep the work directory (server logs)
 
 set -euo pipefail
@@ -13,6 +15,8 @@ set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 NODES=${COORD_NODES:-1000 10000}
+COORD_MAX_RSS_MIB=${COORD_MAX_RSS_MIB:-4096}
+COORD_MAX_VM_MIB=${COORD_MAX_VM_MIB:-8192}
 WORK=$(mktemp -d /tmp/overlay-coord-bench.XXXX)
 SERVER_PID=""
 
@@ -62,9 +66,13 @@ for n in $NODES; do
     stun_port=$(free_port)
     # The server logs every registration and session at info; at 10 000 nodes
     # that is the benchmark measuring its logger, so warn and above only.
-    RUST_LOG=${RUST_LOG:-warn} "$BIN/overlay-coord" serve --listen "127.0.0.1:$port" --allow-http \
+    # Two guards against a server that grows without bound on this shared
+    # machine: coord-load stops at --max-server-rss-mib (COORD_MAX_RSS_MIB), and
+    # the server's address space is capped well below the machine's memory.
+    (ulimit -v $((COORD_MAX_VM_MIB * 1024)) &&
+        RUST_LOG=${RUST_LOG:-warn} exec "$BIN/overlay-coord" serve --listen "127.0.0.1:$port" --allow-http \
         --public-addr 127.0.0.1 --stun-port "$stun_port" --max-sessions 20000 --state-dir "$state" \
-        >"$WORK/server-$n.log" 2>&1 &
+        >"$WORK/server-$n.log" 2>&1) &
     SERVER_PID=$!
     for _ in $(seq 100); do
         (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
@@ -74,7 +82,7 @@ for n in $NODES; do
     key=$("$BIN/overlay-coord" keys create --reusable --state-dir "$state")
     log "N=$n: server pid $SERVER_PID on 127.0.0.1:$port"
     if COORD_LOAD_AUTH_KEY=$key "$BIN/coord-load" --server "127.0.0.1:$port" --nodes "$n" \
-        --server-pid "$SERVER_PID" | tee "$WORK/load-$n.txt"; then
+        --server-pid "$SERVER_PID" --max-server-rss-mib "$COORD_MAX_RSS_MIB" | tee "$WORK/load-$n.txt"; then
         :
     else
         log "N=$n: coord-load failed; server log tail:"

@@ -147,6 +147,9 @@ rss_max() { # PID...: the largest VmRSS (kB) among them now
         sort -n | tail -1
 }
 
+# field KEY: the value of `KEY value` among bench.py's output lines on stdin.
+field() { awk -v k="$1" '$1 == k {print $2}'; }
+
 # measure SYSTEM TARGET_IP MTU DAEMON_PID...: every figure for one system.
 measure() {
     local sys=$1 target=$2 mtu=$3
@@ -156,13 +159,11 @@ measure() {
 
     log "$sys: ping x$PINGS"
     in_a ping -n -i 0.01 -c "$PINGS" -W 1 "$target" >"$WORK/logs/$sys-ping.txt" 2>&1 || true
-    local p50 p99 replies
-    if read -r _ p50 < <($PY ping "$WORK/logs/$sys-ping.txt" | sed -n 1p); then
-        p99=$($PY ping "$WORK/logs/$sys-ping.txt" | awk '$1 == "p99" {print $2}')
-        replies=$($PY ping "$WORK/logs/$sys-ping.txt" | awk '$1 == "replies" {print $2}')
-        put "$sys" rtt_p50 "$p50"
-        put "$sys" rtt_p99 "$p99"
-        put "$sys" ping_replies "$replies/$PINGS"
+    local stats
+    if stats=$($PY ping "$WORK/logs/$sys-ping.txt" 2>/dev/null); then
+        put "$sys" rtt_p50 "$(field p50 <<<"$stats")"
+        put "$sys" rtt_p99 "$(field p99 <<<"$stats")"
+        put "$sys" ping_replies "$(field replies <<<"$stats")/$PINGS"
     else
         note "$sys" "ping got no replies"
     fi
@@ -174,7 +175,7 @@ measure() {
         track "$sys" $!
     fi
 
-    local du=0 ds=0 kt=0 total=0 name args u0 s0 k0 u1 s1 k1 bps bytes
+    local du=0 ds=0 kt=0 total=0 name args u0 s0 k0 u1 s1 k1 bytes
     for spec in "tcp1_fwd:-P 1" "tcp1_rev:-P 1 -R" "tcp4_fwd:-P 4" "tcp4_rev:-P 4 -R"; do
         name=${spec%%:*}
         args=${spec#*:}
@@ -187,9 +188,9 @@ measure() {
             continue
         fi
         read -r u1 s1 k1 < <($PY cpu "${pids[@]}")
-        bps=$($PY iperf "$WORK/logs/$sys-$name.json" | awk '$1 == "bps" {print $2}')
-        bytes=$($PY iperf "$WORK/logs/$sys-$name.json" | awk '$1 == "bytes" {print $2}')
-        put "$sys" "${name}_bps" "$bps"
+        stats=$($PY iperf "$WORK/logs/$sys-$name.json")
+        bytes=$(field bytes <<<"$stats")
+        put "$sys" "${name}_bps" "$(field bps <<<"$stats")"
         du=$((du + u1 - u0))
         ds=$((ds + s1 - s0))
         kt=$((kt + k1 - k0))
@@ -275,6 +276,13 @@ peers = json.load(sys.stdin)
 sys.exit(0 if peers and all(p.get("path_kind") == "direct" for p in peers) else 1)' 2>/dev/null
 }
 
+# peer_paths NS SOCKET: the human path of every peer (`direct (host) via …`).
+peer_paths() {
+    ip netns exec "$1" "$BIN/overlayctl" --socket "$2" peers --json 2>/dev/null | python3 -c '
+import json, sys
+print("; ".join("%s (%s)" % (p["path"], p.get("endpoint") or "-") for p in json.load(sys.stdin)))' 2>/dev/null || echo "?"
+}
+
 phase_overlay() {
     overlay_bins
     local dir=$WORK/overlay
@@ -346,7 +354,15 @@ phase_overlay() {
         note overlay "measured on path: $(tail -1 "$WORK/logs/overlay-peers.txt")"
     fi
     sleep 1
+    local before after
+    before=$(peer_paths "$NS_A" "$sock_a")
     measure overlay "$(cat "$dir/mesh_b")" "$(in_a cat /sys/class/net/ovl0/mtu)" "$pid_a" "$pid_b"
+    after=$(peer_paths "$NS_A" "$sock_a")
+    if [[ $before == "$after" ]]; then
+        note overlay "a's path to b throughout: $before"
+    else
+        note overlay "a's path to b changed during the measurement: $before -> $after"
+    fi
     stop_pids ovld
 }
 

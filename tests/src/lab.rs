@@ -438,6 +438,25 @@ impl Lab {
         Ok((host, iface))
     }
 
+    /// The "rest of the Internet" beyond `public`: a host `inet` on it that forwards
+    /// nothing. Give public machines a default route via its address (see
+    /// [`Lab::default_route`]) and, like real servers, they can send to any address:
+    /// what is not on the segment (a peer's private 10.77.x host candidate, say)
+    /// goes to `inet` and vanishes silently, instead of failing the send with
+    /// "network unreachable" — which some servers (coturn) treat as fatal for the
+    /// whole TURN allocation.
+    ///
+    /// ```text
+    ///   coord ── public 203.0.113.0/24 ── inet (IPv4 forwarding off: drops)
+    /// ```
+    pub fn upstream(&self, public: &Segment) -> anyhow::Result<Iface> {
+        let host = self.host("inet")?;
+        let iface = self.attach(&host, public)?;
+        // A new namespace starts with forwarding off; say so rather than rely on it.
+        self.exec(&host, "sysctl", &["-qw", "net.ipv4.ip_forward=0"])?;
+        Ok(iface)
+    }
+
     /// Prints the tail of every process log to stderr (the test's output).
     pub fn dump_logs(&self) {
         eprintln!("==== lab {} ({}) ====", self.prefix, self.dir.display());
@@ -563,7 +582,16 @@ fn reap_stale_labs() {
 }
 
 /// The router's nftables rules for `kind`. `wan` faces the public segment, `lan`
-/// the site. Unsolicited traffic from the WAN is never forwarded in.
+/// the site. Unsolicited traffic from the WAN is never forwarded in, nor accepted
+/// by the router itself.
+///
+/// The `input` chain matters for hole punching, as on any real router's firewall:
+/// without it, a peer's first probe to the router's mapped port (sent before the
+/// site host has sent anything to that peer) reaches the router's own stack, and
+/// conntrack confirms an entry `peer:Q → wan:P`. The site host's own packet to
+/// `peer:Q` then clashes with that entry, and masquerade gives it a new source
+/// port: the mapping stops being endpoint-independent exactly for the peer being
+/// punched to. Dropped in `input`, the probe's entry is never confirmed.
 pub fn nat_ruleset(kind: NatKind, wan: &str, lan: &str) -> String {
     let (masquerade, outbound) = match kind {
         NatKind::Cone => (
@@ -589,6 +617,10 @@ pub fn nat_ruleset(kind: NatKind, wan: &str, lan: &str) -> String {
         type filter hook forward priority filter; policy drop;
         ct state established,related accept
         {outbound}
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname \"{wan}\" ct state new drop
     }}
 }}
 "
@@ -635,6 +667,7 @@ mod tests {
         let cone = nat_ruleset(NatKind::Cone, "eth0", "eth1");
         assert!(cone.contains("oifname \"eth0\" masquerade\n"));
         assert!(cone.contains("policy drop"));
+        assert!(cone.contains("iifname \"eth0\" ct state new drop"));
         let sym = nat_ruleset(NatKind::Symmetric, "eth0", "eth1");
         assert!(sym.contains("masquerade fully-random"));
         let blocked = nat_ruleset(NatKind::UdpBlocked, "eth0", "eth1");

@@ -19,6 +19,7 @@
 //! when a test fails, the tail of every log is printed.
 
 pub mod bins;
+pub mod coturn;
 pub mod lab;
 pub mod overlay;
 pub mod pcap;
@@ -26,6 +27,7 @@ pub mod process;
 pub mod wait;
 
 pub use bins::bin;
+pub use coturn::Coturn;
 pub use lab::{lab_test, Host, Iface, Lab, NatKind, Segment, Site, Subnet};
 pub use overlay::{Coordinator, Daemon};
 pub use process::Proc;

@@ -136,6 +136,13 @@ impl Daemon {
     /// Starts `overlayd up` (with `auth_key` on first enrolment, `None` to reuse the
     /// stored credential) and waits until its local API answers `status`.
     pub fn start(&mut self, lab: &Lab, auth_key: Option<&str>) -> anyhow::Result<()> {
+        self.launch(lab, auth_key)?;
+        self.wait_ready().map(|_| ())
+    }
+
+    /// Spawns `overlayd up` without waiting for it, so that several daemons can be
+    /// started at one moment (timing tests); follow with [`Daemon::wait_ready`].
+    pub fn launch(&mut self, lab: &Lab, auth_key: Option<&str>) -> anyhow::Result<()> {
         ensure!(self.proc.is_none(), "{} is already running", self.name);
         let mut cmd = Command::new(bin("overlayd")?);
         cmd.arg("up")
@@ -154,14 +161,22 @@ impl Daemon {
         self.starts += 1;
         // Each start gets its own log so a restart's output is not mixed in.
         let label = format!("overlayd-{}-{}", self.name, self.starts);
-        let mut proc = lab.spawn(&self.host, &label, cmd)?;
+        self.proc = Some(lab.spawn(&self.host, &label, cmd)?);
+        Ok(())
+    }
+
+    /// Waits until a launched daemon's local API answers `status`, and returns it.
+    pub fn wait_ready(&mut self) -> anyhow::Result<Status> {
         let what = format!("overlayd {} to answer status", self.name);
-        let result = wait_until(START_TIMEOUT, &what, || {
-            proc.ensure_running().map_err(fatal)?;
+        wait_until(START_TIMEOUT, &what, || {
+            self.proc
+                .as_mut()
+                .with_context(|| format!("{} was not launched", self.name))
+                .map_err(fatal)?
+                .ensure_running()
+                .map_err(fatal)?;
             Ok(self.status()?)
-        });
-        self.proc = Some(proc);
-        result.map(|_| ())
+        })
     }
 
     /// Stops the daemon with SIGTERM and checks it exits cleanly and promptly.
@@ -224,6 +239,13 @@ impl Daemon {
 /// namespace, so no packet is sent anywhere).
 pub fn tcp_listening(lab: &Lab, host: &Host, port: &str) -> anyhow::Result<bool> {
     let out = lab.exec(host, "ss", &["-Hltn", &format!("sport = :{port}")])?;
+    Ok(!out.trim().is_empty())
+}
+
+/// Whether something in `host` listens on UDP `port` (checked with `ss`, like
+/// [`tcp_listening`]).
+pub fn udp_listening(lab: &Lab, host: &Host, port: &str) -> anyhow::Result<bool> {
+    let out = lab.exec(host, "ss", &["-Hlun", &format!("sport = :{port}")])?;
     Ok(!out.trim().is_empty())
 }
 

@@ -99,7 +99,11 @@ fn parse_response(response: &[u8]) -> anyhow::Result<(u16, Vec<u8>)> {
         let line = line.to_ascii_lowercase();
         line.starts_with("transfer-encoding:") && line.contains("chunked")
     });
-    let body = if chunked { dechunk(body)? } else { body.to_vec() };
+    let body = if chunked {
+        dechunk(body)?
+    } else {
+        body.to_vec()
+    };
     Ok((status, body))
 }
 

@@ -43,6 +43,8 @@ const CONNECTIONS_PER_SOURCE: usize = 20_000;
 const REGISTER_ATTEMPTS: u32 = 30;
 /// No frame for this long means the server's fan-out has drained.
 const QUIET: Duration = Duration::from_millis(300);
+/// How often the server's memory is checked against `--max-server-rss-mib`.
+const RSS_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Parser, Debug)]
 #[command(about = "Load generator for overlay-coord's control sessions")]
@@ -76,11 +78,19 @@ struct Args {
     /// Prefix of the simulated nodes' hostnames.
     #[arg(long, default_value = "load")]
     hostname_prefix: String,
+    /// Give up (exit 3) as soon as the server's VmRSS passes this many MiB: the
+    /// machine is shared, and a server growing without bound must not bring the
+    /// kernel's OOM killer down on someone else. Needs --server-pid.
+    #[arg(long, default_value_t = 4096)]
+    max_server_rss_mib: u64,
 }
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("coord-load: error: starting the runtime: {e}");
@@ -120,6 +130,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // 2. Connect in batches, letting each batch's netmap deltas drain.
     let shared = Arc::new(Shared::default());
+    if let Some(pid) = args.server_pid {
+        tokio::spawn(rss_watchdog(
+            pid,
+            args.max_server_rss_mib,
+            args.nodes,
+            shared.clone(),
+        ));
+    }
     let (upsert_tx, mut upsert_rx) = mpsc::unbounded_channel::<Upsert>();
     let started = Instant::now();
     let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
@@ -133,6 +151,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let _permit = limit.acquire().await;
                 let (ws, _) =
                     session::connect(server, source, node.node_id, &node.credential).await?;
+                shared.connected.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(session::read_loop(i, ws, shared, tx));
                 anyhow::Ok(())
             });
@@ -152,7 +171,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     let closed = shared.closed.load(Ordering::Relaxed);
     if closed > 0 {
-        bail!("{closed} sessions closed during setup: {:?}", close_reasons(&shared));
+        bail!(
+            "{closed} sessions closed during setup: {:?}",
+            close_reasons(&shared)
+        );
     }
     let rss_loaded = server_rss(args.server_pid);
 
@@ -265,7 +287,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
 fn source_addresses(args: &Args) -> Vec<Option<IpAddr>> {
     let needed = (args.nodes + 1).div_ceil(CONNECTIONS_PER_SOURCE);
-    let count = if args.sources == 0 { needed } else { args.sources };
+    let count = if args.sources == 0 {
+        needed
+    } else {
+        args.sources
+    };
     if count <= 1 {
         // Let connect() choose the source: ports are then shared across destinations.
         return vec![None];
@@ -283,7 +309,11 @@ async fn register_all(
     let mut set = JoinSet::new();
     for i in 0..args.nodes {
         let (limit, source) = (limit.clone(), sources[i % sources.len()]);
-        let (server, key, prefix) = (args.server, args.auth_key.clone(), args.hostname_prefix.clone());
+        let (server, key, prefix) = (
+            args.server,
+            args.auth_key.clone(),
+            args.hostname_prefix.clone(),
+        );
         set.spawn(async move {
             let _permit = limit.acquire().await;
             register_with_retry(server, source, &key, &format!("{prefix}-{i}"))
@@ -333,12 +363,38 @@ async fn register_with_retry(
             Err(RegisterFailure::Refused { status, error })
                 if error.error != error_code::RATE_LIMITED =>
             {
-                bail!("registering {hostname}: HTTP {status} {}: {}", error.error, error.message)
+                bail!(
+                    "registering {hostname}: HTTP {status} {}: {}",
+                    error.error,
+                    error.message
+                )
             }
             Err(e) if attempt >= REGISTER_ATTEMPTS => {
                 bail!("registering {hostname}: {e} (after {attempt} attempts)")
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await,
+        }
+    }
+}
+
+/// Ends the process when the server's VmRSS passes `max_mib`, after printing
+/// how far the setup got.
+async fn rss_watchdog(pid: u32, max_mib: u64, nodes: usize, shared: Arc<Shared>) {
+    loop {
+        tokio::time::sleep(RSS_POLL).await;
+        let Some((rss, _)) = server_rss(Some(pid)) else {
+            return; // the server is gone; the sessions will say so
+        };
+        if rss / 1024 > max_mib {
+            let connected = shared.connected.load(Ordering::Relaxed);
+            println!(
+                "  ABORTED: server VmRSS {} passed --max-server-rss-mib {max_mib} with {connected} of {nodes} sessions connected",
+                mib(Some(rss))
+            );
+            println!(
+                "RESULT nodes={nodes} failed=server_rss_over_{max_mib}MiB connected={connected} rss_kb={rss}"
+            );
+            std::process::exit(3);
         }
     }
 }
@@ -413,7 +469,9 @@ fn server_rss(pid: Option<u32>) -> Option<(u64, u64)> {
 }
 
 fn mib(kb: Option<u64>) -> String {
-    kb.map_or("-".to_string(), |kb| format!("{:.1} MiB", kb as f64 / 1024.0))
+    kb.map_or("-".to_string(), |kb| {
+        format!("{:.1} MiB", kb as f64 / 1024.0)
+    })
 }
 
 fn kb(kb: Option<u64>) -> String {

@@ -43,6 +43,8 @@ pub struct Upsert {
 pub struct Shared {
     /// Text frames read by all sessions, Welcomes excluded.
     pub frames: AtomicU64,
+    /// Sessions that got their Welcome.
+    pub connected: AtomicUsize,
     /// Set just before the newcomer registers: from then on readers parse
     /// `peer_upsert` frames. Before, they only count, so setup stays cheap.
     pub armed: AtomicBool,
@@ -86,7 +88,8 @@ pub async fn connect(
     let mut request = format!("ws://{server}{CONNECT_PATH}").into_client_request()?;
     request.headers_mut().insert(
         AUTHORIZATION,
-        HeaderValue::from_str(&bearer(id, credential)).context("credential is not a header value")?,
+        HeaderValue::from_str(&bearer(id, credential))
+            .context("credential is not a header value")?,
     );
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
