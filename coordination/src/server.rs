@@ -180,7 +180,17 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
                 }
             }
         }
-        None => None,
+        // Without the embedded server, the netcheck STUN port takes its place, so
+        // a node compares it with the external TURN server's STUN answers.
+        None => match StunResponder::start(SocketAddr::new(config.listen.ip(), config.turn.port))
+            .await
+        {
+            Ok(r) => Some(r),
+            Err(e) => {
+                warn!("no STUN port for netcheck: {e}");
+                None
+            }
+        },
     };
     let mut ice = IceSettings::new(
         turn_addr.map(|a| SocketAddr::new(announced, a.port())),

@@ -345,9 +345,20 @@ impl Engine {
                 }
             }
             PeerSignal::Candidate { session, candidate } => {
-                if let Some(s) = self.sessions.get(&from).filter(|s| s.session == session) {
-                    if let Err(e) = s.add_remote_candidate(&candidate) {
-                        tracing::debug!(peer = from, "bad remote candidate {candidate:?}: {e}");
+                let Some(s) = self
+                    .sessions
+                    .get_mut(&from)
+                    .filter(|s| s.session == session)
+                else {
+                    return;
+                };
+                match s.add_remote_candidate(&candidate) {
+                    Ok((addr, kind)) => {
+                        lock(&peer.path).learn_remote(&addr, kind);
+                        self.sync_path(&peer);
+                    }
+                    Err(e) => {
+                        tracing::debug!(peer = from, "bad remote candidate {candidate:?}: {e}")
                     }
                 }
             }
@@ -391,7 +402,18 @@ impl Engine {
                     },
                 );
             }
-            IceEvent::Selected { pair, .. } => lock(&peer.path).on_selected(pair),
+            IceEvent::Selected { pair, .. } => {
+                let mut path = lock(&peer.path);
+                path.on_selected(pair);
+                for (addr, kind) in self
+                    .sessions
+                    .get(&peer_id)
+                    .map(|s| s.signalled.as_slice())
+                    .unwrap_or_default()
+                {
+                    path.learn_remote(addr, *kind);
+                }
+            }
             IceEvent::Ready { conn, .. } => {
                 self.spawn_reader(&peer, conn.clone());
                 if let Some(s) = self.sessions.get_mut(&peer_id) {

@@ -26,9 +26,10 @@ const DISCONNECTED_TIMEOUT: Duration = Duration::from_secs(3);
 const FAILED_TIMEOUT: Duration = Duration::from_secs(8);
 /// STUN keepalives on the selected pair; also what makes a dead path noticed.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
-/// webrtc-ice waits 2 s by default before accepting a relayed pair; a relayed pair
-/// beats the coordination relay, so take it soon.
-const RELAY_ACCEPTANCE_MIN_WAIT: Duration = Duration::from_millis(500);
+/// webrtc-ice waits 2 s by default before accepting a relayed pair. Packets ride
+/// the coordination relay meanwhile, so there is no hurry; but waiting less than
+/// prflx pairs (1 s) would let TURN win races a direct pair was about to win.
+const RELAY_ACCEPTANCE_MIN_WAIT: Duration = Duration::from_millis(1500);
 
 /// Everything an agent reports, tagged with the peer and session it belongs to.
 pub enum IceEvent {
@@ -107,6 +108,8 @@ pub struct IceSession {
     /// Dropping this cancels a pending `dial`/`accept`.
     cancel: Option<mpsc::Sender<()>>,
     pub conn: Option<IceConn>,
+    /// The peer's signalled candidates: address and type.
+    pub signalled: Vec<(String, CandidateKind)>,
 }
 
 impl IceSession {
@@ -185,6 +188,7 @@ impl IceSession {
             pwd,
             cancel: None,
             conn: None,
+            signalled: Vec::new(),
         })
     }
 
@@ -233,10 +237,17 @@ impl IceSession {
         });
     }
 
-    pub fn add_remote_candidate(&self, raw: &str) -> Result<(), webrtc_ice::Error> {
+    /// Adds a signalled candidate; returns its address and type.
+    pub fn add_remote_candidate(
+        &mut self,
+        raw: &str,
+    ) -> Result<(String, CandidateKind), webrtc_ice::Error> {
         let candidate = webrtc_ice::candidate::candidate_base::unmarshal_candidate(raw)?;
         let candidate: Arc<dyn Candidate + Send + Sync> = Arc::new(candidate);
-        self.agent.add_remote_candidate(&candidate)
+        let learned = (addr(candidate.as_ref()), kind(candidate.candidate_type()));
+        self.agent.add_remote_candidate(&candidate)?;
+        self.signalled.push(learned.clone());
+        Ok(learned)
     }
 
     /// Stops the agent in the background (closing can wait on its tasks).

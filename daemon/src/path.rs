@@ -26,6 +26,11 @@ pub const RETRY_BASE: Duration = Duration::from_secs(2);
 pub const RETRY_CAP: Duration = Duration::from_secs(120);
 /// The controlled side waits this long for an offer before asking for one.
 pub const OFFER_GRACE: Duration = Duration::from_secs(4);
+/// A peer on TURN tries for a direct path again after this long, doubling up to
+/// [`UPGRADE_CAP`]: a pair chosen while direct checks were still under way, or
+/// a NAT that since changed, gets another chance.
+pub const UPGRADE_BASE: Duration = Duration::from_secs(60);
+pub const UPGRADE_CAP: Duration = Duration::from_secs(600);
 /// Restart requests from the peer are honoured at most this often.
 pub const MIN_RESTART_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -114,6 +119,8 @@ pub struct PathState {
     backoff: Backoff,
     next_attempt: Instant,
     last_start: Option<Instant>,
+    upgrade: Backoff,
+    next_upgrade: Option<Instant>,
 }
 
 impl PathState {
@@ -126,6 +133,8 @@ impl PathState {
             backoff: Backoff::new(RETRY_BASE, RETRY_CAP),
             next_attempt: if controlling { now } else { now + OFFER_GRACE },
             last_start: None,
+            upgrade: Backoff::new(UPGRADE_BASE, UPGRADE_CAP),
+            next_upgrade: None,
         }
     }
 
@@ -170,6 +179,17 @@ impl PathState {
 
     pub fn on_selected(&mut self, pair: SelectedPair) {
         self.selected = Some(pair);
+    }
+
+    /// The peer signalled a candidate of `kind` at `addr`. A check that arrived
+    /// before the candidate made ICE record that address as peer-reflexive; the
+    /// signalled type is the truth, so the path is named after it.
+    pub fn learn_remote(&mut self, addr: &str, kind: CandidateKind) {
+        if let Some(pair) = &mut self.selected {
+            if pair.remote == CandidateKind::Prflx && pair.remote_addr == addr {
+                pair.remote = kind;
+            }
+        }
     }
 
     pub fn on_connected(&mut self) {
@@ -219,6 +239,9 @@ impl PathState {
                 self.on_failed(now, jitter);
             }
         }
+        if let Some(action) = self.poll_upgrade(now, jitter) {
+            return Some(action);
+        }
         let idle_or_failed = matches!(self.status, IceStatus::Idle | IceStatus::Failed);
         if !idle_or_failed || now < self.next_attempt {
             return None;
@@ -231,6 +254,34 @@ impl PathState {
             self.next_attempt = now + self.backoff.next_delay(jitter);
             Some(Action::RequestRestart)
         }
+    }
+}
+
+impl PathState {
+    /// On TURN, the controlling side schedules and starts attempts at a direct
+    /// path; packets take the coordination relay while the new session checks.
+    fn poll_upgrade(&mut self, now: Instant, jitter: f64) -> Option<Action> {
+        let on_turn = self.status == IceStatus::Connected
+            && self
+                .selected
+                .as_ref()
+                .is_some_and(|p| p.kind() == PathKind::Turn);
+        if !on_turn {
+            if self.selected().is_some() {
+                self.upgrade.reset(); // direct: nothing to upgrade
+            }
+            self.next_upgrade = None;
+            return None;
+        }
+        let due = *self
+            .next_upgrade
+            .get_or_insert_with(|| now + self.upgrade.next_delay(jitter));
+        if !self.controlling || now < due {
+            return None;
+        }
+        self.next_upgrade = None;
+        self.session_started(now);
+        Some(Action::StartSession)
     }
 }
 
@@ -329,6 +380,53 @@ mod tests {
         assert!(p.on_restart_request(t0 + MIN_RESTART_INTERVAL));
         let mut q = PathState::new(false, true, t0);
         assert!(!q.on_restart_request(t0));
+    }
+
+    #[test]
+    fn turn_peer_retries_direct_with_growing_intervals_and_stops_once_direct() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(true, true, t0);
+        p.poll(t0, 1.0);
+        p.on_selected(pair(CandidateKind::Relay, CandidateKind::Host));
+        p.on_connected();
+        assert_eq!(p.poll(t0, 1.0), None, "first poll schedules the upgrade");
+        assert_eq!(
+            p.poll(t0 + UPGRADE_BASE - Duration::from_millis(1), 1.0),
+            None
+        );
+        let t1 = t0 + UPGRADE_BASE;
+        assert_eq!(p.poll(t1, 1.0), Some(Action::StartSession));
+        assert!(
+            p.selected().is_none(),
+            "checking: the relay carries packets"
+        );
+        p.on_selected(pair(CandidateKind::Relay, CandidateKind::Host));
+        p.on_connected();
+        p.poll(t1, 1.0);
+        assert_eq!(p.poll(t1 + UPGRADE_BASE, 1.0), None, "the interval doubled");
+        assert_eq!(
+            p.poll(t1 + UPGRADE_BASE * 2, 1.0),
+            Some(Action::StartSession)
+        );
+        p.on_selected(pair(CandidateKind::Host, CandidateKind::Srflx));
+        p.on_connected();
+        assert_eq!(p.poll(t1 + UPGRADE_CAP * 10, 1.0), None, "direct stays put");
+    }
+
+    #[test]
+    fn a_prflx_remote_takes_the_signalled_type_of_its_address() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(true, true, t0);
+        p.on_selected(pair(CandidateKind::Host, CandidateKind::Prflx));
+        p.on_connected();
+        p.learn_remote("10.0.0.9:6000", CandidateKind::Host);
+        assert_eq!(
+            p.selected().unwrap().label(),
+            "direct (prflx)",
+            "other address"
+        );
+        p.learn_remote("10.0.0.2:6000", CandidateKind::Host);
+        assert_eq!(p.selected().unwrap().label(), "direct (host)");
     }
 
     #[test]

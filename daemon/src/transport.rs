@@ -13,6 +13,9 @@ use tokio_rustls::rustls;
 
 /// How long connecting (TCP + TLS) may take before the attempt counts as failed.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Largest control message accepted from the coordinator: a netmap of 100,000
+/// nodes fits.
+const MAX_SERVER_MESSAGE: usize = 16 * 1024 * 1024;
 /// Largest HTTP response body accepted from the coordinator.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
 
@@ -219,9 +222,11 @@ impl Connector {
             .parse()
             .map_err(|_| TransportError::WebSocket("credential is not a valid header".into()))?;
         request.headers_mut().insert("authorization", value);
+        // The coordinator is trusted with larger messages than it accepts from nodes:
+        // the netmap of a large mesh (about 130 bytes a node) comes in one Welcome.
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-            .max_message_size(Some(overlay_proto::coord::MAX_FRAME_BYTES))
-            .max_frame_size(Some(overlay_proto::coord::MAX_FRAME_BYTES));
+            .max_message_size(Some(MAX_SERVER_MESSAGE))
+            .max_frame_size(Some(MAX_SERVER_MESSAGE));
         let (ws, _) = tokio_tungstenite::client_async_with_config(request, io, Some(config))
             .await
             .map_err(|e| match e {

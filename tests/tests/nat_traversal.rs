@@ -30,7 +30,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
-use overlay_proto::api::{PathKind, PeerStatus};
+use overlay_proto::api::{NetcheckReport, PathKind, PeerStatus, WhyReport};
+use overlay_proto::signal::MappingBehaviour;
 use overlay_tests::overlay::ping;
 use overlay_tests::{
     fatal, lab_test, wait_until, Coordinator, Coturn, Daemon, Host, Lab, NatKind, Segment, Wait,
@@ -40,6 +41,9 @@ use overlay_tests::{
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(40);
 /// TURN needs an allocation on each side and more checks: allow it longer.
 const TURN_TIMEOUT: Duration = Duration::from_secs(60);
+/// Netcheck results reach the peer a few seconds after start (a blocked site
+/// waits out its STUN timeouts first).
+const EXPLAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the first ping across the mesh may take to be answered.
 const FIRST_PING_TIMEOUT: Duration = Duration::from_secs(40);
 /// The shared secret between overlay-coord and coturn in the coturn row.
@@ -162,6 +166,10 @@ struct Row<'a> {
     b: Host,
     expect: Expect,
     timeout: Duration,
+    /// What `overlayctl netcheck` on a must find about a's NAT.
+    a_mapping: Option<MappingBehaviour>,
+    /// What `overlayctl why b` on a must conclude (a prefix of the sentence).
+    a_why: Option<&'static str>,
 }
 
 /// A node's daemon and the mesh IP it reports.
@@ -222,6 +230,8 @@ fn run_row(lab: &Lab, coord: &Coordinator, row: Row) -> anyhow::Result<()> {
         .and_then(|()| row.expect.check(&b_sees))
         .map_err(|e| anyhow::anyhow!("the path changed during the pings: {e}"))?;
 
+    explained(&a, row.a_mapping, row.a_why)?;
+
     let paths = if a_sees.path == b_sees.path {
         a_sees.path.clone()
     } else {
@@ -241,6 +251,33 @@ fn run_row(lab: &Lab, coord: &Coordinator, row: Row) -> anyhow::Result<()> {
         "---- NAT traversal rows so far ----\n{}",
         summary.join("\n")
     );
+    Ok(())
+}
+
+/// `netcheck` on a names a's NAT behaviour, and `why b` explains the path with
+/// both sides' netcheck results (they reach the peer a few seconds after start).
+fn explained(a: &Node, mapping: Option<MappingBehaviour>, why: Option<&str>) -> anyhow::Result<()> {
+    if let Some(want) = mapping {
+        let report: NetcheckReport = a.daemon.ctl_json(&["netcheck"])?;
+        ensure!(
+            report.mapping == want && report.udp == (want != MappingBehaviour::NoUdp),
+            "netcheck on a: expected {want:?}, got {report:?}"
+        );
+    }
+    if let Some(want) = why {
+        wait_until(
+            EXPLAIN_TIMEOUT,
+            "overlayctl why b on a to explain the path",
+            || {
+                let report: WhyReport = a.daemon.ctl_json(&["why", "b"])?;
+                if report.conclusion.starts_with(want) {
+                    Ok(())
+                } else {
+                    Err(Wait::NotYet(format!("conclusion: {:?}", report.conclusion)))
+                }
+            },
+        )?;
+    }
     Ok(())
 }
 
@@ -381,6 +418,8 @@ fn nodes_on_one_lan_go_direct_over_host_candidates() {
                 b,
                 expect: Expect::DirectHost,
                 timeout: DIRECT_TIMEOUT,
+                a_mapping: Some(MappingBehaviour::EndpointIndependent),
+                a_why: Some("packets go straight to b"),
             },
         )
     });
@@ -403,6 +442,8 @@ fn cone_nat_to_cone_nat_punches_a_direct_hole() {
                 b,
                 expect: Expect::DirectThroughNat,
                 timeout: DIRECT_TIMEOUT,
+                a_mapping: Some(MappingBehaviour::EndpointIndependent),
+                a_why: Some("packets go straight to b"),
             },
         )
     });
@@ -425,6 +466,8 @@ fn cone_nat_to_public_host_goes_direct() {
                 b,
                 expect: Expect::Direct,
                 timeout: DIRECT_TIMEOUT,
+                a_mapping: Some(MappingBehaviour::EndpointIndependent),
+                a_why: Some("packets go straight to b"),
             },
         )
     });
@@ -447,6 +490,8 @@ fn symmetric_nats_meet_through_the_embedded_turn_server() {
                 b,
                 expect: Expect::Turn(p.coord_ip),
                 timeout: TURN_TIMEOUT,
+                a_mapping: Some(MappingBehaviour::EndpointDependent),
+                a_why: Some("both sides are behind NATs that change the port per destination; no direct path is possible; using TURN"),
             },
         )
     });
@@ -484,6 +529,8 @@ fn symmetric_nats_meet_through_an_external_coturn() {
                 b,
                 expect: Expect::Turn(coturn.ip),
                 timeout: TURN_TIMEOUT,
+                a_mapping: Some(MappingBehaviour::EndpointDependent),
+                a_why: Some("both sides are behind NATs that change the port per destination; no direct path is possible; using TURN"),
             },
         )?;
         ensure!(
@@ -511,6 +558,8 @@ fn udp_blocked_site_falls_back_to_the_coordination_relay() {
                 b,
                 expect: Expect::CoordRelay,
                 timeout: DIRECT_TIMEOUT,
+                a_mapping: Some(MappingBehaviour::NoUdp),
+                a_why: Some("this node gets no UDP out"),
             },
         )
     });
