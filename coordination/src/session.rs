@@ -179,6 +179,7 @@ impl Session {
             network: self.ctx.network,
             peers,
             ice: self.ctx.ice.for_node(self.node, now_unix()),
+            more: false,
         };
         if self.send(to_text(&welcome)).await.is_err() {
             return "write failed".into();

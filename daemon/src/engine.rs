@@ -66,6 +66,8 @@ pub struct Engine {
     netcheck_tx: mpsc::UnboundedSender<NetcheckReport>,
     netcheck_rx: Option<mpsc::UnboundedReceiver<NetcheckReport>>,
     last_netcheck: Option<Instant>,
+    /// A netmap arriving in parts (a `Welcome` with `more`, then `PeerBatch`es).
+    pending_netmap: Option<Vec<PeerInfo>>,
 }
 
 impl Engine {
@@ -101,6 +103,7 @@ impl Engine {
             netcheck_tx,
             netcheck_rx: Some(netcheck_rx),
             last_netcheck: None,
+            pending_netmap: None,
         }
     }
 
@@ -121,7 +124,9 @@ impl Engine {
             tokio::select! {
                 ev = control.recv() => match ev {
                     Some(ControlEvent::Message(msg)) => self.on_server_msg(msg).await,
-                    Some(ControlEvent::Connected | ControlEvent::Disconnected) => {}
+                    Some(ControlEvent::Connected | ControlEvent::Disconnected) => {
+                        self.pending_netmap = None; // a netmap cut short by a reconnect
+                    }
                     Some(ControlEvent::Unauthorized) => break Some(
                         "the coordinator no longer accepts this node's credential (was it removed?); \
                          enrol again with 'overlayd up --auth-key KEY'".to_owned()),
@@ -145,7 +150,9 @@ impl Engine {
 
     async fn on_server_msg(&mut self, msg: ServerMsg) {
         match msg {
-            ServerMsg::Welcome { peers, ice, .. } => {
+            ServerMsg::Welcome {
+                peers, ice, more, ..
+            } => {
                 self.ice = IceSettings::from_config(&ice, &self.tun_name);
                 self.ice_config = ice;
                 let due = self
@@ -154,9 +161,22 @@ impl Engine {
                 if due {
                     self.spawn_netcheck();
                 }
-                let changes = netmap::diff(&self.netmap, &peers, self.me);
-                for change in changes {
-                    self.apply(change);
+                if more {
+                    self.pending_netmap = Some(peers);
+                } else {
+                    self.apply_netmap(&peers);
+                }
+            }
+            ServerMsg::PeerBatch { peers, last } => {
+                let Some(pending) = self.pending_netmap.as_mut() else {
+                    tracing::debug!("ignoring a peer batch without a welcome");
+                    return;
+                };
+                pending.extend(peers);
+                if last {
+                    if let Some(all) = self.pending_netmap.take() {
+                        self.apply_netmap(&all);
+                    }
                 }
             }
             ServerMsg::PeerUpsert { peer } if peer.id != self.me => {
@@ -177,6 +197,13 @@ impl Engine {
                 tracing::debug!(?about, "coordinator refused a message: {error}: {message}");
             }
             ServerMsg::PeerUpsert { .. } | ServerMsg::Pong { .. } => {}
+        }
+    }
+
+    /// Applies a complete netmap: peers added, changed and gone.
+    fn apply_netmap(&mut self, peers: &[PeerInfo]) {
+        for change in netmap::diff(&self.netmap, peers, self.me) {
+            self.apply(change);
         }
     }
 

@@ -117,9 +117,17 @@ pub enum ServerMsg {
         protocol: u32,
         node: PeerInfo,
         network: Ipv4Net,
+        /// The netmap, or its first part when `more` is set.
         peers: Vec<PeerInfo>,
         ice: IceConfig,
+        /// The netmap continues in `PeerBatch` messages; apply it once `last` came.
+        /// Large meshes are sent in parts so no frame (and no per-session buffer on
+        /// the server) grows with the size of the mesh.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        more: bool,
     },
+    /// The next part of the netmap a `Welcome` with `more` began.
+    PeerBatch { peers: Vec<PeerInfo>, last: bool },
     /// A node joined, changed, came online or went offline.
     PeerUpsert { peer: PeerInfo },
     /// A node was removed by an administrator.
