@@ -15,6 +15,7 @@ use crate::dataplane::DataPlane;
 use crate::engine::{Engine, Links};
 use crate::identity::{Enrolment, Keypair, StateDir};
 use crate::local_api::{self, LocalApi, NodeInfo, SocketGuard};
+use crate::mux::Mux;
 use crate::transport::{Connector, Endpoint};
 
 /// Capacity of the queue towards the coordinator (signals and relayed packets).
@@ -59,7 +60,15 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
     let (query_tx, query_rx) = mpsc::channel(16);
     let coord_connected = Arc::new(AtomicBool::new(false));
     let coord_rtt_us = Arc::new(AtomicU64::new(0));
-    let dataplane = Arc::new(DataPlane::new(tun, enrolment.mesh_ip, outbound_tx.clone()));
+    let mux = Mux::bind()
+        .await
+        .context("cannot open the UDP socket for peers")?;
+    let dataplane = Arc::new(DataPlane::new(
+        tun,
+        mux.socket(),
+        enrolment.mesh_ip,
+        outbound_tx.clone(),
+    ));
 
     let endpoint = Endpoint::parse(&enrolment.coordinator)?;
     let client = ControlClient {
@@ -102,11 +111,13 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
             coord_connected,
             coord_rtt_us,
             ice_tx,
+            mux: mux.clone(),
         },
     );
     let mut engine_task =
         tokio::spawn(engine.run(control_rx, ice_rx, query_rx, shutdown_rx.clone()));
     let mut tun_task = tokio::spawn(dataplane.clone().run_tun_reader());
+    let mut udp_task = tokio::spawn(mux.run(dataplane.clone()));
 
     let outcome: anyhow::Result<()> = tokio::select! {
         _ = wait_for_signal() => {
@@ -117,6 +128,10 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
             Ok(Some(message)) => Err(anyhow::anyhow!(message)),
             _ => Ok(()),
         },
+        result = &mut udp_task => match result {
+            Ok(Err(e)) => Err(anyhow::anyhow!("peer UDP socket failed: {e}")),
+            _ => Ok(()),
+        },
         result = &mut tun_task => match result {
             Ok(Err(e)) => Err(anyhow::anyhow!("interface {} failed: {e}", config.interface)),
             _ => Ok(()),
@@ -124,6 +139,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
     };
     let _ = shutdown_tx.send(true);
     tun_task.abort();
+    udp_task.abort();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
         let _ = engine_task.await;
         let _ = control_task.await;

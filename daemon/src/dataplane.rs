@@ -10,7 +10,7 @@
 //! tolerates roaming, so switching paths loses nothing.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -38,6 +38,9 @@ pub enum Outbound {
 struct PeerTable {
     by_id: HashMap<NodeId, Arc<Peer>>,
     by_ip: HashMap<Ipv4Addr, Arc<Peer>>,
+    /// Peers whose selected ICE pair is on our shared UDP socket, by the pair's
+    /// remote address: datagrams from there are theirs.
+    by_endpoint: HashMap<SocketAddr, Arc<Peer>>,
 }
 
 /// Counters of packets the data plane refused; visible in logs at debug.
@@ -51,6 +54,8 @@ pub struct DropCounters {
 
 pub struct DataPlane {
     tun: Arc<tun::AsyncDevice>,
+    /// The socket ICE's host candidates live on (see `mux`): direct paths send here.
+    udp: Arc<tokio::net::UdpSocket>,
     my_ip: Ipv4Addr,
     peers: RwLock<PeerTable>,
     outbound: mpsc::Sender<Outbound>,
@@ -61,11 +66,13 @@ pub struct DataPlane {
 impl DataPlane {
     pub fn new(
         tun: Arc<tun::AsyncDevice>,
+        udp: Arc<tokio::net::UdpSocket>,
         my_ip: Ipv4Addr,
         outbound: mpsc::Sender<Outbound>,
     ) -> Self {
         DataPlane {
             tun,
+            udp,
             my_ip,
             peers: RwLock::default(),
             outbound,
@@ -83,6 +90,9 @@ impl DataPlane {
     pub fn remove(&self, id: NodeId) -> Option<Arc<Peer>> {
         let mut table = self.peers.write().unwrap_or_else(|e| e.into_inner());
         let peer = table.by_id.remove(&id)?;
+        if let Some(addr) = peer.endpoint() {
+            table.by_endpoint.remove(&addr);
+        }
         if table.by_ip.get(&peer.mesh_ip).is_some_and(|p| p.id == id) {
             table.by_ip.remove(&peer.mesh_ip);
         }
@@ -96,6 +106,30 @@ impl DataPlane {
             .by_id
             .get(&id)
             .cloned()
+    }
+
+    pub fn peer_by_endpoint(&self, addr: SocketAddr) -> Option<Arc<Peer>> {
+        self.peers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_endpoint
+            .get(&addr)
+            .cloned()
+    }
+
+    /// Sends `peer`'s datagrams straight to `endpoint` on the shared socket (and
+    /// takes datagrams from there as the peer's), or stops doing so with `None`.
+    pub fn set_endpoint(&self, peer: &Arc<Peer>, endpoint: Option<SocketAddr>) {
+        let mut table = self.peers.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(old) = peer.endpoint() {
+            if table.by_endpoint.get(&old).is_some_and(|p| p.id == peer.id) {
+                table.by_endpoint.remove(&old);
+            }
+        }
+        if let Some(addr) = endpoint {
+            table.by_endpoint.insert(addr, peer.clone());
+        }
+        peer.set_endpoint(endpoint);
     }
 
     pub fn peer_by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Peer>> {
@@ -152,6 +186,11 @@ impl DataPlane {
 
     /// Sends a WireGuard datagram over the selected ICE pair, or the relay.
     pub async fn transmit(&self, peer: &Peer, datagram: &[u8]) {
+        if let Some(addr) = peer.endpoint() {
+            if self.udp.send_to(datagram, addr).await.is_ok() {
+                return;
+            }
+        }
         if let Some(conn) = peer.active_conn() {
             // `Ok(0)` means the agent has no selected pair (any more): relay it.
             if let Ok(n) = conn.send(datagram).await {

@@ -2,6 +2,7 @@
 //! every peer's path state. The data plane runs beside it on its own tasks.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,8 +19,9 @@ use crate::control::ControlEvent;
 use crate::dataplane::{DataPlane, Outbound, BUF_SIZE};
 use crate::ice::{IceEvent, IceSession, IceSettings};
 use crate::identity::decode_public_key;
+use crate::mux::Mux;
 use crate::netmap::{self, Change};
-use crate::path::{Action, IceStatus, PathState};
+use crate::path::{Action, CandidateKind, IceStatus, PathState};
 use crate::peer::{lock, Peer};
 use crate::why::{self, Attempt, Evidence};
 
@@ -41,6 +43,36 @@ pub struct Links {
     /// Latest control-stream round trip in microseconds; 0 when unknown.
     pub coord_rtt_us: Arc<AtomicU64>,
     pub ice_tx: mpsc::UnboundedSender<IceEvent>,
+    pub mux: Arc<Mux>,
+}
+
+/// A finished netcheck, and what STUN saw of the shared socket.
+pub struct Netchecked {
+    report: NetcheckReport,
+    reflexive: Option<SocketAddr>,
+}
+
+/// Runs netcheck and the shared socket's srflx probe side by side.
+async fn netcheck(ice: IceConfig, rtt: Option<Duration>, mux: Arc<Mux>) -> Netchecked {
+    let server = match ice
+        .stun
+        .first()
+        .and_then(|u| crate::netcheck::server_addr(u))
+    {
+        Some(server) => tokio::net::lookup_host(server)
+            .await
+            .ok()
+            .and_then(|mut a| a.next()),
+        None => None,
+    };
+    let probe = async {
+        match server {
+            Some(server) => mux.reflexive_addr(server).await,
+            None => None,
+        }
+    };
+    let (report, reflexive) = tokio::join!(crate::netcheck::run(&ice, rtt), probe);
+    Netchecked { report, reflexive }
 }
 
 pub struct Engine {
@@ -63,8 +95,11 @@ pub struct Engine {
     remote_nat: HashMap<NodeId, NatSummary>,
     /// What the latest ICE attempt per peer saw, kept after it failed.
     attempts: HashMap<NodeId, (Instant, Attempt)>,
-    netcheck_tx: mpsc::UnboundedSender<NetcheckReport>,
-    netcheck_rx: Option<mpsc::UnboundedReceiver<NetcheckReport>>,
+    netcheck_tx: mpsc::UnboundedSender<Netchecked>,
+    netcheck_rx: Option<mpsc::UnboundedReceiver<Netchecked>>,
+    mux: Arc<Mux>,
+    /// Our shared socket's address as STUN sees it: our srflx candidate.
+    reflexive: Option<SocketAddr>,
     last_netcheck: Option<Instant>,
     /// A netmap arriving in parts (a `Welcome` with `more`, then `PeerBatch`es).
     pending_netmap: Option<Vec<PeerInfo>>,
@@ -80,6 +115,7 @@ impl Engine {
     ) -> Self {
         let ice = IceSettings {
             urls: Vec::new(),
+            mux: links.mux.clone(),
             tun_name: tun_name.clone(),
         };
         let (netcheck_tx, netcheck_rx) = mpsc::unbounded_channel();
@@ -102,6 +138,8 @@ impl Engine {
             attempts: HashMap::new(),
             netcheck_tx,
             netcheck_rx: Some(netcheck_rx),
+            mux: links.mux,
+            reflexive: None,
             last_netcheck: None,
             pending_netmap: None,
         }
@@ -153,7 +191,7 @@ impl Engine {
             ServerMsg::Welcome {
                 peers, ice, more, ..
             } => {
-                self.ice = IceSettings::from_config(&ice, &self.tun_name);
+                self.ice = IceSettings::from_config(&ice, &self.tun_name, self.mux.clone());
                 self.ice_config = ice;
                 let due = self
                     .last_netcheck
@@ -187,7 +225,7 @@ impl Engine {
             ServerMsg::PeerRemoved { id } => self.apply(Change::Remove(id)),
             ServerMsg::Signal { from, payload } => self.on_signal(from, &payload).await,
             ServerMsg::IceConfig { ice } => {
-                self.ice = IceSettings::from_config(&ice, &self.tun_name)
+                self.ice = IceSettings::from_config(&ice, &self.tun_name, self.mux.clone())
             }
             ServerMsg::Error {
                 error,
@@ -308,6 +346,7 @@ impl Engine {
                     },
                 );
                 tracing::debug!(peer = peer.id, session = session_id, "ICE offer sent");
+                self.send_reflexive(peer, session_id);
                 self.sessions.insert(peer.id, session);
             }
             Err(e) => {
@@ -353,6 +392,7 @@ impl Engine {
                         pwd: s.pwd.clone(),
                     },
                 );
+                self.send_reflexive(&peer, session);
                 s.connect(false, from, ufrag, pwd, self.ice_tx.clone());
                 lock(&peer.path).session_started(now);
                 self.sessions.insert(from, s);
@@ -503,6 +543,16 @@ impl Engine {
             _ if online => "coord relay".to_owned(),
             _ => "connecting".to_owned(),
         };
+        // A pair whose local side is not a TURN relay is on the shared socket.
+        let endpoint = match (&selected, &conn) {
+            (Some(pair), Some(_)) if pair.local != CandidateKind::Relay => {
+                pair.remote_addr.parse().ok()
+            }
+            _ => None,
+        };
+        if endpoint != peer.endpoint() {
+            self.dataplane.set_endpoint(peer, endpoint);
+        }
         peer.set_active_conn(conn);
         if self.labels.get(&peer.id) != Some(&label) {
             tracing::info!("peer {} ({}) now {label}", peer.name(), peer.mesh_ip);
@@ -538,8 +588,9 @@ impl Engine {
         let ice = self.ice_config.clone();
         let rtt = self.coord_rtt();
         let tx = self.netcheck_tx.clone();
+        let mux = self.mux.clone();
         tokio::spawn(async move {
-            let _ = tx.send(crate::netcheck::run(&ice, rtt).await);
+            let _ = tx.send(netcheck(ice, rtt, mux).await);
         });
     }
 
@@ -550,7 +601,22 @@ impl Engine {
         }
     }
 
-    fn on_netcheck(&mut self, report: NetcheckReport) {
+    fn on_netcheck(&mut self, done: Netchecked) {
+        let Netchecked { report, reflexive } = done;
+        if reflexive.is_some() && reflexive != self.reflexive {
+            self.reflexive = reflexive;
+            // Sessions already under way learn the candidate too.
+            let sessions: Vec<_> = self
+                .sessions
+                .iter()
+                .map(|(id, s)| (*id, s.session))
+                .collect();
+            for (id, session) in sessions {
+                if let Some(peer) = self.dataplane.peer(id) {
+                    self.send_reflexive(&peer, session);
+                }
+            }
+        }
         let nat = report.summary();
         tracing::info!(
             "netcheck: udp {}, public address {}, mapping {:?}",
@@ -563,6 +629,14 @@ impl Engine {
             if lock(&peer.info).online {
                 self.send_nat(&peer);
             }
+        }
+    }
+
+    /// Signals our srflx candidate for `session` (webrtc-ice gathers none on a mux).
+    fn send_reflexive(&self, peer: &Peer, session: u64) {
+        if let Some(mapped) = self.reflexive.filter(|m| !crate::mux::is_local_ip(m.ip())) {
+            let candidate = crate::mux::srflx_candidate(mapped, self.mux.port());
+            self.send_signal(peer, &PeerSignal::Candidate { session, candidate });
         }
     }
 
@@ -592,10 +666,11 @@ impl Engine {
                 let ice = self.ice_config.clone();
                 let rtt = self.coord_rtt();
                 let tx = self.netcheck_tx.clone();
+                let mux = self.mux.clone();
                 tokio::spawn(async move {
-                    let report = crate::netcheck::run(&ice, rtt).await;
-                    let _ = tx.send(report.clone());
-                    let _ = reply.send(report);
+                    let done = netcheck(ice, rtt, mux).await;
+                    let _ = reply.send(done.report.clone());
+                    let _ = tx.send(done);
                 });
             }
             Query::Why(target, reply) => {

@@ -14,6 +14,7 @@ use webrtc_ice::candidate::{Candidate, CandidateType};
 use webrtc_ice::mdns::MulticastDnsMode;
 use webrtc_ice::network_type::NetworkType;
 use webrtc_ice::state::ConnectionState;
+use webrtc_ice::udp_network::UDPNetwork;
 use webrtc_ice::url::Url;
 
 use crate::path::{CandidateKind, SelectedPair};
@@ -65,13 +66,15 @@ pub enum IceEvent {
 #[derive(Clone)]
 pub struct IceSettings {
     pub urls: Vec<Url>,
+    /// The shared socket every agent's host candidates live on.
+    pub mux: Arc<crate::mux::Mux>,
     /// Our TUN interface: never gather candidates on it, or the tunnel would
     /// route into itself.
     pub tun_name: String,
 }
 
 impl IceSettings {
-    pub fn from_config(ice: &IceConfig, tun_name: &str) -> Self {
+    pub fn from_config(ice: &IceConfig, tun_name: &str, mux: Arc<crate::mux::Mux>) -> Self {
         let mut urls = Vec::new();
         for raw in &ice.stun {
             match Url::parse_url(raw) {
@@ -93,6 +96,7 @@ impl IceSettings {
         }
         IceSettings {
             urls,
+            mux,
             tun_name: tun_name.to_owned(),
         }
     }
@@ -124,6 +128,7 @@ impl IceSession {
         let config = AgentConfig {
             urls: settings.urls.clone(),
             network_types: vec![NetworkType::Udp4],
+            udp_network: UDPNetwork::Muxed(settings.mux.clone()),
             candidate_types: vec![
                 CandidateType::Host,
                 CandidateType::ServerReflexive,

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod ice;
 pub mod identity;
 pub mod local_api;
+pub mod mux;
 pub mod netcheck;
 pub mod netmap;
 pub mod packet;

@@ -186,7 +186,10 @@ impl PathState {
     /// signalled type is the truth, so the path is named after it.
     pub fn learn_remote(&mut self, addr: &str, kind: CandidateKind) {
         if let Some(pair) = &mut self.selected {
-            if pair.remote == CandidateKind::Prflx && pair.remote_addr == addr {
+            // Also: a NAT-less peer's srflx is its host address; host names it best.
+            let better = pair.remote == CandidateKind::Prflx
+                || (pair.remote == CandidateKind::Srflx && kind == CandidateKind::Host);
+            if better && pair.remote_addr == addr {
                 pair.remote = kind;
             }
         }

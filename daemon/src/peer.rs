@@ -1,7 +1,7 @@
 //! One remote node as the data plane sees it: its WireGuard session, the ICE
 //! connection packets currently take (if any), and counters.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -31,6 +31,9 @@ pub struct Peer {
     pub sealer: Sealer,
     /// Where packets go while the path state says ICE is usable.
     active: RwLock<Option<IceConn>>,
+    /// The selected pair's remote address when that pair is on our shared socket:
+    /// packets then bypass the ICE agent entirely.
+    endpoint: RwLock<Option<SocketAddr>>,
     pub path: Mutex<PathState>,
     pub rx_bytes: AtomicU64,
     pub tx_bytes: AtomicU64,
@@ -76,6 +79,7 @@ impl Peer {
             info: Mutex::new(info),
             tunn: Mutex::new(tunn),
             active: RwLock::new(None),
+            endpoint: RwLock::new(None),
             path: Mutex::new(path),
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
@@ -95,6 +99,15 @@ impl Peer {
 
     pub fn set_active_conn(&self, conn: Option<IceConn>) {
         *self.active.write().unwrap_or_else(|e| e.into_inner()) = conn;
+    }
+
+    pub fn endpoint(&self) -> Option<SocketAddr> {
+        *self.endpoint.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Only the data plane calls this, keeping its endpoint table in step.
+    pub(crate) fn set_endpoint(&self, endpoint: Option<SocketAddr>) {
+        *self.endpoint.write().unwrap_or_else(|e| e.into_inner()) = endpoint;
     }
 
     pub fn count_rx(&self, n: usize) {

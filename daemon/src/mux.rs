@@ -1,0 +1,327 @@
+//! One UDP socket for every peer, shared by ICE and WireGuard.
+//!
+//! ```text
+//!                       ┌─ STUN binding request ── by USERNAME ufrag ─▶ that peer's ICE agent
+//!   UDP socket ──recv──┼─ other STUN ──────────── by sender address ──▶ the agent that last sent there
+//!                       ├─ WireGuard from a peer's selected endpoint ───▶ data plane (no copy, no agent)
+//!                       └─ WireGuard from elsewhere ── by address ─────▶ agent (its Conn; rare)
+//! ```
+//!
+//! webrtc-ice's own connection object costs an async mutex and two copies per
+//! datagram; here WireGuard goes straight between the socket and the data plane,
+//! and ICE only sees STUN. webrtc-ice gathers no server-reflexive candidates on a
+//! mux, so [`Mux::reflexive_addr`] asks STUN itself from this socket and the engine
+//! signals the answer as our srflx candidate.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use stun::attributes::ATTR_USERNAME;
+use stun::message::{Getter, Message, BINDING_REQUEST, BINDING_SUCCESS};
+use stun::xoraddr::XorMappedAddress;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot};
+use webrtc_ice::udp_mux::UDPMux;
+use webrtc_util::Conn;
+
+use crate::dataplane::{DataPlane, BUF_SIZE};
+use crate::peer::lock;
+
+/// Datagrams queued for one agent before more are dropped (STUN is sparse).
+const AGENT_QUEUE: usize = 256;
+/// How long a STUN server may take to answer our srflx probe.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+type TransactionId = [u8; 12];
+
+pub struct Mux {
+    socket: Arc<UdpSocket>,
+    local_addr: SocketAddr,
+    /// The agent conn of each ICE session, by its local ufrag.
+    conns: Mutex<HashMap<String, Arc<MuxConn>>>,
+    /// Which agent last sent to an address: where answers from there go.
+    by_addr: Mutex<HashMap<SocketAddr, Weak<MuxConn>>>,
+    /// Our own srflx probes waiting for their Binding success.
+    probes: Mutex<HashMap<TransactionId, oneshot::Sender<SocketAddr>>>,
+}
+
+impl Mux {
+    pub async fn bind() -> std::io::Result<Arc<Mux>> {
+        let socket = UdpSocket::bind("0.0.0.0:0").await?;
+        let local_addr = socket.local_addr()?;
+        Ok(Arc::new(Mux {
+            socket: Arc::new(socket),
+            local_addr,
+            conns: Mutex::default(),
+            by_addr: Mutex::default(),
+            probes: Mutex::default(),
+        }))
+    }
+
+    pub fn socket(&self) -> Arc<UdpSocket> {
+        self.socket.clone()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.local_addr.port()
+    }
+
+    /// Reads the socket until it fails; see the module diagram.
+    pub async fn run(self: Arc<Self>, dataplane: Arc<DataPlane>) -> std::io::Result<()> {
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut out = vec![0u8; BUF_SIZE];
+        loop {
+            let (n, from) = self.socket.recv_from(&mut buf).await?;
+            let datagram = &buf[..n];
+            if stun::message::is_message(datagram) {
+                self.route_stun(datagram, from);
+            } else if let Some(peer) = dataplane.peer_by_endpoint(from) {
+                dataplane.receive(&peer, datagram, &mut out).await;
+            } else if let Some(conn) = self.agent_for(from) {
+                conn.deliver(datagram, from);
+            }
+        }
+    }
+
+    fn agent_for(&self, addr: SocketAddr) -> Option<Arc<MuxConn>> {
+        lock(&self.by_addr).get(&addr).and_then(Weak::upgrade)
+    }
+
+    fn route_stun(&self, datagram: &[u8], from: SocketAddr) {
+        let mut msg = Message::new();
+        if msg.unmarshal_binary(datagram).is_err() {
+            return;
+        }
+        if msg.typ == BINDING_SUCCESS {
+            if let Some(waiter) = lock(&self.probes).remove(&msg.transaction_id.0) {
+                let mut mapped = XorMappedAddress::default();
+                if mapped.get_from(&msg).is_ok() {
+                    let _ = waiter.send(SocketAddr::new(mapped.ip, mapped.port));
+                }
+                return;
+            }
+        }
+        let target = if msg.typ == BINDING_REQUEST {
+            // USERNAME is "<receiver ufrag>:<sender ufrag>": the receiver is ours.
+            msg.get(ATTR_USERNAME).ok().and_then(|username| {
+                let username = String::from_utf8(username).ok()?;
+                let ufrag = username.split(':').next()?;
+                lock(&self.conns).get(ufrag).cloned()
+            })
+        } else {
+            self.agent_for(from)
+        };
+        if let Some(conn) = target {
+            conn.deliver(datagram, from);
+        }
+    }
+
+    /// Our address and port as the STUN server `server` sees this socket.
+    pub async fn reflexive_addr(&self, server: SocketAddr) -> Option<SocketAddr> {
+        let mut msg = Message::new();
+        msg.new_transaction_id().ok()?;
+        msg.set_type(BINDING_REQUEST);
+        msg.write_header();
+        let (tx, rx) = oneshot::channel();
+        lock(&self.probes).insert(msg.transaction_id.0, tx);
+        let answer = async {
+            self.socket.send_to(&msg.raw, server).await.ok()?;
+            tokio::time::timeout(PROBE_TIMEOUT, rx).await.ok()?.ok()
+        }
+        .await;
+        lock(&self.probes).remove(&msg.transaction_id.0);
+        answer
+    }
+}
+
+#[async_trait]
+impl UDPMux for Mux {
+    async fn close(&self) -> Result<(), webrtc_util::Error> {
+        Ok(())
+    }
+
+    async fn get_conn(
+        self: Arc<Self>,
+        ufrag: &str,
+    ) -> Result<Arc<dyn Conn + Send + Sync>, webrtc_util::Error> {
+        let mut conns = lock(&self.conns);
+        if let Some(conn) = conns.get(ufrag) {
+            return Ok(conn.clone());
+        }
+        let (tx, rx) = mpsc::channel(AGENT_QUEUE);
+        let conn = Arc::new(MuxConn {
+            mux: Arc::downgrade(&self),
+            socket: self.socket.clone(),
+            local_addr: self.local_addr,
+            tx,
+            rx: tokio::sync::Mutex::new(rx),
+        });
+        conns.insert(ufrag.to_owned(), conn.clone());
+        Ok(conn)
+    }
+
+    async fn remove_conn_by_ufrag(&self, ufrag: &str) {
+        let removed = lock(&self.conns).remove(ufrag);
+        if let Some(conn) = removed {
+            lock(&self.by_addr).retain(|_, c| !std::ptr::eq(c.as_ptr(), Arc::as_ptr(&conn)));
+        }
+    }
+}
+
+/// One ICE agent's view of the shared socket.
+pub struct MuxConn {
+    mux: Weak<Mux>,
+    socket: Arc<UdpSocket>,
+    local_addr: SocketAddr,
+    tx: mpsc::Sender<(Vec<u8>, SocketAddr)>,
+    rx: tokio::sync::Mutex<mpsc::Receiver<(Vec<u8>, SocketAddr)>>,
+}
+
+impl MuxConn {
+    fn deliver(&self, datagram: &[u8], from: SocketAddr) {
+        // A full queue means the agent is not reading: dropping is what UDP does.
+        let _ = self.tx.try_send((datagram.to_vec(), from));
+    }
+}
+
+#[async_trait]
+impl Conn for MuxConn {
+    async fn connect(&self, _addr: SocketAddr) -> Result<(), webrtc_util::Error> {
+        Err(webrtc_util::Error::Other(
+            "a mux conn is not connected".into(),
+        ))
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> Result<usize, webrtc_util::Error> {
+        self.recv_from(buf).await.map(|(n, _)| n)
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> Result<(usize, SocketAddr), webrtc_util::Error> {
+        let mut rx = self.rx.lock().await;
+        match rx.recv().await {
+            Some((datagram, from)) => {
+                let n = datagram.len().min(buf.len());
+                buf[..n].copy_from_slice(&datagram[..n]);
+                Ok((n, from))
+            }
+            None => Err(webrtc_util::Error::Other("mux conn closed".into())),
+        }
+    }
+
+    async fn send(&self, _buf: &[u8]) -> Result<usize, webrtc_util::Error> {
+        Err(webrtc_util::Error::Other(
+            "a mux conn needs a destination".into(),
+        ))
+    }
+
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> Result<usize, webrtc_util::Error> {
+        if let Some(mux) = self.mux.upgrade() {
+            let me = lock(&mux.conns)
+                .values()
+                .find(|c| std::ptr::eq(Arc::as_ptr(c), self))
+                .cloned();
+            if let Some(me) = me {
+                lock(&mux.by_addr).insert(target, Arc::downgrade(&me));
+            }
+        }
+        Ok(self.socket.send_to(buf, target).await?)
+    }
+
+    fn local_addr(&self) -> Result<SocketAddr, webrtc_util::Error> {
+        Ok(self.local_addr)
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        None
+    }
+
+    async fn close(&self) -> Result<(), webrtc_util::Error> {
+        self.rx.lock().await.close();
+        Ok(())
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
+/// Whether `ip` is one of this host's own addresses: then STUN saw us without a
+/// NAT and an srflx candidate would only repeat a host candidate.
+pub fn is_local_ip(ip: std::net::IpAddr) -> bool {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return false;
+    };
+    addrs
+        .filter_map(|a| a.address)
+        .filter_map(|a| a.as_sockaddr_in().map(|sin| std::net::IpAddr::V4(sin.ip())))
+        .any(|local| local == ip)
+}
+
+/// An srflx candidate line for our mux socket seen as `mapped` from outside.
+pub fn srflx_candidate(mapped: SocketAddr, local_port: u16) -> String {
+    // RFC 8445 priority: type preference 100 (srflx), local preference 65535,
+    // component 1.
+    let priority: u32 = (100 << 24) | (65_535 << 8) | (256 - 1);
+    format!(
+        "ovlsrflx 1 udp {priority} {} {} typ srflx raddr 0.0.0.0 rport {local_port}",
+        mapped.ip(),
+        mapped.port()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stun::message::Setter;
+    use webrtc_ice::candidate::candidate_base::unmarshal_candidate;
+    use webrtc_ice::candidate::{Candidate, CandidateType};
+
+    #[test]
+    fn srflx_candidate_parses_as_one() {
+        let line = srflx_candidate("203.0.113.7:40000".parse().unwrap(), 5555);
+        let c = unmarshal_candidate(&line).unwrap();
+        assert_eq!(c.candidate_type(), CandidateType::ServerReflexive);
+        assert_eq!((c.address().as_str(), c.port()), ("203.0.113.7", 40000));
+    }
+
+    #[tokio::test]
+    async fn binding_requests_reach_the_agent_named_in_username_and_answers_return() {
+        let mux = Mux::bind().await.unwrap();
+        let a = mux.clone().get_conn("ufragA").await.unwrap();
+        let _b = mux.clone().get_conn("ufragB").await.unwrap();
+
+        let mut req = Message::new();
+        req.new_transaction_id().unwrap();
+        req.set_type(BINDING_REQUEST);
+        req.write_header();
+        stun::textattrs::TextAttribute::new(ATTR_USERNAME, "ufragA:remote".into())
+            .add_to(&mut req)
+            .unwrap();
+        let from: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        mux.route_stun(&req.raw, from);
+        let mut buf = [0u8; 1500];
+        let (n, src) = tokio::time::timeout(Duration::from_secs(1), a.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((&buf[..n], src), (req.raw.as_slice(), from));
+
+        // After `a` sent to an address, a response from there goes to `a`.
+        let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let peer_addr = peer.local_addr().unwrap();
+        a.send_to(b"x", peer_addr).await.unwrap();
+        let mut resp = Message::new();
+        resp.new_transaction_id().unwrap();
+        resp.set_type(BINDING_SUCCESS);
+        resp.write_header();
+        mux.route_stun(&resp.raw, peer_addr);
+        let (n, _) = tokio::time::timeout(Duration::from_secs(1), a.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], resp.raw.as_slice());
+    }
+}
