@@ -19,12 +19,19 @@ use overlay_proto::coord::{encode_relay_frame, ClientMsg};
 use overlay_proto::NodeId;
 use tokio::sync::{mpsc, oneshot};
 
+use futures_util::FutureExt;
+
 use crate::packet;
 use crate::peer::{lock, Peer};
+use crate::udp_batch;
 
 /// Large enough for any IP packet plus WireGuard's overhead: boringtun panics on
 /// a short buffer, so every buffer handed to it has this size.
 pub const BUF_SIZE: usize = 65_536 + 256;
+/// One TUN read: an IP packet of at most the largest MTU the config allows.
+const SLOT: usize = 9_216;
+/// Packets read from the TUN and encrypted in one go when they are waiting.
+const TUN_BATCH: usize = 32;
 
 /// What the data and control planes hand to the coordinator connection.
 #[derive(Debug)]
@@ -148,40 +155,97 @@ impl DataPlane {
         peers
     }
 
-    /// Reads the TUN until it fails (the interface went away).
+    /// Reads the TUN until it fails (the interface went away). Packets that are
+    /// waiting are read and encrypted together, and runs of them to one direct
+    /// endpoint leave in one GSO send.
     pub async fn run_tun_reader(self: Arc<Self>) -> std::io::Result<()> {
-        let mut packet = vec![0u8; BUF_SIZE];
-        let mut out = vec![0u8; BUF_SIZE];
+        let mut packets = vec![vec![0u8; SLOT]; TUN_BATCH];
+        let mut outs = vec![vec![0u8; SLOT + 256]; TUN_BATCH];
+        let mut lens = [0usize; TUN_BATCH];
+        let mut direct: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(TUN_BATCH);
         loop {
-            let n = self.tun.recv(&mut packet).await?;
-            let packet = &packet[..n];
-            let Some((_, dst)) = packet::ipv4_addrs(packet) else {
-                continue;
-            };
-            match self.peer_by_ip(dst) {
-                Some(peer) => self.send_packet(&peer, packet, &mut out).await,
-                None => {
+            lens[0] = self.tun.recv(&mut packets[0]).await?;
+            let mut count = 1;
+            while count < TUN_BATCH {
+                match self.tun.recv(&mut packets[count]).now_or_never() {
+                    Some(Ok(n)) => {
+                        lens[count] = n;
+                        count += 1;
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => break,
+                }
+            }
+            direct.clear();
+            for i in 0..count {
+                let packet = &packets[i][..lens[i]];
+                let Some((_, dst)) = packet::ipv4_addrs(packet) else {
+                    continue;
+                };
+                let Some(peer) = self.peer_by_ip(dst) else {
                     self.drops.no_route.fetch_add(1, Ordering::Relaxed);
                     if let Some(reply) = packet::host_unreachable(self.my_ip, packet) {
                         let _ = self.tun.send(&reply).await;
                     }
+                    continue;
+                };
+                let Some(len) = self.encapsulate(&peer, packet, &mut outs[i]) else {
+                    continue;
+                };
+                match peer.endpoint() {
+                    Some(endpoint) => direct.push((endpoint, i, len)),
+                    None => self.transmit(&peer, &outs[i][..len]).await,
                 }
             }
+            self.send_direct(&direct, &outs).await;
         }
     }
 
-    /// Encrypts one IP packet for `peer` and sends it on the best path.
-    pub async fn send_packet(&self, peer: &Peer, packet: &[u8], out: &mut [u8]) {
+    /// Sends encrypted datagrams `(endpoint, slot, len)` in GSO runs: consecutive,
+    /// same endpoint, equal length (the last of a run may be shorter).
+    async fn send_direct(&self, direct: &[(SocketAddr, usize, usize)], outs: &[Vec<u8>]) {
+        let mut start = 0;
+        while start < direct.len() {
+            let (endpoint, _, size) = direct[start];
+            let mut end = start + 1;
+            while end < direct.len()
+                && end - start < udp_batch::MAX_SEGMENTS
+                && direct[end].0 == endpoint
+                && direct[end].2 <= size
+                && direct[end - 1].2 == size
+            {
+                end += 1;
+            }
+            let run: Vec<&[u8]> = direct[start..end]
+                .iter()
+                .map(|&(_, i, len)| &outs[i][..len])
+                .collect();
+            if let Err(e) = udp_batch::send_segments(&self.udp, endpoint, &run).await {
+                tracing::debug!("send to {endpoint}: {e}");
+            }
+            start = end;
+        }
+    }
+
+    /// Encrypts one IP packet for `peer` into `out`; the datagram's length.
+    fn encapsulate(&self, peer: &Peer, packet: &[u8], out: &mut [u8]) -> Option<usize> {
         let len = match lock(&peer.tunn).encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => datagram.len(),
             TunnResult::Err(e) => {
                 tracing::debug!(peer = peer.id, "encapsulate: {e:?}");
-                return;
+                return None;
             }
-            _ => return,
+            _ => return None,
         };
         peer.count_tx(packet.len());
-        self.transmit(peer, &out[..len]).await;
+        Some(len)
+    }
+
+    /// Encrypts one IP packet for `peer` and sends it on the best path.
+    pub async fn send_packet(&self, peer: &Peer, packet: &[u8], out: &mut [u8]) {
+        if let Some(len) = self.encapsulate(peer, packet, out) {
+            self.transmit(peer, &out[..len]).await;
+        }
     }
 
     /// Sends a WireGuard datagram over the selected ICE pair, or the relay.

@@ -284,11 +284,12 @@ impl Engine {
                             info.mesh_ip,
                             if info.online { "online" } else { "offline" }
                         );
-                        lock(&peer.path).set_online(info.online, now);
+                        let drop_session = lock(&peer.path).set_online(info.online, now);
+                        if drop_session {
+                            self.end_session(info.id);
+                        }
                         if info.online {
                             self.send_nat(&peer);
-                        } else {
-                            self.end_session(info.id);
                         }
                     }
                     *lock(&peer.info) = info.clone();

@@ -23,4 +23,5 @@ pub mod peer;
 pub mod seal;
 pub mod transport;
 pub mod tun_device;
+pub mod udp_batch;
 pub mod why;

@@ -29,6 +29,7 @@ use webrtc_util::Conn;
 
 use crate::dataplane::{DataPlane, BUF_SIZE};
 use crate::peer::lock;
+use crate::udp_batch;
 
 /// Datagrams queued for one agent before more are dropped (STUN is sparse).
 const AGENT_QUEUE: usize = 256;
@@ -52,6 +53,9 @@ impl Mux {
     pub async fn bind() -> std::io::Result<Arc<Mux>> {
         let socket = UdpSocket::bind("0.0.0.0:0").await?;
         let local_addr = socket.local_addr()?;
+        if !udp_batch::enable_gro(&socket) {
+            tracing::debug!("UDP GRO unavailable; one datagram per read");
+        }
         Ok(Arc::new(Mux {
             socket: Arc::new(socket),
             local_addr,
@@ -74,14 +78,17 @@ impl Mux {
         let mut buf = vec![0u8; BUF_SIZE];
         let mut out = vec![0u8; BUF_SIZE];
         loop {
-            let (n, from) = self.socket.recv_from(&mut buf).await?;
-            let datagram = &buf[..n];
-            if stun::message::is_message(datagram) {
-                self.route_stun(datagram, from);
-            } else if let Some(peer) = dataplane.peer_by_endpoint(from) {
-                dataplane.receive(&peer, datagram, &mut out).await;
-            } else if let Some(conn) = self.agent_for(from) {
-                conn.deliver(datagram, from);
+            let (from, n, segment) = udp_batch::recv_coalesced(&self.socket, &mut buf).await?;
+            // With GRO, one read is a run of datagrams from one sender.
+            let peer = dataplane.peer_by_endpoint(from);
+            for datagram in udp_batch::segments(&buf[..n], segment) {
+                if stun::message::is_message(datagram) {
+                    self.route_stun(datagram, from);
+                } else if let Some(peer) = &peer {
+                    dataplane.receive(peer, datagram, &mut out).await;
+                } else if let Some(conn) = self.agent_for(from) {
+                    conn.deliver(datagram, from);
+                }
             }
         }
     }

@@ -155,11 +155,18 @@ impl PathState {
         self.next_attempt
     }
 
-    pub fn set_online(&mut self, online: bool, now: Instant) {
+    /// The coordinator says the peer came online or went offline. Its word does
+    /// not end a working ICE path: the coordinator may be the one that restarted,
+    /// or cut off from the peer, and ICE's own consent checks tell within seconds
+    /// whether the peer is really gone. Returns whether to drop the ICE session.
+    pub fn set_online(&mut self, online: bool, now: Instant) -> bool {
         if online == self.online {
-            return;
+            return false;
         }
         self.online = online;
+        if self.status == IceStatus::Connected {
+            return false;
+        }
         self.status = IceStatus::Idle;
         self.selected = None;
         self.backoff.reset();
@@ -168,6 +175,7 @@ impl PathState {
         } else {
             now + OFFER_GRACE
         };
+        true
     }
 
     /// A new session began on our side (we sent an offer, or answered one).
@@ -363,15 +371,24 @@ mod tests {
     }
 
     #[test]
-    fn offline_peer_is_left_alone_and_online_again_restarts_at_once() {
+    fn offline_peer_keeps_a_working_path_but_gets_no_new_sessions() {
         let t0 = Instant::now();
         let mut p = PathState::new(true, false, t0);
         assert_eq!(p.poll(t0, 0.0), None);
         p.set_online(true, t0);
         assert_eq!(p.poll(t0, 0.0), Some(Action::StartSession));
+        p.on_selected(pair(CandidateKind::Host, CandidateKind::Host));
         p.on_connected();
-        p.set_online(false, t0);
+        assert!(
+            !p.set_online(false, t0),
+            "a working path outlives the coordinator's word"
+        );
+        assert!(p.selected().is_some());
+        assert_eq!(p.poll(t0, 0.0), None, "no new session for an offline peer");
+        p.on_disconnected();
+        p.on_failed(t0, 0.0);
         assert!(p.selected().is_none());
+        assert_eq!(p.poll(t0 + RETRY_CAP, 0.0), None, "offline: no retries");
     }
 
     #[test]

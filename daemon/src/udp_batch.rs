@@ -1,0 +1,164 @@
+//! Fewer system calls per packet on the shared UDP socket: UDP GSO sends a run of
+//! equal-sized WireGuard datagrams to one peer in one `sendmsg`, and UDP GRO hands
+//! us a run of datagrams from one peer in one `recvmsg`. Both fall back to one
+//! datagram per call where the kernel refuses them.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use nix::sys::socket::{
+    recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockaddrIn, SockaddrStorage,
+};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+
+/// The kernel coalesces at most 64 segments into one GSO send.
+pub const MAX_SEGMENTS: usize = 64;
+
+/// Whether GSO sends still work here; cleared on the first refusal.
+static GSO_OK: AtomicBool = AtomicBool::new(true);
+
+/// Asks the kernel to coalesce received datagrams (UDP GRO); harmless if refused.
+pub fn enable_gro(socket: &UdpSocket) -> bool {
+    setsockopt(socket, sockopt::UdpGroSegment, &true).is_ok()
+}
+
+/// Sends `segments` to `dst`: one GSO `sendmsg` when there are several, all but
+/// the last exactly as long as the first and the last no longer.
+pub async fn send_segments(
+    socket: &UdpSocket,
+    dst: SocketAddr,
+    segments: &[&[u8]],
+) -> std::io::Result<()> {
+    let SocketAddr::V4(v4) = dst else {
+        for s in segments {
+            socket.send_to(s, dst).await?;
+        }
+        return Ok(());
+    };
+    if segments.len() > 1 && GSO_OK.load(Ordering::Relaxed) {
+        let size = segments[0].len();
+        debug_assert!(segments[..segments.len() - 1]
+            .iter()
+            .all(|s| s.len() == size));
+        let addr = SockaddrIn::from(v4);
+        let seg = size as u16;
+        let iov: Vec<IoSlice> = segments.iter().map(|s| IoSlice::new(s)).collect();
+        let sent = socket
+            .async_io(Interest::WRITABLE, || {
+                let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+                sendmsg(
+                    socket.as_raw_fd(),
+                    &iov,
+                    &cmsg,
+                    MsgFlags::empty(),
+                    Some(&addr),
+                )
+                .map_err(std::io::Error::from)
+            })
+            .await;
+        match sent {
+            Ok(_) => return Ok(()),
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP)
+                ) =>
+            {
+                tracing::debug!("UDP GSO refused ({e}); sending datagrams one by one");
+                GSO_OK.store(false, Ordering::Relaxed);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    for s in segments {
+        socket.send_to(s, dst).await?;
+    }
+    Ok(())
+}
+
+/// Receives into `buf`: the sender, the bytes, and the segment size when the
+/// kernel coalesced several datagrams (each `segment` long, the last maybe shorter).
+pub async fn recv_coalesced(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(SocketAddr, usize, Option<usize>)> {
+    socket
+        .async_io(Interest::READABLE, || {
+            let mut iov = [IoSliceMut::new(buf)];
+            let mut cmsg = nix::cmsg_space!(i32);
+            let msg = recvmsg::<SockaddrStorage>(
+                socket.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::empty(),
+            )
+            .map_err(std::io::Error::from)?;
+            let mut segment = None;
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::UdpGroSegments(size) = c {
+                        segment = usize::try_from(size).ok().filter(|s| *s > 0);
+                    }
+                }
+            }
+            let from = msg
+                .address
+                .and_then(|a| a.as_sockaddr_in().map(|sin| SocketAddr::V4((*sin).into())))
+                .ok_or_else(|| std::io::Error::other("datagram without an IPv4 sender"))?;
+            Ok((from, msg.bytes, segment))
+        })
+        .await
+}
+
+/// The datagrams in a coalesced receive.
+pub fn segments(data: &[u8], segment: Option<usize>) -> std::slice::Chunks<'_, u8> {
+    data.chunks(segment.unwrap_or(data.len()).max(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalesced_data_splits_into_segments() {
+        let data = [1u8; 10];
+        let parts: Vec<_> = segments(&data, Some(4)).map(<[u8]>::len).collect();
+        assert_eq!(parts, vec![4, 4, 2]);
+        assert_eq!(segments(&data, None).count(), 1);
+    }
+
+    #[tokio::test]
+    async fn gso_send_arrives_as_separate_datagrams_and_gro_reassembles_them() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let gro = enable_gro(&rx);
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let a = [0xaa; 100];
+        let b = [0xbb; 100];
+        let c = [0xcc; 40];
+        send_segments(&tx, rx.local_addr().unwrap(), &[&a, &b, &c])
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while got.len() < 3 {
+            let (from, n, seg) = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                recv_coalesced(&rx, &mut buf),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            assert_eq!(from, tx.local_addr().unwrap());
+            got.extend(segments(&buf[..n], seg).map(<[u8]>::to_vec));
+        }
+        assert_eq!(
+            got,
+            vec![a.to_vec(), b.to_vec(), c.to_vec()],
+            "GRO enabled: {gro}"
+        );
+    }
+}
