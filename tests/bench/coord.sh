@@ -8,6 +8,8 @@
 #                              building them (release)
 #   COORD_MAX_RSS_MIB=4096     stop a run once the server's VmRSS passes this
 #   COORD_MAX_VM_MIB=8192      address-space cap (ulimit -v) of the server
+#   COORD_LOAD_ARGS="..."      more coord-load flags, e.g. "--batch 10000
+#                              --concurrency 256" for a reconnect storm
 #   BENCH_KEEP=1               keep the work directory (server logs)
 
 set -euo pipefail
@@ -82,7 +84,7 @@ for n in $NODES; do
     key=$("$BIN/overlay-coord" keys create --reusable --state-dir "$state")
     log "N=$n: server pid $SERVER_PID on 127.0.0.1:$port"
     if COORD_LOAD_AUTH_KEY=$key "$BIN/coord-load" --server "127.0.0.1:$port" --nodes "$n" \
-        --server-pid "$SERVER_PID" --max-server-rss-mib "$COORD_MAX_RSS_MIB" | tee "$WORK/load-$n.txt"; then
+        --server-pid "$SERVER_PID" --max-server-rss-mib "$COORD_MAX_RSS_MIB" ${COORD_LOAD_ARGS:-} | tee "$WORK/load-$n.txt"; then
         :
     else
         log "N=$n: coord-load failed; server log tail:"

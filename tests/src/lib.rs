@@ -29,6 +29,6 @@ pub mod wait;
 pub use bins::bin;
 pub use coturn::Coturn;
 pub use lab::{lab_test, Host, Iface, Lab, NatKind, Segment, Site, Subnet};
-pub use overlay::{Coordinator, Daemon};
+pub use overlay::{wait_path, Coordinator, Daemon, LanPair};
 pub use process::Proc;
 pub use wait::{fatal, wait_until, Wait};

@@ -292,6 +292,67 @@ pub fn parse_ping_summary(text: &str) -> Option<(u32, u32)> {
     Some((sent, received))
 }
 
+/// A coordinator and two enrolled, running nodes `a` and `b` on one LAN segment.
+/// Fields drop in order: the daemons stop before the coordinator.
+pub struct LanPair {
+    pub a_host: Host,
+    pub a: Daemon,
+    pub b_host: Host,
+    pub b: Daemon,
+    pub coord_host: Host,
+    pub coord: Coordinator,
+}
+
+impl LanPair {
+    /// `subnet` like `10.77.2.0/24`: the coordinator gets `.1`, a and b the next.
+    pub fn start(lab: &Lab, subnet: &str) -> anyhow::Result<LanPair> {
+        let lan = lab.segment("lan", subnet)?;
+        let coord_host = lab.host("coord")?;
+        let coord_ip = lab.attach(&coord_host, &lan)?.ip;
+        let coord = Coordinator::start(lab, &coord_host, coord_ip, &[])?;
+        let key = coord.create_key(lab)?;
+        let a_host = lab.host("a")?;
+        lab.attach(&a_host, &lan)?;
+        let b_host = lab.host("b")?;
+        lab.attach(&b_host, &lan)?;
+        let mut a = Daemon::new(lab, &a_host, "a", &coord.url)?;
+        a.start(lab, Some(&key))?;
+        let mut b = Daemon::new(lab, &b_host, "b", &coord.url)?;
+        b.start(lab, Some(&key))?;
+        Ok(LanPair {
+            a_host,
+            a,
+            b_host,
+            b,
+            coord_host,
+            coord,
+        })
+    }
+}
+
+/// Waits until `d` shows `peer` on a path of kind `want`; returns how long it took.
+pub fn wait_path(
+    d: &mut Daemon,
+    peer: &str,
+    want: overlay_proto::api::PathKind,
+    timeout: Duration,
+) -> anyhow::Result<Duration> {
+    let started = std::time::Instant::now();
+    let what = format!("{} to see {peer} on {want:?}", d.name);
+    wait_until(timeout, &what, || {
+        if !d.is_running() {
+            return Err(fatal(anyhow::anyhow!("overlayd {} exited", d.name)));
+        }
+        let peers = d.peers()?;
+        match peers.iter().find(|p| p.name == peer) {
+            Some(p) if p.path_kind == want => Ok(()),
+            Some(p) => Err(Wait::NotYet(format!("path is {}", p.path))),
+            None => Err(Wait::NotYet(format!("{peer} not listed"))),
+        }
+    })?;
+    Ok(started.elapsed())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,7 +12,9 @@ use std::time::Duration;
 use anyhow::ensure;
 use overlay_proto::api::PathKind;
 use overlay_tests::overlay::ping;
-use overlay_tests::{fatal, lab_test, wait_until, Coordinator, Daemon, Lab, Wait};
+use overlay_tests::{
+    fatal, lab_test, wait_path, wait_until, Coordinator, Daemon, Lab, LanPair, Wait,
+};
 
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The daemons notice a closed control connection at once; allow for slow CI.
@@ -42,40 +44,21 @@ fn wait_connected(d: &mut Daemon, want: bool, timeout: Duration) -> anyhow::Resu
     })
 }
 
-fn wait_direct(d: &mut Daemon, peer: &str) -> anyhow::Result<()> {
-    wait_until(
-        DIRECT_TIMEOUT,
-        &format!("{} to reach {peer} directly", d.name),
-        || {
-            let peers = d.peers()?;
-            match peers.iter().find(|p| p.name == peer) {
-                Some(p) if p.path_kind == PathKind::Direct => Ok(()),
-                Some(p) => Err(Wait::NotYet(format!("path is {}", p.path))),
-                None => Err(Wait::NotYet(format!("{peer} not listed"))),
-            }
-        },
-    )
-}
-
 #[test]
 fn connected_peers_keep_talking_while_the_coordinator_is_down_and_reconnect_after() {
     lab_test(|lab: &Lab| {
-        let lan = lab.segment("lan", "10.77.3.0/24")?;
-        let coord_host = lab.host("coord")?;
-        let coord_ip = lab.attach(&coord_host, &lan)?.ip;
-        let coord = Coordinator::start(lab, &coord_host, coord_ip, &[])?;
-        let key = coord.create_key(lab)?;
-        let a_host = lab.host("a")?;
-        lab.attach(&a_host, &lan)?;
-        let b_host = lab.host("b")?;
-        lab.attach(&b_host, &lan)?;
-        let mut a = Daemon::new(lab, &a_host, "a", &coord.url)?;
-        a.start(lab, Some(&key))?;
-        let mut b = Daemon::new(lab, &b_host, "b", &coord.url)?;
-        b.start(lab, Some(&key))?;
+        let LanPair {
+            a_host,
+            mut a,
+            mut b,
+            coord_host,
+            coord,
+            ..
+        } = LanPair::start(lab, "10.77.3.0/24")?;
+        let coord_ip = coord.ip;
         let b_ip = b.status()?.mesh_ip;
-        wait_direct(&mut a, "b")?;
-        wait_direct(&mut b, "a")?;
+        wait_path(&mut a, "b", PathKind::Direct, DIRECT_TIMEOUT)?;
+        wait_path(&mut b, "a", PathKind::Direct, DIRECT_TIMEOUT)?;
 
         drop(coord); // SIGTERM: the server closes every session and exits
         wait_connected(&mut a, false, NOTICE_TIMEOUT)?;
@@ -90,7 +73,7 @@ fn connected_peers_keep_talking_while_the_coordinator_is_down_and_reconnect_afte
         let coord = Coordinator::start(lab, &coord_host, coord_ip, &[])?;
         wait_connected(&mut a, true, RECONNECT_TIMEOUT)?;
         wait_connected(&mut b, true, RECONNECT_TIMEOUT)?;
-        wait_direct(&mut a, "b")?;
+        wait_path(&mut a, "b", PathKind::Direct, DIRECT_TIMEOUT)?;
         let (sent, received) = ping(lab, &a_host, b_ip, &["-c", "10", "-i", "0.2", "-W", "2"])?;
         ensure!(
             sent == 10 && received == 10,

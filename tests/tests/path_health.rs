@@ -7,12 +7,12 @@
 //!        └──────────────┴────────┴──── 10.77.2.0/24   for a while, TCP stays
 //! ```
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::ensure;
 use overlay_proto::api::{PathKind, WhyReport};
 use overlay_tests::overlay::ping;
-use overlay_tests::{fatal, lab_test, wait_until, Coordinator, Daemon, Lab, Wait};
+use overlay_tests::{lab_test, wait_path, wait_until, Lab, LanPair, Wait};
 
 /// How long a fresh pair may take to go direct.
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -29,47 +29,16 @@ const BLOCK_UDP: &str = "table inet ovltest_block {
 }
 ";
 
-fn wait_path(
-    a: &mut Daemon,
-    peer: &str,
-    want: PathKind,
-    timeout: Duration,
-) -> anyhow::Result<Duration> {
-    let started = Instant::now();
-    wait_until(
-        timeout,
-        &format!("{} to see {peer} on {want:?}", a.name),
-        || {
-            if !a.is_running() {
-                return Err(fatal(anyhow::anyhow!("overlayd {} exited", a.name)));
-            }
-            let peers = a.peers()?;
-            match peers.iter().find(|p| p.name == peer) {
-                Some(p) if p.path_kind == want => Ok(()),
-                Some(p) => Err(Wait::NotYet(format!("path is {}", p.path))),
-                None => Err(Wait::NotYet(format!("{peer} not listed"))),
-            }
-        },
-    )?;
-    Ok(started.elapsed())
-}
-
 #[test]
 fn dead_direct_path_falls_back_to_the_relay_and_recovers() {
     lab_test(|lab: &Lab| {
-        let lan = lab.segment("lan", "10.77.2.0/24")?;
-        let coord_host = lab.host("coord")?;
-        let coord_ip = lab.attach(&coord_host, &lan)?.ip;
-        let coord = Coordinator::start(lab, &coord_host, coord_ip, &[])?;
-        let key = coord.create_key(lab)?;
-        let a_host = lab.host("a")?;
-        lab.attach(&a_host, &lan)?;
-        let b_host = lab.host("b")?;
-        lab.attach(&b_host, &lan)?;
-        let mut a = Daemon::new(lab, &a_host, "a", &coord.url)?;
-        a.start(lab, Some(&key))?;
-        let mut b = Daemon::new(lab, &b_host, "b", &coord.url)?;
-        b.start(lab, Some(&key))?;
+        let LanPair {
+            a_host,
+            mut a,
+            b,
+            coord,
+            ..
+        } = LanPair::start(lab, "10.77.2.0/24")?;
         let b_ip = b.status()?.mesh_ip;
 
         wait_path(&mut a, "b", PathKind::Direct, DIRECT_TIMEOUT)?;
@@ -116,7 +85,7 @@ fn dead_direct_path_falls_back_to_the_relay_and_recovers() {
             sent == 10 && received == 10,
             "direct again: {sent} sent, {received} received"
         );
-        drop(coord);
+        drop((b, coord));
         Ok(())
     });
 }

@@ -183,7 +183,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let t_register = Instant::now();
     let newcomer = register_one(&args, source_of(args.nodes), args.nodes).await?;
     let t_connect = Instant::now();
-    let (ws, welcome_bytes) = session::connect(
+    let (ws, netmap) = session::connect(
         args.server,
         source_of(args.nodes),
         newcomer.node_id,
@@ -233,11 +233,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Stats::of(&online_delays)
     );
     println!(
-        "  Welcome for a mesh of {} nodes: {} bytes (overlayd accepts frames up to {MAX_FRAME_BYTES}){}",
+        "  netmap for a mesh of {} nodes: {} peers in {} part(s), {} bytes, largest frame {} bytes \
+         (overlayd accepts frames up to {MAX_FRAME_BYTES}){}",
         args.nodes + 1,
-        welcome_bytes,
-        if welcome_bytes > MAX_FRAME_BYTES { "  ** TOO BIG FOR overlayd **" } else { "" }
+        netmap.peers,
+        netmap.parts,
+        netmap.bytes,
+        netmap.largest,
+        if netmap.largest > MAX_FRAME_BYTES { "  ** TOO BIG FOR overlayd **" } else { "" }
     );
+    if netmap.peers != args.nodes {
+        println!(
+            "  ** the newcomer's netmap listed {} peers, not {} **",
+            netmap.peers, args.nodes
+        );
+    }
     println!(
         "  server VmRSS: {} at start, {} with {} sessions, {} at the end; peak VmHWM {}",
         mib(rss_start.map(|r| r.0)),
@@ -254,7 +264,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (r, o) = (Stats::of(&register_delays), Stats::of(&online_delays));
     println!(
         "RESULT nodes={} register_s={:.2} connect_s={:.2} reg_n={} reg_p50_ms={:.1} reg_p99_ms={:.1} reg_max_ms={:.1} \
-         online_n={} online_p50_ms={:.1} online_p99_ms={:.1} online_max_ms={:.1} welcome_bytes={} \
+         online_n={} online_p50_ms={:.1} online_p99_ms={:.1} online_max_ms={:.1} welcome_bytes={} netmap_parts={} netmap_bytes={} \
          rss_start_kb={} rss_loaded_kb={} rss_end_kb={} hwm_kb={} closed={}",
         args.nodes,
         register_secs,
@@ -267,7 +277,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         o.p50_ms,
         o.p99_ms,
         o.max_ms,
-        welcome_bytes,
+        netmap.largest,
+        netmap.parts,
+        netmap.bytes,
         kb(rss_start.map(|r| r.0)),
         kb(rss_loaded.map(|r| r.0)),
         kb(rss_end.map(|r| r.0)),

@@ -1,5 +1,6 @@
-//! One simulated node's control session: the WebSocket handshake, the Welcome,
-//! then a reader task that counts every frame and, once the measurement is
+//! One simulated node's control session: the WebSocket handshake, the netmap
+//! (a Welcome, and for a large mesh the PeerBatch parts after it), then a
+//! reader task that counts every frame and, once the measurement is
 //! armed, timestamps each `peer_upsert` the moment it is read.
 
 use std::net::{IpAddr, SocketAddr};
@@ -21,7 +22,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use overlay_proto::coord::{bearer, ServerMsg, CONNECT_PATH};
 use overlay_proto::NodeId;
 
-/// How long the server gets to answer the handshake with a Welcome.
+/// How long the server gets to send each part of the netmap.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(30);
 /// tungstenite reads into a 128 KiB buffer per connection by default: 1.3 GB
 /// for 10 000 sessions. Netmap deltas are a few hundred bytes.
@@ -75,14 +76,26 @@ pub async fn dial(server: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<
         .with_context(|| format!("connecting to {server} from {source}"))
 }
 
-/// Connects node `id` and waits for its Welcome; returns the stream and the
-/// Welcome's size in bytes.
+/// The netmap a session was welcomed with.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Netmap {
+    /// The Welcome and the PeerBatch messages after it.
+    pub parts: usize,
+    /// Peers listed, over all parts.
+    pub peers: usize,
+    /// Bytes over all parts.
+    pub bytes: usize,
+    /// The largest part: what a node must accept in one frame.
+    pub largest: usize,
+}
+
+/// Connects node `id` and reads its whole netmap.
 pub async fn connect(
     server: SocketAddr,
     source: Option<IpAddr>,
     id: NodeId,
     credential: &str,
-) -> anyhow::Result<(Ws, usize)> {
+) -> anyhow::Result<(Ws, Netmap)> {
     let tcp = dial(server, source).await?;
     tcp.set_nodelay(true)?;
     let mut request = format!("ws://{server}{CONNECT_PATH}").into_client_request()?;
@@ -101,19 +114,48 @@ pub async fn connect(
     )
     .await
     .with_context(|| format!("WebSocket handshake for node {id}"))?;
-    let first = tokio::time::timeout(WELCOME_TIMEOUT, ws.next())
-        .await
-        .with_context(|| format!("node {id}: no Welcome within {WELCOME_TIMEOUT:?}"))?;
-    match first {
-        Some(Ok(Message::Text(text))) => match serde_json::from_str::<ServerMsg>(&text) {
-            Ok(ServerMsg::Welcome { .. }) => Ok((ws, text.len())),
-            Ok(other) => bail!("node {id}: first frame is not a Welcome: {other:?}"),
-            Err(e) => bail!("node {id}: unparsable first frame: {e}"),
-        },
-        Some(Ok(Message::Close(frame))) => bail!("node {id}: closed before Welcome: {frame:?}"),
-        Some(Ok(other)) => bail!("node {id}: unexpected first frame {other:?}"),
-        Some(Err(e)) => bail!("node {id}: {e}"),
-        None => bail!("node {id}: connection ended before Welcome"),
+    let mut netmap = Netmap::default();
+    loop {
+        let next = tokio::time::timeout(WELCOME_TIMEOUT, ws.next())
+            .await
+            .with_context(|| {
+                format!(
+                    "node {id}: netmap part {} not within {WELCOME_TIMEOUT:?}",
+                    netmap.parts + 1
+                )
+            })?;
+        let text = match next {
+            Some(Ok(Message::Text(text))) => text,
+            // tungstenite answers pings by itself.
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Close(frame))) => {
+                bail!("node {id}: closed during the netmap: {frame:?}")
+            }
+            Some(Ok(other)) => bail!("node {id}: unexpected frame in the netmap: {other:?}"),
+            Some(Err(e)) => bail!("node {id}: {e}"),
+            None => bail!("node {id}: connection ended during the netmap"),
+        };
+        netmap.parts += 1;
+        netmap.bytes += text.len();
+        netmap.largest = netmap.largest.max(text.len());
+        let done = match serde_json::from_str::<ServerMsg>(&text) {
+            Ok(ServerMsg::Welcome { peers, more, .. }) if netmap.parts == 1 => {
+                netmap.peers += peers.len();
+                !more
+            }
+            Ok(ServerMsg::PeerBatch { peers, last }) if netmap.parts > 1 => {
+                netmap.peers += peers.len();
+                last
+            }
+            Ok(other) => bail!(
+                "node {id}: part {} of the netmap is {other:?}",
+                netmap.parts
+            ),
+            Err(e) => bail!("node {id}: unparsable netmap part {}: {e}", netmap.parts),
+        };
+        if done {
+            return Ok((ws, netmap));
+        }
     }
 }
 
