@@ -145,6 +145,11 @@ pub struct Limits {
     pub relay_queue: usize,
     /// Netmap deltas buffered for the slowest session before it is dropped.
     pub delta_backlog: usize,
+    /// Peers' JSON per netmap message: a larger netmap is sent as a Welcome
+    /// and `PeerBatch` parts. Every session keeps a write buffer as large as
+    /// its largest message, so this bounds per-session memory, and it keeps
+    /// frames well under what a node accepts (`MAX_FRAME_BYTES`).
+    pub netmap_part_bytes: usize,
     pub ping_interval: Duration,
     /// A session that sent nothing (not even a pong) for this long is dropped.
     pub idle_timeout: Duration,
@@ -165,6 +170,7 @@ impl Default for Limits {
             control_queue: 256,
             relay_queue: 512,
             delta_backlog: 32_768,
+            netmap_part_bytes: 8 * 1024,
             ping_interval: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(30),
             register_body_max: 8 * 1024,

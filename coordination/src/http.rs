@@ -25,8 +25,16 @@ use crate::session::{self, SessionContext};
 use crate::store::{now_unix, Enrolment, KeyProblem, RegisterError, Store};
 use crate::validate;
 
-/// Read chunk of each WebSocket; small, since 10,000 sessions each hold one.
-const WS_READ_BUFFER: usize = 8 * 1024;
+/// Read buffer of each WebSocket; small, since 10,000 sessions each hold one
+/// for their whole life. A larger frame grows it as needed.
+const WS_READ_BUFFER: usize = 4 * 1024;
+/// tungstenite collects outgoing frames until they pass this, then writes;
+/// a flush writes the rest. tungstenite never shrinks that buffer, so each
+/// session keeps this plus its largest message; tungstenite's default
+/// (128 KiB) would be 1.3 GB for 10,000 sessions. Every send of a session is
+/// flushed, so the buffer never holds more than this plus one message:
+/// `max_write_buffer_size` (a hard error, not backpressure) stays unlimited.
+const WS_WRITE_BUFFER: usize = 4 * 1024;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -199,6 +207,7 @@ async fn connect(
     // Our own limit check is MAX_FRAME_BYTES; tungstenite's is higher so that
     // an oversized frame gets a close reason instead of a protocol error.
     ws.read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
         .max_message_size(2 * MAX_FRAME_BYTES)
         .max_frame_size(2 * MAX_FRAME_BYTES)
         .on_upgrade(move |socket| session::run(socket, node.id, node.name, ctx))

@@ -9,10 +9,12 @@
 //!
 //! A delta is serialized once and shared by reference among all sessions;
 //! a session that falls more than `delta_backlog` deltas behind is closed
-//! and gets a fresh netmap on reconnect. The lock is a std `RwLock` never
-//! held across an `.await`.
+//! and gets a fresh netmap on reconnect. Each node's record is kept
+//! serialized as well, so a session reads its netmap in pages of shared
+//! texts ([`Hub::netmap_page`]) instead of copying the mesh when it
+//! attaches. The lock is a std `RwLock` never held across an `.await`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -25,6 +27,7 @@ use overlay_proto::NodeId;
 
 use crate::config::Limits;
 use crate::metrics::{Metrics, RelayDrop, Snapshot};
+use crate::welcome::{self, peer_json, Page, PeerJson};
 
 /// A netmap change, serialized once.
 #[derive(Debug, Clone)]
@@ -81,13 +84,41 @@ struct Live {
 
 struct Entry {
     info: PeerInfo,
+    /// `info` serialized, for the netmap pages of sessions that attach; kept
+    /// in step by [`Entry::set_info`].
+    json: PeerJson,
     stats: Arc<RelayStats>,
     live: Option<Live>,
 }
 
+impl Entry {
+    fn new(info: PeerInfo) -> Entry {
+        Entry {
+            json: peer_json(&info),
+            info,
+            stats: Arc::default(),
+            live: None,
+        }
+    }
+
+    fn set_info(&mut self, info: PeerInfo) {
+        self.json = peer_json(&info);
+        self.info = info;
+    }
+
+    fn set_online(&mut self, online: bool) {
+        let info = PeerInfo {
+            online,
+            ..self.info.clone()
+        };
+        self.set_info(info);
+    }
+}
+
 #[derive(Default)]
 struct Inner {
-    nodes: HashMap<NodeId, Entry>,
+    /// In id order, so a netmap can be read in pages (see [`Hub::netmap_page`]).
+    nodes: BTreeMap<NodeId, Entry>,
     online: usize,
     next_session: u64,
 }
@@ -95,10 +126,9 @@ struct Inner {
 /// What a session gets when it attaches.
 pub struct Attached {
     pub session_id: u64,
-    /// The node's own record (online).
+    /// The node's own record (online). The other nodes are read with
+    /// [`Hub::netmap_page`], after the session subscribed to `deltas`.
     pub node: PeerInfo,
-    /// Every other node.
-    pub peers: Vec<PeerInfo>,
     pub control: mpsc::Receiver<Utf8Bytes>,
     pub relay: mpsc::Receiver<Bytes>,
     pub deltas: broadcast::Receiver<Delta>,
@@ -142,14 +172,7 @@ impl Hub {
         let mut inner = Inner::default();
         for mut info in nodes {
             info.online = false;
-            inner.nodes.insert(
-                info.id,
-                Entry {
-                    info,
-                    stats: Arc::default(),
-                    live: None,
-                },
-            );
+            inner.nodes.insert(info.id, Entry::new(info));
         }
         Hub {
             inner: RwLock::new(inner),
@@ -193,19 +216,14 @@ impl Hub {
             Some(entry) => {
                 info.online = entry.live.is_some();
                 let changed = entry.info != info;
-                entry.info = info.clone();
+                if changed {
+                    entry.set_info(info.clone());
+                }
                 changed
             }
             None => {
                 info.online = false;
-                inner.nodes.insert(
-                    info.id,
-                    Entry {
-                        info: info.clone(),
-                        stats: Arc::default(),
-                        live: None,
-                    },
-                );
+                inner.nodes.insert(info.id, Entry::new(info.clone()));
                 true
             }
         };
@@ -237,19 +255,15 @@ impl Hub {
             relay: relay_tx,
             close: close_tx,
         });
-        entry.info.online = true;
+        if !was_online {
+            entry.set_online(true);
+        }
         let node = entry.info.clone();
         let stats = Arc::clone(&entry.stats);
         inner.next_session += 1;
         if !was_online {
             inner.online += 1;
         }
-        let peers = inner
-            .nodes
-            .values()
-            .filter(|e| e.info.id != id)
-            .map(|e| e.info.clone())
-            .collect();
         let deltas = self.deltas.subscribe();
         if !was_online {
             self.broadcast(id, &ServerMsg::PeerUpsert { peer: node.clone() });
@@ -259,13 +273,28 @@ impl Hub {
         Ok(Attached {
             session_id,
             node,
-            peers,
             control,
             relay,
             deltas,
             close,
             stats,
         })
+    }
+
+    /// Every node but `me` with an id from `from` on, as far as fits in
+    /// `max_bytes` of JSON; the page says where the next one starts. Costs
+    /// the page, not the mesh: nothing is copied but references to the
+    /// nodes' stored JSON.
+    pub fn netmap_page(&self, me: NodeId, from: NodeId, max_bytes: usize) -> Page {
+        let inner = self.read();
+        welcome::fill(
+            inner
+                .nodes
+                .range(from..)
+                .filter(|(id, _)| **id != me)
+                .map(|(id, e)| (*id, &e.json)),
+            max_bytes,
+        )
     }
 
     /// A session ended. A no-op when a newer session already replaced it.
@@ -279,7 +308,7 @@ impl Hub {
             return false;
         }
         entry.live = None;
-        entry.info.online = false;
+        entry.set_online(false);
         let peer = entry.info.clone();
         inner.online -= 1;
         self.broadcast(id, &ServerMsg::PeerUpsert { peer });

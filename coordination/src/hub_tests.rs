@@ -19,6 +19,24 @@ fn hub(nodes: &[NodeId], limits: Limits) -> Hub {
     )
 }
 
+/// The netmap `me` is sent, read page by page as a session does.
+fn netmap(h: &Hub, me: NodeId) -> Vec<PeerInfo> {
+    let mut peers = Vec::new();
+    let mut from = 0;
+    loop {
+        let page = h.netmap_page(me, from, 100);
+        peers.extend(
+            page.peers
+                .iter()
+                .map(|j| serde_json::from_str::<PeerInfo>(j).unwrap()),
+        );
+        match page.next {
+            Some(next) => from = next,
+            None => return peers,
+        }
+    }
+}
+
 fn next_delta(a: &mut Attached) -> ServerMsg {
     let d = a.deltas.try_recv().expect("a delta");
     serde_json::from_str(d.text.as_str()).unwrap()
@@ -29,8 +47,7 @@ fn attach_lists_other_peers_and_broadcasts_online() {
     let h = hub(&[1, 2], Limits::default());
     let mut a = h.attach(1).unwrap();
     assert!(a.node.online);
-    assert_eq!(a.peers.len(), 1);
-    assert_eq!(a.peers[0].id, 2);
+    assert_eq!(netmap(&h, 1), vec![peer(2)]);
     // Its own online delta is tagged with its id so its session skips it.
     assert_eq!(a.deltas.try_recv().unwrap().about, 1);
 
@@ -161,4 +178,47 @@ fn a_lagging_session_is_detected() {
         a.deltas.try_recv(),
         Err(broadcast::error::TryRecvError::Lagged(_))
     ));
+}
+
+#[test]
+fn netmap_json_follows_presence_and_renames() {
+    let h = hub(&[1, 2, 3], Limits::default());
+    let _b = h.attach(2).unwrap();
+    h.upsert(PeerInfo {
+        name: "renamed".into(),
+        ..peer(3)
+    });
+    let online_b = PeerInfo {
+        online: true,
+        ..peer(2)
+    };
+    let renamed_c = PeerInfo {
+        name: "renamed".into(),
+        ..peer(3)
+    };
+    assert_eq!(netmap(&h, 1), vec![online_b, renamed_c]);
+}
+
+#[test]
+fn netmap_pages_cover_every_other_node_once_in_id_order() {
+    let ids: Vec<NodeId> = (1..=50).chain([70, 1000]).collect();
+    let h = hub(&ids, Limits::default());
+    // Each peer's JSON is ~90 bytes, so a 100-byte page holds one.
+    let first = h.netmap_page(7, 0, 100);
+    assert_eq!(first.peers.len(), 1);
+    assert_eq!(first.next, Some(2));
+    let got: Vec<NodeId> = netmap(&h, 7).iter().map(|p| p.id).collect();
+    let want: Vec<NodeId> = ids.iter().copied().filter(|id| *id != 7).collect();
+    assert_eq!(got, want);
+    // One page when the budget allows.
+    let all = h.netmap_page(7, 0, 1 << 20);
+    assert_eq!((all.peers.len(), all.next), (51, None));
+}
+
+#[test]
+fn pages_share_each_peers_json() {
+    let h = hub(&[1, 2, 3], Limits::default());
+    let a = h.netmap_page(1, 3, 1 << 20);
+    let b = h.netmap_page(2, 3, 1 << 20);
+    assert!(Arc::ptr_eq(&a.peers[0], &b.peers[0]));
 }

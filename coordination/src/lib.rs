@@ -15,6 +15,7 @@
 //! | [`http`] | routes: register, connect, healthz, metrics |
 //! | [`session`] | one node's WebSocket session |
 //! | [`hub`] | online sessions, routing, delta broadcast |
+//! | [`welcome`] | the netmap a session starts with, in parts |
 //! | [`store_sync`] | presence to the store, removals from it |
 //! | [`ice`] | the ICE configuration handed to nodes |
 //! | [`turn_server`], [`peer_policy`], [`stun_filter`] | embedded STUN/TURN and its denied peers |
@@ -42,6 +43,7 @@ pub mod stun_filter;
 pub mod tls;
 pub mod turn_server;
 pub mod validate;
+pub mod welcome;
 
 pub use config::Config;
 pub use server::{run, start, ServeError, Server};

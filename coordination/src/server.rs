@@ -30,6 +30,9 @@ use crate::turn_server::{EmbeddedTurn, TurnError, TurnOptions};
 
 /// How long shutdown waits for sessions to say goodbye.
 const SESSION_DRAIN: Duration = Duration::from_secs(5);
+/// File descriptors the server needs besides one per session: the store,
+/// the UDP sockets, TURN allocations, registrations in flight.
+const SPARE_FILES: u64 = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
@@ -99,6 +102,21 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| StoreError::Task(e.to_string()))?
+}
+
+/// The soft limit on open files, from `/proc/self/limits` (Linux).
+fn open_file_limit() -> Option<u64> {
+    parse_open_file_limit(&std::fs::read_to_string("/proc/self/limits").ok()?)
+}
+
+fn parse_open_file_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    // "Max open files   <soft>   <hard>   files"; "unlimited" means no limit.
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Opens everything, binds the ports and starts serving in the background.
@@ -256,6 +274,15 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
                 )
             }
         };
+    if let Some(limit) = open_file_limit() {
+        let wanted = config.limits.max_sessions as u64 + SPARE_FILES;
+        if limit < wanted {
+            warn!(
+                "the open-file limit ({limit}) is below max_sessions + {SPARE_FILES} ({wanted}): \
+                 connections beyond it are refused; raise it (ulimit -n, or LimitNOFILE= in the unit)"
+            );
+        }
+    }
     info!(
         network = %network,
         state_dir = %config.state_dir.display(),
@@ -301,4 +328,22 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         shutdown: shutdown_tx,
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_file_limit_is_the_soft_limit() {
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                      Max processes             95541                95541                processes \n\
+                      Max open files            1024                 524288               files     \n";
+        assert_eq!(parse_open_file_limit(limits), Some(1024));
+        assert_eq!(
+            parse_open_file_limit("Max open files  unlimited  unlimited  files"),
+            None
+        );
+        assert_eq!(parse_open_file_limit(""), None);
+    }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
 use ipnet::Ipv4Net;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
@@ -15,17 +16,22 @@ use overlay_proto::coord::{decode_relay_frame, error_code, ClientMsg, ServerMsg,
 use overlay_proto::{NodeId, PROTOCOL_VERSION};
 
 use crate::config::Limits;
-use crate::hub::{AttachError, Attached, Hub, SignalError};
+use crate::hub::{AttachError, Attached, Delta, Hub, SignalError};
 use crate::ice::IceSettings;
 use crate::metrics::{Metrics, Rejected, RelayDrop};
 use crate::ratelimit::TokenBucket;
 use crate::store::now_unix;
+use crate::welcome;
 
 /// How long one write to a node may take before the session is dropped;
 /// bounds what a stalled reader can cost the server.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for the node's reply to our close frame.
 const CLOSE_LINGER: Duration = Duration::from_millis(500);
+/// Most deltas written to a node with one flush. When many nodes join at
+/// once every session has a queue of deltas, and a write per delta would make
+/// system calls the server's main cost.
+const DELTA_BATCH: usize = 64;
 
 /// WebSocket close codes (RFC 6455 §7.4.1).
 mod code {
@@ -165,7 +171,6 @@ impl Session {
     async fn serve(&mut self, attached: Attached) -> String {
         let Attached {
             node,
-            peers,
             mut control,
             mut relay,
             mut deltas,
@@ -173,18 +178,32 @@ impl Session {
             stats,
             ..
         } = attached;
-        let welcome = ServerMsg::Welcome {
+        let head = welcome::Head {
             protocol: PROTOCOL_VERSION,
             node,
             network: self.ctx.network,
-            peers,
             ice: self.ctx.ice.for_node(self.node, now_unix()),
-            more: false,
         };
-        if self.send(to_text(&welcome)).await.is_err() {
-            return "write failed".into();
+        // The netmap is read page by page while it is sent; the deltas that
+        // arrive meanwhile wait in `deltas` and reach the node after the last
+        // part (see the `welcome` module for why that is consistent).
+        let mut from = 0;
+        let mut first = true;
+        loop {
+            let page = self
+                .ctx
+                .hub
+                .netmap_page(self.node, from, self.ctx.limits.netmap_part_bytes);
+            let text = welcome::part_text(&head, &page, first);
+            if self.send(Message::Text(text)).await.is_err() {
+                return "write failed".into();
+            }
+            match page.next {
+                Some(next) => from = next,
+                None => break,
+            }
+            first = false;
         }
-        drop(welcome);
 
         let mut ping = tokio::time::interval(self.ctx.limits.ping_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -204,12 +223,8 @@ impl Session {
                     Err(_) => Flow::Close(code::GONE, "session ended".into()),
                 },
                 delta = deltas.recv() => match delta {
-                    Ok(d) if d.about == self.node => Flow::Continue,
-                    Ok(d) => self.forward(Message::Text(d.text)).await,
-                    Err(broadcast::error::RecvError::Lagged(_)) => {
-                        self.ctx.metrics.reject(Rejected::SlowConsumer);
-                        Flow::Close(code::TOO_SLOW, "too slow to receive updates; reconnect".into())
-                    }
+                    Ok(d) => self.forward_deltas(d, &mut deltas).await,
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.too_slow(),
                     Err(broadcast::error::RecvError::Closed) => Flow::Close(code::GOING_AWAY, "server shutting down".into()),
                 },
                 Some(text) = control.recv() => self.forward(Message::Text(text)).await,
@@ -254,6 +269,55 @@ impl Session {
             }
         }
         reason
+    }
+
+    fn too_slow(&self) -> Flow {
+        self.ctx.metrics.reject(Rejected::SlowConsumer);
+        Flow::Close(
+            code::TOO_SLOW,
+            "too slow to receive updates; reconnect".into(),
+        )
+    }
+
+    /// Writes `first` and the deltas already queued behind it (up to
+    /// [`DELTA_BATCH`]), then flushes once.
+    async fn forward_deltas(
+        &mut self,
+        first: Delta,
+        deltas: &mut broadcast::Receiver<Delta>,
+    ) -> Flow {
+        let node = self.node;
+        let socket = &mut self.socket;
+        let mut lagged = false;
+        let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(delta) = next.take() {
+                if delta.about != node {
+                    socket.feed(Message::Text(delta.text)).await?;
+                }
+                taken += 1;
+                if taken == DELTA_BATCH {
+                    break;
+                }
+                next = match deltas.try_recv() {
+                    Ok(d) => Some(d),
+                    Err(broadcast::error::TryRecvError::Lagged(_)) => {
+                        lagged = true;
+                        None
+                    }
+                    // Closed is seen by the next `recv`.
+                    Err(_) => None,
+                };
+            }
+            socket.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) if lagged => self.too_slow(),
+            Ok(Ok(())) => Flow::Continue,
+            _ => Flow::End("write failed or timed out".into()),
+        }
     }
 
     async fn forward(&mut self, msg: Message) -> Flow {

@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use futures_util::StreamExt;
 use overlay_coord::store::now_unix;
 use overlay_proto::coord::{
     decode_relay_frame, encode_relay_frame, error_code, ClientMsg, ServerMsg,
@@ -41,7 +42,9 @@ async fn welcome_has_self_peers_ice_and_protocol() {
             network,
             peers,
             ice,
+            more,
         } => {
+            assert!(!more, "a small mesh is one message");
             assert_eq!(protocol, overlay_proto::PROTOCOL_VERSION);
             assert_eq!(me.id, a.node_id);
             assert!(me.online);
@@ -59,6 +62,65 @@ async fn welcome_has_self_peers_ice_and_protocol() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn a_large_netmap_arrives_in_parts_before_any_delta() {
+    const PART_BYTES: usize = 300;
+    let srv = TestServer::start_with(|c| c.limits.netmap_part_bytes = PART_BYTES).await;
+    let key = srv.create_key(true);
+    let mut others = Vec::new();
+    for i in 0..20 {
+        let n = srv
+            .register_ok(&key, &random_public_key(), &format!("peer-{i}"))
+            .await;
+        others.push(n.node_id);
+    }
+    let me = srv.register_ok(&key, &random_public_key(), "me").await;
+    let mut node = srv.connect(&me).await;
+    // Registered while the netmap is on its way: must come after its last part.
+    let late = srv.register_ok(&key, &random_public_key(), "late").await;
+
+    let mut seen = Vec::new();
+    let mut parts = 0;
+    loop {
+        let text = match tokio::time::timeout(DEADLINE, node.ws.next()).await {
+            Ok(Some(Ok(Message::Text(t)))) => t,
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("netmap cut short: {other:?}"),
+        };
+        // A part holds the peers' JSON up to the budget, plus its envelope
+        // (the Welcome's carries the node's own record and ICE settings).
+        assert!(text.len() <= PART_BYTES + 1024, "{} bytes", text.len());
+        let msg: ServerMsg = serde_json::from_str(text.as_str()).unwrap();
+        parts += 1;
+        let done = match msg {
+            ServerMsg::Welcome { peers, more, .. } => {
+                assert_eq!(parts, 1, "the Welcome comes first");
+                assert!(more, "20 peers do not fit in {PART_BYTES} bytes");
+                seen.extend(peers.iter().map(|p| p.id));
+                false
+            }
+            ServerMsg::PeerBatch { peers, last } => {
+                assert!(parts > 1, "a batch only after the Welcome");
+                assert!(!peers.is_empty());
+                seen.extend(peers.iter().map(|p| p.id));
+                last
+            }
+            other => panic!("netmap interrupted by {other:?}"),
+        };
+        if done {
+            break;
+        }
+    }
+    assert!(parts > 3, "{parts} parts");
+    seen.sort_unstable();
+    assert_eq!(seen, others, "every other node exactly once, not itself");
+    node.expect_msg(
+        "the late join",
+        |m| matches!(m, ServerMsg::PeerUpsert { peer } if peer.id == late.node_id),
+    )
+    .await;
 }
 
 #[tokio::test]
