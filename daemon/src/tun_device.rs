@@ -29,6 +29,11 @@ pub fn create(
         .netmask(netmask(network.prefix_len()))
         .mtu(mtu)
         .up();
+    // IFF_NAPI: packets we write go through the kernel's GRO, so the receiving
+    // TCP stack sees coalesced segments instead of one small packet at a time.
+    config.platform_config(|p| {
+        p.napi(true);
+    });
     match tun::create_as_async(&config) {
         Ok(dev) => Ok(Arc::new(dev)),
         Err(e) => {
