@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use futures_util::FutureExt;
 
+use crate::offload;
 use crate::packet;
 use crate::peer::{lock, Peer};
 use crate::udp_batch;
@@ -28,8 +29,10 @@ use crate::udp_batch;
 /// Large enough for any IP packet plus WireGuard's overhead: boringtun panics on
 /// a short buffer, so every buffer handed to it has this size.
 pub const BUF_SIZE: usize = 65_536 + 256;
-/// One TUN read: an IP packet of at most the largest MTU the config allows.
-const SLOT: usize = 9_216;
+/// One TUN read: a `virtio_net_hdr` and a TCP segment of up to 64 KiB.
+const FRAME: usize = offload::VNET_HDR_LEN + 65_536;
+/// Encrypted datagrams of one batch of reads, before they are sent.
+const ARENA: usize = 4 << 20;
 /// Packets read from the TUN and encrypted in one go when they are waiting.
 const TUN_BATCH: usize = 32;
 
@@ -57,6 +60,7 @@ pub struct DropCounters {
     pub spoofed_source: AtomicU64,
     pub bad_datagram: AtomicU64,
     pub relay_queue_full: AtomicU64,
+    pub bad_tun_frame: AtomicU64,
 }
 
 pub struct DataPlane {
@@ -155,19 +159,21 @@ impl DataPlane {
         peers
     }
 
-    /// Reads the TUN until it fails (the interface went away). Packets that are
-    /// waiting are read and encrypted together, and runs of them to one direct
-    /// endpoint leave in one GSO send.
+    /// Reads the TUN until it fails (the interface went away). Frames that are
+    /// waiting are read together, cut into packets (see `offload`), encrypted, and
+    /// runs of them to one direct endpoint leave in one GSO send.
     pub async fn run_tun_reader(self: Arc<Self>) -> std::io::Result<()> {
-        let mut packets = vec![vec![0u8; SLOT]; TUN_BATCH];
-        let mut outs = vec![vec![0u8; SLOT + 256]; TUN_BATCH];
+        let mut frames = vec![vec![0u8; FRAME]; TUN_BATCH];
         let mut lens = [0usize; TUN_BATCH];
-        let mut direct: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(TUN_BATCH);
+        let mut packets = Vec::with_capacity(FRAME * 2);
+        let mut packet_lens = Vec::with_capacity(64);
+        let mut arena = vec![0u8; ARENA];
+        let mut direct: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(256);
         loop {
-            lens[0] = self.tun.recv(&mut packets[0]).await?;
+            lens[0] = self.tun.recv(&mut frames[0]).await?;
             let mut count = 1;
             while count < TUN_BATCH {
-                match self.tun.recv(&mut packets[count]).now_or_never() {
+                match self.tun.recv(&mut frames[count]).now_or_never() {
                     Some(Ok(n)) => {
                         lens[count] = n;
                         count += 1;
@@ -176,49 +182,88 @@ impl DataPlane {
                     None => break,
                 }
             }
-            direct.clear();
-            for i in 0..count {
-                let packet = &packets[i][..lens[i]];
-                let Some((_, dst)) = packet::ipv4_addrs(packet) else {
+            let mut used = 0;
+            let mut last: Option<Arc<Peer>> = None;
+            for (frame, &len) in frames.iter().zip(&lens).take(count) {
+                packets.clear();
+                packet_lens.clear();
+                if let Err(e) = offload::segment(&frame[..len], &mut packets, &mut packet_lens) {
+                    self.drops.bad_tun_frame.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!("TUN frame: {e}");
                     continue;
-                };
-                let Some(peer) = self.peer_by_ip(dst) else {
-                    self.drops.no_route.fetch_add(1, Ordering::Relaxed);
-                    if let Some(reply) = packet::host_unreachable(self.my_ip, packet) {
-                        let _ = self.tun.send(&reply).await;
+                }
+                let mut at = 0;
+                for &plen in &packet_lens {
+                    let packet = &packets[at..at + plen];
+                    at += plen;
+                    let Some((_, dst)) = packet::ipv4_addrs(packet) else {
+                        continue;
+                    };
+                    let peer = match last.take() {
+                        Some(p) if p.mesh_ip == dst => Some(p),
+                        _ => self.peer_by_ip(dst),
+                    };
+                    let Some(peer) = peer else {
+                        self.drops.no_route.fetch_add(1, Ordering::Relaxed);
+                        if let Some(reply) = packet::host_unreachable(self.my_ip, packet) {
+                            self.write_tun(&reply).await;
+                        }
+                        continue;
+                    };
+                    let room = (plen + 32).max(148);
+                    if arena.len() - used < room {
+                        self.send_direct(&direct, &arena).await;
+                        direct.clear();
+                        used = 0;
                     }
-                    continue;
-                };
-                let Some(len) = self.encapsulate(&peer, packet, &mut outs[i]) else {
-                    continue;
-                };
-                match peer.endpoint() {
-                    Some(endpoint) => direct.push((endpoint, i, len)),
-                    None => self.transmit(&peer, &outs[i][..len]).await,
+                    if let Some(dlen) =
+                        self.encapsulate(&peer, packet, &mut arena[used..used + room])
+                    {
+                        match peer.endpoint() {
+                            Some(endpoint) => {
+                                direct.push((endpoint, used, dlen));
+                                used += dlen;
+                            }
+                            None => self.transmit(&peer, &arena[used..used + dlen]).await,
+                        }
+                    }
+                    last = Some(peer);
                 }
             }
-            self.send_direct(&direct, &outs).await;
+            self.send_direct(&direct, &arena).await;
+            direct.clear();
         }
     }
 
-    /// Sends encrypted datagrams `(endpoint, slot, len)` in GSO runs: consecutive,
-    /// same endpoint, equal length (the last of a run may be shorter).
-    async fn send_direct(&self, direct: &[(SocketAddr, usize, usize)], outs: &[Vec<u8>]) {
+    /// Writes one IP packet to the TUN, behind the `virtio_net_hdr` it expects.
+    async fn write_tun(&self, packet: &[u8]) {
+        let mut frame = Vec::with_capacity(offload::VNET_HDR_LEN + packet.len());
+        frame.resize(offload::VNET_HDR_LEN, 0);
+        frame.extend_from_slice(packet);
+        let _ = self.tun.send(&frame).await;
+    }
+
+    /// Sends encrypted datagrams `(endpoint, start, len)` of `arena` in GSO runs:
+    /// consecutive, same endpoint, equal length (the last of a run may be shorter).
+    async fn send_direct(&self, direct: &[(SocketAddr, usize, usize)], arena: &[u8]) {
         let mut start = 0;
         while start < direct.len() {
             let (endpoint, _, size) = direct[start];
             let mut end = start + 1;
+            let mut bytes = size;
             while end < direct.len()
                 && end - start < udp_batch::MAX_SEGMENTS
+                && bytes + direct[end].2 <= udp_batch::MAX_GSO_BYTES
                 && direct[end].0 == endpoint
                 && direct[end].2 <= size
                 && direct[end - 1].2 == size
             {
+                bytes += direct[end].2;
                 end += 1;
             }
             let run: Vec<&[u8]> = direct[start..end]
                 .iter()
-                .map(|&(_, i, len)| &outs[i][..len])
+                .map(|&(_, at, len)| &arena[at..at + len])
                 .collect();
             if let Err(e) = udp_batch::send_segments(&self.udp, endpoint, &run).await {
                 tracing::debug!("send to {endpoint}: {e}");
@@ -278,11 +323,13 @@ impl DataPlane {
         }
         let next = {
             let mut tunn = lock(&peer.tunn);
-            match tunn.decapsulate(None, datagram, out) {
+            match tunn.decapsulate(None, datagram, &mut out[offload::VNET_HDR_LEN..]) {
                 TunnResult::WriteToNetwork(d) => {
                     // Handshake answers, and packets queued while the handshake ran.
                     let mut pending = vec![d.to_vec()];
-                    while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], out) {
+                    while let TunnResult::WriteToNetwork(d) =
+                        tunn.decapsulate(None, &[], &mut out[offload::VNET_HDR_LEN..])
+                    {
                         pending.push(d.to_vec());
                     }
                     Next::Network(pending)
@@ -304,12 +351,13 @@ impl DataPlane {
         match next {
             Next::Nothing => {}
             Next::Tun(len) => {
-                let packet = &out[..len];
                 peer.count_rx(len);
-                if self.complete_ping(packet) {
+                let frame = &mut out[..offload::VNET_HDR_LEN + len];
+                if self.complete_ping(&frame[offload::VNET_HDR_LEN..]) {
                     return;
                 }
-                if let Err(e) = self.tun.send(packet).await {
+                frame[..offload::VNET_HDR_LEN].fill(0);
+                if let Err(e) = self.tun.send(frame).await {
                     tracing::debug!("TUN write: {e}");
                 }
             }

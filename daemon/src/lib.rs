@@ -17,6 +17,7 @@ pub mod local_api;
 pub mod mux;
 pub mod netcheck;
 pub mod netmap;
+pub mod offload;
 pub mod packet;
 pub mod path;
 pub mod peer;

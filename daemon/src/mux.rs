@@ -53,6 +53,7 @@ impl Mux {
     pub async fn bind() -> std::io::Result<Arc<Mux>> {
         let socket = UdpSocket::bind("0.0.0.0:0").await?;
         let local_addr = socket.local_addr()?;
+        udp_batch::grow_buffers(&socket);
         if !udp_batch::enable_gro(&socket) {
             tracing::debug!("UDP GRO unavailable; one datagram per read");
         }

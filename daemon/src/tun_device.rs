@@ -2,6 +2,7 @@
 //! (which routes the whole mesh network to it), removed when the device is dropped.
 
 use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use ipnet::Ipv4Net;
@@ -31,11 +32,19 @@ pub fn create(
         .up();
     // IFF_NAPI: packets we write go through the kernel's GRO, so the receiving
     // TCP stack sees coalesced segments instead of one small packet at a time.
+    // IFF_VNET_HDR: reads and writes carry a virtio_net_hdr, which lets the
+    // kernel hand us TCP segments of up to 64 KiB (see `offload`).
     config.platform_config(|p| {
         p.napi(true);
+        p.vnet_hdr(true);
     });
     match tun::create_as_async(&config) {
-        Ok(dev) => Ok(Arc::new(dev)),
+        Ok(dev) => {
+            if let Err(e) = crate::offload::enable(dev.as_raw_fd()) {
+                tracing::info!("TUN segmentation offload unavailable ({e}); one packet per read");
+            }
+            Ok(Arc::new(dev))
+        }
         Err(e) => {
             let message = e.to_string();
             if message.contains("Operation not permitted") || message.contains("Permission denied")

@@ -15,11 +15,27 @@ use nix::sys::socket::{
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
-/// The kernel coalesces at most 64 segments into one GSO send.
+/// The kernel coalesces at most 64 segments into one GSO send...
 pub const MAX_SEGMENTS: usize = 64;
+/// ...and no more than one IP datagram's worth of payload.
+pub const MAX_GSO_BYTES: usize = 65_000;
 
 /// Whether GSO sends still work here; cleared on the first refusal.
 static GSO_OK: AtomicBool = AtomicBool::new(true);
+
+/// Socket buffers large enough for GSO bursts from several peers (wireguard-go
+/// asks for 7 MiB); as root the system's default ceiling does not apply.
+const SOCKET_BUFFER: usize = 7 << 20;
+
+/// Raises the socket's send and receive buffers; best effort.
+pub fn grow_buffers(socket: &UdpSocket) {
+    let forced = setsockopt(socket, sockopt::RcvBufForce, &SOCKET_BUFFER).is_ok()
+        && setsockopt(socket, sockopt::SndBufForce, &SOCKET_BUFFER).is_ok();
+    if !forced {
+        let _ = setsockopt(socket, sockopt::RcvBuf, &SOCKET_BUFFER);
+        let _ = setsockopt(socket, sockopt::SndBuf, &SOCKET_BUFFER);
+    }
+}
 
 /// Asks the kernel to coalesce received datagrams (UDP GRO); harmless if refused.
 pub fn enable_gro(socket: &UdpSocket) -> bool {

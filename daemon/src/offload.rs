@@ -1,0 +1,266 @@
+//! TCP segmentation offload on the TUN (`IFF_VNET_HDR` + `TUNSETOFFLOAD`), the
+//! lever wireguard-go gained for Tailscale: the kernel hands us TCP segments of up
+//! to 64 KiB with one `virtio_net_hdr` in front, instead of one read per
+//! MTU-sized packet, and leaves checksums to us. Here such a read is cut into
+//! MTU-sized IPv4 packets with complete checksums, ready to encrypt.
+//!
+//! ```text
+//!  read:  [virtio_net_hdr 10 B][IPv4][TCP][payload ........................ up to 64 KiB]
+//!  out:   [IPv4][TCP][payload ≤ gso_size]  [IPv4][TCP][payload]  ...  (seq, id, lengths, sums fixed)
+//! ```
+//!
+//! Every write to the TUN then carries a `virtio_net_hdr` too (all zero: a plain
+//! packet with a valid checksum).
+
+use std::os::fd::RawFd;
+
+/// Length of the `virtio_net_hdr` before every packet read from or written to the TUN.
+pub const VNET_HDR_LEN: usize = 10;
+
+const F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_ECN: u8 = 0x80;
+const PROTO_TCP: u8 = 6;
+const TCP_FIN: u8 = 0x01;
+const TCP_PSH: u8 = 0x08;
+const TCP_CWR: u8 = 0x80;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum OffloadError {
+    #[error("frame shorter than its headers")]
+    Truncated,
+    #[error("offload type {0} is not one we enabled")]
+    Unsupported(u8),
+}
+
+/// Tells the kernel it may give us TCPv4 super-segments and partial checksums.
+pub fn enable(fd: RawFd) -> std::io::Result<()> {
+    let flags = libc::TUN_F_CSUM | libc::TUN_F_TSO4;
+    // SAFETY: TUNSETOFFLOAD takes its argument by value; `fd` is our open TUN.
+    let rc = unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, flags as libc::c_ulong) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+fn sum16(data: &[u8], mut acc: u32) -> u32 {
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        acc += u32::from(u16::from_be_bytes([*last, 0]));
+    }
+    acc
+}
+
+fn fold(mut acc: u32) -> u16 {
+    while acc >> 16 != 0 {
+        acc = (acc & 0xffff) + (acc >> 16);
+    }
+    !(acc as u16)
+}
+
+fn ipv4_header_checksum(packet: &mut [u8], ihl: usize) {
+    packet[10] = 0;
+    packet[11] = 0;
+    let sum = fold(sum16(&packet[..ihl], 0));
+    packet[10..12].copy_from_slice(&sum.to_be_bytes());
+}
+
+fn tcp_checksum(packet: &mut [u8], ihl: usize) {
+    let tcp_len = packet.len() - ihl;
+    packet[ihl + 16] = 0;
+    packet[ihl + 17] = 0;
+    let mut acc = sum16(&packet[12..20], 0); // source and destination addresses
+    acc += u32::from(PROTO_TCP) + tcp_len as u32;
+    let sum = fold(sum16(&packet[ihl..], acc));
+    packet[ihl + 16..ihl + 18].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Cuts one TUN read (`virtio_net_hdr` + packet) into IP packets appended to
+/// `out`, their lengths pushed to `lens`.
+pub fn segment(frame: &[u8], out: &mut Vec<u8>, lens: &mut Vec<usize>) -> Result<(), OffloadError> {
+    if frame.len() < VNET_HDR_LEN {
+        return Err(OffloadError::Truncated);
+    }
+    let (hdr, packet) = frame.split_at(VNET_HDR_LEN);
+    let flags = hdr[0];
+    let gso_type = hdr[1] & !GSO_ECN;
+    let gso_size = usize::from(u16::from_ne_bytes([hdr[4], hdr[5]]));
+    let csum_start = usize::from(u16::from_ne_bytes([hdr[6], hdr[7]]));
+    let csum_offset = usize::from(u16::from_ne_bytes([hdr[8], hdr[9]]));
+    match gso_type {
+        GSO_NONE => {
+            let start = out.len();
+            out.extend_from_slice(packet);
+            if flags & F_NEEDS_CSUM != 0 {
+                // The field holds the pseudo-header sum; sum from csum_start on.
+                let p = &mut out[start..];
+                let field = csum_start + csum_offset;
+                if field + 2 > p.len() {
+                    out.truncate(start);
+                    return Err(OffloadError::Truncated);
+                }
+                let sum = fold(sum16(&p[csum_start..], 0));
+                p[field..field + 2].copy_from_slice(&sum.to_be_bytes());
+            }
+            lens.push(packet.len());
+            Ok(())
+        }
+        GSO_TCPV4 => segment_tcp4(packet, gso_size, out, lens),
+        other => Err(OffloadError::Unsupported(other)),
+    }
+}
+
+fn segment_tcp4(
+    packet: &[u8],
+    mss: usize,
+    out: &mut Vec<u8>,
+    lens: &mut Vec<usize>,
+) -> Result<(), OffloadError> {
+    let ihl = usize::from(packet.first().ok_or(OffloadError::Truncated)? & 0x0f) * 4;
+    let thl = usize::from(packet.get(ihl + 12).ok_or(OffloadError::Truncated)? >> 4) * 4;
+    let hdr_len = ihl + thl;
+    if ihl < 20 || thl < 20 || packet.len() < hdr_len || mss == 0 {
+        return Err(OffloadError::Truncated);
+    }
+    let (headers, payload) = packet.split_at(hdr_len);
+    let id = u16::from_be_bytes([headers[4], headers[5]]);
+    let seq = u32::from_be_bytes([
+        headers[ihl + 4],
+        headers[ihl + 5],
+        headers[ihl + 6],
+        headers[ihl + 7],
+    ]);
+    let count = payload.len().div_ceil(mss);
+    for (i, chunk) in payload.chunks(mss).enumerate() {
+        let start = out.len();
+        out.extend_from_slice(headers);
+        out.extend_from_slice(chunk);
+        let p = &mut out[start..];
+        let total = (hdr_len + chunk.len()) as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+        let seq_i = seq.wrapping_add((i * mss) as u32);
+        p[ihl + 4..ihl + 8].copy_from_slice(&seq_i.to_be_bytes());
+        if i + 1 < count {
+            p[ihl + 13] &= !(TCP_FIN | TCP_PSH);
+        }
+        if i > 0 {
+            p[ihl + 13] &= !TCP_CWR;
+        }
+        ipv4_header_checksum(p, ihl);
+        tcp_checksum(p, ihl);
+        lens.push(p.len());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An IPv4/TCP packet with the given payload and valid checksums.
+    fn tcp_packet(payload: &[u8], seq: u32, flags: u8) -> Vec<u8> {
+        let mut p = vec![0u8; 40];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&((40 + payload.len()) as u16).to_be_bytes());
+        p[4..6].copy_from_slice(&7u16.to_be_bytes());
+        p[8] = 64;
+        p[9] = PROTO_TCP;
+        p[12..16].copy_from_slice(&[100, 64, 0, 1]);
+        p[16..20].copy_from_slice(&[100, 64, 0, 2]);
+        p[20..22].copy_from_slice(&40000u16.to_be_bytes());
+        p[22..24].copy_from_slice(&5201u16.to_be_bytes());
+        p[24..28].copy_from_slice(&seq.to_be_bytes());
+        p[32] = 5 << 4;
+        p[33] = flags;
+        p[34..36].copy_from_slice(&65535u16.to_be_bytes());
+        p.extend_from_slice(payload);
+        ipv4_header_checksum(&mut p, 20);
+        tcp_checksum(&mut p, 20);
+        p
+    }
+
+    fn verifies(p: &[u8]) -> bool {
+        let ip_ok = fold(sum16(&p[..20], 0)) == 0;
+        let mut acc = sum16(&p[12..20], 0) + u32::from(PROTO_TCP) + (p.len() - 20) as u32;
+        acc = sum16(&p[20..], acc);
+        ip_ok && fold(acc) == 0
+    }
+
+    fn vnet(flags: u8, gso_type: u8, gso_size: u16, csum_start: u16, csum_offset: u16) -> Vec<u8> {
+        let mut h = vec![flags, gso_type];
+        h.extend_from_slice(&40u16.to_ne_bytes());
+        h.extend_from_slice(&gso_size.to_ne_bytes());
+        h.extend_from_slice(&csum_start.to_ne_bytes());
+        h.extend_from_slice(&csum_offset.to_ne_bytes());
+        h
+    }
+
+    #[test]
+    fn a_tso_frame_becomes_mss_sized_segments_equal_to_what_tcp_would_send() {
+        let payload: Vec<u8> = (0..2500u32).map(|i| i as u8).collect();
+        let big = tcp_packet(&payload, 1000, TCP_PSH | TCP_FIN | 0x10);
+        let mut frame = vnet(F_NEEDS_CSUM, GSO_TCPV4, 1000, 20, 16);
+        frame.extend_from_slice(&big);
+        let (mut out, mut lens) = (Vec::new(), Vec::new());
+        segment(&frame, &mut out, &mut lens).unwrap();
+        assert_eq!(lens, vec![1040, 1040, 540]);
+        let mut at = 0;
+        for (i, len) in lens.iter().enumerate() {
+            let seg = &out[at..at + len];
+            at += len;
+            let chunk = &payload[i * 1000..(i * 1000 + 1000).min(payload.len())];
+            let last = i == 2;
+            let flags = if last { TCP_PSH | TCP_FIN | 0x10 } else { 0x10 };
+            let mut want = tcp_packet(chunk, 1000 + (i as u32) * 1000, flags);
+            want[4..6].copy_from_slice(&(7 + i as u16).to_be_bytes());
+            ipv4_header_checksum(&mut want, 20);
+            assert!(verifies(seg), "segment {i} checksums");
+            assert_eq!(seg, want.as_slice(), "segment {i}");
+        }
+    }
+
+    #[test]
+    fn a_partial_checksum_is_completed() {
+        let mut p = tcp_packet(b"hello", 1, 0x18);
+        // What the kernel leaves: the pseudo-header sum, not yet the full one.
+        let pseudo = !fold(sum16(&p[12..20], 0) + u32::from(PROTO_TCP) + 25);
+        p[36..38].copy_from_slice(&pseudo.to_be_bytes());
+        assert!(!verifies(&p));
+        let mut frame = vnet(F_NEEDS_CSUM, GSO_NONE, 0, 20, 16);
+        frame.extend_from_slice(&p);
+        let (mut out, mut lens) = (Vec::new(), Vec::new());
+        segment(&frame, &mut out, &mut lens).unwrap();
+        assert!(verifies(&out));
+    }
+
+    #[test]
+    fn plain_packets_pass_and_garbage_is_refused() {
+        let p = tcp_packet(b"x", 1, 0x10);
+        let mut frame = vnet(0, GSO_NONE, 0, 0, 0);
+        frame.extend_from_slice(&p);
+        let (mut out, mut lens) = (Vec::new(), Vec::new());
+        segment(&frame, &mut out, &mut lens).unwrap();
+        assert_eq!(out, p);
+        assert_eq!(
+            segment(&[0; 4], &mut out, &mut lens),
+            Err(OffloadError::Truncated)
+        );
+        let mut frame = vnet(0, GSO_TCPV4, 100, 0, 0);
+        frame.extend_from_slice(&[0x45, 0, 0]);
+        assert_eq!(
+            segment(&frame, &mut out, &mut lens),
+            Err(OffloadError::Truncated)
+        );
+        assert_eq!(
+            segment(&vnet(0, 3, 100, 0, 0), &mut out, &mut lens),
+            Err(OffloadError::Unsupported(3))
+        );
+    }
+}
