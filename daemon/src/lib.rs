@@ -11,6 +11,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod engine;
+pub mod gro;
 pub mod ice;
 pub mod identity;
 pub mod local_api;

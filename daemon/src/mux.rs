@@ -27,7 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use webrtc_ice::udp_mux::UDPMux;
 use webrtc_util::Conn;
 
-use crate::dataplane::{DataPlane, BUF_SIZE};
+use crate::dataplane::{DataPlane, RxScratch, BUF_SIZE};
 use crate::peer::lock;
 use crate::udp_batch;
 
@@ -77,19 +77,23 @@ impl Mux {
     /// Reads the socket until it fails; see the module diagram.
     pub async fn run(self: Arc<Self>, dataplane: Arc<DataPlane>) -> std::io::Result<()> {
         let mut buf = vec![0u8; BUF_SIZE];
-        let mut out = vec![0u8; BUF_SIZE];
+        let mut rx = RxScratch::default();
         loop {
             let (from, n, segment) = udp_batch::recv_coalesced(&self.socket, &mut buf).await?;
             // With GRO, one read is a run of datagrams from one sender.
             let peer = dataplane.peer_by_endpoint(from);
+            let mut wireguard: Vec<&[u8]> = Vec::new();
             for datagram in udp_batch::segments(&buf[..n], segment) {
                 if stun::message::is_message(datagram) {
                     self.route_stun(datagram, from);
-                } else if let Some(peer) = &peer {
-                    dataplane.receive(peer, datagram, &mut out).await;
+                } else if peer.is_some() {
+                    wireguard.push(datagram);
                 } else if let Some(conn) = self.agent_for(from) {
                     conn.deliver(datagram, from);
                 }
+            }
+            if let (Some(peer), false) = (&peer, wireguard.is_empty()) {
+                dataplane.receive_batch(peer, &wireguard, &mut rx).await;
             }
         }
     }

@@ -46,7 +46,7 @@ pub fn enable(fd: RawFd) -> std::io::Result<()> {
     }
 }
 
-fn sum16(data: &[u8], mut acc: u32) -> u32 {
+pub(crate) fn sum16(data: &[u8], mut acc: u32) -> u32 {
     let mut chunks = data.chunks_exact(2);
     for c in &mut chunks {
         acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
@@ -57,14 +57,14 @@ fn sum16(data: &[u8], mut acc: u32) -> u32 {
     acc
 }
 
-fn fold(mut acc: u32) -> u16 {
+pub(crate) fn fold(mut acc: u32) -> u16 {
     while acc >> 16 != 0 {
         acc = (acc & 0xffff) + (acc >> 16);
     }
     !(acc as u16)
 }
 
-fn ipv4_header_checksum(packet: &mut [u8], ihl: usize) {
+pub(crate) fn ipv4_header_checksum(packet: &mut [u8], ihl: usize) {
     packet[10] = 0;
     packet[11] = 0;
     let sum = fold(sum16(&packet[..ihl], 0));
@@ -161,11 +161,11 @@ fn segment_tcp4(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// An IPv4/TCP packet with the given payload and valid checksums.
-    fn tcp_packet(payload: &[u8], seq: u32, flags: u8) -> Vec<u8> {
+    pub(crate) fn tcp_packet(payload: &[u8], seq: u32, flags: u8) -> Vec<u8> {
         let mut p = vec![0u8; 40];
         p[0] = 0x45;
         p[2..4].copy_from_slice(&((40 + payload.len()) as u16).to_be_bytes());
@@ -184,6 +184,11 @@ mod tests {
         ipv4_header_checksum(&mut p, 20);
         tcp_checksum(&mut p, 20);
         p
+    }
+
+    /// Recomputes a test packet's TCP checksum after its header was edited.
+    pub(crate) fn retcp(p: &mut [u8]) {
+        tcp_checksum(p, 20);
     }
 
     fn verifies(p: &[u8]) -> bool {
