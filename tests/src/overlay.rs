@@ -115,6 +115,8 @@ pub struct Daemon {
     pub state_dir: PathBuf,
     pub socket: PathBuf,
     pub proc: Option<Proc>,
+    /// More `overlayd up` arguments, e.g. `--ca-cert FILE`.
+    pub extra_args: Vec<String>,
     starts: u32,
 }
 
@@ -129,6 +131,7 @@ impl Daemon {
             state_dir: dir.join("state"),
             socket: dir.join("overlayd.sock"),
             proc: None,
+            extra_args: Vec::new(),
             starts: 0,
         })
     }
@@ -158,6 +161,7 @@ impl Daemon {
         if let Some(key) = auth_key {
             cmd.args(["--auth-key", key]);
         }
+        cmd.args(&self.extra_args);
         self.starts += 1;
         // Each start gets its own log so a restart's output is not mixed in.
         let label = format!("overlayd-{}-{}", self.name, self.starts);
