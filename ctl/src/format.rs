@@ -67,6 +67,21 @@ pub fn status(status: &Status) -> String {
     for (key, value) in rows {
         out.push_str(&format!("{:<13}{value}\n", format!("{key}:")));
     }
+    let d = &status.dropped;
+    let dropped: Vec<String> = [
+        ("no route", d.no_route),
+        ("spoofed source", d.spoofed_source),
+        ("bad datagram", d.bad_datagram),
+        ("relay queue full", d.relay_queue_full),
+        ("bad signal", d.bad_signal),
+    ]
+    .iter()
+    .filter(|(_, n)| *n > 0)
+    .map(|(what, n)| format!("{n} {what}"))
+    .collect();
+    if !dropped.is_empty() {
+        out.push_str(&format!("{:<13}{}\n", "dropped:", dropped.join(", ")));
+    }
     out
 }
 
@@ -279,8 +294,13 @@ charlie (offline)  100.64.0.4  connecting     -                never      1.5 Ki
             coordinator_connected: true,
             uptime_secs: 65,
             version: "0.1.0".to_string(),
+            dropped: Default::default(),
         };
         let text = status(&sample);
+        assert!(
+            !text.contains("dropped"),
+            "nothing dropped, nothing said: {text}"
+        );
         assert!(text.contains("name:        alice (node 7)\n"), "{text}");
         assert!(text.contains("mesh ip:     100.64.0.2/10\n"), "{text}");
         assert!(
@@ -288,5 +308,13 @@ charlie (offline)  100.64.0.4  connecting     -                never      1.5 Ki
             "{text}"
         );
         assert!(text.contains("uptime:      1m 5s\n"), "{text}");
+        let mut sample = sample;
+        sample.dropped.bad_signal = 2;
+        sample.dropped.no_route = 1;
+        let text = status(&sample);
+        assert!(
+            text.contains("dropped:     1 no route, 2 bad signal\n"),
+            "{text}"
+        );
     }
 }

@@ -85,6 +85,7 @@ fn sample_status() -> Status {
         coordinator_connected: true,
         uptime_secs: 42,
         version: "0.1.0".to_string(),
+        dropped: Default::default(),
     }
 }
 

@@ -94,6 +94,20 @@ pub struct DropCounters {
     pub bad_datagram: AtomicU64,
     pub relay_queue_full: AtomicU64,
     pub bad_tun_frame: AtomicU64,
+    pub bad_signal: AtomicU64,
+}
+
+impl DropCounters {
+    pub fn snapshot(&self) -> overlay_proto::api::Dropped {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        overlay_proto::api::Dropped {
+            no_route: get(&self.no_route),
+            spoofed_source: get(&self.spoofed_source),
+            bad_datagram: get(&self.bad_datagram) + get(&self.bad_tun_frame),
+            relay_queue_full: get(&self.relay_queue_full),
+            bad_signal: get(&self.bad_signal),
+        }
+    }
 }
 
 pub struct DataPlane {

@@ -177,6 +177,7 @@ impl LocalApi {
             coordinator_connected: n.coord_connected.load(Ordering::Relaxed),
             uptime_secs: n.started.elapsed().as_secs(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
+            dropped: self.dataplane.drops.snapshot(),
         }
     }
 

@@ -63,6 +63,24 @@ pub struct Status {
     pub coordinator_connected: bool,
     pub uptime_secs: u64,
     pub version: String,
+    /// What the daemon refused or could not deliver since it started.
+    #[serde(default)]
+    pub dropped: Dropped,
+}
+
+/// Counters of refused input and undeliverable packets.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dropped {
+    /// Packets from the TUN to a mesh address no peer owns.
+    pub no_route: u64,
+    /// Decrypted packets whose source was not the sending peer's mesh IP.
+    pub spoofed_source: u64,
+    /// Datagrams WireGuard refused (not for us, replayed, corrupt).
+    pub bad_datagram: u64,
+    /// Packets for the coordination relay while its queue was full.
+    pub relay_queue_full: u64,
+    /// Signaling messages that did not open with the sender's key or did not parse.
+    pub bad_signal: u64,
 }
 
 /// How packets to a peer travel right now.

@@ -182,8 +182,44 @@ fn lan_mesh_is_direct_lossless_and_encrypted() {
         );
 
         bulk_transfer_arrives_intact(lab, a, b)?;
+        spoofed_sources_are_dropped_and_counted(lab, a, b)?;
         encrypted_on_the_wire(lab, a, b)
     });
+}
+
+/// Cryptokey routing: a peer may only send from its own mesh IP. a gives its
+/// interface a second address and pings b from it; b must drop those packets
+/// (no reply) and count them.
+fn spoofed_sources_are_dropped_and_counted(lab: &Lab, a: &Node, b: &Node) -> anyhow::Result<()> {
+    let before = b.daemon.status()?.dropped.spoofed_source;
+    let forged = "100.127.255.250";
+    lab.exec(
+        &a.host,
+        "ip",
+        &["addr", "add", &format!("{forged}/32"), "dev", MESH_IFACE],
+    )?;
+    let (sent, received) = ping(
+        lab,
+        &a.host,
+        b.mesh_ip,
+        &["-c", "3", "-i", "0.2", "-W", "1", "-I", forged],
+    )?;
+    lab.exec(
+        &a.host,
+        "ip",
+        &["addr", "del", &format!("{forged}/32"), "dev", MESH_IFACE],
+    )?;
+    ensure!(
+        sent == 3 && received == 0,
+        "pings from a forged source were answered: {received}/{sent}"
+    );
+    let after = b.daemon.status()?.dropped.spoofed_source;
+    ensure!(
+        after >= before + 3,
+        "b counted {} spoofed packets, expected at least 3",
+        after - before
+    );
+    Ok(())
 }
 
 /// 64 MiB of TCP from a to b through the mesh arrive byte for byte. The data plane

@@ -338,6 +338,10 @@ impl Engine {
         let signal = match peer.sealer.open(payload) {
             Ok(s) => s,
             Err(e) => {
+                self.dataplane
+                    .drops
+                    .bad_signal
+                    .fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(peer = from, "dropping signal: {e}");
                 return;
             }
