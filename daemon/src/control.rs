@@ -62,8 +62,6 @@ pub enum ControlEvent {
     Connected,
     Message(ServerMsg),
     Disconnected,
-    /// The server refused our credential: this node was removed or its record lost.
-    Unauthorized,
 }
 
 pub struct ControlClient {
@@ -88,6 +86,7 @@ impl ControlClient {
         let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_CAP);
         let authorization = bearer(self.node_id, &self.credential);
         let url = self.endpoint.ws_url(CONNECT_PATH);
+        let mut refused = false;
         loop {
             let attempt = self
                 .connector
@@ -99,6 +98,7 @@ impl ControlClient {
             match result {
                 Ok(ws) => {
                     backoff.reset();
+                    refused = false;
                     tracing::info!("connected to coordinator {url}");
                     self.connected.store(true, Ordering::SeqCst);
                     let _ = self.events.send(ControlEvent::Connected).await;
@@ -110,9 +110,18 @@ impl ControlClient {
                     }
                     tracing::warn!("lost coordinator connection: {why}; reconnecting (established peers keep working)");
                 }
-                Err(TransportError::WebSocket(msg)) if msg.contains("401") => {
-                    let _ = self.events.send(ControlEvent::Unauthorized).await;
-                    return;
+                // Not fatal: a proxy may say 401 for a while, and the data plane
+                // keeps serving peers that still know us. Say so loudly, once.
+                Err(TransportError::Refused(401)) => {
+                    if !refused {
+                        tracing::error!(
+                            "the coordinator refuses this node's credential (HTTP 401): the node was \
+                             removed, or the coordinator lost its record; to enrol again, stop overlayd, \
+                             delete node.json in its state directory and run 'overlayd up --auth-key KEY'; \
+                             retrying meanwhile"
+                        );
+                    }
+                    refused = true;
                 }
                 Err(e) => tracing::warn!("{e}"),
             }

@@ -124,10 +124,8 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
             tracing::info!("stopping");
             Ok(())
         }
-        fatal = &mut engine_task => match fatal {
-            Ok(Some(message)) => Err(anyhow::anyhow!(message)),
-            _ => Ok(()),
-        },
+        // The engine ends on `overlayctl down`.
+        _ = &mut engine_task => Ok(()),
         result = &mut udp_task => match result {
             Ok(Err(e)) => Err(anyhow::anyhow!("peer UDP socket failed: {e}")),
             _ => Ok(()),

@@ -117,7 +117,7 @@ pub struct DataPlane {
     my_ip: Ipv4Addr,
     peers: RwLock<PeerTable>,
     outbound: mpsc::Sender<Outbound>,
-    pings: Mutex<HashMap<(u16, u16), oneshot::Sender<()>>>,
+    pings: Mutex<HashMap<(Ipv4Addr, u16, u16), oneshot::Sender<()>>>,
     pub drops: DropCounters,
 }
 
@@ -149,7 +149,9 @@ impl DataPlane {
         let mut table = self.peers.write().unwrap_or_else(|e| e.into_inner());
         let peer = table.by_id.remove(&id)?;
         if let Some(addr) = peer.endpoint() {
-            table.by_endpoint.remove(&addr);
+            if table.by_endpoint.get(&addr).is_some_and(|p| p.id == id) {
+                table.by_endpoint.remove(&addr);
+            }
         }
         if table.by_ip.get(&peer.mesh_ip).is_some_and(|p| p.id == id) {
             table.by_ip.remove(&peer.mesh_ip);
@@ -185,7 +187,12 @@ impl DataPlane {
             }
         }
         if let Some(addr) = endpoint {
-            table.by_endpoint.insert(addr, peer.clone());
+            // An address belongs to one peer; whoever had it last loses it.
+            if let Some(previous) = table.by_endpoint.insert(addr, peer.clone()) {
+                if previous.id != peer.id {
+                    previous.set_endpoint(None);
+                }
+            }
         }
         peer.set_endpoint(endpoint);
     }
@@ -313,7 +320,14 @@ impl DataPlane {
                 .map(|&(_, at, len)| &arena[at..at + len])
                 .collect();
             if let Err(e) = udp_batch::send_segments(&self.udp, endpoint, &run).await {
+                // The direct path failed outright: give these datagrams the
+                // other paths, as a single send would.
                 tracing::debug!("send to {endpoint}: {e}");
+                if let Some(peer) = self.peer_by_endpoint(endpoint) {
+                    for datagram in &run {
+                        self.transmit_indirect(&peer, datagram).await;
+                    }
+                }
             }
             start = end;
         }
@@ -347,12 +361,15 @@ impl DataPlane {
                 return;
             }
         }
-        if let Some(conn) = peer.active_conn() {
-            // `Ok(0)` means the agent has no selected pair (any more): relay it.
-            if let Ok(n) = conn.send(datagram).await {
-                if n > 0 {
-                    return;
-                }
+        self.transmit_indirect(peer, datagram).await;
+    }
+
+    /// The ways that do not use our own socket: the ICE connection (TURN), else
+    /// the coordination relay.
+    async fn transmit_indirect(&self, peer: &Peer, datagram: &[u8]) {
+        if let Some(link) = peer.active_conn() {
+            if link.try_send(datagram) {
+                return;
             }
         }
         let frame = encode_relay_frame(peer.id, datagram);
@@ -474,23 +491,23 @@ impl DataPlane {
     }
 
     /// Registers interest in the echo reply `(ident, seq)`; see [`Self::complete_ping`].
-    pub fn expect_ping(&self, ident: u16, seq: u16) -> oneshot::Receiver<()> {
+    pub fn expect_ping(&self, from: Ipv4Addr, ident: u16, seq: u16) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
-        lock(&self.pings).insert((ident, seq), tx);
+        lock(&self.pings).insert((from, ident, seq), tx);
         rx
     }
 
-    pub fn forget_ping(&self, ident: u16, seq: u16) {
-        lock(&self.pings).remove(&(ident, seq));
+    pub fn forget_ping(&self, from: Ipv4Addr, ident: u16, seq: u16) {
+        lock(&self.pings).remove(&(from, ident, seq));
     }
 
     /// True when `packet` answered one of our own pings (it then never reaches the
     /// TUN: the kernel did not send the request and would only drop the reply).
     fn complete_ping(&self, packet: &[u8]) -> bool {
-        let Some((_, ident, seq)) = packet::echo_reply(packet) else {
+        let Some((from, ident, seq)) = packet::echo_reply(packet) else {
             return false;
         };
-        match lock(&self.pings).remove(&(ident, seq)) {
+        match lock(&self.pings).remove(&(from, ident, seq)) {
             Some(tx) => {
                 let _ = tx.send(());
                 true

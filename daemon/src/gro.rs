@@ -50,6 +50,12 @@ fn parse(p: &[u8]) -> Option<Segment<'_>> {
     {
         return None;
     }
+    // Merged segments reach the kernel as CHECKSUM_PARTIAL, which it does not
+    // verify: check each one here, as the kernel would have.
+    let tcp_sum = sum16(&p[12..20], u32::from(PROTO_TCP) + (p.len() - ihl) as u32);
+    if fold(sum16(&p[..ihl], 0)) != 0 || fold(sum16(&p[ihl..], tcp_sum)) != 0 {
+        return None;
+    }
     let mut flow = [0u8; 12];
     flow[..8].copy_from_slice(&p[12..20]);
     flow[8..].copy_from_slice(&p[ihl..ihl + 4]);
@@ -216,6 +222,20 @@ mod tests {
         let (at, len) = frames[2];
         assert_eq!(&out[at..at + VNET_HDR_LEN], &[0; VNET_HDR_LEN]);
         assert_eq!(&out[at + VNET_HDR_LEN..at + len], packets[3].as_slice());
+    }
+
+    #[test]
+    fn a_segment_with_a_bad_checksum_is_not_merged() {
+        let mut packets = stream(&[1000, 1000, 1000], 1, TCP_ACK);
+        packets[1][100] ^= 0xff; // corrupt payload, checksum no longer matches
+        let refs: Vec<&[u8]> = packets.iter().map(Vec::as_slice).collect();
+        let (mut out, mut frames) = (Vec::new(), Vec::new());
+        coalesce(&refs, &mut out, &mut frames);
+        assert_eq!(
+            frames.len(),
+            3,
+            "the bad one goes alone, for the kernel to drop"
+        );
     }
 
     #[test]

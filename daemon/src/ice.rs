@@ -32,6 +32,10 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// prflx pairs (1 s) would let TURN win races a direct pair was about to win.
 const RELAY_ACCEPTANCE_MIN_WAIT: Duration = Duration::from_millis(1500);
 
+/// Remote candidates accepted per session: a peer has a few interfaces, a
+/// reflexive address or two and a relay; this is generous.
+const MAX_REMOTE_CANDIDATES: usize = 32;
+
 /// Everything an agent reports, tagged with the peer and session it belongs to.
 pub enum IceEvent {
     Candidate {
@@ -111,7 +115,7 @@ pub struct IceSession {
     pub pwd: String,
     /// Dropping this cancels a pending `dial`/`accept`.
     cancel: Option<mpsc::Sender<()>>,
-    pub conn: Option<IceConn>,
+    pub conn: Option<crate::peer::IceLink>,
     /// The peer's signalled candidates: address and type.
     pub signalled: Vec<(String, CandidateKind)>,
 }
@@ -242,12 +246,20 @@ impl IceSession {
         });
     }
 
-    /// Adds a signalled candidate; returns its address and type.
+    /// Adds a signalled candidate; returns its address and type. A peer gets at
+    /// most [`MAX_REMOTE_CANDIDATES`] per session, UDP over IPv4 only, so it can
+    /// neither grow our state nor aim our checks at arbitrarily many addresses.
     pub fn add_remote_candidate(
         &mut self,
         raw: &str,
     ) -> Result<(String, CandidateKind), webrtc_ice::Error> {
+        if self.signalled.len() >= MAX_REMOTE_CANDIDATES {
+            return Err(webrtc_ice::Error::Other("too many candidates".into()));
+        }
         let candidate = webrtc_ice::candidate::candidate_base::unmarshal_candidate(raw)?;
+        if candidate.network_type() != NetworkType::Udp4 {
+            return Err(webrtc_ice::Error::Other("only UDP over IPv4".into()));
+        }
         let candidate: Arc<dyn Candidate + Send + Sync> = Arc::new(candidate);
         let learned = (addr(candidate.as_ref()), kind(candidate.candidate_type()));
         self.agent.add_remote_candidate(&candidate)?;

@@ -213,7 +213,7 @@ impl LocalApi {
         for i in 0..count {
             let seq = (i % u32::from(u16::MAX)) as u16 + 1;
             let started = Instant::now();
-            let waiter = self.dataplane.expect_ping(ident, seq);
+            let waiter = self.dataplane.expect_ping(peer.mesh_ip, ident, seq);
             let request = packet::echo_request(
                 self.node.mesh_ip,
                 peer.mesh_ip,
@@ -232,11 +232,11 @@ impl LocalApi {
                     path,
                 };
                 if send(write, &Response::PingReply(reply)).await.is_err() {
-                    self.dataplane.forget_ping(ident, seq);
+                    self.dataplane.forget_ping(peer.mesh_ip, ident, seq);
                     return; // the user went away
                 }
             } else {
-                self.dataplane.forget_ping(ident, seq);
+                self.dataplane.forget_ping(peer.mesh_ip, ident, seq);
             }
             if i + 1 < count {
                 tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;

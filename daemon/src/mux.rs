@@ -24,6 +24,7 @@ use stun::message::{Getter, Message, BINDING_REQUEST, BINDING_SUCCESS};
 use stun::xoraddr::XorMappedAddress;
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 use webrtc_ice::udp_mux::UDPMux;
 use webrtc_util::Conn;
 
@@ -170,6 +171,7 @@ impl UDPMux for Mux {
             local_addr: self.local_addr,
             tx,
             rx: tokio::sync::Mutex::new(rx),
+            closed: CancellationToken::new(),
         });
         conns.insert(ufrag.to_owned(), conn.clone());
         Ok(conn)
@@ -190,6 +192,10 @@ pub struct MuxConn {
     local_addr: SocketAddr,
     tx: mpsc::Sender<(Vec<u8>, SocketAddr)>,
     rx: tokio::sync::Mutex<mpsc::Receiver<(Vec<u8>, SocketAddr)>>,
+    /// Every host candidate of an agent reads this one conn; closing must not wait
+    /// for the receive lock another candidate's reader holds, or `Agent::close`
+    /// never finishes on a machine with several addresses.
+    closed: CancellationToken,
 }
 
 impl MuxConn {
@@ -212,8 +218,11 @@ impl Conn for MuxConn {
     }
 
     async fn recv_from(&self, buf: &mut [u8]) -> Result<(usize, SocketAddr), webrtc_util::Error> {
-        let mut rx = self.rx.lock().await;
-        match rx.recv().await {
+        let next = tokio::select! {
+            _ = self.closed.cancelled() => None,
+            next = async { self.rx.lock().await.recv().await } => next,
+        };
+        match next {
             Some((datagram, from)) => {
                 let n = datagram.len().min(buf.len());
                 buf[..n].copy_from_slice(&datagram[..n]);
@@ -251,7 +260,7 @@ impl Conn for MuxConn {
     }
 
     async fn close(&self) -> Result<(), webrtc_util::Error> {
-        self.rx.lock().await.close();
+        self.closed.cancel();
         Ok(())
     }
 

@@ -20,6 +20,38 @@ pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
 /// The ICE connection of the current session, once ICE selected a pair.
 pub type IceConn = Arc<dyn Conn + Send + Sync>;
 
+/// Datagrams waiting for the ICE connection before more go to the relay instead.
+const ICE_QUEUE: usize = 512;
+
+/// The ICE connection and a queue in front of it. Packets take this way only
+/// when the pair is not on our shared socket, i.e. through a TURN relay, and a
+/// send through TURN can wait (a permission to create, a slow server): it must
+/// never hold up the loops that serve every peer.
+#[derive(Clone)]
+pub struct IceLink {
+    pub conn: IceConn,
+    queue: tokio::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl IceLink {
+    /// Starts the sender task; it ends when the last clone of the link is dropped.
+    pub fn new(conn: IceConn) -> Self {
+        let (queue, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(ICE_QUEUE);
+        let sender = conn.clone();
+        tokio::spawn(async move {
+            while let Some(datagram) = rx.recv().await {
+                let _ = sender.send(&datagram).await;
+            }
+        });
+        IceLink { conn, queue }
+    }
+
+    /// Queues `datagram`; false when the queue is full.
+    pub fn try_send(&self, datagram: &[u8]) -> bool {
+        self.queue.try_send(datagram.to_vec()).is_ok()
+    }
+}
+
 pub struct Peer {
     pub id: NodeId,
     pub mesh_ip: Ipv4Addr,
@@ -30,7 +62,7 @@ pub struct Peer {
     pub tunn: Mutex<Tunn>,
     pub sealer: Sealer,
     /// Where packets go while the path state says ICE is usable.
-    active: RwLock<Option<IceConn>>,
+    active: RwLock<Option<IceLink>>,
     /// The selected pair's remote address when that pair is on our shared socket:
     /// packets then bypass the ICE agent entirely.
     endpoint: RwLock<Option<SocketAddr>>,
@@ -90,14 +122,14 @@ impl Peer {
         lock(&self.info).name.clone()
     }
 
-    pub fn active_conn(&self) -> Option<IceConn> {
+    pub fn active_conn(&self) -> Option<IceLink> {
         self.active
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
 
-    pub fn set_active_conn(&self, conn: Option<IceConn>) {
+    pub fn set_active_conn(&self, conn: Option<IceLink>) {
         *self.active.write().unwrap_or_else(|e| e.into_inner()) = conn;
     }
 

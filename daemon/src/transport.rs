@@ -37,6 +37,8 @@ pub enum TransportError {
     Http(String),
     #[error("coordinator WebSocket handshake failed: {0}")]
     WebSocket(String),
+    #[error("coordinator refused the control connection with HTTP {0}")]
+    Refused(u16),
     #[error("cannot load CA certificate {path}: {message}")]
     Ca { path: String, message: String },
 }
@@ -231,7 +233,7 @@ impl Connector {
             .await
             .map_err(|e| match e {
                 tokio_tungstenite::tungstenite::Error::Http(resp) => {
-                    TransportError::WebSocket(format!("coordinator answered {}", resp.status()))
+                    TransportError::Refused(resp.status().as_u16())
                 }
                 other => TransportError::WebSocket(other.to_string()),
             })?;

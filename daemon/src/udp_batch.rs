@@ -78,14 +78,14 @@ pub async fn send_segments(
             .await;
         match sent {
             Ok(_) => return Ok(()),
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP)
-                ) =>
-            {
+            // The kernel or the device cannot do GSO at all: stop trying.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EOPNOTSUPP)) => {
                 tracing::debug!("UDP GSO refused ({e}); sending datagrams one by one");
                 GSO_OK.store(false, Ordering::Relaxed);
+            }
+            // This run only (too large for the route, say): send it one by one.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EMSGSIZE)) => {
+                tracing::debug!("GSO run of {} refused ({e}); one by one", segments.len());
             }
             Err(e) => return Err(e),
         }

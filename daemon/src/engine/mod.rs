@@ -24,7 +24,7 @@ use crate::identity::decode_public_key;
 use crate::mux::Mux;
 use crate::netmap::{self, Change};
 use crate::path::{Action, CandidateKind, PathState};
-use crate::peer::{lock, Peer};
+use crate::peer::{lock, IceLink, Peer};
 use crate::why::Attempt;
 use diagnose::Netchecked;
 
@@ -119,30 +119,28 @@ impl Engine {
         }
     }
 
-    /// Runs until shutdown; returns an error message when the node must stop
-    /// (its credential was refused).
+    /// Runs until shutdown (a signal, or `overlayctl down`).
     pub async fn run(
         mut self,
         mut control: mpsc::Receiver<ControlEvent>,
         mut ice_events: mpsc::UnboundedReceiver<IceEvent>,
         mut queries: mpsc::Receiver<Query>,
         mut shutdown: watch::Receiver<bool>,
-    ) -> Option<String> {
-        let mut netchecks = self.netcheck_rx.take()?;
+    ) {
+        let Some(mut netchecks) = self.netcheck_rx.take() else {
+            return;
+        };
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut buf = vec![0u8; BUF_SIZE];
-        let fatal = loop {
+        loop {
             tokio::select! {
                 ev = control.recv() => match ev {
                     Some(ControlEvent::Message(msg)) => self.on_server_msg(msg).await,
                     Some(ControlEvent::Connected | ControlEvent::Disconnected) => {
                         self.pending_netmap = None; // a netmap cut short by a reconnect
                     }
-                    Some(ControlEvent::Unauthorized) => break Some(
-                        "the coordinator no longer accepts this node's credential (was it removed?); \
-                         enrol again with 'overlayd up --auth-key KEY'".to_owned()),
-                    None => break None,
+                    None => break,
                 },
                 Some(ev) = ice_events.recv() => self.on_ice_event(ev).await,
                 Some(q) = queries.recv() => self.on_query(q).await,
@@ -151,13 +149,12 @@ impl Engine {
                     self.dataplane.tick_timers(&mut buf).await;
                     self.poll_paths().await;
                 }
-                _ = shutdown.changed() => break None,
+                _ = shutdown.changed() => break,
             }
-        };
+        }
         for (_, session) in self.sessions.drain() {
             session.close();
         }
-        fatal
     }
 
     async fn on_server_msg(&mut self, msg: ServerMsg) {
@@ -199,7 +196,8 @@ impl Engine {
             ServerMsg::PeerRemoved { id } => self.apply(Change::Remove(id)),
             ServerMsg::Signal { from, payload } => self.on_signal(from, &payload).await,
             ServerMsg::IceConfig { ice } => {
-                self.ice = IceSettings::from_config(&ice, &self.tun_name, self.mux.clone())
+                self.ice = IceSettings::from_config(&ice, &self.tun_name, self.mux.clone());
+                self.ice_config = ice;
             }
             ServerMsg::Error {
                 error,
@@ -348,6 +346,14 @@ impl Engine {
         };
         let now = Instant::now();
         match signal {
+            PeerSignal::Offer { session, .. }
+                if self
+                    .sessions
+                    .get(&from)
+                    .is_some_and(|s| s.session == session) =>
+            {
+                // A repeated offer: the session it opens is already under way.
+            }
             PeerSignal::Offer {
                 session,
                 ufrag,
@@ -416,6 +422,7 @@ impl Engine {
                 if start {
                     tracing::debug!(peer = from, "peer asked for a new ICE session: {reason}");
                     self.start_session(&peer).await;
+                    self.sync_path(&peer);
                 }
             }
             other => tracing::debug!(peer = from, "ignoring signal for the other role: {other:?}"),
@@ -463,7 +470,7 @@ impl Engine {
             IceEvent::Ready { conn, .. } => {
                 self.spawn_reader(&peer, conn.clone());
                 if let Some(s) = self.sessions.get_mut(&peer_id) {
-                    s.conn = Some(conn);
+                    s.conn = Some(IceLink::new(conn));
                 }
                 lock(&peer.path).on_connected();
             }
