@@ -1,0 +1,147 @@
+//! The receive side: datagrams from a peer are decrypted, checked against the
+//! peer's mesh IP (cryptokey routing), and written to the TUN, runs of one TCP
+//! flow merged into one write (see `gro`).
+
+use std::sync::atomic::Ordering;
+
+use boringtun::noise::TunnResult;
+
+use super::DataPlane;
+use crate::gro;
+use crate::offload;
+use crate::peer::{lock, Peer};
+
+/// The smallest room a datagram is decrypted into (boringtun wants MTU-sized
+/// room even for small packets).
+const MIN_DECRYPT_ROOM: usize = 9_216;
+
+/// What decrypting one datagram gave.
+enum Decrypted {
+    Nothing,
+    /// An IP packet of this length, at the start of the buffer given.
+    Packet(usize),
+    /// WireGuard messages to send back (handshake answers, queued packets).
+    Network(Vec<Vec<u8>>),
+}
+
+/// Buffers reused across received batches.
+pub struct RxScratch {
+    plain: Vec<u8>,
+    spans: Vec<(usize, usize)>,
+    frames_buf: Vec<u8>,
+    frames: Vec<(usize, usize)>,
+}
+
+impl Default for RxScratch {
+    fn default() -> Self {
+        RxScratch {
+            plain: vec![0u8; 64 * 1500 + 2 * MIN_DECRYPT_ROOM],
+            spans: Vec::with_capacity(64),
+            frames_buf: Vec::with_capacity(128 * 1024),
+            frames: Vec::with_capacity(64),
+        }
+    }
+}
+
+impl DataPlane {
+    /// Decrypts one datagram from `peer` into `dst`.
+    fn decrypt(&self, peer: &Peer, datagram: &[u8], dst: &mut [u8]) -> Decrypted {
+        let mut tunn = lock(&peer.tunn);
+        match tunn.decapsulate(None, datagram, dst) {
+            TunnResult::WriteToNetwork(d) => {
+                // Handshake answers, and packets queued while the handshake ran.
+                let mut pending = vec![d.to_vec()];
+                while let TunnResult::WriteToNetwork(d) = tunn.decapsulate(None, &[], dst) {
+                    pending.push(d.to_vec());
+                }
+                Decrypted::Network(pending)
+            }
+            TunnResult::WriteToTunnelV4(p, src) if src == peer.mesh_ip => {
+                let len = p.len();
+                peer.count_rx(len);
+                if self.complete_ping(&dst[..len]) {
+                    Decrypted::Nothing
+                } else {
+                    Decrypted::Packet(len)
+                }
+            }
+            TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
+                // Cryptokey routing: a peer may only speak from its own mesh IP.
+                self.drops.spoofed_source.fetch_add(1, Ordering::Relaxed);
+                Decrypted::Nothing
+            }
+            TunnResult::Err(e) => {
+                self.drops.bad_datagram.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = peer.id, "decapsulate: {e:?}");
+                Decrypted::Nothing
+            }
+            TunnResult::Done => Decrypted::Nothing,
+        }
+    }
+
+    /// A datagram arrived from `peer` on some path.
+    pub async fn receive(&self, peer: &Peer, datagram: &[u8], out: &mut [u8]) {
+        match self.decrypt(peer, datagram, &mut out[offload::VNET_HDR_LEN..]) {
+            Decrypted::Nothing => {}
+            Decrypted::Packet(len) => {
+                let frame = &mut out[..offload::VNET_HDR_LEN + len];
+                frame[..offload::VNET_HDR_LEN].fill(0);
+                if let Err(e) = self.tun.send(frame).await {
+                    tracing::debug!("TUN write: {e}");
+                }
+            }
+            Decrypted::Network(datagrams) => {
+                for d in datagrams {
+                    self.transmit(peer, &d).await;
+                }
+            }
+        }
+    }
+
+    /// Datagrams that arrived together from `peer`: decrypted side by side, then
+    /// written to the TUN with runs of one TCP flow coalesced (see `gro`).
+    pub async fn receive_batch(&self, peer: &Peer, datagrams: &[&[u8]], rx: &mut RxScratch) {
+        rx.spans.clear();
+        let mut used = 0;
+        for datagram in datagrams {
+            if rx.plain.len() - used < datagram.len().max(MIN_DECRYPT_ROOM) {
+                self.write_coalesced(rx, used).await;
+                rx.spans.clear();
+                used = 0;
+            }
+            match self.decrypt(peer, datagram, &mut rx.plain[used..]) {
+                Decrypted::Nothing => {}
+                Decrypted::Packet(len) => {
+                    rx.spans.push((used, len));
+                    used += len;
+                }
+                Decrypted::Network(replies) => {
+                    for d in replies {
+                        self.transmit(peer, &d).await;
+                    }
+                }
+            }
+        }
+        self.write_coalesced(rx, used).await;
+    }
+
+    async fn write_coalesced(&self, rx: &mut RxScratch, used: usize) {
+        if rx.spans.is_empty() {
+            return;
+        }
+        let packets: Vec<&[u8]> = rx
+            .spans
+            .iter()
+            .map(|&(at, len)| &rx.plain[at..at + len])
+            .collect();
+        debug_assert!(rx.spans.iter().all(|&(at, len)| at + len <= used));
+        rx.frames_buf.clear();
+        rx.frames.clear();
+        gro::coalesce(&packets, &mut rx.frames_buf, &mut rx.frames);
+        for &(at, len) in &rx.frames {
+            if let Err(e) = self.tun.send(&rx.frames_buf[at..at + len]).await {
+                tracing::debug!("TUN write: {e}");
+            }
+        }
+    }
+}
