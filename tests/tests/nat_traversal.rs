@@ -45,6 +45,8 @@ const TURN_TIMEOUT: Duration = Duration::from_secs(60);
 /// waits out its STUN timeouts first).
 const EXPLAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the first ping across the mesh may take to be answered.
+/// Pings 50 ms apart right after the first answer: 4 s, across the path change.
+const SWITCH_PINGS: &str = "80";
 const FIRST_PING_TIMEOUT: Duration = Duration::from_secs(40);
 /// The shared secret between overlay-coord and coturn in the coturn row.
 const COTURN_SECRET: &str = "overlay-lab-coturn-secret";
@@ -220,7 +222,11 @@ fn run_row(lab: &Lab, coord: &Coordinator, row: Row) -> anyhow::Result<()> {
         (first, settled)
     });
     let settled = settled?;
-    let first_ping = first_ping?;
+    let (first_ping, (sent, received)) = first_ping?;
+    ensure!(
+        sent == received && sent > 0,
+        "pings while the path changed: {received} of {sent} answered"
+    );
 
     ping_lossless(lab, &a, &b)?;
     ping_lossless(lab, &b, &a)?;
@@ -289,9 +295,9 @@ fn first_answered_ping(
     to: Ipv4Addr,
     t0: Instant,
     give_up: &AtomicBool,
-) -> anyhow::Result<Duration> {
+) -> anyhow::Result<(Duration, (u32, u32))> {
     let target = to.to_string();
-    wait_until(FIRST_PING_TIMEOUT, "the first answered ping", || {
+    let first = wait_until(FIRST_PING_TIMEOUT, "the first answered ping", || {
         if give_up.load(Ordering::Relaxed) {
             return Err(fatal(anyhow::anyhow!("the row already failed")));
         }
@@ -309,7 +315,29 @@ fn first_answered_ping(
                 String::from_utf8_lossy(&out.stderr).trim()
             )))
         }
-    })
+    })?;
+    // Keep pinging through the move from the coordination relay to the ICE path
+    // (it happens within the next two seconds or so): nothing may be lost.
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns,
+            "ping",
+            "-c",
+            SWITCH_PINGS,
+            "-i",
+            "0.05",
+            "-W",
+            "1",
+            &target,
+        ])
+        .output()
+        .context("running ping")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counts = overlay_tests::overlay::parse_ping_summary(&text)
+        .with_context(|| format!("no ping summary in {text:?}"))?;
+    Ok((first, counts))
 }
 
 /// What `a` says about `b` and `b` about `a`.
