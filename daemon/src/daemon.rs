@@ -46,11 +46,12 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         config.mtu,
     )?;
     tracing::info!(
-        "interface {} up with {}/{} (mtu {})",
+        "interface {} up with {}/{} (mtu {}, offloads {})",
         config.interface,
         enrolment.mesh_ip,
         enrolment.network.prefix_len(),
-        config.mtu
+        config.mtu,
+        if tun.offload { "on" } else { "off" }
     );
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);

@@ -17,11 +17,50 @@ pub enum TunError {
     Other { name: String, message: String },
 }
 
-pub fn create(
+/// Set to `0` to run the TUN without offloads (for kernels or sandboxes that
+/// refuse them, and to compare).
+pub const OFFLOAD_ENV: &str = "OVERLAY_TUN_OFFLOAD";
+
+/// The interface, and whether its reads and writes carry a `virtio_net_hdr`.
+pub struct Tun {
+    pub device: Arc<tun::AsyncDevice>,
+    pub offload: bool,
+}
+
+/// Creates the TUN with offloads (IFF_VNET_HDR, TSO, NAPI), or without them when
+/// the kernel refuses them or `OVERLAY_TUN_OFFLOAD=0` says so.
+pub fn create(name: &str, ip: Ipv4Addr, network: Ipv4Net, mtu: u16) -> Result<Tun, TunError> {
+    let wanted = std::env::var(OFFLOAD_ENV).map_or(true, |v| v != "0");
+    if wanted {
+        match create_with(name, ip, network, mtu, true) {
+            Ok(device) => {
+                if let Err(e) = crate::offload::enable(device.as_raw_fd()) {
+                    tracing::info!(
+                        "TUN segmentation offload unavailable ({e}); one packet per read"
+                    );
+                }
+                return Ok(Tun {
+                    device,
+                    offload: true,
+                });
+            }
+            Err(e @ TunError::Permission { .. }) => return Err(e),
+            Err(e) => tracing::warn!("{e}; trying again without offloads"),
+        }
+    }
+    let device = create_with(name, ip, network, mtu, false)?;
+    Ok(Tun {
+        device,
+        offload: false,
+    })
+}
+
+fn create_with(
     name: &str,
     ip: Ipv4Addr,
     network: Ipv4Net,
     mtu: u16,
+    offload: bool,
 ) -> Result<Arc<tun::AsyncDevice>, TunError> {
     let mut config = tun::Configuration::default();
     config
@@ -35,16 +74,11 @@ pub fn create(
     // IFF_VNET_HDR: reads and writes carry a virtio_net_hdr, which lets the
     // kernel hand us TCP segments of up to 64 KiB (see `offload`).
     config.platform_config(|p| {
-        p.napi(true);
-        p.vnet_hdr(true);
+        p.napi(offload);
+        p.vnet_hdr(offload);
     });
     match tun::create_as_async(&config) {
-        Ok(dev) => {
-            if let Err(e) = crate::offload::enable(dev.as_raw_fd()) {
-                tracing::info!("TUN segmentation offload unavailable ({e}); one packet per read");
-            }
-            Ok(Arc::new(dev))
-        }
+        Ok(dev) => Ok(Arc::new(dev)),
         Err(e) => {
             let message = e.to_string();
             if message.contains("Operation not permitted") || message.contains("Permission denied")

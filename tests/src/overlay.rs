@@ -117,6 +117,8 @@ pub struct Daemon {
     pub proc: Option<Proc>,
     /// More `overlayd up` arguments, e.g. `--ca-cert FILE`.
     pub extra_args: Vec<String>,
+    /// More environment for `overlayd`, e.g. `OVERLAY_TUN_OFFLOAD=0`.
+    pub extra_env: Vec<(String, String)>,
     starts: u32,
 }
 
@@ -132,6 +134,7 @@ impl Daemon {
             socket: dir.join("overlayd.sock"),
             proc: None,
             extra_args: Vec::new(),
+            extra_env: Vec::new(),
             starts: 0,
         })
     }
@@ -162,6 +165,7 @@ impl Daemon {
             cmd.args(["--auth-key", key]);
         }
         cmd.args(&self.extra_args);
+        cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         self.starts += 1;
         // Each start gets its own log so a restart's output is not mixed in.
         let label = format!("overlayd-{}-{}", self.name, self.starts);
@@ -355,6 +359,48 @@ pub fn wait_path(
         }
     })?;
     Ok(started.elapsed())
+}
+
+/// Sends `bytes` of TCP from `from` to `to_ip:5001` on `to` with `tcp_blast`
+/// (path in `blast`) and checks both ends saw the same length and hash.
+pub fn bulk_transfer(
+    lab: &Lab,
+    blast: &str,
+    from: &Host,
+    to: &Host,
+    to_ip: Ipv4Addr,
+    bytes: u64,
+) -> anyhow::Result<()> {
+    let listen = format!("{to_ip}:5001");
+    let mut cmd = Command::new(blast);
+    cmd.args(["serve", &listen]);
+    let mut server = lab.spawn(to, &format!("tcp-blast-{}", to.name), cmd)?;
+    wait_until(Duration::from_secs(10), "tcp_blast to listen", || {
+        server.ensure_running().map_err(fatal)?;
+        if server.log().contains("ready on") {
+            Ok(())
+        } else {
+            Err(Wait::NotYet("not listening yet".into()))
+        }
+    })?;
+    let count = bytes.to_string();
+    let sent = lab.output(from, blast, &["send", &listen, &count])?;
+    ensure!(
+        sent.status.success(),
+        "tcp_blast send: {}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let sent = String::from_utf8_lossy(&sent.stdout).trim().to_string();
+    server.wait_exit(Duration::from_secs(60))?;
+    let log = server.log();
+    let received = log.lines().last().unwrap_or_default().trim().to_string();
+    ensure!(
+        sent.starts_with(&format!("{count} ")) && received == sent,
+        "{} sent {sent:?}, {} received {received:?}",
+        from.name,
+        to.name
+    );
+    Ok(())
 }
 
 #[cfg(test)]

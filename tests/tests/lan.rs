@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use overlay_proto::api::{PathKind, PeerStatus};
-use overlay_tests::overlay::{ping, MESH_IFACE};
+use overlay_tests::overlay::{bulk_transfer, ping, MESH_IFACE};
 use overlay_tests::pcap;
 use overlay_tests::{fatal, lab_test, wait_until, Coordinator, Daemon, Host, Iface, Lab, Wait};
 
@@ -227,35 +227,14 @@ fn spoofed_sources_are_dropped_and_counted(lab: &Lab, a: &Node, b: &Node) -> any
 /// receiver (checksums are not re-verified by the kernel there), so this is what
 /// proves the bytes are right, not just that they flow.
 fn bulk_transfer_arrives_intact(lab: &Lab, a: &Node, b: &Node) -> anyhow::Result<()> {
-    const BLAST: &str = env!("CARGO_BIN_EXE_tcp_blast");
-    let listen = format!("{}:5001", b.mesh_ip);
-    let mut cmd = Command::new(BLAST);
-    cmd.args(["serve", &listen]);
-    let mut server = lab.spawn(&b.host, "tcp-blast-b", cmd)?;
-    wait_until(Duration::from_secs(10), "tcp_blast to listen", || {
-        server.ensure_running().map_err(fatal)?;
-        if server.log().contains("ready on") {
-            Ok(())
-        } else {
-            Err(Wait::NotYet("not listening yet".into()))
-        }
-    })?;
-    let bytes = (64 << 20).to_string();
-    let sent = lab.output(&a.host, BLAST, &["send", &listen, &bytes])?;
-    ensure!(
-        sent.status.success(),
-        "tcp_blast send: {}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
-    let sent = String::from_utf8_lossy(&sent.stdout).trim().to_string();
-    server.wait_exit(Duration::from_secs(60))?;
-    let log = server.log();
-    let received = log.lines().last().unwrap_or_default().trim().to_string();
-    ensure!(
-        sent.starts_with(&format!("{bytes} ")) && received == sent,
-        "a sent {sent:?}, b received {received:?}"
-    );
-    Ok(())
+    bulk_transfer(
+        lab,
+        env!("CARGO_BIN_EXE_tcp_blast"),
+        &a.host,
+        &b.host,
+        b.mesh_ip,
+        64 << 20,
+    )
 }
 
 /// Captures a's LAN traffic while pinging b in clear (the control) and through the

@@ -82,6 +82,8 @@ impl DropCounters {
 
 pub struct DataPlane {
     tun: Arc<tun::AsyncDevice>,
+    /// Whether TUN reads and writes carry a `virtio_net_hdr` (see `offload`).
+    offload: bool,
     /// The socket ICE's host candidates live on (see `mux`): direct paths send here.
     udp: Arc<tokio::net::UdpSocket>,
     my_ip: Ipv4Addr,
@@ -93,13 +95,14 @@ pub struct DataPlane {
 
 impl DataPlane {
     pub fn new(
-        tun: Arc<tun::AsyncDevice>,
+        tun: crate::tun_device::Tun,
         udp: Arc<tokio::net::UdpSocket>,
         my_ip: Ipv4Addr,
         outbound: mpsc::Sender<Outbound>,
     ) -> Self {
         DataPlane {
-            tun,
+            tun: tun.device,
+            offload: tun.offload,
             udp,
             my_ip,
             peers: RwLock::default(),
@@ -211,7 +214,12 @@ impl DataPlane {
             for (frame, &len) in frames.iter().zip(&lens).take(count) {
                 packets.clear();
                 packet_lens.clear();
-                if let Err(e) = offload::segment(&frame[..len], &mut packets, &mut packet_lens) {
+                if !self.offload {
+                    packets.extend_from_slice(&frame[..len]);
+                    packet_lens.push(len);
+                } else if let Err(e) =
+                    offload::segment(&frame[..len], &mut packets, &mut packet_lens)
+                {
                     self.drops.bad_tun_frame.fetch_add(1, Ordering::Relaxed);
                     tracing::debug!("TUN frame: {e}");
                     continue;
@@ -261,10 +269,26 @@ impl DataPlane {
 
     /// Writes one IP packet to the TUN, behind the `virtio_net_hdr` it expects.
     async fn write_tun(&self, packet: &[u8]) {
+        if !self.offload {
+            let _ = self.tun.send(packet).await;
+            return;
+        }
         let mut frame = Vec::with_capacity(offload::VNET_HDR_LEN + packet.len());
         frame.resize(offload::VNET_HDR_LEN, 0);
         frame.extend_from_slice(packet);
         let _ = self.tun.send(&frame).await;
+    }
+
+    /// The bytes to write for a packet stored at `buf[VNET_HDR_LEN..][..len]`:
+    /// with an all-zero header in front when offloads are on, bare otherwise.
+    fn tun_frame<'b>(&self, buf: &'b mut [u8], len: usize) -> &'b [u8] {
+        let hdr = offload::VNET_HDR_LEN;
+        if self.offload {
+            buf[..hdr].fill(0);
+            &buf[..hdr + len]
+        } else {
+            &buf[hdr..hdr + len]
+        }
     }
 
     /// Sends encrypted datagrams `(endpoint, start, len)` of `arena` in GSO runs:

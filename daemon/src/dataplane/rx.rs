@@ -84,8 +84,7 @@ impl DataPlane {
         match self.decrypt(peer, datagram, &mut out[offload::VNET_HDR_LEN..]) {
             Decrypted::Nothing => {}
             Decrypted::Packet(len) => {
-                let frame = &mut out[..offload::VNET_HDR_LEN + len];
-                frame[..offload::VNET_HDR_LEN].fill(0);
+                let frame = self.tun_frame(out, len);
                 if let Err(e) = self.tun.send(frame).await {
                     tracing::debug!("TUN write: {e}");
                 }
@@ -135,6 +134,14 @@ impl DataPlane {
             .map(|&(at, len)| &rx.plain[at..at + len])
             .collect();
         debug_assert!(rx.spans.iter().all(|&(at, len)| at + len <= used));
+        if !self.offload {
+            for packet in packets {
+                if let Err(e) = self.tun.send(packet).await {
+                    tracing::debug!("TUN write: {e}");
+                }
+            }
+            return;
+        }
         rx.frames_buf.clear();
         rx.frames.clear();
         gro::coalesce(&packets, &mut rx.frames_buf, &mut rx.frames);
