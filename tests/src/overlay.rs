@@ -314,18 +314,31 @@ pub struct LanPair {
 impl LanPair {
     /// `subnet` like `10.77.2.0/24`: the coordinator gets `.1`, a and b the next.
     pub fn start(lab: &Lab, subnet: &str) -> anyhow::Result<LanPair> {
+        Self::start_with(lab, subnet, &[], |_| {})
+    }
+
+    /// As [`LanPair::start`], with more `serve` arguments for the coordinator and
+    /// a say in each daemon's arguments and environment before it starts.
+    pub fn start_with(
+        lab: &Lab,
+        subnet: &str,
+        coord_args: &[&str],
+        configure: impl Fn(&mut Daemon),
+    ) -> anyhow::Result<LanPair> {
         let lan = lab.segment("lan", subnet)?;
         let coord_host = lab.host("coord")?;
         let coord_ip = lab.attach(&coord_host, &lan)?.ip;
-        let coord = Coordinator::start(lab, &coord_host, coord_ip, &[])?;
+        let coord = Coordinator::start(lab, &coord_host, coord_ip, coord_args)?;
         let key = coord.create_key(lab)?;
         let a_host = lab.host("a")?;
         lab.attach(&a_host, &lan)?;
         let b_host = lab.host("b")?;
         lab.attach(&b_host, &lan)?;
         let mut a = Daemon::new(lab, &a_host, "a", &coord.url)?;
+        configure(&mut a);
         a.start(lab, Some(&key))?;
         let mut b = Daemon::new(lab, &b_host, "b", &coord.url)?;
+        configure(&mut b);
         b.start(lab, Some(&key))?;
         Ok(LanPair {
             a_host,

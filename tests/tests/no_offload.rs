@@ -12,27 +12,25 @@ use std::time::Duration;
 use anyhow::ensure;
 use overlay_proto::api::PathKind;
 use overlay_tests::overlay::{bulk_transfer, ping};
-use overlay_tests::{lab_test, wait_path, Coordinator, Daemon, Lab};
+use overlay_tests::{lab_test, wait_path, Lab, LanPair};
 
 const BLAST: &str = env!("CARGO_BIN_EXE_tcp_blast");
 
 #[test]
 fn a_node_without_tun_offloads_interoperates_with_one_that_has_them() {
     lab_test(|lab: &Lab| {
-        let lan = lab.segment("lan", "10.77.5.0/24")?;
-        let coord_host = lab.host("coord")?;
-        let coord_ip = lab.attach(&coord_host, &lan)?.ip;
-        let coord = Coordinator::start(lab, &coord_host, coord_ip, &[])?;
-        let key = coord.create_key(lab)?;
-        let a_host = lab.host("a")?;
-        lab.attach(&a_host, &lan)?;
-        let b_host = lab.host("b")?;
-        lab.attach(&b_host, &lan)?;
-        let mut a = Daemon::new(lab, &a_host, "a", &coord.url)?;
-        a.start(lab, Some(&key))?;
-        let mut b = Daemon::new(lab, &b_host, "b", &coord.url)?;
-        b.extra_env = vec![("OVERLAY_TUN_OFFLOAD".into(), "0".into())];
-        b.start(lab, Some(&key))?;
+        let LanPair {
+            a_host,
+            mut a,
+            b_host,
+            mut b,
+            coord,
+            ..
+        } = LanPair::start_with(lab, "10.77.5.0/24", &[], |d| {
+            if d.name == "b" {
+                d.extra_env = vec![("OVERLAY_TUN_OFFLOAD".into(), "0".into())];
+            }
+        })?;
         let a_ip = a.status()?.mesh_ip;
         let b_ip = b.status()?.mesh_ip;
         wait_path(&mut a, "b", PathKind::Direct, Duration::from_secs(30))?;
