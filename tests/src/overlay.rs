@@ -388,14 +388,7 @@ pub fn bulk_transfer(
     let mut cmd = Command::new(blast);
     cmd.args(["serve", &listen]);
     let mut server = lab.spawn(to, &format!("tcp-blast-{}", to.name), cmd)?;
-    wait_until(Duration::from_secs(10), "tcp_blast to listen", || {
-        server.ensure_running().map_err(fatal)?;
-        if server.log().contains("ready on") {
-            Ok(())
-        } else {
-            Err(Wait::NotYet("not listening yet".into()))
-        }
-    })?;
+    server.wait_for_log("ready on", Duration::from_secs(10))?;
     let count = bytes.to_string();
     let sent = lab.output(from, blast, &["send", &listen, &count])?;
     ensure!(

@@ -127,6 +127,20 @@ impl Proc {
         Ok(())
     }
 
+    /// Waits up to `timeout` until the process's log contains `needle` (a program
+    /// saying it is ready), failing early with its log tail if it exits.
+    pub fn wait_for_log(&mut self, needle: &str, timeout: Duration) -> anyhow::Result<()> {
+        let what = format!("{} to log {needle:?}", self.label);
+        crate::wait::wait_until(timeout, &what, || {
+            self.ensure_running().map_err(crate::wait::fatal)?;
+            if self.log().contains(needle) {
+                Ok(())
+            } else {
+                Err(crate::wait::Wait::NotYet("not yet".into()))
+            }
+        })
+    }
+
     /// Waits up to `timeout` for the process to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> anyhow::Result<ExitStatus> {
         let deadline = Instant::now() + timeout;

@@ -248,14 +248,7 @@ fn encrypted_on_the_wire(lab: &Lab, a: &Node, b: &Node) -> anyhow::Result<()> {
         .arg(&capture)
         .arg("udp or icmp");
     let mut tcpdump = lab.spawn(&a.host, "tcpdump-a", tcpdump)?;
-    wait_until(Duration::from_secs(10), "tcpdump to listen", || {
-        tcpdump.ensure_running().map_err(fatal)?;
-        if tcpdump.log().contains("listening on") {
-            Ok(())
-        } else {
-            Err(Wait::NotYet("no 'listening on' yet".into()))
-        }
-    })?;
+    tcpdump.wait_for_log("listening on", Duration::from_secs(10))?;
 
     let control = ping(
         lab,

@@ -12,7 +12,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
-use overlay_tests::{fatal, lab_test, wait_until, Host, Lab, NatKind, Proc, Site, Wait};
+use overlay_tests::{lab_test, Host, Lab, NatKind, Proc, Site};
 
 const PROBE: &str = env!("CARGO_BIN_EXE_udp_probe");
 const PROBE_PORT: u16 = 3478;
@@ -42,18 +42,7 @@ fn world(lab: &Lab, kind: NatKind) -> anyhow::Result<World> {
         let mut cmd = Command::new(PROBE);
         cmd.args(["serve", &listen.to_string()]);
         let mut proc = lab.spawn(&host, &format!("probe-{name}"), cmd)?;
-        wait_until(
-            Duration::from_secs(10),
-            &format!("probe server {name}"),
-            || {
-                proc.ensure_running().map_err(fatal)?;
-                if proc.log().contains("ready on") {
-                    Ok(())
-                } else {
-                    Err(Wait::NotYet("not ready".into()))
-                }
-            },
-        )?;
+        proc.wait_for_log("ready on", Duration::from_secs(10))?;
         servers.push(listen);
         server_hosts.push(host);
         probes.push(proc);
@@ -185,14 +174,7 @@ fn unsolicited_udp_from_outside_does_not_enter_a_site() {
         let mut cmd = Command::new(PROBE);
         cmd.args(["serve", &format!("0.0.0.0:{INSIDE_PORT}")]);
         let mut listener = lab.spawn(&w.inside, "probe-a1", cmd)?;
-        wait_until(Duration::from_secs(10), "probe server on a1", || {
-            listener.ensure_running().map_err(fatal)?;
-            if listener.log().contains("ready on") {
-                Ok(())
-            } else {
-                Err(Wait::NotYet("not ready".into()))
-            }
-        })?;
+        listener.wait_for_log("ready on", Duration::from_secs(10))?;
         let target = format!("{}:{INSIDE_PORT}", wan_ip(&w.site));
         let out = lab.output(&w.server_hosts[0], PROBE, &["send", "5000", &target])?;
         ensure!(

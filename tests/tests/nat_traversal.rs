@@ -619,14 +619,7 @@ fn cone_nat_keeps_its_mapping_when_the_peer_probes_first() {
         let mut cmd = Command::new(PROBE);
         cmd.args(["serve", &listen]);
         let mut server = lab.spawn(&peer, "probe-peer", cmd)?;
-        wait_until(Duration::from_secs(10), "the probe server on peer", || {
-            server.ensure_running().map_err(fatal)?;
-            if server.log().contains("ready on") {
-                Ok(())
-            } else {
-                Err(Wait::NotYet("not ready".into()))
-            }
-        })?;
+        server.wait_for_log("ready on", Duration::from_secs(10))?;
         let out = lab.output(&a1, PROBE, &["send", PUNCH_INSIDE_PORT, &listen])?;
         let text = String::from_utf8_lossy(&out.stdout);
         let seen = text
