@@ -138,7 +138,7 @@ ROWS = [
     ("mtu", "tunnel MTU", None),
 ]
 
-SYSTEMS = [("raw", "raw veth"), ("wg", "wireguard-go"), ("overlay", "overlay")]
+SYSTEMS = [("raw", "raw veth"), ("wg", "wireguard-go"), ("gota", "gotatun"), ("overlay", "overlay")]
 
 
 def cell(r, key, fmt):
@@ -162,15 +162,16 @@ def report(path):
     results, notes = load(path)
     d = {name: derived(results.get(name, {})) for name, _ in SYSTEMS}
     meta = results.get("meta", {})
-    head = ["", *[label for _, label in SYSTEMS], "ovl/raw", "ovl/wg"]
+    head = ["", *[label for _, label in SYSTEMS], "ovl/raw", "ovl/wg", "ovl/gota"]
     lines = []
     for key, label, fmt in ROWS:
         row = [label, *[cell(d[name], key, fmt) for name, _ in SYSTEMS]]
         if fmt is not None:
             row += [ratio(d["overlay"].get(key), d["raw"].get(key)),
-                    ratio(d["overlay"].get(key), d["wg"].get(key))]
+                    ratio(d["overlay"].get(key), d["wg"].get(key)),
+                    ratio(d["overlay"].get(key), d["gota"].get(key))]
         else:
-            row += ["", ""]
+            row += ["", "", ""]
         lines.append(row)
     widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
 
@@ -196,7 +197,7 @@ def report(path):
         "(above 1 is better for throughput, worse for RTT, CPU, memory and start times).\n"
         "CPU s/GB over all four iperf3 runs, divided by the bytes they moved (1 GB = 1e9 B):\n"
         "  daemons (u+s) = utime+stime of the tunnel daemons (/proc/PID/stat; both hosts'\n"
-        "                  wireguard-go or both overlayd; the coordinator is not counted);\n"
+        "                  wireguard-go, gotatun or overlayd; the coordinator is not counted);\n"
         "  kernel        = system+irq+softirq of the whole machine (/proc/stat, all CPUs),\n"
         "                  so it includes iperf3's TCP stack work and any other load on the box;\n"
         "  total         = daemons' utime + kernel (the daemons' stime is already in kernel).\n"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data-plane benchmark: overlay beside the raw link and wireguard-go, in a
+# Data-plane benchmark: overlay beside the raw link, wireguard-go and gotatun, in a
 # two-host network-namespace lab. Run as root from anywhere in the workspace.
 #
 #   host a (10.99.0.1) ══ veth ══ host b (10.99.0.2)
@@ -10,7 +10,7 @@
 #   BENCH_SECS=10        seconds per iperf3 run
 #   BENCH_PINGS=200      pings per RTT measurement (10 ms apart)
 #   BENCH_SMOKE=1        1-second iperf3 runs and 20 pings
-#   BENCH_ONLY=raw,wg,overlay   which systems to measure
+#   BENCH_ONLY=raw,wg,gota,overlay   which systems to measure
 #   OVERLAY_BIN_DIR=DIR  use the overlay binaries in DIR instead of building release
 #   BENCH_KEEP=1         keep the work directory (logs) after the run
 # See tests/bench/README.md for what each figure means.
@@ -30,7 +30,7 @@ else
     PINGS=${BENCH_PINGS:-200}
     MODE=full
 fi
-ONLY=${BENCH_ONLY:-raw,wg,overlay}
+ONLY=${BENCH_ONLY:-raw,wg,gota,overlay}
 # How long overlay gets to come up before its figures are given up.
 START_TIMEOUT=${BENCH_START_TIMEOUT:-60}
 
@@ -47,6 +47,8 @@ IP_A=10.99.0.1
 IP_B=10.99.0.2
 WG_A=bwg${ID}a      # wireguard-go's UAPI socket lives in the shared /var/run/wireguard
 WG_B=bwg${ID}b
+GT_A=bgt${ID}a      # gotatun's, likewise
+GT_B=bgt${ID}b
 WG_IP_A=10.99.1.1
 WG_IP_B=10.99.1.2
 WG_PORT=51820
@@ -212,38 +214,55 @@ phase_raw() {
     measure raw "$IP_B" "$(in_a cat /sys/class/net/eth0/mtu)"
 }
 
-phase_wg() {
-    command -v wireguard-go >/dev/null && command -v wg >/dev/null ||
-        { note wg "wireguard-go or wg missing: apt-get install -y wireguard-go wireguard-tools"; return 1; }
-    local keys=$WORK/wg
+# userspace_wg SYS IFACE_A IFACE_B DAEMON...: a WireGuard pair run by a userspace
+# implementation that wg(8) configures over its UAPI socket (wireguard-go,
+# gotatun). DAEMON... runs in the foreground with the interface name appended,
+# so $! is the daemon itself.
+userspace_wg() {
+    local sys=$1 if_a=$2 if_b=$3
+    shift 3
+    command -v wg >/dev/null || { note "$sys" "wg missing: apt-get install -y wireguard-tools"; return 1; }
+    local keys=$WORK/$sys
     mkdir -p "$keys"
     (umask 077; wg genkey >"$keys/a.key"; wg genkey >"$keys/b.key")
     wg pubkey <"$keys/a.key" >"$keys/a.pub"
     wg pubkey <"$keys/b.key" >"$keys/b.pub"
 
-    # -f keeps wireguard-go in the foreground, so $! is the daemon itself.
-    ip netns exec "$NS_A" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$WG_A" >"$WORK/logs/wg-a.log" 2>&1 &
+    ip netns exec "$NS_A" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 "$@" "$if_a" >"$WORK/logs/$sys-a.log" 2>&1 &
     local pid_a=$!
-    track wgd "$pid_a"
-    ip netns exec "$NS_B" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 wireguard-go -f "$WG_B" >"$WORK/logs/wg-b.log" 2>&1 &
+    track "${sys}d" "$pid_a"
+    ip netns exec "$NS_B" env WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD=1 "$@" "$if_b" >"$WORK/logs/$sys-b.log" 2>&1 &
     local pid_b=$!
-    track wgd "$pid_b"
+    track "${sys}d" "$pid_b"
     for _ in $(seq 50); do
-        [[ -S /var/run/wireguard/$WG_A.sock && -S /var/run/wireguard/$WG_B.sock ]] && break
+        [[ -S /var/run/wireguard/$if_a.sock && -S /var/run/wireguard/$if_b.sock ]] && break
         sleep 0.1
     done
-    in_a wg set "$WG_A" private-key "$keys/a.key" listen-port "$WG_PORT" \
+    in_a wg set "$if_a" private-key "$keys/a.key" listen-port "$WG_PORT" \
         peer "$(cat "$keys/b.pub")" endpoint "$IP_B:$WG_PORT" allowed-ips "$WG_IP_B/32"
-    in_b wg set "$WG_B" private-key "$keys/b.key" listen-port "$WG_PORT" \
+    in_b wg set "$if_b" private-key "$keys/b.key" listen-port "$WG_PORT" \
         peer "$(cat "$keys/a.pub")" endpoint "$IP_A:$WG_PORT" allowed-ips "$WG_IP_A/32"
-    in_a ip addr add "$WG_IP_A/24" dev "$WG_A"
-    in_b ip addr add "$WG_IP_B/24" dev "$WG_B"
-    in_a ip link set "$WG_A" up
-    in_b ip link set "$WG_B" up
-    in_a ping -c 1 -W 5 "$WG_IP_B" >/dev/null || { note wg "no ping through wireguard-go"; return 1; }
+    in_a ip addr add "$WG_IP_A/24" dev "$if_a"
+    in_b ip addr add "$WG_IP_B/24" dev "$if_b"
+    in_a ip link set "$if_a" up
+    in_b ip link set "$if_b" up
+    in_a ping -c 1 -W 5 "$WG_IP_B" >/dev/null || { note "$sys" "no ping through $1"; return 1; }
     sleep 1 # let the handshake traffic settle before the idle RSS sample
-    measure wg "$WG_IP_B" "$(in_a cat "/sys/class/net/$WG_A/mtu")" "$pid_a" "$pid_b"
-    stop_pids wgd
+    measure "$sys" "$WG_IP_B" "$(in_a cat "/sys/class/net/$if_a/mtu")" "$pid_a" "$pid_b"
+    stop_pids "${sys}d"
+}
+
+phase_wg() {
+    command -v wireguard-go >/dev/null ||
+        { note wg "wireguard-go missing: apt-get install -y wireguard-go wireguard-tools"; return 1; }
+    userspace_wg wg "$WG_A" "$WG_B" wireguard-go -f
+}
+
+# gotatun: Mullvad's successor of boringtun (cargo install gotatun-cli).
+phase_gota() {
+    command -v gotatun >/dev/null ||
+        { note gota "gotatun missing: cargo install gotatun-cli"; return 1; }
+    userspace_wg gota "$GT_A" "$GT_B" gotatun --disable-drop-privileges -f --log "$WORK/logs/gotatun.log"
 }
 
 overlay_bins() {
@@ -402,5 +421,6 @@ log "lab $NS_A <-> $NS_B, work dir $WORK"
 make_lab
 run_phase raw
 run_phase wg
+run_phase gota
 run_phase overlay
 $PY report "$RESULTS"
