@@ -376,6 +376,45 @@ mod tests {
         assert_eq!(refused("10.77.1.3", 0), Some("port 0"));
     }
 
+    #[tokio::test]
+    async fn session_refuses_hostile_candidates_and_takes_ordinary_ones() {
+        let settings = IceSettings {
+            urls: Vec::new(),
+            mux: crate::mux::Mux::bind().await.expect("UDP socket"),
+            tun_name: "ovl-test".into(),
+            mesh: "100.64.0.0/10".parse().unwrap(),
+        };
+        let (events, _rx) = mpsc::unbounded_channel();
+        let mut session = IceSession::new(&settings, true, 2, 1, events)
+            .await
+            .expect("agent");
+        let line =
+            |addr: &str, port: u16| format!("candidate:1 1 udp 2130706431 {addr} {port} typ host");
+        for (addr, port) in [
+            ("127.0.0.1", 5000),
+            ("0.0.0.0", 5000),
+            ("224.0.0.1", 5000),
+            ("169.254.1.1", 5000),
+            ("100.64.0.7", 5000),
+            ("10.1.2.3", 0),
+            ("evil\u{1b}[2J.local", 5000),
+        ] {
+            assert!(
+                session.add_remote_candidate(&line(addr, port)).is_err(),
+                "{addr}:{port} accepted"
+            );
+        }
+        assert!(session.signalled.is_empty());
+        let (addr, kind) = session
+            .add_remote_candidate(&line("10.1.2.3", 5000))
+            .expect("an ordinary LAN candidate");
+        assert_eq!(
+            (addr.as_str(), kind),
+            ("10.1.2.3:5000", CandidateKind::Host)
+        );
+        session.close();
+    }
+
     #[test]
     fn the_mesh_network_is_the_netmaps() {
         let mesh: Ipv4Net = "10.200.0.0/16".parse().unwrap();

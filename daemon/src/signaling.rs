@@ -73,6 +73,34 @@ impl TokenBucket {
     }
 }
 
+/// Longest ICE username fragment or password accepted (RFC 8445 allows 256).
+const MAX_ICE_CREDENTIAL: usize = 256;
+/// Longest candidate line accepted; real ones are under 200 bytes.
+const MAX_CANDIDATE: usize = 512;
+/// Longest restart reason accepted; it is only logged.
+const MAX_REASON: usize = 200;
+
+/// Whether the free-text fields of `signal` are what they claim to be: ICE
+/// credentials of `ice-char`s (RFC 8445: letters, digits, `+`, `/`) of a sane
+/// length, candidates and reasons short and free of control characters.
+/// (`NetInfo`'s address is typed and was checked when the signal parsed.)
+pub fn well_formed(signal: &PeerSignal) -> bool {
+    let ice_chars = |s: &str, min: usize| {
+        (min..=MAX_ICE_CREDENTIAL).contains(&s.len())
+            && s.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'+' || b == b'/')
+    };
+    let plain = |s: &str, max: usize| s.len() <= max && !s.chars().any(char::is_control);
+    match signal {
+        PeerSignal::Offer { ufrag, pwd, .. } | PeerSignal::Answer { ufrag, pwd, .. } => {
+            ice_chars(ufrag, 4) && ice_chars(pwd, 22)
+        }
+        PeerSignal::Candidate { candidate, .. } => plain(candidate, MAX_CANDIDATE),
+        PeerSignal::RestartRequest { reason } => plain(reason, MAX_REASON),
+        PeerSignal::NetInfo { .. } => true,
+    }
+}
+
 /// Why an opened signal was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -81,6 +109,8 @@ pub enum Refused {
     Misdirected,
     /// The counter is not above the last one accepted from that sender.
     Replayed,
+    /// A field is not what it claims to be (see [`well_formed`]).
+    Malformed,
 }
 
 /// Per-peer state.
@@ -160,6 +190,9 @@ impl Signaling {
     ) -> Result<PeerSignal, Refused> {
         if sealed.from != from || sealed.to != self.me {
             return Err(Refused::Misdirected);
+        }
+        if !well_formed(&sealed.signal) {
+            return Err(Refused::Malformed);
         }
         let peer = self.peer(from, now);
         if sealed.counter <= peer.last_counter {
@@ -355,6 +388,34 @@ mod tests {
         let max = TOTAL_SIGNAL_BURST + TOTAL_SIGNAL_RATE * 10.0;
         assert!(sent as f64 <= max, "{sent} sent in 10 s");
         assert!(max < 200.0 * 10.0 + 400.0);
+    }
+
+    #[test]
+    fn malformed_fields_are_refused() {
+        let now = Instant::now();
+        let mut s = Signaling::new(ME, now);
+        let offer = |ufrag: &str, pwd: &str| PeerSignal::Offer {
+            session: 1,
+            ufrag: ufrag.into(),
+            pwd: pwd.into(),
+        };
+        let good_pwd = "abcdefghijklmnopqrstuv";
+        assert!(well_formed(&offer("abcd", good_pwd)));
+        assert!(well_formed(&offer("a+/9", &format!("{good_pwd}+/"))));
+        assert!(!well_formed(&offer("abc", good_pwd)));
+        assert!(!well_formed(&offer("ab\u{1b}[2J", good_pwd)));
+        assert!(!well_formed(&offer("abcd", "short")));
+        assert!(!well_formed(&offer(&"a".repeat(257), good_pwd)));
+        assert!(!well_formed(&PeerSignal::Candidate {
+            session: 1,
+            candidate: "candidate:1 1 udp 1 \u{1b}]0;x 5000 typ host".into(),
+        }));
+        assert!(!well_formed(&PeerSignal::RestartRequest {
+            reason: "a\nb".into()
+        }));
+        let mut bad = sealed(PEER, ME, T0);
+        bad.signal = offer("abc", good_pwd);
+        assert_eq!(s.incoming(PEER, bad, now), Err(Refused::Malformed));
     }
 
     #[test]

@@ -407,6 +407,7 @@ impl Engine {
                 let counter = match refused {
                     Refused::Misdirected => &drops.misdirected_signal,
                     Refused::Replayed => &drops.replayed_signal,
+                    Refused::Malformed => &drops.bad_signal,
                 };
                 counter.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(peer = from, "dropping signal: {refused:?}");
