@@ -5,6 +5,8 @@ use std::fmt::Write;
 use overlay_proto::api::{NetcheckReport, WhyReport};
 use overlay_proto::signal::{MappingBehaviour, NatSummary};
 
+use crate::format::{clean, clean_or};
+
 fn mapping(m: MappingBehaviour) -> &'static str {
     match m {
         MappingBehaviour::EndpointIndependent => {
@@ -24,7 +26,8 @@ fn nat_line(nat: Option<&NatSummary>) -> String {
         Some(n) if !n.udp => "UDP blocked".to_owned(),
         Some(n) => format!(
             "public {}, {}",
-            n.public_addr.as_deref().unwrap_or("?"),
+            n.public_addr
+                .map_or_else(|| "?".to_owned(), |a| a.to_string()),
             mapping(n.mapping)
         ),
     }
@@ -40,26 +43,27 @@ pub fn netcheck(r: &NetcheckReport) -> String {
     let _ = writeln!(
         s,
         "Public address:  {}",
-        r.public_addr.as_deref().unwrap_or("unknown")
+        r.public_addr
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string())
     );
     let _ = writeln!(s, "NAT mapping:     {}", mapping(r.mapping));
     for p in &r.stun {
         let result = match (&p.mapped, p.rtt_ms) {
-            (Some(m), Some(rtt)) => format!("sees {m} ({rtt:.1} ms)"),
-            (Some(m), None) => format!("sees {m}"),
-            _ => p.error.clone().unwrap_or_else(|| "no answer".into()),
+            (Some(m), Some(rtt)) => format!("sees {} ({rtt:.1} ms)", clean(m)),
+            (Some(m), None) => format!("sees {}", clean(m)),
+            _ => clean_or(p.error.as_deref(), "no answer").into_owned(),
         };
-        let _ = writeln!(s, "  STUN {:<22} {result}", p.server);
+        let _ = writeln!(s, "  STUN {:<22} {result}", clean(&p.server));
     }
     if r.turn.is_empty() {
         let _ = writeln!(s, "TURN:            none configured");
     }
     for t in &r.turn {
         let result = match &t.relay_addr {
-            Some(a) => format!("reachable, relay address {a}"),
-            None => format!("unreachable: {}", t.error.as_deref().unwrap_or("no answer")),
+            Some(a) => format!("reachable, relay address {}", clean(a)),
+            None => format!("unreachable: {}", clean_or(t.error.as_deref(), "no answer")),
         };
-        let _ = writeln!(s, "TURN {:<23} {result}", t.server);
+        let _ = writeln!(s, "TURN {:<23} {result}", clean(&t.server));
     }
     let rtt = match r.coordinator_rtt_ms {
         Some(ms) => format!("{ms:.1} ms"),
@@ -71,14 +75,15 @@ pub fn netcheck(r: &NetcheckReport) -> String {
 
 pub fn why(r: &WhyReport) -> String {
     let mut s = String::new();
-    let _ = writeln!(s, "{} ({}): {}", r.peer, r.mesh_ip, r.path);
-    let _ = writeln!(s, "  {}", r.conclusion);
+    let peer = clean(&r.peer);
+    let _ = writeln!(s, "{peer} ({}): {}", r.mesh_ip, clean(&r.path));
+    let _ = writeln!(s, "  {}", clean(&r.conclusion));
     let _ = writeln!(s);
     let _ = writeln!(s, "This node:  {}", nat_line(r.local_nat.as_ref()));
     let _ = writeln!(
         s,
         "{:<11} {}",
-        format!("{}:", r.peer),
+        format!("{peer}:"),
         nat_line(r.remote_nat.as_ref())
     );
     let role = if r.controlling {
@@ -98,7 +103,7 @@ pub fn why(r: &WhyReport) -> String {
         if v.is_empty() {
             "none".to_owned()
         } else {
-            v.join(", ")
+            v.iter().map(|c| clean(c)).collect::<Vec<_>>().join(", ")
         }
     };
     let _ = writeln!(s, "  local candidates:  {}", list(&r.local_candidates));
@@ -110,7 +115,9 @@ pub fn why(r: &WhyReport) -> String {
             let _ = writeln!(
                 s,
                 "    {} -> {}: {}{nominated}",
-                p.local, p.remote, p.outcome
+                clean(&p.local),
+                clean(&p.remote),
+                clean(&p.outcome)
             );
         }
     }
@@ -129,7 +136,7 @@ mod tests {
     fn netcheck_names_mapping_and_servers() {
         let r = NetcheckReport {
             udp: true,
-            public_addr: Some("203.0.113.5:4000".into()),
+            public_addr: Some("203.0.113.5:4000".parse().unwrap()),
             mapping: MappingBehaviour::EndpointDependent,
             stun: vec![StunProbe {
                 server: "203.0.113.1:3478".into(),
@@ -187,5 +194,39 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Next direct attempt in 30s"), "{text}");
+    }
+
+    #[test]
+    fn why_never_prints_control_characters_from_the_network() {
+        let r = WhyReport {
+            peer: "\u{1b}]0;title\u{7}b".into(),
+            mesh_ip: "100.64.0.2".parse().unwrap(),
+            online: true,
+            path_kind: PathKind::CoordRelay,
+            path: "coord relay".into(),
+            controlling: false,
+            local_candidates: vec!["host 10.0.0.1:5000".into()],
+            remote_candidates: vec!["host \u{1b}[2J.local:5000".into()],
+            pairs: vec![PairReport {
+                local: "host 10.0.0.1:5000".into(),
+                remote: "host \u{1b}[2J.local:5000".into(),
+                outcome: "failed\u{9b}2J".into(),
+                nominated: false,
+            }],
+            attempt_age_secs: None,
+            local_nat: None,
+            remote_nat: None,
+            next_attempt_in_secs: None,
+            conclusion: "b is\u{1b}[31m red".into(),
+        };
+        let text = why(&r);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert!(
+            text.contains("\\u{1b}[2J"),
+            "escaped, still visible: {text}"
+        );
     }
 }

@@ -1,7 +1,36 @@
 //! Human-readable rendering of the daemon's answers. Pure functions of their input,
 //! so the exact output is unit-tested.
+//!
+//! Every string in an answer may have come from the network (a peer's name from
+//! the coordinator, a peer's signalled address, an error text), so each goes
+//! through [`clean`] before it reaches the terminal: no escape sequence from
+//! elsewhere can clear the screen, retitle the window or fake a line.
+
+use std::borrow::Cow;
 
 use overlay_proto::api::{PeerStatus, PingReply, PingSummary, Status};
+
+/// `text` without control characters: each (C0, DEL and C1, which includes
+/// ESC, CSI and newlines) is shown escaped, like `\u{1b}`.
+pub fn clean(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
+}
+
+/// [`clean`] for an optional string, `default` when absent.
+pub fn clean_or<'a>(text: Option<&'a str>, default: &'a str) -> Cow<'a, str> {
+    clean(text.unwrap_or(default))
+}
 
 /// `1536` → `1.5 KiB`; exact below 1 KiB.
 pub fn human_bytes(bytes: u64) -> String {
@@ -48,20 +77,23 @@ pub fn status(status: &Status) -> String {
         "not connected"
     };
     let rows = [
-        ("name", format!("{} (node {})", status.name, status.node_id)),
+        (
+            "name",
+            format!("{} (node {})", clean(&status.name), status.node_id),
+        ),
         (
             "mesh ip",
             format!("{}/{}", status.mesh_ip, status.network.prefix_len()),
         ),
         ("network", status.network.to_string()),
-        ("interface", status.interface.clone()),
-        ("public key", status.public_key.clone()),
+        ("interface", clean(&status.interface).into_owned()),
+        ("public key", clean(&status.public_key).into_owned()),
         (
             "coordinator",
-            format!("{} ({coordinator})", status.coordinator),
+            format!("{} ({coordinator})", clean(&status.coordinator)),
         ),
         ("uptime", human_duration(status.uptime_secs)),
-        ("version", status.version.clone()),
+        ("version", clean(&status.version).into_owned()),
     ];
     let mut out = String::new();
     for (key, value) in rows {
@@ -73,7 +105,12 @@ pub fn status(status: &Status) -> String {
         ("spoofed source", d.spoofed_source),
         ("bad datagram", d.bad_datagram),
         ("relay queue full", d.relay_queue_full),
+        ("wrong destination", d.wrong_destination),
         ("bad signal", d.bad_signal),
+        ("replayed signal", d.replayed_signal),
+        ("misdirected signal", d.misdirected_signal),
+        ("excess offer", d.excess_offer),
+        ("signal budget", d.signal_budget),
     ]
     .iter()
     .filter(|(_, n)| *n > 0)
@@ -107,15 +144,15 @@ pub fn peers_table(peers: &[PeerStatus]) -> String {
     let mut rows = vec![header];
     for peer in sorted {
         let name = if peer.online {
-            peer.name.clone()
+            clean(&peer.name).into_owned()
         } else {
-            format!("{} (offline)", peer.name)
+            format!("{} (offline)", clean(&peer.name))
         };
         rows.push([
             name,
             peer.mesh_ip.to_string(),
-            peer.path.clone(),
-            peer.endpoint.clone().unwrap_or_else(|| "-".to_string()),
+            clean(&peer.path).into_owned(),
+            clean_or(peer.endpoint.as_deref(), "-").into_owned(),
             handshake_age(peer.last_handshake_secs),
             human_bytes(peer.rx_bytes),
             human_bytes(peer.tx_bytes),
@@ -154,7 +191,10 @@ fn render_columns<const N: usize>(rows: &[[String; N]]) -> String {
 pub fn ping_reply(reply: &PingReply) -> String {
     format!(
         "reply from {}: seq={} time={:.2} ms via {}",
-        reply.from, reply.seq, reply.rtt_ms, reply.path
+        reply.from,
+        reply.seq,
+        reply.rtt_ms,
+        clean(&reply.path)
     )
 }
 
@@ -279,6 +319,47 @@ charlie (offline)  100.64.0.4  connecting     -                never      1.5 Ki
             ..summary
         };
         assert!(ping_summary(&none, &[]).ends_with("100% packet loss\n"));
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(clean("alice"), "alice");
+        assert!(matches!(clean("alice"), Cow::Borrowed(_)));
+        assert_eq!(clean("a\u{1b}[2Jb"), "a\\u{1b}[2Jb");
+        assert_eq!(clean("x\ny\u{7f}\u{9b}"), "x\\u{a}y\\u{7f}\\u{9b}");
+    }
+
+    #[test]
+    fn peer_fields_from_the_network_cannot_reach_the_terminal_raw() {
+        let mut evil = peer("\u{1b}]0;pwned\u{7}bob", [100, 64, 0, 3], true);
+        evil.endpoint = Some("\u{1b}[2J10.0.0.1:1".into());
+        evil.path = "direct\nfake line".into();
+        let table = peers_table(&[evil]);
+        assert!(
+            !table.contains('\u{1b}') && !table.contains('\u{7}'),
+            "{table:?}"
+        );
+        assert_eq!(table.lines().count(), 2, "{table}");
+        let mut status_with_evil_name = Status {
+            name: "\u{1b}[2Jalice".into(),
+            node_id: 7,
+            mesh_ip: Ipv4Addr::new(100, 64, 0, 2),
+            network: "100.64.0.0/10".parse().expect("valid net"),
+            interface: "ovl0".into(),
+            public_key: "PUB".into(),
+            coordinator: "http://x\u{1b}[31m".into(),
+            coordinator_connected: true,
+            uptime_secs: 1,
+            version: "0.1.0".into(),
+            dropped: Default::default(),
+        };
+        status_with_evil_name.dropped.wrong_destination = 1;
+        let text = status(&status_with_evil_name);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert!(text.contains("1 wrong destination"), "{text}");
     }
 
     #[test]

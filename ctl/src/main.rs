@@ -118,7 +118,8 @@ fn main() -> ExitCode {
         Err(Failure::Silent) => ExitCode::from(1),
         Err(Failure::Message(message)) => {
             let _ = out.flush();
-            eprintln!("overlayctl: {message}");
+            // The daemon's error texts can carry peer-supplied strings.
+            eprintln!("overlayctl: {}", format::clean(&message));
             ExitCode::from(1)
         }
     }

@@ -64,6 +64,26 @@ pub enum ControlEvent {
     Disconnected,
 }
 
+/// How long one write to the control stream may take: a server that stops
+/// reading must not hold the node (its queue towards the server fills meanwhile).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where relay frames from the coordinator go: the data plane (a stub in tests).
+#[async_trait::async_trait]
+pub trait RelayReceiver: Send + Sync {
+    /// A WireGuard datagram `from` a peer arrived over the coordination relay.
+    async fn relay_frame(&self, from: NodeId, datagram: &[u8], out: &mut [u8]);
+}
+
+#[async_trait::async_trait]
+impl RelayReceiver for DataPlane {
+    async fn relay_frame(&self, from: NodeId, datagram: &[u8], out: &mut [u8]) {
+        if let Some(peer) = self.peer(from) {
+            self.receive(&peer, datagram, out).await;
+        }
+    }
+}
+
 pub struct ControlClient {
     pub connector: Connector,
     pub endpoint: Endpoint,
@@ -73,17 +93,27 @@ pub struct ControlClient {
     /// Latest control-stream round trip in microseconds, for netcheck.
     pub rtt_us: Arc<AtomicU64>,
     pub events: mpsc::Sender<ControlEvent>,
-    pub dataplane: Arc<DataPlane>,
+    pub relay: Arc<dyn RelayReceiver>,
+    /// Delays between attempts: [`RECONNECT_BASE`] doubling to [`RECONNECT_CAP`].
+    pub backoff: Backoff,
+    /// See [`WRITE_TIMEOUT`].
+    pub write_timeout: Duration,
+}
+
+/// The usual reconnect schedule.
+pub fn reconnect_backoff() -> Backoff {
+    Backoff::new(RECONNECT_BASE, RECONNECT_CAP)
 }
 
 impl ControlClient {
-    /// Runs until shutdown or until the server refuses our credential.
+    /// Runs until shutdown. Every failed attempt (and every lost session) is
+    /// logged once with the delay until the next attempt.
     pub async fn run(
         self,
         mut outbound: mpsc::Receiver<Outbound>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_CAP);
+        let mut backoff = self.backoff.clone();
         let authorization = bearer(self.node_id, &self.credential);
         let url = self.endpoint.ws_url(CONNECT_PATH);
         let mut refused = false;
@@ -95,7 +125,7 @@ impl ControlClient {
                 r = attempt => r,
                 _ = shutdown.changed() => return,
             };
-            match result {
+            let failure = match result {
                 Ok(ws) => {
                     backoff.reset();
                     refused = false;
@@ -108,7 +138,7 @@ impl ControlClient {
                     if *shutdown.borrow() {
                         return;
                     }
-                    tracing::warn!("lost coordinator connection: {why}; reconnecting (established peers keep working)");
+                    format!("lost coordinator connection: {why} (established peers keep working)")
                 }
                 // Not fatal: a proxy may say 401 for a while, and the data plane
                 // keeps serving peers that still know us. Say so loudly, once.
@@ -122,11 +152,16 @@ impl ControlClient {
                         );
                     }
                     refused = true;
+                    "the coordinator refuses this node's credential (HTTP 401)".to_owned()
                 }
-                Err(e) => tracing::warn!("{e}"),
-            }
+                Err(e) => format!("cannot connect to coordinator {url}: {e}"),
+            };
             let delay = backoff.next_delay(rand::random());
-            tracing::debug!("reconnecting in {delay:?} (attempt {})", backoff.attempts());
+            tracing::warn!(
+                "{failure}; retrying in {:.1}s (attempt {})",
+                delay.as_secs_f64(),
+                backoff.attempts()
+            );
             // Drop what queued up meanwhile: relayed packets and signals are stale.
             while outbound.try_recv().is_ok() {}
             tokio::select! {
@@ -168,9 +203,7 @@ impl ControlClient {
                         },
                         Some(Ok(Message::Binary(frame))) => {
                             if let Some((from, datagram)) = decode_relay_frame(&frame) {
-                                if let Some(peer) = self.dataplane.peer(from) {
-                                    self.dataplane.receive(&peer, datagram, &mut out).await;
-                                }
+                                self.relay.relay_frame(from, datagram, &mut out).await;
                             }
                         }
                         Some(Ok(Message::Close(frame))) => {
@@ -190,8 +223,8 @@ impl ControlClient {
                         Some(Outbound::Relay(frame)) => Message::binary(frame),
                         None => return "shutting down".into(),
                     };
-                    if let Err(e) = ws.send(msg).await {
-                        return e.to_string();
+                    if let Err(e) = self.send(&mut ws, msg).await {
+                        return e;
                     }
                 }
                 _ = ping.tick() => {
@@ -201,15 +234,179 @@ impl ControlClient {
                     let nonce = rand::random();
                     ping_sent = Some((nonce, Instant::now()));
                     let msg = ClientMsg::Ping { nonce };
-                    if let Err(e) = ws.send(Message::text(serde_json::to_string(&msg).unwrap_or_default())).await {
-                        return e.to_string();
+                    let text = Message::text(serde_json::to_string(&msg).unwrap_or_default());
+                    if let Err(e) = self.send(&mut ws, text).await {
+                        return e;
                     }
                 }
                 _ = shutdown.changed() => {
-                    let _ = ws.close(None).await;
+                    let _ = tokio::time::timeout(self.write_timeout, ws.close(None)).await;
                     return "shutting down".into();
                 }
             }
         }
+    }
+
+    /// Writes one message within [`ControlClient::write_timeout`].
+    async fn send<S>(
+        &self,
+        ws: &mut tokio_tungstenite::WebSocketStream<S>,
+        msg: Message,
+    ) -> Result<(), String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        match tokio::time::timeout(self.write_timeout, ws.send(msg)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "a write to the coordinator took over {:.1}s",
+                self.write_timeout.as_secs_f64()
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    struct NoRelay;
+
+    #[async_trait::async_trait]
+    impl RelayReceiver for NoRelay {
+        async fn relay_frame(&self, _: NodeId, _: &[u8], _: &mut [u8]) {}
+    }
+
+    /// Log lines the client writes, captured for the test.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Logs {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+    }
+
+    fn client(port: u16, timeout: Duration) -> (ControlClient, mpsc::Receiver<ControlEvent>) {
+        let endpoint = Endpoint::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        let (events, events_rx) = mpsc::channel(16);
+        let client = ControlClient {
+            connector: Connector::new(&endpoint, None)
+                .unwrap()
+                .with_timeout(timeout),
+            endpoint,
+            node_id: 1,
+            credential: "secret".into(),
+            connected: Arc::default(),
+            rtt_us: Arc::default(),
+            events,
+            relay: Arc::new(NoRelay),
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_millis(200)),
+            write_timeout: timeout,
+        };
+        (client, events_rx)
+    }
+
+    fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+        let logs = Logs::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        (logs, tracing::subscriber::set_default(subscriber))
+    }
+
+    #[tokio::test]
+    async fn silent_coordinator_is_retried_with_a_warning_per_attempt() {
+        let (logs, _guard) = capture_logs();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (client, _events) = client(port, Duration::from_millis(300));
+        let (_outbound_tx, outbound_rx) = mpsc::channel(16);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let run = client.run(outbound_rx, shutdown_rx);
+        tokio::pin!(run);
+        // Accept and say nothing, three times: each is a new attempt.
+        let accepts = async {
+            let mut held = Vec::new();
+            while held.len() < 3 {
+                held.push(listener.accept().await.unwrap().0);
+            }
+            held
+        };
+        tokio::select! {
+            held = tokio::time::timeout(Duration::from_secs(10), accepts) => {
+                assert!(held.is_ok(), "the client stopped retrying: {}", logs.text());
+            }
+            _ = &mut run => panic!("the client gave up"),
+        }
+        let _ = shutdown_tx.send(true);
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("the client stops on shutdown");
+        let text = logs.text();
+        let warnings = text
+            .lines()
+            .filter(|l| l.contains("WARN") && l.contains("did not answer within 0.3s"))
+            .filter(|l| l.contains("retrying in"))
+            .count();
+        assert!(
+            warnings >= 2,
+            "one warning per failed attempt expected:\n{text}"
+        );
+    }
+
+    #[tokio::test]
+    async fn coordinator_that_stops_reading_ends_the_session_and_is_retried() {
+        let (logs, _guard) = capture_logs();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (client, _events) = client(port, Duration::from_millis(500));
+        let (outbound_tx, outbound_rx) = mpsc::channel(1024);
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let run = client.run(outbound_rx, shutdown_rx);
+        tokio::pin!(run);
+        // Complete the upgrade, then never read; the client's writes pile up
+        // until the socket buffers are full.
+        let server = async {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            for _ in 0..1000 {
+                if outbound_tx
+                    .try_send(Outbound::Relay(vec![0u8; 60_000]))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+            let again = listener.accept().await.unwrap().0;
+            (ws, again)
+        };
+        tokio::select! {
+            done = tokio::time::timeout(Duration::from_secs(20), server) => {
+                assert!(done.is_ok(), "no reconnect after a stuck write: {}", logs.text());
+            }
+            _ = &mut run => panic!("the client gave up"),
+        }
+        let _ = shutdown_tx.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+        let text = logs.text();
+        assert!(
+            text.contains("a write to the coordinator took over"),
+            "the stuck write is named:\n{text}"
+        );
     }
 }

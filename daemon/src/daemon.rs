@@ -16,11 +16,14 @@ use crate::engine::{Engine, Links};
 use crate::identity::{Enrolment, Keypair, StateDir};
 use crate::local_api::{self, LocalApi, NodeInfo, SocketGuard};
 use crate::mux::Mux;
+use crate::supervise::Tasks;
 use crate::transport::{Connector, Endpoint};
 
 /// Capacity of the queue towards the coordinator (signals and relayed packets).
 /// Relayed packets beyond it are dropped, as a congested link would.
 const OUTBOUND_QUEUE: usize = 1024;
+/// How long the engine, control and API tasks get to finish after a stop.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 pub async fn up(config: Config) -> anyhow::Result<()> {
     let state = StateDir::open(&config.state_dir)?;
@@ -80,9 +83,16 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         connected: coord_connected.clone(),
         rtt_us: coord_rtt_us.clone(),
         events: control_tx,
-        dataplane: dataplane.clone(),
+        relay: dataplane.clone(),
+        backoff: control::reconnect_backoff(),
+        write_timeout: control::WRITE_TIMEOUT,
     };
-    let control_task = tokio::spawn(client.run(outbound_rx, shutdown_rx.clone()));
+    let mut tasks = Tasks::default();
+    let control_shutdown = shutdown_rx.clone();
+    tasks.spawn("control", async move {
+        client.run(outbound_rx, control_shutdown).await;
+        Ok(())
+    });
 
     let api = Arc::new(LocalApi {
         node: NodeInfo {
@@ -100,7 +110,10 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         queries: query_tx,
         shutdown: shutdown_tx.clone(),
     });
-    let api_task = tokio::spawn(api.serve(listener));
+    tasks.spawn("local API", async move {
+        api.serve(listener).await;
+        Ok(())
+    });
 
     let engine = Engine::new(
         enrolment.node_id,
@@ -113,38 +126,46 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
             coord_rtt_us,
             ice_tx,
             mux: mux.clone(),
+            network: enrolment.network,
         },
     );
-    let mut engine_task =
-        tokio::spawn(engine.run(control_rx, ice_rx, query_rx, shutdown_rx.clone()));
-    let mut tun_task = tokio::spawn(dataplane.clone().run_tun_reader());
-    let mut udp_task = tokio::spawn(mux.run(dataplane.clone()));
+    let engine_shutdown = shutdown_rx.clone();
+    tasks.spawn("engine", async move {
+        engine
+            .run(control_rx, ice_rx, query_rx, engine_shutdown)
+            .await;
+        Ok(())
+    });
+    let interface = config.interface.clone();
+    let tun_task = tasks.spawn("TUN", {
+        let dataplane = dataplane.clone();
+        async move {
+            (dataplane.run_tun_reader().await).with_context(|| format!("interface {interface}"))
+        }
+    });
+    let udp_task = tasks.spawn("UDP", {
+        let dataplane = dataplane.clone();
+        async move { mux.run(dataplane).await.context("peer UDP socket") }
+    });
 
+    // The engine ends on `overlayctl down`; any task that fails or panics ends
+    // the daemon with an error (a non-zero exit status).
     let outcome: anyhow::Result<()> = tokio::select! {
         _ = wait_for_signal() => {
             tracing::info!("stopping");
             Ok(())
         }
-        // The engine ends on `overlayctl down`.
-        _ = &mut engine_task => Ok(()),
-        result = &mut udp_task => match result {
-            Ok(Err(e)) => Err(anyhow::anyhow!("peer UDP socket failed: {e}")),
-            _ => Ok(()),
-        },
-        result = &mut tun_task => match result {
-            Ok(Err(e)) => Err(anyhow::anyhow!("interface {} failed: {e}", config.interface)),
-            _ => Ok(()),
-        },
+        (name, result) = tasks.first_exit() => {
+            if result.is_ok() {
+                tracing::info!("stopping ({name} task ended)");
+            }
+            result
+        }
     };
     let _ = shutdown_tx.send(true);
     tun_task.abort();
     udp_task.abort();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(3), async {
-        let _ = engine_task.await;
-        let _ = control_task.await;
-        let _ = api_task.await;
-    })
-    .await;
+    tasks.shutdown(SHUTDOWN_GRACE).await;
     // The TUN goes when its last handle drops: the reader task above, the data
     // plane's peers' tasks; dropping `dataplane` here releases ours.
     drop(dataplane);

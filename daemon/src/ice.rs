@@ -2,9 +2,11 @@
 //! callbacks into [`IceEvent`]s for the engine, which feeds them to the peer's
 //! [`crate::path::PathState`].
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::Ipv4Net;
 use overlay_proto::coord::IceConfig;
 use overlay_proto::NodeId;
 use tokio::sync::mpsc;
@@ -75,10 +77,17 @@ pub struct IceSettings {
     /// Our TUN interface: never gather candidates on it, or the tunnel would
     /// route into itself.
     pub tun_name: String,
+    /// The mesh network: a remote candidate inside it would route into the tunnel.
+    pub mesh: Ipv4Net,
 }
 
 impl IceSettings {
-    pub fn from_config(ice: &IceConfig, tun_name: &str, mux: Arc<crate::mux::Mux>) -> Self {
+    pub fn from_config(
+        ice: &IceConfig,
+        tun_name: &str,
+        mesh: Ipv4Net,
+        mux: Arc<crate::mux::Mux>,
+    ) -> Self {
         let mut urls = Vec::new();
         for raw in &ice.stun {
             match Url::parse_url(raw) {
@@ -102,7 +111,31 @@ impl IceSettings {
             urls,
             mux,
             tun_name: tun_name.to_owned(),
+            mesh,
         }
+    }
+}
+
+/// Why a remote candidate's address is refused: a peer must not aim our
+/// connectivity checks (STUN requests from our socket) at this host, its local
+/// networks' broadcast or multicast groups, or through the tunnel itself.
+pub fn refuse_remote_addr(ip: Ipv4Addr, port: u16, mesh: Ipv4Net) -> Option<&'static str> {
+    if port == 0 {
+        Some("port 0")
+    } else if ip.is_unspecified() || ip.octets()[0] == 0 {
+        Some("unspecified address")
+    } else if ip.is_loopback() {
+        Some("loopback address")
+    } else if ip.is_multicast() {
+        Some("multicast address")
+    } else if ip.is_broadcast() {
+        Some("broadcast address")
+    } else if ip.is_link_local() {
+        Some("link-local address")
+    } else if mesh.contains(&ip) {
+        Some("address inside the mesh network")
+    } else {
+        None
     }
 }
 
@@ -118,6 +151,8 @@ pub struct IceSession {
     pub conn: Option<crate::peer::IceLink>,
     /// The peer's signalled candidates: address and type.
     pub signalled: Vec<(String, CandidateKind)>,
+    /// See [`IceSettings::mesh`].
+    mesh: Ipv4Net,
 }
 
 impl IceSession {
@@ -198,6 +233,7 @@ impl IceSession {
             cancel: None,
             conn: None,
             signalled: Vec::new(),
+            mesh: settings.mesh,
         })
     }
 
@@ -247,8 +283,9 @@ impl IceSession {
     }
 
     /// Adds a signalled candidate; returns its address and type. A peer gets at
-    /// most [`MAX_REMOTE_CANDIDATES`] per session, UDP over IPv4 only, so it can
-    /// neither grow our state nor aim our checks at arbitrarily many addresses.
+    /// most [`MAX_REMOTE_CANDIDATES`] per session, UDP over IPv4 literals only,
+    /// none that [`refuse_remote_addr`] refuses, so it can neither grow our state
+    /// nor aim our checks at arbitrarily many or at local addresses.
     pub fn add_remote_candidate(
         &mut self,
         raw: &str,
@@ -259,6 +296,13 @@ impl IceSession {
         let candidate = webrtc_ice::candidate::candidate_base::unmarshal_candidate(raw)?;
         if candidate.network_type() != NetworkType::Udp4 {
             return Err(webrtc_ice::Error::Other("only UDP over IPv4".into()));
+        }
+        let ip: Ipv4Addr = candidate
+            .address()
+            .parse()
+            .map_err(|_| webrtc_ice::Error::Other("address is not an IPv4 literal".into()))?;
+        if let Some(reason) = refuse_remote_addr(ip, candidate.port(), self.mesh) {
+            return Err(webrtc_ice::Error::Other(reason.into()));
         }
         let candidate: Arc<dyn Candidate + Send + Sync> = Arc::new(candidate);
         let learned = (addr(candidate.as_ref()), kind(candidate.candidate_type()));
@@ -288,4 +332,93 @@ fn kind(t: CandidateType) -> CandidateKind {
 
 fn addr(c: &(dyn Candidate + Send + Sync)) -> String {
     format!("{}:{}", c.address(), c.port())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(ip: &str, port: u16) -> Option<&'static str> {
+        let mesh: Ipv4Net = "100.64.0.0/10".parse().unwrap();
+        refuse_remote_addr(ip.parse().unwrap(), port, mesh)
+    }
+
+    #[test]
+    fn ordinary_addresses_are_accepted() {
+        for ip in [
+            "10.77.1.3",
+            "192.168.1.20",
+            "203.0.113.9",
+            "172.16.0.1",
+            "100.128.0.1",
+        ] {
+            assert_eq!(refused(ip, 41641), None, "{ip}");
+        }
+    }
+
+    #[test]
+    fn local_special_and_mesh_addresses_are_refused() {
+        let cases = [
+            ("0.0.0.0", "unspecified address"),
+            ("0.1.2.3", "unspecified address"),
+            ("127.0.0.1", "loopback address"),
+            ("127.8.9.10", "loopback address"),
+            ("224.0.0.251", "multicast address"),
+            ("239.255.255.250", "multicast address"),
+            ("255.255.255.255", "broadcast address"),
+            ("169.254.169.254", "link-local address"),
+            ("100.64.0.1", "address inside the mesh network"),
+            ("100.127.255.254", "address inside the mesh network"),
+        ];
+        for (ip, reason) in cases {
+            assert_eq!(refused(ip, 41641), Some(reason), "{ip}");
+        }
+        assert_eq!(refused("10.77.1.3", 0), Some("port 0"));
+    }
+
+    #[tokio::test]
+    async fn session_refuses_hostile_candidates_and_takes_ordinary_ones() {
+        let settings = IceSettings {
+            urls: Vec::new(),
+            mux: crate::mux::Mux::bind().await.expect("UDP socket"),
+            tun_name: "ovl-test".into(),
+            mesh: "100.64.0.0/10".parse().unwrap(),
+        };
+        let (events, _rx) = mpsc::unbounded_channel();
+        let mut session = IceSession::new(&settings, true, 2, 1, events)
+            .await
+            .expect("agent");
+        let line =
+            |addr: &str, port: u16| format!("candidate:1 1 udp 2130706431 {addr} {port} typ host");
+        for (addr, port) in [
+            ("127.0.0.1", 5000),
+            ("0.0.0.0", 5000),
+            ("224.0.0.1", 5000),
+            ("169.254.1.1", 5000),
+            ("100.64.0.7", 5000),
+            ("10.1.2.3", 0),
+            ("evil\u{1b}[2J.local", 5000),
+        ] {
+            assert!(
+                session.add_remote_candidate(&line(addr, port)).is_err(),
+                "{addr}:{port} accepted"
+            );
+        }
+        assert!(session.signalled.is_empty());
+        let (addr, kind) = session
+            .add_remote_candidate(&line("10.1.2.3", 5000))
+            .expect("an ordinary LAN candidate");
+        assert_eq!(
+            (addr.as_str(), kind),
+            ("10.1.2.3:5000", CandidateKind::Host)
+        );
+        session.close();
+    }
+
+    #[test]
+    fn the_mesh_network_is_the_netmaps() {
+        let mesh: Ipv4Net = "10.200.0.0/16".parse().unwrap();
+        assert!(refuse_remote_addr("10.200.3.4".parse().unwrap(), 9, mesh).is_some());
+        assert!(refuse_remote_addr("100.64.0.1".parse().unwrap(), 9, mesh).is_none());
+    }
 }

@@ -64,7 +64,7 @@ pub async fn run(ice: &IceConfig, coordinator_rtt: Option<Duration>) -> Netcheck
     }
     NetcheckReport {
         udp: mapped.iter().any(Option::is_some),
-        public_addr: mapped.iter().flatten().next().map(|a| a.to_string()),
+        public_addr: mapped.iter().flatten().next().copied(),
         mapping,
         stun,
         turn,

@@ -1,14 +1,16 @@
-//! Sealed signaling: a [`PeerSignal`] travels through the coordination server as
+//! Sealed signaling: a [`SealedSignal`] travels through the coordination server as
 //! NaCl `crypto_box` from the sender's WireGuard key to the target's. The server
 //! routes it without reading it, and since only the holder of the sender's private
 //! key (or ours) can produce a box that opens with the sender's public key, a node
-//! opens only what the claimed sender really sealed.
+//! opens only what the claimed sender (or itself) really sealed. The box is the
+//! same both ways, so *which* of the two sealed it, for whom, and whether it is
+//! new, is read from the plaintext by [`crate::signaling`].
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use crypto_box::aead::Aead;
 use crypto_box::{Nonce, PublicKey, SalsaBox, SecretKey};
-use overlay_proto::signal::{PeerSignal, MAX_SEALED_LEN, NONCE_LEN};
+use overlay_proto::signal::{SealedSignal, MAX_SEALED_LEN, NONCE_LEN};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SealError {
@@ -33,7 +35,7 @@ impl Sealer {
         Sealer { salsa }
     }
 
-    pub fn seal(&self, signal: &PeerSignal) -> String {
+    pub fn seal(&self, signal: &SealedSignal) -> String {
         let plaintext = serde_json::to_vec(signal).unwrap_or_default();
         let nonce_bytes: [u8; NONCE_LEN] = rand::random();
         let nonce = Nonce::from(nonce_bytes);
@@ -49,7 +51,7 @@ impl Sealer {
         B64.encode(out)
     }
 
-    pub fn open(&self, payload: &str) -> Result<PeerSignal, SealError> {
+    pub fn open(&self, payload: &str) -> Result<SealedSignal, SealError> {
         if payload.len() > MAX_SEALED_LEN {
             return Err(SealError::TooLarge);
         }
@@ -70,6 +72,7 @@ impl Sealer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use overlay_proto::signal::PeerSignal;
 
     fn keypair() -> ([u8; 32], [u8; 32]) {
         let secret: [u8; 32] = rand::random();
@@ -82,7 +85,12 @@ mod tests {
         let (a_sec, a_pub) = keypair();
         let (b_sec, b_pub) = keypair();
         let (m_sec, _) = keypair();
-        let signal = PeerSignal::RestartRequest { reason: "x".into() };
+        let signal = SealedSignal {
+            from: 1,
+            to: 2,
+            counter: 1,
+            signal: PeerSignal::RestartRequest { reason: "x".into() },
+        };
 
         let sealed = Sealer::new(a_sec, b_pub).seal(&signal);
         assert_eq!(Sealer::new(b_sec, a_pub).open(&sealed), Ok(signal.clone()));

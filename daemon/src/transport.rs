@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Bytes;
@@ -12,7 +13,11 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
 /// How long connecting (TCP + TLS) may take before the attempt counts as failed.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a whole exchange may take: connecting, TLS and the WebSocket upgrade,
+/// or the enrolment request and its answer. A server that accepts and then stays
+/// silent must not hold a node for longer.
+pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Largest control message accepted from the coordinator: a netmap of 100,000
 /// nodes fits.
 const MAX_SERVER_MESSAGE: usize = 16 * 1024 * 1024;
@@ -39,6 +44,8 @@ pub enum TransportError {
     WebSocket(String),
     #[error("coordinator refused the control connection with HTTP {0}")]
     Refused(u16),
+    #[error("coordinator at {addr} did not answer within {}s", .after.as_secs_f64())]
+    Timeout { addr: String, after: Duration },
     #[error("cannot load CA certificate {path}: {message}")]
     Ca { path: String, message: String },
 }
@@ -109,12 +116,17 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 /// Connects to the coordinator, with TLS when the URL says https.
 pub struct Connector {
     tls: Option<tokio_rustls::TlsConnector>,
+    /// See [`EXCHANGE_TIMEOUT`].
+    timeout: Duration,
 }
 
 impl Connector {
     pub fn new(endpoint: &Endpoint, ca_cert: Option<&Path>) -> Result<Self, TransportError> {
         if !endpoint.tls {
-            return Ok(Connector { tls: None });
+            return Ok(Connector {
+                tls: None,
+                timeout: EXCHANGE_TIMEOUT,
+            });
         }
         let mut roots = rustls::RootCertStore::empty();
         for cert in rustls_native_certs::load_native_certs().certs {
@@ -139,7 +151,30 @@ impl Connector {
             .with_no_client_auth();
         Ok(Connector {
             tls: Some(tokio_rustls::TlsConnector::from(Arc::new(config))),
+            timeout: EXCHANGE_TIMEOUT,
         })
+    }
+
+    /// Bounds each whole exchange by `timeout` instead of [`EXCHANGE_TIMEOUT`].
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Runs `exchange` within the exchange timeout.
+    async fn bounded<T>(
+        &self,
+        endpoint: &Endpoint,
+        exchange: impl std::future::Future<Output = Result<T, TransportError>>,
+    ) -> Result<T, TransportError> {
+        tokio::time::timeout(self.timeout, exchange)
+            .await
+            .unwrap_or_else(|_| {
+                Err(TransportError::Timeout {
+                    addr: endpoint.authority(),
+                    after: self.timeout,
+                })
+            })
     }
 
     pub async fn connect(&self, endpoint: &Endpoint) -> Result<Box<dyn Io>, TransportError> {
@@ -183,6 +218,16 @@ impl Connector {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(u16, Vec<u8>), TransportError> {
+        self.bounded(endpoint, self.post_json_unbounded(endpoint, path, body))
+            .await
+    }
+
+    async fn post_json_unbounded(
+        &self,
+        endpoint: &Endpoint,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<(u16, Vec<u8>), TransportError> {
         let http = |e: &dyn std::fmt::Display| TransportError::Http(e.to_string());
         let io = self.connect(endpoint).await?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
@@ -207,8 +252,22 @@ impl Connector {
         Ok((status, body))
     }
 
-    /// Opens the control WebSocket at `path` with the given `Authorization` value.
+    /// Opens the control WebSocket at `path` with the given `Authorization` value;
+    /// connecting, TLS and the upgrade together take at most the exchange timeout.
     pub async fn websocket(
+        &self,
+        endpoint: &Endpoint,
+        path: &str,
+        authorization: &str,
+    ) -> Result<tokio_tungstenite::WebSocketStream<Box<dyn Io>>, TransportError> {
+        self.bounded(
+            endpoint,
+            self.websocket_unbounded(endpoint, path, authorization),
+        )
+        .await
+    }
+
+    async fn websocket_unbounded(
         &self,
         endpoint: &Endpoint,
         path: &str,
@@ -244,6 +303,43 @@ impl Connector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A coordinator that accepts TCP and then says nothing.
+    async fn silent_server() -> (tokio::net::TcpListener, Endpoint) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let endpoint = Endpoint::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+        (listener, endpoint)
+    }
+
+    #[tokio::test]
+    async fn websocket_upgrade_to_a_silent_server_times_out() {
+        let (listener, endpoint) = silent_server().await;
+        let held = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((s, _)) = listener.accept().await {
+                held.push(s);
+            }
+        });
+        let connector = Connector::new(&endpoint, None)
+            .unwrap()
+            .with_timeout(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let result = connector
+            .websocket(&endpoint, "/v1/connect", "Bearer 1:x")
+            .await;
+        assert!(
+            matches!(result, Err(TransportError::Timeout { .. })),
+            "{:?}",
+            result.err()
+        );
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let result = connector
+            .post_json(&endpoint, "/v1/register", b"{}".to_vec())
+            .await;
+        assert!(matches!(result, Err(TransportError::Timeout { .. })));
+        held.abort();
+    }
 
     #[test]
     fn parses_urls() {

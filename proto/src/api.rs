@@ -4,7 +4,7 @@
 //! more [`Response`] JSON lines (a ping streams one `PingReply` per answer, then
 //! `PingDone`) and closes the connection.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -68,8 +68,10 @@ pub struct Status {
     pub dropped: Dropped,
 }
 
-/// Counters of refused input and undeliverable packets.
+/// Counters of refused input and undeliverable packets. Counters a daemon does
+/// not know yet read as zero.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Dropped {
     /// Packets from the TUN to a mesh address no peer owns.
     pub no_route: u64,
@@ -79,8 +81,20 @@ pub struct Dropped {
     pub bad_datagram: u64,
     /// Packets for the coordination relay while its queue was full.
     pub relay_queue_full: u64,
+    /// Decrypted packets addressed to anything but this node's mesh address.
+    pub wrong_destination: u64,
     /// Signaling messages that did not open with the sender's key or did not parse.
     pub bad_signal: u64,
+    /// Sealed signals seen before (counter not above the last one accepted).
+    pub replayed_signal: u64,
+    /// Sealed signals whose sender or recipient inside the box was wrong: our own
+    /// signal reflected back, or one meant for another node.
+    pub misdirected_signal: u64,
+    /// ICE offers (and restart requests) beyond the per-peer session rate.
+    pub excess_offer: u64,
+    /// Signals we did not send because a peer's (or our total) signaling budget
+    /// was spent.
+    pub signal_budget: u64,
 }
 
 /// How packets to a peer travel right now.
@@ -154,7 +168,7 @@ pub struct TurnProbe {
 pub struct NetcheckReport {
     /// Whether any STUN server answered over UDP.
     pub udp: bool,
-    pub public_addr: Option<String>,
+    pub public_addr: Option<SocketAddr>,
     pub mapping: MappingBehaviour,
     pub stun: Vec<StunProbe>,
     pub turn: Vec<TurnProbe>,
@@ -167,7 +181,7 @@ impl NetcheckReport {
         NatSummary {
             udp: self.udp,
             mapping: self.mapping,
-            public_addr: self.public_addr.clone(),
+            public_addr: self.public_addr,
         }
     }
 }

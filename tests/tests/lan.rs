@@ -183,8 +183,75 @@ fn lan_mesh_is_direct_lossless_and_encrypted() {
 
         bulk_transfer_arrives_intact(lab, a, b)?;
         spoofed_sources_are_dropped_and_counted(lab, a, b)?;
-        encrypted_on_the_wire(lab, a, b)
+        encrypted_on_the_wire(lab, a, b)?;
+        let (ab, c) = mesh.nodes.split_at_mut(2);
+        non_mesh_destinations_are_dropped_and_counted(lab, &mut c[0], &ab[1])
     });
+}
+
+/// A peer reaches this node's mesh address and nothing behind it. c's daemon
+/// stops and a hostile client takes c's identity (its key and credential), with a
+/// WireGuard session to b over the coordination relay: an echo request to b's
+/// mesh address is answered (the control), one to b's LAN address through the
+/// tunnel is dropped and counted.
+fn non_mesh_destinations_are_dropped_and_counted(
+    lab: &Lab,
+    c: &mut Node,
+    b: &Node,
+) -> anyhow::Result<()> {
+    c.daemon.stop()?;
+    // b must not keep sending to c's old direct endpoint: ICE consent notices the
+    // stopped daemon within seconds, then b's packets take the relay.
+    wait_until(
+        PROPAGATION_TIMEOUT,
+        "b to give up its direct path to c",
+        || {
+            let peers = b.daemon.peers()?;
+            match peers.iter().find(|p| p.name == "c") {
+                Some(p) if p.path_kind != PathKind::Direct => Ok(()),
+                Some(p) => Err(Wait::NotYet(describe(p))),
+                None => Err(Wait::NotYet("c is not listed".into())),
+            }
+        },
+    )?;
+    let hostile_ping = |dst: Ipv4Addr| -> anyhow::Result<u32> {
+        let state = c.daemon.state_dir.to_string_lossy().into_owned();
+        let dst = dst.to_string();
+        let out = lab.output(
+            &c.host,
+            env!("CARGO_BIN_EXE_hostile_node"),
+            &[&state, "ping", "b", &dst],
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        ensure!(
+            out.status.success(),
+            "hostile_node ping {dst}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text.trim()
+            .strip_prefix("replies=")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("hostile_node printed {text:?}"))
+    };
+    let replies = hostile_ping(b.mesh_ip)?;
+    ensure!(
+        replies > 0,
+        "the control failed: b did not answer the hostile client at its mesh address"
+    );
+    let before = b.daemon.status()?.dropped.wrong_destination;
+    let replies = hostile_ping(b.lan.ip)?;
+    ensure!(
+        replies == 0,
+        "b answered {replies} echo requests sent through the tunnel to its LAN address {}",
+        b.lan.ip
+    );
+    let after = b.daemon.status()?.dropped.wrong_destination;
+    ensure!(
+        after >= before + 3,
+        "b counted {} packets to a wrong destination, expected at least 3",
+        after - before
+    );
+    Ok(())
 }
 
 /// Cryptokey routing: a peer may only send from its own mesh IP. a gives its

@@ -3,7 +3,7 @@
 //! ```text
 //!   TUN ──read──▶ route by dst IP ──▶ Tunn::encapsulate ──▶ ICE conn (if selected)
 //!                                                        └─▶ coordination relay
-//!   ICE conn / relay frame ──▶ Tunn::decapsulate ──▶ src IP check ──▶ TUN
+//!   ICE conn / relay frame ──▶ Tunn::decapsulate ──▶ src IP check ──▶ dst IP check ──▶ TUN
 //! ```
 //!
 //! Anything that arrives on any path goes to the same `Tunn`: WireGuard already
@@ -22,7 +22,7 @@ use tokio::sync::{mpsc, oneshot};
 use futures_util::FutureExt;
 
 mod rx;
-pub use rx::RxScratch;
+pub use rx::{Destinations, RxScratch};
 
 use crate::offload;
 use crate::packet;
@@ -64,7 +64,12 @@ pub struct DropCounters {
     pub bad_datagram: AtomicU64,
     pub relay_queue_full: AtomicU64,
     pub bad_tun_frame: AtomicU64,
+    pub wrong_destination: AtomicU64,
     pub bad_signal: AtomicU64,
+    pub replayed_signal: AtomicU64,
+    pub misdirected_signal: AtomicU64,
+    pub excess_offer: AtomicU64,
+    pub signal_budget: AtomicU64,
 }
 
 impl DropCounters {
@@ -75,7 +80,12 @@ impl DropCounters {
             spoofed_source: get(&self.spoofed_source),
             bad_datagram: get(&self.bad_datagram) + get(&self.bad_tun_frame),
             relay_queue_full: get(&self.relay_queue_full),
+            wrong_destination: get(&self.wrong_destination),
             bad_signal: get(&self.bad_signal),
+            replayed_signal: get(&self.replayed_signal),
+            misdirected_signal: get(&self.misdirected_signal),
+            excess_offer: get(&self.excess_offer),
+            signal_budget: get(&self.signal_budget),
         }
     }
 }
@@ -87,6 +97,8 @@ pub struct DataPlane {
     /// The socket ICE's host candidates live on (see `mux`): direct paths send here.
     udp: Arc<tokio::net::UdpSocket>,
     my_ip: Ipv4Addr,
+    /// What decrypted packets may be addressed to (see [`Destinations`]).
+    destinations: Destinations,
     peers: RwLock<PeerTable>,
     outbound: mpsc::Sender<Outbound>,
     pings: Mutex<HashMap<(Ipv4Addr, u16, u16), oneshot::Sender<()>>>,
@@ -105,6 +117,7 @@ impl DataPlane {
             offload: tun.offload,
             udp,
             my_ip,
+            destinations: Destinations::new(my_ip),
             peers: RwLock::default(),
             outbound,
             pings: Mutex::default(),

@@ -1,7 +1,9 @@
 //! The receive side: datagrams from a peer are decrypted, checked against the
-//! peer's mesh IP (cryptokey routing), and written to the TUN, runs of one TCP
-//! flow merged into one write (see `gro`).
+//! peer's mesh IP (cryptokey routing) and against our own addresses (a peer
+//! reaches this node, never what lies behind it), and written to the TUN, runs of
+//! one TCP flow merged into one write (see `gro`).
 
+use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 
 use boringtun::noise::TunnResult;
@@ -14,6 +16,30 @@ use crate::peer::{lock, Peer};
 /// The smallest room a datagram is decrypted into (boringtun wants MTU-sized
 /// room even for small packets).
 const MIN_DECRYPT_ROOM: usize = 9_216;
+
+/// The destinations a decrypted packet may have to be delivered: this node's
+/// mesh address. Without this check a peer could reach anything the TUN leads
+/// to (the node's LAN addresses, and with forwarding on, its networks). IPv6
+/// mesh addresses and routes this node serves will be added here.
+#[derive(Debug, Clone, Copy)]
+pub struct Destinations {
+    mesh_v4: [u8; 4],
+}
+
+impl Destinations {
+    pub fn new(mesh_v4: Ipv4Addr) -> Self {
+        Destinations {
+            mesh_v4: mesh_v4.octets(),
+        }
+    }
+
+    /// Whether `packet`, an IPv4 packet WireGuard decrypted (so at least a full
+    /// header), is addressed to us. One four-byte compare on the hot path.
+    #[inline]
+    pub fn accepts_v4(&self, packet: &[u8]) -> bool {
+        packet.get(16..20) == Some(&self.mesh_v4[..])
+    }
+}
 
 /// What decrypting one datagram gave.
 enum Decrypted {
@@ -57,6 +83,10 @@ impl DataPlane {
                 Decrypted::Network(pending)
             }
             TunnResult::WriteToTunnelV4(p, src) if src == peer.mesh_ip => {
+                if !self.destinations.accepts_v4(p) {
+                    self.drops.wrong_destination.fetch_add(1, Ordering::Relaxed);
+                    return Decrypted::Nothing;
+                }
                 let len = p.len();
                 peer.count_rx(len);
                 if self.complete_ping(&dst[..len]) {
@@ -150,5 +180,30 @@ impl DataPlane {
                 tracing::debug!("TUN write: {e}");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal IPv4 header from `src` to `dst`.
+    fn ipv4(src: [u8; 4], dst: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![0x45, 0, 0, 20, 0, 0, 0, 0, 64, 1, 0, 0];
+        p.extend_from_slice(&src);
+        p.extend_from_slice(&dst);
+        p
+    }
+
+    #[test]
+    fn only_packets_to_our_mesh_address_are_delivered() {
+        let me = Destinations::new(Ipv4Addr::new(100, 64, 0, 2));
+        let peer = [100, 64, 0, 3];
+        assert!(me.accepts_v4(&ipv4(peer, [100, 64, 0, 2])));
+        // Our LAN address, another mesh node, broadcast: not ours to deliver.
+        assert!(!me.accepts_v4(&ipv4(peer, [10, 77, 1, 3])));
+        assert!(!me.accepts_v4(&ipv4(peer, [100, 64, 0, 4])));
+        assert!(!me.accepts_v4(&ipv4(peer, [255, 255, 255, 255])));
+        assert!(!me.accepts_v4(&[0x45, 0, 0]));
     }
 }

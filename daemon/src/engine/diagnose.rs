@@ -85,7 +85,8 @@ impl Engine {
         tracing::info!(
             "netcheck: udp {}, public address {}, mapping {:?}",
             if nat.udp { "works" } else { "blocked" },
-            nat.public_addr.as_deref().unwrap_or("unknown"),
+            nat.public_addr
+                .map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
             nat.mapping
         );
         self.nat = Some(nat);
@@ -97,16 +98,16 @@ impl Engine {
     }
 
     /// Signals our srflx candidate for `session` (webrtc-ice gathers none on a mux).
-    pub(super) fn send_reflexive(&self, peer: &Peer, session: u64) {
+    pub(super) fn send_reflexive(&mut self, peer: &Peer, session: u64) {
         if let Some(mapped) = self.reflexive.filter(|m| !crate::mux::is_local_ip(m.ip())) {
             let candidate = crate::mux::srflx_candidate(mapped, self.mux.port());
-            self.send_signal(peer, &PeerSignal::Candidate { session, candidate });
+            self.send_signal(peer, PeerSignal::Candidate { session, candidate });
         }
     }
 
-    pub(super) fn send_nat(&self, peer: &Peer) {
-        if let Some(nat) = &self.nat {
-            self.send_signal(peer, &PeerSignal::NetInfo { nat: nat.clone() });
+    pub(super) fn send_nat(&mut self, peer: &Peer) {
+        if let Some(nat) = self.nat.clone() {
+            self.send_signal(peer, PeerSignal::NetInfo { nat });
         }
     }
 

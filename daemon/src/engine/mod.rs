@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use boringtun::x25519::StaticSecret;
+use ipnet::Ipv4Net;
 use overlay_proto::api::{NetcheckReport, WhyReport};
 use overlay_proto::coord::{ClientMsg, IceConfig, PeerInfo, ServerMsg};
 use overlay_proto::signal::{NatSummary, PeerSignal};
@@ -25,6 +26,7 @@ use crate::mux::Mux;
 use crate::netmap::{self, Change};
 use crate::path::{Action, CandidateKind, PathState};
 use crate::peer::{lock, IceLink, Peer};
+use crate::signaling::{Refused, Signaling};
 use crate::why::Attempt;
 use diagnose::Netchecked;
 
@@ -39,7 +41,8 @@ pub enum Query {
     Why(String, oneshot::Sender<Result<WhyReport, String>>),
 }
 
-/// Channels and shared flags between the engine and the other tasks.
+/// Channels and shared flags between the engine and the other tasks, and what
+/// enrolment told us.
 pub struct Links {
     pub outbound: mpsc::Sender<Outbound>,
     pub coord_connected: Arc<AtomicBool>,
@@ -47,6 +50,8 @@ pub struct Links {
     pub coord_rtt_us: Arc<AtomicU64>,
     pub ice_tx: mpsc::UnboundedSender<IceEvent>,
     pub mux: Arc<Mux>,
+    /// The mesh network (the coordinator's `Welcome` may update it).
+    pub network: Ipv4Net,
 }
 
 pub struct Engine {
@@ -77,6 +82,10 @@ pub struct Engine {
     last_netcheck: Option<Instant>,
     /// A netmap arriving in parts (a `Welcome` with `more`, then `PeerBatch`es).
     pending_netmap: Option<Vec<PeerInfo>>,
+    /// Which sealed signals we accept, and how many we start and send.
+    signaling: Signaling,
+    /// When to ask the coordinator for fresh TURN credentials (see `ice_refresh`).
+    ice_refresh_due: Option<Instant>,
 }
 
 impl Engine {
@@ -91,6 +100,7 @@ impl Engine {
             urls: Vec::new(),
             mux: links.mux.clone(),
             tun_name: tun_name.clone(),
+            mesh: links.network,
         };
         let (netcheck_tx, netcheck_rx) = mpsc::unbounded_channel();
         Engine {
@@ -116,6 +126,8 @@ impl Engine {
             reflexive: None,
             last_netcheck: None,
             pending_netmap: None,
+            signaling: Signaling::new(me, Instant::now()),
+            ice_refresh_due: None,
         }
     }
 
@@ -148,6 +160,7 @@ impl Engine {
                 _ = tick.tick() => {
                     self.dataplane.tick_timers(&mut buf).await;
                     self.poll_paths().await;
+                    self.poll_ice_refresh(Instant::now());
                 }
                 _ = shutdown.changed() => break,
             }
@@ -160,9 +173,15 @@ impl Engine {
     async fn on_server_msg(&mut self, msg: ServerMsg) {
         match msg {
             ServerMsg::Welcome {
-                peers, ice, more, ..
+                peers,
+                ice,
+                more,
+                network,
+                ..
             } => {
-                self.ice = IceSettings::from_config(&ice, &self.tun_name, self.mux.clone());
+                self.ice =
+                    IceSettings::from_config(&ice, &self.tun_name, network, self.mux.clone());
+                self.schedule_ice_refresh(&ice);
                 self.ice_config = ice;
                 let due = self
                     .last_netcheck
@@ -196,7 +215,10 @@ impl Engine {
             ServerMsg::PeerRemoved { id } => self.apply(Change::Remove(id)),
             ServerMsg::Signal { from, payload } => self.on_signal(from, &payload).await,
             ServerMsg::IceConfig { ice } => {
-                self.ice = IceSettings::from_config(&ice, &self.tun_name, self.mux.clone());
+                self.ice =
+                    IceSettings::from_config(&ice, &self.tun_name, self.ice.mesh, self.mux.clone());
+                tracing::debug!("fresh ICE configuration ({} TURN servers)", ice.turn.len());
+                self.schedule_ice_refresh(&ice);
                 self.ice_config = ice;
             }
             ServerMsg::Error {
@@ -207,6 +229,30 @@ impl Engine {
                 tracing::debug!(?about, "coordinator refused a message: {error}: {message}");
             }
             ServerMsg::PeerUpsert { .. } | ServerMsg::Pong { .. } => {}
+        }
+    }
+
+    fn schedule_ice_refresh(&mut self, ice: &IceConfig) {
+        let now_unix = unix_micros() / 1_000_000;
+        self.ice_refresh_due =
+            crate::ice_refresh::refresh_delay(ice, now_unix).map(|delay| Instant::now() + delay);
+    }
+
+    /// Asks for fresh TURN credentials when they are due; the answer
+    /// (`ServerMsg::IceConfig`) schedules the next time.
+    fn poll_ice_refresh(&mut self, now: Instant) {
+        let due = self.ice_refresh_due.is_some_and(|due| now >= due);
+        if !due || !self.coord_connected.load(Ordering::Relaxed) {
+            return;
+        }
+        self.ice_refresh_due = Some(now + crate::ice_refresh::REFRESH_RETRY);
+        tracing::debug!("asking the coordinator for fresh TURN credentials");
+        if self
+            .outbound
+            .try_send(Outbound::Msg(ClientMsg::RefreshIce))
+            .is_err()
+        {
+            tracing::debug!("TURN refresh deferred: coordinator queue full");
         }
     }
 
@@ -278,6 +324,7 @@ impl Engine {
                 self.dataplane.remove(id);
                 self.remote_nat.remove(&id);
                 self.attempts.remove(&id);
+                self.signaling.forget(id, now);
             }
         }
     }
@@ -291,8 +338,19 @@ impl Engine {
         }
     }
 
-    fn send_signal(&self, peer: &Peer, signal: &PeerSignal) {
-        let payload = peer.sealer.seal(signal);
+    fn send_signal(&mut self, peer: &Peer, signal: PeerSignal) {
+        let Some(sealed) = self
+            .signaling
+            .outgoing(peer.id, signal, Instant::now(), unix_micros())
+        else {
+            self.dataplane
+                .drops
+                .signal_budget
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(peer = peer.id, "signal dropped: signaling budget spent");
+            return;
+        };
+        let payload = peer.sealer.seal(&sealed);
         let msg = ClientMsg::Signal {
             to: peer.id,
             from: None,
@@ -312,7 +370,7 @@ impl Engine {
             Ok(session) => {
                 self.send_signal(
                     peer,
-                    &PeerSignal::Offer {
+                    PeerSignal::Offer {
                         session: session_id,
                         ufrag: session.ufrag.clone(),
                         pwd: session.pwd.clone(),
@@ -333,18 +391,48 @@ impl Engine {
         let Some(peer) = self.dataplane.peer(from) else {
             return;
         };
-        let signal = match peer.sealer.open(payload) {
+        let drops = &self.dataplane.drops;
+        let sealed = match peer.sealer.open(payload) {
             Ok(s) => s,
             Err(e) => {
-                self.dataplane
-                    .drops
-                    .bad_signal
-                    .fetch_add(1, Ordering::Relaxed);
+                drops.bad_signal.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(peer = from, "dropping signal: {e}");
                 return;
             }
         };
         let now = Instant::now();
+        let signal = match self.signaling.incoming(from, sealed, now) {
+            Ok(signal) => signal,
+            Err(refused) => {
+                let counter = match refused {
+                    Refused::Misdirected => &drops.misdirected_signal,
+                    Refused::Replayed => &drops.replayed_signal,
+                    Refused::Malformed => &drops.bad_signal,
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = from, "dropping signal: {refused:?}");
+                return;
+            }
+        };
+        let new_session = match &signal {
+            PeerSignal::Offer { session, .. } => {
+                !peer.controlling
+                    && self
+                        .sessions
+                        .get(&from)
+                        .is_none_or(|s| s.session != *session)
+            }
+            PeerSignal::RestartRequest { .. } => peer.controlling,
+            _ => false,
+        };
+        if new_session && !self.signaling.allow_session(from, now) {
+            self.dataplane
+                .drops
+                .excess_offer
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(peer = from, "dropping offer: too many new ICE sessions");
+            return;
+        }
         match signal {
             PeerSignal::Offer { session, .. }
                 if self
@@ -371,7 +459,7 @@ impl Engine {
                 };
                 self.send_signal(
                     &peer,
-                    &PeerSignal::Answer {
+                    PeerSignal::Answer {
                         session,
                         ufrag: s.ufrag.clone(),
                         pwd: s.pwd.clone(),
@@ -420,7 +508,7 @@ impl Engine {
             PeerSignal::RestartRequest { reason } => {
                 let start = lock(&peer.path).on_restart_request(now);
                 if start {
-                    tracing::debug!(peer = from, "peer asked for a new ICE session: {reason}");
+                    tracing::debug!(peer = from, "peer asked for a new ICE session: {reason:?}");
                     self.start_session(&peer).await;
                     self.sync_path(&peer);
                 }
@@ -449,7 +537,7 @@ impl Engine {
             IceEvent::Candidate { candidate, .. } => {
                 self.send_signal(
                     &peer,
-                    &PeerSignal::Candidate {
+                    PeerSignal::Candidate {
                         session: session_id,
                         candidate,
                     },
@@ -557,7 +645,7 @@ impl Engine {
                 Some(Action::StartSession) => self.start_session(&peer).await,
                 Some(Action::RequestRestart) => self.send_signal(
                     &peer,
-                    &PeerSignal::RestartRequest {
+                    PeerSignal::RestartRequest {
                         reason: "no working ICE session".into(),
                     },
                 ),
@@ -566,4 +654,12 @@ impl Engine {
             self.sync_path(&peer);
         }
     }
+}
+
+/// The wall clock in microseconds since the Unix epoch: what seeds the counter of
+/// sealed signals (see [`Signaling::outgoing`]).
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
 }
