@@ -19,14 +19,17 @@
 //! | [`store_sync`] | presence to the store, removals from it |
 //! | [`ice`] | the ICE configuration handed to nodes |
 //! | [`turn_server`], [`peer_policy`], [`stun_filter`] | embedded STUN/TURN and its denied peers |
-//! | [`metrics`], [`ratelimit`], [`tls`] | operations |
+//! | [`http_server`], [`conn_limit`], [`tls`] | the listener: per-source bounds, deadlines, TLS |
+//! | [`metrics`], [`ratelimit`] | operations |
 //! | [`server`] | wiring and shutdown |
 //! | [`cli`] | the command line and admin commands |
 
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod conn_limit;
 pub mod http;
+pub mod http_server;
 pub mod hub;
 pub mod ice;
 pub mod ipam;

@@ -4,7 +4,7 @@
 //! Shutdown order: stop accepting → sessions close (they watch the same
 //! signal) → wait for them → last store flush → TURN server closes.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use crate::auth::{self, SecretFileError};
 use crate::config::{Config, Transport};
 use crate::http::{self, AppState};
+use crate::http_server;
 use crate::hub::Hub;
 use crate::ice::IceSettings;
 use crate::metrics::Metrics;
@@ -49,8 +50,6 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("HTTP server failed: {0}")]
-    Http(std::io::Error),
     #[error("server task failed: {0}")]
     Task(String),
 }
@@ -245,35 +244,20 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     };
     let router = http::router(state);
 
-    let stop = {
-        let mut rx = shutdown_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-    let serving: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
-        match tls_config {
-            Some(tls_config) => {
-                let listener = tls::TlsListener::new(tcp, http_addr, tls_config);
-                info!("listening on https://{http_addr}");
-                Box::pin(
-                    axum::serve(listener, router)
-                        .with_graceful_shutdown(stop)
-                        .into_future(),
-                )
-            }
-            None => {
-                warn!(
-                "serving plain HTTP: node credentials and auth keys cross the network unencrypted"
-            );
-                info!("listening on http://{http_addr}");
-                Box::pin(
-                    axum::serve(tcp, router)
-                        .with_graceful_shutdown(stop)
-                        .into_future(),
-                )
-            }
-        };
+    if tls_config.is_some() {
+        info!("listening on https://{http_addr}");
+    } else {
+        warn!("serving plain HTTP: node credentials and auth keys cross the network unencrypted");
+        info!("listening on http://{http_addr}");
+    }
+    let serving = http_server::serve(
+        tcp,
+        router,
+        tls_config,
+        config.limits.clone(),
+        Arc::clone(&metrics),
+        shutdown_rx.clone(),
+    );
     if let Some(limit) = open_file_limit() {
         let wanted = config.limits.max_sessions as u64 + SPARE_FILES;
         if limit < wanted {
@@ -295,7 +279,7 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     let sync = StoreSync::new(Arc::clone(&store), Arc::clone(&hub), removal_seq);
     let sync_task = tokio::spawn(sync.run(config.limits.store_poll, shutdown_rx.clone()));
     let task = tokio::spawn(async move {
-        let served = serving.await;
+        serving.await;
         // Sessions saw the same signal; each holds a `done` sender.
         if tokio::time::timeout(SESSION_DRAIN, done_rx.recv())
             .await
@@ -318,7 +302,7 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         if let Some(turn) = turn {
             turn.close().await;
         }
-        served.map_err(ServeError::Http)
+        Ok(())
     });
 
     Ok(Server {
