@@ -103,6 +103,8 @@ pub struct Metrics {
     pub turn_denied_peer: AtomicU64,
     /// TURN Allocate requests refused by a quota (per user or total).
     pub turn_quota_refused: AtomicU64,
+    /// TURN allocations held now (a gauge).
+    pub turn_allocations: AtomicU64,
     /// TURN requests with the credential of a node that no longer exists.
     pub turn_removed_node: AtomicU64,
     /// Connections refused at accept by a per-source bound.
@@ -224,6 +226,12 @@ impl Metrics {
             "counter",
             "Datagrams the embedded TURN server refused to relay to a denied address.",
             load(&self.turn_denied_peer),
+        );
+        metric(
+            "overlay_coord_turn_allocations",
+            "gauge",
+            "Allocations the embedded TURN server holds.",
+            load(&self.turn_allocations),
         );
         metric(
             "overlay_coord_turn_quota_refused_total",

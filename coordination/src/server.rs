@@ -27,12 +27,13 @@ use crate::store::{Store, StoreError};
 use crate::store_sync::StoreSync;
 use crate::stun_alt::StunResponder;
 use crate::tls::{self, TlsError};
+use crate::turn_quota::Quotas;
 use crate::turn_server::{EmbeddedTurn, TurnError, TurnOptions};
 
 /// How long shutdown waits for sessions to say goodbye.
 const SESSION_DRAIN: Duration = Duration::from_secs(5);
-/// File descriptors the server needs besides one per session: the store,
-/// the UDP sockets, TURN allocations, registrations in flight.
+/// File descriptors the server needs besides one per session and one per
+/// TURN allocation: the store, the UDP sockets, connections not yet sessions.
 const SPARE_FILES: u64 = 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -158,6 +159,13 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         source,
     })?;
 
+    let node_count = nodes.len();
+    let hub = Arc::new(Hub::new(
+        nodes.iter().map(|n| n.peer_info()).collect(),
+        Arc::clone(&metrics),
+        config.limits.clone(),
+    ));
+
     let announced = config.announced_ip();
     let turn = if config.turn.embedded {
         let mut own = std::collections::HashSet::from([announced]);
@@ -174,6 +182,16 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
                     own,
                 },
                 metrics: Arc::clone(&metrics),
+                quotas: Quotas {
+                    per_user: config.turn.allocations_per_user,
+                    total: config.turn.max_allocations,
+                },
+                // The hub learns of removals from the store (`StoreSync`),
+                // so a credential check costs a map lookup, no SQL.
+                node_exists: {
+                    let hub = Arc::clone(&hub);
+                    Arc::new(move |node| hub.contains(node))
+                },
             })
             .await?,
         )
@@ -220,12 +238,6 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     }
     let ice = Arc::new(ice);
 
-    let node_count = nodes.len();
-    let hub = Arc::new(Hub::new(
-        nodes.iter().map(|n| n.peer_info()).collect(),
-        Arc::clone(&metrics),
-        config.limits.clone(),
-    ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let state = AppState {
@@ -259,10 +271,15 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         shutdown_rx.clone(),
     );
     if let Some(limit) = open_file_limit() {
-        let wanted = config.limits.max_sessions as u64 + SPARE_FILES;
+        let allocations = if config.turn.embedded {
+            config.turn.max_allocations as u64
+        } else {
+            0
+        };
+        let wanted = config.limits.max_sessions as u64 + allocations + SPARE_FILES;
         if limit < wanted {
             warn!(
-                "the open-file limit ({limit}) is below max_sessions + {SPARE_FILES} ({wanted}): \
+                "the open-file limit ({limit}) is below max_sessions + turn.max_allocations + {SPARE_FILES} ({wanted}): \
                  connections beyond it are refused; raise it (ulimit -n, or LimitNOFILE= in the unit)"
             );
         }

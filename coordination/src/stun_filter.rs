@@ -19,8 +19,10 @@ use crate::peer_policy::PeerPolicy;
 
 const HEADER_LEN: usize = 20;
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
+const ATTR_USERNAME: u16 = 0x0006;
 const ATTR_XOR_PEER_ADDRESS: u16 = 0x0012;
 const ATTR_ERROR_CODE: u16 = 0x0009;
+const METHOD_ALLOCATE: u16 = 0x003;
 const METHOD_SEND: u16 = 0x006;
 const METHOD_CREATE_PERMISSION: u16 = 0x008;
 const METHOD_CHANNEL_BIND: u16 = 0x009;
@@ -78,6 +80,40 @@ fn xor_peer_ip(value: &[u8], txid: &[u8]) -> Option<IpAddr> {
         }
         _ => None,
     }
+}
+
+/// The USERNAME of `packet` if it is an Allocate request that carries one
+/// (the second, authenticated, attempt of a client).
+pub fn allocate_username(packet: &[u8]) -> Option<&str> {
+    if packet.len() < HEADER_LEN || packet[0] & 0xc0 != 0 || packet[4..8] != MAGIC_COOKIE {
+        return None;
+    }
+    let (method, class) = method_and_class(u16::from_be_bytes([packet[0], packet[1]]));
+    if (method, class) != (METHOD_ALLOCATE, CLASS_REQUEST) {
+        return None;
+    }
+    let declared = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+    let end = (HEADER_LEN + declared).min(packet.len());
+    let mut at = HEADER_LEN;
+    while at + 4 <= end {
+        let typ = u16::from_be_bytes([packet[at], packet[at + 1]]);
+        let len = usize::from(u16::from_be_bytes([packet[at + 2], packet[at + 3]]));
+        let value = packet
+            .get(at + 4..at + 4 + len)
+            .filter(|_| at + 4 + len <= end)?;
+        if typ == ATTR_USERNAME {
+            return std::str::from_utf8(value).ok();
+        }
+        at += 4 + len.div_ceil(4) * 4;
+    }
+    None
+}
+
+/// An error response with `code` to the Allocate request `packet` (which
+/// [`allocate_username`] accepted).
+pub fn allocate_error(packet: &[u8], code: u16, reason: &[u8]) -> Vec<u8> {
+    let txid = packet.get(8..HEADER_LEN).unwrap_or(&[0; 12]);
+    error_response(METHOD_ALLOCATE, txid, code, reason)
 }
 
 /// Looks at one datagram received on the TURN listener.
@@ -286,6 +322,33 @@ mod tests {
         let mut m = message(0x0008, Ipv4Addr::new(8, 8, 8, 8), 9);
         m[2..4].copy_from_slice(&8u16.to_be_bytes());
         assert!(matches!(inspect(&m, &p), Verdict::Refuse(r) if error_code(&r) == 400));
+    }
+
+    #[test]
+    fn allocate_username_is_read_from_allocate_requests_only() {
+        let mut m = 0x0003u16.to_be_bytes().to_vec();
+        m.extend_from_slice(&16u16.to_be_bytes());
+        m.extend_from_slice(&MAGIC_COOKIE);
+        m.extend_from_slice(&TXID);
+        // REQUESTED-TRANSPORT, then USERNAME "9:42" (padded to 4).
+        m.extend_from_slice(&[0x00, 0x19, 0, 4, 17, 0, 0, 0]);
+        m.extend_from_slice(&[0x00, 0x06, 0, 4]);
+        m.extend_from_slice(b"9:42");
+        assert_eq!(allocate_username(&m), Some("9:42"));
+        let resp = allocate_error(&m, 486, b"Allocation Quota Reached");
+        assert_eq!(&resp[0..2], &[0x01, 0x13], "Allocate error response");
+        assert_eq!(error_code(&resp), 486);
+        assert_eq!(&resp[8..20], &TXID);
+        // The first, unauthenticated attempt carries no USERNAME.
+        let bare = [&m[..2], &4u16.to_be_bytes(), &m[4..28]].concat();
+        assert_eq!(allocate_username(&bare), None);
+        // Not an Allocate request.
+        let mut refresh = m.clone();
+        refresh[1] = 0x04;
+        assert_eq!(allocate_username(&refresh), None);
+        // A USERNAME running past the message.
+        m.truncate(34);
+        assert_eq!(allocate_username(&m), None);
     }
 
     #[test]
