@@ -19,10 +19,24 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/overlay-coord";
 pub const DEFAULT_NETWORK: &str = "100.64.0.0/10";
 /// Default UDP port of the embedded STUN/TURN server.
 pub const DEFAULT_STUN_PORT: u16 = 3478;
-/// Default lifetime of TURN credentials handed to nodes.
-pub const DEFAULT_TURN_TTL: Duration = Duration::from_secs(12 * 3600);
+/// Default lifetime of TURN credentials handed to nodes. Short, so that a
+/// credential that leaks (or outlives its node) is soon worthless; nodes
+/// ask for fresh ones (`RefreshIce`) before it runs out.
+pub const DEFAULT_TURN_TTL: Duration = Duration::from_secs(3600);
 /// Default bound on concurrent control sessions.
 pub const DEFAULT_MAX_SESSIONS: usize = 20_000;
+/// Default bound on TURN allocations per username (one node's credential):
+/// a node needs one per peer it relays to at once, at most, plus retries.
+pub const DEFAULT_TURN_ALLOCATIONS_PER_USER: usize = 16;
+/// Default bound on all TURN allocations of the embedded server (each is a
+/// UDP socket, so a file descriptor).
+pub const DEFAULT_TURN_MAX_ALLOCATIONS: usize = 4096;
+/// Default bound on connections from one source (IPv4 address or IPv6 /64)
+/// that are not yet an authenticated WebSocket session.
+pub const DEFAULT_PENDING_CONNS_PER_IP: usize = 64;
+/// Default bound on all connections from one source, sessions included:
+/// high, since many nodes can share one NAT address.
+pub const DEFAULT_CONNS_PER_IP: usize = 4096;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -50,6 +64,8 @@ pub struct FileConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub max_sessions: Option<usize>,
+    pub pending_conns_per_ip: Option<usize>,
+    pub conns_per_ip: Option<usize>,
     #[serde(default)]
     pub turn: FileTurn,
 }
@@ -61,8 +77,10 @@ pub struct FileTurn {
     pub port: Option<u16>,
     pub secret: Option<String>,
     pub allow_private: Option<bool>,
-    /// A duration such as `12h`.
+    /// A duration such as `1h`.
     pub ttl: Option<String>,
+    pub allocations_per_user: Option<usize>,
+    pub max_allocations: Option<usize>,
     #[serde(default)]
     pub external: Vec<ExternalTurn>,
 }
@@ -126,6 +144,10 @@ pub struct TurnConfig {
     pub allow_private: bool,
     pub ttl: Duration,
     pub external: Vec<ExternalTurn>,
+    /// Allocations one username (one node's credential) may hold at once.
+    pub allocations_per_user: usize,
+    /// Allocations the embedded server holds at once, all users together.
+    pub max_allocations: usize,
 }
 
 /// Bounds on what a remote can make the server hold or do.
@@ -157,6 +179,19 @@ pub struct Limits {
     pub register_body_max: usize,
     /// How often the server polls the store for nodes removed by the CLI.
     pub store_poll: Duration,
+    /// Connections from one source that are not (yet) an authenticated
+    /// WebSocket session: TLS handshakes and requests. More are refused.
+    pub pending_conns_per_ip: usize,
+    /// All connections from one source, sessions included.
+    pub conns_per_ip: usize,
+    /// Longest a TLS handshake may take.
+    pub tls_handshake_timeout: Duration,
+    /// Longest a client may take to send a request head, counted from the
+    /// connection's start or the end of its previous response.
+    pub header_read_timeout: Duration,
+    /// A connection that is not a WebSocket session and moved no byte for
+    /// this long is closed (a stalled body or an unread response).
+    pub http_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -175,6 +210,11 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(30),
             register_body_max: 8 * 1024,
             store_poll: Duration::from_secs(1),
+            pending_conns_per_ip: DEFAULT_PENDING_CONNS_PER_IP,
+            conns_per_ip: DEFAULT_CONNS_PER_IP,
+            tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -249,7 +289,26 @@ impl Config {
             allow_private: flags.turn_allow_private || file.turn.allow_private.unwrap_or(false),
             ttl,
             external: file.turn.external,
+            allocations_per_user: file
+                .turn
+                .allocations_per_user
+                .unwrap_or(DEFAULT_TURN_ALLOCATIONS_PER_USER),
+            max_allocations: file
+                .turn
+                .max_allocations
+                .unwrap_or(DEFAULT_TURN_MAX_ALLOCATIONS),
         };
+        for (key, value) in [
+            ("turn.allocations_per_user", turn.allocations_per_user),
+            ("turn.max_allocations", turn.max_allocations),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{} must be at least 1",
+                    in_file(key)
+                )));
+            }
+        }
         if let Some(s) = &turn.secret {
             if s.is_empty() {
                 return Err(ConfigError::Invalid(
@@ -297,13 +356,23 @@ impl Config {
                 .max_sessions
                 .or(file.max_sessions)
                 .unwrap_or(DEFAULT_MAX_SESSIONS),
+            pending_conns_per_ip: file
+                .pending_conns_per_ip
+                .unwrap_or(DEFAULT_PENDING_CONNS_PER_IP),
+            conns_per_ip: file.conns_per_ip.unwrap_or(DEFAULT_CONNS_PER_IP),
             ..Limits::default()
         };
-        if limits.max_sessions == 0 {
-            return Err(ConfigError::Invalid(format!(
-                "{} must be at least 1",
-                in_file("max_sessions")
-            )));
+        for (key, value) in [
+            ("max_sessions", limits.max_sessions),
+            ("pending_conns_per_ip", limits.pending_conns_per_ip),
+            ("conns_per_ip", limits.conns_per_ip),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "{} must be at least 1",
+                    in_file(key)
+                )));
+            }
         }
 
         Ok(Config {

@@ -146,7 +146,7 @@ fn network_is_truncated_to_its_prefix() {
 fn example_config_parses() {
     let text = include_str!("../coord.example.toml");
     let file = parse_file(Path::new("coord.example.toml"), text).unwrap();
-    assert_eq!(file.turn.ttl.as_deref(), Some("12h"));
+    assert_eq!(file.turn.ttl.as_deref(), Some("1h"));
     let c = Config::resolve(
         Some((Path::new("coord.example.toml"), file)),
         Overrides::default(),
@@ -154,4 +154,46 @@ fn example_config_parses() {
     .unwrap();
     assert!(matches!(c.transport, Transport::Tls { .. }));
     assert_eq!(c.announced_ip().to_string(), "203.0.113.10");
+    assert_eq!(
+        c.turn.allocations_per_user,
+        DEFAULT_TURN_ALLOCATIONS_PER_USER
+    );
+    assert_eq!(c.limits.conns_per_ip, DEFAULT_CONNS_PER_IP);
+}
+
+#[test]
+fn connection_and_allocation_bounds_come_from_the_file_and_must_be_positive() {
+    let text = "pending_conns_per_ip = 3\nconns_per_ip = 7\n[turn]\nallocations_per_user = 2\nmax_allocations = 9\n";
+    let file = parse_file(Path::new("c.toml"), text).unwrap();
+    let c = Config::resolve(
+        Some((Path::new("c.toml"), file)),
+        Overrides {
+            allow_http: true,
+            no_embedded_turn: true,
+            ..Overrides::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        (c.limits.pending_conns_per_ip, c.limits.conns_per_ip),
+        (3, 7)
+    );
+    assert_eq!(
+        (c.turn.allocations_per_user, c.turn.max_allocations),
+        (2, 9)
+    );
+    assert_eq!(c.turn.ttl, DEFAULT_TURN_TTL);
+    assert_eq!(DEFAULT_TURN_TTL, Duration::from_secs(3600));
+    for zero in [
+        "conns_per_ip = 0",
+        "pending_conns_per_ip = 0",
+        "[turn]\nmax_allocations = 0",
+        "[turn]\nallocations_per_user = 0",
+    ] {
+        let file = parse_file(Path::new("c.toml"), zero).unwrap();
+        let err = Config::resolve(Some((Path::new("c.toml"), file)), flags_http())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("must be at least 1"), "{zero}: {err}");
+    }
 }

@@ -18,15 +18,18 @@
 //! | [`welcome`] | the netmap a session starts with, in parts |
 //! | [`store_sync`] | presence to the store, removals from it |
 //! | [`ice`] | the ICE configuration handed to nodes |
-//! | [`turn_server`], [`peer_policy`], [`stun_filter`] | embedded STUN/TURN and its denied peers |
-//! | [`metrics`], [`ratelimit`], [`tls`] | operations |
+//! | [`turn_server`], [`peer_policy`], [`stun_filter`], [`turn_quota`] | embedded STUN/TURN, its denied peers and quotas |
+//! | [`http_server`], [`conn_limit`], [`tls`] | the listener: per-source bounds, deadlines, TLS |
+//! | [`metrics`], [`ratelimit`] | operations |
 //! | [`server`] | wiring and shutdown |
 //! | [`cli`] | the command line and admin commands |
 
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod conn_limit;
 pub mod http;
+pub mod http_server;
 pub mod hub;
 pub mod ice;
 pub mod ipam;
@@ -41,6 +44,7 @@ pub mod store_sync;
 pub mod stun_alt;
 pub mod stun_filter;
 pub mod tls;
+pub mod turn_quota;
 pub mod turn_server;
 pub mod validate;
 pub mod welcome;

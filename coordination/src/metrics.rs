@@ -101,6 +101,16 @@ pub struct Metrics {
     pub deltas: AtomicU64,
     /// Datagrams the embedded TURN server refused to relay to a denied peer.
     pub turn_denied_peer: AtomicU64,
+    /// TURN Allocate requests refused by a quota (per user or total).
+    pub turn_quota_refused: AtomicU64,
+    /// TURN allocations held now (a gauge).
+    pub turn_allocations: AtomicU64,
+    /// TURN requests with the credential of a node that no longer exists.
+    pub turn_removed_node: AtomicU64,
+    /// Connections refused at accept by a per-source bound.
+    pub conn_refused_per_ip: AtomicU64,
+    /// Connections closed by the TLS handshake, header-read or idle deadline.
+    pub conn_timeouts: AtomicU64,
     rejected: [AtomicU64; Rejected::ALL.len()],
     relay_dropped: [AtomicU64; RelayDrop::ALL.len()],
 }
@@ -216,6 +226,36 @@ impl Metrics {
             "counter",
             "Datagrams the embedded TURN server refused to relay to a denied address.",
             load(&self.turn_denied_peer),
+        );
+        metric(
+            "overlay_coord_turn_allocations",
+            "gauge",
+            "Allocations the embedded TURN server holds.",
+            load(&self.turn_allocations),
+        );
+        metric(
+            "overlay_coord_turn_quota_refused_total",
+            "counter",
+            "TURN allocations refused by the per-user or total quota.",
+            load(&self.turn_quota_refused),
+        );
+        metric(
+            "overlay_coord_turn_removed_node_total",
+            "counter",
+            "TURN requests refused because the credential's node was removed.",
+            load(&self.turn_removed_node),
+        );
+        metric(
+            "overlay_coord_conn_refused_per_ip_total",
+            "counter",
+            "Connections refused at accept by a per-source bound.",
+            load(&self.conn_refused_per_ip),
+        );
+        metric(
+            "overlay_coord_conn_timeouts_total",
+            "counter",
+            "Connections closed by the TLS handshake, header-read or idle deadline.",
+            load(&self.conn_timeouts),
         );
 
         let _ = writeln!(out, "# HELP overlay_coord_relay_dropped_frames_total Relay frames dropped.\n# TYPE overlay_coord_relay_dropped_frames_total counter");

@@ -4,7 +4,7 @@
 //! Shutdown order: stop accepting → sessions close (they watch the same
 //! signal) → wait for them → last store flush → TURN server closes.
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use crate::auth::{self, SecretFileError};
 use crate::config::{Config, Transport};
 use crate::http::{self, AppState};
+use crate::http_server;
 use crate::hub::Hub;
 use crate::ice::IceSettings;
 use crate::metrics::Metrics;
@@ -26,12 +27,13 @@ use crate::store::{Store, StoreError};
 use crate::store_sync::StoreSync;
 use crate::stun_alt::StunResponder;
 use crate::tls::{self, TlsError};
+use crate::turn_quota::Quotas;
 use crate::turn_server::{EmbeddedTurn, TurnError, TurnOptions};
 
 /// How long shutdown waits for sessions to say goodbye.
 const SESSION_DRAIN: Duration = Duration::from_secs(5);
-/// File descriptors the server needs besides one per session: the store,
-/// the UDP sockets, TURN allocations, registrations in flight.
+/// File descriptors the server needs besides one per session and one per
+/// TURN allocation: the store, the UDP sockets, connections not yet sessions.
 const SPARE_FILES: u64 = 1024;
 
 #[derive(Debug, thiserror::Error)]
@@ -49,8 +51,6 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("HTTP server failed: {0}")]
-    Http(std::io::Error),
     #[error("server task failed: {0}")]
     Task(String),
 }
@@ -159,6 +159,13 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         source,
     })?;
 
+    let node_count = nodes.len();
+    let hub = Arc::new(Hub::new(
+        nodes.iter().map(|n| n.peer_info()).collect(),
+        Arc::clone(&metrics),
+        config.limits.clone(),
+    ));
+
     let announced = config.announced_ip();
     let turn = if config.turn.embedded {
         let mut own = std::collections::HashSet::from([announced]);
@@ -175,6 +182,16 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
                     own,
                 },
                 metrics: Arc::clone(&metrics),
+                quotas: Quotas {
+                    per_user: config.turn.allocations_per_user,
+                    total: config.turn.max_allocations,
+                },
+                // The hub learns of removals from the store (`StoreSync`),
+                // so a credential check costs a map lookup, no SQL.
+                node_exists: {
+                    let hub = Arc::clone(&hub);
+                    Arc::new(move |node| hub.contains(node))
+                },
             })
             .await?,
         )
@@ -221,12 +238,6 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     }
     let ice = Arc::new(ice);
 
-    let node_count = nodes.len();
-    let hub = Arc::new(Hub::new(
-        nodes.iter().map(|n| n.peer_info()).collect(),
-        Arc::clone(&metrics),
-        config.limits.clone(),
-    ));
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
     let state = AppState {
@@ -245,40 +256,30 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     };
     let router = http::router(state);
 
-    let stop = {
-        let mut rx = shutdown_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
-        }
-    };
-    let serving: std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>> =
-        match tls_config {
-            Some(tls_config) => {
-                let listener = tls::TlsListener::new(tcp, http_addr, tls_config);
-                info!("listening on https://{http_addr}");
-                Box::pin(
-                    axum::serve(listener, router)
-                        .with_graceful_shutdown(stop)
-                        .into_future(),
-                )
-            }
-            None => {
-                warn!(
-                "serving plain HTTP: node credentials and auth keys cross the network unencrypted"
-            );
-                info!("listening on http://{http_addr}");
-                Box::pin(
-                    axum::serve(tcp, router)
-                        .with_graceful_shutdown(stop)
-                        .into_future(),
-                )
-            }
-        };
+    if tls_config.is_some() {
+        info!("listening on https://{http_addr}");
+    } else {
+        warn!("serving plain HTTP: node credentials and auth keys cross the network unencrypted");
+        info!("listening on http://{http_addr}");
+    }
+    let serving = http_server::serve(
+        tcp,
+        router,
+        tls_config,
+        config.limits.clone(),
+        Arc::clone(&metrics),
+        shutdown_rx.clone(),
+    );
     if let Some(limit) = open_file_limit() {
-        let wanted = config.limits.max_sessions as u64 + SPARE_FILES;
+        let allocations = if config.turn.embedded {
+            config.turn.max_allocations as u64
+        } else {
+            0
+        };
+        let wanted = config.limits.max_sessions as u64 + allocations + SPARE_FILES;
         if limit < wanted {
             warn!(
-                "the open-file limit ({limit}) is below max_sessions + {SPARE_FILES} ({wanted}): \
+                "the open-file limit ({limit}) is below max_sessions + turn.max_allocations + {SPARE_FILES} ({wanted}): \
                  connections beyond it are refused; raise it (ulimit -n, or LimitNOFILE= in the unit)"
             );
         }
@@ -295,7 +296,7 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     let sync = StoreSync::new(Arc::clone(&store), Arc::clone(&hub), removal_seq);
     let sync_task = tokio::spawn(sync.run(config.limits.store_poll, shutdown_rx.clone()));
     let task = tokio::spawn(async move {
-        let served = serving.await;
+        serving.await;
         // Sessions saw the same signal; each holds a `done` sender.
         if tokio::time::timeout(SESSION_DRAIN, done_rx.recv())
             .await
@@ -318,7 +319,7 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         if let Some(turn) = turn {
             turn.close().await;
         }
-        served.map_err(ServeError::Http)
+        Ok(())
     });
 
     Ok(Server {

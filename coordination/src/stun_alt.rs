@@ -29,7 +29,10 @@ impl StunResponder {
                 let Ok((n, from)) = socket.recv_from(&mut buf).await else {
                     continue;
                 };
-                if let Some(reply) = answer(&buf[..n], from) {
+                // A dual-stack [::] socket reports IPv4 clients as
+                // ::ffff:a.b.c.d; the client must hear its IPv4 address.
+                let seen = SocketAddr::new(from.ip().to_canonical(), from.port());
+                if let Some(reply) = answer(&buf[..n], seen) {
                     let _ = socket.send_to(&reply, from).await;
                 }
             }
@@ -99,5 +102,35 @@ mod tests {
         resp.set_type(BINDING_SUCCESS);
         resp.write_header();
         assert!(answer(&resp.raw, "127.0.0.1:1".parse().unwrap()).is_none());
+    }
+
+    #[tokio::test]
+    async fn dual_stack_responder_tells_ipv4_clients_their_ipv4_address() {
+        let responder = StunResponder::start("[::]:0".parse().unwrap())
+            .await
+            .expect("this host must allow a dual-stack [::] socket");
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let mut req = Message::new();
+        req.new_transaction_id().unwrap();
+        req.set_type(BINDING_REQUEST);
+        req.write_header();
+        let port = responder.local_addr().port();
+        client.send_to(&req.raw, ("127.0.0.1", port)).await.unwrap();
+        let mut buf = [0u8; 256];
+        let (n, _) = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            client.recv_from(&mut buf),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        let mut resp = Message::new();
+        resp.unmarshal_binary(&buf[..n]).unwrap();
+        let mut xor = XorMappedAddress::default();
+        xor.get_from(&resp).unwrap();
+        assert_eq!(
+            SocketAddr::new(xor.ip, xor.port),
+            client.local_addr().unwrap()
+        );
     }
 }

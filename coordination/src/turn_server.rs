@@ -14,8 +14,17 @@
 //! ([`stun_filter`]); and every relay socket drops datagrams to or from
 //! denied peers, whatever got past the first check. Plain STUN Binding
 //! requests are answered by the same server without authentication.
+//!
+//! The listener also enforces the allocation quotas ([`turn_quota`]), and
+//! the credential check refuses nodes that no longer exist; allocations of
+//! a removed node are deleted within [`REMOVED_NODE_SWEEP`].
+//!
+//! Address families: on a dual-stack `[::]` listener an IPv4 client shows
+//! up as `::ffff:a.b.c.d`. The listener hands the turn crate the plain IPv4
+//! address (so XOR-MAPPED-ADDRESS says IPv4), and each relay socket is of
+//! the family of its allocation, whatever the listener's.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,14 +37,27 @@ use turn::server::config::{ConnConfig, ServerConfig};
 use turn::server::Server;
 use webrtc_util::Conn;
 
+use overlay_proto::NodeId;
+
 use crate::auth;
 use crate::metrics::Metrics;
 use crate::peer_policy::PeerPolicy;
 use crate::store::now_unix;
 use crate::stun_filter::{self, Verdict};
+use crate::turn_quota::{AllocationQuota, AllocationSlot, OverQuota, Quotas};
 
 /// Realm of the embedded TURN server; part of the long-term credential key.
 pub const REALM: &str = "overlay";
+/// How often allocations of removed nodes are looked for and deleted.
+pub const REMOVED_NODE_SWEEP: Duration = Duration::from_secs(2);
+
+/// Whether a node still exists (is enrolled and not removed).
+pub type NodeExists = Arc<dyn Fn(NodeId) -> bool + Send + Sync>;
+
+/// The node a REST username (`"<expiry>:<node>"`) was issued to.
+pub fn turn_username_node(username: &str) -> Option<NodeId> {
+    username.split_once(':')?.1.parse().ok()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum TurnError {
@@ -48,9 +70,12 @@ pub enum TurnError {
     Start(#[from] turn::Error),
 }
 
-/// Accepts exactly the REST credentials of [`auth::turn_credential`].
+/// Accepts exactly the REST credentials of [`auth::turn_credential`], for
+/// nodes that still exist.
 struct RestAuth {
     secret: String,
+    node_exists: NodeExists,
+    metrics: Arc<Metrics>,
 }
 
 impl AuthHandler for RestAuth {
@@ -67,6 +92,16 @@ impl AuthHandler for RestAuth {
                 "expired TURN username {username:?}"
             )));
         }
+        let node = turn_username_node(username)
+            .ok_or_else(|| turn::Error::Other(format!("malformed TURN username {username:?}")))?;
+        if !(self.node_exists)(node) {
+            self.metrics
+                .turn_removed_node
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(turn::Error::Other(format!(
+                "TURN username {username:?} of a removed node"
+            )));
+        }
         let password = auth::turn_password(&self.secret, username);
         Ok(generate_auth_key(username, realm, &password))
     }
@@ -77,6 +112,8 @@ struct FilteredConn {
     inner: UdpSocket,
     policy: Arc<PeerPolicy>,
     metrics: Arc<Metrics>,
+    /// Counts this allocation against its quotas until the socket closes.
+    _slot: Option<AllocationSlot>,
 }
 
 impl FilteredConn {
@@ -145,11 +182,56 @@ impl Conn for FilteredConn {
     }
 }
 
-/// The TURN listener socket, refusing requests that name a denied peer.
+/// The TURN listener socket, refusing requests that name a denied peer or
+/// exceed a quota.
 struct FilteredListener {
     inner: UdpSocket,
     policy: Arc<PeerPolicy>,
     metrics: Arc<Metrics>,
+    quota: Arc<AllocationQuota>,
+}
+
+impl FilteredListener {
+    /// Checks an Allocate request against the quotas; `Some` is the error
+    /// response to send instead of passing it on.
+    fn over_quota(&self, packet: &[u8]) -> Option<Vec<u8>> {
+        let username = stun_filter::allocate_username(packet)?;
+        match self.quota.expect(username) {
+            Ok(()) => None,
+            Err(OverQuota::User) => {
+                tracing::debug!(username, "TURN allocation over the per-user quota");
+                Some(stun_filter::allocate_error(
+                    packet,
+                    486,
+                    b"Allocation Quota Reached",
+                ))
+            }
+            Err(OverQuota::Total) => {
+                tracing::debug!(username, "TURN allocation over the total quota");
+                Some(stun_filter::allocate_error(
+                    packet,
+                    508,
+                    b"Insufficient Capacity",
+                ))
+            }
+        }
+    }
+
+    /// `target` in the form the listener socket sends to: a dual-stack IPv6
+    /// socket needs IPv4 peers as `::ffff:a.b.c.d`.
+    fn wire_addr(&self, target: SocketAddr) -> SocketAddr {
+        match (target.ip(), self.inner.local_addr()) {
+            (IpAddr::V4(v4), Ok(local)) if local.is_ipv6() => {
+                SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), target.port())
+            }
+            _ => target,
+        }
+    }
+}
+
+/// `addr` with an IPv4-mapped IPv6 address replaced by its IPv4 address.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
 #[async_trait]
@@ -165,14 +247,20 @@ impl Conn for FilteredListener {
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
         loop {
             let (n, from) = self.inner.recv_from(buf).await?;
+            let from = canonical(from);
             match stun_filter::inspect(&buf[..n], &self.policy) {
-                Verdict::Pass => return Ok((n, from)),
+                Verdict::Pass => match self.over_quota(&buf[..n]) {
+                    None => return Ok((n, from)),
+                    Some(response) => {
+                        let _ = self.inner.send_to(&response, self.wire_addr(from)).await;
+                    }
+                },
                 Verdict::Refuse(response) => {
                     self.metrics
                         .turn_denied_peer
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(client = %from, "TURN request for a denied peer refused");
-                    let _ = self.inner.send_to(&response, from).await;
+                    tracing::debug!(client = %from, "TURN request for a denied or malformed peer refused");
+                    let _ = self.inner.send_to(&response, self.wire_addr(from)).await;
                 }
                 Verdict::Drop => {
                     self.metrics
@@ -188,7 +276,7 @@ impl Conn for FilteredListener {
     }
 
     async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        Ok(self.inner.send_to(buf, target).await?)
+        Ok(self.inner.send_to(buf, self.wire_addr(target)).await?)
     }
 
     fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
@@ -214,6 +302,22 @@ struct FilteredRelays {
     bind_ip: IpAddr,
     policy: Arc<PeerPolicy>,
     metrics: Arc<Metrics>,
+    quota: Arc<AllocationQuota>,
+}
+
+impl FilteredRelays {
+    /// Where a relay socket of the given family binds and what it
+    /// announces; `None` when this server has no such address. A `[::]`
+    /// listener serves IPv4 allocations from `0.0.0.0`.
+    fn addresses(&self, ipv4: bool) -> Option<(IpAddr, IpAddr)> {
+        let bind = match self.bind_ip.to_canonical() {
+            IpAddr::V6(v6) if ipv4 && v6.is_unspecified() => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            ip if ip.is_ipv4() == ipv4 => ip,
+            _ => return None,
+        };
+        let announced = self.relay_ip.to_canonical();
+        (announced.is_ipv4() == ipv4).then_some((bind, announced))
+    }
 }
 
 #[async_trait]
@@ -227,18 +331,21 @@ impl RelayAddressGenerator for FilteredRelays {
         use_ipv4: bool,
         requested_port: u16,
     ) -> Result<(Arc<dyn Conn + Send + Sync>, SocketAddr), turn::Error> {
-        if use_ipv4 != self.bind_ip.is_ipv4() {
-            return Err(turn::Error::Other(
-                "requested address family is not served".into(),
-            ));
-        }
-        let socket = UdpSocket::bind(SocketAddr::new(self.bind_ip, requested_port)).await?;
+        let (bind_ip, relay_ip) = self
+            .addresses(use_ipv4)
+            .ok_or_else(|| turn::Error::Other("requested address family is not served".into()))?;
+        let slot = self
+            .quota
+            .take()
+            .map_err(|over| turn::Error::Other(format!("allocation quota reached: {over:?}")))?;
+        let socket = UdpSocket::bind(SocketAddr::new(bind_ip, requested_port)).await?;
         let mut relay_addr = socket.local_addr()?;
-        relay_addr.set_ip(self.relay_ip);
+        relay_addr.set_ip(relay_ip);
         let conn = FilteredConn {
             inner: socket,
             policy: Arc::clone(&self.policy),
             metrics: Arc::clone(&self.metrics),
+            _slot: Some(slot),
         };
         Ok((Arc::new(conn), relay_addr))
     }
@@ -252,11 +359,15 @@ pub struct TurnOptions {
     pub secret: String,
     pub policy: PeerPolicy,
     pub metrics: Arc<Metrics>,
+    pub quotas: Quotas,
+    /// Credentials of nodes for which this is false are refused.
+    pub node_exists: NodeExists,
 }
 
 pub struct EmbeddedTurn {
-    server: Server,
+    server: Arc<Server>,
     local_addr: SocketAddr,
+    sweeper: tokio::task::JoinHandle<()>,
 }
 
 impl EmbeddedTurn {
@@ -277,29 +388,45 @@ impl EmbeddedTurn {
             policy.own.insert(local_addr.ip());
         }
         let policy = Arc::new(policy);
-        let server = Server::new(ServerConfig {
-            conn_configs: vec![ConnConfig {
-                conn: Arc::new(FilteredListener {
-                    inner: socket,
-                    policy: Arc::clone(&policy),
-                    metrics: Arc::clone(&opts.metrics),
-                }),
-                relay_addr_generator: Box::new(FilteredRelays {
-                    relay_ip: opts.relay_ip,
-                    bind_ip: opts.bind.ip(),
-                    policy,
+        let quota = AllocationQuota::new(opts.quotas, Arc::clone(&opts.metrics));
+        let server = Arc::new(
+            Server::new(ServerConfig {
+                conn_configs: vec![ConnConfig {
+                    conn: Arc::new(FilteredListener {
+                        inner: socket,
+                        policy: Arc::clone(&policy),
+                        metrics: Arc::clone(&opts.metrics),
+                        quota: Arc::clone(&quota),
+                    }),
+                    relay_addr_generator: Box::new(FilteredRelays {
+                        relay_ip: opts.relay_ip,
+                        bind_ip: opts.bind.ip(),
+                        policy,
+                        metrics: Arc::clone(&opts.metrics),
+                        quota: Arc::clone(&quota),
+                    }),
+                }],
+                realm: REALM.into(),
+                auth_handler: Arc::new(RestAuth {
+                    secret: opts.secret,
+                    node_exists: Arc::clone(&opts.node_exists),
                     metrics: opts.metrics,
                 }),
-            }],
-            realm: REALM.into(),
-            auth_handler: Arc::new(RestAuth {
-                secret: opts.secret,
-            }),
-            channel_bind_timeout: Duration::from_secs(0),
-            alloc_close_notify: None,
+                channel_bind_timeout: Duration::from_secs(0),
+                alloc_close_notify: None,
+            })
+            .await?,
+        );
+        let sweeper = tokio::spawn(sweep_removed_nodes(
+            Arc::clone(&server),
+            quota,
+            opts.node_exists,
+        ));
+        Ok(EmbeddedTurn {
+            server,
+            local_addr,
+            sweeper,
         })
-        .await?;
-        Ok(EmbeddedTurn { server, local_addr })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -307,55 +434,40 @@ impl EmbeddedTurn {
     }
 
     pub async fn close(self) {
+        self.sweeper.abort();
         if let Err(e) = self.server.close().await {
             tracing::warn!("closing the TURN server: {e}");
         }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn relay_socket_drops_datagrams_to_and_from_denied_peers() {
-        let metrics = Arc::new(Metrics::default());
-        let conn = FilteredConn {
-            inner: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-            policy: Arc::new(PeerPolicy::default()),
-            metrics: Arc::clone(&metrics),
-        };
-        let victim = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-        let sent = conn
-            .send_to(b"x", victim.local_addr().unwrap())
-            .await
-            .unwrap();
-        assert_eq!(sent, 1, "reported as sent, like a firewall drop");
-        let mut buf = [0u8; 8];
-        let got =
-            tokio::time::timeout(Duration::from_millis(100), victim.recv_from(&mut buf)).await;
-        assert!(got.is_err(), "nothing may arrive");
-
-        // Inbound from loopback is dropped too: recv_from keeps waiting.
-        victim
-            .send_to(b"y", conn.local_addr().unwrap())
-            .await
-            .unwrap();
-        let got = tokio::time::timeout(Duration::from_millis(100), conn.recv_from(&mut buf)).await;
-        assert!(got.is_err());
-        assert_eq!(metrics.turn_denied_peer.load(Ordering::Relaxed), 2);
-    }
-
-    #[test]
-    fn rest_auth_accepts_valid_and_rejects_expired_or_malformed() {
-        let auth = RestAuth {
-            secret: "secret".into(),
-        };
-        let src: SocketAddr = "192.0.2.1:1".parse().unwrap();
-        let c = auth::turn_credential("secret", 42, now_unix(), 600);
-        let key = auth.auth_handle(&c.username, REALM, src).unwrap();
-        assert_eq!(key, generate_auth_key(&c.username, REALM, &c.password));
-        assert!(auth.auth_handle("1000:42", REALM, src).is_err());
-        assert!(auth.auth_handle("soon:42", REALM, src).is_err());
+/// Deletes the allocations of nodes that were removed. The credential check
+/// already refuses their requests; this ends what they hold.
+async fn sweep_removed_nodes(
+    server: Arc<Server>,
+    quota: Arc<AllocationQuota>,
+    node_exists: NodeExists,
+) {
+    let mut tick = tokio::time::interval(REMOVED_NODE_SWEEP);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        for username in quota.usernames() {
+            let gone = turn_username_node(&username).is_none_or(|node| !node_exists(node));
+            if gone {
+                tracing::info!(username, "deleting TURN allocations of a removed node");
+                if server
+                    .delete_allocations_by_username(username)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }
     }
 }
+
+#[cfg(test)]
+#[path = "turn_server_tests.rs"]
+mod tests;

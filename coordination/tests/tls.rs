@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
@@ -12,40 +11,6 @@ use tokio::net::TcpStream;
 use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
 use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_rustls::TlsConnector;
-
-/// A self-signed end-entity certificate for 127.0.0.1; `None` when openssl fails.
-fn make_cert(dir: &TempDir) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-    let cert = dir.0.join("cert.pem");
-    let key = dir.0.join("key.pem");
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .args([
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .ok()?;
-    status.success().then_some((cert, key))
-}
 
 #[tokio::test]
 async fn serves_https_with_the_given_certificate() {

@@ -73,7 +73,8 @@ async fn turn_accepts_rest_credentials_and_refuses_bad_or_expired_ones() {
     let srv = TestServer::start().await;
     let turn_addr = srv.server().turn_addr().unwrap();
 
-    let good = turn_credential("test-secret", 1, now_unix(), 600);
+    let node = srv.new_node("t").await.node_id;
+    let good = turn_credential("test-secret", node, now_unix(), 600);
     let c = client(turn_addr, &good.username, &good.password).await;
     assert!(c.allocate().await.is_ok());
     c.close().await.unwrap();
@@ -82,7 +83,7 @@ async fn turn_accepts_rest_credentials_and_refuses_bad_or_expired_ones() {
     assert!(c.allocate().await.is_err());
     c.close().await.unwrap();
 
-    let expired = turn_credential("test-secret", 1, now_unix() - 7200, 600);
+    let expired = turn_credential("test-secret", node, now_unix() - 7200, 600);
     let c = client(turn_addr, &expired.username, &expired.password).await;
     assert!(c.allocate().await.is_err());
     c.close().await.unwrap();
@@ -92,7 +93,8 @@ async fn turn_accepts_rest_credentials_and_refuses_bad_or_expired_ones() {
 async fn turn_refuses_to_relay_to_loopback() {
     let srv = TestServer::start_with(|c| c.turn.allow_private = true).await;
     let turn_addr = srv.server().turn_addr().unwrap();
-    let cred = turn_credential("test-secret", 1, now_unix(), 600);
+    let node = srv.new_node("t").await.node_id;
+    let cred = turn_credential("test-secret", node, now_unix(), 600);
     let c = client(turn_addr, &cred.username, &cred.password).await;
     let relay = c.allocate().await.expect("allocation");
 
@@ -119,4 +121,132 @@ async fn turn_refuses_to_relay_to_loopback() {
         }
     }
     c.close().await.unwrap();
+}
+
+type Relay = Box<dyn Conn + Send + Sync>;
+
+/// Allocates with a fresh client (its own 5-tuple); keep the client and the
+/// relay so that the allocation lives on.
+async fn allocate(
+    server: SocketAddr,
+    cred: &overlay_coord::auth::TurnCredential,
+) -> (Client, Result<Relay, String>) {
+    let c = client(server, &cred.username, &cred.password).await;
+    let result = match c.allocate().await {
+        Ok(relay) => Ok(Box::new(relay) as Relay),
+        Err(e) => Err(e.to_string()),
+    };
+    (c, result)
+}
+
+#[tokio::test]
+async fn one_user_is_held_to_its_allocation_quota_while_another_still_allocates() {
+    let srv = TestServer::start().await;
+    let turn_addr = srv.server().turn_addr().unwrap();
+    let quota = srv.config.turn.allocations_per_user;
+    assert_eq!(quota, 16);
+    let a = srv.new_node("a").await.node_id;
+    let b = srv.new_node("b").await.node_id;
+    let cred_a = turn_credential("test-secret", a, now_unix(), 600);
+    let cred_b = turn_credential("test-secret", b, now_unix(), 600);
+
+    let mut held = Vec::new();
+    for i in 0..quota {
+        let (c, result) = allocate(turn_addr, &cred_a).await;
+        result.unwrap_or_else(|e| panic!("allocation {} of {quota}: {e}", i + 1));
+        held.push(c);
+    }
+    let (c, over) = allocate(turn_addr, &cred_a).await;
+    let Err(err) = over else {
+        panic!("one allocation over the quota must be refused")
+    };
+    assert!(
+        err.contains("486"),
+        "486 Allocation Quota Reached expected: {err}"
+    );
+    held.push(c);
+    assert!(srv.metric("overlay_coord_turn_quota_refused_total").await >= 1);
+    assert_eq!(
+        srv.metric("overlay_coord_turn_allocations").await,
+        quota as u64
+    );
+
+    let (c, other) = allocate(turn_addr, &cred_b).await;
+    other.expect("another user still allocates");
+    held.push(c);
+    for c in held {
+        c.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn the_total_allocation_quota_holds_across_users() {
+    let srv = TestServer::start_with(|c| c.turn.max_allocations = 3).await;
+    let turn_addr = srv.server().turn_addr().unwrap();
+    let mut held = Vec::new();
+    let mut relays = Vec::new();
+    for i in 0..3 {
+        let node = srv.new_node(&format!("n{i}")).await.node_id;
+        let cred = turn_credential("test-secret", node, now_unix(), 600);
+        let (c, result) = allocate(turn_addr, &cred).await;
+        relays.push(result.expect("under the total quota"));
+        held.push(c);
+    }
+    let node = srv.new_node("late").await.node_id;
+    let cred = turn_credential("test-secret", node, now_unix(), 600);
+    let (c, over) = allocate(turn_addr, &cred).await;
+    let Err(err) = over else {
+        panic!("an allocation over the total quota must be refused")
+    };
+    assert!(
+        err.contains("508"),
+        "508 Insufficient Capacity expected: {err}"
+    );
+    held.push(c);
+
+    // Closing one allocation (a Refresh with lifetime 0) makes room again.
+    relays.remove(0).close().await.unwrap();
+    wait_until("a freed allocation", || async {
+        srv.metric("overlay_coord_turn_allocations").await < 3
+    })
+    .await;
+    let (c, again) = allocate(turn_addr, &cred).await;
+    again.expect("room after a close");
+    held.push(c);
+    for c in held {
+        c.close().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_removed_nodes_credential_is_refused_and_its_allocations_deleted() {
+    let srv = TestServer::start().await;
+    let turn_addr = srv.server().turn_addr().unwrap();
+    let reg = srv.new_node("doomed").await;
+    let cred = turn_credential("test-secret", reg.node_id, now_unix(), 600);
+    let (held, result) = allocate(turn_addr, &cred).await;
+    result.expect("allocation while enrolled");
+    assert_eq!(srv.metric("overlay_coord_turn_allocations").await, 1);
+
+    srv.store()
+        .remove_node(&reg.name, now_unix())
+        .unwrap()
+        .expect("node existed");
+    wait_until("the server to see the removal", || async {
+        srv.metric("overlay_coord_nodes").await == 0
+    })
+    .await;
+
+    let (c, refused) = allocate(turn_addr, &cred).await;
+    assert!(
+        refused.is_err(),
+        "a removed node's credential must be refused"
+    );
+    assert!(srv.metric("overlay_coord_turn_removed_node_total").await >= 1);
+    wait_until("the removed node's allocation to be deleted", || async {
+        srv.metric("overlay_coord_turn_allocations").await == 0
+    })
+    .await;
+    c.close().await.unwrap();
+    held.close().await.unwrap();
 }

@@ -53,6 +53,9 @@ impl Coordinator {
             .arg("--state-dir")
             .arg(&state_dir)
             .args(["--public-addr", &ip.to_string(), "--allow-http"])
+            // The lab's "internet" is documentation space (203.0.113.0/24),
+            // which the embedded TURN server refuses to relay to by default.
+            .arg("--turn-allow-private")
             .args(extra)
             .env("RUST_LOG", rust_log())
             .env("NO_COLOR", "1");

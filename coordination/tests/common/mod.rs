@@ -63,6 +63,8 @@ pub fn config(state_dir: &TempDir) -> Config {
             allow_private: false,
             ttl: Duration::from_secs(3600),
             external: vec![],
+            allocations_per_user: 16,
+            max_allocations: 4096,
         },
         limits: Limits {
             store_poll: Duration::from_millis(100),
@@ -357,4 +359,38 @@ where
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A self-signed end-entity certificate for 127.0.0.1; `None` when openssl fails.
+pub fn make_cert(dir: &TempDir) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
+    let cert = dir.0.join("cert.pem");
+    let key = dir.0.join("key.pem");
+    let status = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .args([
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-addext",
+            "basicConstraints=critical,CA:FALSE",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .ok()?;
+    status.success().then_some((cert, key))
 }
