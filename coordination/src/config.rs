@@ -25,12 +25,15 @@ pub const DEFAULT_STUN_PORT: u16 = 3478;
 pub const DEFAULT_TURN_TTL: Duration = Duration::from_secs(3600);
 /// Default bound on concurrent control sessions.
 pub const DEFAULT_MAX_SESSIONS: usize = 20_000;
-/// Default bound on TURN allocations per username (one node's credential):
-/// a node needs one per peer it relays to at once, at most, plus retries.
-pub const DEFAULT_TURN_ALLOCATIONS_PER_USER: usize = 16;
+/// Default bound on TURN allocations per username (one node's credential).
+/// Today's daemon holds one allocation per ICE session, so per peer it is
+/// negotiating or relaying with at once: 64 covers a node behind a symmetric NAT
+/// with 64 peers active at the same time; beyond that, the extra peers use the
+/// coordination relay (issue #13 moves the daemon to one shared allocation).
+pub const DEFAULT_TURN_ALLOCATIONS_PER_USER: usize = 64;
 /// Default bound on all TURN allocations of the embedded server (each is a
 /// UDP socket, so a file descriptor).
-pub const DEFAULT_TURN_MAX_ALLOCATIONS: usize = 4096;
+pub const DEFAULT_TURN_MAX_ALLOCATIONS: usize = 8192;
 /// Default bound on connections from one source (IPv4 address or IPv6 /64)
 /// that are not yet an authenticated WebSocket session.
 pub const DEFAULT_PENDING_CONNS_PER_IP: usize = 64;
