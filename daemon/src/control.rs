@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use overlay_proto::coord::{
-    bearer, decode_relay_frame, ApiError, ChallengeResponse, ClientMsg, RegisterResponse,
-    ServerMsg, CHALLENGE_PATH, CONNECT_PATH, REGISTER_PATH,
+    bearer, decode_relay_frame, error_code, ApiError, ChallengeResponse, ClientMsg,
+    RegisterResponse, ServerMsg, CHALLENGE_PATH, CONNECT_PATH, REGISTER_PATH,
 };
 use overlay_proto::NodeId;
 use tokio::sync::{mpsc, watch};
@@ -50,11 +50,43 @@ pub struct Enrol<'a> {
     pub credential: Option<String>,
 }
 
-/// `POST /v1/register/challenge`, then `POST /v1/register` with the proof.
+/// Enrolment attempts when the coordinator is busy (its table of challenges
+/// is full) or voided our challenge (it restarted between our two calls).
+const ENROL_ATTEMPTS: u32 = 4;
+/// Wait before the second attempt; doubles after each.
+const ENROL_RETRY: Duration = Duration::from_secs(1);
+
+/// `POST /v1/register/challenge`, then `POST /v1/register` with the proof;
+/// again with a fresh challenge, a few times, when that is worth it.
 pub async fn register(
     connector: &Connector,
     endpoint: &Endpoint,
     enrol: Enrol<'_>,
+) -> Result<RegisterResponse, EnrolError> {
+    let mut wait = ENROL_RETRY;
+    let mut attempt = 1;
+    loop {
+        match register_once(connector, endpoint, &enrol).await {
+            Err(EnrolError::Refused { code, message })
+                if attempt < ENROL_ATTEMPTS
+                    && (code == error_code::RATE_LIMITED || code == error_code::BAD_PROOF) =>
+            {
+                tracing::warn!(
+                    "enrolment attempt {attempt} refused: {message} ({code}); retrying in {wait:?}"
+                );
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn register_once(
+    connector: &Connector,
+    endpoint: &Endpoint,
+    enrol: &Enrol<'_>,
 ) -> Result<RegisterResponse, EnrolError> {
     let (status, body) = connector
         .post_json(endpoint, CHALLENGE_PATH, Vec::new())
@@ -69,7 +101,7 @@ pub async fn register(
         &enrol.secret,
         enrol.auth_key,
         enrol.hostname,
-        enrol.credential,
+        enrol.credential.clone(),
     )?;
     let body = serde_json::to_vec(&request).unwrap_or_default();
     let (status, body) = connector.post_json(endpoint, REGISTER_PATH, body).await?;
