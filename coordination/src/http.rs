@@ -24,7 +24,7 @@ use overlay_proto::coord::{
 };
 use overlay_proto::enrol;
 
-use crate::challenge::{Challenges, CHALLENGE_TTL};
+use crate::challenge::{Challenges, Issued, CHALLENGE_TTL};
 use crate::hub::Hub;
 use crate::metrics::{Metrics, Rejected};
 use crate::session::{self, SessionContext};
@@ -127,13 +127,12 @@ async fn challenge(State(st): State<EnrolState>) -> Response {
     .into_response()
 }
 
-/// Consumes the request's challenge and checks its proof; the refusal to
-/// send otherwise. `public_key` is the validated key the proof must come from.
-fn check_proof(
+/// Takes the request's challenge out of the table, whatever happens next:
+/// each challenge gets one registration attempt. The refusal otherwise.
+fn take_challenge(
     challenges: &Mutex<Challenges>,
     req: &RegisterRequest,
-    public_key: &[u8; 32],
-) -> Result<(), String> {
+) -> Result<([u8; 32], Issued), String> {
     if req.challenge.is_empty() || req.proof.is_empty() {
         return Err(format!(
             "registration needs a challenge (POST {CHALLENGE_PATH}) and a proof of the node's private key; upgrade overlayd"
@@ -147,9 +146,7 @@ fn check_proof(
         .ok_or_else(|| {
             "unknown, expired or already used challenge; ask for a new one".to_string()
         })?;
-    let transcript = enrol::transcript(&nonce, public_key, &req.auth_key, &req.hostname);
-    enrol::verify(&issued.server_secret, public_key, &transcript, &req.proof)
-        .map_err(|e| e.to_string())
+    Ok((nonce, issued))
 }
 
 async fn register(State(st): State<EnrolState>, body: Result<Bytes, BytesRejection>) -> Response {
@@ -172,6 +169,15 @@ async fn register(State(st): State<EnrolState>, body: Result<Bytes, BytesRejecti
             )
         }
     };
+    let bad_proof = |why: String| {
+        st.metrics.reject(Rejected::BadProof);
+        debug!("registration refused: {why}");
+        api_error(StatusCode::UNAUTHORIZED, error_code::BAD_PROOF, why)
+    };
+    let (nonce, issued) = match take_challenge(challenges, &req) {
+        Ok(c) => c,
+        Err(why) => return bad_proof(why),
+    };
     let (public_key, key_bytes) = match validate::public_key(&req.public_key) {
         Ok(k) => k,
         Err(m) => return bad(StatusCode::BAD_REQUEST, m),
@@ -180,10 +186,10 @@ async fn register(State(st): State<EnrolState>, body: Result<Bytes, BytesRejecti
         Ok(h) => h,
         Err(m) => return bad(StatusCode::BAD_REQUEST, m),
     };
-    if let Err(why) = check_proof(challenges, &req, &key_bytes) {
-        st.metrics.reject(Rejected::BadProof);
-        debug!(public_key = %public_key, "registration refused: {why}");
-        return api_error(StatusCode::UNAUTHORIZED, error_code::BAD_PROOF, why);
+    // The proof covers the fields as sent, before validation normalised them.
+    let transcript = enrol::transcript(&nonce, &key_bytes, &req.auth_key, &req.hostname);
+    if let Err(e) = enrol::verify(&issued.server_secret, &key_bytes, &transcript, &req.proof) {
+        return bad_proof(e.to_string());
     }
     let enrolment = Enrolment {
         auth_key: req.auth_key,

@@ -145,6 +145,17 @@ async fn reused_unknown_or_foreign_challenges_are_refused() {
     let (status, _) = srv.send_register(&moved).await;
     assert_eq!(status, 401);
 
+    // Any attempt uses the challenge up, even one refused for a bad hostname.
+    let challenge = srv.challenge().await;
+    let node = NodeKey::random();
+    let answer = |host: &str| {
+        overlay_proto::enrol::register_request(&challenge, &node.secret, &key, host, None).unwrap()
+    };
+    let (status, _) = srv.send_register(&answer("bad_name")).await;
+    assert_eq!(status, 400);
+    let (status, _) = srv.send_register(&answer("good")).await;
+    assert_eq!(status, 401);
+
     assert_eq!(srv.store().list_nodes().unwrap().len(), 1);
     // Refusals spend nothing: the first request's challenge of `first` still works.
     let (status, body) = srv.send_register(&first).await;
