@@ -545,6 +545,23 @@ impl Store {
     }
 }
 
+/// `wanted`, or `wanted-2`, `wanted-3`, … whichever is free (ignoring `own`).
+fn unique_name(
+    tx: &rusqlite::Transaction<'_>,
+    wanted: &str,
+    own: Option<NodeId>,
+) -> Result<String, rusqlite::Error> {
+    let own = own.map(|id| id as i64).unwrap_or(-1);
+    let mut stmt = tx.prepare_cached("SELECT 1 FROM nodes WHERE name = ?1 AND id != ?2")?;
+    let mut candidate = wanted.to_string();
+    let mut n = 1u32;
+    while stmt.exists(params![candidate, own])? {
+        n += 1;
+        candidate = validate::suffixed(wanted, n);
+    }
+    Ok(candidate)
+}
+
 /// Deletes node `id`, records the removal for the running server (which
 /// closes its session) and holds its address back.
 fn remove_in(tx: &rusqlite::Transaction<'_>, id: NodeId, now: u64) -> Result<(), rusqlite::Error> {
@@ -569,23 +586,6 @@ fn remove_in(tx: &rusqlite::Transaction<'_>, id: NodeId, now: u64) -> Result<(),
         params![ip, now as i64],
     )?;
     Ok(())
-}
-
-/// `wanted`, or `wanted-2`, `wanted-3`, … whichever is free (ignoring `own`).
-fn unique_name(
-    tx: &rusqlite::Transaction<'_>,
-    wanted: &str,
-    own: Option<NodeId>,
-) -> Result<String, rusqlite::Error> {
-    let own = own.map(|id| id as i64).unwrap_or(-1);
-    let mut stmt = tx.prepare_cached("SELECT 1 FROM nodes WHERE name = ?1 AND id != ?2")?;
-    let mut candidate = wanted.to_string();
-    let mut n = 1u32;
-    while stmt.exists(params![candidate, own])? {
-        n += 1;
-        candidate = validate::suffixed(wanted, n);
-    }
-    Ok(candidate)
 }
 
 /// Creates the database file (and tightens it and its WAL and shared-memory
