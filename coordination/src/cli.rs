@@ -106,8 +106,15 @@ pub enum KeysCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Revoke an auth key by id.
-    Revoke { id: u64 },
+    /// Revoke an auth key by id: it enrols no more nodes. Nodes it already
+    /// enrolled stay enrolled and connected unless --remove-nodes is given.
+    Revoke {
+        id: u64,
+        /// Also remove every node this key enrolled (as `nodes remove` does:
+        /// their sessions are closed and they cannot reconnect).
+        #[arg(long)]
+        remove_nodes: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -213,11 +220,31 @@ pub fn admin(cli: &Cli) -> Result<()> {
                     }
                 }
             }
-            KeysCommand::Revoke { id } => {
+            KeysCommand::Revoke {
+                id,
+                remove_nodes: false,
+            } => {
                 if !store.revoke_key(*id, now)? {
                     bail!("no auth key with id {id}");
                 }
-                eprintln!("revoked auth key {id}");
+                eprintln!(
+                    "revoked auth key {id}; nodes it enrolled stay (use --remove-nodes to remove them)"
+                );
+            }
+            KeysCommand::Revoke {
+                id,
+                remove_nodes: true,
+            } => {
+                let Some(removed) = store.revoke_key_removing_nodes(*id, now)? else {
+                    bail!("no auth key with id {id}");
+                };
+                for (node, name) in &removed {
+                    eprintln!("removed node {name} (id {node})");
+                }
+                eprintln!(
+                    "revoked auth key {id} and removed the {} node(s) it enrolled",
+                    removed.len()
+                );
             }
         },
         Command::Nodes { command } => match command {

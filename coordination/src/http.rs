@@ -1,7 +1,8 @@
-//! HTTP routes: enrolment, the WebSocket upgrade (authenticated before it
+//! HTTP routes: enrolment (challenge, then registration with a proof of the
+//! node's private key), the WebSocket upgrade (authenticated before it
 //! happens), health and metrics.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
@@ -12,13 +13,18 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use tracing::{error, info};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use rand::RngCore;
+use tracing::{debug, error, info};
 
 use overlay_proto::coord::{
-    error_code, parse_bearer, ApiError, RegisterRequest, RegisterResponse, CONNECT_PATH,
-    MAX_FRAME_BYTES, REGISTER_PATH,
+    error_code, parse_bearer, ApiError, ChallengeResponse, RegisterRequest, RegisterResponse,
+    CHALLENGE_PATH, CONNECT_PATH, MAX_FRAME_BYTES, REGISTER_PATH,
 };
+use overlay_proto::enrol;
 
+use crate::challenge::{Challenges, Issued, CHALLENGE_TTL};
 use crate::hub::Hub;
 use crate::metrics::{Metrics, Rejected};
 use crate::session::{self, SessionContext};
@@ -44,17 +50,33 @@ pub struct AppState {
     pub session: SessionContext,
 }
 
+/// What the enrolment routes share: the app, and the challenges handed out
+/// and not yet answered (kept only in memory: a restart voids them, and a node
+/// simply asks again).
+#[derive(Clone)]
+struct EnrolState {
+    app: AppState,
+    challenges: Arc<Mutex<Challenges>>,
+}
+
 pub fn router(state: AppState) -> Router {
     let body_max = state.session.limits.register_body_max;
-    Router::new()
+    let enrolment = Router::new()
+        .route(CHALLENGE_PATH, post(challenge))
         .route(
             REGISTER_PATH,
             post(register).layer(DefaultBodyLimit::max(body_max)),
         )
+        .with_state(EnrolState {
+            app: state.clone(),
+            challenges: Arc::new(Mutex::new(Challenges::default())),
+        });
+    Router::new()
         .route(CONNECT_PATH, get(connect))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(state)
+        .merge(enrolment)
 }
 
 fn api_error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
@@ -77,7 +99,59 @@ fn internal_error(context: &str, e: impl std::fmt::Display) -> Response {
     )
 }
 
-async fn register(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+/// `POST /v1/register/challenge`: a fresh nonce and a per-challenge X25519
+/// key, good for one registration attempt within `CHALLENGE_TTL`.
+async fn challenge(State(st): State<EnrolState>) -> Response {
+    let mut nonce = [0u8; 32];
+    let mut secret = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    rand::rngs::OsRng.fill_bytes(&mut secret);
+    let issued = st
+        .challenges
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .issue(nonce, secret, std::time::Instant::now());
+    if issued.is_err() {
+        st.app.metrics.reject(Rejected::ChallengesFull);
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            error_code::RATE_LIMITED,
+            "too many registrations in progress; retry in a few seconds",
+        );
+    }
+    Json(ChallengeResponse {
+        challenge: B64.encode(nonce),
+        server_key: B64.encode(enrol::public_key(&secret)),
+        expires_in: CHALLENGE_TTL.as_secs(),
+    })
+    .into_response()
+}
+
+/// Takes the request's challenge out of the table, whatever happens next:
+/// each challenge gets one registration attempt. The refusal otherwise.
+fn take_challenge(
+    challenges: &Mutex<Challenges>,
+    req: &RegisterRequest,
+) -> Result<([u8; 32], Issued), String> {
+    if req.challenge.is_empty() || req.proof.is_empty() {
+        return Err(format!(
+            "registration needs a challenge (POST {CHALLENGE_PATH}) and a proof of the node's private key; upgrade overlayd"
+        ));
+    }
+    let nonce = enrol::decode_32("challenge", &req.challenge).map_err(|e| e.to_string())?;
+    let issued = challenges
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .consume(&nonce, std::time::Instant::now())
+        .ok_or_else(|| {
+            "unknown, expired or already used challenge; ask for a new one".to_string()
+        })?;
+    Ok((nonce, issued))
+}
+
+async fn register(State(st): State<EnrolState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let challenges = &st.challenges;
+    let st = &st.app;
     let bad = |status, message: String| {
         st.metrics.reject(Rejected::BadRegister);
         api_error(status, error_code::BAD_REQUEST, message)
@@ -95,7 +169,16 @@ async fn register(State(st): State<AppState>, body: Result<Bytes, BytesRejection
             )
         }
     };
-    let public_key = match validate::public_key(&req.public_key) {
+    let bad_proof = |why: String| {
+        st.metrics.reject(Rejected::BadProof);
+        debug!("registration refused: {why}");
+        api_error(StatusCode::UNAUTHORIZED, error_code::BAD_PROOF, why)
+    };
+    let (nonce, issued) = match take_challenge(challenges, &req) {
+        Ok(c) => c,
+        Err(why) => return bad_proof(why),
+    };
+    let (public_key, key_bytes) = match validate::public_key(&req.public_key) {
         Ok(k) => k,
         Err(m) => return bad(StatusCode::BAD_REQUEST, m),
     };
@@ -103,10 +186,16 @@ async fn register(State(st): State<AppState>, body: Result<Bytes, BytesRejection
         Ok(h) => h,
         Err(m) => return bad(StatusCode::BAD_REQUEST, m),
     };
+    // The proof covers the fields as sent, before validation normalised them.
+    let transcript = enrol::transcript(&nonce, &key_bytes, &req.auth_key, &req.hostname);
+    if let Err(e) = enrol::verify(&issued.server_secret, &key_bytes, &transcript, &req.proof) {
+        return bad_proof(e.to_string());
+    }
     let enrolment = Enrolment {
         auth_key: req.auth_key,
         public_key,
         hostname,
+        credential: req.credential,
     };
     let network = st.session.network;
     let store = Arc::clone(&st.store);
@@ -126,6 +215,18 @@ async fn register(State(st): State<AppState>, body: Result<Bytes, BytesRejection
                 ),
             };
             return api_error(StatusCode::UNAUTHORIZED, code, message);
+        }
+        Ok(Err(RegisterError::AlreadyEnrolled(id))) => {
+            st.metrics.reject(Rejected::AlreadyEnrolled);
+            info!(
+                node = id,
+                "re-registration without the node's credential refused"
+            );
+            return api_error(
+                StatusCode::CONFLICT,
+                error_code::ALREADY_ENROLLED,
+                "this public key is already enrolled; re-enrol with the node's current credential, or have an administrator remove the node ('overlay-coord nodes remove NAME') first",
+            );
         }
         Ok(Err(RegisterError::PoolExhausted(net))) => {
             error!(network = %net, "address pool exhausted; registration refused");

@@ -11,6 +11,7 @@
 //! | [`store`], [`migrations`] | SQLite: nodes, keys, credentials, removals |
 //! | [`ipam`] | sans-IO mesh address allocation |
 //! | [`auth`] | secrets, hashing, TURN REST credentials |
+//! | [`challenge`] | registration challenges outstanding, bounded, single use |
 //! | [`validate`] | public key and hostname checks |
 //! | [`http`] | routes: register, connect, healthz, metrics |
 //! | [`session`] | one node's WebSocket session |
@@ -25,6 +26,7 @@
 //! | [`cli`] | the command line and admin commands |
 
 pub mod auth;
+pub mod challenge;
 pub mod cli;
 pub mod config;
 pub mod conn_limit;

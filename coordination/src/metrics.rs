@@ -14,8 +14,11 @@ pub enum Rejected {
     Malformed,
     /// A frame larger than `MAX_FRAME_BYTES`.
     Oversized,
-    /// More text messages than the session's token bucket allows.
+    /// A text message dropped: more than the session's token bucket allows.
     RateLimited,
+    /// A session closed for sending text messages far above its rate
+    /// (`session::FLOOD_FACTOR` times the limit).
+    Flood,
     /// A binary frame too short to carry a node id.
     BadRelayFrame,
     /// A wrong or missing credential on `/v1/connect`.
@@ -30,13 +33,21 @@ pub enum Rejected {
     SlowConsumer,
     /// A WebSocket protocol error (bad framing, etc.).
     Protocol,
+    /// A registration whose challenge was unknown, expired or used, or whose
+    /// proof of the private key did not verify.
+    BadProof,
+    /// A registration of an enrolled public key without its credential.
+    AlreadyEnrolled,
+    /// A challenge refused because the table of outstanding ones is full.
+    ChallengesFull,
 }
 
 impl Rejected {
-    const ALL: [Rejected; 10] = [
+    const ALL: [Rejected; 14] = [
         Rejected::Malformed,
         Rejected::Oversized,
         Rejected::RateLimited,
+        Rejected::Flood,
         Rejected::BadRelayFrame,
         Rejected::Unauthorized,
         Rejected::BadRegister,
@@ -44,6 +55,9 @@ impl Rejected {
         Rejected::TooManySessions,
         Rejected::SlowConsumer,
         Rejected::Protocol,
+        Rejected::BadProof,
+        Rejected::AlreadyEnrolled,
+        Rejected::ChallengesFull,
     ];
 
     pub fn label(self) -> &'static str {
@@ -58,6 +72,10 @@ impl Rejected {
             Rejected::TooManySessions => "too_many_sessions",
             Rejected::SlowConsumer => "slow_consumer",
             Rejected::Protocol => "protocol",
+            Rejected::Flood => "flood",
+            Rejected::BadProof => "bad_proof",
+            Rejected::AlreadyEnrolled => "already_enrolled",
+            Rejected::ChallengesFull => "challenges_full",
         }
     }
 }

@@ -41,6 +41,15 @@ pub const MIGRATIONS: &[&str] = &[
         removed_at INTEGER NOT NULL
     );
     "#,
+    // 2: addresses of removed nodes, held back before reuse (`ipam::HOLD_BACK_SECS`);
+    // nodes by the auth key that enrolled them (`keys revoke --remove-nodes`).
+    r#"
+    CREATE TABLE held_addresses (
+        mesh_ip     INTEGER PRIMARY KEY,
+        released_at INTEGER NOT NULL
+    );
+    CREATE INDEX nodes_by_auth_key ON nodes (auth_key_id);
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -92,12 +101,12 @@ mod tests {
         assert_eq!(version, MIGRATIONS.len() as u32);
         let tables: i64 = conn
             .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type='table' AND name IN ('nodes','auth_keys','removals','meta')",
+                "SELECT count(*) FROM sqlite_master WHERE type='table' AND name IN ('nodes','auth_keys','removals','meta','held_addresses')",
                 [],
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(tables, 4);
+        assert_eq!(tables, 5);
         assert_eq!(migrate(&mut conn).unwrap(), MIGRATIONS.len() as u32);
     }
 

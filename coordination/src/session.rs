@@ -10,7 +10,7 @@ use futures_util::SinkExt;
 use ipnet::Ipv4Net;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use overlay_proto::coord::{decode_relay_frame, error_code, ClientMsg, ServerMsg, MAX_FRAME_BYTES};
 use overlay_proto::{NodeId, PROTOCOL_VERSION};
@@ -32,6 +32,16 @@ const CLOSE_LINGER: Duration = Duration::from_millis(500);
 /// once every session has a queue of deltas, and a write per delta would make
 /// system calls the server's main cost.
 const DELTA_BATCH: usize = 64;
+
+/// A session sending text messages faster than `FLOOD_FACTOR` × its rate
+/// (`Limits::msg_rate`), beyond `FLOOD_FACTOR` × its burst, is closed. Below
+/// that, messages over the rate are only dropped and counted: a node that a
+/// peer provokes into a burst of signaling (many ICE restarts at once) must
+/// not be knocked offline for it. With the defaults (200/s, burst 400) a
+/// session is closed only after sending more than 4,000 messages at once, or
+/// above 2,000 messages a second for seconds on end; parsing stays capped at
+/// the rate, since dropped messages are never parsed.
+pub const FLOOD_FACTOR: f64 = 10.0;
 
 /// WebSocket close codes (RFC 6455 §7.4.1).
 mod code {
@@ -73,6 +83,11 @@ struct Session {
     socket: WebSocket,
     ctx: SessionContext,
     text_bucket: TokenBucket,
+    /// `FLOOD_FACTOR` × the text rate: empty means gross abuse.
+    flood_bucket: TokenBucket,
+    /// Whether this session was already told (and logged) that its messages
+    /// are being dropped; once per session bounds both.
+    warned_rate: bool,
     relay_bucket: TokenBucket,
     last_rx: Instant,
 }
@@ -111,6 +126,12 @@ pub async fn run(socket: WebSocket, node: NodeId, name: String, ctx: SessionCont
         node,
         socket,
         text_bucket: TokenBucket::new(limits.msg_rate, limits.msg_burst, now.into_std()),
+        flood_bucket: TokenBucket::new(
+            limits.msg_rate * FLOOD_FACTOR,
+            limits.msg_burst * FLOOD_FACTOR,
+            now.into_std(),
+        ),
+        warned_rate: false,
         relay_bucket: TokenBucket::new(limits.relay_rate, limits.relay_burst, now.into_std()),
         last_rx: now,
         ctx,
@@ -337,16 +358,14 @@ impl Session {
                         format!("frame larger than {MAX_FRAME_BYTES} bytes"),
                     );
                 }
-                if !self.text_bucket.try_take(1.0, std::time::Instant::now()) {
-                    self.ctx.metrics.reject(Rejected::RateLimited);
-                    let _ = self
-                        .send(error_msg(
-                            error_code::RATE_LIMITED,
-                            "too many messages",
-                            None,
-                        ))
-                        .await;
-                    return Flow::Close(code::POLICY, "rate limit exceeded".into());
+                let now = std::time::Instant::now();
+                if !self.flood_bucket.try_take(1.0, now) {
+                    self.ctx.metrics.reject(Rejected::Flood);
+                    warn!(node = self.node, "closing a session that floods messages");
+                    return Flow::Close(code::POLICY, "message flood".into());
+                }
+                if !self.text_bucket.try_take(1.0, now) {
+                    return self.drop_over_rate().await;
                 }
                 match serde_json::from_str::<ClientMsg>(&text) {
                     Ok(m) => self.handle_client_msg(m).await,
@@ -385,6 +404,27 @@ impl Session {
             Message::Close(_) => Flow::End("closed by node".into()),
             Message::Ping(_) | Message::Pong(_) => Flow::Continue,
         }
+    }
+
+    /// A text message over the rate: dropped unparsed and counted; the first
+    /// one of the session is logged and reported to the node.
+    async fn drop_over_rate(&mut self) -> Flow {
+        self.ctx.metrics.reject(Rejected::RateLimited);
+        if self.warned_rate {
+            return Flow::Continue;
+        }
+        self.warned_rate = true;
+        warn!(
+            node = self.node,
+            rate = self.ctx.limits.msg_rate,
+            "session sends messages over its rate; dropping the excess (logged once per session)"
+        );
+        self.forward(error_msg(
+            error_code::RATE_LIMITED,
+            "too many messages: the excess is dropped",
+            None,
+        ))
+        .await
     }
 
     async fn handle_client_msg(&mut self, msg: ClientMsg) -> Flow {

@@ -5,7 +5,7 @@
 //! Every method is synchronous and short; the server calls them from
 //! `spawn_blocking`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -32,6 +32,11 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum StoreError {
     #[error("cannot create state directory {path}: {source}")]
     CreateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot create store file {path}: {source}")]
+    CreateFile {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -66,6 +71,10 @@ pub enum KeyProblem {
 pub enum RegisterError {
     #[error("auth key refused: {0:?}")]
     AuthKey(KeyProblem),
+    /// The public key belongs to an enrolled node and the request did not
+    /// carry that node's current credential.
+    #[error("public key already enrolled as node {0}")]
+    AlreadyEnrolled(NodeId),
     #[error("no free address left in {0}")]
     PoolExhausted(Ipv4Net),
     #[error(transparent)]
@@ -86,6 +95,8 @@ pub struct Enrolment {
     pub public_key: String,
     /// Validated DNS label, lower case.
     pub hostname: String,
+    /// The node's current credential, when it re-enrols a known key.
+    pub credential: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +104,8 @@ pub struct Registered {
     pub node: NodeRow,
     /// The new credential, in clear, returned to the node once.
     pub credential: String,
-    /// False when an existing node (same public key) re-registered.
+    /// False when an existing node (same public key, with its credential)
+    /// re-registered.
     pub created: bool,
 }
 
@@ -198,6 +210,10 @@ impl Store {
             source,
         })?;
         let path = state_dir.join(DB_FILE);
+        create_private_files(&path).map_err(|source| StoreError::CreateFile {
+            path: path.clone(),
+            source,
+        })?;
         let open_err = |source| StoreError::Open {
             path: path.clone(),
             source,
@@ -290,9 +306,44 @@ impl Store {
         Ok(true)
     }
 
-    /// Enrols a node in one transaction: checks and spends the key, keeps the
-    /// id and address of a known public key, picks a unique name and a free
-    /// address otherwise, and issues a new credential.
+    /// Revokes a key and removes every node it enrolled (as `remove_node`
+    /// does), in one transaction. `None` when no key has that id; otherwise
+    /// the removed nodes as `(id, name)`.
+    pub fn revoke_key_removing_nodes(
+        &self,
+        id: u64,
+        now: u64,
+    ) -> Result<Option<Vec<(NodeId, String)>>, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let revoked = tx.execute(
+            "UPDATE auth_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
+            params![id as i64, now as i64],
+        )?;
+        if revoked == 0 {
+            return Ok(None);
+        }
+        let nodes: Vec<(NodeId, String)> = {
+            let mut stmt =
+                tx.prepare("SELECT id, name FROM nodes WHERE auth_key_id = ?1 ORDER BY id")?;
+            let rows = stmt.query_map(params![id as i64], |r| {
+                Ok((r.get::<_, i64>(0)? as NodeId, r.get(1)?))
+            })?;
+            rows.collect::<Result<_, _>>()?
+        };
+        for (node, _) in &nodes {
+            remove_in(&tx, *node, now)?;
+        }
+        tx.commit()?;
+        Ok(Some(nodes))
+    }
+
+    /// Enrols a node in one transaction: checks and spends the key, picks a
+    /// unique name and a free address (not one held back after a removal) for
+    /// a new public key, and issues a new credential. A known public key is
+    /// re-enrolled only with its node's current credential, and keeps its id,
+    /// name and address; without it the request changes nothing. The caller
+    /// has already checked the proof of possession.
     pub fn register(
         &self,
         req: &Enrolment,
@@ -327,14 +378,18 @@ impl Store {
 
         let (id, created) = match existing {
             Some(node) => {
-                let name = if node.name == req.hostname {
-                    node.name.clone()
-                } else {
-                    unique_name(&tx, &req.hostname, Some(node.id))?
-                };
+                let stored: Vec<u8> = tx.query_row(
+                    "SELECT credential_hash FROM nodes WHERE id = ?1",
+                    params![node.id as i64],
+                    |r| r.get(0),
+                )?;
+                let presented = req.credential.as_deref().unwrap_or_default();
+                if req.credential.is_none() || !auth::verify_secret(presented, Some(&stored)) {
+                    return Err(RegisterError::AlreadyEnrolled(node.id));
+                }
                 tx.execute(
-                    "UPDATE nodes SET name = ?2, credential_hash = ?3, auth_key_id = ?4 WHERE id = ?1",
-                    params![node.id as i64, name, &cred_hash[..], key.id as i64],
+                    "UPDATE nodes SET credential_hash = ?2, auth_key_id = ?3 WHERE id = ?1",
+                    params![node.id as i64, &cred_hash[..], key.id as i64],
                 )?;
                 (node.id, false)
             }
@@ -346,8 +401,27 @@ impl Store {
                     rows.map(|r| r.map(Ipv4Addr::from))
                         .collect::<Result<_, _>>()?
                 };
-                let ip =
-                    ipam::allocate(network, &taken).ok_or(RegisterError::PoolExhausted(network))?;
+                // Holds that ended no longer matter; forget them.
+                tx.execute(
+                    "DELETE FROM held_addresses WHERE released_at <= ?1",
+                    params![now.saturating_sub(ipam::HOLD_BACK_SECS) as i64],
+                )?;
+                let held: BTreeMap<Ipv4Addr, u64> = {
+                    let mut stmt = tx.prepare("SELECT mesh_ip, released_at FROM held_addresses")?;
+                    let rows = stmt.query_map([], |r| {
+                        Ok((
+                            Ipv4Addr::from(r.get::<_, u32>(0)?),
+                            r.get::<_, i64>(1)? as u64,
+                        ))
+                    })?;
+                    rows.collect::<Result<_, _>>()?
+                };
+                let ip = ipam::allocate(network, &taken, &held, now)
+                    .ok_or(RegisterError::PoolExhausted(network))?;
+                tx.execute(
+                    "DELETE FROM held_addresses WHERE mesh_ip = ?1",
+                    params![u32::from(ip)],
+                )?;
                 tx.execute(
                     "INSERT INTO nodes (name, public_key, mesh_ip, credential_hash, auth_key_id, created_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -396,7 +470,8 @@ impl Store {
     }
 
     /// Removes a node by name and records the removal for the running
-    /// server; its address becomes free. `None` when no node has that name.
+    /// server; its address is held back (`ipam::HOLD_BACK_SECS`), then free.
+    /// `None` when no node has that name.
     pub fn remove_node(&self, name: &str, now: u64) -> Result<Option<NodeId>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -410,11 +485,7 @@ impl Store {
         let Some(id) = id else {
             return Ok(None);
         };
-        tx.execute("DELETE FROM nodes WHERE id = ?1", params![id])?;
-        tx.execute(
-            "INSERT INTO removals (node_id, removed_at) VALUES (?1, ?2)",
-            params![id, now as i64],
-        )?;
+        remove_in(&tx, id as NodeId, now)?;
         tx.commit()?;
         Ok(Some(id as NodeId))
     }
@@ -489,6 +560,65 @@ fn unique_name(
         candidate = validate::suffixed(wanted, n);
     }
     Ok(candidate)
+}
+
+/// Deletes node `id`, records the removal for the running server (which
+/// closes its session) and holds its address back.
+fn remove_in(tx: &rusqlite::Transaction<'_>, id: NodeId, now: u64) -> Result<(), rusqlite::Error> {
+    let ip: Option<u32> = tx
+        .query_row(
+            "SELECT mesh_ip FROM nodes WHERE id = ?1",
+            params![id as i64],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let Some(ip) = ip else {
+        return Ok(());
+    };
+    tx.execute("DELETE FROM nodes WHERE id = ?1", params![id as i64])?;
+    tx.execute(
+        "INSERT INTO removals (node_id, removed_at) VALUES (?1, ?2)",
+        params![id as i64, now as i64],
+    )?;
+    tx.execute(
+        "INSERT INTO held_addresses (mesh_ip, released_at) VALUES (?1, ?2)
+         ON CONFLICT(mesh_ip) DO UPDATE SET released_at = excluded.released_at",
+        params![ip, now as i64],
+    )?;
+    Ok(())
+}
+
+/// Creates the database file (and tightens it and its WAL and shared-memory
+/// files if an older version left them wider) with mode 0600: it holds
+/// credential and auth-key hashes and the whole membership. SQLite gives the
+/// `-wal` and `-shm` files it creates later the database file's mode.
+fn create_private_files(db: &Path) -> std::io::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(db)?;
+        for suffix in ["", "-wal", "-shm"] {
+            let mut name = db.as_os_str().to_owned();
+            name.push(suffix);
+            let path = PathBuf::from(name);
+            match std::fs::metadata(&path) {
+                Ok(m) if m.permissions().mode() & 0o077 != 0 => {
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = db;
+    Ok(())
 }
 
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {

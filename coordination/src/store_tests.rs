@@ -25,7 +25,13 @@ fn enrol(key: &str, n: u8, host: &str) -> Enrolment {
         auth_key: key.into(),
         public_key: pk(n),
         hostname: host.into(),
+        credential: None,
     }
+}
+
+fn with_credential(mut e: Enrolment, credential: &str) -> Enrolment {
+    e.credential = Some(credential.into());
+    e
 }
 
 fn net(s: &str) -> Ipv4Net {
@@ -46,7 +52,29 @@ fn registration_allocates_and_reregistration_keeps_id_and_ip() {
     assert_eq!(b.node.name, "web-2");
     assert_eq!(b.node.mesh_ip, "100.64.0.2".parse::<Ipv4Addr>().unwrap());
 
-    let again = store.register(&enrol(&key, 1, "web"), n, 101).unwrap();
+    // Without the node's credential a known key changes nothing.
+    for attempt in [
+        enrol(&key, 1, "evil"),
+        with_credential(enrol(&key, 1, "evil"), "guess"),
+    ] {
+        assert!(matches!(
+            store.register(&attempt, n, 101),
+            Err(RegisterError::AlreadyEnrolled(id)) if id == a.node.id
+        ));
+    }
+    assert!(store
+        .verify_node(a.node.id, &a.credential)
+        .unwrap()
+        .is_some());
+
+    // With it, the credential rotates; name and address stay, whatever the hostname.
+    let again = store
+        .register(
+            &with_credential(enrol(&key, 1, "renamed"), &a.credential),
+            n,
+            101,
+        )
+        .unwrap();
     assert!(!again.created);
     assert_eq!(again.node.id, a.node.id);
     assert_eq!(again.node.mesh_ip, a.node.mesh_ip);
@@ -149,11 +177,102 @@ fn removal_frees_the_node_and_is_recorded_for_the_server() {
         .is_none());
     assert_eq!(store.removals_after(0).unwrap(), vec![(1, r.node.id)]);
     assert!(store.removals_after(1).unwrap().is_empty());
-    // Ids are never reused, even after removal.
+    // Ids are never reused, even after removal; the key enrols as new.
     let again = store
         .register(&enrol(&key, 1, "gone"), net("10.0.0.0/24"), 3)
         .unwrap();
+    assert!(again.created);
     assert!(again.node.id > r.node.id);
+}
+
+#[test]
+fn removed_address_is_held_back_then_reused() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let (_, key) = store.create_key(true, None, 1).unwrap();
+    let n = net("10.0.0.0/24");
+    let a = store.register(&enrol(&key, 1, "a"), n, 1).unwrap();
+    store.remove_node("a", 100).unwrap();
+    let b = store.register(&enrol(&key, 2, "b"), n, 101).unwrap();
+    assert_ne!(b.node.mesh_ip, a.node.mesh_ip, "held address handed out");
+    let day = crate::ipam::HOLD_BACK_SECS;
+    let c = store.register(&enrol(&key, 3, "c"), n, 100 + day).unwrap();
+    assert_eq!(c.node.mesh_ip, a.node.mesh_ip);
+}
+
+#[test]
+fn full_pool_reuses_a_held_address() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let (_, key) = store.create_key(true, None, 1).unwrap();
+    let n = net("10.0.0.0/30");
+    let a = store.register(&enrol(&key, 1, "a"), n, 1).unwrap();
+    store.register(&enrol(&key, 2, "b"), n, 1).unwrap();
+    store.remove_node("a", 10).unwrap();
+    let c = store.register(&enrol(&key, 3, "c"), n, 11).unwrap();
+    assert_eq!(c.node.mesh_ip, a.node.mesh_ip);
+}
+
+#[test]
+fn revoking_with_removal_removes_exactly_the_keys_nodes() {
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let n = net("10.0.0.0/24");
+    let (bad_id, bad) = store.create_key(true, None, 1).unwrap();
+    let (_, good) = store.create_key(true, None, 1).unwrap();
+    let x = store.register(&enrol(&bad, 1, "x"), n, 1).unwrap();
+    let y = store.register(&enrol(&bad, 2, "y"), n, 1).unwrap();
+    let z = store.register(&enrol(&good, 3, "z"), n, 1).unwrap();
+    let removed = store.revoke_key_removing_nodes(bad_id, 5).unwrap().unwrap();
+    assert_eq!(
+        removed,
+        vec![(x.node.id, "x".to_string()), (y.node.id, "y".to_string())]
+    );
+    let left: Vec<_> = store
+        .list_nodes()
+        .unwrap()
+        .into_iter()
+        .map(|n| n.id)
+        .collect();
+    assert_eq!(left, vec![z.node.id]);
+    assert_eq!(
+        store.removals_after(0).unwrap(),
+        vec![(1, x.node.id), (2, y.node.id)]
+    );
+    assert!(store.list_keys().unwrap()[0].revoked_at.is_some());
+    assert_eq!(store.revoke_key_removing_nodes(999, 5).unwrap(), None);
+}
+
+#[cfg(unix)]
+#[test]
+fn database_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new();
+    let store = Store::open(&dir.0).unwrap();
+    let (_, key) = store.create_key(true, None, 1).unwrap();
+    store
+        .register(&enrol(&key, 1, "a"), net("10.0.0.0/24"), 1)
+        .unwrap();
+    let mode = |name: &str| {
+        std::fs::metadata(dir.0.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    // The WAL and shared-memory files exist while the store is open.
+    for name in [
+        DB_FILE.to_string(),
+        format!("{DB_FILE}-wal"),
+        format!("{DB_FILE}-shm"),
+    ] {
+        assert_eq!(mode(&name), 0o600, "{name}");
+    }
+    drop(store);
+    // A store an older version left world-readable is tightened on open.
+    std::fs::set_permissions(dir.0.join(DB_FILE), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let _store = Store::open(&dir.0).unwrap();
+    assert_eq!(mode(DB_FILE), 0o600);
 }
 
 #[test]

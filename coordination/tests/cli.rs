@@ -150,20 +150,7 @@ async fn serve_runs_admin_commands_alongside_and_stops_on_sigterm() {
     let mut serving = serve(&dir.0);
 
     let srv_addr = serving.addr;
-    let (status, body) = http(
-        srv_addr,
-        "POST",
-        "/v1/register",
-        &[],
-        format!(
-            r#"{{"auth_key":"{key}","public_key":"{}","hostname":"cli-node"}}"#,
-            random_public_key()
-        )
-        .as_bytes(),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let reg: overlay_proto::coord::RegisterResponse = serde_json::from_str(&body).unwrap();
+    let reg = register_at(srv_addr, &key, &NodeKey::random(), "cli-node").await;
     let mut node = Node::connect(srv_addr, reg.node_id, &reg.credential)
         .await
         .unwrap();
@@ -200,4 +187,67 @@ async fn serve_runs_admin_commands_alongside_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert!(status.success(), "{status:?}");
+}
+
+/// Issue 8, finding 10: `keys revoke --remove-nodes` removes what the key
+/// enrolled, and the running server closes those sessions; plain revoke only
+/// stops new enrolments.
+#[tokio::test]
+async fn revoke_with_remove_nodes_removes_the_keys_nodes_and_closes_their_sessions() {
+    let dir = TempDir::new("cli-revoke");
+    let leaked = stdout(&run(&dir.0, &["keys", "create", "--reusable"]))
+        .trim()
+        .to_string();
+    let other = stdout(&run(&dir.0, &["keys", "create"])).trim().to_string();
+    let serving = serve(&dir.0);
+    let addr = serving.addr;
+
+    let bad1 = register_at(addr, &leaked, &NodeKey::random(), "bad-1").await;
+    let _bad2 = register_at(addr, &leaked, &NodeKey::random(), "bad-2").await;
+    let good = register_at(addr, &other, &NodeKey::random(), "good").await;
+    let mut bad_session = Node::connect(addr, bad1.node_id, &bad1.credential)
+        .await
+        .unwrap();
+    bad_session.welcome().await;
+    let mut good_session = Node::connect(addr, good.node_id, &good.credential)
+        .await
+        .unwrap();
+    good_session.welcome().await;
+
+    // Plain revoke of the other key: its node stays, and says so.
+    let o = run(&dir.0, &["keys", "revoke", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--remove-nodes"), "{}", stderr(&o));
+
+    let o = run(&dir.0, &["keys", "revoke", "1", "--remove-nodes"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let said = stderr(&o);
+    assert!(said.contains("bad-1") && said.contains("bad-2"), "{said}");
+
+    let frame = bad_session.expect_close().await.expect("close frame");
+    assert_eq!(u16::from(frame.code), 4003);
+    good_session
+        .send(&overlay_proto::coord::ClientMsg::Ping { nonce: 1 })
+        .await;
+    good_session
+        .expect_msg("pong", |m| *m == ServerMsg::Pong { nonce: 1 })
+        .await;
+    let o = run(&dir.0, &["nodes", "list", "--json"]);
+    let nodes: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names: Vec<_> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, vec!["good"]);
+    assert!(Node::connect(addr, bad1.node_id, &bad1.credential)
+        .await
+        .is_err());
+
+    let help = stdout(&run(&dir.0, &["keys", "revoke", "--help"]));
+    assert!(
+        help.contains("--remove-nodes") && help.contains("stay"),
+        "{help}"
+    );
 }

@@ -72,14 +72,14 @@ async fn a_large_netmap_arrives_in_parts_before_any_delta() {
     let mut others = Vec::new();
     for i in 0..20 {
         let n = srv
-            .register_ok(&key, &random_public_key(), &format!("peer-{i}"))
+            .register_ok(&key, &NodeKey::random(), &format!("peer-{i}"))
             .await;
         others.push(n.node_id);
     }
-    let me = srv.register_ok(&key, &random_public_key(), "me").await;
+    let me = srv.register_ok(&key, &NodeKey::random(), "me").await;
     let mut node = srv.connect(&me).await;
     // Registered while the netmap is on its way: must come after its last part.
-    let late = srv.register_ok(&key, &random_public_key(), "late").await;
+    let late = srv.register_ok(&key, &NodeKey::random(), "late").await;
 
     let mut seen = Vec::new();
     let mut parts = 0;

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use overlay_coord::store::now_unix;
-use overlay_proto::coord::{error_code, ServerMsg};
+use overlay_proto::coord::{error_code, ClientMsg, RegisterResponse, ServerMsg};
 
 #[tokio::test]
 async fn register_returns_id_ip_network_and_credential() {
@@ -20,16 +20,33 @@ async fn register_returns_id_ip_network_and_credential() {
 }
 
 #[tokio::test]
-async fn reregistering_the_same_public_key_keeps_id_and_ip() {
+async fn reenrolling_with_the_credential_rotates_it_and_keeps_name_and_ip() {
     let srv = TestServer::start().await;
     let key = srv.create_key(true);
-    let pk = random_public_key();
-    let first = srv.register_ok(&key, &pk, "db").await;
-    let _other = srv.register_ok(&key, &random_public_key(), "x").await;
-    let again = srv.register_ok(&key, &pk, "db").await;
+    let node = NodeKey::random();
+    let first = srv.register_ok(&key, &node, "db").await;
+    let _other = srv.register_ok(&key, &NodeKey::random(), "x").await;
+
+    // The key holder itself, without its credential, is told what to do.
+    let (status, body) = srv.register(&key, &node, "db").await;
+    assert_eq!(status, 409, "{body}");
+    let refusal = api_error(&body);
+    assert_eq!(refusal.error, error_code::ALREADY_ENROLLED);
+    assert!(
+        refusal.message.contains("credential"),
+        "{}",
+        refusal.message
+    );
+
+    let request = srv
+        .request(&key, &node, "renamed", Some(&first.credential))
+        .await;
+    let (status, body) = srv.send_register(&request).await;
+    assert_eq!(status, 200, "{body}");
+    let again: RegisterResponse = serde_json::from_str(&body).unwrap();
     assert_eq!(again.node_id, first.node_id);
     assert_eq!(again.mesh_ip, first.mesh_ip);
-    assert_eq!(again.name, "db");
+    assert_eq!(again.name, "db", "a re-enrolment never renames");
     assert_ne!(again.credential, first.credential);
     // The old credential stops working, the new one works.
     assert!(Node::connect(srv.addr, first.node_id, &first.credential)
@@ -37,6 +54,112 @@ async fn reregistering_the_same_public_key_keeps_id_and_ip() {
         .is_err());
     let mut node = srv.connect(&again).await;
     node.welcome().await;
+}
+
+/// Issue 8, finding 1: another node's public key (public in every netmap) and a
+/// valid auth key must not re-enrol that node.
+#[tokio::test]
+async fn attacker_with_an_auth_key_cannot_take_over_another_nodes_key() {
+    let srv = TestServer::start().await;
+    let victim_key = NodeKey::random();
+    let victim = srv
+        .register_ok(&srv.create_key(false), &victim_key, "victim")
+        .await;
+    let mut session = srv.connect(&victim).await;
+    session.welcome().await;
+    let attacker_auth = srv.create_key(true);
+
+    // As the old protocol allowed: no challenge, no proof.
+    let legacy = format!(
+        r#"{{"auth_key":"{attacker_auth}","public_key":"{}","hostname":"victim"}}"#,
+        victim_key.public
+    );
+    let (status, body) = http(srv.addr, "POST", "/v1/register", &[], legacy.as_bytes()).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(api_error(&body).error, error_code::BAD_PROOF);
+
+    // With a real challenge, proved with the attacker's own key.
+    let mut forged = srv
+        .request(&attacker_auth, &NodeKey::random(), "victim", None)
+        .await;
+    forged.public_key = victim_key.public.clone();
+    let (status, body) = srv.send_register(&forged).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(api_error(&body).error, error_code::BAD_PROOF);
+    assert_eq!(
+        srv.metric("overlay_coord_rejected_inputs_total{reason=\"bad_proof\"}")
+            .await,
+        2
+    );
+
+    // The victim keeps its session, its credential, its name and address.
+    session.send(&ClientMsg::Ping { nonce: 8 }).await;
+    session
+        .expect_msg("pong", |m| *m == ServerMsg::Pong { nonce: 8 })
+        .await;
+    let node = srv
+        .store()
+        .verify_node(victim.node_id, &victim.credential)
+        .unwrap()
+        .expect("victim's credential still valid");
+    assert_eq!(
+        (node.name.as_str(), node.mesh_ip),
+        ("victim", victim.mesh_ip)
+    );
+    // And nobody else gets its name.
+    let other = srv.new_node("victim").await;
+    assert_eq!(other.name, "victim-2");
+}
+
+#[tokio::test]
+async fn reused_unknown_or_foreign_challenges_are_refused() {
+    let srv = TestServer::start().await;
+    let key = srv.create_key(true);
+    let node = NodeKey::random();
+
+    // A challenge is good once, even for the rightful node.
+    let request = srv.request(&key, &node, "once", None).await;
+    let (status, _) = srv.send_register(&request).await;
+    assert_eq!(status, 200);
+    let (status, body) = srv.send_register(&request).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(api_error(&body).error, error_code::BAD_PROOF);
+
+    // A challenge the server never issued.
+    let mut unknown = srv.request(&key, &NodeKey::random(), "a", None).await;
+    unknown.challenge = random_public_key();
+    let (status, _) = srv.send_register(&unknown).await;
+    assert_eq!(status, 401);
+
+    // A proof made for one challenge's key, presented with another challenge.
+    let first = srv.request(&key, &NodeKey::random(), "b", None).await;
+    let mut second = srv.request(&key, &NodeKey::random(), "b", None).await;
+    second.proof = first.proof.clone();
+    second.public_key = first.public_key.clone();
+    let (status, _) = srv.send_register(&second).await;
+    assert_eq!(status, 401);
+
+    // A proof bound to other fields (hostname) does not carry over.
+    let mut moved = srv.request(&key, &NodeKey::random(), "c", None).await;
+    moved.hostname = "d".into();
+    let (status, _) = srv.send_register(&moved).await;
+    assert_eq!(status, 401);
+
+    // Any attempt uses the challenge up, even one refused for a bad hostname.
+    let challenge = srv.challenge().await;
+    let node = NodeKey::random();
+    let answer = |host: &str| {
+        overlay_proto::enrol::register_request(&challenge, &node.secret, &key, host, None).unwrap()
+    };
+    let (status, _) = srv.send_register(&answer("bad_name")).await;
+    assert_eq!(status, 400);
+    let (status, _) = srv.send_register(&answer("good")).await;
+    assert_eq!(status, 401);
+
+    assert_eq!(srv.store().list_nodes().unwrap().len(), 1);
+    // Refusals spend nothing: the first request's challenge of `first` still works.
+    let (status, body) = srv.send_register(&first).await;
+    assert_eq!(status, 200, "{body}");
 }
 
 #[tokio::test]
@@ -48,7 +171,7 @@ async fn refused_auth_keys_get_401_with_the_precise_code() {
     let (revoked_id, revoked) = store.create_key(true, None, now).unwrap();
     store.revoke_key(revoked_id, now).unwrap();
     let spent = srv.create_key(false);
-    srv.register_ok(&spent, &random_public_key(), "first").await;
+    srv.register_ok(&spent, &NodeKey::random(), "first").await;
 
     for (key, code) in [
         ("ovk_doesnotexist", error_code::AUTH_KEY_UNKNOWN),
@@ -56,7 +179,7 @@ async fn refused_auth_keys_get_401_with_the_precise_code() {
         (revoked.as_str(), error_code::AUTH_KEY_REVOKED),
         (spent.as_str(), error_code::AUTH_KEY_SPENT),
     ] {
-        let (status, body) = srv.register(key, &random_public_key(), "n").await;
+        let (status, body) = srv.register(key, &NodeKey::random(), "n").await;
         assert_eq!(status, 401, "{code}: {body}");
         assert_eq!(api_error(&body).error, code);
     }
@@ -68,14 +191,24 @@ async fn refused_auth_keys_get_401_with_the_precise_code() {
 async fn invalid_public_key_hostname_or_body_is_400() {
     let srv = TestServer::start().await;
     let key = srv.create_key(true);
+    let b64 = |bytes: [u8; 32]| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    };
+    let mut high_bit_zero = [0u8; 32];
+    high_bit_zero[31] = 0x80;
     for (pk, host) in [
         ("not-base64!".to_string(), "ok"),
         (random_public_key()[..20].to_string(), "ok"),
+        (b64([0; 32]), "ok"),
+        (b64(high_bit_zero), "ok"),
         (random_public_key(), "bad_name"),
         (random_public_key(), "-dash"),
         (random_public_key(), &"a".repeat(64)),
     ] {
-        let (status, body) = srv.register(&key, &pk, host).await;
+        let mut request = srv.request(&key, &NodeKey::random(), host, None).await;
+        request.public_key = pk.clone();
+        let (status, body) = srv.send_register(&request).await;
         assert_eq!(status, 400, "{pk} {host}: {body}");
         assert_eq!(api_error(&body).error, error_code::BAD_REQUEST);
     }
@@ -97,7 +230,7 @@ async fn full_pool_is_409_pool_exhausted() {
     assert_eq!(a.mesh_ip.to_string(), "10.5.0.1");
     assert_eq!(b.mesh_ip.to_string(), "10.5.0.2");
     let key = srv.create_key(true);
-    let (status, body) = srv.register(&key, &random_public_key(), "c").await;
+    let (status, body) = srv.register(&key, &NodeKey::random(), "c").await;
     assert_eq!(status, 409);
     assert_eq!(api_error(&body).error, error_code::POOL_EXHAUSTED);
 }

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use overlay_proto::coord::{
-    bearer, decode_relay_frame, ApiError, ClientMsg, RegisterRequest, RegisterResponse, ServerMsg,
-    CONNECT_PATH, REGISTER_PATH,
+    bearer, decode_relay_frame, error_code, ApiError, ChallengeResponse, ClientMsg,
+    RegisterResponse, ServerMsg, CHALLENGE_PATH, CONNECT_PATH, REGISTER_PATH,
 };
 use overlay_proto::NodeId;
 use tokio::sync::{mpsc, watch};
@@ -35,25 +35,89 @@ pub enum EnrolError {
     Refused { code: String, message: String },
     #[error("coordinator answered HTTP {status} to enrolment")]
     Unexpected { status: u16 },
+    #[error("coordinator sent an unusable challenge: {0}")]
+    BadChallenge(#[from] overlay_proto::enrol::ProofError),
 }
 
-/// `POST /v1/register`.
+/// What a node enrols with, besides the server's challenge.
+pub struct Enrol<'a> {
+    pub auth_key: &'a str,
+    pub hostname: &'a str,
+    /// The node's X25519 private key: the proof that it owns its public key.
+    pub secret: [u8; 32],
+    /// The credential from an earlier enrolment, which a server that already
+    /// knows this key requires.
+    pub credential: Option<String>,
+}
+
+/// Enrolment attempts when the coordinator is busy (its table of challenges
+/// is full) or voided our challenge (it restarted between our two calls).
+const ENROL_ATTEMPTS: u32 = 4;
+/// Wait before the second attempt; doubles after each.
+const ENROL_RETRY: Duration = Duration::from_secs(1);
+
+/// `POST /v1/register/challenge`, then `POST /v1/register` with the proof;
+/// again with a fresh challenge, a few times, when that is worth it.
 pub async fn register(
     connector: &Connector,
     endpoint: &Endpoint,
-    request: &RegisterRequest,
+    enrol: Enrol<'_>,
 ) -> Result<RegisterResponse, EnrolError> {
-    let body = serde_json::to_vec(request).unwrap_or_default();
+    let mut wait = ENROL_RETRY;
+    let mut attempt = 1;
+    loop {
+        match register_once(connector, endpoint, &enrol).await {
+            Err(EnrolError::Refused { code, message })
+                if attempt < ENROL_ATTEMPTS
+                    && (code == error_code::RATE_LIMITED || code == error_code::BAD_PROOF) =>
+            {
+                tracing::warn!(
+                    "enrolment attempt {attempt} refused: {message} ({code}); retrying in {wait:?}"
+                );
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                attempt += 1;
+            }
+            result => return result,
+        }
+    }
+}
+
+async fn register_once(
+    connector: &Connector,
+    endpoint: &Endpoint,
+    enrol: &Enrol<'_>,
+) -> Result<RegisterResponse, EnrolError> {
+    let (status, body) = connector
+        .post_json(endpoint, CHALLENGE_PATH, Vec::new())
+        .await?;
+    if status != 200 {
+        return Err(refusal(status, &body));
+    }
+    let challenge: ChallengeResponse =
+        serde_json::from_slice(&body).map_err(|_| EnrolError::Unexpected { status })?;
+    let request = overlay_proto::enrol::register_request(
+        &challenge,
+        &enrol.secret,
+        enrol.auth_key,
+        enrol.hostname,
+        enrol.credential.clone(),
+    )?;
+    let body = serde_json::to_vec(&request).unwrap_or_default();
     let (status, body) = connector.post_json(endpoint, REGISTER_PATH, body).await?;
     if status == 200 || status == 201 {
         return serde_json::from_slice(&body).map_err(|_| EnrolError::Unexpected { status });
     }
-    match serde_json::from_slice::<ApiError>(&body) {
-        Ok(e) => Err(EnrolError::Refused {
+    Err(refusal(status, &body))
+}
+
+fn refusal(status: u16, body: &[u8]) -> EnrolError {
+    match serde_json::from_slice::<ApiError>(body) {
+        Ok(e) => EnrolError::Refused {
             code: e.error,
             message: e.message,
-        }),
-        Err(_) => Err(EnrolError::Unexpected { status }),
+        },
+        Err(_) => EnrolError::Unexpected { status },
     }
 }
 

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use overlay_proto::coord::RegisterRequest;
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
@@ -187,9 +186,11 @@ async fn wait_for_signal() {
     }
 }
 
-/// Uses the stored enrolment, or registers with the auth key on first start.
+/// Uses the stored enrolment, or registers with the auth key on first start
+/// (or when moving to another coordinator), proving it holds its private key.
 async fn enrol(config: &Config, state: &StateDir, keys: &Keypair) -> anyhow::Result<Enrolment> {
-    if let Some(enrolment) = state.enrolment()? {
+    let stored = state.enrolment()?;
+    if let Some(enrolment) = &stored {
         match &config.coordinator {
             Some(url)
                 if url.trim_end_matches('/') != enrolment.coordinator.trim_end_matches('/') =>
@@ -201,7 +202,7 @@ async fn enrol(config: &Config, state: &StateDir, keys: &Keypair) -> anyhow::Res
                     );
                 }
             }
-            _ => return Ok(enrolment),
+            _ => return Ok(enrolment.clone()),
         }
     }
     let Some(coordinator) = config.coordinator.as_deref() else {
@@ -212,12 +213,21 @@ async fn enrol(config: &Config, state: &StateDir, keys: &Keypair) -> anyhow::Res
     };
     let endpoint = Endpoint::parse(coordinator)?;
     let connector = Connector::new(&endpoint, config.ca_cert.as_deref())?;
-    let request = RegisterRequest {
-        auth_key,
-        public_key: keys.public_base64(),
-        hostname: config.hostname.clone(),
-    };
-    let response = control::register(&connector, &endpoint, &request).await?;
+    // A coordinator that already knows this key (the same one under another
+    // URL) re-enrols it only with the credential it issued, so the stored one
+    // goes along; the enrolment it belongs to is replaced either way.
+    let credential = stored.map(|e| e.credential);
+    let response = control::register(
+        &connector,
+        &endpoint,
+        control::Enrol {
+            auth_key: &auth_key,
+            hostname: &config.hostname,
+            secret: keys.secret.to_bytes(),
+            credential,
+        },
+    )
+    .await?;
     let enrolment = Enrolment::from_response(coordinator, response);
     state.save_enrolment(&enrolment)?;
     Ok(enrolment)

@@ -1,11 +1,20 @@
 //! Node ⇄ coordination server.
 //!
 //! ```text
+//!  POST /v1/register/challenge  (no body)  ─▶  ChallengeResponse | ApiError (JSON)
 //!  POST /v1/register      RegisterRequest  ─▶  RegisterResponse | ApiError (JSON)
 //!  GET  /v1/connect       WebSocket, header `Authorization: Bearer <node-id>:<credential>`
 //!       text frames       ClientMsg ─▶ / ◀─ ServerMsg (JSON)
 //!       binary frames     RelayFrame: 8-byte node id (big endian) + WireGuard datagram
 //! ```
+//!
+//! Enrolment is two calls: the challenge gives a fresh 32-byte nonce and a
+//! per-challenge ephemeral X25519 key; the registration answers it with a
+//! proof that the node holds its private key (see [`crate::enrol`]). A
+//! challenge is good for one registration attempt within `expires_in` seconds.
+//! A public key that is already enrolled re-enrols only with the node's current
+//! credential in `credential` (otherwise 409 `already_enrolled`), and keeps its
+//! name and address.
 //!
 //! In a binary frame from a node, the id is the *destination*; in a binary frame
 //! from the server, it is the *source* (stamped from the authenticated session).
@@ -19,6 +28,8 @@ use crate::NodeId;
 
 /// Path of the enrolment endpoint.
 pub const REGISTER_PATH: &str = "/v1/register";
+/// Path that hands out a registration challenge (`POST`, empty body).
+pub const CHALLENGE_PATH: &str = "/v1/register/challenge";
 /// Path of the WebSocket control stream.
 pub const CONNECT_PATH: &str = "/v1/connect";
 /// Largest text or binary frame either side accepts on the control stream.
@@ -33,6 +44,29 @@ pub struct RegisterRequest {
     /// The node's WireGuard (X25519) public key, standard base64 of 32 bytes.
     pub public_key: String,
     pub hostname: String,
+    /// `ChallengeResponse::challenge`, as received. Missing (an older node)
+    /// is refused as a bad proof, with a message saying to upgrade.
+    #[serde(default)]
+    pub challenge: String,
+    /// `base64(nonce ‖ crypto_box(node secret → server_key, transcript))`,
+    /// built by [`crate::enrol::register_request`].
+    #[serde(default)]
+    pub proof: String,
+    /// The node's current credential, needed to re-enrol a public key that is
+    /// already enrolled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// Answer to `POST /v1/register/challenge`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChallengeResponse {
+    /// 32 random bytes, standard base64.
+    pub challenge: String,
+    /// The challenge's ephemeral X25519 public key, standard base64.
+    pub server_key: String,
+    /// Seconds the challenge stays valid.
+    pub expires_in: u64,
 }
 
 /// Answer to a successful registration.
@@ -69,6 +103,11 @@ pub mod error_code {
     pub const PEER_OFFLINE: &str = "peer_offline";
     pub const RATE_LIMITED: &str = "rate_limited";
     pub const TOO_MANY_SESSIONS: &str = "too_many_sessions";
+    /// The registration's challenge was unknown, expired or used, or its
+    /// proof did not open with the claimed public key.
+    pub const BAD_PROOF: &str = "bad_proof";
+    /// The public key is enrolled and the request did not carry its credential.
+    pub const ALREADY_ENROLLED: &str = "already_enrolled";
 }
 
 /// A node as others see it.

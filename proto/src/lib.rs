@@ -1,16 +1,19 @@
 //! Every message that crosses a process boundary in overlay.
 //!
-//! Like Tailscale's `tailcfg`, this crate holds types and their encoding and
-//! nothing else: no runtime, no sockets.
+//! Like Tailscale's `tailcfg`, this crate holds types and their encoding, plus
+//! the pure functions both ends of a message must agree on byte for byte (the
+//! enrolment proof): no runtime, no sockets.
 //!
 //! - [`coord`]: a node and the coordination server (`overlay-coord`): the HTTP
 //!   enrolment call, the WebSocket control stream and its binary relay frames.
+//! - [`enrol`]: the proof of key possession a registration carries.
 //! - [`api`]: `overlayctl` and the local `overlayd` over its Unix socket.
 //! - [`signal`]: what two nodes tell each other (ICE credentials and candidates),
 //!   sealed for the target so the coordination server only routes it.
 
 pub mod api;
 pub mod coord;
+pub mod enrol;
 pub mod signal;
 
 /// A node's identity on the coordination server. Assigned at enrolment, never reused.

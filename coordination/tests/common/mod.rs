@@ -21,9 +21,10 @@ use overlay_coord::config::{Config, Limits, Transport, TurnConfig};
 use overlay_coord::store::Store;
 use overlay_coord::Server;
 use overlay_proto::coord::{
-    bearer, ApiError, ClientMsg, RegisterRequest, RegisterResponse, ServerMsg, CONNECT_PATH,
-    REGISTER_PATH,
+    bearer, ApiError, ChallengeResponse, ClientMsg, RegisterRequest, RegisterResponse, ServerMsg,
+    CHALLENGE_PATH, CONNECT_PATH, REGISTER_PATH,
 };
+use overlay_proto::enrol;
 
 /// Upper bound for anything a test waits on.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -134,23 +135,44 @@ impl TestServer {
         self.store().create_key(reusable, None, now).unwrap().1
     }
 
-    pub async fn register(&self, key: &str, public_key: &str, hostname: &str) -> (u16, String) {
-        let body = serde_json::to_string(&RegisterRequest {
-            auth_key: key.into(),
-            public_key: public_key.into(),
-            hostname: hostname.into(),
-        })
-        .unwrap();
+    /// `POST /v1/register/challenge`.
+    pub async fn challenge(&self) -> ChallengeResponse {
+        challenge_at(self.addr).await
+    }
+
+    /// A request answering a fresh challenge with `node`'s key, as overlayd builds it.
+    pub async fn request(
+        &self,
+        key: &str,
+        node: &NodeKey,
+        hostname: &str,
+        credential: Option<&str>,
+    ) -> RegisterRequest {
+        let challenge = self.challenge().await;
+        enrol::register_request(
+            &challenge,
+            &node.secret,
+            key,
+            hostname,
+            credential.map(str::to_owned),
+        )
+        .unwrap()
+    }
+
+    /// `POST /v1/register` with any body, however wrong.
+    pub async fn send_register(&self, request: &RegisterRequest) -> (u16, String) {
+        let body = serde_json::to_string(request).unwrap();
         http(self.addr, "POST", REGISTER_PATH, &[], body.as_bytes()).await
     }
 
-    pub async fn register_ok(
-        &self,
-        key: &str,
-        public_key: &str,
-        hostname: &str,
-    ) -> RegisterResponse {
-        let (status, body) = self.register(key, public_key, hostname).await;
+    /// Challenge, proof and registration, as a well-behaved node does them.
+    pub async fn register(&self, key: &str, node: &NodeKey, hostname: &str) -> (u16, String) {
+        let request = self.request(key, node, hostname, None).await;
+        self.send_register(&request).await
+    }
+
+    pub async fn register_ok(&self, key: &str, node: &NodeKey, hostname: &str) -> RegisterResponse {
+        let (status, body) = self.register(key, node, hostname).await;
         assert_eq!(status, 200, "register failed: {body}");
         serde_json::from_str(&body).unwrap()
     }
@@ -158,7 +180,7 @@ impl TestServer {
     /// Registers a fresh node with a fresh reusable key.
     pub async fn new_node(&self, hostname: &str) -> RegisterResponse {
         let key = self.create_key(true);
-        self.register_ok(&key, &random_public_key(), hostname).await
+        self.register_ok(&key, &NodeKey::random(), hostname).await
     }
 
     pub async fn connect(&self, node: &RegisterResponse) -> Node {
@@ -183,8 +205,50 @@ impl TestServer {
     }
 }
 
+/// A node's X25519 key pair, as a test client holds it.
+#[derive(Clone)]
+pub struct NodeKey {
+    pub secret: [u8; 32],
+    /// Standard base64, as registered.
+    pub public: String,
+}
+
+impl NodeKey {
+    pub fn random() -> NodeKey {
+        let secret: [u8; 32] = rand::random();
+        NodeKey {
+            secret,
+            public: base64::engine::general_purpose::STANDARD.encode(enrol::public_key(&secret)),
+        }
+    }
+}
+
+/// `POST /v1/register/challenge` on the server at `addr`.
+pub async fn challenge_at(addr: SocketAddr) -> ChallengeResponse {
+    let (status, body) = http(addr, "POST", CHALLENGE_PATH, &[], b"").await;
+    assert_eq!(status, 200, "challenge failed: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// Enrols `node` with the server at `addr` (challenge, proof, registration).
+pub async fn register_at(
+    addr: SocketAddr,
+    auth_key: &str,
+    node: &NodeKey,
+    hostname: &str,
+) -> RegisterResponse {
+    let challenge = challenge_at(addr).await;
+    let request = enrol::register_request(&challenge, &node.secret, auth_key, hostname, None)
+        .expect("valid challenge");
+    let body = serde_json::to_string(&request).unwrap();
+    let (status, body) = http(addr, "POST", REGISTER_PATH, &[], body.as_bytes()).await;
+    assert_eq!(status, 200, "register failed: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// A public key nobody holds the private half of.
 pub fn random_public_key() -> String {
-    base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>())
+    NodeKey::random().public
 }
 
 /// A minimal HTTP/1.1 client: one request, `Connection: close`.

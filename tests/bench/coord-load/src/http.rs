@@ -1,4 +1,5 @@
-//! Just enough HTTP/1.1 to call `POST /v1/register`: one request per
+//! Just enough HTTP/1.1 to call `POST /v1/register/challenge` and
+//! `POST /v1/register`: one request per
 //! connection (`Connection: close`), body read to the end. A client library
 //! would do, but this keeps the generator's dependencies to the workspace's.
 
@@ -8,7 +9,9 @@ use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use overlay_proto::coord::{ApiError, RegisterRequest, RegisterResponse, REGISTER_PATH};
+use overlay_proto::coord::{
+    ApiError, ChallengeResponse, RegisterRequest, RegisterResponse, CHALLENGE_PATH, REGISTER_PATH,
+};
 
 /// Bounds what a misbehaving server can make us buffer per request.
 const MAX_RESPONSE_BYTES: usize = 64 * 1024;
@@ -31,13 +34,32 @@ impl std::fmt::Display for RegisterFailure {
     }
 }
 
+/// Asks for a registration challenge through `stream` (connected to `server`).
+pub async fn challenge(
+    mut stream: TcpStream,
+    server: SocketAddr,
+) -> Result<ChallengeResponse, RegisterFailure> {
+    let (status, body) = post(&mut stream, server, CHALLENGE_PATH, b"")
+        .await
+        .map_err(RegisterFailure::Other)?;
+    if status == 200 {
+        return serde_json::from_slice(&body)
+            .context("challenge response is not a ChallengeResponse")
+            .map_err(RegisterFailure::Other);
+    }
+    Err(refusal(status, &body))
+}
+
 /// Registers one node through `stream` (already connected to `server`).
 pub async fn register(
     mut stream: TcpStream,
     server: SocketAddr,
     request: &RegisterRequest,
 ) -> Result<RegisterResponse, RegisterFailure> {
-    let (status, body) = post(&mut stream, server, request)
+    let body = serde_json::to_vec(request)
+        .context("encoding the request")
+        .map_err(RegisterFailure::Other)?;
+    let (status, body) = post(&mut stream, server, REGISTER_PATH, &body)
         .await
         .map_err(RegisterFailure::Other)?;
     if status == 200 {
@@ -45,28 +67,32 @@ pub async fn register(
             .context("register response is not a RegisterResponse")
             .map_err(RegisterFailure::Other);
     }
-    match serde_json::from_slice::<ApiError>(&body) {
-        Ok(error) => Err(RegisterFailure::Refused { status, error }),
-        Err(_) => Err(RegisterFailure::Other(anyhow::anyhow!(
+    Err(refusal(status, &body))
+}
+
+fn refusal(status: u16, body: &[u8]) -> RegisterFailure {
+    match serde_json::from_slice::<ApiError>(body) {
+        Ok(error) => RegisterFailure::Refused { status, error },
+        Err(_) => RegisterFailure::Other(anyhow::anyhow!(
             "HTTP {status}: {}",
-            String::from_utf8_lossy(&body)
-        ))),
+            String::from_utf8_lossy(body)
+        )),
     }
 }
 
 async fn post(
     stream: &mut TcpStream,
     server: SocketAddr,
-    request: &RegisterRequest,
+    path: &str,
+    body: &[u8],
 ) -> anyhow::Result<(u16, Vec<u8>)> {
-    let body = serde_json::to_vec(request)?;
     let head = format!(
-        "POST {REGISTER_PATH} HTTP/1.1\r\nHost: {server}\r\nContent-Type: application/json\r\n\
+        "POST {path} HTTP/1.1\r\nHost: {server}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
     stream.write_all(head.as_bytes()).await?;
-    stream.write_all(&body).await?;
+    stream.write_all(body).await?;
     let mut response = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {

@@ -3,7 +3,7 @@
 //! each of the N.
 //!
 //! ```text
-//!  1. register N nodes          POST /v1/register      (concurrently)
+//!  1. register N nodes          POST /v1/register/challenge, /v1/register (concurrently)
 //!  2. connect N sessions        GET  /v1/connect (WS)  (in batches; each batch
 //!                                                        lets the fan-out settle)
 //!  3. arm, register newcomer ──▶ peer_upsert{online:false} ──▶ N sessions   (t_register)
@@ -24,14 +24,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use base64::Engine;
 use clap::Parser;
 use rand::RngCore;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use overlay_proto::coord::{error_code, RegisterRequest, RegisterResponse, MAX_FRAME_BYTES};
+use overlay_proto::coord::{error_code, RegisterResponse, MAX_FRAME_BYTES};
+use overlay_proto::enrol;
 
 use crate::http::RegisterFailure;
 use crate::session::{Shared, Upsert};
@@ -356,20 +356,13 @@ async fn register_with_retry(
     auth_key: &str,
     hostname: &str,
 ) -> anyhow::Result<RegisterResponse> {
-    let mut public_key = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut public_key);
-    let request = RegisterRequest {
-        auth_key: auth_key.to_string(),
-        public_key: base64::engine::general_purpose::STANDARD.encode(public_key),
-        hostname: hostname.to_string(),
-    };
+    let mut secret = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut secret);
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let result = match session::dial(server, source).await {
-            Ok(stream) => http::register(stream, server, &request).await,
-            Err(e) => Err(RegisterFailure::Other(e)),
-        };
+        // A challenge is good for one attempt, so every attempt asks anew.
+        let result = register_once(server, source, &secret, auth_key, hostname).await;
         match result {
             Ok(response) => return Ok(response),
             Err(RegisterFailure::Refused { status, error })
@@ -387,6 +380,26 @@ async fn register_with_retry(
             Err(_) => tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await,
         }
     }
+}
+
+/// Challenge, proof and registration: two connections, as `overlayd` does it.
+async fn register_once(
+    server: SocketAddr,
+    source: Option<IpAddr>,
+    secret: &[u8; 32],
+    auth_key: &str,
+    hostname: &str,
+) -> Result<RegisterResponse, RegisterFailure> {
+    let stream = session::dial(server, source)
+        .await
+        .map_err(RegisterFailure::Other)?;
+    let challenge = http::challenge(stream, server).await?;
+    let request = enrol::register_request(&challenge, secret, auth_key, hostname, None)
+        .map_err(|e| RegisterFailure::Other(e.into()))?;
+    let stream = session::dial(server, source)
+        .await
+        .map_err(RegisterFailure::Other)?;
+    http::register(stream, server, &request).await
 }
 
 /// Ends the process when the server's VmRSS passes `max_mib`, after printing
