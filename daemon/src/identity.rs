@@ -18,7 +18,8 @@ use overlay_proto::coord::RegisterResponse;
 use overlay_proto::NodeId;
 use serde::{Deserialize, Serialize};
 
-const KEY_FILE: &str = "private.key";
+/// The node's private key in the state directory, standard base64, mode 0600.
+pub const KEY_FILE: &str = "private.key";
 const NODE_FILE: &str = "node.json";
 
 #[derive(Debug, thiserror::Error)]

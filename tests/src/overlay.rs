@@ -10,7 +10,7 @@ use anyhow::{bail, ensure, Context};
 use overlay_proto::api::{PeerStatus, Status};
 
 use crate::bin;
-use crate::lab::{Host, Lab};
+use crate::lab::{Host, Lab, Segment};
 use crate::process::{self, Proc};
 use crate::wait::{fatal, wait_until, Wait};
 
@@ -312,6 +312,8 @@ pub struct LanPair {
     pub b: Daemon,
     pub coord_host: Host,
     pub coord: Coordinator,
+    /// The segment all three are on; more hosts may be attached to it.
+    pub lan: Segment,
 }
 
 impl LanPair {
@@ -350,6 +352,7 @@ impl LanPair {
             b,
             coord_host,
             coord,
+            lan,
         })
     }
 }

@@ -9,6 +9,9 @@
 //! hostile_node STATE_DIR ping PEER DST
 //!     a WireGuard session with PEER over the coordination relay; sends three ICMP
 //!     echo requests to DST from our mesh address; prints "replies=N"
+//! hostile_node STATE_DIR turn-flood COUNT
+//!     asks the first TURN server of our ICE configuration for COUNT allocations
+//!     with our one credential; prints "allocated=A refused=R"
 //! ```
 //!
 //! Only ever run inside lab namespaces, against the lab's coordinator.
@@ -22,7 +25,8 @@ use boringtun::noise::{Tunn, TunnResult};
 use boringtun::x25519::{PublicKey, StaticSecret};
 use futures_util::{SinkExt, StreamExt};
 use overlay_proto::coord::{
-    bearer, decode_relay_frame, encode_relay_frame, ClientMsg, PeerInfo, ServerMsg, CONNECT_PATH,
+    bearer, decode_relay_frame, encode_relay_frame, ClientMsg, IceConfig, PeerInfo, ServerMsg,
+    CONNECT_PATH,
 };
 use overlay_proto::signal::{PeerSignal, SealedSignal};
 use overlayd::identity::{decode_public_key, StateDir};
@@ -39,12 +43,18 @@ const REPLY_WAIT: Duration = Duration::from_secs(3);
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let usage = "usage: hostile_node STATE_DIR (offer-flood PEER RATE SECS | ping PEER DST)";
+    let usage = "usage: hostile_node STATE_DIR (offer-flood PEER RATE SECS | ping PEER DST | turn-flood COUNT)";
     let (Some(dir), Some(mode), Some(peer)) = (args.first(), args.get(1), args.get(2)) else {
         bail!(usage);
     };
     let me = Identity::load(Path::new(dir))?;
-    let (ws, peers) = me.connect().await?;
+    let (ws, peers, ice) = me.connect().await?;
+    if mode == "turn-flood" {
+        let count: usize = peer.parse().context("COUNT")?;
+        let result = turn_flood(&ice, count).await;
+        drop(ws);
+        return result;
+    }
     let peer = peers
         .into_iter()
         .find(|p| &p.name == peer)
@@ -86,8 +96,8 @@ impl Identity {
         })
     }
 
-    /// The control WebSocket, and the netmap of its `Welcome`.
-    async fn connect(&self) -> anyhow::Result<(Ws, Vec<PeerInfo>)> {
+    /// The control WebSocket, and the netmap and ICE configuration of its `Welcome`.
+    async fn connect(&self) -> anyhow::Result<(Ws, Vec<PeerInfo>, IceConfig)> {
         let endpoint = Endpoint::parse(&self.coordinator)?;
         let connector = Connector::new(&endpoint, None)?;
         let mut ws = connector
@@ -96,8 +106,8 @@ impl Identity {
         loop {
             match ws.next().await {
                 Some(Ok(Message::Text(text))) => {
-                    if let Ok(ServerMsg::Welcome { peers, .. }) = serde_json::from_str(&text) {
-                        return Ok((ws, peers));
+                    if let Ok(ServerMsg::Welcome { peers, ice, .. }) = serde_json::from_str(&text) {
+                        return Ok((ws, peers, ice));
                     }
                 }
                 Some(Ok(_)) => {}
@@ -244,5 +254,50 @@ async fn ping(
         }
     }
     println!("replies={replies}");
+    Ok(())
+}
+
+/// One TURN client per allocation (an allocation is per 5-tuple), all with the
+/// same credential, kept until every attempt is done.
+async fn turn_flood(ice: &IceConfig, count: usize) -> anyhow::Result<()> {
+    let server = ice
+        .turn
+        .first()
+        .context("the coordinator hands out no TURN server")?;
+    let url = server.urls.first().context("TURN server without a URL")?;
+    let addr = overlayd::netcheck::server_addr(url).context("TURN URL")?;
+    let mut held = Vec::new();
+    let (mut allocated, mut refused) = (0usize, 0usize);
+    for _ in 0..count {
+        let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+        let conn: std::sync::Arc<dyn webrtc_util::Conn + Send + Sync> = std::sync::Arc::new(socket);
+        let client = turn::client::Client::new(turn::client::ClientConfig {
+            stun_serv_addr: addr.clone(),
+            turn_serv_addr: addr.clone(),
+            username: server.username.clone(),
+            password: server.credential.clone(),
+            realm: String::new(),
+            software: String::new(),
+            rto_in_ms: 0,
+            conn,
+            vnet: None,
+        })
+        .await?;
+        client.listen().await?;
+        match tokio::time::timeout(Duration::from_secs(3), client.allocate()).await {
+            Ok(Ok(relay)) => {
+                allocated += 1;
+                held.push((client, relay));
+            }
+            _ => {
+                refused += 1;
+                let _ = client.close().await;
+            }
+        }
+    }
+    println!("allocated={allocated} refused={refused}");
+    for (client, _relay) in held {
+        let _ = client.close().await;
+    }
     Ok(())
 }
