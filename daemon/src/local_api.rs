@@ -302,3 +302,21 @@ async fn send(
     line.push(b'\n');
     write.write_all(&line).await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn socket_is_closed_to_other_users() {
+        let dir = std::env::temp_dir().join(format!("ovl-api-{}", std::process::id()));
+        let path = dir.join("overlayd.sock");
+        let _listener = bind(&path).await.expect("bind");
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        let _ = std::fs::remove_dir_all(&dir);
+        // Owner and group may connect; others (no write bit) may not.
+        assert_eq!(mode & 0o777, 0o660, "socket mode {mode:o}");
+    }
+}
