@@ -171,20 +171,22 @@ fn a_hostile_client_costs_a_direct_pair_nothing_and_healthz_stays_fast() {
         );
 
         // #4/#5: hundreds of idle sockets, then requests that never finish their headers.
-        let r = attack(
-            lab,
-            &m,
-            "hostile_client",
-            &[
+        let idle = |count: &str, hold: &str, partial: bool| {
+            let mut args = vec![
                 "idle",
                 "--addr",
                 &coord_addr,
                 "--count",
-                "300",
+                count,
                 "--hold",
-                "3",
-            ],
-        )?;
+                hold,
+            ];
+            if partial {
+                args.push("--partial");
+            }
+            attack(lab, &m, "hostile_client", &args)
+        };
+        let r = idle("300", "3", false)?;
         ensure!(
             number(&r, "opened")? + number(&r, "refused")? == 300.0,
             "idle attack: {r:?}"
@@ -194,21 +196,7 @@ fn a_hostile_client_costs_a_direct_pair_nothing_and_healthz_stays_fast() {
             number(&r, "opened")? - number(&r, "closed_by_server")? <= PENDING_PER_SOURCE,
             "more than {PENDING_PER_SOURCE} idle connections from one source stayed open: {r:?}"
         );
-        let r = attack(
-            lab,
-            &m,
-            "hostile_client",
-            &[
-                "idle",
-                "--addr",
-                &coord_addr,
-                "--count",
-                "40",
-                "--hold",
-                "20",
-                "--partial",
-            ],
-        )?;
+        let r = idle("40", "20", true)?;
         ensure!(
             number(&r, "closed_by_server")? == number(&r, "opened")?,
             "partial-header connections outlived the header timeout: {r:?}"
