@@ -19,7 +19,8 @@
 //! Single use needs memory, but only for registrations that succeed: the
 //! register route checks tag and age ([`ChallengeKey::check`]), then the proof,
 //! and only then claims the challenge in [`UsedChallenges`] for the store
-//! transaction that checks the auth key; a refused auth key releases the claim.
+//! transaction that checks the auth key; a refusal by the store (bad auth key,
+//! key already enrolled, full pool: the transaction rolled back) releases it.
 //! So an entry outlives its request only for a registration that passed every
 //! check, i.e. one made with a valid auth key, and it is forgotten when its
 //! challenge expires. The set is bounded by [`MAX_USED`] all the same: when
@@ -201,8 +202,8 @@ impl UsedChallenges {
         Ok(())
     }
 
-    /// Undoes a claim whose registration changed nothing (a refused auth
-    /// key), so a client without a valid auth key holds no entry past its
+    /// Undoes a claim whose registration the store refused (and so changed
+    /// nothing): a client without a valid auth key holds no entry past its
     /// own request.
     pub fn release(&mut self, challenge: &Valid) {
         self.set.remove(&challenge.id);
