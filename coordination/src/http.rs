@@ -22,9 +22,9 @@ use overlay_proto::coord::{
     error_code, parse_bearer, ApiError, ChallengeResponse, RegisterRequest, RegisterResponse,
     CHALLENGE_PATH, CONNECT_PATH, MAX_FRAME_BYTES, REGISTER_PATH,
 };
-use overlay_proto::enrol;
+use overlay_proto::enrol::{self, CHALLENGE_LEN};
 
-use crate::challenge::{Challenges, Issued, CHALLENGE_TTL};
+use crate::challenge::{ChallengeKey, Refused, UsedChallenges, Valid, CHALLENGE_TTL};
 use crate::hub::Hub;
 use crate::metrics::{Metrics, Rejected};
 use crate::session::{self, SessionContext};
@@ -50,17 +50,60 @@ pub struct AppState {
     pub session: SessionContext,
 }
 
-/// What the enrolment routes share: the app, and the challenges handed out
-/// and not yet answered (kept only in memory: a restart voids them, and a node
-/// simply asks again).
+/// What the enrolment routes share: the app, the per-process challenge key
+/// (a restart draws a new one and voids outstanding challenges; a node simply
+/// asks again) and the challenges used by registrations.
 #[derive(Clone)]
 struct EnrolState {
     app: AppState,
-    challenges: Arc<Mutex<Challenges>>,
+    key: Arc<ChallengeKey>,
+    used: Arc<Mutex<UsedChallenges>>,
+    clock: EnrolClock,
+}
+
+impl EnrolState {
+    /// Marks the challenge used (see [`UsedChallenges::claim`]).
+    fn claim(&self, valid: &Valid) -> Result<(), Refused> {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        let claimed = used.claim(valid, self.clock.now());
+        self.app.metrics.set_challenges_used(used.len());
+        claimed
+    }
+
+    fn release(&self, valid: &Valid) {
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        used.release(valid);
+        self.app.metrics.set_challenges_used(used.len());
+    }
+}
+
+/// Seconds for challenges: the wall clock read once at start, advanced by the
+/// monotonic clock, so a stepped system clock can neither shorten nor lengthen
+/// a challenge's life, nor bring back one the used set has forgotten.
+#[derive(Clone, Copy)]
+struct EnrolClock {
+    start: std::time::Instant,
+    start_unix: u64,
+}
+
+impl EnrolClock {
+    fn new() -> Self {
+        EnrolClock {
+            start: std::time::Instant::now(),
+            start_unix: now_unix(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.start_unix
+            .saturating_add(self.start.elapsed().as_secs())
+    }
 }
 
 pub fn router(state: AppState) -> Router {
     let body_max = state.session.limits.register_body_max;
+    let mut master = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut master);
     let enrolment = Router::new()
         .route(CHALLENGE_PATH, post(challenge))
         .route(
@@ -69,7 +112,9 @@ pub fn router(state: AppState) -> Router {
         )
         .with_state(EnrolState {
             app: state.clone(),
-            challenges: Arc::new(Mutex::new(Challenges::default())),
+            key: Arc::new(ChallengeKey::new(master)),
+            used: Arc::new(Mutex::new(UsedChallenges::default())),
+            clock: EnrolClock::new(),
         });
     Router::new()
         .route(CONNECT_PATH, get(connect))
@@ -99,59 +144,44 @@ fn internal_error(context: &str, e: impl std::fmt::Display) -> Response {
     )
 }
 
-/// `POST /v1/register/challenge`: a fresh nonce and a per-challenge X25519
-/// key, good for one registration attempt within `CHALLENGE_TTL`.
+/// `POST /v1/register/challenge`: a fresh challenge and its X25519 key, good
+/// for one registration within `CHALLENGE_TTL`. Costs no server memory.
 async fn challenge(State(st): State<EnrolState>) -> Response {
-    let mut nonce = [0u8; 32];
-    let mut secret = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
-    rand::rngs::OsRng.fill_bytes(&mut secret);
-    let issued = st
-        .challenges
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .issue(nonce, secret, std::time::Instant::now());
-    if issued.is_err() {
-        st.app.metrics.reject(Rejected::ChallengesFull);
-        return api_error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            error_code::RATE_LIMITED,
-            "too many registrations in progress; retry in a few seconds",
-        );
-    }
+    let mut random = [0u8; 16];
+    rand::rngs::OsRng.fill_bytes(&mut random);
+    let issued = st.key.issue(random, st.clock.now());
     Json(ChallengeResponse {
-        challenge: B64.encode(nonce),
-        server_key: B64.encode(enrol::public_key(&secret)),
+        challenge: B64.encode(issued.challenge),
+        server_key: B64.encode(issued.server_key),
         expires_in: CHALLENGE_TTL.as_secs(),
     })
     .into_response()
 }
 
-/// Takes the request's challenge out of the table, whatever happens next:
-/// each challenge gets one registration attempt. The refusal otherwise.
-fn take_challenge(
-    challenges: &Mutex<Challenges>,
+/// The request's challenge, if this process issued it and it is fresh. The
+/// refusal otherwise. Cheap (two HMACs), and changes nothing.
+fn check_challenge(
+    st: &EnrolState,
     req: &RegisterRequest,
-) -> Result<([u8; 32], Issued), String> {
+) -> Result<([u8; CHALLENGE_LEN], Valid), String> {
     if req.challenge.is_empty() || req.proof.is_empty() {
         return Err(format!(
             "registration needs a challenge (POST {CHALLENGE_PATH}) and a proof of the node's private key; upgrade overlayd"
         ));
     }
-    let nonce = enrol::decode_32("challenge", &req.challenge).map_err(|e| e.to_string())?;
-    let issued = challenges
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .consume(&nonce, std::time::Instant::now())
-        .ok_or_else(|| {
-            "unknown, expired or already used challenge; ask for a new one".to_string()
-        })?;
-    Ok((nonce, issued))
+    let challenge = enrol::decode_challenge(&req.challenge).map_err(|e| e.to_string())?;
+    let valid = st
+        .key
+        .check(&challenge, st.clock.now())
+        .map_err(|e| e.to_string())?;
+    Ok((challenge, valid))
 }
 
-async fn register(State(st): State<EnrolState>, body: Result<Bytes, BytesRejection>) -> Response {
-    let challenges = &st.challenges;
-    let st = &st.app;
+async fn register(
+    State(state): State<EnrolState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let st = &state.app;
     let bad = |status, message: String| {
         st.metrics.reject(Rejected::BadRegister);
         api_error(status, error_code::BAD_REQUEST, message)
@@ -174,7 +204,7 @@ async fn register(State(st): State<EnrolState>, body: Result<Bytes, BytesRejecti
         debug!("registration refused: {why}");
         api_error(StatusCode::UNAUTHORIZED, error_code::BAD_PROOF, why)
     };
-    let (nonce, issued) = match take_challenge(challenges, &req) {
+    let (challenge, valid) = match check_challenge(&state, &req) {
         Ok(c) => c,
         Err(why) => return bad_proof(why),
     };
@@ -187,9 +217,24 @@ async fn register(State(st): State<EnrolState>, body: Result<Bytes, BytesRejecti
         Err(m) => return bad(StatusCode::BAD_REQUEST, m),
     };
     // The proof covers the fields as sent, before validation normalised them.
-    let transcript = enrol::transcript(&nonce, &key_bytes, &req.auth_key, &req.hostname);
-    if let Err(e) = enrol::verify(&issued.server_secret, &key_bytes, &transcript, &req.proof) {
+    let transcript = enrol::transcript(&challenge, &key_bytes, &req.auth_key, &req.hostname);
+    if let Err(e) = enrol::verify(&valid.server_secret, &key_bytes, &transcript, &req.proof) {
         return bad_proof(e.to_string());
+    }
+    // Claimed before the store transaction, which checks the auth key, so two
+    // copies of one request cannot both get there; released if the store
+    // refuses, so only registrations that passed every check keep an entry.
+    match state.claim(&valid) {
+        Ok(()) => {}
+        Err(Refused::Full) => {
+            st.metrics.reject(Rejected::ChallengesFull);
+            return api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                error_code::RATE_LIMITED,
+                Refused::Full.to_string(),
+            );
+        }
+        Err(e) => return bad_proof(e.to_string()),
     }
     let enrolment = Enrolment {
         auth_key: req.auth_key,
@@ -199,8 +244,19 @@ async fn register(State(st): State<EnrolState>, body: Result<Bytes, BytesRejecti
     };
     let network = st.session.network;
     let store = Arc::clone(&st.store);
-    let result =
-        tokio::task::spawn_blocking(move || store.register(&enrolment, network, now_unix())).await;
+    let routes = state.clone();
+    // The claim is settled in the blocking task, which runs to the end even if
+    // this request is dropped meanwhile: a claim outlives the request only
+    // when the registration committed.
+    let result = tokio::task::spawn_blocking(move || {
+        let result = store.register(&enrolment, network, now_unix());
+        if result.is_err() {
+            // The transaction rolled back: nothing used the challenge.
+            routes.release(&valid);
+        }
+        result
+    })
+    .await;
     let registered = match result {
         Ok(Ok(r)) => r,
         Ok(Err(RegisterError::AuthKey(problem))) => {

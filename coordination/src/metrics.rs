@@ -38,7 +38,8 @@ pub enum Rejected {
     BadProof,
     /// A registration of an enrolled public key without its credential.
     AlreadyEnrolled,
-    /// A challenge refused because the table of outstanding ones is full.
+    /// A registration refused because the set of challenges used within
+    /// their lifetime is full (`challenge::MAX_USED`).
     ChallengesFull,
 }
 
@@ -129,6 +130,9 @@ pub struct Metrics {
     pub conn_refused_per_ip: AtomicU64,
     /// Connections closed by the TLS handshake, header-read or idle deadline.
     pub conn_timeouts: AtomicU64,
+    /// Challenges remembered as used (a gauge): the only server memory
+    /// enrolment challenges take.
+    challenges_used: AtomicU64,
     rejected: [AtomicU64; Rejected::ALL.len()],
     relay_dropped: [AtomicU64; RelayDrop::ALL.len()],
 }
@@ -159,6 +163,11 @@ impl Metrics {
             .position(|r| *r == reason)
             .map(|i| self.rejected[i].load(Ordering::Relaxed))
             .unwrap_or(0)
+    }
+
+    pub fn set_challenges_used(&self, n: usize) {
+        self.challenges_used
+            .store(u64::try_from(n).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     pub fn relay_drop(&self, reason: RelayDrop) {
@@ -202,6 +211,12 @@ impl Metrics {
             "counter",
             "Successful registrations.",
             load(&self.registrations),
+        );
+        metric(
+            "overlay_coord_challenges_used",
+            "gauge",
+            "Registration challenges remembered as used until they expire.",
+            load(&self.challenges_used),
         );
         metric(
             "overlay_coord_sessions_opened_total",

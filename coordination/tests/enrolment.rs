@@ -2,9 +2,12 @@
 
 mod common;
 
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
 use common::*;
 use overlay_coord::store::now_unix;
-use overlay_proto::coord::{error_code, ClientMsg, RegisterResponse, ServerMsg};
+use overlay_proto::coord::{error_code, ClientMsg, RegisterResponse, ServerMsg, CHALLENGE_PATH};
+use overlay_proto::enrol::CHALLENGE_LEN;
 
 #[tokio::test]
 async fn register_returns_id_ip_network_and_credential() {
@@ -125,11 +128,14 @@ async fn reused_unknown_or_foreign_challenges_are_refused() {
     assert_eq!(status, 401, "{body}");
     assert_eq!(api_error(&body).error, error_code::BAD_PROOF);
 
-    // A challenge the server never issued.
-    let mut unknown = srv.request(&key, &NodeKey::random(), "a", None).await;
-    unknown.challenge = random_public_key();
-    let (status, _) = srv.send_register(&unknown).await;
-    assert_eq!(status, 401);
+    // A challenge the server never issued, of the right length or not.
+    for forged in [random_challenge(), random_public_key()] {
+        let mut unknown = srv.request(&key, &NodeKey::random(), "a", None).await;
+        unknown.challenge = forged;
+        let (status, body) = srv.send_register(&unknown).await;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(api_error(&body).error, error_code::BAD_PROOF);
+    }
 
     // A proof made for one challenge's key, presented with another challenge.
     let first = srv.request(&key, &NodeKey::random(), "b", None).await;
@@ -145,21 +151,127 @@ async fn reused_unknown_or_foreign_challenges_are_refused() {
     let (status, _) = srv.send_register(&moved).await;
     assert_eq!(status, 401);
 
-    // Any attempt uses the challenge up, even one refused for a bad hostname.
-    let challenge = srv.challenge().await;
-    let node = NodeKey::random();
-    let answer = |host: &str| {
-        overlay_proto::enrol::register_request(&challenge, &node.secret, &key, host, None).unwrap()
-    };
-    let (status, _) = srv.send_register(&answer("bad_name")).await;
-    assert_eq!(status, 400);
-    let (status, _) = srv.send_register(&answer("good")).await;
-    assert_eq!(status, 401);
-
     assert_eq!(srv.store().list_nodes().unwrap().len(), 1);
     // Refusals spend nothing: the first request's challenge of `first` still works.
     let (status, body) = srv.send_register(&first).await;
     assert_eq!(status, 200, "{body}");
+}
+
+/// Until challenges became stateless, any attempt used its challenge up. Now
+/// only a registration that passed every check does: a refused one changed
+/// nothing, and its node may answer the same challenge again.
+#[tokio::test]
+async fn refused_attempt_leaves_the_challenge_usable_once() {
+    let srv = TestServer::start().await;
+    let key = srv.create_key(true);
+    let challenge = srv.challenge().await;
+    let node = NodeKey::random();
+    let answer = |auth: &str, host: &str| {
+        overlay_proto::enrol::register_request(&challenge, &node.secret, auth, host, None).unwrap()
+    };
+    let (status, _) = srv.send_register(&answer(&key, "bad_name")).await;
+    assert_eq!(status, 400);
+    let (status, body) = srv.send_register(&answer("ovk_wrong", "good")).await;
+    assert_eq!(api_error(&body).error, error_code::AUTH_KEY_UNKNOWN);
+    assert_eq!(status, 401);
+    let (status, body) = srv.send_register(&answer(&key, "good")).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = srv.send_register(&answer(&key, "good")).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(api_error(&body).error, error_code::BAD_PROOF);
+    assert_eq!(srv.store().list_nodes().unwrap().len(), 1);
+}
+
+/// Issue 8, finding 1 (follow-up): the challenge endpoint needs no
+/// authentication, so it must cost the server nothing. With a table of
+/// outstanding challenges (4,096 at most), this flood got 503s and blocked
+/// every enrolment for a minute.
+#[tokio::test]
+async fn challenge_flood_takes_no_server_memory_and_enrolment_still_works() {
+    const FLOOD: usize = 100_000;
+    let srv = TestServer::start().await;
+    let used = "overlay_coord_challenges_used";
+    assert_eq!(srv.metric(used).await, 0);
+
+    let statuses = post_many(srv.addr, CHALLENGE_PATH, FLOOD).await;
+    assert_eq!(statuses.len(), FLOOD);
+    let refused = statuses.iter().filter(|s| **s != 200).count();
+    assert_eq!(
+        refused,
+        0,
+        "challenges refused: first {:?}",
+        statuses.iter().position(|s| *s != 200)
+    );
+    assert_eq!(
+        srv.metric(used).await,
+        0,
+        "issuing challenges stored nothing"
+    );
+
+    // A legitimate node enrols at once; only its registration is remembered.
+    srv.new_node("after-flood").await;
+    assert_eq!(srv.metric(used).await, 1);
+}
+
+/// An anonymous client can also answer its challenges with valid proofs (of
+/// its own keys): without a valid auth key, that leaves nothing behind either.
+#[tokio::test]
+async fn registrations_without_a_valid_auth_key_leave_nothing_behind() {
+    let srv = TestServer::start().await;
+    for i in 0..50 {
+        let (status, body) = srv
+            .register("ovk_guess", &NodeKey::random(), &format!("n{i}"))
+            .await;
+        assert_eq!(status, 401, "{body}");
+        assert_eq!(api_error(&body).error, error_code::AUTH_KEY_UNKNOWN);
+    }
+    assert_eq!(srv.metric("overlay_coord_challenges_used").await, 0);
+    srv.new_node("fine").await;
+}
+
+#[tokio::test]
+async fn tampered_challenge_is_refused() {
+    let srv = TestServer::start().await;
+    let key = srv.create_key(true);
+    type Tamper = fn(&mut [u8]);
+    let tampering: [(&str, Tamper); 4] = [
+        ("first MAC bit", |c| c[24] ^= 1),
+        ("last MAC bit", |c| c[CHALLENGE_LEN - 1] ^= 0x80),
+        ("later issue time (a longer life)", |c| {
+            let later = u64::from_be_bytes(c[..8].try_into().unwrap()) + 3600;
+            c[..8].copy_from_slice(&later.to_be_bytes());
+        }),
+        ("random part", |c| c[10] ^= 8),
+    ];
+    for (what, tamper) in tampering {
+        let mut challenge = srv.challenge().await;
+        let mut bytes = B64.decode(&challenge.challenge).unwrap();
+        assert_eq!(bytes.len(), CHALLENGE_LEN);
+        tamper(&mut bytes);
+        challenge.challenge = B64.encode(&bytes);
+        let node = NodeKey::random();
+        let request =
+            overlay_proto::enrol::register_request(&challenge, &node.secret, &key, "t", None)
+                .unwrap();
+        let (status, body) = srv.send_register(&request).await;
+        assert_eq!(status, 401, "{what}: {body}");
+        assert_eq!(api_error(&body).error, error_code::BAD_PROOF, "{what}");
+    }
+    assert!(srv.store().list_nodes().unwrap().is_empty());
+}
+
+/// A restart draws a new master secret: challenges handed out before it are
+/// refused (overlayd then asks for a fresh one).
+#[tokio::test]
+async fn challenge_from_before_a_restart_is_refused() {
+    let mut srv = TestServer::start().await;
+    let key = srv.create_key(true);
+    let request = srv.request(&key, &NodeKey::random(), "early", None).await;
+    srv.restart().await;
+    let (status, body) = srv.send_register(&request).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(api_error(&body).error, error_code::BAD_PROOF);
+    srv.register_ok(&key, &NodeKey::random(), "late").await;
 }
 
 #[tokio::test]

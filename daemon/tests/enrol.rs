@@ -14,7 +14,7 @@ use overlay_proto::coord::{
     error_code, ApiError, ChallengeResponse, RegisterRequest, RegisterResponse, CHALLENGE_PATH,
     REGISTER_PATH,
 };
-use overlay_proto::enrol;
+use overlay_proto::enrol::{self, CHALLENGE_LEN};
 use overlayd::control::{self, Enrol, EnrolError};
 use overlayd::identity::Keypair;
 use overlayd::transport::{Connector, Endpoint};
@@ -27,7 +27,7 @@ struct Script {
     challenges: usize,
     /// The ephemeral secret of the last challenge.
     secret: Option<[u8; 32]>,
-    nonce: Option<[u8; 32]>,
+    nonce: Option<[u8; CHALLENGE_LEN]>,
     registrations: Vec<RegisterRequest>,
 }
 
@@ -102,7 +102,8 @@ fn answer(script: &Mutex<Script>, path: &str, body: &[u8]) -> (u16, String) {
         }
         s.challenges += 1;
         let secret: [u8; 32] = rand::random();
-        let nonce: [u8; 32] = rand::random();
+        let mut nonce = [0u8; CHALLENGE_LEN];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut nonce);
         s.secret = Some(secret);
         s.nonce = Some(nonce);
         let c = ChallengeResponse {

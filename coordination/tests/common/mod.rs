@@ -251,6 +251,65 @@ pub fn random_public_key() -> String {
     NodeKey::random().public
 }
 
+/// A challenge of the right length that no server issued.
+pub fn random_challenge() -> String {
+    let mut bytes = [0u8; enrol::CHALLENGE_LEN];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// `count` empty-bodied `POST path` requests, pipelined on one keep-alive
+/// connection (as fast as a flooding client goes); the statuses in order.
+pub async fn post_many(addr: SocketAddr, path: &str, count: usize) -> Vec<u16> {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    /// Requests written before waiting for their answers.
+    const WINDOW: usize = 256;
+    let stream = TcpStream::connect(addr).await.expect("tcp connect");
+    let (read, mut write) = stream.into_split();
+    let request = format!("POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n");
+    let mut reader = BufReader::new(read);
+    let mut statuses = Vec::with_capacity(count);
+    let mut line = String::new();
+    let mut body = Vec::new();
+    while statuses.len() < count {
+        let batch = WINDOW.min(count - statuses.len());
+        write
+            .write_all(request.repeat(batch).as_bytes())
+            .await
+            .expect("write requests");
+        for _ in 0..batch {
+            let response = async {
+                line.clear();
+                reader.read_line(&mut line).await.ok()?;
+                let status: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
+                let mut length = 0;
+                loop {
+                    line.clear();
+                    reader.read_line(&mut line).await.ok()?;
+                    let header = line.trim_end();
+                    if header.is_empty() {
+                        break;
+                    }
+                    if let Some((k, v)) = header.split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            length = v.trim().parse().ok()?;
+                        }
+                    }
+                }
+                body.resize(length, 0);
+                reader.read_exact(&mut body).await.ok()?;
+                Some(status)
+            };
+            let status = tokio::time::timeout(DEADLINE, response)
+                .await
+                .expect("response in time")
+                .expect("a response with a status and a content-length");
+            statuses.push(status);
+        }
+    }
+    statuses
+}
+
 /// A minimal HTTP/1.1 client: one request, `Connection: close`.
 pub async fn http(
     addr: SocketAddr,
