@@ -11,7 +11,7 @@
 //! | [`store`], [`migrations`] | SQLite: nodes, keys, credentials, removals |
 //! | [`ipam`] | sans-IO mesh address allocation |
 //! | [`auth`] | secrets, hashing, TURN REST credentials |
-//! | [`challenge`] | registration challenges outstanding, bounded, single use |
+//! | [`challenge`] | stateless registration challenges (MAC + issue time), single use |
 //! | [`validate`] | public key and hostname checks |
 //! | [`http`] | routes: register, connect, healthz, metrics |
 //! | [`session`] | one node's WebSocket session |

@@ -50,8 +50,9 @@ pub struct Enrol<'a> {
     pub credential: Option<String>,
 }
 
-/// Enrolment attempts when the coordinator is busy (its table of challenges
-/// is full) or voided our challenge (it restarted between our two calls).
+/// Enrolment attempts when the coordinator is busy (its set of used challenges
+/// is full) or voided our challenge (it restarted between our two calls, or our
+/// second call came after the challenge expired).
 const ENROL_ATTEMPTS: u32 = 4;
 /// Wait before the second attempt; doubles after each.
 const ENROL_RETRY: Duration = Duration::from_secs(1);

@@ -8,10 +8,12 @@
 //!       binary frames     RelayFrame: 8-byte node id (big endian) + WireGuard datagram
 //! ```
 //!
-//! Enrolment is two calls: the challenge gives a fresh 32-byte nonce and a
-//! per-challenge ephemeral X25519 key; the registration answers it with a
-//! proof that the node holds its private key (see [`crate::enrol`]). A
-//! challenge is good for one registration attempt within `expires_in` seconds.
+//! Enrolment is two calls: the challenge gives a fresh 40-byte challenge (issue
+//! time, random bytes and the server's MAC over both, so the server keeps no
+//! state for it) and a per-challenge X25519 key derived from it; the
+//! registration answers it with a proof that the node holds its private key
+//! (see [`crate::enrol`]). A challenge is good for one successful registration
+//! within `expires_in` seconds.
 //! A public key that is already enrolled re-enrols only with the node's current
 //! credential in `credential` (otherwise 409 `already_enrolled`), and keeps its
 //! name and address.
