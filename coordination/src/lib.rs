@@ -8,7 +8,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | TOML file, flags, resolved settings and limits |
-//! | [`store`], [`migrations`] | SQLite: nodes, keys, credentials, removals |
+//! | [`store`] (keys and enrolment in `store_keys.rs`, `store_register.rs`), [`migrations`] | SQLite: nodes, keys, credentials, removals, held addresses |
 //! | [`ipam`] | sans-IO mesh address allocation |
 //! | [`auth`] | secrets, hashing, TURN REST credentials |
 //! | [`challenge`] | stateless registration challenges (MAC + issue time), single use |

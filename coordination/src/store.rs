@@ -5,7 +5,6 @@
 //! Every method is synchronous and short; the server calls them from
 //! `spawn_blocking`.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
@@ -19,9 +18,7 @@ use overlay_proto::coord::PeerInfo;
 use overlay_proto::NodeId;
 
 use crate::auth;
-use crate::ipam;
 use crate::migrations::{self, MigrationError};
-use crate::validate;
 
 /// File name of the database inside the state directory.
 pub const DB_FILE: &str = "coord.db";
@@ -262,191 +259,6 @@ impl Store {
         Ok(())
     }
 
-    /// Creates an auth key; returns its id and the key in clear (shown once).
-    pub fn create_key(
-        &self,
-        reusable: bool,
-        expires_at: Option<u64>,
-        now: u64,
-    ) -> Result<(u64, String), StoreError> {
-        let key = auth::new_auth_key();
-        let hash = auth::hash_secret(&key);
-        let conn = self.conn();
-        conn.execute(
-            "INSERT INTO auth_keys (hash, reusable, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            params![&hash[..], reusable, now as i64, expires_at.map(|e| e as i64)],
-        )?;
-        Ok((conn.last_insert_rowid() as u64, key))
-    }
-
-    pub fn list_keys(&self) -> Result<Vec<KeyRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {KEY_COLUMNS} FROM auth_keys ORDER BY id"))?;
-        let rows = stmt.query_map([], key_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
-    }
-
-    /// Revokes a key; false when no key has that id.
-    pub fn revoke_key(&self, id: u64, now: u64) -> Result<bool, StoreError> {
-        let conn = self.conn();
-        let exists: Option<i64> = conn
-            .query_row(
-                "SELECT id FROM auth_keys WHERE id = ?1",
-                params![id as i64],
-                |r| r.get(0),
-            )
-            .optional()?;
-        if exists.is_none() {
-            return Ok(false);
-        }
-        conn.execute(
-            "UPDATE auth_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
-            params![id as i64, now as i64],
-        )?;
-        Ok(true)
-    }
-
-    /// Revokes a key and removes every node it enrolled (as `remove_node`
-    /// does), in one transaction. `None` when no key has that id; otherwise
-    /// the removed nodes as `(id, name)`.
-    pub fn revoke_key_removing_nodes(
-        &self,
-        id: u64,
-        now: u64,
-    ) -> Result<Option<Vec<(NodeId, String)>>, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let revoked = tx.execute(
-            "UPDATE auth_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
-            params![id as i64, now as i64],
-        )?;
-        if revoked == 0 {
-            return Ok(None);
-        }
-        let nodes: Vec<(NodeId, String)> = {
-            let mut stmt =
-                tx.prepare("SELECT id, name FROM nodes WHERE auth_key_id = ?1 ORDER BY id")?;
-            let rows = stmt.query_map(params![id as i64], |r| {
-                Ok((r.get::<_, i64>(0)? as NodeId, r.get(1)?))
-            })?;
-            rows.collect::<Result<_, _>>()?
-        };
-        for (node, _) in &nodes {
-            remove_in(&tx, *node, now)?;
-        }
-        tx.commit()?;
-        Ok(Some(nodes))
-    }
-
-    /// Enrols a node in one transaction: checks and spends the key, picks a
-    /// unique name and a free address (not one held back after a removal) for
-    /// a new public key, and issues a new credential. A known public key is
-    /// re-enrolled only with its node's current credential, and keeps its id,
-    /// name and address; without it the request changes nothing. The caller
-    /// has already checked the proof of possession.
-    pub fn register(
-        &self,
-        req: &Enrolment,
-        network: Ipv4Net,
-        now: u64,
-    ) -> Result<Registered, RegisterError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-
-        let key_hash = auth::hash_secret(&req.auth_key);
-        let key: Option<KeyRow> = tx
-            .query_row(
-                &format!("SELECT {KEY_COLUMNS} FROM auth_keys WHERE hash = ?1"),
-                params![&key_hash[..]],
-                key_from_row,
-            )
-            .optional()?;
-        let key = key.ok_or(RegisterError::AuthKey(KeyProblem::Unknown))?;
-        if let Some(problem) = key.problem(now) {
-            return Err(RegisterError::AuthKey(problem));
-        }
-
-        let credential = auth::new_credential();
-        let cred_hash = auth::hash_secret(&credential);
-        let existing: Option<NodeRow> = tx
-            .query_row(
-                &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE public_key = ?1"),
-                params![req.public_key],
-                node_from_row,
-            )
-            .optional()?;
-
-        let (id, created) = match existing {
-            Some(node) => {
-                let stored: Vec<u8> = tx.query_row(
-                    "SELECT credential_hash FROM nodes WHERE id = ?1",
-                    params![node.id as i64],
-                    |r| r.get(0),
-                )?;
-                let presented = req.credential.as_deref().unwrap_or_default();
-                if req.credential.is_none() || !auth::verify_secret(presented, Some(&stored)) {
-                    return Err(RegisterError::AlreadyEnrolled(node.id));
-                }
-                tx.execute(
-                    "UPDATE nodes SET credential_hash = ?2, auth_key_id = ?3 WHERE id = ?1",
-                    params![node.id as i64, &cred_hash[..], key.id as i64],
-                )?;
-                (node.id, false)
-            }
-            None => {
-                let name = unique_name(&tx, &req.hostname, None)?;
-                let taken: BTreeSet<Ipv4Addr> = {
-                    let mut stmt = tx.prepare("SELECT mesh_ip FROM nodes")?;
-                    let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?;
-                    rows.map(|r| r.map(Ipv4Addr::from))
-                        .collect::<Result<_, _>>()?
-                };
-                // Holds that ended no longer matter; forget them.
-                tx.execute(
-                    "DELETE FROM held_addresses WHERE released_at <= ?1",
-                    params![now.saturating_sub(ipam::HOLD_BACK_SECS) as i64],
-                )?;
-                let held: BTreeMap<Ipv4Addr, u64> = {
-                    let mut stmt = tx.prepare("SELECT mesh_ip, released_at FROM held_addresses")?;
-                    let rows = stmt.query_map([], |r| {
-                        Ok((
-                            Ipv4Addr::from(r.get::<_, u32>(0)?),
-                            r.get::<_, i64>(1)? as u64,
-                        ))
-                    })?;
-                    rows.collect::<Result<_, _>>()?
-                };
-                let ip = ipam::allocate(network, &taken, &held, now)
-                    .ok_or(RegisterError::PoolExhausted(network))?;
-                tx.execute(
-                    "DELETE FROM held_addresses WHERE mesh_ip = ?1",
-                    params![u32::from(ip)],
-                )?;
-                tx.execute(
-                    "INSERT INTO nodes (name, public_key, mesh_ip, credential_hash, auth_key_id, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![name, req.public_key, u32::from(ip), &cred_hash[..], key.id as i64, now as i64],
-                )?;
-                (tx.last_insert_rowid() as NodeId, true)
-            }
-        };
-        tx.execute(
-            "UPDATE auth_keys SET uses = uses + 1, last_used_at = ?2 WHERE id = ?1",
-            params![key.id as i64, now as i64],
-        )?;
-        let node = tx.query_row(
-            &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?1"),
-            params![id as i64],
-            node_from_row,
-        )?;
-        tx.commit()?;
-        Ok(Registered {
-            node,
-            credential,
-            created,
-        })
-    }
-
     /// The node if `credential` is its current one. Unknown node and wrong
     /// credential are indistinguishable to the caller and take the same work.
     pub fn verify_node(&self, id: NodeId, credential: &str) -> Result<Option<NodeRow>, StoreError> {
@@ -545,23 +357,6 @@ impl Store {
     }
 }
 
-/// `wanted`, or `wanted-2`, `wanted-3`, … whichever is free (ignoring `own`).
-fn unique_name(
-    tx: &rusqlite::Transaction<'_>,
-    wanted: &str,
-    own: Option<NodeId>,
-) -> Result<String, rusqlite::Error> {
-    let own = own.map(|id| id as i64).unwrap_or(-1);
-    let mut stmt = tx.prepare_cached("SELECT 1 FROM nodes WHERE name = ?1 AND id != ?2")?;
-    let mut candidate = wanted.to_string();
-    let mut n = 1u32;
-    while stmt.exists(params![candidate, own])? {
-        n += 1;
-        candidate = validate::suffixed(wanted, n);
-    }
-    Ok(candidate)
-}
-
 /// Deletes node `id`, records the removal for the running server (which
 /// closes its session) and holds its address back.
 fn remove_in(tx: &rusqlite::Transaction<'_>, id: NodeId, now: u64) -> Result<(), rusqlite::Error> {
@@ -631,6 +426,11 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     }
     builder.create(dir)
 }
+
+#[path = "store_keys.rs"]
+mod keys;
+#[path = "store_register.rs"]
+mod register;
 
 #[cfg(test)]
 #[path = "store_tests.rs"]
