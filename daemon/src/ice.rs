@@ -1,6 +1,6 @@
 //! The edge that owns webrtc-ice agents. It makes no decisions: it turns agent
 //! callbacks into [`IceEvent`]s for the engine, which feeds them to the peer's
-//! [`crate::path::PathState`].
+//! [`crate::node::path::PathState`].
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use webrtc_ice::state::ConnectionState;
 use webrtc_ice::udp_network::UDPNetwork;
 use webrtc_ice::url::Url;
 
-use crate::path::{CandidateKind, SelectedPair};
+use crate::node::path::{CandidateKind, SelectedPair};
 use crate::peer::IceConn;
 
 /// ICE calls a pair disconnected after this long without traffic; packets move to

@@ -5,26 +5,22 @@
 //! take, [`ice`] owns the ICE agents, [`engine`] ties signaling and paths together,
 //! [`local_api`] answers `overlayctl`.
 
-pub mod backoff;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
-pub mod engine;
 pub mod gro;
 pub mod ice;
-pub mod ice_refresh;
 pub mod identity;
 pub mod local_api;
 pub mod mux;
 pub mod netcheck;
-pub mod netmap;
+pub mod node;
 pub mod offload;
 pub mod packet;
-pub mod path;
 pub mod peer;
 pub mod seal;
-pub mod signaling;
+pub mod shell;
 pub mod supervise;
 pub mod transport;
 pub mod tun_device;

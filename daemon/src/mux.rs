@@ -28,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use webrtc_ice::udp_mux::UDPMux;
 use webrtc_util::Conn;
 
-use crate::dataplane::{DataPlane, RxScratch, BUF_SIZE};
+use crate::dataplane::{DataPlane, Origin, RxScratch, BUF_SIZE};
 use crate::peer::lock;
 use crate::udp_batch;
 
@@ -81,20 +81,28 @@ impl Mux {
         let mut rx = RxScratch::default();
         loop {
             let (from, n, segment) = udp_batch::recv_coalesced(&self.socket, &mut buf).await?;
-            // With GRO, one read is a run of datagrams from one sender.
-            let peer = dataplane.peer_by_endpoint(from);
+            // With GRO, one read is a run of datagrams from one sender. STUN goes
+            // to ICE; the rest to the data plane, or to an agent when the sender
+            // is no peer's endpoint (ICE's own traffic before a pair is chosen).
             let mut wireguard: Vec<&[u8]> = Vec::new();
             for datagram in udp_batch::segments(&buf[..n], segment) {
                 if stun::message::is_message(datagram) {
                     self.route_stun(datagram, from);
-                } else if peer.is_some() {
+                } else {
                     wireguard.push(datagram);
-                } else if let Some(conn) = self.agent_for(from) {
-                    conn.deliver(datagram, from);
                 }
             }
-            if let (Some(peer), false) = (&peer, wireguard.is_empty()) {
-                dataplane.receive_batch(peer, &wireguard, &mut rx).await;
+            if wireguard.is_empty()
+                || dataplane
+                    .arrive(Origin::Udp(from), &wireguard, &mut rx)
+                    .await
+            {
+                continue;
+            }
+            if let Some(conn) = self.agent_for(from) {
+                for datagram in wireguard {
+                    conn.deliver(datagram, from);
+                }
             }
         }
     }

@@ -6,8 +6,11 @@
 //!   ICE conn / relay frame ──▶ Tunn::decapsulate ──▶ src IP check ──▶ dst IP check ──▶ TUN
 //! ```
 //!
-//! Anything that arrives on any path goes to the same `Tunn`: WireGuard already
-//! tolerates roaming, so switching paths loses nothing.
+//! Every datagram enters through one door, [`DataPlane::arrive`], which takes
+//! the datagrams and their [`Origin`] (the shared UDP socket, a peer's ICE
+//! connection, a coordination-relay frame). Anything that arrives on any path
+//! goes to the same `Tunn`: WireGuard already tolerates roaming, so switching
+//! paths loses nothing. The data plane never calls up into the node core.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -38,6 +41,20 @@ const FRAME: usize = offload::VNET_HDR_LEN + 65_536;
 const ARENA: usize = 4 << 20;
 /// Packets read from the TUN and encrypted in one go when they are waiting.
 const TUN_BATCH: usize = 32;
+
+/// WireGuard wants its timers run about this often.
+const TIMER_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Where a datagram came from: what carried it tells whose it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Our shared UDP socket, from this address (a direct path's endpoint).
+    Udp(SocketAddr),
+    /// The peer's ICE connection (a TURN relay pair).
+    IceConn(NodeId),
+    /// A coordination-relay frame from this peer.
+    Relay(NodeId),
+}
 
 /// What the data and control planes hand to the coordinator connection.
 #[derive(Debug)]
@@ -385,8 +402,18 @@ impl DataPlane {
         }
     }
 
-    /// Runs WireGuard's timers for every peer (handshakes, keepalives).
-    pub async fn tick_timers(&self, out: &mut [u8]) {
+    /// Runs WireGuard's timers (handshakes, keepalives) until the task is ended.
+    pub async fn run_timers(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(TIMER_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut out = vec![0u8; BUF_SIZE];
+        loop {
+            tick.tick().await;
+            self.tick_timers(&mut out).await;
+        }
+    }
+
+    async fn tick_timers(&self, out: &mut [u8]) {
         for peer in self.peers() {
             let len = match lock(&peer.tunn).update_timers(out) {
                 TunnResult::WriteToNetwork(d) => d.len(),

@@ -1,4 +1,4 @@
-//! The engine's answers to "how is my network" and "why is this peer relayed":
+//! The shell's answers to "how is my network" and "why is this peer relayed":
 //! netcheck runs, NAT information shared with peers, and `overlayctl why`.
 
 use std::net::SocketAddr;
@@ -6,15 +6,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use overlay_proto::api::{NetcheckReport, PathKind, WhyReport};
+use overlay_proto::api::{NetcheckReport, WhyReport};
 use overlay_proto::coord::IceConfig;
-use overlay_proto::signal::PeerSignal;
 use overlay_proto::NodeId;
 
-use super::{Engine, Query};
+use super::{Query, Shell};
 use crate::mux::Mux;
-use crate::path::IceStatus;
-use crate::peer::{lock, Peer};
 use crate::why::{self, Attempt, Evidence};
 
 /// A finished netcheck, and what STUN saw of the shared socket.
@@ -46,9 +43,8 @@ pub(super) async fn netcheck(ice: IceConfig, rtt: Option<Duration>, mux: Arc<Mux
     Netchecked { report, reflexive }
 }
 
-impl Engine {
+impl Shell {
     pub(super) fn spawn_netcheck(&mut self) {
-        self.last_netcheck = Some(Instant::now());
         let ice = self.ice_config.clone();
         let rtt = self.coord_rtt();
         let tx = self.netcheck_tx.clone();
@@ -65,50 +61,15 @@ impl Engine {
         }
     }
 
+    /// Hands the node what netcheck found, and our srflx candidate unless STUN
+    /// saw one of our own addresses (no NAT: it would repeat a host candidate).
     pub(super) fn on_netcheck(&mut self, done: Netchecked) {
         let Netchecked { report, reflexive } = done;
-        if reflexive.is_some() && reflexive != self.reflexive {
-            self.reflexive = reflexive;
-            // Sessions already under way learn the candidate too.
-            let sessions: Vec<_> = self
-                .sessions
-                .iter()
-                .map(|(id, s)| (*id, s.session))
-                .collect();
-            for (id, session) in sessions {
-                if let Some(peer) = self.dataplane.peer(id) {
-                    self.send_reflexive(&peer, session);
-                }
-            }
-        }
-        let nat = report.summary();
-        tracing::info!(
-            "netcheck: udp {}, public address {}, mapping {:?}",
-            if nat.udp { "works" } else { "blocked" },
-            nat.public_addr
-                .map_or_else(|| "unknown".to_owned(), |a| a.to_string()),
-            nat.mapping
-        );
-        self.nat = Some(nat);
-        for peer in self.dataplane.peers() {
-            if lock(&peer.info).online {
-                self.send_nat(&peer);
-            }
-        }
-    }
-
-    /// Signals our srflx candidate for `session` (webrtc-ice gathers none on a mux).
-    pub(super) fn send_reflexive(&mut self, peer: &Peer, session: u64) {
-        if let Some(mapped) = self.reflexive.filter(|m| !crate::mux::is_local_ip(m.ip())) {
-            let candidate = crate::mux::srflx_candidate(mapped, self.mux.port());
-            self.send_signal(peer, PeerSignal::Candidate { session, candidate });
-        }
-    }
-
-    pub(super) fn send_nat(&mut self, peer: &Peer) {
-        if let Some(nat) = self.nat.clone() {
-            self.send_signal(peer, PeerSignal::NetInfo { nat });
-        }
+        let srflx = reflexive
+            .filter(|m| !crate::mux::is_local_ip(m.ip()))
+            .map(|m| crate::mux::srflx_candidate(m, self.mux.port()));
+        self.node
+            .handle_netcheck(report.summary(), srflx, Instant::now());
     }
 
     /// Keeps what the current ICE attempt with `id` saw, for `overlayctl why`.
@@ -145,63 +106,44 @@ impl Engine {
     }
 
     pub(super) async fn why(&mut self, target: &str) -> Result<WhyReport, String> {
-        let peer = match target.parse::<std::net::Ipv4Addr>() {
-            Ok(ip) => self.dataplane.peer_by_ip(ip),
-            Err(_) => self
-                .dataplane
-                .peers()
-                .into_iter()
-                .find(|p| p.name() == target),
-        }
-        .ok_or_else(|| format!("no peer named or addressed {target:?}; see 'overlayctl peers'"))?;
-        self.snapshot(peer.id).await;
+        let not_found = || format!("no peer named or addressed {target:?}; see 'overlayctl peers'");
+        let id = self.node.find_peer(target).ok_or_else(not_found)?;
+        self.snapshot(id).await;
+        let report = self.node.peer_report(id).ok_or_else(not_found)?;
         let now = Instant::now();
-        let info = lock(&peer.info).clone();
-        let (path_kind, path, checking, next_attempt) = {
-            let path = lock(&peer.path);
-            let (kind, label) = match (path.selected(), peer.active_conn().is_some()) {
-                (Some(pair), true) => (pair.kind(), pair.label()),
-                _ if info.online => (PathKind::CoordRelay, "coord relay".to_owned()),
-                _ => (PathKind::Connecting, "connecting".to_owned()),
-            };
-            let checking = matches!(path.status(), IceStatus::Checking { .. });
-            // A retry is scheduled only once a session failed (or none ran yet);
-            // a disconnected pair may still recover by itself.
-            let scheduled = matches!(path.status(), IceStatus::Failed | IceStatus::Idle);
-            let next = (kind != PathKind::Direct && info.online && scheduled)
-                .then(|| path.next_attempt().saturating_duration_since(now).as_secs());
-            (kind, label, checking, next)
-        };
-        let (age, attempt) = match self.attempts.get(&peer.id) {
+        let next_attempt = report
+            .next_attempt
+            .map(|t| t.saturating_duration_since(now).as_secs());
+        let (age, attempt) = match self.attempts.get(&id) {
             Some((started, a)) => (Some(now.duration_since(*started).as_secs()), a.clone()),
             None => (None, Attempt::default()),
         };
-        let local_nat = self.nat.clone();
-        let remote_nat = self.remote_nat.get(&peer.id).cloned();
+        let local_nat = self.node.nat().cloned();
+        let info = report.info;
         let conclusion = why::conclude(&Evidence {
             peer: &info.name,
             online: info.online,
             coordinator_connected: self.coord_connected.load(Ordering::Relaxed),
-            path_kind,
-            path: &path,
-            checking,
+            path_kind: report.view.kind,
+            path: &report.view.label,
+            checking: report.checking,
             local_nat: local_nat.as_ref(),
-            remote_nat: remote_nat.as_ref(),
+            remote_nat: report.remote_nat.as_ref(),
             next_attempt_in_secs: next_attempt,
         });
         Ok(WhyReport {
             peer: info.name,
             mesh_ip: info.mesh_ip,
             online: info.online,
-            path_kind,
-            path,
-            controlling: peer.controlling,
+            path_kind: report.view.kind,
+            path: report.view.label,
+            controlling: report.controlling,
             local_candidates: attempt.local,
             remote_candidates: attempt.remote,
             pairs: attempt.pairs,
             attempt_age_secs: age,
             local_nat,
-            remote_nat,
+            remote_nat: report.remote_nat,
             next_attempt_in_secs: next_attempt,
             conclusion,
         })
