@@ -9,14 +9,14 @@ use anyhow::{bail, Context};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
+use crate::control::transport::{Connector, Endpoint};
 use crate::control::{self, ControlClient};
 use crate::dataplane::DataPlane;
+use crate::ice::mux::Mux;
 use crate::identity::{Enrolment, Keypair, StateDir};
 use crate::local_api::{self, LocalApi, NodeInfo, SocketGuard};
-use crate::mux::Mux;
 use crate::shell::{Links, Shell};
 use crate::supervise::Tasks;
-use crate::transport::{Connector, Endpoint};
 
 /// Capacity of the queue towards the coordinator (signals and relayed packets).
 /// Relayed packets beyond it are dropped, as a congested link would.
@@ -41,7 +41,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open local API socket {}", config.socket.display()))?;
     let _socket_guard = SocketGuard(config.socket.clone());
 
-    let tun = crate::tun_device::create(
+    let tun = crate::dataplane::tun_device::create(
         &config.interface,
         enrolment.mesh_ip,
         enrolment.network,

@@ -15,9 +15,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::dataplane::icmp;
+use crate::dataplane::peer::Peer;
 use crate::dataplane::{DataPlane, BUF_SIZE};
-use crate::packet;
-use crate::peer::{lock, Peer};
 use crate::shell::Query;
 
 /// Longest request line accepted; requests are tiny.
@@ -214,7 +214,7 @@ impl LocalApi {
             let seq = (i % u32::from(u16::MAX)) as u16 + 1;
             let started = Instant::now();
             let waiter = self.dataplane.expect_ping(peer.mesh_ip, ident, seq);
-            let request = packet::echo_request(
+            let request = icmp::echo_request(
                 self.node.mesh_ip,
                 peer.mesh_ip,
                 ident,
@@ -258,11 +258,9 @@ fn stopping() -> Response {
 }
 
 fn peer_status(peer: &Peer) -> PeerStatus {
-    let info = lock(&peer.info).clone();
+    let info = peer.info();
     let view = peer.path();
-    let last_handshake_secs = lock(&peer.tunn)
-        .time_since_last_handshake()
-        .map(|d| d.as_secs());
+    let last_handshake_secs = peer.since_last_handshake().map(|d| d.as_secs());
     PeerStatus {
         id: info.id,
         name: info.name,

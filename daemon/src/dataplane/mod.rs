@@ -24,13 +24,17 @@ use tokio::sync::{mpsc, oneshot};
 
 use futures_util::FutureExt;
 
+mod checksum;
+pub mod icmp;
+pub mod offload;
+pub mod peer;
 mod rx;
+pub mod tun_coalesce;
+pub mod tun_device;
+pub mod udp_batch;
 pub use rx::{Destinations, RxScratch};
 
-use crate::offload;
-use crate::packet;
-use crate::peer::{lock, Peer};
-use crate::udp_batch;
+use peer::{lock, Peer};
 
 /// Large enough for any IP packet plus WireGuard's overhead: boringtun panics on
 /// a short buffer, so every buffer handed to it has this size.
@@ -124,7 +128,7 @@ pub struct DataPlane {
 
 impl DataPlane {
     pub fn new(
-        tun: crate::tun_device::Tun,
+        tun: crate::dataplane::tun_device::Tun,
         udp: Arc<tokio::net::UdpSocket>,
         my_ip: Ipv4Addr,
         outbound: mpsc::Sender<Outbound>,
@@ -258,7 +262,7 @@ impl DataPlane {
                 for &plen in &packet_lens {
                     let packet = &packets[at..at + plen];
                     at += plen;
-                    let Some((_, dst)) = packet::ipv4_addrs(packet) else {
+                    let Some((_, dst)) = icmp::ipv4_addrs(packet) else {
                         continue;
                     };
                     let peer = match last.take() {
@@ -267,7 +271,7 @@ impl DataPlane {
                     };
                     let Some(peer) = peer else {
                         self.drops.no_route.fetch_add(1, Ordering::Relaxed);
-                        if let Some(reply) = packet::host_unreachable(self.my_ip, packet) {
+                        if let Some(reply) = icmp::host_unreachable(self.my_ip, packet) {
                             self.write_tun(&reply).await;
                         }
                         continue;
@@ -437,7 +441,7 @@ impl DataPlane {
     /// True when `packet` answered one of our own pings (it then never reaches the
     /// TUN: the kernel did not send the request and would only drop the reply).
     fn complete_ping(&self, packet: &[u8]) -> bool {
-        let Some((from, ident, seq)) = packet::echo_reply(packet) else {
+        let Some((from, ident, seq)) = icmp::echo_reply(packet) else {
             return false;
         };
         match lock(&self.pings).remove(&(from, ident, seq)) {

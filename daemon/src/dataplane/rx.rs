@@ -8,10 +8,10 @@ use std::sync::atomic::Ordering;
 
 use boringtun::noise::TunnResult;
 
+use super::offload;
+use super::peer::{lock, Peer};
+use super::tun_coalesce;
 use super::{DataPlane, Origin, BUF_SIZE};
-use crate::gro;
-use crate::offload;
-use crate::peer::{lock, Peer};
 
 /// The smallest room a datagram is decrypted into (boringtun wants MTU-sized
 /// room even for small packets).
@@ -196,7 +196,7 @@ impl DataPlane {
         }
         rx.frames_buf.clear();
         rx.frames.clear();
-        gro::coalesce(&packets, &mut rx.frames_buf, &mut rx.frames);
+        tun_coalesce::coalesce(&packets, &mut rx.frames_buf, &mut rx.frames);
         for &(at, len) in &rx.frames {
             if let Err(e) = self.tun.send(&rx.frames_buf[at..at + len]).await {
                 tracing::debug!("TUN write: {e}");

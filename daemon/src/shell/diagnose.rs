@@ -11,8 +11,8 @@ use overlay_proto::coord::IceConfig;
 use overlay_proto::NodeId;
 
 use super::{Query, Shell};
-use crate::mux::Mux;
-use crate::why::{self, Attempt, Evidence};
+use crate::ice::mux::Mux;
+use crate::ice::why::{self, Attempt, Evidence};
 
 /// A finished netcheck, and what STUN saw of the shared socket.
 pub(super) struct Netchecked {
@@ -25,7 +25,7 @@ pub(super) async fn netcheck(ice: IceConfig, rtt: Option<Duration>, mux: Arc<Mux
     let server = match ice
         .stun
         .first()
-        .and_then(|u| crate::netcheck::server_addr(u))
+        .and_then(|u| crate::ice::netcheck::server_addr(u))
     {
         Some(server) => tokio::net::lookup_host(server)
             .await
@@ -39,7 +39,7 @@ pub(super) async fn netcheck(ice: IceConfig, rtt: Option<Duration>, mux: Arc<Mux
             None => None,
         }
     };
-    let (report, reflexive) = tokio::join!(crate::netcheck::run(&ice, rtt), probe);
+    let (report, reflexive) = tokio::join!(crate::ice::netcheck::run(&ice, rtt), probe);
     Netchecked { report, reflexive }
 }
 
@@ -66,8 +66,8 @@ impl Shell {
     pub(super) fn on_netcheck(&mut self, done: Netchecked) {
         let Netchecked { report, reflexive } = done;
         let srflx = reflexive
-            .filter(|m| !crate::mux::is_local_ip(m.ip()))
-            .map(|m| crate::mux::srflx_candidate(m, self.mux.port()));
+            .filter(|m| !crate::ice::mux::is_local_ip(m.ip()))
+            .map(|m| crate::ice::mux::srflx_candidate(m, self.mux.port()));
         self.node
             .handle_netcheck(report.summary(), srflx, Instant::now());
     }

@@ -27,12 +27,12 @@ use webrtc_ice::state::ConnectionState;
 mod diagnose;
 
 use crate::control::ControlEvent;
+use crate::dataplane::peer::{IceConn, IceLink, Peer};
 use crate::dataplane::{DataPlane, Origin, Outbound, RxScratch, BUF_SIZE};
+use crate::ice::mux::Mux;
+use crate::ice::why::Attempt;
 use crate::ice::{IceEvent, IceSession, IceSettings};
-use crate::mux::Mux;
 use crate::node::{Dropped, IceInput, Node, Output, Route};
-use crate::peer::{IceConn, IceLink, Peer};
-use crate::why::Attempt;
 use diagnose::Netchecked;
 
 /// Questions the local API asks the shell, which owns the ICE agents.

@@ -16,9 +16,9 @@ use overlay_proto::NodeId;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::control::transport::{Connector, Endpoint, TransportError};
 use crate::dataplane::{DataPlane, Origin, Outbound, RxScratch};
 use crate::node::backoff::Backoff;
-use crate::transport::{Connector, Endpoint, TransportError};
 
 const RECONNECT_BASE: Duration = Duration::from_millis(500);
 const RECONNECT_CAP: Duration = Duration::from_secs(30);

@@ -28,9 +28,8 @@ use tokio_util::sync::CancellationToken;
 use webrtc_ice::udp_mux::UDPMux;
 use webrtc_util::Conn;
 
+use crate::dataplane::udp_batch;
 use crate::dataplane::{DataPlane, Origin, RxScratch, BUF_SIZE};
-use crate::peer::lock;
-use crate::udp_batch;
 
 /// Datagrams queued for one agent before more are dropped (STUN is sparse).
 const AGENT_QUEUE: usize = 256;
@@ -275,6 +274,12 @@ impl Conn for MuxConn {
     fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
         self
     }
+}
+
+/// Locks one of the mux's tables, ignoring poisoning: a panicking holder cannot
+/// leave a routing table half-updated in a way that matters.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Whether `ip` is one of this host's own addresses: then STUN saw us without a

@@ -56,8 +56,10 @@ pub struct Peer {
     pub id: NodeId,
     pub mesh_ip: Ipv4Addr,
     pub public_key: [u8; 32],
-    pub info: Mutex<PeerInfo>,
-    pub tunn: Mutex<Tunn>,
+    /// The netmap's latest word on the peer (a snapshot the shell replaces).
+    info: Mutex<PeerInfo>,
+    /// Only the data plane encrypts and decrypts.
+    pub(super) tunn: Mutex<Tunn>,
     pub sealer: Sealer,
     /// Where packets go while the path state says ICE is usable.
     active: RwLock<Option<IceLink>>,
@@ -109,6 +111,15 @@ impl Peer {
         }
     }
 
+    pub fn info(&self) -> PeerInfo {
+        lock(&self.info).clone()
+    }
+
+    /// How long ago the last WireGuard handshake completed.
+    pub fn since_last_handshake(&self) -> Option<std::time::Duration> {
+        lock(&self.tunn).time_since_last_handshake()
+    }
+
     pub fn name(&self) -> String {
         lock(&self.info).name.clone()
     }
@@ -158,7 +169,7 @@ impl Peer {
 
 /// Locks a std mutex, ignoring poisoning: a panicking holder cannot leave these
 /// values half-updated in a way that matters more than stopping the daemon would.
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
