@@ -162,10 +162,13 @@ impl Node {
         self.outputs.pop_front()
     }
 
-    /// When [`Self::handle_timeout`] wants to run next.
+    /// When [`Self::handle_timeout`] wants to run next. A TURN refresh that is
+    /// due counts only while the coordinator is connected (it cannot be sent
+    /// otherwise), so the deadline never stays in the past.
     pub fn poll_timeout(&self) -> Option<Instant> {
         let poll = self.last_poll.map(|t| t + POLL_INTERVAL);
-        match (poll, self.ice_refresh_due) {
+        let refresh = self.ice_refresh_due.filter(|_| self.coordinator_connected);
+        match (poll, refresh) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }

@@ -210,8 +210,14 @@ fn turn_refresh_waits_for_the_coordinator() {
     let mut node = new_node(A, t0, 1);
     node.handle_server_msg(welcome(vec![], ice_with_turn(3600), false), t0, 0);
     node.set_coordinator_connected(false);
-    node.handle_timeout(t0 + Duration::from_secs(3600));
+    let late = t0 + Duration::from_secs(3600);
+    node.handle_timeout(late);
     assert_eq!(refreshes(&drain(&mut node)), 0);
+    assert_eq!(
+        node.poll_timeout(),
+        Some(late + POLL_INTERVAL),
+        "an overdue refresh that cannot be sent does not make the shell spin"
+    );
     node.set_coordinator_connected(true);
     node.handle_timeout(t0 + Duration::from_secs(3601));
     assert_eq!(refreshes(&drain(&mut node)), 1);
