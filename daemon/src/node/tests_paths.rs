@@ -298,3 +298,52 @@ fn the_same_seed_and_inputs_give_the_same_decisions() {
     };
     assert_eq!(run(), run());
 }
+
+#[test]
+fn an_agent_that_cannot_be_created_is_retried_after_the_backoff() {
+    let mut m = Mesh::new();
+    m.a.handle_timeout(m.now);
+    let session = starts(&drain(&mut m.a))[0];
+    m.a.ice_create_failed(B, session, m.now);
+    assert_eq!(m.a.session(B), None);
+    m.a.handle_timeout(m.now + RETRY_BASE / 2 - Duration::from_millis(1));
+    assert!(starts(&drain(&mut m.a)).is_empty(), "backing off");
+    m.a.handle_timeout(m.now + RETRY_BASE);
+    assert_eq!(starts(&drain(&mut m.a)).len(), 1);
+}
+
+#[test]
+fn a_restart_request_during_a_netmap_in_parts_is_served_and_the_netmap_keeps_it() {
+    let mut m = Mesh::new();
+    m.connect_with(host_pair());
+    let old = m.a.session(B).unwrap();
+    m.now += Duration::from_secs(5);
+    m.a.handle_server_msg(welcome(vec![], IceConfig::default(), true), m.now, 0);
+    let request = forged(
+        B,
+        A,
+        UNIX_T0 * 2,
+        PeerSignal::RestartRequest {
+            reason: "restarted".into(),
+        },
+    );
+    m.a.handle_signal(B, request, m.now);
+    m.run();
+    let new = m.a.session(B).unwrap();
+    assert_ne!(old, new);
+    m.a.handle_server_msg(
+        ServerMsg::PeerBatch {
+            peers: vec![info(B, true)],
+            last: true,
+        },
+        m.now,
+        0,
+    );
+    let out = drain(&mut m.a);
+    assert!(
+        !out.iter()
+            .any(|o| matches!(o, Output::CloseIce { .. } | Output::PeerRemoved(_))),
+        "{out:?}"
+    );
+    assert_eq!(m.a.session(B), Some(new));
+}
