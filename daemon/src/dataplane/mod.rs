@@ -46,6 +46,9 @@ const ARENA: usize = 4 << 20;
 /// Packets read from the TUN and encrypted in one go when they are waiting.
 const TUN_BATCH: usize = 32;
 
+/// Datagrams [`DataPlane::arrive`] takes in one call: what one UDP GRO read
+/// holds at most. Callers pass larger runs in parts.
+pub const MAX_BATCH: usize = udp_batch::MAX_SEGMENTS;
 /// WireGuard wants its timers run about this often.
 const TIMER_TICK: std::time::Duration = std::time::Duration::from_millis(250);
 

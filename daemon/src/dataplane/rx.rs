@@ -11,7 +11,7 @@ use boringtun::noise::TunnResult;
 use super::offload;
 use super::peer::{lock, Peer};
 use super::tun_coalesce;
-use super::{DataPlane, Origin, BUF_SIZE};
+use super::{DataPlane, Origin, BUF_SIZE, MAX_BATCH};
 
 /// The smallest room a datagram is decrypted into (boringtun wants MTU-sized
 /// room even for small packets).
@@ -126,7 +126,11 @@ impl DataPlane {
         match datagrams {
             [] => {}
             [one] => self.receive(&peer, one, &mut rx.one).await,
-            many => self.receive_batch(&peer, many, rx).await,
+            many => {
+                for part in many.chunks(MAX_BATCH) {
+                    self.receive_batch(&peer, part, rx).await;
+                }
+            }
         }
         true
     }
@@ -180,12 +184,15 @@ impl DataPlane {
         if rx.spans.is_empty() {
             return;
         }
-        let packets: Vec<&[u8]> = rx
-            .spans
-            .iter()
-            .map(|&(at, len)| &rx.plain[at..at + len])
-            .collect();
+        // At most `MAX_BATCH` packets (one per datagram): kept on the stack.
+        let mut packets: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+        debug_assert!(rx.spans.len() <= MAX_BATCH, "arrive passes runs in parts");
         debug_assert!(rx.spans.iter().all(|&(at, len)| at + len <= used));
+        let count = rx.spans.len().min(MAX_BATCH);
+        for (slot, &(at, len)) in packets.iter_mut().zip(&rx.spans) {
+            *slot = &rx.plain[at..at + len];
+        }
+        let packets = &packets[..count];
         if !self.offload {
             for packet in packets {
                 if let Err(e) = self.tun.send(packet).await {
@@ -196,7 +203,7 @@ impl DataPlane {
         }
         rx.frames_buf.clear();
         rx.frames.clear();
-        tun_coalesce::coalesce(&packets, &mut rx.frames_buf, &mut rx.frames);
+        tun_coalesce::coalesce(packets, &mut rx.frames_buf, &mut rx.frames);
         for &(at, len) in &rx.frames {
             if let Err(e) = self.tun.send(&rx.frames_buf[at..at + len]).await {
                 tracing::debug!("TUN write: {e}");

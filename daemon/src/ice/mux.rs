@@ -29,7 +29,7 @@ use webrtc_ice::udp_mux::UDPMux;
 use webrtc_util::Conn;
 
 use crate::dataplane::udp_batch;
-use crate::dataplane::{DataPlane, Origin, RxScratch, BUF_SIZE};
+use crate::dataplane::{DataPlane, Origin, RxScratch, BUF_SIZE, MAX_BATCH};
 
 /// Datagrams queued for one agent before more are dropped (STUN is sparse).
 const AGENT_QUEUE: usize = 256;
@@ -83,25 +83,43 @@ impl Mux {
             // With GRO, one read is a run of datagrams from one sender. STUN goes
             // to ICE; the rest to the data plane, or to an agent when the sender
             // is no peer's endpoint (ICE's own traffic before a pair is chosen).
-            let mut wireguard: Vec<&[u8]> = Vec::new();
+            // Collected on the stack: nothing is allocated per read.
+            let mut wireguard: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+            let mut count = 0;
             for datagram in udp_batch::segments(&buf[..n], segment) {
                 if stun::message::is_message(datagram) {
                     self.route_stun(datagram, from);
-                } else {
-                    wireguard.push(datagram);
+                    continue;
+                }
+                wireguard[count] = datagram;
+                count += 1;
+                if count == MAX_BATCH {
+                    self.deliver(&dataplane, from, &wireguard, &mut rx).await;
+                    count = 0;
                 }
             }
-            if wireguard.is_empty()
-                || dataplane
-                    .arrive(Origin::Udp(from), &wireguard, &mut rx)
-                    .await
-            {
-                continue;
+            if count > 0 {
+                self.deliver(&dataplane, from, &wireguard[..count], &mut rx)
+                    .await;
             }
-            if let Some(conn) = self.agent_for(from) {
-                for datagram in wireguard {
-                    conn.deliver(datagram, from);
-                }
+        }
+    }
+
+    /// Non-STUN datagrams from `from`: the data plane's when `from` is a peer's
+    /// endpoint, else the agent's that last sent there.
+    async fn deliver(
+        &self,
+        dataplane: &DataPlane,
+        from: SocketAddr,
+        datagrams: &[&[u8]],
+        rx: &mut RxScratch,
+    ) {
+        if dataplane.arrive(Origin::Udp(from), datagrams, rx).await {
+            return;
+        }
+        if let Some(conn) = self.agent_for(from) {
+            for datagram in datagrams {
+                conn.deliver(datagram, from);
             }
         }
     }
