@@ -1,10 +1,19 @@
 //! The packet path: TUN → cryptokey routing → WireGuard → best path, and back.
 //!
 //! ```text
-//!   TUN ──read──▶ route by dst IP ──▶ Tunn::encapsulate ──▶ ICE conn (if selected)
-//!                                                        └─▶ coordination relay
-//!   ICE conn / relay frame ──▶ Tunn::decapsulate ──▶ src IP check ──▶ dst IP check ──▶ TUN
+//!   TUN ──read──▶ offload cut ──▶ route by dst IP ──▶ Tunn::encapsulate ─┬─▶ shared UDP socket (direct pair, GSO)
+//!                                                                      ├─▶ ICE conn (TURN pair)
+//!                                                                      └─▶ coordination relay
+//!   arrive(Origin::Udp | IceConn | Relay) ──▶ Tunn::decapsulate ──▶ src IP check
+//!                                   ──▶ dst IP check ──▶ tun_coalesce ──▶ TUN
+//!   run_timers ──every 250 ms──▶ Tunn::update_timers (handshakes, keepalives)
 //! ```
+//!
+//! Parts: `peer` (one remote node's WireGuard session and where its packets go),
+//! `rx` (the receive side), `offload` and `tun_coalesce` (TUN-side TCP
+//! segmentation offload, both ways), `udp_batch` (UDP GSO/GRO), `icmp`,
+//! `checksum`, `tun_device`. Where a peer's packets go is set only by the shell,
+//! from the node core's decision.
 //!
 //! Every datagram enters through one door, [`DataPlane::arrive`], which takes
 //! the datagrams and their [`Origin`] (the shared UDP socket, a peer's ICE
