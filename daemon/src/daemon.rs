@@ -9,14 +9,14 @@ use anyhow::{bail, Context};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
+use crate::control::transport::{Connector, Endpoint};
 use crate::control::{self, ControlClient};
 use crate::dataplane::DataPlane;
-use crate::engine::{Engine, Links};
+use crate::ice::mux::Mux;
 use crate::identity::{Enrolment, Keypair, StateDir};
 use crate::local_api::{self, LocalApi, NodeInfo, SocketGuard};
-use crate::mux::Mux;
+use crate::shell::{Links, Shell};
 use crate::supervise::Tasks;
-use crate::transport::{Connector, Endpoint};
 
 /// Capacity of the queue towards the coordinator (signals and relayed packets).
 /// Relayed packets beyond it are dropped, as a congested link would.
@@ -41,7 +41,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open local API socket {}", config.socket.display()))?;
     let _socket_guard = SocketGuard(config.socket.clone());
 
-    let tun = crate::tun_device::create(
+    let tun = crate::dataplane::tun_device::create(
         &config.interface,
         enrolment.mesh_ip,
         enrolment.network,
@@ -114,7 +114,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         Ok(())
     });
 
-    let engine = Engine::new(
+    let shell = Shell::new(
         enrolment.node_id,
         keys.secret.clone(),
         config.interface.clone(),
@@ -128,12 +128,19 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
             network: enrolment.network,
         },
     );
-    let engine_shutdown = shutdown_rx.clone();
-    tasks.spawn("engine", async move {
-        engine
-            .run(control_rx, ice_rx, query_rx, engine_shutdown)
+    let shell_shutdown = shutdown_rx.clone();
+    tasks.spawn("node", async move {
+        shell
+            .run(control_rx, ice_rx, query_rx, shell_shutdown)
             .await;
         Ok(())
+    });
+    let timers_task = tasks.spawn("WireGuard timers", {
+        let dataplane = dataplane.clone();
+        async move {
+            dataplane.run_timers().await;
+            Ok(())
+        }
     });
     let interface = config.interface.clone();
     let tun_task = tasks.spawn("TUN", {
@@ -147,7 +154,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         async move { mux.run(dataplane).await.context("peer UDP socket") }
     });
 
-    // The engine ends on `overlayctl down`; any task that fails or panics ends
+    // The node task ends on `overlayctl down`; any task that fails or panics ends
     // the daemon with an error (a non-zero exit status).
     let outcome: anyhow::Result<()> = tokio::select! {
         _ = wait_for_signal() => {
@@ -164,6 +171,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     tun_task.abort();
     udp_task.abort();
+    timers_task.abort();
     tasks.shutdown(SHUTDOWN_GRACE).await;
     // The TUN goes when its last handle drops: the reader task above, the data
     // plane's peers' tasks; dropping `dataplane` here releases ours.

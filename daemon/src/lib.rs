@@ -1,32 +1,31 @@
 //! `overlayd`: one node of the overlay mesh.
 //!
-//! Modules are named by responsibility: [`control`] talks to the coordination
-//! server, [`dataplane`] moves packets, [`path`] decides which path a peer's packets
-//! take, [`ice`] owns the ICE agents, [`engine`] ties signaling and paths together,
-//! [`local_api`] answers `overlayctl`.
+//! Modules are named by responsibility (see DESIGN.md's module map):
+//!
+//! ```text
+//!   control ──ServerMsg──▶ shell ──inputs──▶ node (decides, no I/O)
+//!                            │  ◀──outputs──┘
+//!                            ├──▶ ice (agents, the UDP mux, netcheck, why)
+//!                            └──▶ dataplane (peers, TUN ⇄ WireGuard ⇄ paths)
+//!   local_api ──queries──▶ shell; snapshots ◀── dataplane
+//! ```
+//!
+//! [`control`] talks to the coordination server, [`node`] is the sans-IO core
+//! that decides about peers, [`shell`] runs it, [`ice`] owns the ICE agents and
+//! the shared socket, [`dataplane`] moves packets, [`local_api`] answers
+//! `overlayctl`; [`daemon`] wires them together.
 
-pub mod backoff;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
-pub mod engine;
-pub mod gro;
 pub mod ice;
-pub mod ice_refresh;
 pub mod identity;
 pub mod local_api;
-pub mod mux;
-pub mod netcheck;
-pub mod netmap;
-pub mod offload;
-pub mod packet;
-pub mod path;
-pub mod peer;
+pub mod node;
 pub mod seal;
-pub mod signaling;
+pub mod shell;
 pub mod supervise;
-pub mod transport;
-pub mod tun_device;
-pub mod udp_batch;
-pub mod why;
+
+/// `config.rs` still names the transport by its old path.
+pub(crate) use control::transport;

@@ -9,16 +9,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ipnet::Ipv4Net;
-use overlay_proto::api::{PathKind, PeerStatus, PingReply, PingSummary, Request, Response, Status};
+use overlay_proto::api::{PeerStatus, PingReply, PingSummary, Request, Response, Status};
 use overlay_proto::NodeId;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::dataplane::icmp;
+use crate::dataplane::peer::Peer;
 use crate::dataplane::{DataPlane, BUF_SIZE};
-use crate::engine::Query;
-use crate::packet;
-use crate::peer::{lock, Peer};
+use crate::shell::Query;
 
 /// Longest request line accepted; requests are tiny.
 const MAX_REQUEST: usize = 4096;
@@ -214,14 +214,14 @@ impl LocalApi {
             let seq = (i % u32::from(u16::MAX)) as u16 + 1;
             let started = Instant::now();
             let waiter = self.dataplane.expect_ping(peer.mesh_ip, ident, seq);
-            let request = packet::echo_request(
+            let request = icmp::echo_request(
                 self.node.mesh_ip,
                 peer.mesh_ip,
                 ident,
                 seq,
                 b"overlayctl ping",
             );
-            let path = path_label(&peer).1;
+            let path = peer.path().label;
             self.dataplane.send_packet(&peer, &request, &mut out).await;
             if let Ok(Ok(())) = tokio::time::timeout(timeout, waiter).await {
                 received += 1;
@@ -257,37 +257,20 @@ fn stopping() -> Response {
     }
 }
 
-fn path_label(peer: &Peer) -> (PathKind, String, Option<String>, Option<String>) {
-    let online = lock(&peer.info).online;
-    let path = lock(&peer.path);
-    match (path.selected(), peer.active_conn().is_some()) {
-        (Some(pair), true) => (
-            pair.kind(),
-            pair.label(),
-            Some(pair.remote_addr.clone()),
-            Some(pair.local_addr.clone()),
-        ),
-        _ if online => (PathKind::CoordRelay, "coord relay".into(), None, None),
-        _ => (PathKind::Connecting, "connecting".into(), None, None),
-    }
-}
-
 fn peer_status(peer: &Peer) -> PeerStatus {
-    let info = lock(&peer.info).clone();
-    let (path_kind, path, endpoint, local_endpoint) = path_label(peer);
-    let last_handshake_secs = lock(&peer.tunn)
-        .time_since_last_handshake()
-        .map(|d| d.as_secs());
+    let info = peer.info();
+    let view = peer.path();
+    let last_handshake_secs = peer.since_last_handshake().map(|d| d.as_secs());
     PeerStatus {
         id: info.id,
         name: info.name,
         mesh_ip: info.mesh_ip,
         public_key: info.public_key,
         online: info.online,
-        path_kind,
-        path,
-        endpoint,
-        local_endpoint,
+        path_kind: view.kind,
+        path: view.label,
+        endpoint: view.remote,
+        local_endpoint: view.local,
         last_handshake_secs,
         rx_bytes: peer.rx_bytes.load(Ordering::Relaxed),
         tx_bytes: peer.tx_bytes.load(Ordering::Relaxed),

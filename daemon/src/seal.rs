@@ -4,7 +4,7 @@
 //! key (or ours) can produce a box that opens with the sender's public key, a node
 //! opens only what the claimed sender (or itself) really sealed. The box is the
 //! same both ways, so *which* of the two sealed it, for whom, and whether it is
-//! new, is read from the plaintext by [`crate::signaling`].
+//! new, is read from the plaintext by [`crate::node::signaling`].
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;

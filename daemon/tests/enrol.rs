@@ -15,9 +15,9 @@ use overlay_proto::coord::{
     REGISTER_PATH,
 };
 use overlay_proto::enrol::{self, CHALLENGE_LEN};
+use overlayd::control::transport::{Connector, Endpoint};
 use overlayd::control::{self, Enrol, EnrolError};
 use overlayd::identity::Keypair;
-use overlayd::transport::{Connector, Endpoint};
 
 /// What the scripted coordinator saw and how it answers.
 #[derive(Default)]

@@ -1,13 +1,25 @@
 //! The packet path: TUN → cryptokey routing → WireGuard → best path, and back.
 //!
 //! ```text
-//!   TUN ──read──▶ route by dst IP ──▶ Tunn::encapsulate ──▶ ICE conn (if selected)
-//!                                                        └─▶ coordination relay
-//!   ICE conn / relay frame ──▶ Tunn::decapsulate ──▶ src IP check ──▶ dst IP check ──▶ TUN
+//!   TUN ──read──▶ offload cut ──▶ route by dst IP ──▶ Tunn::encapsulate ─┬─▶ shared UDP socket (direct pair, GSO)
+//!                                                                      ├─▶ ICE conn (TURN pair)
+//!                                                                      └─▶ coordination relay
+//!   arrive(Origin::Udp | IceConn | Relay) ──▶ Tunn::decapsulate ──▶ src IP check
+//!                                   ──▶ dst IP check ──▶ tun_coalesce ──▶ TUN
+//!   run_timers ──every 250 ms──▶ Tunn::update_timers (handshakes, keepalives)
 //! ```
 //!
-//! Anything that arrives on any path goes to the same `Tunn`: WireGuard already
-//! tolerates roaming, so switching paths loses nothing.
+//! Parts: `peer` (one remote node's WireGuard session and where its packets go),
+//! `rx` (the receive side), `offload` and `tun_coalesce` (TUN-side TCP
+//! segmentation offload, both ways), `udp_batch` (UDP GSO/GRO), `icmp`,
+//! `checksum`, `tun_device`. Where a peer's packets go is set only by the shell,
+//! from the node core's decision.
+//!
+//! Every datagram enters through one door, [`DataPlane::arrive`], which takes
+//! the datagrams and their [`Origin`] (the shared UDP socket, a peer's ICE
+//! connection, a coordination-relay frame). Anything that arrives on any path
+//! goes to the same `Tunn`: WireGuard already tolerates roaming, so switching
+//! paths loses nothing. The data plane never calls up into the node core.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -21,13 +33,17 @@ use tokio::sync::{mpsc, oneshot};
 
 use futures_util::FutureExt;
 
+mod checksum;
+pub mod icmp;
+pub mod offload;
+pub mod peer;
 mod rx;
+pub mod tun_coalesce;
+pub mod tun_device;
+pub mod udp_batch;
 pub use rx::{Destinations, RxScratch};
 
-use crate::offload;
-use crate::packet;
-use crate::peer::{lock, Peer};
-use crate::udp_batch;
+use peer::{lock, Peer};
 
 /// Large enough for any IP packet plus WireGuard's overhead: boringtun panics on
 /// a short buffer, so every buffer handed to it has this size.
@@ -38,6 +54,23 @@ const FRAME: usize = offload::VNET_HDR_LEN + 65_536;
 const ARENA: usize = 4 << 20;
 /// Packets read from the TUN and encrypted in one go when they are waiting.
 const TUN_BATCH: usize = 32;
+
+/// Datagrams [`DataPlane::arrive`] takes in one call: what one UDP GRO read
+/// holds at most. Callers pass larger runs in parts.
+pub const MAX_BATCH: usize = udp_batch::MAX_SEGMENTS;
+/// WireGuard wants its timers run about this often.
+const TIMER_TICK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Where a datagram came from: what carried it tells whose it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// Our shared UDP socket, from this address (a direct path's endpoint).
+    Udp(SocketAddr),
+    /// The peer's ICE connection (a TURN relay pair).
+    IceConn(NodeId),
+    /// A coordination-relay frame from this peer.
+    Relay(NodeId),
+}
 
 /// What the data and control planes hand to the coordinator connection.
 #[derive(Debug)]
@@ -107,7 +140,7 @@ pub struct DataPlane {
 
 impl DataPlane {
     pub fn new(
-        tun: crate::tun_device::Tun,
+        tun: crate::dataplane::tun_device::Tun,
         udp: Arc<tokio::net::UdpSocket>,
         my_ip: Ipv4Addr,
         outbound: mpsc::Sender<Outbound>,
@@ -241,7 +274,7 @@ impl DataPlane {
                 for &plen in &packet_lens {
                     let packet = &packets[at..at + plen];
                     at += plen;
-                    let Some((_, dst)) = packet::ipv4_addrs(packet) else {
+                    let Some((_, dst)) = icmp::ipv4_addrs(packet) else {
                         continue;
                     };
                     let peer = match last.take() {
@@ -250,7 +283,7 @@ impl DataPlane {
                     };
                     let Some(peer) = peer else {
                         self.drops.no_route.fetch_add(1, Ordering::Relaxed);
-                        if let Some(reply) = packet::host_unreachable(self.my_ip, packet) {
+                        if let Some(reply) = icmp::host_unreachable(self.my_ip, packet) {
                             self.write_tun(&reply).await;
                         }
                         continue;
@@ -385,8 +418,18 @@ impl DataPlane {
         }
     }
 
-    /// Runs WireGuard's timers for every peer (handshakes, keepalives).
-    pub async fn tick_timers(&self, out: &mut [u8]) {
+    /// Runs WireGuard's timers (handshakes, keepalives) until the task is ended.
+    pub async fn run_timers(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(TIMER_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut out = vec![0u8; BUF_SIZE];
+        loop {
+            tick.tick().await;
+            self.tick_timers(&mut out).await;
+        }
+    }
+
+    async fn tick_timers(&self, out: &mut [u8]) {
         for peer in self.peers() {
             let len = match lock(&peer.tunn).update_timers(out) {
                 TunnResult::WriteToNetwork(d) => d.len(),
@@ -410,7 +453,7 @@ impl DataPlane {
     /// True when `packet` answered one of our own pings (it then never reaches the
     /// TUN: the kernel did not send the request and would only drop the reply).
     fn complete_ping(&self, packet: &[u8]) -> bool {
-        let Some((from, ident, seq)) = packet::echo_reply(packet) else {
+        let Some((from, ident, seq)) = icmp::echo_reply(packet) else {
             return false;
         };
         match lock(&self.pings).remove(&(from, ident, seq)) {

@@ -8,10 +8,10 @@ use std::sync::atomic::Ordering;
 
 use boringtun::noise::TunnResult;
 
-use super::DataPlane;
-use crate::gro;
-use crate::offload;
-use crate::peer::{lock, Peer};
+use super::offload;
+use super::peer::{lock, Peer};
+use super::tun_coalesce;
+use super::{DataPlane, Origin, BUF_SIZE, MAX_BATCH};
 
 /// The smallest room a datagram is decrypted into (boringtun wants MTU-sized
 /// room even for small packets).
@@ -50,8 +50,10 @@ enum Decrypted {
     Network(Vec<Vec<u8>>),
 }
 
-/// Buffers reused across received batches.
+/// Buffers reused across received datagrams: one per task that receives.
 pub struct RxScratch {
+    /// One datagram decrypted, behind room for a `virtio_net_hdr`.
+    one: Vec<u8>,
     plain: Vec<u8>,
     spans: Vec<(usize, usize)>,
     frames_buf: Vec<u8>,
@@ -61,6 +63,7 @@ pub struct RxScratch {
 impl Default for RxScratch {
     fn default() -> Self {
         RxScratch {
+            one: vec![0u8; BUF_SIZE],
             plain: vec![0u8; 64 * 1500 + 2 * MIN_DECRYPT_ROOM],
             spans: Vec::with_capacity(64),
             frames_buf: Vec::with_capacity(128 * 1024),
@@ -109,8 +112,31 @@ impl DataPlane {
         }
     }
 
-    /// A datagram arrived from `peer` on some path.
-    pub async fn receive(&self, peer: &Peer, datagram: &[u8], out: &mut [u8]) {
+    /// The one way in: WireGuard datagrams that arrived together from `origin`,
+    /// whatever carried them. Returns false when no peer owns the origin (a UDP
+    /// sender that is no peer's endpoint): the caller may hand them to ICE.
+    pub async fn arrive(&self, origin: Origin, datagrams: &[&[u8]], rx: &mut RxScratch) -> bool {
+        let peer = match origin {
+            Origin::Udp(from) => self.peer_by_endpoint(from),
+            Origin::IceConn(id) | Origin::Relay(id) => self.peer(id),
+        };
+        let Some(peer) = peer else {
+            return false;
+        };
+        match datagrams {
+            [] => {}
+            [one] => self.receive(&peer, one, &mut rx.one).await,
+            many => {
+                for part in many.chunks(MAX_BATCH) {
+                    self.receive_batch(&peer, part, rx).await;
+                }
+            }
+        }
+        true
+    }
+
+    /// One datagram from `peer`, written to the TUN on its own.
+    async fn receive(&self, peer: &Peer, datagram: &[u8], out: &mut [u8]) {
         match self.decrypt(peer, datagram, &mut out[offload::VNET_HDR_LEN..]) {
             Decrypted::Nothing => {}
             Decrypted::Packet(len) => {
@@ -129,7 +155,7 @@ impl DataPlane {
 
     /// Datagrams that arrived together from `peer`: decrypted side by side, then
     /// written to the TUN with runs of one TCP flow coalesced (see `gro`).
-    pub async fn receive_batch(&self, peer: &Peer, datagrams: &[&[u8]], rx: &mut RxScratch) {
+    async fn receive_batch(&self, peer: &Peer, datagrams: &[&[u8]], rx: &mut RxScratch) {
         rx.spans.clear();
         let mut used = 0;
         for datagram in datagrams {
@@ -158,12 +184,15 @@ impl DataPlane {
         if rx.spans.is_empty() {
             return;
         }
-        let packets: Vec<&[u8]> = rx
-            .spans
-            .iter()
-            .map(|&(at, len)| &rx.plain[at..at + len])
-            .collect();
+        // At most `MAX_BATCH` packets (one per datagram): kept on the stack.
+        let mut packets: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+        debug_assert!(rx.spans.len() <= MAX_BATCH, "arrive passes runs in parts");
         debug_assert!(rx.spans.iter().all(|&(at, len)| at + len <= used));
+        let count = rx.spans.len().min(MAX_BATCH);
+        for (slot, &(at, len)) in packets.iter_mut().zip(&rx.spans) {
+            *slot = &rx.plain[at..at + len];
+        }
+        let packets = &packets[..count];
         if !self.offload {
             for packet in packets {
                 if let Err(e) = self.tun.send(packet).await {
@@ -174,7 +203,7 @@ impl DataPlane {
         }
         rx.frames_buf.clear();
         rx.frames.clear();
-        gro::coalesce(&packets, &mut rx.frames_buf, &mut rx.frames);
+        tun_coalesce::coalesce(packets, &mut rx.frames_buf, &mut rx.frames);
         for &(at, len) in &rx.frames {
             if let Err(e) = self.tun.send(&rx.frames_buf[at..at + len]).await {
                 tracing::debug!("TUN write: {e}");

@@ -20,8 +20,8 @@ use anyhow::bail;
 use clap::{Parser, Subcommand};
 use overlay_proto::coord::{ApiError, ChallengeResponse, CHALLENGE_PATH, REGISTER_PATH};
 use overlay_proto::enrol::register_request;
+use overlayd::control::transport::{Connector, Endpoint};
 use overlayd::identity::Keypair;
-use overlayd::transport::{Connector, Endpoint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

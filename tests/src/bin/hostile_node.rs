@@ -29,9 +29,9 @@ use overlay_proto::coord::{
     CONNECT_PATH,
 };
 use overlay_proto::signal::{PeerSignal, SealedSignal};
+use overlayd::control::transport::{Connector, Endpoint, Io};
 use overlayd::identity::{decode_public_key, StateDir};
 use overlayd::seal::Sealer;
-use overlayd::transport::{Connector, Endpoint, Io};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -207,7 +207,8 @@ async fn ping(
     let mut replies = 0u32;
     let mut to_send: Vec<Vec<u8>> = Vec::new();
     for seq in 0..3u16 {
-        let request = overlayd::packet::echo_request(me.mesh_ip, dst, ident, seq, b"hostile");
+        let request =
+            overlayd::dataplane::icmp::echo_request(me.mesh_ip, dst, ident, seq, b"hostile");
         if let TunnResult::WriteToNetwork(d) = tunn.encapsulate(&request, &mut out) {
             to_send.push(d.to_vec());
         }
@@ -246,7 +247,8 @@ async fn ping(
                 }
             }
             TunnResult::WriteToTunnelV4(packet, _)
-                if overlayd::packet::echo_reply(packet).is_some_and(|(_, i, _)| i == ident) =>
+                if overlayd::dataplane::icmp::echo_reply(packet)
+                    .is_some_and(|(_, i, _)| i == ident) =>
             {
                 replies += 1;
             }
@@ -265,7 +267,7 @@ async fn turn_flood(ice: &IceConfig, count: usize) -> anyhow::Result<()> {
         .first()
         .context("the coordinator hands out no TURN server")?;
     let url = server.urls.first().context("TURN server without a URL")?;
-    let addr = overlayd::netcheck::server_addr(url).context("TURN URL")?;
+    let addr = overlayd::ice::netcheck::server_addr(url).context("TURN URL")?;
     let mut held = Vec::new();
     let (mut allocated, mut refused) = (0usize, 0usize);
     for _ in 0..count {

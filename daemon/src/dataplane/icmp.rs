@@ -3,6 +3,8 @@
 
 use std::net::Ipv4Addr;
 
+use super::checksum::internet;
+
 const IPV4_HEADER: usize = 20;
 const ICMP_ECHO_REPLY: u8 = 0;
 const ICMP_UNREACHABLE: u8 = 3;
@@ -21,18 +23,6 @@ pub fn ipv4_addrs(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
     Some((src, dst))
 }
 
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum = 0u32;
-    for chunk in data.chunks(2) {
-        let word = u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]);
-        sum += u32::from(word);
-    }
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
 fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, icmp: &[u8]) -> Vec<u8> {
     let total = IPV4_HEADER + icmp.len();
     let mut p = vec![0u8; total];
@@ -43,7 +33,7 @@ fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, icmp: &[u8]) -> Vec<u8> {
     p[9] = PROTO_ICMP;
     p[12..16].copy_from_slice(&src.octets());
     p[16..20].copy_from_slice(&dst.octets());
-    let sum = checksum(&p[..IPV4_HEADER]);
+    let sum = internet(&p[..IPV4_HEADER]);
     p[10..12].copy_from_slice(&sum.to_be_bytes());
     p[IPV4_HEADER..].copy_from_slice(icmp);
     p
@@ -54,7 +44,7 @@ fn icmp_message(kind: u8, code: u8, rest_of_header: [u8; 4], body: &[u8]) -> Vec
     m.extend_from_slice(&[kind, code, 0, 0]);
     m.extend_from_slice(&rest_of_header);
     m.extend_from_slice(body);
-    let sum = checksum(&m);
+    let sum = internet(&m);
     m[2..4].copy_from_slice(&sum.to_be_bytes());
     m
 }
@@ -109,8 +99,8 @@ mod tests {
     fn echo_request_is_well_formed() {
         let p = echo_request(A, B, 0x1234, 7, b"hello");
         assert_eq!(ipv4_addrs(&p), Some((A, B)));
-        assert_eq!(checksum(&p[..20]), 0, "IP header checksum verifies");
-        assert_eq!(checksum(&p[20..]), 0, "ICMP checksum verifies");
+        assert_eq!(internet(&p[..20]), 0, "IP header checksum verifies");
+        assert_eq!(internet(&p[20..]), 0, "ICMP checksum verifies");
         assert_eq!(p.len(), 20 + 8 + 5);
     }
 

@@ -34,7 +34,7 @@ pub fn create(name: &str, ip: Ipv4Addr, network: Ipv4Net, mtu: u16) -> Result<Tu
     if wanted {
         match create_with(name, ip, network, mtu, true) {
             Ok(device) => {
-                if let Err(e) = crate::offload::enable(device.as_raw_fd()) {
+                if let Err(e) = crate::dataplane::offload::enable(device.as_raw_fd()) {
                     tracing::info!(
                         "TUN segmentation offload unavailable ({e}); one packet per read"
                     );

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use overlay_proto::api::PathKind;
 
-use crate::backoff::Backoff;
+use super::backoff::Backoff;
 
 /// How long one ICE session may check before we call it failed and retry later.
 pub const CHECK_TIMEOUT: Duration = Duration::from_secs(20);

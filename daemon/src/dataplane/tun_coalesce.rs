@@ -1,4 +1,4 @@
-//! Receive-side coalescing, the mirror of [`crate::offload`]: consecutive
+//! Receive-side coalescing, the mirror of [`crate::dataplane::offload`]: consecutive
 //! decrypted TCP segments of one flow become one TUN write with a GSO
 //! `virtio_net_hdr`, so the kernel's TCP stack takes one large segment instead of
 //! dozens of small ones. Anything that does not fit the rules is written alone.
@@ -7,9 +7,9 @@
 //! carries the next sequence number, the same ack, TCP options, TTL and TOS, only
 //! ACK/PSH flags, and the run's segments so far are all of one size with no PSH.
 
-use crate::offload::{fold, ipv4_header_checksum, sum16, VNET_HDR_LEN};
+use super::checksum::{fold, ipv4_header, sum16, tcp_v4_pseudo, PROTO_TCP};
+use super::offload::VNET_HDR_LEN;
 
-const PROTO_TCP: u8 = 6;
 const GSO_TCPV4: u8 = 1;
 const F_NEEDS_CSUM: u8 = 1;
 const TCP_ACK: u8 = 0x10;
@@ -52,7 +52,7 @@ fn parse(p: &[u8]) -> Option<Segment<'_>> {
     }
     // Merged segments reach the kernel as CHECKSUM_PARTIAL, which it does not
     // verify: check each one here, as the kernel would have.
-    let tcp_sum = sum16(&p[12..20], u32::from(PROTO_TCP) + (p.len() - ihl) as u32);
+    let tcp_sum = tcp_v4_pseudo(p, p.len() - ihl);
     if fold(sum16(&p[..ihl], 0)) != 0 || fold(sum16(&p[ihl..], tcp_sum)) != 0 {
         return None;
     }
@@ -154,10 +154,10 @@ fn push_run(
     let last = run[run.len() - 1];
     p[head.ihl + 13] |= last[head.ihl + 13] & TCP_PSH;
     p[head.ihl + 14..head.ihl + 16].copy_from_slice(&last[head.ihl + 14..head.ihl + 16]); // window
-    ipv4_header_checksum(p, head.ihl);
+    ipv4_header(p, head.ihl);
     // CHECKSUM_PARTIAL: the field holds the pseudo-header sum, not complemented.
     let tcp_len = total - head.ihl;
-    let pseudo = sum16(&p[12..20], u32::from(PROTO_TCP) + tcp_len as u32);
+    let pseudo = tcp_v4_pseudo(p, tcp_len);
     let partial = !fold(pseudo);
     p[head.ihl + 16..head.ihl + 18].copy_from_slice(&partial.to_be_bytes());
     frames.push((start, out.len() - start));
@@ -166,8 +166,8 @@ fn push_run(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::offload::segment;
-    use crate::offload::tests::tcp_packet;
+    use crate::dataplane::offload::segment;
+    use crate::dataplane::offload::tests::tcp_packet;
 
     fn stream(sizes: &[usize], first_seq: u32, last_flags: u8) -> Vec<Vec<u8>> {
         let mut seq = first_seq;
@@ -181,8 +181,8 @@ mod tests {
             };
             let mut p = tcp_packet(&payload, seq, flags);
             p[4..6].copy_from_slice(&(7 + i as u16).to_be_bytes());
-            ipv4_header_checksum(&mut p, 20);
-            crate::offload::tests::retcp(&mut p);
+            ipv4_header(&mut p, 20);
+            crate::dataplane::offload::tests::retcp(&mut p);
             v.push(p);
             seq += n as u32;
         }
@@ -240,7 +240,7 @@ mod tests {
 
     #[test]
     fn non_tcp_passes_alone() {
-        let ping = crate::packet::echo_request(
+        let ping = crate::dataplane::icmp::echo_request(
             std::net::Ipv4Addr::new(100, 64, 0, 1),
             std::net::Ipv4Addr::new(100, 64, 0, 2),
             1,

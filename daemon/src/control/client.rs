@@ -16,9 +16,9 @@ use overlay_proto::NodeId;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::backoff::Backoff;
-use crate::dataplane::{DataPlane, Outbound, BUF_SIZE};
-use crate::transport::{Connector, Endpoint, TransportError};
+use crate::control::transport::{Connector, Endpoint, TransportError};
+use crate::dataplane::{DataPlane, Origin, Outbound, RxScratch};
+use crate::node::backoff::Backoff;
 
 const RECONNECT_BASE: Duration = Duration::from_millis(500);
 const RECONNECT_CAP: Duration = Duration::from_secs(30);
@@ -137,15 +137,13 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 #[async_trait::async_trait]
 pub trait RelayReceiver: Send + Sync {
     /// A WireGuard datagram `from` a peer arrived over the coordination relay.
-    async fn relay_frame(&self, from: NodeId, datagram: &[u8], out: &mut [u8]);
+    async fn relay_frame(&self, from: NodeId, datagram: &[u8], rx: &mut RxScratch);
 }
 
 #[async_trait::async_trait]
 impl RelayReceiver for DataPlane {
-    async fn relay_frame(&self, from: NodeId, datagram: &[u8], out: &mut [u8]) {
-        if let Some(peer) = self.peer(from) {
-            self.receive(&peer, datagram, out).await;
-        }
+    async fn relay_frame(&self, from: NodeId, datagram: &[u8], rx: &mut RxScratch) {
+        self.arrive(Origin::Relay(from), &[datagram], rx).await;
     }
 }
 
@@ -248,7 +246,7 @@ impl ControlClient {
         let mut ping = tokio::time::interval(PING_INTERVAL);
         let mut last_heard = Instant::now();
         let mut ping_sent: Option<(u64, Instant)> = None;
-        let mut out = vec![0u8; BUF_SIZE];
+        let mut rx = RxScratch::default();
         loop {
             tokio::select! {
                 msg = ws.next() => {
@@ -268,7 +266,7 @@ impl ControlClient {
                         },
                         Some(Ok(Message::Binary(frame))) => {
                             if let Some((from, datagram)) = decode_relay_frame(&frame) {
-                                self.relay.relay_frame(from, datagram, &mut out).await;
+                                self.relay.relay_frame(from, datagram, &mut rx).await;
                             }
                         }
                         Some(Ok(Message::Close(frame))) => {
@@ -341,7 +339,7 @@ mod tests {
 
     #[async_trait::async_trait]
     impl RelayReceiver for NoRelay {
-        async fn relay_frame(&self, _: NodeId, _: &[u8], _: &mut [u8]) {}
+        async fn relay_frame(&self, _: NodeId, _: &[u8], _: &mut RxScratch) {}
     }
 
     /// Log lines the client writes, captured for the test.

@@ -14,6 +14,8 @@
 
 use std::os::fd::RawFd;
 
+use super::checksum::{fold, ipv4_header, sum16, tcp_v4};
+
 /// Length of the `virtio_net_hdr` before every packet read from or written to the TUN.
 pub const VNET_HDR_LEN: usize = 10;
 
@@ -21,7 +23,6 @@ const F_NEEDS_CSUM: u8 = 1;
 const GSO_NONE: u8 = 0;
 const GSO_TCPV4: u8 = 1;
 const GSO_ECN: u8 = 0x80;
-const PROTO_TCP: u8 = 6;
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
 const TCP_CWR: u8 = 0x80;
@@ -44,41 +45,6 @@ pub fn enable(fd: RawFd) -> std::io::Result<()> {
     } else {
         Ok(())
     }
-}
-
-pub(crate) fn sum16(data: &[u8], mut acc: u32) -> u32 {
-    let mut chunks = data.chunks_exact(2);
-    for c in &mut chunks {
-        acc += u32::from(u16::from_be_bytes([c[0], c[1]]));
-    }
-    if let [last] = chunks.remainder() {
-        acc += u32::from(u16::from_be_bytes([*last, 0]));
-    }
-    acc
-}
-
-pub(crate) fn fold(mut acc: u32) -> u16 {
-    while acc >> 16 != 0 {
-        acc = (acc & 0xffff) + (acc >> 16);
-    }
-    !(acc as u16)
-}
-
-pub(crate) fn ipv4_header_checksum(packet: &mut [u8], ihl: usize) {
-    packet[10] = 0;
-    packet[11] = 0;
-    let sum = fold(sum16(&packet[..ihl], 0));
-    packet[10..12].copy_from_slice(&sum.to_be_bytes());
-}
-
-fn tcp_checksum(packet: &mut [u8], ihl: usize) {
-    let tcp_len = packet.len() - ihl;
-    packet[ihl + 16] = 0;
-    packet[ihl + 17] = 0;
-    let mut acc = sum16(&packet[12..20], 0); // source and destination addresses
-    acc += u32::from(PROTO_TCP) + tcp_len as u32;
-    let sum = fold(sum16(&packet[ihl..], acc));
-    packet[ihl + 16..ihl + 18].copy_from_slice(&sum.to_be_bytes());
 }
 
 /// Cuts one TUN read (`virtio_net_hdr` + packet) into IP packets appended to
@@ -153,8 +119,8 @@ fn segment_tcp4(
         if i > 0 {
             p[ihl + 13] &= !TCP_CWR;
         }
-        ipv4_header_checksum(p, ihl);
-        tcp_checksum(p, ihl);
+        ipv4_header(p, ihl);
+        tcp_v4(p, ihl);
         lens.push(p.len());
     }
     Ok(())
@@ -163,6 +129,7 @@ fn segment_tcp4(
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::dataplane::checksum::PROTO_TCP;
 
     /// An IPv4/TCP packet with the given payload and valid checksums.
     pub(crate) fn tcp_packet(payload: &[u8], seq: u32, flags: u8) -> Vec<u8> {
@@ -181,14 +148,14 @@ pub(crate) mod tests {
         p[33] = flags;
         p[34..36].copy_from_slice(&65535u16.to_be_bytes());
         p.extend_from_slice(payload);
-        ipv4_header_checksum(&mut p, 20);
-        tcp_checksum(&mut p, 20);
+        ipv4_header(&mut p, 20);
+        tcp_v4(&mut p, 20);
         p
     }
 
     /// Recomputes a test packet's TCP checksum after its header was edited.
     pub(crate) fn retcp(p: &mut [u8]) {
-        tcp_checksum(p, 20);
+        tcp_v4(p, 20);
     }
 
     fn verifies(p: &[u8]) -> bool {
@@ -225,7 +192,7 @@ pub(crate) mod tests {
             let flags = if last { TCP_PSH | TCP_FIN | 0x10 } else { 0x10 };
             let mut want = tcp_packet(chunk, 1000 + (i as u32) * 1000, flags);
             want[4..6].copy_from_slice(&(7 + i as u16).to_be_bytes());
-            ipv4_header_checksum(&mut want, 20);
+            ipv4_header(&mut want, 20);
             assert!(verifies(seg), "segment {i} checksums");
             assert_eq!(seg, want.as_slice(), "segment {i}");
         }

@@ -1,6 +1,6 @@
 //! The edge that owns webrtc-ice agents. It makes no decisions: it turns agent
 //! callbacks into [`IceEvent`]s for the engine, which feeds them to the peer's
-//! [`crate::path::PathState`].
+//! [`crate::node::path::PathState`].
 
 use std::net::Ipv4Addr;
 use std::sync::Arc;
@@ -19,8 +19,8 @@ use webrtc_ice::state::ConnectionState;
 use webrtc_ice::udp_network::UDPNetwork;
 use webrtc_ice::url::Url;
 
-use crate::path::{CandidateKind, SelectedPair};
-use crate::peer::IceConn;
+use crate::dataplane::peer::IceConn;
+use crate::node::path::{CandidateKind, SelectedPair};
 
 /// ICE calls a pair disconnected after this long without traffic; packets move to
 /// the relay at that moment, so it bounds how long a dead path can swallow them.
@@ -73,7 +73,7 @@ pub enum IceEvent {
 pub struct IceSettings {
     pub urls: Vec<Url>,
     /// The shared socket every agent's host candidates live on.
-    pub mux: Arc<crate::mux::Mux>,
+    pub mux: Arc<crate::ice::mux::Mux>,
     /// Our TUN interface: never gather candidates on it, or the tunnel would
     /// route into itself.
     pub tun_name: String,
@@ -86,7 +86,7 @@ impl IceSettings {
         ice: &IceConfig,
         tun_name: &str,
         mesh: Ipv4Net,
-        mux: Arc<crate::mux::Mux>,
+        mux: Arc<crate::ice::mux::Mux>,
     ) -> Self {
         let mut urls = Vec::new();
         for raw in &ice.stun {
@@ -148,7 +148,7 @@ pub struct IceSession {
     pub pwd: String,
     /// Dropping this cancels a pending `dial`/`accept`.
     cancel: Option<mpsc::Sender<()>>,
-    pub conn: Option<crate::peer::IceLink>,
+    pub conn: Option<crate::dataplane::peer::IceLink>,
     /// The peer's signalled candidates: address and type.
     pub signalled: Vec<(String, CandidateKind)>,
     /// See [`IceSettings::mesh`].
@@ -380,7 +380,7 @@ mod tests {
     async fn session_refuses_hostile_candidates_and_takes_ordinary_ones() {
         let settings = IceSettings {
             urls: Vec::new(),
-            mux: crate::mux::Mux::bind().await.expect("UDP socket"),
+            mux: crate::ice::mux::Mux::bind().await.expect("UDP socket"),
             tun_name: "ovl-test".into(),
             mesh: "100.64.0.0/10".parse().unwrap(),
         };

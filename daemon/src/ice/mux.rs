@@ -28,9 +28,8 @@ use tokio_util::sync::CancellationToken;
 use webrtc_ice::udp_mux::UDPMux;
 use webrtc_util::Conn;
 
-use crate::dataplane::{DataPlane, RxScratch, BUF_SIZE};
-use crate::peer::lock;
-use crate::udp_batch;
+use crate::dataplane::udp_batch;
+use crate::dataplane::{DataPlane, Origin, RxScratch, BUF_SIZE, MAX_BATCH};
 
 /// Datagrams queued for one agent before more are dropped (STUN is sparse).
 const AGENT_QUEUE: usize = 256;
@@ -81,20 +80,46 @@ impl Mux {
         let mut rx = RxScratch::default();
         loop {
             let (from, n, segment) = udp_batch::recv_coalesced(&self.socket, &mut buf).await?;
-            // With GRO, one read is a run of datagrams from one sender.
-            let peer = dataplane.peer_by_endpoint(from);
-            let mut wireguard: Vec<&[u8]> = Vec::new();
+            // With GRO, one read is a run of datagrams from one sender. STUN goes
+            // to ICE; the rest to the data plane, or to an agent when the sender
+            // is no peer's endpoint (ICE's own traffic before a pair is chosen).
+            // Collected on the stack: nothing is allocated per read.
+            let mut wireguard: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+            let mut count = 0;
             for datagram in udp_batch::segments(&buf[..n], segment) {
                 if stun::message::is_message(datagram) {
                     self.route_stun(datagram, from);
-                } else if peer.is_some() {
-                    wireguard.push(datagram);
-                } else if let Some(conn) = self.agent_for(from) {
-                    conn.deliver(datagram, from);
+                    continue;
+                }
+                wireguard[count] = datagram;
+                count += 1;
+                if count == MAX_BATCH {
+                    self.deliver(&dataplane, from, &wireguard, &mut rx).await;
+                    count = 0;
                 }
             }
-            if let (Some(peer), false) = (&peer, wireguard.is_empty()) {
-                dataplane.receive_batch(peer, &wireguard, &mut rx).await;
+            if count > 0 {
+                self.deliver(&dataplane, from, &wireguard[..count], &mut rx)
+                    .await;
+            }
+        }
+    }
+
+    /// Non-STUN datagrams from `from`: the data plane's when `from` is a peer's
+    /// endpoint, else the agent's that last sent there.
+    async fn deliver(
+        &self,
+        dataplane: &DataPlane,
+        from: SocketAddr,
+        datagrams: &[&[u8]],
+        rx: &mut RxScratch,
+    ) {
+        if dataplane.arrive(Origin::Udp(from), datagrams, rx).await {
+            return;
+        }
+        if let Some(conn) = self.agent_for(from) {
+            for datagram in datagrams {
+                conn.deliver(datagram, from);
             }
         }
     }
@@ -267,6 +292,12 @@ impl Conn for MuxConn {
     fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
         self
     }
+}
+
+/// Locks one of the mux's tables, ignoring poisoning: a panicking holder cannot
+/// leave a routing table half-updated in a way that matters.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Whether `ip` is one of this host's own addresses: then STUN saw us without a

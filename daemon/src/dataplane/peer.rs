@@ -11,7 +11,7 @@ use overlay_proto::coord::PeerInfo;
 use overlay_proto::NodeId;
 use webrtc_util::Conn;
 
-use crate::path::PathState;
+use crate::node::PathView;
 use crate::seal::Sealer;
 
 /// Keeps NAT mappings and idle paths alive (the interval WireGuard users know).
@@ -56,17 +56,18 @@ pub struct Peer {
     pub id: NodeId,
     pub mesh_ip: Ipv4Addr,
     pub public_key: [u8; 32],
-    /// We control ICE when our public key is the smaller one.
-    pub controlling: bool,
-    pub info: Mutex<PeerInfo>,
-    pub tunn: Mutex<Tunn>,
+    /// The netmap's latest word on the peer (a snapshot the shell replaces).
+    info: Mutex<PeerInfo>,
+    /// Only the data plane encrypts and decrypts.
+    pub(super) tunn: Mutex<Tunn>,
     pub sealer: Sealer,
     /// Where packets go while the path state says ICE is usable.
     active: RwLock<Option<IceLink>>,
     /// The selected pair's remote address when that pair is on our shared socket:
     /// packets then bypass the ICE agent entirely.
     endpoint: RwLock<Option<SocketAddr>>,
-    pub path: Mutex<PathState>,
+    /// The path as the node core last named it (a snapshot for the local API).
+    path: RwLock<PathView>,
     pub rx_bytes: AtomicU64,
     pub tx_bytes: AtomicU64,
 }
@@ -86,14 +87,7 @@ pub fn wireguard_index(random: u32) -> u32 {
 }
 
 impl Peer {
-    pub fn new(
-        info: PeerInfo,
-        public_key: [u8; 32],
-        our_secret: &StaticSecret,
-        path: PathState,
-    ) -> Self {
-        let our_public = PublicKey::from(our_secret);
-        let controlling = our_public.as_bytes() < &public_key;
+    pub fn new(info: PeerInfo, public_key: [u8; 32], our_secret: &StaticSecret) -> Self {
         let tunn = Tunn::new(
             our_secret.clone(),
             PublicKey::from(public_key),
@@ -106,16 +100,24 @@ impl Peer {
             id: info.id,
             mesh_ip: info.mesh_ip,
             public_key,
-            controlling,
             sealer: Sealer::new(our_secret.to_bytes(), public_key),
             info: Mutex::new(info),
             tunn: Mutex::new(tunn),
             active: RwLock::new(None),
             endpoint: RwLock::new(None),
-            path: Mutex::new(path),
+            path: RwLock::new(PathView::connecting()),
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
         }
+    }
+
+    pub fn info(&self) -> PeerInfo {
+        lock(&self.info).clone()
+    }
+
+    /// How long ago the last WireGuard handshake completed.
+    pub fn since_last_handshake(&self) -> Option<std::time::Duration> {
+        lock(&self.tunn).time_since_last_handshake()
     }
 
     pub fn name(&self) -> String {
@@ -131,6 +133,20 @@ impl Peer {
 
     pub fn set_active_conn(&self, conn: Option<IceLink>) {
         *self.active.write().unwrap_or_else(|e| e.into_inner()) = conn;
+    }
+
+    /// Only the shell calls this, with the netmap's latest word on the peer.
+    pub fn set_info(&self, info: PeerInfo) {
+        *lock(&self.info) = info;
+    }
+
+    pub fn path(&self) -> PathView {
+        self.path.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Only the shell calls this, with what the node core decided.
+    pub fn set_path(&self, view: PathView) {
+        *self.path.write().unwrap_or_else(|e| e.into_inner()) = view;
     }
 
     pub fn endpoint(&self) -> Option<SocketAddr> {
@@ -153,7 +169,7 @@ impl Peer {
 
 /// Locks a std mutex, ignoring poisoning: a panicking holder cannot leave these
 /// values half-updated in a way that matters more than stopping the daemon would.
-pub fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 

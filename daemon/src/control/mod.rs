@@ -1,0 +1,16 @@
+//! The control plane: this node's side of the conversation with the coordinator.
+//!
+//! ```text
+//!   enrolment (once)   POST /v1/register/challenge, /v1/register ──▶ Enrolment
+//!   ControlClient      one WebSocket: ServerMsg ──▶ ControlEvent ──▶ shell (node core)
+//!                                     relay frames ──▶ DataPlane::arrive (Origin::Relay)
+//!                      Outbound (signals, relay frames) ◀── shell, data plane
+//!   transport          TCP/TLS, HTTP/1.1 and the WebSocket upgrade, with timeouts
+//! ```
+//!
+//! Nothing here decides about peers: messages go to the node core as they came.
+
+mod client;
+pub mod transport;
+
+pub use client::*;

@@ -1,0 +1,172 @@
+//! The netmap side of the node: peers added, changed and removed, and what the
+//! node reports about a peer (`overlayctl status`/`why`).
+
+use std::net::Ipv4Addr;
+use std::time::Instant;
+
+use overlay_proto::coord::PeerInfo;
+use overlay_proto::signal::NatSummary;
+use overlay_proto::NodeId;
+
+use super::netmap::{self, Change};
+use super::path::{IceStatus, PathState};
+use super::{Node, Output, PathView, PeerEntry};
+use crate::identity::decode_public_key;
+
+/// What the node knows about one peer, for `overlayctl why`.
+#[derive(Debug, Clone)]
+pub struct PeerReport {
+    pub info: PeerInfo,
+    pub controlling: bool,
+    pub view: PathView,
+    /// An ICE session is checking right now.
+    pub checking: bool,
+    /// When the next attempt at ICE is due, if one is scheduled.
+    pub next_attempt: Option<Instant>,
+    pub remote_nat: Option<NatSummary>,
+    pub coordinator_connected: bool,
+}
+
+impl Node {
+    /// Applies a complete netmap: peers added, changed and gone.
+    pub(super) fn apply_netmap(&mut self, peers: &[PeerInfo], now: Instant) {
+        for change in netmap::diff(&self.netmap, peers, self.me) {
+            self.apply(change, now);
+        }
+    }
+
+    pub(super) fn apply(&mut self, change: Change, now: Instant) {
+        match change {
+            Change::Add(info) => self.add_peer(info, now),
+            Change::Update(info) => {
+                self.update_peer(&info, now);
+                self.netmap.insert(info.id, info);
+            }
+            Change::Remove(id) => {
+                self.end_session(id);
+                if let Some(info) = self.netmap.remove(&id) {
+                    tracing::info!("peer {} ({}) removed", info.name, info.mesh_ip);
+                }
+                if self.peers.remove(&id).is_some() {
+                    self.outputs.push_back(Output::PeerRemoved(id));
+                }
+                self.signaling.forget(id, now);
+            }
+        }
+    }
+
+    fn add_peer(&mut self, info: PeerInfo, now: Instant) {
+        let Some(key) = decode_public_key(&info.public_key) else {
+            tracing::warn!(
+                peer = info.id,
+                "ignoring peer {} with a malformed public key",
+                info.name
+            );
+            return;
+        };
+        // Role by key order: the smaller key controls ICE.
+        let controlling = self.public_key < key;
+        tracing::info!(
+            "peer {} ({}) added{}",
+            info.name,
+            info.mesh_ip,
+            if info.online { "" } else { ", offline" }
+        );
+        let id = info.id;
+        self.peers.insert(
+            id,
+            PeerEntry {
+                info: info.clone(),
+                controlling,
+                path: PathState::new(controlling, info.online, now),
+                session: None,
+                route: None,
+                remote_nat: None,
+            },
+        );
+        self.outputs.push_back(Output::PeerAdded {
+            info: info.clone(),
+            public_key: key,
+        });
+        if info.online {
+            self.send_nat(id, now);
+        }
+        self.netmap.insert(id, info);
+    }
+
+    fn update_peer(&mut self, info: &PeerInfo, now: Instant) {
+        let Some(entry) = self.peers.get_mut(&info.id) else {
+            return;
+        };
+        let was_online = entry.info.online;
+        entry.info = info.clone();
+        if was_online != info.online {
+            tracing::info!(
+                "peer {} ({}) is {}",
+                info.name,
+                info.mesh_ip,
+                if info.online { "online" } else { "offline" }
+            );
+            if entry.path.set_online(info.online, now) {
+                self.end_session(info.id);
+            }
+            if info.online {
+                self.send_nat(info.id, now);
+            }
+        }
+        self.outputs.push_back(Output::PeerUpdated(info.clone()));
+        self.sync_path(info.id);
+    }
+
+    /// The peer that `target` names: a mesh address or a name.
+    pub fn find_peer(&self, target: &str) -> Option<NodeId> {
+        match target.parse::<Ipv4Addr>() {
+            Ok(ip) => self.peers.values().find(|p| p.info.mesh_ip == ip),
+            Err(_) => {
+                let mut named: Vec<_> = self
+                    .peers
+                    .values()
+                    .filter(|p| p.info.name == target)
+                    .collect();
+                named.sort_by_key(|p| p.info.mesh_ip);
+                named.into_iter().next()
+            }
+        }
+        .map(|p| p.info.id)
+    }
+
+    pub fn peer_report(&self, id: NodeId) -> Option<PeerReport> {
+        let entry = self.peers.get(&id)?;
+        // A retry is scheduled only once a session failed (or none ran yet); a
+        // disconnected pair may still recover by itself.
+        let scheduled = matches!(entry.path.status(), IceStatus::Failed | IceStatus::Idle);
+        let view = entry.current_route().view;
+        let next_attempt =
+            (view.kind != overlay_proto::api::PathKind::Direct && entry.info.online && scheduled)
+                .then(|| entry.path.next_attempt());
+        Some(PeerReport {
+            info: entry.info.clone(),
+            controlling: entry.controlling,
+            view,
+            checking: entry.checking(),
+            next_attempt,
+            remote_nat: entry.remote_nat.clone(),
+            coordinator_connected: self.coordinator_connected,
+        })
+    }
+
+    /// Our latest netcheck summary.
+    pub fn nat(&self) -> Option<&NatSummary> {
+        self.nat.as_ref()
+    }
+
+    /// The session currently open with `id`, if any.
+    pub fn session(&self, id: NodeId) -> Option<u64> {
+        self.peers.get(&id)?.session.as_ref().map(|s| s.id)
+    }
+
+    /// Whether `id` is in the netmap with a usable key.
+    pub fn has_peer(&self, id: NodeId) -> bool {
+        self.peers.contains_key(&id)
+    }
+}

@@ -1,0 +1,151 @@
+//! The shell's answers to "how is my network" and "why is this peer relayed":
+//! netcheck runs, NAT information shared with peers, and `overlayctl why`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use overlay_proto::api::{NetcheckReport, WhyReport};
+use overlay_proto::coord::IceConfig;
+use overlay_proto::NodeId;
+
+use super::{Query, Shell};
+use crate::ice::mux::Mux;
+use crate::ice::why::{self, Attempt, Evidence};
+
+/// A finished netcheck, and what STUN saw of the shared socket.
+pub(super) struct Netchecked {
+    report: NetcheckReport,
+    reflexive: Option<SocketAddr>,
+}
+
+/// Runs netcheck and the shared socket's srflx probe side by side.
+pub(super) async fn netcheck(ice: IceConfig, rtt: Option<Duration>, mux: Arc<Mux>) -> Netchecked {
+    let server = match ice
+        .stun
+        .first()
+        .and_then(|u| crate::ice::netcheck::server_addr(u))
+    {
+        Some(server) => tokio::net::lookup_host(server)
+            .await
+            .ok()
+            .and_then(|mut a| a.next()),
+        None => None,
+    };
+    let probe = async {
+        match server {
+            Some(server) => mux.reflexive_addr(server).await,
+            None => None,
+        }
+    };
+    let (report, reflexive) = tokio::join!(crate::ice::netcheck::run(&ice, rtt), probe);
+    Netchecked { report, reflexive }
+}
+
+impl Shell {
+    pub(super) fn spawn_netcheck(&mut self) {
+        let ice = self.ice_config.clone();
+        let rtt = self.coord_rtt();
+        let tx = self.netcheck_tx.clone();
+        let mux = self.mux.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(netcheck(ice, rtt, mux).await);
+        });
+    }
+
+    pub(super) fn coord_rtt(&self) -> Option<Duration> {
+        match self.coord_rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            us => Some(Duration::from_micros(us)),
+        }
+    }
+
+    /// Hands the node what netcheck found, and our srflx candidate unless STUN
+    /// saw one of our own addresses (no NAT: it would repeat a host candidate).
+    pub(super) fn on_netcheck(&mut self, done: Netchecked) {
+        let Netchecked { report, reflexive } = done;
+        let srflx = reflexive
+            .filter(|m| !crate::ice::mux::is_local_ip(m.ip()))
+            .map(|m| crate::ice::mux::srflx_candidate(m, self.mux.port()));
+        self.node
+            .handle_netcheck(report.summary(), srflx, Instant::now());
+    }
+
+    /// Keeps what the current ICE attempt with `id` saw, for `overlayctl why`.
+    pub(super) async fn snapshot(&mut self, id: NodeId) {
+        let Some(s) = self.sessions.get(&id) else {
+            return;
+        };
+        let local = s.agent.get_local_candidates_stats().await;
+        let remote = s.agent.get_remote_candidates_stats().await;
+        let pairs = s.agent.get_candidate_pairs_stats().await;
+        self.attempts.insert(
+            id,
+            (s.started, Attempt::from_stats(&local, &remote, &pairs)),
+        );
+    }
+
+    pub(super) async fn on_query(&mut self, query: Query) {
+        match query {
+            Query::Netcheck(reply) => {
+                let ice = self.ice_config.clone();
+                let rtt = self.coord_rtt();
+                let tx = self.netcheck_tx.clone();
+                let mux = self.mux.clone();
+                tokio::spawn(async move {
+                    let done = netcheck(ice, rtt, mux).await;
+                    let _ = reply.send(done.report.clone());
+                    let _ = tx.send(done);
+                });
+            }
+            Query::Why(target, reply) => {
+                let _ = reply.send(self.why(&target).await);
+            }
+        }
+    }
+
+    pub(super) async fn why(&mut self, target: &str) -> Result<WhyReport, String> {
+        let not_found = || format!("no peer named or addressed {target:?}; see 'overlayctl peers'");
+        let id = self.node.find_peer(target).ok_or_else(not_found)?;
+        self.snapshot(id).await;
+        let report = self.node.peer_report(id).ok_or_else(not_found)?;
+        let now = Instant::now();
+        let next_attempt = report
+            .next_attempt
+            .map(|t| t.saturating_duration_since(now).as_secs());
+        let (age, attempt) = match self.attempts.get(&id) {
+            Some((started, a)) => (Some(now.duration_since(*started).as_secs()), a.clone()),
+            None => (None, Attempt::default()),
+        };
+        let local_nat = self.node.nat().cloned();
+        let info = report.info;
+        let conclusion = why::conclude(&Evidence {
+            peer: &info.name,
+            online: info.online,
+            coordinator_connected: self.coord_connected.load(Ordering::Relaxed),
+            path_kind: report.view.kind,
+            path: &report.view.label,
+            checking: report.checking,
+            local_nat: local_nat.as_ref(),
+            remote_nat: report.remote_nat.as_ref(),
+            next_attempt_in_secs: next_attempt,
+        });
+        Ok(WhyReport {
+            peer: info.name,
+            mesh_ip: info.mesh_ip,
+            online: info.online,
+            path_kind: report.view.kind,
+            path: report.view.label,
+            controlling: report.controlling,
+            local_candidates: attempt.local,
+            remote_candidates: attempt.remote,
+            pairs: attempt.pairs,
+            attempt_age_secs: age,
+            local_nat,
+            remote_nat: report.remote_nat,
+            next_attempt_in_secs: next_attempt,
+            conclusion,
+        })
+    }
+}
