@@ -93,7 +93,7 @@ fn connector(cert: &std::path::Path) -> TlsConnector {
 
 #[tokio::test]
 async fn idle_sockets_from_many_sources_do_not_delay_a_tls_request() {
-    let certs = TempDir::new("listener-tls");
+    let certs = temp_dir("listener-tls");
     let (cert, key) =
         make_cert(&certs).expect("openssl must be installed to make a test certificate");
     let (cert2, key2) = (cert.clone(), key.clone());

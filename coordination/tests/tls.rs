@@ -14,7 +14,7 @@ use tokio_rustls::TlsConnector;
 
 #[tokio::test]
 async fn serves_https_with_the_given_certificate() {
-    let certs = TempDir::new("tls");
+    let certs = temp_dir("tls");
     // A skipped test would pass without testing anything: openssl is required
     // (.ci/run installs it).
     let (cert, key) =
@@ -68,11 +68,11 @@ async fn serves_https_with_the_given_certificate() {
 
 #[tokio::test]
 async fn missing_certificate_file_is_a_clear_error() {
-    let dir = TempDir::new("tls-missing");
+    let dir = temp_dir("tls-missing");
     let mut config = overlay_coord::config::Config {
         transport: Transport::Tls {
-            cert: dir.0.join("nope.pem"),
-            key: dir.0.join("nope.key"),
+            cert: dir.path().join("nope.pem"),
+            key: dir.path().join("nope.key"),
         },
         ..common::config(&dir)
     };

@@ -29,31 +29,20 @@ use overlay_proto::enrol;
 /// Upper bound for anything a test waits on.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
-/// A unique temp directory, removed on drop.
-pub struct TempDir(pub PathBuf);
+pub use tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "overlay-coord-{tag}-{}-{}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A unique temp directory named after `tag`, removed on drop.
+pub fn temp_dir(tag: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("overlay-coord-{tag}-"))
+        .tempdir()
+        .expect("create temp dir")
 }
 
 pub fn config(state_dir: &TempDir) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
-        state_dir: state_dir.0.clone(),
+        state_dir: state_dir.path().to_path_buf(),
         network: "100.64.0.0/10".parse().unwrap(),
         public_addr: None,
         transport: Transport::PlainHttp,
@@ -88,7 +77,7 @@ impl TestServer {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
-        let dir = TempDir::new("srv");
+        let dir = temp_dir("srv");
         let mut config = config(&dir);
         tweak(&mut config);
         let server = overlay_coord::start(config.clone())
@@ -127,7 +116,7 @@ impl TestServer {
 
     /// Opens the same store the admin CLI would.
     pub fn store(&self) -> Store {
-        Store::open(&self.dir.0).expect("open store")
+        Store::open(self.dir.path()).expect("open store")
     }
 
     pub fn create_key(&self, reusable: bool) -> String {
@@ -425,36 +414,7 @@ where
     }
 }
 
-/// A self-signed end-entity certificate for 127.0.0.1; `None` when openssl fails.
-pub fn make_cert(dir: &TempDir) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-    let cert = dir.0.join("cert.pem");
-    let key = dir.0.join("key.pem");
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .args([
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .ok()?;
-    status.success().then_some((cert, key))
+/// A self-signed end-entity certificate for 127.0.0.1 and its key, in `dir`.
+pub fn make_cert(dir: &TempDir) -> anyhow::Result<(PathBuf, PathBuf)> {
+    overlay_tests::cert::self_signed(dir.path(), "127.0.0.1")
 }
