@@ -1,17 +1,17 @@
 //! Fewer system calls per packet on the shared UDP socket: UDP GSO sends a run of
 //! equal-sized WireGuard datagrams to one peer in one `sendmsg`, and UDP GRO hands
-//! us a run of datagrams from one peer in one `recvmsg`. Both go through
-//! `quinn-udp`, which falls back to one datagram per call where the kernel
-//! refuses them.
+//! us a run of datagrams from one peer in one `recvmsg`. Both fall back to one
+//! datagram per call where the kernel refuses them.
 
-use std::collections::HashMap;
-use std::io::IoSliceMut;
+use std::io::{IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use nix::sys::socket::{setsockopt, sockopt};
-use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use nix::sys::socket::{
+    recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
+    SockaddrIn, SockaddrStorage,
+};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
@@ -20,24 +20,12 @@ pub const MAX_SEGMENTS: usize = 64;
 /// ...and no more than one IP datagram's worth of payload.
 pub const MAX_GSO_BYTES: usize = 65_000;
 
+/// Whether GSO sends still work here; cleared on the first refusal.
+static GSO_OK: AtomicBool = AtomicBool::new(true);
+
 /// Socket buffers large enough for GSO bursts from several peers (wireguard-go
 /// asks for 7 MiB); as root the system's default ceiling does not apply.
 const SOCKET_BUFFER: usize = 7 << 20;
-
-/// quinn-udp's per-socket state (what GSO/GRO the socket can do), by descriptor.
-static STATES: Mutex<Option<HashMap<i32, &'static UdpSocketState>>> = Mutex::new(None);
-
-fn state(socket: &UdpSocket) -> std::io::Result<&'static UdpSocketState> {
-    let mut states = STATES.lock().unwrap_or_else(|e| e.into_inner());
-    let states = states.get_or_insert_with(HashMap::new);
-    let fd = socket.as_raw_fd();
-    if let Some(s) = states.get(&fd) {
-        return Ok(s);
-    }
-    let s: &'static UdpSocketState = Box::leak(Box::new(UdpSocketState::new(socket.into())?));
-    states.insert(fd, s);
-    Ok(s)
-}
 
 /// Raises the socket's send and receive buffers; best effort.
 pub fn grow_buffers(socket: &UdpSocket) {
@@ -51,7 +39,7 @@ pub fn grow_buffers(socket: &UdpSocket) {
 
 /// Asks the kernel to coalesce received datagrams (UDP GRO); harmless if refused.
 pub fn enable_gro(socket: &UdpSocket) -> bool {
-    state(socket).is_ok_and(|s| s.gro_segments() > 1)
+    setsockopt(socket, sockopt::UdpGroSegment, &true).is_ok()
 }
 
 /// Sends `segments` to `dst`: one GSO `sendmsg` when there are several, all but
@@ -61,28 +49,45 @@ pub async fn send_segments(
     dst: SocketAddr,
     segments: &[&[u8]],
 ) -> std::io::Result<()> {
-    let state = state(socket)?;
-    if segments.len() > 1 && state.max_gso_segments() > 1 {
+    let SocketAddr::V4(v4) = dst else {
+        for s in segments {
+            socket.send_to(s, dst).await?;
+        }
+        return Ok(());
+    };
+    if segments.len() > 1 && GSO_OK.load(Ordering::Relaxed) {
         let size = segments[0].len();
-        // quinn-udp sends one contiguous buffer: the run is copied into it.
-        let run = segments.concat();
-        let transmit = Transmit {
-            destination: dst,
-            ecn: None,
-            contents: &run,
-            segment_size: Some(size),
-            src_ip: None,
-        };
+        debug_assert!(segments[..segments.len() - 1]
+            .iter()
+            .all(|s| s.len() == size));
+        let addr = SockaddrIn::from(v4);
+        let seg = size as u16;
+        let iov: Vec<IoSlice> = segments.iter().map(|s| IoSlice::new(s)).collect();
         let sent = socket
             .async_io(Interest::WRITABLE, || {
-                state.try_send(UdpSockRef::from(socket), &transmit)
+                let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
+                sendmsg(
+                    socket.as_raw_fd(),
+                    &iov,
+                    &cmsg,
+                    MsgFlags::empty(),
+                    Some(&addr),
+                )
+                .map_err(std::io::Error::from)
             })
             .await;
         match sent {
-            Ok(()) => return Ok(()),
-            // Refused for this run (quinn-udp stops GSO for good where the
-            // kernel cannot do it): send it one by one.
-            Err(e) => tracing::debug!("GSO run of {} refused ({e}); one by one", segments.len()),
+            Ok(_) => return Ok(()),
+            // The kernel or the device cannot do GSO at all: stop trying.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EIO | libc::EOPNOTSUPP)) => {
+                tracing::debug!("UDP GSO refused ({e}); sending datagrams one by one");
+                GSO_OK.store(false, Ordering::Relaxed);
+            }
+            // This run only (too large for the route, say): send it one by one.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EMSGSIZE)) => {
+                tracing::debug!("GSO run of {} refused ({e}); one by one", segments.len());
+            }
+            Err(e) => return Err(e),
         }
     }
     for s in segments {
@@ -97,22 +102,30 @@ pub async fn recv_coalesced(
     socket: &UdpSocket,
     buf: &mut [u8],
 ) -> std::io::Result<(SocketAddr, usize, Option<usize>)> {
-    let state = state(socket)?;
     socket
         .async_io(Interest::READABLE, || {
-            let mut bufs = [IoSliceMut::new(buf)];
-            let mut meta = [RecvMeta::default()];
-            state.recv(UdpSockRef::from(socket), &mut bufs, &mut meta)?;
-            let m = meta[0];
-            let from = match m.addr {
-                SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
-                    Some(v4) => SocketAddr::from((v4, v6.port())),
-                    None => m.addr,
-                },
-                v4 => v4,
-            };
-            let segment = (m.stride > 0 && m.stride < m.len).then_some(m.stride);
-            Ok((from, m.len, segment))
+            let mut iov = [IoSliceMut::new(buf)];
+            let mut cmsg = nix::cmsg_space!(i32);
+            let msg = recvmsg::<SockaddrStorage>(
+                socket.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::empty(),
+            )
+            .map_err(std::io::Error::from)?;
+            let mut segment = None;
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::UdpGroSegments(size) = c {
+                        segment = usize::try_from(size).ok().filter(|s| *s > 0);
+                    }
+                }
+            }
+            let from = msg
+                .address
+                .and_then(|a| a.as_sockaddr_in().map(|sin| SocketAddr::V4((*sin).into())))
+                .ok_or_else(|| std::io::Error::other("datagram without an IPv4 sender"))?;
+            Ok((from, msg.bytes, segment))
         })
         .await
 }
