@@ -4,7 +4,8 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
@@ -12,6 +13,9 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -414,7 +418,36 @@ where
     }
 }
 
-/// A self-signed end-entity certificate for 127.0.0.1 and its key, in `dir`.
-pub fn make_cert(dir: &TempDir) -> anyhow::Result<(PathBuf, PathBuf)> {
-    overlay_tests::cert::self_signed(dir.path(), "127.0.0.1")
+/// A server on loopback serving TLS with a fresh self-signed certificate
+/// (openssl is required: a skipped test would pass without testing anything),
+/// tweaked by `tweak`; the certificate's directory lives as long as the server.
+pub async fn start_tls(tweak: impl FnOnce(&mut Config)) -> (TestServer, TempDir, PathBuf) {
+    let certs = temp_dir("tls");
+    let (cert, key) = overlay_tests::cert::self_signed(certs.path(), "127.0.0.1")
+        .expect("openssl must be installed to make a test certificate");
+    let server_cert = cert.clone();
+    let srv = TestServer::start_with(move |c| {
+        c.transport = Transport::Tls {
+            cert: server_cert,
+            key,
+        };
+        tweak(c);
+    })
+    .await;
+    (srv, certs, cert)
+}
+
+/// A TLS client that trusts only `cert`.
+pub fn tls_connector(cert: &Path) -> TlsConnector {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(cert).expect("read the certificate"))
+        .expect("add the certificate");
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
 }
