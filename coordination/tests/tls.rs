@@ -2,7 +2,6 @@
 
 mod common;
 
-
 use common::*;
 use overlay_coord::config::Transport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

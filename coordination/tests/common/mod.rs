@@ -1,5 +1,5 @@
 //! Helpers for the integration tests: a server on loopback with a temp state
-//! directory, a tiny HTTP/1.1 client, and a WebSocket node client.
+//! directory, an HTTP/1.1 client (hyper), TLS set-up, and a WebSocket node client.
 #![allow(dead_code)]
 
 use std::future::Future;
@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
@@ -244,7 +246,8 @@ pub fn random_public_key() -> String {
     NodeKey::random().public
 }
 
-/// A minimal HTTP/1.1 client: one request, `Connection: close`.
+/// One HTTP/1.1 request over its own connection (hyper's client); the status
+/// and the body as text.
 pub async fn http(
     addr: SocketAddr,
     method: &str,
@@ -252,54 +255,36 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("tcp connect");
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut buf))
+    let exchange = async {
+        let stream = TcpStream::connect(addr).await.expect("tcp connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("HTTP handshake");
+        tokio::spawn(conn);
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let request = request
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("read response")
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(DEADLINE, exchange)
         .await
         .expect("response in time")
-        .expect("read response");
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    // Bodies of our errors are small; undo chunked encoding if present.
-    let body = if text
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    (status, body)
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 pub fn api_error(body: &str) -> ApiError {
