@@ -309,6 +309,17 @@ mod tests {
     }
 
     #[test]
+    fn a_denied_peer_after_an_allowed_one_is_still_refused() {
+        let p = PeerPolicy::default();
+        // Two XOR-PEER-ADDRESS attributes: 8.8.8.8, then loopback.
+        let mut m = message(0x0008, Ipv4Addr::new(8, 8, 8, 8), 9);
+        let second = message(0x0008, Ipv4Addr::LOCALHOST, 9);
+        m.extend_from_slice(&second[20..]);
+        m[2..4].copy_from_slice(&24u16.to_be_bytes());
+        assert!(matches!(inspect(&m, &p), Verdict::Refuse(r) if error_code(&r) == 403));
+    }
+
+    #[test]
     fn allocate_username_is_read_from_allocate_requests_only() {
         let mut m = 0x0003u16.to_be_bytes().to_vec();
         m.extend_from_slice(&16u16.to_be_bytes());
