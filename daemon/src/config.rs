@@ -83,9 +83,11 @@ impl Config {
         let auth_key = match (flags.auth_key.or(file.auth_key), auth_key_file) {
             (Some(key), _) => Some(key),
             (None, Some(path)) => {
-                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    ConfigError::Invalid(format!(
+                        "cannot read auth_key_file {}: {e}",
+                        path.display()
+                    ))
                 })?;
                 Some(text.trim().to_owned())
             }
@@ -215,6 +217,21 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::resolve(FileConfig::default(), bad_url).is_err());
+    }
+
+    #[test]
+    fn unreadable_auth_key_file_is_named_as_such() {
+        let flags = Overrides {
+            auth_key_file: Some("/nonexistent/overlay-key".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(FileConfig::default(), flags)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("cannot read auth_key_file /nonexistent/overlay-key"),
+            "{err}"
+        );
     }
 
     #[test]
