@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
+use overlay_proto::config_file;
+pub use overlay_proto::config_file::ConfigError;
 use serde::Deserialize;
 
 /// Default address of the HTTP/WebSocket listener.
@@ -40,19 +42,6 @@ pub const DEFAULT_PENDING_CONNS_PER_IP: usize = 64;
 /// Default bound on all connections from one source, sessions included:
 /// high, since many nodes can share one NAT address.
 pub const DEFAULT_CONNS_PER_IP: usize = 4096;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{0}")]
-    Invalid(String),
-}
 
 /// The TOML file, field for field. Every field is optional: the file only
 /// overrides the embedded defaults.
@@ -224,18 +213,7 @@ impl Default for Limits {
 
 /// Reads and parses a config file.
 pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    parse_file(path, &text)
-}
-
-fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
-    toml::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.to_path_buf(),
-        message: e.to_string().trim_end().replace('\n', " "),
-    })
+    config_file::load(path)
 }
 
 /// The state directory an admin command uses: flag, else file, else default.
@@ -255,10 +233,8 @@ impl Config {
             Some((p, f)) => (Some(p.to_path_buf()), f),
             None => (None, FileConfig::default()),
         };
-        let in_file = |key: &str| match &path {
-            Some(p) => format!("{} (key `{key}`)", p.display()),
-            None => format!("`{key}`"),
-        };
+        let bad_key =
+            |key: &str, message: String| ConfigError::bad_key(path.as_deref(), key, message);
 
         let listen = flags
             .listen
@@ -273,8 +249,7 @@ impl Config {
 
         let ttl = match (flags.turn_ttl, &file.turn.ttl) {
             (Some(d), _) => d,
-            (None, Some(text)) => parse_duration(text)
-                .map_err(|e| ConfigError::Invalid(format!("{}: {e}", in_file("turn.ttl"))))?,
+            (None, Some(text)) => parse_duration(text).map_err(|e| bad_key("turn.ttl", e))?,
             (None, None) => DEFAULT_TURN_TTL,
         };
         if ttl.as_secs() == 0 {
@@ -306,10 +281,7 @@ impl Config {
             ("turn.max_allocations", turn.max_allocations),
         ] {
             if value == 0 {
-                return Err(ConfigError::Invalid(format!(
-                    "{} must be at least 1",
-                    in_file(key)
-                )));
+                return Err(bad_key(key, "must be at least 1".into()));
             }
         }
         if let Some(s) = &turn.secret {
@@ -321,10 +293,10 @@ impl Config {
         }
         for ext in &turn.external {
             if ext.urls.is_empty() {
-                return Err(ConfigError::Invalid(format!(
-                    "{}: an external TURN server needs at least one URL",
-                    in_file("turn.external")
-                )));
+                return Err(bad_key(
+                    "turn.external",
+                    "an external TURN server needs at least one URL".into(),
+                ));
             }
         }
 
@@ -371,10 +343,7 @@ impl Config {
             ("conns_per_ip", limits.conns_per_ip),
         ] {
             if value == 0 {
-                return Err(ConfigError::Invalid(format!(
-                    "{} must be at least 1",
-                    in_file(key)
-                )));
+                return Err(bad_key(key, "must be at least 1".into()));
             }
         }
 

@@ -1,5 +1,9 @@
 use super::*;
 
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    config_file::parse(path, text)
+}
+
 fn flags_http() -> Overrides {
     Overrides {
         allow_http: true,

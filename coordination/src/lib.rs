@@ -21,7 +21,7 @@
 //! | [`ice`] | the ICE configuration handed to nodes |
 //! | [`turn_server`], [`peer_policy`], [`stun_filter`], [`turn_quota`] | embedded STUN/TURN, its denied peers and quotas |
 //! | [`http_server`], [`conn_limit`], [`tls`] | the listener: per-source bounds, deadlines, TLS |
-//! | [`metrics`], [`ratelimit`] | operations |
+//! | [`metrics`] | operations (the sessions' token buckets are `overlay_proto::ratelimit`) |
 //! | [`server`] | wiring and shutdown |
 //! | [`cli`] | the command line and admin commands |
 
@@ -38,7 +38,6 @@ pub mod ipam;
 pub mod metrics;
 pub mod migrations;
 pub mod peer_policy;
-pub mod ratelimit;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -19,9 +19,9 @@ use crate::config::Limits;
 use crate::hub::{AttachError, Attached, Delta, Hub, SignalError};
 use crate::ice::IceSettings;
 use crate::metrics::{Metrics, Rejected, RelayDrop};
-use crate::ratelimit::TokenBucket;
 use crate::store::now_unix;
 use crate::welcome;
+use overlay_proto::ratelimit::TokenBucket;
 
 /// How long one write to a node may take before the session is dropped;
 /// bounds what a stalled reader can cost the server.

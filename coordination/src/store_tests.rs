@@ -1,19 +1,12 @@
 use super::*;
 use base64::Engine;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        let dir = std::env::temp_dir().join(format!("ovc-store-{}", rand::random::<u64>()));
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A fresh directory for a store, removed on drop.
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("ovc-store-")
+        .tempdir()
+        .expect("create temp dir")
 }
 
 fn pk(n: u8) -> String {
@@ -40,8 +33,8 @@ fn net(s: &str) -> Ipv4Net {
 
 #[test]
 fn registration_allocates_and_reregistration_keeps_id_and_ip() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+    let dir = temp_dir();
+    let store = Store::open(dir.path()).unwrap();
     let (_, key) = store.create_key(true, None, 100).unwrap();
     let n = net("100.64.0.0/10");
 
@@ -92,15 +85,15 @@ fn registration_allocates_and_reregistration_keeps_id_and_ip() {
 
 #[test]
 fn credentials_are_stored_hashed() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+    let dir = temp_dir();
+    let store = Store::open(dir.path()).unwrap();
     let (_, key) = store.create_key(false, None, 1).unwrap();
     let r = store
         .register(&enrol(&key, 1, "a"), net("10.0.0.0/24"), 1)
         .unwrap();
     drop(store);
-    let raw = std::fs::read(dir.0.join(DB_FILE)).unwrap();
-    let wal = std::fs::read(dir.0.join(format!("{DB_FILE}-wal"))).unwrap_or_default();
+    let raw = std::fs::read(dir.path().join(DB_FILE)).unwrap();
+    let wal = std::fs::read(dir.path().join(format!("{DB_FILE}-wal"))).unwrap_or_default();
     for secret in [key.as_bytes(), r.credential.as_bytes()] {
         assert!(!raw.windows(secret.len()).any(|w| w == secret));
         assert!(!wal.windows(secret.len()).any(|w| w == secret));
@@ -109,8 +102,8 @@ fn credentials_are_stored_hashed() {
 
 #[test]
 fn key_problems_are_reported_precisely() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+    let dir = temp_dir();
+    let store = Store::open(dir.path()).unwrap();
     let n = net("10.0.0.0/24");
     let problem = |r: Result<Registered, RegisterError>| match r {
         Err(RegisterError::AuthKey(p)) => p,
@@ -145,8 +138,8 @@ fn key_problems_are_reported_precisely() {
 
 #[test]
 fn exhausted_pool_is_reported_and_does_not_spend_the_key() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+    let dir = temp_dir();
+    let store = Store::open(dir.path()).unwrap();
     let n = net("10.0.0.0/30");
     let (_, reusable) = store.create_key(true, None, 1).unwrap();
     store.register(&enrol(&reusable, 1, "a"), n, 1).unwrap();
@@ -162,8 +155,8 @@ fn exhausted_pool_is_reported_and_does_not_spend_the_key() {
 
 #[test]
 fn removal_frees_the_node_and_is_recorded_for_the_server() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+    let dir = temp_dir();
+    let store = Store::open(dir.path()).unwrap();
     let (_, key) = store.create_key(true, None, 1).unwrap();
     let r = store
         .register(&enrol(&key, 1, "gone"), net("10.0.0.0/24"), 1)
@@ -187,8 +180,8 @@ fn removal_frees_the_node_and_is_recorded_for_the_server() {
 
 #[test]
 fn removed_address_is_held_back_then_reused() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+    let dir = temp_dir();
+    let store = Store::open(dir.path()).unwrap();
     let (_, key) = store.create_key(true, None, 1).unwrap();
     let n = net("10.0.0.0/24");
     let a = store.register(&enrol(&key, 1, "a"), n, 1).unwrap();
@@ -202,8 +195,8 @@ fn removed_address_is_held_back_then_reused() {
 
 #[test]
 fn full_pool_reuses_a_held_address() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+    let dir = temp_dir();
+    let store = Store::open(dir.path()).unwrap();
     let (_, key) = store.create_key(true, None, 1).unwrap();
     let n = net("10.0.0.0/30");
     let a = store.register(&enrol(&key, 1, "a"), n, 1).unwrap();
@@ -215,8 +208,8 @@ fn full_pool_reuses_a_held_address() {
 
 #[test]
 fn revoking_with_removal_removes_exactly_the_keys_nodes() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+    let dir = temp_dir();
+    let store = Store::open(dir.path()).unwrap();
     let n = net("10.0.0.0/24");
     let (bad_id, bad) = store.create_key(true, None, 1).unwrap();
     let (_, good) = store.create_key(true, None, 1).unwrap();
@@ -247,14 +240,14 @@ fn revoking_with_removal_removes_exactly_the_keys_nodes() {
 #[test]
 fn database_files_are_private() {
     use std::os::unix::fs::PermissionsExt;
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+    let dir = temp_dir();
+    let store = Store::open(dir.path()).unwrap();
     let (_, key) = store.create_key(true, None, 1).unwrap();
     store
         .register(&enrol(&key, 1, "a"), net("10.0.0.0/24"), 1)
         .unwrap();
     let mode = |name: &str| {
-        std::fs::metadata(dir.0.join(name))
+        std::fs::metadata(dir.path().join(name))
             .unwrap()
             .permissions()
             .mode()
@@ -270,15 +263,19 @@ fn database_files_are_private() {
     }
     drop(store);
     // A store an older version left world-readable is tightened on open.
-    std::fs::set_permissions(dir.0.join(DB_FILE), std::fs::Permissions::from_mode(0o644)).unwrap();
-    let _store = Store::open(&dir.0).unwrap();
+    std::fs::set_permissions(
+        dir.path().join(DB_FILE),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
+    let _store = Store::open(dir.path()).unwrap();
     assert_eq!(mode(DB_FILE), 0o600);
 }
 
 #[test]
 fn activity_is_recorded_and_reset_at_start() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+    let dir = temp_dir();
+    let store = Store::open(dir.path()).unwrap();
     let (_, key) = store.create_key(true, None, 1).unwrap();
     let r = store
         .register(&enrol(&key, 1, "a"), net("10.0.0.0/24"), 1)
@@ -299,8 +296,8 @@ fn activity_is_recorded_and_reset_at_start() {
 
 #[test]
 fn changing_network_with_nodes_is_refused() {
-    let dir = TempDir::new();
-    let store = Store::open(&dir.0).unwrap();
+    let dir = temp_dir();
+    let store = Store::open(dir.path()).unwrap();
     store.check_network(net("10.0.0.0/24")).unwrap();
     store.check_network(net("10.1.0.0/24")).unwrap();
     let (_, key) = store.create_key(true, None, 1).unwrap();
@@ -316,15 +313,15 @@ fn changing_network_with_nodes_is_refused() {
 
 #[test]
 fn data_survives_reopen() {
-    let dir = TempDir::new();
+    let dir = temp_dir();
     let (id, cred) = {
-        let store = Store::open(&dir.0).unwrap();
+        let store = Store::open(dir.path()).unwrap();
         let (_, key) = store.create_key(true, None, 1).unwrap();
         let r = store
             .register(&enrol(&key, 1, "a"), net("10.0.0.0/24"), 1)
             .unwrap();
         (r.node.id, r.credential)
     };
-    let store = Store::open(&dir.0).unwrap();
+    let store = Store::open(dir.path()).unwrap();
     assert!(store.verify_node(id, &cred).unwrap().is_some());
 }

@@ -3,7 +3,9 @@
 //! before the turn crate grants a permission — what coturn does for
 //! `denied-peer-ip`. A peer address that does not decode is refused with
 //! 400 Bad Request: the turn crate would read a truncated IPv4 address as
-//! one padded with zeros (`127.0` → 127.0.0.0) and grant it.
+//! one padded with zeros (`127.0` → 127.0.0.0) and grant it, so besides
+//! decoding with its [`PeerAddress`] we insist the value has the exact length
+//! of its family.
 //!
 //! ```text
 //!  0                   1                   2                   3
@@ -13,22 +15,24 @@
 //!  | attribute type                |  attribute length             |  value, padded to 4
 //! ```
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
+
+use stun::agent::TransactionId;
+use stun::attributes::{ATTR_USERNAME, ATTR_XOR_PEER_ADDRESS};
+use stun::error_code::{ErrorCode, ErrorCodeAttribute};
+use stun::message::{
+    Getter, Message, MessageType, Method, CLASS_ERROR_RESPONSE, CLASS_INDICATION, CLASS_REQUEST,
+    MAGIC_COOKIE, MESSAGE_HEADER_SIZE, METHOD_ALLOCATE, METHOD_CHANNEL_BIND,
+    METHOD_CREATE_PERMISSION, METHOD_SEND,
+};
+use stun::textattrs::Username;
+use turn::proto::peeraddr::PeerAddress;
 
 use crate::peer_policy::PeerPolicy;
 
-const HEADER_LEN: usize = 20;
-const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
-const ATTR_USERNAME: u16 = 0x0006;
-const ATTR_XOR_PEER_ADDRESS: u16 = 0x0012;
-const ATTR_ERROR_CODE: u16 = 0x0009;
-const METHOD_ALLOCATE: u16 = 0x003;
-const METHOD_SEND: u16 = 0x006;
-const METHOD_CREATE_PERMISSION: u16 = 0x008;
-const METHOD_CHANNEL_BIND: u16 = 0x009;
-const CLASS_REQUEST: u16 = 0b00;
-const CLASS_INDICATION: u16 = 0b01;
-const CLASS_ERROR_BITS: u16 = 0x0110;
+/// Length of an XOR-PEER-ADDRESS value: family, port and the address.
+const PEER_ADDRESS_V4_LEN: usize = 4 + 4;
+const PEER_ADDRESS_V6_LEN: usize = 4 + 16;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -50,151 +54,131 @@ enum Problem {
     Malformed,
 }
 
-fn method_and_class(t: u16) -> (u16, u16) {
-    let method = (t & 0x000f) | ((t & 0x00e0) >> 1) | ((t & 0x3e00) >> 2);
-    let class = ((t & 0x0100) >> 7) | ((t & 0x0010) >> 4);
-    (method, class)
-}
-
-fn error_type(method: u16) -> u16 {
-    (method & 0x000f) | ((method & 0x0070) << 1) | ((method & 0x0f80) << 2) | CLASS_ERROR_BITS
-}
-
-/// Decodes an XOR-PEER-ADDRESS value; `None` when malformed.
-fn xor_peer_ip(value: &[u8], txid: &[u8]) -> Option<IpAddr> {
-    match (value.get(1)?, value.len()) {
-        (0x01, 8) => {
-            let mut ip = [0u8; 4];
-            for (i, b) in ip.iter_mut().enumerate() {
-                *b = value[4 + i] ^ MAGIC_COOKIE[i];
-            }
-            Some(IpAddr::V4(Ipv4Addr::from(ip)))
-        }
-        (0x02, 20) => {
-            let mut ip = [0u8; 16];
-            for (i, b) in ip.iter_mut().enumerate() {
-                let key = if i < 4 { MAGIC_COOKIE[i] } else { txid[i - 4] };
-                *b = value[4 + i] ^ key;
-            }
-            Some(IpAddr::V6(Ipv6Addr::from(ip)))
-        }
-        _ => None,
+/// The type of a STUN message, read from its header alone so that ChannelData
+/// and the messages we do not judge cost no decoding.
+fn message_type(packet: &[u8]) -> Option<MessageType> {
+    let header = packet.get(..MESSAGE_HEADER_SIZE)?;
+    if header[0] & 0xc0 != 0 || header[4..8] != MAGIC_COOKIE.to_be_bytes() {
+        return None;
     }
+    let mut typ = MessageType::default();
+    typ.read_value(u16::from_be_bytes([header[0], header[1]]));
+    Some(typ)
+}
+
+fn decode(packet: &[u8]) -> Option<Message> {
+    let mut message = Message::new();
+    message.unmarshal_binary(packet).ok()?;
+    Some(message)
+}
+
+/// The peer one XOR-PEER-ADDRESS value names; `None` when malformed.
+fn peer_ip(value: &[u8], transaction_id: TransactionId) -> Option<IpAddr> {
+    // The value is decoded alone, since `Message::get` sees only the first.
+    let mut one = Message::new();
+    one.transaction_id = transaction_id;
+    one.add(ATTR_XOR_PEER_ADDRESS, value);
+    let mut peer = PeerAddress::default();
+    peer.get_from(&one).ok()?;
+    let exact = match peer.ip {
+        IpAddr::V4(_) => PEER_ADDRESS_V4_LEN,
+        IpAddr::V6(_) => PEER_ADDRESS_V6_LEN,
+    };
+    (value.len() == exact).then_some(peer.ip)
 }
 
 /// The USERNAME of `packet` if it is an Allocate request that carries one
 /// (the second, authenticated, attempt of a client).
-pub fn allocate_username(packet: &[u8]) -> Option<&str> {
-    if packet.len() < HEADER_LEN || packet[0] & 0xc0 != 0 || packet[4..8] != MAGIC_COOKIE {
+pub fn allocate_username(packet: &[u8]) -> Option<String> {
+    if message_type(packet)? != MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST) {
         return None;
     }
-    let (method, class) = method_and_class(u16::from_be_bytes([packet[0], packet[1]]));
-    if (method, class) != (METHOD_ALLOCATE, CLASS_REQUEST) {
-        return None;
-    }
-    let declared = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-    let end = (HEADER_LEN + declared).min(packet.len());
-    let mut at = HEADER_LEN;
-    while at + 4 <= end {
-        let typ = u16::from_be_bytes([packet[at], packet[at + 1]]);
-        let len = usize::from(u16::from_be_bytes([packet[at + 2], packet[at + 3]]));
-        let value = packet
-            .get(at + 4..at + 4 + len)
-            .filter(|_| at + 4 + len <= end)?;
-        if typ == ATTR_USERNAME {
-            return std::str::from_utf8(value).ok();
-        }
-        at += 4 + len.div_ceil(4) * 4;
-    }
-    None
+    let message = decode(packet)?;
+    Username::get_from_as(&message, ATTR_USERNAME)
+        .ok()
+        .map(|u| u.text)
 }
 
 /// An error response with `code` to the Allocate request `packet` (which
 /// [`allocate_username`] accepted).
 pub fn allocate_error(packet: &[u8], code: u16, reason: &[u8]) -> Vec<u8> {
-    let txid = packet.get(8..HEADER_LEN).unwrap_or(&[0; 12]);
-    error_response(METHOD_ALLOCATE, txid, code, reason)
+    error_response(METHOD_ALLOCATE, transaction_id(packet), code, reason)
+}
+
+fn transaction_id(packet: &[u8]) -> TransactionId {
+    let mut id = TransactionId::default();
+    if let Some(bytes) = packet.get(8..MESSAGE_HEADER_SIZE) {
+        id.0.copy_from_slice(bytes);
+    }
+    id
 }
 
 /// Looks at one datagram received on the TURN listener.
 pub fn inspect(packet: &[u8], policy: &PeerPolicy) -> Verdict {
-    if packet.len() < HEADER_LEN || packet[0] & 0xc0 != 0 || packet[4..8] != MAGIC_COOKIE {
+    let Some(typ) = message_type(packet) else {
         return Verdict::Pass;
-    }
-    let (method, class) = method_and_class(u16::from_be_bytes([packet[0], packet[1]]));
-    let names_peer = matches!(
-        (method, class),
-        (
-            METHOD_CREATE_PERMISSION | METHOD_CHANNEL_BIND,
-            CLASS_REQUEST
-        ) | (METHOD_SEND, CLASS_INDICATION)
-    );
+    };
+    let names_peer = [
+        MessageType::new(METHOD_CREATE_PERMISSION, CLASS_REQUEST),
+        MessageType::new(METHOD_CHANNEL_BIND, CLASS_REQUEST),
+        MessageType::new(METHOD_SEND, CLASS_INDICATION),
+    ]
+    .contains(&typ);
     if !names_peer {
         return Verdict::Pass;
     }
-    let txid = &packet[8..HEADER_LEN];
-    let declared = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
-    let end = (HEADER_LEN + declared).min(packet.len());
-    let mut at = HEADER_LEN;
-    let mut problem = None;
-    while at < end {
-        // An attribute header or value running past the message is as
-        // malformed as a bad address: the peer it names cannot be known.
-        let Some(header) = packet.get(at..at + 4).filter(|_| at + 4 <= end) else {
-            problem = problem.max(Some(Problem::Malformed));
-            break;
-        };
-        let typ = u16::from_be_bytes([header[0], header[1]]);
-        let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
-        let Some(value) = packet
-            .get(at + 4..at + 4 + len)
-            .filter(|_| at + 4 + len <= end)
-        else {
-            problem = problem.max(Some(Problem::Malformed));
-            break;
-        };
-        if typ == ATTR_XOR_PEER_ADDRESS {
-            let found = match xor_peer_ip(value, txid) {
+    // A message whose attributes run past it is as malformed as a bad
+    // address: the peer it names cannot be known.
+    let problem = match decode(packet) {
+        None => Some(Problem::Malformed),
+        Some(message) => message
+            .attributes
+            .0
+            .iter()
+            .filter(|a| a.typ == ATTR_XOR_PEER_ADDRESS)
+            .filter_map(|a| match peer_ip(&a.value, message.transaction_id) {
                 Some(ip) if policy.allows(ip) => None,
                 Some(_) => Some(Problem::Denied),
                 None => Some(Problem::Malformed),
-            };
-            problem = problem.max(found);
-        }
-        at += 4 + len.div_ceil(4) * 4;
-    }
-    match (problem, class) {
+            })
+            .max(),
+    };
+    let txid = transaction_id(packet);
+    match (problem, typ.class) {
         (None, _) => Verdict::Pass,
         (Some(Problem::Denied), CLASS_REQUEST) => {
-            Verdict::Refuse(error_response(method, txid, 403, b"Forbidden"))
+            Verdict::Refuse(error_response(typ.method, txid, 403, b"Forbidden"))
         }
         (Some(Problem::Malformed), CLASS_REQUEST) => {
-            Verdict::Refuse(error_response(method, txid, 400, b"Bad Request"))
+            Verdict::Refuse(error_response(typ.method, txid, 400, b"Bad Request"))
         }
         (Some(_), _) => Verdict::Drop,
     }
 }
 
 /// An error response with ERROR-CODE `code` (RFC 5389 section 15.6).
-fn error_response(method: u16, txid: &[u8], code: u16, reason: &[u8]) -> Vec<u8> {
-    let value_len = 4 + reason.len();
-    let padded = value_len.div_ceil(4) * 4;
-    let mut out = Vec::with_capacity(HEADER_LEN + 4 + padded);
-    out.extend_from_slice(&error_type(method).to_be_bytes());
-    out.extend_from_slice(&((4 + padded) as u16).to_be_bytes());
-    out.extend_from_slice(&MAGIC_COOKIE);
-    out.extend_from_slice(txid);
-    out.extend_from_slice(&ATTR_ERROR_CODE.to_be_bytes());
-    out.extend_from_slice(&(value_len as u16).to_be_bytes());
-    out.extend_from_slice(&[0, 0, (code / 100) as u8, (code % 100) as u8]);
-    out.extend_from_slice(reason);
-    out.resize(HEADER_LEN + 4 + padded, 0);
-    out
+fn error_response(method: Method, txid: TransactionId, code: u16, reason: &[u8]) -> Vec<u8> {
+    let mut m = Message::new();
+    let built = m.build(&[
+        Box::new(MessageType::new(method, CLASS_ERROR_RESPONSE)),
+        Box::new(txid),
+        Box::new(ErrorCodeAttribute {
+            code: ErrorCode(code),
+            reason: reason.to_vec(),
+        }),
+    ]);
+    // Only a reason longer than ERROR-CODE allows fails, and ours are constants.
+    debug_assert!(built.is_ok(), "error response: {built:?}");
+    m.raw
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
+
+    const MAGIC_COOKIE: [u8; 4] = stun::message::MAGIC_COOKIE.to_be_bytes();
+    const ATTR_XOR_PEER_ADDRESS: u16 = 0x0012;
 
     const TXID: [u8; 12] = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12];
 
@@ -325,6 +309,17 @@ mod tests {
     }
 
     #[test]
+    fn a_denied_peer_after_an_allowed_one_is_still_refused() {
+        let p = PeerPolicy::default();
+        // Two XOR-PEER-ADDRESS attributes: 8.8.8.8, then loopback.
+        let mut m = message(0x0008, Ipv4Addr::new(8, 8, 8, 8), 9);
+        let second = message(0x0008, Ipv4Addr::LOCALHOST, 9);
+        m.extend_from_slice(&second[20..]);
+        m[2..4].copy_from_slice(&24u16.to_be_bytes());
+        assert!(matches!(inspect(&m, &p), Verdict::Refuse(r) if error_code(&r) == 403));
+    }
+
+    #[test]
     fn allocate_username_is_read_from_allocate_requests_only() {
         let mut m = 0x0003u16.to_be_bytes().to_vec();
         m.extend_from_slice(&16u16.to_be_bytes());
@@ -334,7 +329,7 @@ mod tests {
         m.extend_from_slice(&[0x00, 0x19, 0, 4, 17, 0, 0, 0]);
         m.extend_from_slice(&[0x00, 0x06, 0, 4]);
         m.extend_from_slice(b"9:42");
-        assert_eq!(allocate_username(&m), Some("9:42"));
+        assert_eq!(allocate_username(&m).as_deref(), Some("9:42"));
         let resp = allocate_error(&m, 486, b"Allocation Quota Reached");
         assert_eq!(&resp[0..2], &[0x01, 0x13], "Allocate error response");
         assert_eq!(error_code(&resp), 486);

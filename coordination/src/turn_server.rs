@@ -196,6 +196,7 @@ impl FilteredListener {
     /// response to send instead of passing it on.
     fn over_quota(&self, packet: &[u8]) -> Option<Vec<u8>> {
         let username = stun_filter::allocate_username(packet)?;
+        let username = username.as_str();
         match self.quota.expect(username) {
             Ok(()) => None,
             Err(OverQuota::User) => {

@@ -32,8 +32,8 @@ fn stderr(o: &Output) -> String {
 
 #[test]
 fn keys_create_prints_only_the_key_and_keys_can_be_listed_and_revoked() {
-    let dir = TempDir::new("cli-keys");
-    let o = run(&dir.0, &["keys", "create"]);
+    let dir = temp_dir("cli-keys");
+    let o = run(dir.path(), &["keys", "create"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = stdout(&o);
     assert_eq!(
@@ -45,44 +45,44 @@ fn keys_create_prints_only_the_key_and_keys_can_be_listed_and_revoked() {
     assert!(!stderr(&o).is_empty(), "explanation goes to stderr");
 
     let o = run(
-        &dir.0,
+        dir.path(),
         &["keys", "create", "--reusable", "--expires", "24h"],
     );
     assert!(o.status.success());
-    let o = run(&dir.0, &["keys", "revoke", "1"]);
+    let o = run(dir.path(), &["keys", "revoke", "1"]);
     assert!(o.status.success(), "{}", stderr(&o));
 
-    let o = run(&dir.0, &["keys", "list", "--json"]);
+    let o = run(dir.path(), &["keys", "list", "--json"]);
     let keys: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let keys = keys.as_array().unwrap();
     assert_eq!(keys.len(), 2);
     assert!(keys[0]["revoked_at"].is_u64());
     assert_eq!(keys[1]["reusable"], true);
     assert!(keys[1]["expires_at"].is_u64());
-    let o = run(&dir.0, &["keys", "list"]);
+    let o = run(dir.path(), &["keys", "list"]);
     assert!(stdout(&o).contains("revoked"));
     assert!(!stdout(&o).contains("ovk_"), "keys are never shown again");
 }
 
 #[test]
 fn errors_are_one_clear_line() {
-    let dir = TempDir::new("cli-err");
+    let dir = temp_dir("cli-err");
     for args in [
         &["keys", "revoke", "42"][..],
         &["nodes", "remove", "nobody"][..],
         &["serve", "--listen", "127.0.0.1:0"][..],
     ] {
-        let o = run(&dir.0, args);
+        let o = run(dir.path(), args);
         assert!(!o.status.success());
         let err = stderr(&o);
         assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
         assert!(err.starts_with("overlay-coord: error: "), "{err}");
         assert!(!err.contains("panicked"));
     }
-    let o = run(&dir.0, &["serve", "--listen", "127.0.0.1:0"]);
+    let o = run(dir.path(), &["serve", "--listen", "127.0.0.1:0"]);
     assert!(stderr(&o).contains("--allow-http"));
 
-    let config = dir.0.join("coord.toml");
+    let config = dir.path().join("coord.toml");
     std::fs::write(&config, "allow_http = true\nlisten_port = 3\n").unwrap();
     let o = Command::new(BIN)
         .args(["serve", "--config"])
@@ -145,9 +145,11 @@ fn serve(dir: &Path) -> Serving {
 
 #[tokio::test]
 async fn serve_runs_admin_commands_alongside_and_stops_on_sigterm() {
-    let dir = TempDir::new("cli-serve");
-    let key = stdout(&run(&dir.0, &["keys", "create"])).trim().to_string();
-    let mut serving = serve(&dir.0);
+    let dir = temp_dir("cli-serve");
+    let key = stdout(&run(dir.path(), &["keys", "create"]))
+        .trim()
+        .to_string();
+    let mut serving = serve(dir.path());
 
     let srv_addr = serving.addr;
     let reg = register_at(srv_addr, &key, &NodeKey::random(), "cli-node").await;
@@ -157,18 +159,18 @@ async fn serve_runs_admin_commands_alongside_and_stops_on_sigterm() {
     assert!(matches!(node.welcome().await, ServerMsg::Welcome { .. }));
 
     wait_until("nodes list to show the node online", || async {
-        let o = run(&dir.0, &["nodes", "list", "--json"]);
+        let o = run(dir.path(), &["nodes", "list", "--json"]);
         let nodes: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
         nodes[0]["name"] == "cli-node" && nodes[0]["online"] == true
     })
     .await;
-    let table = stdout(&run(&dir.0, &["nodes", "list"]));
+    let table = stdout(&run(dir.path(), &["nodes", "list"]));
     assert!(
         table.contains("cli-node") && table.contains("100.64.0.1"),
         "{table}"
     );
 
-    let o = run(&dir.0, &["nodes", "remove", "cli-node"]);
+    let o = run(dir.path(), &["nodes", "remove", "cli-node"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let frame = node.expect_close().await.expect("close frame");
     assert_eq!(u16::from(frame.code), 4003);
@@ -194,12 +196,14 @@ async fn serve_runs_admin_commands_alongside_and_stops_on_sigterm() {
 /// stops new enrolments.
 #[tokio::test]
 async fn revoke_with_remove_nodes_removes_the_keys_nodes_and_closes_their_sessions() {
-    let dir = TempDir::new("cli-revoke");
-    let leaked = stdout(&run(&dir.0, &["keys", "create", "--reusable"]))
+    let dir = temp_dir("cli-revoke");
+    let leaked = stdout(&run(dir.path(), &["keys", "create", "--reusable"]))
         .trim()
         .to_string();
-    let other = stdout(&run(&dir.0, &["keys", "create"])).trim().to_string();
-    let serving = serve(&dir.0);
+    let other = stdout(&run(dir.path(), &["keys", "create"]))
+        .trim()
+        .to_string();
+    let serving = serve(dir.path());
     let addr = serving.addr;
 
     let bad1 = register_at(addr, &leaked, &NodeKey::random(), "bad-1").await;
@@ -215,11 +219,11 @@ async fn revoke_with_remove_nodes_removes_the_keys_nodes_and_closes_their_sessio
     good_session.welcome().await;
 
     // Plain revoke of the other key: its node stays, and says so.
-    let o = run(&dir.0, &["keys", "revoke", "2"]);
+    let o = run(dir.path(), &["keys", "revoke", "2"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stderr(&o).contains("--remove-nodes"), "{}", stderr(&o));
 
-    let o = run(&dir.0, &["keys", "revoke", "1", "--remove-nodes"]);
+    let o = run(dir.path(), &["keys", "revoke", "1", "--remove-nodes"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let said = stderr(&o);
     assert!(said.contains("bad-1") && said.contains("bad-2"), "{said}");
@@ -232,7 +236,7 @@ async fn revoke_with_remove_nodes_removes_the_keys_nodes_and_closes_their_sessio
     good_session
         .expect_msg("pong", |m| *m == ServerMsg::Pong { nonce: 1 })
         .await;
-    let o = run(&dir.0, &["nodes", "list", "--json"]);
+    let o = run(dir.path(), &["nodes", "list", "--json"]);
     let nodes: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let names: Vec<_> = nodes
         .as_array()
@@ -245,7 +249,7 @@ async fn revoke_with_remove_nodes_removes_the_keys_nodes_and_closes_their_sessio
         .await
         .is_err());
 
-    let help = stdout(&run(&dir.0, &["keys", "revoke", "--help"]));
+    let help = stdout(&run(dir.path(), &["keys", "revoke", "--help"]));
     assert!(
         help.contains("--remove-nodes") && help.contains("stay"),
         "{help}"

@@ -6,18 +6,16 @@
 mod common;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use futures_util::future::join_all;
-use overlay_coord::config::{Limits, Transport};
+use overlay_coord::config::Limits;
 use overlay_proto::coord::{ClientMsg, ServerMsg};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
-use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
-use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 /// A TCP connection to `server` from the loopback address `127.0.0.<host>`.
@@ -77,35 +75,10 @@ async fn healthz_over_tls(server: SocketAddr, connector: &TlsConnector) -> Strin
         .to_string()
 }
 
-fn connector(cert: &std::path::Path) -> TlsConnector {
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(cert).unwrap())
-        .unwrap();
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    TlsConnector::from(Arc::new(config))
-}
-
 #[tokio::test]
 async fn idle_sockets_from_many_sources_do_not_delay_a_tls_request() {
-    let certs = TempDir::new("listener-tls");
-    let (cert, key) =
-        make_cert(&certs).expect("openssl must be installed to make a test certificate");
-    let (cert2, key2) = (cert.clone(), key.clone());
-    let srv = TestServer::start_with(move |c| {
-        c.transport = Transport::Tls {
-            cert: cert2,
-            key: key2,
-        };
-        c.turn.embedded = false;
-    })
-    .await;
-    let connector = connector(&cert);
+    let (srv, _certs, cert) = start_tls(|c| c.turn.embedded = false).await;
+    let connector = tls_connector(&cert);
 
     // Baseline on a quiet server.
     let started = Instant::now();

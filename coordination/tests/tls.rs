@@ -2,43 +2,16 @@
 
 mod common;
 
-use std::sync::Arc;
-
 use common::*;
 use overlay_coord::config::Transport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer, ServerName};
-use tokio_rustls::rustls::{ClientConfig, RootCertStore};
-use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 #[tokio::test]
 async fn serves_https_with_the_given_certificate() {
-    let certs = TempDir::new("tls");
-    // A skipped test would pass without testing anything: openssl is required
-    // (.ci/run installs it).
-    let (cert, key) =
-        make_cert(&certs).expect("openssl must be installed to make a test certificate");
-    let (cert2, key2) = (cert.clone(), key.clone());
-    let srv = TestServer::start_with(move |c| {
-        c.transport = Transport::Tls {
-            cert: cert2,
-            key: key2,
-        }
-    })
-    .await;
-
-    let mut roots = RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(&cert).unwrap())
-        .unwrap();
-    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
-    let config = ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let connector = TlsConnector::from(Arc::new(config));
+    let (srv, _certs, cert) = start_tls(|_| {}).await;
+    let connector = tls_connector(&cert);
     let tcp = TcpStream::connect(srv.addr).await.unwrap();
     let mut tls = connector
         .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
@@ -68,11 +41,11 @@ async fn serves_https_with_the_given_certificate() {
 
 #[tokio::test]
 async fn missing_certificate_file_is_a_clear_error() {
-    let dir = TempDir::new("tls-missing");
+    let dir = temp_dir("tls-missing");
     let mut config = overlay_coord::config::Config {
         transport: Transport::Tls {
-            cert: dir.0.join("nope.pem"),
-            key: dir.0.join("nope.key"),
+            cert: dir.path().join("nope.pem"),
+            key: dir.path().join("nope.key"),
         },
         ..common::config(&dir)
     };

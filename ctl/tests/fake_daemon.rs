@@ -6,34 +6,24 @@ use std::net::Ipv4Addr;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread::JoinHandle;
 
 use overlay_proto::api::{PathKind, PeerStatus, PingReply, PingSummary, Request, Response, Status};
 
-/// A fresh directory per test, removed on drop.
-struct TempDir(PathBuf);
+/// A fresh directory per test (removed on drop) for the fake daemon's socket.
+struct TempDir(tempfile::TempDir);
 
 impl TempDir {
     fn new() -> Self {
-        static NEXT: AtomicU32 = AtomicU32::new(0);
-        let path = std::env::temp_dir().join(format!(
-            "overlayctl-test-{}-{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&path).expect("create temp dir");
-        TempDir(path)
+        let dir = tempfile::Builder::new()
+            .prefix("overlayctl-test-")
+            .tempdir()
+            .expect("create temp dir");
+        TempDir(dir)
     }
 
     fn socket(&self) -> PathBuf {
-        self.0.join("overlayd.sock")
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        self.0.path().join("overlayd.sock")
     }
 }
 

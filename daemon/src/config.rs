@@ -4,6 +4,8 @@
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use overlay_proto::config_file;
+pub use overlay_proto::config_file::ConfigError;
 use serde::Deserialize;
 
 /// Where `overlayd up` looks for its configuration when `--config` is not given.
@@ -13,19 +15,6 @@ pub const DEFAULT_INTERFACE: &str = "overlay0";
 /// Small enough that WireGuard (32 bytes), UDP/IP (28) and TURN channel framing
 /// (4) fit inside a 1400-byte path MTU with room to spare.
 pub const DEFAULT_MTU: u16 = 1280;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("config file {path}: {message}")]
-    Parse { path: PathBuf, message: String },
-    #[error("{0}")]
-    Invalid(String),
-}
 
 /// The file's shape. Unknown keys are errors, so a typo never silently does nothing.
 #[derive(Debug, Default, Deserialize)]
@@ -75,26 +64,15 @@ pub struct Config {
 
 impl FileConfig {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: one_line(&e.to_string()),
-        })
+        config_file::parse(path, text)
     }
 
     /// Reads `path`; a missing file is an empty config only when it is the default
     /// path (so `overlayd up --coordinator ...` works without any file).
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let (path, required) = match path {
-            Some(p) => (p, true),
-            None => (Path::new(DEFAULT_CONFIG), false),
-        };
-        match std::fs::read_to_string(path) {
-            Ok(text) => Self::parse(path, &text),
-            Err(e) if !required && e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(source) => Err(ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            }),
+        match path {
+            Some(path) => config_file::load(path),
+            None => config_file::load_if_present(Path::new(DEFAULT_CONFIG)),
         }
     }
 }
@@ -105,9 +83,11 @@ impl Config {
         let auth_key = match (flags.auth_key.or(file.auth_key), auth_key_file) {
             (Some(key), _) => Some(key),
             (None, Some(path)) => {
-                let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
-                    path: path.clone(),
-                    source,
+                let text = std::fs::read_to_string(&path).map_err(|e| {
+                    ConfigError::Invalid(format!(
+                        "cannot read auth_key_file {}: {e}",
+                        path.display()
+                    ))
                 })?;
                 Some(text.trim().to_owned())
             }
@@ -176,16 +156,6 @@ fn system_hostname() -> String {
         .unwrap_or_else(|| "node".to_owned())
 }
 
-/// toml's messages span several lines (with a source excerpt); a user gets one.
-fn one_line(message: &str) -> String {
-    message
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('|') && !l.chars().all(|c| c == '^'))
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 /// Mesh addresses are IPv4 for now (the `tun` crate only sets IPv4 addresses).
 pub fn netmask(prefix: u8) -> Ipv4Addr {
     let bits = if prefix == 0 {
@@ -247,6 +217,21 @@ mod tests {
             ..Default::default()
         };
         assert!(Config::resolve(FileConfig::default(), bad_url).is_err());
+    }
+
+    #[test]
+    fn unreadable_auth_key_file_is_named_as_such() {
+        let flags = Overrides {
+            auth_key_file: Some("/nonexistent/overlay-key".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(FileConfig::default(), flags)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("cannot read auth_key_file /nonexistent/overlay-key"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -8,12 +8,16 @@
 //!   enrolment call, the WebSocket control stream and its binary relay frames.
 //! - [`enrol`]: the proof of key possession a registration carries.
 //! - [`api`]: `overlayctl` and the local `overlayd` over its Unix socket.
+//! - [`config_file`]: how both programs read their TOML file and word its errors.
+//! - [`ratelimit`]: the token bucket each end bounds the other's control traffic with.
 //! - [`signal`]: what two nodes tell each other (ICE credentials and candidates),
 //!   sealed for the target so the coordination server only routes it.
 
 pub mod api;
+pub mod config_file;
 pub mod coord;
 pub mod enrol;
+pub mod ratelimit;
 pub mod signal;
 
 /// A node's identity on the coordination server. Assigned at enrolment, never reused.

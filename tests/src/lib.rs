@@ -19,8 +19,10 @@
 //! when a test fails, the tail of every log is printed.
 
 pub mod bins;
+pub mod cert;
 pub mod coturn;
 pub mod lab;
+pub mod mesh;
 pub mod overlay;
 pub mod pcap;
 pub mod process;
@@ -29,6 +31,7 @@ pub mod wait;
 pub use bins::bin;
 pub use coturn::Coturn;
 pub use lab::{lab_test, Host, Iface, Lab, NatKind, Segment, Site, Subnet};
+pub use mesh::{ping_lossless, Node};
 pub use overlay::{wait_path, Coordinator, Daemon, LanPair};
 pub use process::Proc;
 pub use wait::{fatal, wait_until, Wait};

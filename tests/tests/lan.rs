@@ -12,10 +12,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context};
-use overlay_proto::api::{PathKind, PeerStatus};
+use overlay_proto::api::PathKind;
+use overlay_tests::mesh::describe;
 use overlay_tests::overlay::{bulk_transfer, ping, MESH_IFACE};
 use overlay_tests::pcap;
-use overlay_tests::{fatal, lab_test, wait_until, Coordinator, Daemon, Host, Iface, Lab, Wait};
+use overlay_tests::{
+    fatal, lab_test, ping_lossless, wait_until, Coordinator, Daemon, Iface, Lab, Node, Wait,
+};
 
 /// How long a fresh mesh may take until every pair is on a direct path.
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -25,16 +28,28 @@ const PROPAGATION_TIMEOUT: Duration = Duration::from_secs(10);
 const PATTERN_HEX: &str = "deadbeefcafe0123";
 const PATTERN: [u8; 8] = [0xde, 0xad, 0xbe, 0xef, 0xca, 0xfe, 0x01, 0x23];
 
-struct Node {
-    host: Host,
+/// A mesh node and its interface on the LAN.
+struct LanNode {
+    node: Node,
     lan: Iface,
-    daemon: Daemon,
-    mesh_ip: Ipv4Addr,
+}
+
+impl std::ops::Deref for LanNode {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.node
+    }
+}
+
+impl std::ops::DerefMut for LanNode {
+    fn deref_mut(&mut self) -> &mut Node {
+        &mut self.node
+    }
 }
 
 /// Fields drop in order: the daemons stop before the coordinator does.
 struct Mesh {
-    nodes: Vec<Node>,
+    nodes: Vec<LanNode>,
     coord: Coordinator,
 }
 
@@ -62,11 +77,13 @@ fn start_mesh(lab: &Lab) -> anyhow::Result<Mesh> {
             "{name}'s mesh IP {} is outside 100.64.0.0/10",
             status.mesh_ip
         );
-        nodes.push(Node {
-            host,
+        nodes.push(LanNode {
+            node: Node {
+                host,
+                mesh_ip: status.mesh_ip,
+                daemon,
+            },
             lan: iface,
-            mesh_ip: status.mesh_ip,
-            daemon,
         });
     }
     let mut ips: Vec<Ipv4Addr> = nodes.iter().map(|n| n.mesh_ip).collect();
@@ -76,16 +93,9 @@ fn start_mesh(lab: &Lab) -> anyhow::Result<Mesh> {
     Ok(Mesh { nodes, coord })
 }
 
-fn describe(peer: &PeerStatus) -> String {
-    format!(
-        "{} online={} path={:?} ({})",
-        peer.name, peer.online, peer.path_kind, peer.path
-    )
-}
-
 /// Waits until each of `nodes` sees each other one online on a direct path, with
 /// the mesh IP that node reports for itself.
-fn wait_all_direct(nodes: &mut [&mut Node], timeout: Duration) -> anyhow::Result<()> {
+fn wait_all_direct(nodes: &mut [&mut LanNode], timeout: Duration) -> anyhow::Result<()> {
     wait_until(timeout, "every pair of nodes to be direct", || {
         for i in 0..nodes.len() {
             if !nodes[i].daemon.is_running() {
@@ -128,30 +138,12 @@ fn wait_all_direct(nodes: &mut [&mut Node], timeout: Duration) -> anyhow::Result
     })
 }
 
-/// 20 pings at 0.2 s from `from` to `to`'s mesh IP; none may be lost.
-fn ping_lossless(lab: &Lab, from: &Node, to: &Node) -> anyhow::Result<()> {
-    let (sent, received) = ping(
-        lab,
-        &from.host,
-        to.mesh_ip,
-        &["-c", "20", "-i", "0.2", "-W", "2"],
-    )?;
-    ensure!(
-        sent == 20 && received == 20,
-        "ping {} → {} ({}): {sent} sent, {received} received",
-        from.daemon.name,
-        to.daemon.name,
-        to.mesh_ip
-    );
-    Ok(())
-}
-
 #[test]
 fn lan_mesh_is_direct_lossless_and_encrypted() {
     lab_test(|lab| {
         let mut mesh = start_mesh(lab)?;
         {
-            let mut all: Vec<&mut Node> = mesh.nodes.iter_mut().collect();
+            let mut all: Vec<&mut LanNode> = mesh.nodes.iter_mut().collect();
             wait_all_direct(&mut all, DIRECT_TIMEOUT)?;
         }
 
@@ -196,8 +188,8 @@ fn lan_mesh_is_direct_lossless_and_encrypted() {
 /// tunnel is dropped and counted.
 fn non_mesh_destinations_are_dropped_and_counted(
     lab: &Lab,
-    c: &mut Node,
-    b: &Node,
+    c: &mut LanNode,
+    b: &LanNode,
 ) -> anyhow::Result<()> {
     c.daemon.stop()?;
     // b must not keep sending to c's old direct endpoint: ICE consent notices the
@@ -257,7 +249,11 @@ fn non_mesh_destinations_are_dropped_and_counted(
 /// Cryptokey routing: a peer may only send from its own mesh IP. a gives its
 /// interface a second address and pings b from it; b must drop those packets
 /// (no reply) and count them.
-fn spoofed_sources_are_dropped_and_counted(lab: &Lab, a: &Node, b: &Node) -> anyhow::Result<()> {
+fn spoofed_sources_are_dropped_and_counted(
+    lab: &Lab,
+    a: &LanNode,
+    b: &LanNode,
+) -> anyhow::Result<()> {
     let before = b.daemon.status()?.dropped.spoofed_source;
     let forged = "100.127.255.250";
     lab.exec(
@@ -293,7 +289,7 @@ fn spoofed_sources_are_dropped_and_counted(lab: &Lab, a: &Node, b: &Node) -> any
 /// cuts the sender's large TCP segments into packets and merges them again at the
 /// receiver (checksums are not re-verified by the kernel there), so this is what
 /// proves the bytes are right, not just that they flow.
-fn bulk_transfer_arrives_intact(lab: &Lab, a: &Node, b: &Node) -> anyhow::Result<()> {
+fn bulk_transfer_arrives_intact(lab: &Lab, a: &LanNode, b: &LanNode) -> anyhow::Result<()> {
     bulk_transfer(
         lab,
         env!("CARGO_BIN_EXE_tcp_blast"),
@@ -307,7 +303,7 @@ fn bulk_transfer_arrives_intact(lab: &Lab, a: &Node, b: &Node) -> anyhow::Result
 /// Captures a's LAN traffic while pinging b in clear (the control) and through the
 /// mesh with a recognisable payload: the pattern shows in the clear ICMP, never in
 /// UDP, and the mesh traffic is WireGuard data messages.
-fn encrypted_on_the_wire(lab: &Lab, a: &Node, b: &Node) -> anyhow::Result<()> {
+fn encrypted_on_the_wire(lab: &Lab, a: &LanNode, b: &LanNode) -> anyhow::Result<()> {
     let capture = lab.dir().join("a-lan.pcap");
     let mut tcpdump = Command::new("tcpdump");
     tcpdump
@@ -365,7 +361,7 @@ fn lan_node_stop_restart_and_removal_reach_the_others() {
     lab_test(|lab| {
         let mut mesh = start_mesh(lab)?;
         {
-            let mut all: Vec<&mut Node> = mesh.nodes.iter_mut().collect();
+            let mut all: Vec<&mut LanNode> = mesh.nodes.iter_mut().collect();
             wait_all_direct(&mut all, DIRECT_TIMEOUT)?;
         }
         let (ab, c) = mesh.nodes.split_at_mut(2);
@@ -407,7 +403,7 @@ fn lan_node_stop_restart_and_removal_reach_the_others() {
             "c came back with a different mesh IP"
         );
         {
-            let mut all: Vec<&mut Node> = ab.iter_mut().collect();
+            let mut all: Vec<&mut LanNode> = ab.iter_mut().collect();
             all.push(c);
             wait_all_direct(&mut all, DIRECT_TIMEOUT)?;
         }

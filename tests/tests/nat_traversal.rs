@@ -32,9 +32,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use overlay_proto::api::{NetcheckReport, PathKind, PeerStatus, WhyReport};
 use overlay_proto::signal::MappingBehaviour;
-use overlay_tests::overlay::ping;
+use overlay_tests::mesh::describe;
 use overlay_tests::{
-    fatal, lab_test, wait_until, Coordinator, Coturn, Daemon, Host, Lab, NatKind, Segment, Wait,
+    fatal, lab_test, ping_lossless, wait_until, Coordinator, Coturn, Daemon, Host, Lab, NatKind,
+    Node, Segment, Wait,
 };
 
 /// How long a pair may take to reach a direct path or the coordination relay.
@@ -110,13 +111,6 @@ impl Expect {
     }
 }
 
-fn describe(peer: &PeerStatus) -> String {
-    format!(
-        "{} online={} path_kind={:?} path={:?} endpoint={:?} local={:?}",
-        peer.name, peer.online, peer.path_kind, peer.path, peer.endpoint, peer.local_endpoint
-    )
-}
-
 /// The public segment: the coordinator at `203.0.113.1`, and the upstream
 /// "Internet" router that public machines use as their default route.
 struct Public {
@@ -174,13 +168,6 @@ struct Row<'a> {
     a_why: Option<&'static str>,
 }
 
-/// A node's daemon and the mesh IP it reports.
-struct Node {
-    host: Host,
-    daemon: Daemon,
-    mesh_ip: Ipv4Addr,
-}
-
 /// Runs one row against a started coordinator: spawns both daemons at once,
 /// measures the first answered ping and the settling of the path, pings 20 times
 /// each way, and checks the path did not change.
@@ -230,7 +217,7 @@ fn run_row(lab: &Lab, coord: &Coordinator, row: Row) -> anyhow::Result<()> {
 
     ping_lossless(lab, &a, &b)?;
     ping_lossless(lab, &b, &a)?;
-    let (a_sees, b_sees) = both_views(&a, &b)?;
+    let (a_sees, b_sees) = (a.view_of(&b)?, b.view_of(&a)?);
     row.expect
         .check(&a_sees)
         .and_then(|()| row.expect.check(&b_sees))
@@ -340,27 +327,6 @@ fn first_answered_ping(
     Ok((first, counts))
 }
 
-/// What `a` says about `b` and `b` about `a`.
-fn both_views(a: &Node, b: &Node) -> anyhow::Result<(PeerStatus, PeerStatus)> {
-    let view = |from: &Node, of: &Node| -> anyhow::Result<PeerStatus> {
-        let peers = from.daemon.peers()?;
-        let peer = peers
-            .into_iter()
-            .find(|p| p.name == of.daemon.name)
-            .with_context(|| format!("{} does not list {}", from.daemon.name, of.daemon.name))?;
-        ensure!(
-            peer.mesh_ip == of.mesh_ip,
-            "{} lists {} with mesh IP {}, but it has {}",
-            from.daemon.name,
-            of.daemon.name,
-            peer.mesh_ip,
-            of.mesh_ip
-        );
-        Ok(peer)
-    };
-    Ok((view(a, b)?, view(b, a)?))
-}
-
 /// Waits until both sides show `expect`'s path kind; then the full label must be
 /// right. Returns the time since `t0`.
 fn wait_settled(
@@ -380,7 +346,7 @@ fn wait_settled(
                 )));
             }
         }
-        let (a_sees, b_sees) = both_views(a, b)?;
+        let (a_sees, b_sees) = (a.view_of(b)?, b.view_of(a)?);
         let kind = expect.kind();
         if a_sees.online && b_sees.online && a_sees.path_kind == kind && b_sees.path_kind == kind {
             Ok((t0.elapsed(), a_sees, b_sees))
@@ -396,36 +362,6 @@ fn wait_settled(
         bail!("the settled path is wrong: {e}");
     }
     Ok(at)
-}
-
-/// 20 pings at 0.2 s from `from` to `to`'s mesh IP; none may be lost.
-fn ping_lossless(lab: &Lab, from: &Node, to: &Node) -> anyhow::Result<()> {
-    let (sent, received) = ping(
-        lab,
-        &from.host,
-        to.mesh_ip,
-        &["-c", "20", "-i", "0.2", "-W", "2"],
-    )?;
-    if sent == 20 && received == 20 {
-        return Ok(());
-    }
-    let views = both_views(from, to)
-        .map(|(f, t)| {
-            format!(
-                "{} sees {}; {} sees {}",
-                from.daemon.name,
-                describe(&f),
-                to.daemon.name,
-                describe(&t)
-            )
-        })
-        .unwrap_or_else(|e| format!("{e:#}"));
-    bail!(
-        "ping {} → {} ({}): {sent} sent, {received} received; {views}",
-        from.daemon.name,
-        to.daemon.name,
-        to.mesh_ip
-    )
 }
 
 #[test]

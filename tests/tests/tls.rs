@@ -7,46 +7,14 @@
 //!        └─────────────────────────┴────────┴────────┴──── 10.77.4.0/24
 //! ```
 
-use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{ensure, Context};
+use anyhow::ensure;
 use overlay_proto::api::PathKind;
 use overlay_tests::overlay::ping;
-use overlay_tests::{bin, lab_test, wait_path, Coordinator, Daemon, Lab};
+use overlay_tests::{bin, cert, lab_test, wait_path, Coordinator, Daemon, Lab};
 
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// A self-signed certificate for `ip`, written to `dir`.
-fn make_cert(dir: &Path, ip: &str) -> anyhow::Result<(String, String)> {
-    let cert = dir.join("coord-cert.pem");
-    let key = dir.join("coord-key.pem");
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-        ])
-        .args(["-nodes", "-days", "1", "-subj", &format!("/CN={ip}")])
-        .args(["-addext", &format!("subjectAltName=IP:{ip}")])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .context("running openssl (install the openssl package)")?;
-    ensure!(status.success(), "openssl could not make a certificate");
-    Ok((
-        cert.to_string_lossy().into_owned(),
-        key.to_string_lossy().into_owned(),
-    ))
-}
 
 #[test]
 fn nodes_enrol_and_connect_over_tls_and_an_untrusted_certificate_is_refused() {
@@ -54,7 +22,11 @@ fn nodes_enrol_and_connect_over_tls_and_an_untrusted_certificate_is_refused() {
         let lan = lab.segment("lan", "10.77.4.0/24")?;
         let coord_host = lab.host("coord")?;
         let coord_ip = lab.attach(&coord_host, &lan)?.ip;
-        let (cert, key) = make_cert(lab.dir(), &coord_ip.to_string())?;
+        let (cert, key) = cert::self_signed(lab.dir(), &coord_ip.to_string())?;
+        let (cert, key) = (
+            cert.to_string_lossy().into_owned(),
+            key.to_string_lossy().into_owned(),
+        );
         let coord = Coordinator::start(
             lab,
             &coord_host,

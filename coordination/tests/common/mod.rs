@@ -1,17 +1,23 @@
 //! Helpers for the integration tests: a server on loopback with a temp state
-//! directory, a tiny HTTP/1.1 client, and a WebSocket node client.
+//! directory, an HTTP/1.1 client (hyper), TLS set-up, and a WebSocket node client.
 #![allow(dead_code)]
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::rustls::pki_types::{pem::PemObject, CertificateDer};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
@@ -29,31 +35,20 @@ use overlay_proto::enrol;
 /// Upper bound for anything a test waits on.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
-/// A unique temp directory, removed on drop.
-pub struct TempDir(pub PathBuf);
+pub use tempfile::TempDir;
 
-impl TempDir {
-    pub fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "overlay-coord-{tag}-{}-{}",
-            std::process::id(),
-            rand::random::<u64>()
-        ));
-        std::fs::create_dir_all(&dir).expect("create temp dir");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A unique temp directory named after `tag`, removed on drop.
+pub fn temp_dir(tag: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("overlay-coord-{tag}-"))
+        .tempdir()
+        .expect("create temp dir")
 }
 
 pub fn config(state_dir: &TempDir) -> Config {
     Config {
         listen: "127.0.0.1:0".parse().unwrap(),
-        state_dir: state_dir.0.clone(),
+        state_dir: state_dir.path().to_path_buf(),
         network: "100.64.0.0/10".parse().unwrap(),
         public_addr: None,
         transport: Transport::PlainHttp,
@@ -88,7 +83,7 @@ impl TestServer {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
-        let dir = TempDir::new("srv");
+        let dir = temp_dir("srv");
         let mut config = config(&dir);
         tweak(&mut config);
         let server = overlay_coord::start(config.clone())
@@ -127,7 +122,7 @@ impl TestServer {
 
     /// Opens the same store the admin CLI would.
     pub fn store(&self) -> Store {
-        Store::open(&self.dir.0).expect("open store")
+        Store::open(self.dir.path()).expect("open store")
     }
 
     pub fn create_key(&self, reusable: bool) -> String {
@@ -261,7 +256,7 @@ pub fn random_challenge() -> String {
 /// `count` empty-bodied `POST path` requests, pipelined on one keep-alive
 /// connection (as fast as a flooding client goes); the statuses in order.
 pub async fn post_many(addr: SocketAddr, path: &str, count: usize) -> Vec<u16> {
-    use tokio::io::{AsyncBufReadExt, BufReader};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     /// Requests written before waiting for their answers.
     const WINDOW: usize = 256;
     let stream = TcpStream::connect(addr).await.expect("tcp connect");
@@ -310,7 +305,8 @@ pub async fn post_many(addr: SocketAddr, path: &str, count: usize) -> Vec<u16> {
     statuses
 }
 
-/// A minimal HTTP/1.1 client: one request, `Connection: close`.
+/// One HTTP/1.1 request over its own connection (hyper's client); the status
+/// and the body as text.
 pub async fn http(
     addr: SocketAddr,
     method: &str,
@@ -318,54 +314,36 @@ pub async fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).await.expect("tcp connect");
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).await.unwrap();
-    stream.write_all(body).await.unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut buf))
+    let exchange = async {
+        let stream = TcpStream::connect(addr).await.expect("tcp connect");
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .expect("HTTP handshake");
+        tokio::spawn(conn);
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, addr.to_string())
+            .header(hyper::header::CONTENT_TYPE, "application/json");
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let request = request
+            .body(Full::new(Bytes::copy_from_slice(body)))
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("read response")
+            .to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    tokio::time::timeout(DEADLINE, exchange)
         .await
         .expect("response in time")
-        .expect("read response");
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    // Bodies of our errors are small; undo chunked encoding if present.
-    let body = if text
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        dechunk(body)
-    } else {
-        body.to_string()
-    };
-    (status, body)
-}
-
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
-            break;
-        };
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 pub fn api_error(body: &str) -> ApiError {
@@ -484,36 +462,36 @@ where
     }
 }
 
-/// A self-signed end-entity certificate for 127.0.0.1; `None` when openssl fails.
-pub fn make_cert(dir: &TempDir) -> Option<(std::path::PathBuf, std::path::PathBuf)> {
-    let cert = dir.0.join("cert.pem");
-    let key = dir.0.join("key.pem");
-    let status = std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .args([
-            "-addext",
-            "subjectAltName=IP:127.0.0.1",
-            "-addext",
-            "basicConstraints=critical,CA:FALSE",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .ok()?;
-    status.success().then_some((cert, key))
+/// A server on loopback serving TLS with a fresh self-signed certificate
+/// (openssl is required: a skipped test would pass without testing anything),
+/// tweaked by `tweak`; the certificate's directory lives as long as the server.
+pub async fn start_tls(tweak: impl FnOnce(&mut Config)) -> (TestServer, TempDir, PathBuf) {
+    let certs = temp_dir("tls");
+    let (cert, key) = overlay_tests::cert::self_signed(certs.path(), "127.0.0.1")
+        .expect("openssl must be installed to make a test certificate");
+    let server_cert = cert.clone();
+    let srv = TestServer::start_with(move |c| {
+        c.transport = Transport::Tls {
+            cert: server_cert,
+            key,
+        };
+        tweak(c);
+    })
+    .await;
+    (srv, certs, cert)
+}
+
+/// A TLS client that trusts only `cert`.
+pub fn tls_connector(cert: &Path) -> TlsConnector {
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(cert).expect("read the certificate"))
+        .expect("add the certificate");
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
 }
