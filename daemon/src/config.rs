@@ -106,7 +106,7 @@ impl Config {
         }
         let coordinator = flags.coordinator.or(file.coordinator);
         if let Some(url) = &coordinator {
-            crate::transport::Endpoint::parse(url)
+            crate::control::transport::Endpoint::parse(url)
                 .map_err(|e| ConfigError::Invalid(format!("coordinator: {e}")))?;
         }
         let hostname = match flags.hostname.or(file.hostname) {

@@ -26,6 +26,3 @@ pub mod node;
 pub mod seal;
 pub mod shell;
 pub mod supervise;
-
-/// `config.rs` still names the transport by its old path.
-pub(crate) use control::transport;

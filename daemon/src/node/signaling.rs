@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use overlay_proto::ratelimit::TokenBucket;
 use overlay_proto::signal::{PeerSignal, SealedSignal};
 use overlay_proto::NodeId;
 
@@ -38,40 +39,6 @@ pub const PEER_SIGNAL_BURST: f64 = 40.0;
 /// control session throttled.
 pub const TOTAL_SIGNAL_RATE: f64 = 150.0;
 pub const TOTAL_SIGNAL_BURST: f64 = 300.0;
-
-/// Tokens refilled at `rate` per second up to `burst`; one taken per event.
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// A full bucket.
-    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
-        TokenBucket {
-            rate,
-            burst,
-            tokens: burst,
-            last: now,
-        }
-    }
-
-    /// Takes one token if there is one.
-    pub fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        self.last = now.max(self.last);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
 
 /// Longest ICE username fragment or password accepted (RFC 8445 allows 256).
 const MAX_ICE_CREDENTIAL: usize = 256;
