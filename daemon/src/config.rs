@@ -1,7 +1,6 @@
 //! The daemon's configuration: a TOML file (default `/etc/overlay/overlayd.toml`)
 //! overlaid with command-line flags. Every mistake names the file and the key.
 
-use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
 use overlay_proto::config_file;
@@ -156,16 +155,6 @@ fn system_hostname() -> String {
         .unwrap_or_else(|| "node".to_owned())
 }
 
-/// Mesh addresses are IPv4 for now (the `tun` crate only sets IPv4 addresses).
-pub fn netmask(prefix: u8) -> Ipv4Addr {
-    let bits = if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - u32::from(prefix))
-    };
-    Ipv4Addr::from(bits)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -232,13 +221,5 @@ mod tests {
             err.starts_with("cannot read auth_key_file /nonexistent/overlay-key"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn netmask_from_prefix() {
-        assert_eq!(netmask(10), Ipv4Addr::new(255, 192, 0, 0));
-        assert_eq!(netmask(24), Ipv4Addr::new(255, 255, 255, 0));
-        assert_eq!(netmask(32), Ipv4Addr::BROADCAST);
-        assert_eq!(netmask(0), Ipv4Addr::UNSPECIFIED);
     }
 }

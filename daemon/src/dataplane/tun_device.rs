@@ -7,8 +7,6 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 
-use crate::config::netmask;
-
 #[derive(Debug, thiserror::Error)]
 pub enum TunError {
     #[error("creating TUN interface {name} needs root (CAP_NET_ADMIN); run 'sudo overlayd up'")]
@@ -66,7 +64,7 @@ fn create_with(
     config
         .tun_name(name)
         .address(ip)
-        .netmask(netmask(network.prefix_len()))
+        .netmask(network.netmask())
         .mtu(mtu)
         .up();
     // IFF_NAPI: packets we write go through the kernel's GRO, so the receiving
