@@ -2,6 +2,7 @@
 //! overlaid with command-line flags. Every mistake names the file and the key.
 
 use std::net::Ipv4Addr;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -40,6 +41,7 @@ pub struct FileConfig {
     pub socket: Option<PathBuf>,
     pub mtu: Option<u16>,
     pub ca_cert: Option<PathBuf>,
+    pub metrics_listen: Option<SocketAddr>,
     /// A `RUST_LOG`-style filter, used when `RUST_LOG` is not set.
     pub log: Option<String>,
 }
@@ -56,6 +58,7 @@ pub struct Overrides {
     pub socket: Option<PathBuf>,
     pub mtu: Option<u16>,
     pub ca_cert: Option<PathBuf>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -70,6 +73,8 @@ pub struct Config {
     pub socket: PathBuf,
     pub mtu: u16,
     pub ca_cert: Option<PathBuf>,
+    /// Where to serve Prometheus metrics over HTTP; off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
     pub log: Option<String>,
 }
 
@@ -148,6 +153,7 @@ impl Config {
                 .unwrap_or_else(|| overlay_proto::api::DEFAULT_SOCKET.into()),
             mtu,
             ca_cert: flags.ca_cert.or(file.ca_cert),
+            metrics_listen: flags.metrics_listen.or(file.metrics_listen),
             log: file.log,
         })
     }

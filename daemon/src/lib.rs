@@ -6,6 +6,7 @@
 //! [`local_api`] answers `overlayctl`.
 
 pub mod backoff;
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -16,6 +17,7 @@ pub mod ice;
 pub mod ice_refresh;
 pub mod identity;
 pub mod local_api;
+pub mod metrics;
 pub mod mux;
 pub mod netcheck;
 pub mod netmap;

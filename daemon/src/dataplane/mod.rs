@@ -103,6 +103,8 @@ pub struct DataPlane {
     outbound: mpsc::Sender<Outbound>,
     pings: Mutex<HashMap<(Ipv4Addr, u16, u16), oneshot::Sender<()>>>,
     pub drops: DropCounters,
+    /// ICE and coordinator events for `/metrics`.
+    pub counters: crate::metrics::Counters,
 }
 
 impl DataPlane {
@@ -122,6 +124,7 @@ impl DataPlane {
             outbound,
             pings: Mutex::default(),
             drops: DropCounters::default(),
+            counters: Default::default(),
         }
     }
 

@@ -149,7 +149,11 @@ impl Engine {
             tokio::select! {
                 ev = control.recv() => match ev {
                     Some(ControlEvent::Message(msg)) => self.on_server_msg(msg).await,
-                    Some(ControlEvent::Connected | ControlEvent::Disconnected) => {
+                    Some(ControlEvent::Connected) => {
+                        self.dataplane.counters.coordinator_connects.fetch_add(1, Ordering::Relaxed);
+                        self.pending_netmap = None; // a netmap cut short by a reconnect
+                    }
+                    Some(ControlEvent::Disconnected) => {
                         self.pending_netmap = None; // a netmap cut short by a reconnect
                     }
                     None => break,
@@ -366,6 +370,10 @@ impl Engine {
     async fn start_session(&mut self, peer: &Arc<Peer>) {
         self.end_session(peer.id);
         let session_id: u64 = rand::random();
+        self.dataplane
+            .counters
+            .ice_attempts
+            .fetch_add(1, Ordering::Relaxed);
         match IceSession::new(&self.ice, true, peer.id, session_id, self.ice_tx.clone()).await {
             Ok(session) => {
                 self.send_signal(
@@ -448,6 +456,10 @@ impl Engine {
                 pwd,
             } if !peer.controlling => {
                 self.end_session(from);
+                self.dataplane
+                    .counters
+                    .ice_attempts
+                    .fetch_add(1, Ordering::Relaxed);
                 let created =
                     IceSession::new(&self.ice, false, from, session, self.ice_tx.clone()).await;
                 let mut s = match created {
@@ -573,6 +585,10 @@ impl Engine {
                 }
                 ConnectionState::Disconnected => lock(&peer.path).on_disconnected(),
                 ConnectionState::Failed => {
+                    self.dataplane
+                        .counters
+                        .ice_failures
+                        .fetch_add(1, Ordering::Relaxed);
                     lock(&peer.path).on_failed(now, rand::random());
                     self.snapshot(peer_id).await;
                     self.end_session(peer_id);
@@ -581,6 +597,10 @@ impl Engine {
             },
             IceEvent::Failed { error, .. } => {
                 tracing::debug!(peer = peer_id, "ICE session ended: {error}");
+                self.dataplane
+                    .counters
+                    .ice_failures
+                    .fetch_add(1, Ordering::Relaxed);
                 lock(&peer.path).on_failed(now, rand::random());
                 self.snapshot(peer_id).await;
                 self.end_session(peer_id);
