@@ -20,6 +20,12 @@ const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A self-signed certificate for `ip`, written to `dir`.
 fn make_cert(dir: &Path, ip: &str) -> anyhow::Result<(String, String)> {
+    make_cert_with(dir, ip, "critical,CA:FALSE")
+}
+
+/// As [`make_cert`], with the given basicConstraints (`CA:TRUE` is what a plain
+/// `openssl req -x509` makes).
+fn make_cert_with(dir: &Path, ip: &str, constraints: &str) -> anyhow::Result<(String, String)> {
     let cert = dir.join("coord-cert.pem");
     let key = dir.join("coord-key.pem");
     let status = Command::new("openssl")
@@ -33,7 +39,7 @@ fn make_cert(dir: &Path, ip: &str) -> anyhow::Result<(String, String)> {
         ])
         .args(["-nodes", "-days", "1", "-subj", &format!("/CN={ip}")])
         .args(["-addext", &format!("subjectAltName=IP:{ip}")])
-        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", &format!("basicConstraints={constraints}")])
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -109,10 +115,65 @@ fn nodes_enrol_and_connect_over_tls_and_an_untrusted_certificate_is_refused() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
         ensure!(
-            !out.status.success() && lines.len() == 1 && lines[0].contains("TLS"),
-            "an untrusted coordinator should give one TLS error line, got {stderr:?}"
+            !out.status.success()
+                && lines.len() == 1
+                && lines[0].contains("TLS")
+                && lines[0].contains("--ca-cert FILE"),
+            "an untrusted coordinator should give one TLS error line saying what to do, got {stderr:?}"
         );
         drop(nodes);
+        drop(coord);
+        Ok(())
+    });
+}
+
+/// The certificate `openssl req -x509` makes by default is a CA (CA:TRUE), which
+/// webpki refuses as a server's even when trusted: the node says so in one line.
+#[test]
+fn a_ca_certificate_served_by_the_coordinator_gets_a_one_line_explanation() {
+    lab_test(|lab: &Lab| {
+        let lan = lab.segment("lan", "10.77.5.0/24")?;
+        let coord_host = lab.host("coord")?;
+        let coord_ip = lab.attach(&coord_host, &lan)?.ip;
+        let (cert, key) = make_cert_with(lab.dir(), &coord_ip.to_string(), "critical,CA:TRUE")?;
+        let coord = Coordinator::start(
+            lab,
+            &coord_host,
+            coord_ip,
+            &["--tls-cert", &cert, "--tls-key", &key],
+        )?;
+        let auth = coord.create_key(lab)?;
+        let host = lab.host("a")?;
+        lab.attach(&host, &lan)?;
+        let state = lab.subdir("a-state")?;
+        let out = lab.output(
+            &host,
+            bin("overlayd")?,
+            &[
+                "up",
+                "--coordinator",
+                &format!("https://{coord_ip}:8080"),
+                "--auth-key",
+                &auth,
+                "--ca-cert",
+                &cert,
+                "--state-dir",
+                &state.to_string_lossy(),
+                "--interface",
+                "ovl0",
+                "--socket",
+                &state.join("sock").to_string_lossy(),
+            ],
+        )?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        ensure!(
+            !out.status.success()
+                && lines.len() == 1
+                && lines[0].contains("CaUsedAsEndEntity")
+                && lines[0].contains("CA:FALSE"),
+            "a CA:TRUE coordinator certificate should give one explaining line, got {stderr:?}"
+        );
         drop(coord);
         Ok(())
     });
