@@ -24,6 +24,7 @@
 //! | [`metrics`], [`ratelimit`] | operations |
 //! | [`server`] | wiring and shutdown |
 //! | [`cli`] | the command line and admin commands |
+//! | [`selfsigned`] | `cert self-signed`: a lab CA and the server certificate it signs |
 
 pub mod auth;
 pub mod challenge;
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod migrations;
 pub mod peer_policy;
 pub mod ratelimit;
+pub mod selfsigned;
 pub mod server;
 pub mod session;
 pub mod store;

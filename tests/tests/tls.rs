@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use overlay_proto::api::PathKind;
 use overlay_tests::overlay::ping;
-use overlay_tests::{bin, lab_test, wait_path, Coordinator, Daemon, Lab};
+use overlay_tests::{bin, lab_test, wait_path, wait_until, Coordinator, Daemon, Lab, Wait};
 
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -174,6 +174,65 @@ fn a_ca_certificate_served_by_the_coordinator_gets_a_one_line_explanation() {
                 && lines[0].contains("CA:FALSE"),
             "a CA:TRUE coordinator certificate should give one explaining line, got {stderr:?}"
         );
+        drop(coord);
+        Ok(())
+    });
+}
+
+/// `overlay-coord cert self-signed` writes what a lab needs: the coordinator
+/// serves its leaf, and a node given the printed `--ca-cert` flag enrols.
+#[test]
+fn self_signed_certificates_from_overlay_coord_let_a_node_enrol() {
+    lab_test(|lab: &Lab| {
+        let lan = lab.segment("lan", "10.77.6.0/24")?;
+        let coord_host = lab.host("coord")?;
+        let coord_ip = lab.attach(&coord_host, &lan)?.ip;
+        let dir = lab.subdir("certs")?;
+        let out = Command::new(bin("overlay-coord")?)
+            .args([
+                "cert",
+                "self-signed",
+                "--ip",
+                &coord_ip.to_string(),
+                "--dns",
+                "coord.lab",
+            ])
+            .arg("--out")
+            .arg(&dir)
+            .output()?;
+        ensure!(out.status.success(), "cert self-signed failed: {out:?}");
+        let flag = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let ca = flag
+            .strip_prefix("--ca-cert ")
+            .with_context(|| format!("cert self-signed printed {flag:?}"))?
+            .to_string();
+        let (cert, key) = (dir.join("coord.crt"), dir.join("coord.key"));
+        let coord = Coordinator::start(
+            lab,
+            &coord_host,
+            coord_ip,
+            &[
+                "--tls-cert",
+                &cert.to_string_lossy(),
+                "--tls-key",
+                &key.to_string_lossy(),
+            ],
+        )?;
+        let auth = coord.create_key(lab)?;
+        let host = lab.host("a")?;
+        lab.attach(&host, &lan)?;
+        let mut node = Daemon::new(lab, &host, "a", &format!("https://{coord_ip}:8080"))?;
+        node.extra_args = vec!["--ca-cert".into(), ca];
+        node.start(lab, Some(&auth))?;
+        wait_until(
+            Duration::from_secs(10),
+            "a to connect over TLS with the generated certificates",
+            || match node.status()? {
+                s if s.coordinator_connected => Ok(()),
+                s => Err(Wait::NotYet(format!("{s:?}"))),
+            },
+        )?;
+        drop(node);
         drop(coord);
         Ok(())
     });
