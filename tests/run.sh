@@ -32,6 +32,12 @@ done
 
 # One build of every target; `cargo test` then only links what is already built.
 cargo build -j2 --workspace --all-targets
+# The Debian packages tests/tests/debs.rs installs into a fresh root, made from
+# the debug build just done (no second build); without cargo-deb that test says
+# it was skipped.
+if command -v cargo-deb >/dev/null 2>&1; then
+    DEB_PROFILE=dev packaging/build-debs.sh >/dev/null
+fi
 # Lab tests serialise themselves (one lab per test process); two threads keep the
 # pure unit tests fast without overloading a two-core machine.
 exec cargo test -j2 --workspace --no-fail-fast -- --test-threads=2 "$@"

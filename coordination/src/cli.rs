@@ -43,6 +43,33 @@ pub enum Command {
         #[command(subcommand)]
         command: NodesCommand,
     },
+    /// Make TLS certificates.
+    Cert {
+        #[command(subcommand)]
+        command: CertCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertCommand {
+    /// Write a new CA (ca.crt) and a server certificate it signs (coord.crt,
+    /// coord.key) for labs and private meshes, then print the flags to use: nodes
+    /// trust the CA with `overlayd up --ca-cert DIR/ca.crt`. The CA's key is not
+    /// kept, so nothing else can ever be signed with it.
+    SelfSigned {
+        /// An IP address the coordinator is reached at (repeatable).
+        #[arg(long = "ip", value_name = "IP")]
+        ips: Vec<IpAddr>,
+        /// A DNS name the coordinator is reached at (repeatable).
+        #[arg(long = "dns", value_name = "NAME")]
+        names: Vec<String>,
+        /// Directory to write the files to (created).
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: PathBuf,
+        /// Years the certificates are valid.
+        #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=30))]
+        years: u16,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -168,13 +195,40 @@ fn open_store(cli: &Cli) -> Result<Store> {
     Store::open(&dir).with_context(|| format!("opening the store in {}", dir.display()))
 }
 
+/// `cert …`: needs no store.
+pub fn cert(command: &CertCommand) -> Result<()> {
+    let CertCommand::SelfSigned {
+        ips,
+        names,
+        out,
+        years,
+    } = command;
+    let written = crate::selfsigned::write(out, ips, names, *years)?;
+    eprintln!(
+        "wrote {} (the CA, for nodes), {} and {} (the coordinator's, key mode 0600)",
+        written.ca.display(),
+        written.cert.display(),
+        written.key.display()
+    );
+    eprintln!(
+        "coordinator: overlay-coord serve --tls-cert {} --tls-key {}",
+        written.cert.display(),
+        written.key.display()
+    );
+    eprintln!("nodes: overlayd up --ca-cert {} ...", written.ca.display());
+    println!("--ca-cert {}", written.ca.display());
+    Ok(())
+}
+
 /// Runs an admin command (everything but `serve`).
 pub fn admin(cli: &Cli) -> Result<()> {
     let store = open_store(cli)?;
     let now = now_unix();
     let mut out = std::io::stdout().lock();
     match &cli.command {
-        Command::Serve(_) => unreachable!("serve is not an admin command"),
+        Command::Serve(_) | Command::Cert { .. } => {
+            unreachable!("serve and cert are not store commands")
+        }
         Command::Keys { command } => match command {
             KeysCommand::Create { reusable, expires } => {
                 let expires_at = expires.map(|d| now.saturating_add(d.as_secs()));

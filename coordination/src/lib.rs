@@ -24,6 +24,7 @@
 //! | [`metrics`] | operations (the sessions' token buckets are `overlay_proto::ratelimit`) |
 //! | [`server`] | wiring and shutdown |
 //! | [`cli`] | the command line and admin commands |
+//! | [`selfsigned`] | `cert self-signed`: a lab CA and the server certificate it signs |
 
 pub mod auth;
 pub mod challenge;
@@ -38,6 +39,7 @@ pub mod ipam;
 pub mod metrics;
 pub mod migrations;
 pub mod peer_policy;
+pub mod selfsigned;
 pub mod server;
 pub mod session;
 pub mod store;

@@ -13,6 +13,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match &cli.command {
         Command::Serve(args) => serve(&cli, args),
+        Command::Cert { command } => cli::cert(command),
         _ => cli::admin(&cli),
     };
     match result {

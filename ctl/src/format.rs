@@ -249,6 +249,8 @@ mod tests {
             last_handshake_secs: online.then_some(12),
             rx_bytes: 1536,
             tx_bytes: 100,
+            rx_packets: 0,
+            tx_packets: 0,
         }
     }
 

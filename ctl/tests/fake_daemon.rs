@@ -102,6 +102,8 @@ fn sample_peer(name: &str, last: u8, online: bool) -> PeerStatus {
         last_handshake_secs: online.then_some(5),
         rx_bytes: 2048,
         tx_bytes: 10,
+        rx_packets: 0,
+        tx_packets: 0,
     }
 }
 

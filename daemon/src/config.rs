@@ -1,6 +1,7 @@
 //! The daemon's configuration: a TOML file (default `/etc/overlay/overlayd.toml`)
 //! overlaid with command-line flags. Every mistake names the file and the key.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use overlay_proto::config_file;
@@ -28,6 +29,7 @@ pub struct FileConfig {
     pub socket: Option<PathBuf>,
     pub mtu: Option<u16>,
     pub ca_cert: Option<PathBuf>,
+    pub metrics_listen: Option<SocketAddr>,
     /// A `RUST_LOG`-style filter, used when `RUST_LOG` is not set.
     pub log: Option<String>,
 }
@@ -44,6 +46,7 @@ pub struct Overrides {
     pub socket: Option<PathBuf>,
     pub mtu: Option<u16>,
     pub ca_cert: Option<PathBuf>,
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -58,6 +61,8 @@ pub struct Config {
     pub socket: PathBuf,
     pub mtu: u16,
     pub ca_cert: Option<PathBuf>,
+    /// Where to serve Prometheus metrics over HTTP; off when `None`.
+    pub metrics_listen: Option<SocketAddr>,
     pub log: Option<String>,
 }
 
@@ -127,6 +132,7 @@ impl Config {
                 .unwrap_or_else(|| overlay_proto::api::DEFAULT_SOCKET.into()),
             mtu,
             ca_cert: flags.ca_cert.or(file.ca_cert),
+            metrics_listen: flags.metrics_listen.or(file.metrics_listen),
             log: file.log,
         })
     }

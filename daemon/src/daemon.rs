@@ -15,6 +15,7 @@ use crate::dataplane::DataPlane;
 use crate::ice::mux::Mux;
 use crate::identity::{Enrolment, Keypair, StateDir};
 use crate::local_api::{self, LocalApi, NodeInfo, SocketGuard};
+use crate::metrics;
 use crate::shell::{Links, Shell};
 use crate::supervise::Tasks;
 
@@ -109,6 +110,19 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         queries: query_tx,
         shutdown: shutdown_tx.clone(),
     });
+    if let Some(addr) = config.metrics_listen {
+        let listener = metrics::bind(addr)
+            .await
+            .with_context(|| format!("cannot listen for metrics on {addr}"))?;
+        tracing::info!("serving metrics on http://{addr}/metrics");
+        let scrape_api = api.clone();
+        let scrape: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || scrape_api.metrics());
+        let shutdown = shutdown_rx.clone();
+        tasks.spawn("metrics", async move {
+            metrics::serve(listener, scrape, shutdown).await;
+            Ok(())
+        });
+    }
     tasks.spawn("local API", async move {
         api.serve(listener).await;
         Ok(())

@@ -15,6 +15,7 @@
 //! the shared socket, [`dataplane`] moves packets, [`local_api`] answers
 //! `overlayctl`; [`daemon`] wires them together.
 
+pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
@@ -22,6 +23,7 @@ pub mod dataplane;
 pub mod ice;
 pub mod identity;
 pub mod local_api;
+pub mod metrics;
 pub mod node;
 pub mod seal;
 pub mod shell;

@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::dataplane::icmp;
 use crate::dataplane::peer::Peer;
 use crate::dataplane::{DataPlane, BUF_SIZE};
+use crate::metrics;
 use crate::shell::Query;
 
 /// Longest request line accepted; requests are tiny.
@@ -156,6 +157,10 @@ impl LocalApi {
                 };
                 let _ = send(&mut write, &response).await;
             }
+            Request::Metrics => {
+                let text = self.metrics();
+                let _ = send(&mut write, &Response::Metrics { text }).await;
+            }
             Request::Down => {
                 tracing::info!("stop requested by overlayctl");
                 let _ = send(&mut write, &Response::Ok).await;
@@ -179,6 +184,26 @@ impl LocalApi {
             version: env!("CARGO_PKG_VERSION").to_owned(),
             dropped: self.dataplane.drops.snapshot(),
         }
+    }
+
+    /// The Prometheus text `overlayctl metrics` and `--metrics-listen` show.
+    pub fn metrics(&self) -> String {
+        let status = self.status();
+        let mut snapshot = metrics::Snapshot {
+            version: status.version,
+            uptime_secs: status.uptime_secs,
+            coordinator_connected: status.coordinator_connected,
+            dropped: status.dropped,
+            peers: self
+                .dataplane
+                .peers()
+                .iter()
+                .map(|p| peer_status(p))
+                .collect(),
+            ..Default::default()
+        };
+        self.dataplane.counters.fill(&mut snapshot);
+        metrics::render(&snapshot)
     }
 
     fn find(&self, target: &str) -> Option<Arc<Peer>> {
@@ -274,6 +299,8 @@ fn peer_status(peer: &Peer) -> PeerStatus {
         last_handshake_secs,
         rx_bytes: peer.rx_bytes.load(Ordering::Relaxed),
         tx_bytes: peer.tx_bytes.load(Ordering::Relaxed),
+        rx_packets: peer.rx_packets.load(Ordering::Relaxed),
+        tx_packets: peer.tx_packets.load(Ordering::Relaxed),
     }
 }
 

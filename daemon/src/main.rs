@@ -1,56 +1,9 @@
-use std::path::PathBuf;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
+use overlayd::cli::{Cli, Command};
 use overlayd::config::{Config, FileConfig, Overrides};
-
-/// overlayd: a node of the overlay mesh VPN.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Create the interface, enrol (first start) and join the mesh; runs until stopped.
-    Up(UpArgs),
-}
-
-#[derive(clap::Args)]
-struct UpArgs {
-    /// Configuration file [default: /etc/overlay/overlayd.toml, if present]
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Coordination server URL, e.g. https://coord.example.com
-    #[arg(long)]
-    coordinator: Option<String>,
-    /// Auth key from 'overlay-coord keys create' (first start only)
-    #[arg(long, conflicts_with = "auth_key_file")]
-    auth_key: Option<String>,
-    /// File holding the auth key
-    #[arg(long)]
-    auth_key_file: Option<PathBuf>,
-    /// Name of this node in the mesh [default: the system hostname]
-    #[arg(long)]
-    hostname: Option<String>,
-    /// Where the key and enrolment are kept [default: /var/lib/overlay]
-    #[arg(long)]
-    state_dir: Option<PathBuf>,
-    /// TUN interface name [default: overlay0]
-    #[arg(long)]
-    interface: Option<String>,
-    /// Local API socket for overlayctl [default: /run/overlay/overlayd.sock]
-    #[arg(long)]
-    socket: Option<PathBuf>,
-    /// MTU of the interface [default: 1280]
-    #[arg(long)]
-    mtu: Option<u16>,
-    /// Extra CA certificate (PEM) to trust for an https coordinator
-    #[arg(long)]
-    ca_cert: Option<PathBuf>,
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -68,6 +21,7 @@ fn main() -> ExitCode {
                 socket: args.socket,
                 mtu: args.mtu,
                 ca_cert: args.ca_cert,
+                metrics_listen: args.metrics_listen,
             },
         )
     });
@@ -99,6 +53,8 @@ fn init_logging(config_filter: Option<&str>) {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        // journald and log files get plain text; colour only for a person at a terminal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 }
 

@@ -36,19 +36,29 @@ pub enum Request {
     Why {
         peer: String,
     },
+    /// The node's metrics in the Prometheus text format.
+    Metrics,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Status(Status),
-    Peers { peers: Vec<PeerStatus> },
+    Peers {
+        peers: Vec<PeerStatus>,
+    },
     PingReply(PingReply),
     PingDone(PingSummary),
     Netcheck(NetcheckReport),
     Why(Box<WhyReport>),
+    /// Prometheus text format (version 0.0.4).
+    Metrics {
+        text: String,
+    },
     Ok,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,6 +139,11 @@ pub struct PeerStatus {
     pub last_handshake_secs: Option<u64>,
     pub rx_bytes: u64,
     pub tx_bytes: u64,
+    /// Packets through the tunnel; absent from daemons that predate them.
+    #[serde(default)]
+    pub rx_packets: u64,
+    #[serde(default)]
+    pub tx_packets: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -68,6 +68,7 @@ fn daemon_example_config_documents_every_key() {
         "socket",
         "mtu",
         "ca_cert",
+        "metrics_listen",
         "log",
     ]);
     assert_eq!(keys, expected);

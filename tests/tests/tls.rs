@@ -7,12 +7,13 @@
 //!        └─────────────────────────┴────────┴────────┴──── 10.77.4.0/24
 //! ```
 
+use std::process::Command;
 use std::time::Duration;
 
-use anyhow::ensure;
+use anyhow::{ensure, Context};
 use overlay_proto::api::PathKind;
 use overlay_tests::overlay::ping;
-use overlay_tests::{bin, cert, lab_test, wait_path, Coordinator, Daemon, Lab};
+use overlay_tests::{bin, cert, lab_test, wait_path, wait_until, Coordinator, Daemon, Lab, Wait};
 
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -81,10 +82,126 @@ fn nodes_enrol_and_connect_over_tls_and_an_untrusted_certificate_is_refused() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
         ensure!(
-            !out.status.success() && lines.len() == 1 && lines[0].contains("TLS"),
-            "an untrusted coordinator should give one TLS error line, got {stderr:?}"
+            !out.status.success()
+                && lines.len() == 1
+                && lines[0].contains("TLS")
+                && lines[0].contains("--ca-cert FILE"),
+            "an untrusted coordinator should give one TLS error line saying what to do, got {stderr:?}"
         );
         drop(nodes);
+        drop(coord);
+        Ok(())
+    });
+}
+
+/// The certificate `openssl req -x509` makes by default is a CA (CA:TRUE), which
+/// webpki refuses as a server's even when trusted: the node says so in one line.
+#[test]
+fn a_ca_certificate_served_by_the_coordinator_gets_a_one_line_explanation() {
+    lab_test(|lab: &Lab| {
+        let lan = lab.segment("lan", "10.77.5.0/24")?;
+        let coord_host = lab.host("coord")?;
+        let coord_ip = lab.attach(&coord_host, &lan)?.ip;
+        let (cert, key) =
+            cert::self_signed_with(lab.dir(), &coord_ip.to_string(), "critical,CA:TRUE")?;
+        let (cert, key) = (cert.display().to_string(), key.display().to_string());
+        let coord = Coordinator::start(
+            lab,
+            &coord_host,
+            coord_ip,
+            &["--tls-cert", &cert, "--tls-key", &key],
+        )?;
+        let auth = coord.create_key(lab)?;
+        let host = lab.host("a")?;
+        lab.attach(&host, &lan)?;
+        let state = lab.subdir("a-state")?;
+        let out = lab.output(
+            &host,
+            bin("overlayd")?,
+            &[
+                "up",
+                "--coordinator",
+                &format!("https://{coord_ip}:8080"),
+                "--auth-key",
+                &auth,
+                "--ca-cert",
+                &cert,
+                "--state-dir",
+                &state.to_string_lossy(),
+                "--interface",
+                "ovl0",
+                "--socket",
+                &state.join("sock").to_string_lossy(),
+            ],
+        )?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        ensure!(
+            !out.status.success()
+                && lines.len() == 1
+                && lines[0].contains("CaUsedAsEndEntity")
+                && lines[0].contains("CA:FALSE"),
+            "a CA:TRUE coordinator certificate should give one explaining line, got {stderr:?}"
+        );
+        drop(coord);
+        Ok(())
+    });
+}
+
+/// `overlay-coord cert self-signed` writes what a lab needs: the coordinator
+/// serves its leaf, and a node given the printed `--ca-cert` flag enrols.
+#[test]
+fn self_signed_certificates_from_overlay_coord_let_a_node_enrol() {
+    lab_test(|lab: &Lab| {
+        let lan = lab.segment("lan", "10.77.6.0/24")?;
+        let coord_host = lab.host("coord")?;
+        let coord_ip = lab.attach(&coord_host, &lan)?.ip;
+        let dir = lab.subdir("certs")?;
+        let out = Command::new(bin("overlay-coord")?)
+            .args([
+                "cert",
+                "self-signed",
+                "--ip",
+                &coord_ip.to_string(),
+                "--dns",
+                "coord.lab",
+            ])
+            .arg("--out")
+            .arg(&dir)
+            .output()?;
+        ensure!(out.status.success(), "cert self-signed failed: {out:?}");
+        let flag = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        let ca = flag
+            .strip_prefix("--ca-cert ")
+            .with_context(|| format!("cert self-signed printed {flag:?}"))?
+            .to_string();
+        let (cert, key) = (dir.join("coord.crt"), dir.join("coord.key"));
+        let coord = Coordinator::start(
+            lab,
+            &coord_host,
+            coord_ip,
+            &[
+                "--tls-cert",
+                &cert.to_string_lossy(),
+                "--tls-key",
+                &key.to_string_lossy(),
+            ],
+        )?;
+        let auth = coord.create_key(lab)?;
+        let host = lab.host("a")?;
+        lab.attach(&host, &lan)?;
+        let mut node = Daemon::new(lab, &host, "a", &format!("https://{coord_ip}:8080"))?;
+        node.extra_args = vec!["--ca-cert".into(), ca];
+        node.start(lab, Some(&auth))?;
+        wait_until(
+            Duration::from_secs(10),
+            "a to connect over TLS with the generated certificates",
+            || match node.status()? {
+                s if s.coordinator_connected => Ok(()),
+                s => Err(Wait::NotYet(format!("{s:?}"))),
+            },
+        )?;
+        drop(node);
         drop(coord);
         Ok(())
     });

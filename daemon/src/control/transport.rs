@@ -33,7 +33,7 @@ pub enum TransportError {
         addr: String,
         source: std::io::Error,
     },
-    #[error("TLS with coordinator {host} failed: {source}")]
+    #[error("TLS with coordinator {host} failed: {source}{}", tls_hint(source))]
     Tls {
         host: String,
         source: std::io::Error,
@@ -112,6 +112,24 @@ impl Endpoint {
 
 pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// One sentence on what to do about the certificate errors a person meets first:
+/// `openssl req -x509` makes a CA:TRUE certificate, which webpki refuses as a
+/// server's (`CaUsedAsEndEntity`), and a private CA nobody told the node about
+/// gives `UnknownIssuer`.
+fn tls_hint(source: &std::io::Error) -> &'static str {
+    let text = format!("{source:?}");
+    if text.contains("CaUsedAsEndEntity") {
+        " (the coordinator's certificate is a CA certificate, CA:TRUE, which cannot \
+         identify a server: serve a leaf certificate with basicConstraints CA:FALSE signed \
+         by that CA, and give nodes the CA with --ca-cert)"
+    } else if text.contains("UnknownIssuer") {
+        " (no CA this node trusts signed the coordinator's certificate: give its CA, or \
+         the self-signed certificate itself, with --ca-cert FILE)"
+    } else {
+        ""
+    }
+}
 
 /// Connects to the coordinator, with TLS when the URL says https.
 pub struct Connector {
@@ -360,5 +378,40 @@ mod tests {
         assert!(Endpoint::parse("http://h:99999").is_err());
         assert!(Endpoint::parse("http://h/path").is_err());
         assert!(Endpoint::parse("http://").is_err());
+    }
+
+    fn tls_error(cert: rustls::CertificateError) -> String {
+        let source = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(cert),
+        );
+        TransportError::Tls {
+            host: "coord".into(),
+            source,
+        }
+        .to_string()
+    }
+
+    #[test]
+    fn tls_errors_people_meet_first_say_what_to_do() {
+        let unknown = tls_error(rustls::CertificateError::UnknownIssuer);
+        assert!(
+            unknown.contains("UnknownIssuer") && unknown.contains("--ca-cert"),
+            "{unknown}"
+        );
+        #[derive(Debug)]
+        struct CaUsedAsEndEntity;
+        impl std::fmt::Display for CaUsedAsEndEntity {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "CaUsedAsEndEntity")
+            }
+        }
+        impl std::error::Error for CaUsedAsEndEntity {}
+        let ca = tls_error(rustls::CertificateError::Other(rustls::OtherError(
+            Arc::new(CaUsedAsEndEntity),
+        )));
+        assert!(ca.contains("CA:TRUE") && ca.contains("CA:FALSE"), "{ca}");
+        let other = tls_error(rustls::CertificateError::Expired);
+        assert!(!other.contains("--ca-cert"), "{other}");
     }
 }

@@ -136,6 +136,8 @@ pub struct DataPlane {
     outbound: mpsc::Sender<Outbound>,
     pings: Mutex<HashMap<(Ipv4Addr, u16, u16), oneshot::Sender<()>>>,
     pub drops: DropCounters,
+    /// ICE and coordinator events for `/metrics`.
+    pub counters: crate::metrics::Counters,
 }
 
 impl DataPlane {
@@ -155,6 +157,7 @@ impl DataPlane {
             outbound,
             pings: Mutex::default(),
             drops: DropCounters::default(),
+            counters: Default::default(),
         }
     }
 

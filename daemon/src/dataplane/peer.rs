@@ -70,6 +70,8 @@ pub struct Peer {
     path: RwLock<PathView>,
     pub rx_bytes: AtomicU64,
     pub tx_bytes: AtomicU64,
+    pub rx_packets: AtomicU64,
+    pub tx_packets: AtomicU64,
 }
 
 /// A WireGuard sender/receiver index whose little-endian bytes never look like
@@ -108,6 +110,8 @@ impl Peer {
             path: RwLock::new(PathView::connecting()),
             rx_bytes: AtomicU64::new(0),
             tx_bytes: AtomicU64::new(0),
+            rx_packets: AtomicU64::new(0),
+            tx_packets: AtomicU64::new(0),
         }
     }
 
@@ -160,10 +164,12 @@ impl Peer {
 
     pub fn count_rx(&self, n: usize) {
         self.rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        self.rx_packets.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn count_tx(&self, n: usize) {
         self.tx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+        self.tx_packets.fetch_add(1, Ordering::Relaxed);
     }
 }
 

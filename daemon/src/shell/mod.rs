@@ -129,7 +129,10 @@ impl Shell {
             tokio::select! {
                 ev = control.recv() => match ev {
                     Some(ControlEvent::Message(msg)) => self.on_server_msg(msg),
-                    Some(ControlEvent::Connected) => self.node.set_coordinator_connected(true),
+                    Some(ControlEvent::Connected) => {
+                        self.dataplane.counters.coordinator_connects.fetch_add(1, Ordering::Relaxed);
+                        self.node.set_coordinator_connected(true);
+                    }
                     Some(ControlEvent::Disconnected) => self.node.set_coordinator_connected(false),
                     None => break,
                 },
@@ -220,6 +223,16 @@ impl Shell {
                 error,
             } => (peer, session, IceInput::Error(error)),
         };
+        let current = self
+            .sessions
+            .get(&peer)
+            .is_some_and(|s| s.session == session);
+        if current && matches!(input, IceInput::Failed | IceInput::Error(_)) {
+            self.dataplane
+                .counters
+                .ice_failures
+                .fetch_add(1, Ordering::Relaxed);
+        }
         self.node.handle_ice(peer, session, input, now);
     }
 
@@ -333,6 +346,10 @@ impl Shell {
     async fn start_ice(&mut self, peer: NodeId, session: u64, controlling: bool) {
         let events = self.ice_tx.clone();
         let now = Instant::now();
+        self.dataplane
+            .counters
+            .ice_attempts
+            .fetch_add(1, Ordering::Relaxed);
         match IceSession::new(&self.ice, controlling, peer, session, events).await {
             Ok(s) => {
                 let (ufrag, pwd) = (s.ufrag.clone(), s.pwd.clone());
