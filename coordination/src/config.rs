@@ -188,7 +188,7 @@ pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     parse_file(path, &text)
 }
 
-fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
         message: e.to_string().trim_end().replace('\n', " "),
