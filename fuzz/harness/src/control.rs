@@ -6,6 +6,7 @@ use overlay_proto::coord::{
     bearer, decode_relay_frame, encode_relay_frame, parse_bearer, ApiError, ClientMsg,
     RegisterRequest, RegisterResponse, ServerMsg, RELAY_HEADER_LEN,
 };
+use overlayd::identity::decode_public_key;
 use overlayd::local_api::{parse_request, MAX_REQUEST};
 
 /// A binary frame on the control stream: decoding never panics, and a decoded
@@ -30,7 +31,19 @@ pub fn control_msg(data: &[u8]) {
     }
     if let Ok(msg) = serde_json::from_str::<ServerMsg>(text) {
         let again = serde_json::to_string(&msg).expect("a parsed ServerMsg serializes");
-        assert_eq!(serde_json::from_str::<ServerMsg>(&again).ok(), Some(msg));
+        assert_eq!(
+            serde_json::from_str::<ServerMsg>(&again).as_ref().ok(),
+            Some(&msg)
+        );
+        let peers = match &msg {
+            ServerMsg::Welcome { node, peers, .. } => std::iter::once(node).chain(peers).collect(),
+            ServerMsg::PeerBatch { peers, .. } => peers.iter().collect(),
+            ServerMsg::PeerUpsert { peer } => vec![peer],
+            _ => Vec::new(),
+        };
+        for peer in peers {
+            let _ = decode_public_key(&peer.public_key);
+        }
     }
     if let Some((id, credential)) = parse_bearer(text) {
         assert_eq!(

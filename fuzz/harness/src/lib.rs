@@ -15,6 +15,7 @@
 //! | `sealed_signal` | `Sealer::open` | a malicious coordinator |
 //! | `sealed_plaintext` | `PeerSignal` inside a box, ICE candidates | a malicious enrolled peer |
 //! | `stun_filter` | `stun_filter::inspect` | anyone reaching the TURN port |
+//! | `stun_message` | `stun_alt::answer`, the mux's STUN routing, TURN usernames | anyone |
 //! | `tun_segment` | `offload::segment` | the kernel (any local process's traffic) |
 //! | `gro_coalesce` | `gro::coalesce` | peers (decrypted packets) |
 //! | `ipv4_icmp` | `packet::{ipv4_addrs, echo_reply, host_unreachable}` | peers and local traffic |
@@ -26,11 +27,13 @@ mod config;
 mod control;
 mod packets;
 mod seal;
+mod stun;
 
 pub use config::{coord_config, daemon_config};
 pub use control::{control_msg, local_api_request, register_body, relay_frame};
-pub use packets::{gro_coalesce, ipv4_icmp, stun_filter, tun_segment};
+pub use packets::{gro_coalesce, ipv4_icmp, tun_segment};
 pub use seal::{sealed_plaintext, sealed_signal};
+pub use stun::{stun_filter, stun_message};
 
 /// A fuzz target: takes any bytes, panics only on a bug.
 pub type Target = fn(&[u8]);
@@ -43,6 +46,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("sealed_signal", sealed_signal),
     ("sealed_plaintext", sealed_plaintext),
     ("stun_filter", stun_filter),
+    ("stun_message", stun_message),
     ("tun_segment", tun_segment),
     ("gro_coalesce", gro_coalesce),
     ("ipv4_icmp", ipv4_icmp),

@@ -1,54 +1,18 @@
-//! Byte-level packet code: the TURN listener's filter, TUN segmentation, receive
-//! coalescing and the IPv4/ICMP helpers.
+//! Byte-level packet code: TUN segmentation, receive coalescing and the
+//! IPv4/ICMP helpers.
 
-use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 
-use overlay_coord::peer_policy::PeerPolicy;
-use overlay_coord::stun_filter::{inspect, Verdict};
 use overlayd::offload::{segment, VNET_HDR_LEN};
 use overlayd::{gro, packet};
 
 use crate::ones_sum;
 
-const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
 const GSO_TCPV4: u8 = 1;
 const GSO_ECN: u8 = 0x80;
 const PROTO_TCP: u8 = 6;
 /// Most packets one `gro_coalesce` input is cut into.
 const MAX_GRO_PACKETS: usize = 160;
-
-/// One datagram on the embedded TURN listener. The first byte picks the policy
-/// (bit 0: allow private peers; bit 1: the server owns 203.0.113.1), the rest is
-/// the datagram. A refusal must be a well-formed STUN error for the same
-/// transaction.
-pub fn stun_filter(data: &[u8]) {
-    let Some((&mode, packet)) = data.split_first() else {
-        return;
-    };
-    let mut own = HashSet::new();
-    if mode & 2 != 0 {
-        own.insert(IpAddr::V4(Ipv4Addr::new(203, 0, 113, 1)));
-    }
-    let policy = PeerPolicy {
-        allow_private: mode & 1 != 0,
-        own,
-    };
-    if let Verdict::Refuse(resp) = inspect(packet, &policy) {
-        assert!(
-            resp.len() >= 20 && resp.len() % 4 == 0,
-            "response length {}",
-            resp.len()
-        );
-        assert_eq!(
-            usize::from(u16::from_be_bytes([resp[2], resp[3]])),
-            resp.len() - 20
-        );
-        assert_eq!(resp[4..8], MAGIC_COOKIE);
-        assert_eq!(resp[8..20], packet[8..20], "same transaction");
-        assert_eq!(resp[1] & 0x10, 0x10, "error class");
-    }
-}
 
 /// TCP checksum of `p` (IPv4 header of `ihl` bytes) verifies.
 fn tcp_sum_ok(p: &[u8], ihl: usize) -> bool {
