@@ -3,6 +3,8 @@
 //! the MAC), then what a malicious *peer* can send (any plaintext in a valid box,
 //! so the `PeerSignal` parser and the ICE candidate parser behind it are reached).
 
+use std::sync::OnceLock;
+
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use crypto_box::aead::Aead;
@@ -17,9 +19,23 @@ fn public(secret: [u8; 32]) -> [u8; 32] {
     *SecretKey::from(secret).public_key().as_bytes()
 }
 
-/// The target's side: opens what the sender sealed.
-fn target() -> Sealer {
-    Sealer::new(TARGET_SECRET, public(SENDER_SECRET))
+/// The target's side: opens what the sender sealed. Built once: the X25519
+/// agreement would otherwise dominate every run.
+fn target() -> &'static Sealer {
+    static TARGET: OnceLock<Sealer> = OnceLock::new();
+    TARGET.get_or_init(|| Sealer::new(TARGET_SECRET, public(SENDER_SECRET)))
+}
+
+/// The sender's side, as `Sealer` and as the raw box it seals with.
+fn sender() -> &'static (Sealer, SalsaBox) {
+    static SENDER: OnceLock<(Sealer, SalsaBox)> = OnceLock::new();
+    SENDER.get_or_init(|| {
+        let salsa = SalsaBox::new(
+            &SecretKey::from(TARGET_SECRET).public_key(),
+            &SecretKey::from(SENDER_SECRET),
+        );
+        (Sealer::new(SENDER_SECRET, public(TARGET_SECRET)), salsa)
+    })
 }
 
 /// Any payload the coordinator might deliver as `ServerMsg::Signal`.
@@ -35,10 +51,7 @@ pub fn sealed_signal(data: &[u8]) {
 /// Any plaintext a peer might seal, boxed as the sender's `Sealer::seal` does
 /// (`base64(nonce || box)`), then opened and parsed on the target's side.
 pub fn sealed_plaintext(data: &[u8]) {
-    let salsa = SalsaBox::new(
-        &SecretKey::from(TARGET_SECRET).public_key(),
-        &SecretKey::from(SENDER_SECRET),
-    );
+    let (sender, salsa) = sender();
     let nonce = [0x5a; NONCE_LEN];
     let Ok(ciphertext) = salsa.encrypt(&Nonce::from(nonce), data) else {
         return;
@@ -49,7 +62,7 @@ pub fn sealed_plaintext(data: &[u8]) {
     let target = target();
     match target.open(&payload) {
         Ok(signal) => {
-            let resealed = Sealer::new(SENDER_SECRET, public(TARGET_SECRET)).seal(&signal);
+            let resealed = sender.seal(&signal);
             // Re-serializing can grow the JSON (an omitted `None` is written out),
             // so only a re-sealed signal within the limit must open again.
             if resealed.len() <= MAX_SEALED_LEN {
