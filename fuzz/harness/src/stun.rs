@@ -8,16 +8,41 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use overlay_coord::peer_policy::PeerPolicy;
 use overlay_coord::stun_filter::{inspect, Verdict};
 use overlay_coord::{auth, stun_alt};
-use stun::attributes::ATTR_USERNAME;
-use stun::message::{Getter, Message, BINDING_SUCCESS};
+use stun::attributes::{ATTR_USERNAME, ATTR_XOR_PEER_ADDRESS};
+use stun::message::{
+    Getter, Message, BINDING_SUCCESS, CLASS_INDICATION, CLASS_REQUEST, METHOD_CHANNEL_BIND,
+    METHOD_CREATE_PERMISSION, METHOD_SEND,
+};
 use stun::xoraddr::XorMappedAddress;
 
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
 
+/// The peer a TURN request names as the `turn` crate's server reads it (the
+/// first XOR-PEER-ADDRESS of a CreatePermission or ChannelBind request or a Send
+/// indication), or `None` when the server would not act on one.
+fn peer_the_turn_server_sees(packet: &[u8]) -> Option<IpAddr> {
+    let mut msg = Message::new();
+    msg.unmarshal_binary(packet).ok()?;
+    let names_peer = matches!(
+        (msg.typ.method, msg.typ.class),
+        (
+            METHOD_CREATE_PERMISSION | METHOD_CHANNEL_BIND,
+            CLASS_REQUEST
+        ) | (METHOD_SEND, CLASS_INDICATION)
+    );
+    if !names_peer {
+        return None;
+    }
+    let mut peer = XorMappedAddress::default();
+    peer.get_from_as(&msg, ATTR_XOR_PEER_ADDRESS).ok()?;
+    Some(peer.ip)
+}
+
 /// One datagram on the embedded TURN listener. The first byte picks the policy
 /// (bit 0: allow private peers; bit 1: the server owns 203.0.113.1), the rest is
-/// the datagram. A refusal must be a well-formed STUN error for the same
-/// transaction.
+/// the datagram. Whatever peer the TURN server behind the filter would read from
+/// a datagram the filter passes must be one the policy allows; a refusal must be
+/// a well-formed STUN error for the same transaction.
 pub fn stun_filter(data: &[u8]) {
     let Some((&mode, packet)) = data.split_first() else {
         return;
@@ -30,7 +55,16 @@ pub fn stun_filter(data: &[u8]) {
         allow_private: mode & 1 != 0,
         own,
     };
-    if let Verdict::Refuse(resp) = inspect(packet, &policy) {
+    let verdict = inspect(packet, &policy);
+    if verdict == Verdict::Pass {
+        if let Some(peer) = peer_the_turn_server_sees(packet) {
+            assert!(
+                policy.allows(peer),
+                "the filter passed a request the TURN server reads as naming denied {peer}"
+            );
+        }
+    }
+    if let Verdict::Refuse(resp) = verdict {
         assert!(
             resp.len() >= 20 && resp.len() % 4 == 0,
             "response length {}",
