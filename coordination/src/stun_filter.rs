@@ -70,7 +70,8 @@ fn xor_peer_ip(value: &[u8], txid: &[u8]) -> Option<IpAddr> {
 
 /// Looks at one datagram received on the TURN listener.
 pub fn inspect(packet: &[u8], policy: &PeerPolicy) -> Verdict {
-    if packet.len() < HEADER_LEN || packet[0] & 0xc0 != 0 || packet[4..8] != MAGIC_COOKIE {
+    // The turn crate reads anything but ChannelData (top bits 01) as STUN.
+    if packet.len() < HEADER_LEN || packet[0] & 0xc0 == 0x40 || packet[4..8] != MAGIC_COOKIE {
         return Verdict::Pass;
     }
     let (method, class) = method_and_class(u16::from_be_bytes([packet[0], packet[1]]));

@@ -14,6 +14,7 @@ use stun::message::{
     METHOD_CREATE_PERMISSION, METHOD_SEND,
 };
 use stun::xoraddr::XorMappedAddress;
+use turn::proto::chandata::ChannelData;
 
 const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
 
@@ -21,6 +22,9 @@ const MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xa4, 0x42];
 /// first XOR-PEER-ADDRESS of a CreatePermission or ChannelBind request or a Send
 /// indication), or `None` when the server would not act on one.
 fn peer_the_turn_server_sees(packet: &[u8]) -> Option<IpAddr> {
+    if ChannelData::is_channel_data(packet) {
+        return None;
+    }
     let mut msg = Message::new();
     msg.unmarshal_binary(packet).ok()?;
     let names_peer = matches!(
