@@ -1,9 +1,9 @@
 """Greedy maximum coverage over a libFuzzer merge control file.
 
-usage: pick_corpus.py CONTROL_FILE CORPUS_DIR OUT_DIR K
+usage: pick_corpus.py CONTROL_FILE KEEP_DIR OUT_DIR K
 
-Keeps every input that came from CORPUS_DIR, then copies into OUT_DIR up to K
-other inputs, each time the one adding the most coverage edges not yet covered
+Copies into OUT_DIR every input that came from KEEP_DIR, then up to K
+others, each time the one adding the most coverage edges not yet covered
 (the smaller on a tie).
 """
 import os
