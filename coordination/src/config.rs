@@ -216,6 +216,11 @@ pub fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     config_file::load(path)
 }
 
+/// Parses the text of a config file (`path` only names it in errors).
+pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    config_file::parse(path, text)
+}
+
 /// The state directory an admin command uses: flag, else file, else default.
 pub fn state_dir(file: Option<&FileConfig>, flag: Option<&Path>) -> PathBuf {
     flag.map(Path::to_path_buf)

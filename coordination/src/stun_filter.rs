@@ -58,11 +58,14 @@ enum Problem {
 /// and the messages we do not judge cost no decoding.
 fn message_type(packet: &[u8]) -> Option<MessageType> {
     let header = packet.get(..MESSAGE_HEADER_SIZE)?;
-    if header[0] & 0xc0 != 0 || header[4..8] != MAGIC_COOKIE.to_be_bytes() {
+    // The turn crate reads every datagram that is not ChannelData (top bits
+    // 01) as STUN, whatever its top two bits say: only ChannelData passes
+    // unread, and the type is read as the crate reads it.
+    if header[0] & 0xc0 == 0x40 || header[4..8] != MAGIC_COOKIE.to_be_bytes() {
         return None;
     }
     let mut typ = MessageType::default();
-    typ.read_value(u16::from_be_bytes([header[0], header[1]]));
+    typ.read_value(u16::from_be_bytes([header[0] & 0x3f, header[1]]));
     Some(typ)
 }
 

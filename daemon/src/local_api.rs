@@ -22,7 +22,7 @@ use crate::metrics;
 use crate::shell::Query;
 
 /// Longest request line accepted; requests are tiny.
-const MAX_REQUEST: usize = 4096;
+pub const MAX_REQUEST: usize = 4096;
 /// At most this many pings per request, so one command cannot run forever.
 const MAX_PING_COUNT: u32 = 10_000;
 
@@ -99,7 +99,7 @@ impl LocalApi {
         if reader.read_line(&mut line).await.is_err() {
             return;
         }
-        let request = match serde_json::from_str::<Request>(&line) {
+        let request = match parse_request(&line) {
             Ok(r) => r,
             Err(e) => {
                 let _ = send(
@@ -274,6 +274,11 @@ impl LocalApi {
         };
         let _ = send(write, &Response::PingDone(summary)).await;
     }
+}
+
+/// Parses one request line from `overlayctl`.
+pub fn parse_request(line: &str) -> Result<Request, serde_json::Error> {
+    serde_json::from_str(line)
 }
 
 fn stopping() -> Response {
