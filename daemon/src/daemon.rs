@@ -96,13 +96,19 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
 
     let api = Arc::new(LocalApi {
         node: NodeInfo {
-            name: enrolment.name.clone(),
-            node_id: enrolment.node_id,
-            mesh_ip: enrolment.mesh_ip,
-            network: enrolment.network,
-            interface: config.interface.clone(),
-            public_key: keys.public_base64(),
-            coordinator: enrolment.coordinator.clone(),
+            fixed: overlay_proto::api::Status {
+                name: enrolment.name.clone(),
+                node_id: enrolment.node_id,
+                mesh_ip: enrolment.mesh_ip,
+                network: enrolment.network,
+                interface: config.interface.clone(),
+                public_key: keys.public_base64(),
+                coordinator: enrolment.coordinator.clone(),
+                coordinator_connected: false,
+                uptime_secs: 0,
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                dropped: Default::default(),
+            },
             started: Instant::now(),
             coord_connected: coord_connected.clone(),
         },

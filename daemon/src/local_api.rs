@@ -8,9 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ipnet::Ipv4Net;
 use overlay_proto::api::{PeerStatus, PingReply, PingSummary, Request, Response, Status};
-use overlay_proto::NodeId;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -26,15 +24,10 @@ pub const MAX_REQUEST: usize = 4096;
 /// At most this many pings per request, so one command cannot run forever.
 const MAX_PING_COUNT: u32 = 10_000;
 
-/// What `status` reports about this node.
+/// What `status` reports about this node: `fixed` holds what does not change
+/// while the daemon runs; the rest is filled in when asked.
 pub struct NodeInfo {
-    pub name: String,
-    pub node_id: NodeId,
-    pub mesh_ip: Ipv4Addr,
-    pub network: Ipv4Net,
-    pub interface: String,
-    pub public_key: String,
-    pub coordinator: String,
+    pub fixed: Status,
     pub started: Instant,
     pub coord_connected: Arc<AtomicBool>,
 }
@@ -172,17 +165,10 @@ impl LocalApi {
     fn status(&self) -> Status {
         let n = &self.node;
         Status {
-            name: n.name.clone(),
-            node_id: n.node_id,
-            mesh_ip: n.mesh_ip,
-            network: n.network,
-            interface: n.interface.clone(),
-            public_key: n.public_key.clone(),
-            coordinator: n.coordinator.clone(),
             coordinator_connected: n.coord_connected.load(Ordering::Relaxed),
             uptime_secs: n.started.elapsed().as_secs(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
             dropped: self.dataplane.drops.snapshot(),
+            ..n.fixed.clone()
         }
     }
 
@@ -240,7 +226,7 @@ impl LocalApi {
             let started = Instant::now();
             let waiter = self.dataplane.expect_ping(peer.mesh_ip, ident, seq);
             let request = icmp::echo_request(
-                self.node.mesh_ip,
+                self.node.fixed.mesh_ip,
                 peer.mesh_ip,
                 ident,
                 seq,
