@@ -13,7 +13,9 @@ use std::time::Duration;
 use anyhow::{ensure, Context};
 use overlay_proto::api::PathKind;
 use overlay_tests::overlay::ping;
-use overlay_tests::{bin, cert, lab_test, wait_path, wait_until, Coordinator, Daemon, Lab, Wait};
+use overlay_tests::{
+    bin, cert, lab_test, wait_path, wait_until, Coordinator, Daemon, Host, Lab, Wait,
+};
 
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -61,32 +63,10 @@ fn nodes_enrol_and_connect_over_tls_and_an_untrusted_certificate_is_refused() {
         // Without the certificate the node cannot enrol, and says why in one line.
         let c_host = lab.host("c")?;
         lab.attach(&c_host, &lan)?;
-        let state = lab.subdir("c-state")?;
-        let out = lab.output(
-            &c_host,
-            bin("overlayd")?,
-            &[
-                "up",
-                "--coordinator",
-                &url,
-                "--auth-key",
-                &auth,
-                "--state-dir",
-                &state.to_string_lossy(),
-                "--interface",
-                "ovl0",
-                "--socket",
-                &state.join("sock").to_string_lossy(),
-            ],
-        )?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        let line = failed_enrolment(lab, &c_host, "c", &url, &auth, &[])?;
         ensure!(
-            !out.status.success()
-                && lines.len() == 1
-                && lines[0].contains("TLS")
-                && lines[0].contains("--ca-cert FILE"),
-            "an untrusted coordinator should give one TLS error line saying what to do, got {stderr:?}"
+            line.contains("TLS") && line.contains("--ca-cert FILE"),
+            "an untrusted coordinator should give one TLS error line saying what to do, got {line:?}"
         );
         drop(nodes);
         drop(coord);
@@ -114,34 +94,11 @@ fn a_ca_certificate_served_by_the_coordinator_gets_a_one_line_explanation() {
         let auth = coord.create_key(lab)?;
         let host = lab.host("a")?;
         lab.attach(&host, &lan)?;
-        let state = lab.subdir("a-state")?;
-        let out = lab.output(
-            &host,
-            bin("overlayd")?,
-            &[
-                "up",
-                "--coordinator",
-                &format!("https://{coord_ip}:8080"),
-                "--auth-key",
-                &auth,
-                "--ca-cert",
-                &cert,
-                "--state-dir",
-                &state.to_string_lossy(),
-                "--interface",
-                "ovl0",
-                "--socket",
-                &state.join("sock").to_string_lossy(),
-            ],
-        )?;
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        let url = format!("https://{coord_ip}:8080");
+        let line = failed_enrolment(lab, &host, "a", &url, &auth, &["--ca-cert", &cert])?;
         ensure!(
-            !out.status.success()
-                && lines.len() == 1
-                && lines[0].contains("CaUsedAsEndEntity")
-                && lines[0].contains("CA:FALSE"),
-            "a CA:TRUE coordinator certificate should give one explaining line, got {stderr:?}"
+            line.contains("CaUsedAsEndEntity") && line.contains("CA:FALSE"),
+            "a CA:TRUE coordinator certificate should give one explaining line, got {line:?}"
         );
         drop(coord);
         Ok(())
@@ -205,4 +162,39 @@ fn self_signed_certificates_from_overlay_coord_let_a_node_enrol() {
         drop(coord);
         Ok(())
     });
+}
+
+/// Runs `overlayd up` on `host` against `url` (plus `extra` arguments), expects
+/// it to fail, and returns the one line it printed on stderr.
+fn failed_enrolment(
+    lab: &Lab,
+    host: &Host,
+    name: &str,
+    url: &str,
+    auth: &str,
+    extra: &[&str],
+) -> anyhow::Result<String> {
+    let state = lab.subdir(&format!("{name}-state"))?;
+    let (state_dir, socket) = (
+        state.to_string_lossy().into_owned(),
+        state.join("sock").to_string_lossy().into_owned(),
+    );
+    let mut args = vec!["up", "--coordinator", url, "--auth-key", auth];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[
+        "--state-dir",
+        &state_dir,
+        "--interface",
+        "ovl0",
+        "--socket",
+        &socket,
+    ]);
+    let out = lab.output(host, bin("overlayd")?, &args)?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    ensure!(
+        !out.status.success() && lines.len() == 1,
+        "overlayd should fail with one line on stderr, got {stderr:?}"
+    );
+    Ok(lines[0].to_string())
 }
