@@ -15,7 +15,6 @@ use overlay_proto::coord::{ClientMsg, ServerMsg};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::time::Instant;
-use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
 /// A TCP connection to `server` from the loopback address `127.0.0.<host>`.
@@ -57,22 +56,9 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
 }
 
 /// `GET /healthz` over TLS from 127.0.0.1; returns the status line.
-async fn healthz_over_tls(server: SocketAddr, connector: &TlsConnector) -> String {
-    let tcp = connect_from(1, server).await;
-    let mut tls = connector
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .expect("TLS handshake");
-    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    let _ = tls.read_to_end(&mut buf).await;
-    String::from_utf8_lossy(&buf)
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .to_string()
+async fn healthz_status_over_tls(server: SocketAddr, connector: &TlsConnector) -> String {
+    let answer = healthz_over_tls(connect_from(1, server).await, connector).await;
+    answer.lines().next().unwrap_or_default().to_string()
 }
 
 #[tokio::test]
@@ -82,7 +68,7 @@ async fn idle_sockets_from_many_sources_do_not_delay_a_tls_request() {
 
     // Baseline on a quiet server.
     let started = Instant::now();
-    assert!(healthz_over_tls(srv.addr, &connector)
+    assert!(healthz_status_over_tls(srv.addr, &connector)
         .await
         .starts_with("HTTP/1.1 200"));
     let quiet = started.elapsed();
@@ -100,7 +86,7 @@ async fn idle_sockets_from_many_sources_do_not_delay_a_tls_request() {
     idle.extend(open_idle(12, srv.addr, over).await);
 
     let started = Instant::now();
-    let status = tokio::time::timeout(DEADLINE, healthz_over_tls(srv.addr, &connector))
+    let status = tokio::time::timeout(DEADLINE, healthz_status_over_tls(srv.addr, &connector))
         .await
         .expect("the request must not wait for the idle sockets");
     let busy = started.elapsed();

@@ -6,26 +6,13 @@ use common::*;
 use overlay_coord::config::Transport;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::rustls::pki_types::ServerName;
 
 #[tokio::test]
 async fn serves_https_with_the_given_certificate() {
     let (srv, _certs, cert) = start_tls(|_| {}).await;
     let connector = tls_connector(&cert);
     let tcp = TcpStream::connect(srv.addr).await.unwrap();
-    let mut tls = connector
-        .connect(ServerName::try_from("127.0.0.1").unwrap(), tcp)
-        .await
-        .expect("TLS handshake");
-    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = Vec::new();
-    tokio::time::timeout(DEADLINE, tls.read_to_end(&mut buf))
-        .await
-        .expect("response in time")
-        .ok();
-    let text = String::from_utf8_lossy(&buf);
+    let text = healthz_over_tls(tcp, &connector).await;
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
 
     // Plain HTTP on the TLS port gets nowhere.

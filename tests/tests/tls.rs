@@ -25,18 +25,7 @@ fn nodes_enrol_and_connect_over_tls_and_an_untrusted_certificate_is_refused() {
         let lan = lab.segment("lan", "10.77.4.0/24")?;
         let coord_host = lab.host("coord")?;
         let coord_ip = lab.attach(&coord_host, &lan)?.ip;
-        let (cert, key) = cert::self_signed(lab.dir(), &coord_ip.to_string())?;
-        let (cert, key) = (
-            cert.to_string_lossy().into_owned(),
-            key.to_string_lossy().into_owned(),
-        );
-        let coord = Coordinator::start(
-            lab,
-            &coord_host,
-            coord_ip,
-            &["--tls-cert", &cert, "--tls-key", &key],
-        )?;
-        let auth = coord.create_key(lab)?;
+        let (coord, cert, auth) = tls_coordinator(lab, &coord_host, coord_ip, "critical,CA:FALSE")?;
         let url = format!("https://{coord_ip}:8080");
 
         let mut nodes = Vec::new();
@@ -82,16 +71,7 @@ fn a_ca_certificate_served_by_the_coordinator_gets_a_one_line_explanation() {
         let lan = lab.segment("lan", "10.77.5.0/24")?;
         let coord_host = lab.host("coord")?;
         let coord_ip = lab.attach(&coord_host, &lan)?.ip;
-        let (cert, key) =
-            cert::self_signed_with(lab.dir(), &coord_ip.to_string(), "critical,CA:TRUE")?;
-        let (cert, key) = (cert.display().to_string(), key.display().to_string());
-        let coord = Coordinator::start(
-            lab,
-            &coord_host,
-            coord_ip,
-            &["--tls-cert", &cert, "--tls-key", &key],
-        )?;
-        let auth = coord.create_key(lab)?;
+        let (coord, cert, auth) = tls_coordinator(lab, &coord_host, coord_ip, "critical,CA:TRUE")?;
         let host = lab.host("a")?;
         lab.attach(&host, &lan)?;
         let url = format!("https://{coord_ip}:8080");
@@ -197,4 +177,19 @@ fn failed_enrolment(
         "overlayd should fail with one line on stderr, got {stderr:?}"
     );
     Ok(lines[0].to_string())
+}
+
+/// A coordinator on `ip` serving a self-signed certificate with the given
+/// basicConstraints; returns it, the certificate's path and a reusable auth key.
+fn tls_coordinator(
+    lab: &Lab,
+    host: &Host,
+    ip: std::net::Ipv4Addr,
+    constraints: &str,
+) -> anyhow::Result<(Coordinator, String, String)> {
+    let (cert, key) = cert::self_signed_with(lab.dir(), &ip.to_string(), constraints)?;
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let coord = Coordinator::start(lab, host, ip, &["--tls-cert", &cert, "--tls-key", &key])?;
+    let auth = coord.create_key(lab)?;
+    Ok((coord, cert, auth))
 }

@@ -495,3 +495,23 @@ pub fn tls_connector(cert: &Path) -> TlsConnector {
         .with_no_client_auth();
     TlsConnector::from(Arc::new(config))
 }
+
+/// `GET /healthz` over TLS on `tcp` (the server's certificate names
+/// 127.0.0.1); everything the server answered, as text.
+pub async fn healthz_over_tls(tcp: TcpStream, connector: &TlsConnector) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::pki_types::ServerName;
+    let mut tls = connector
+        .connect(
+            ServerName::try_from("127.0.0.1").expect("an IP is a name"),
+            tcp,
+        )
+        .await
+        .expect("TLS handshake");
+    tls.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write request");
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut buf)).await;
+    String::from_utf8_lossy(&buf).into_owned()
+}
