@@ -8,6 +8,7 @@ fn peer(id: NodeId) -> PeerInfo {
         mesh_ip: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
         public_key: format!("key{id}"),
         online: false,
+        tags: Vec::new(),
     }
 }
 

@@ -127,6 +127,7 @@ impl NodeRow {
             mesh_ip: self.mesh_ip,
             public_key: self.public_key.clone(),
             online: self.online,
+            tags: Vec::new(),
         }
     }
 }

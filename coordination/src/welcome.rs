@@ -146,6 +146,7 @@ mod tests {
             mesh_ip: std::net::Ipv4Addr::new(100, 64, (id >> 8) as u8, id as u8),
             public_key: format!("{id:0>43}="),
             online: id & 1 == 0,
+            tags: Vec::new(),
         }
     }
 
@@ -209,6 +210,7 @@ mod tests {
                 peers: peers.clone(),
                 ice: h.ice.clone(),
                 more,
+                filter: None,
             })
             .unwrap();
             assert_eq!(welcome_text(&h, &json, more), expected);

@@ -43,8 +43,10 @@ async fn welcome_has_self_peers_ice_and_protocol() {
             peers,
             ice,
             more,
+            filter,
         } => {
             assert!(!more, "a small mesh is one message");
+            assert_eq!(filter, None, "no policy: no filter");
             assert_eq!(protocol, overlay_proto::PROTOCOL_VERSION);
             assert_eq!(me.id, a.node_id);
             assert!(me.online);

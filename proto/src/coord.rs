@@ -26,6 +26,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
+use crate::filter::NodeFilter;
 use crate::NodeId;
 
 /// Path of the enrolment endpoint.
@@ -121,6 +122,10 @@ pub struct PeerInfo {
     /// WireGuard public key, standard base64.
     pub public_key: String,
     pub online: bool,
+    /// Tags the node carries (from its auth key and the administrator), which
+    /// compiled filter rules name as `tag:<name>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 /// Where a node finds STUN and TURN, and the credentials for TURN.
@@ -166,13 +171,22 @@ pub enum ServerMsg {
         /// the server) grows with the size of the mesh.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         more: bool,
+        /// The rules this node enforces; `None` while no policy is in force
+        /// (everything allowed). See [`crate::filter`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        filter: Option<NodeFilter>,
     },
     /// The next part of the netmap a `Welcome` with `more` began.
     PeerBatch { peers: Vec<PeerInfo>, last: bool },
-    /// A node joined, changed, came online or went offline.
+    /// A node joined, changed (name, tags), came online or went offline, or
+    /// the policy now lets this node see it.
     PeerUpsert { peer: PeerInfo },
-    /// A node was removed by an administrator.
+    /// A node was removed by an administrator, or the policy no longer lets
+    /// this node see it.
     PeerRemoved { id: NodeId },
+    /// The rules this node enforces changed (a policy or tag change); `None`
+    /// means no policy is in force any more. Replaces the previous filter.
+    Filter { filter: Option<NodeFilter> },
     /// A signaling message from another node; `from` is stamped by the server.
     Signal { from: NodeId, payload: String },
     /// Fresh ICE configuration (TURN credentials renewed).

@@ -7,6 +7,7 @@
 //! - [`coord`]: a node and the coordination server (`overlay-coord`): the HTTP
 //!   enrolment call, the WebSocket control stream and its binary relay frames.
 //! - [`enrol`]: the proof of key possession a registration carries.
+//! - [`filter`]: the access rules the coordinator compiles for each node.
 //! - [`api`]: `overlayctl` and the local `overlayd` over its Unix socket.
 //! - [`config_file`]: how both programs read their TOML file and word its errors.
 //! - [`ratelimit`]: the token bucket each end bounds the other's control traffic with.
@@ -17,6 +18,7 @@ pub mod api;
 pub mod config_file;
 pub mod coord;
 pub mod enrol;
+pub mod filter;
 pub mod ratelimit;
 pub mod signal;
 

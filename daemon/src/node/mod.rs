@@ -278,6 +278,7 @@ impl Node {
             }
             // Signals arrive sealed: the shell opens them (see `handle_signal`).
             ServerMsg::Signal { .. } | ServerMsg::PeerUpsert { .. } | ServerMsg::Pong { .. } => {}
+            ServerMsg::Filter { .. } => {}
         }
     }
 

@@ -56,6 +56,7 @@ mod tests {
             mesh_ip: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
             public_key: key.into(),
             online,
+            tags: Vec::new(),
         }
     }
 

@@ -31,6 +31,7 @@ pub fn info(id: NodeId, online: bool) -> PeerInfo {
         mesh_ip: Ipv4Addr::new(100, 64, 0, id as u8),
         public_key: base64::engine::general_purpose::STANDARD.encode(key),
         online,
+        tags: Vec::new(),
     }
 }
 
@@ -42,6 +43,7 @@ pub fn welcome(peers: Vec<PeerInfo>, ice: IceConfig, more: bool) -> ServerMsg {
         peers,
         ice,
         more,
+        filter: None,
     }
 }
 
