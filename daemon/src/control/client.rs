@@ -125,7 +125,7 @@ fn refusal(status: u16, body: &[u8]) -> EnrolError {
 /// What the connection tells the engine.
 pub enum ControlEvent {
     Connected,
-    Message(ServerMsg),
+    Message(Box<ServerMsg>),
     Disconnected,
 }
 
@@ -261,7 +261,7 @@ impl ControlClient {
                                     }
                                 }
                             }
-                            Ok(msg) => { let _ = self.events.send(ControlEvent::Message(msg)).await; }
+                            Ok(msg) => { let _ = self.events.send(ControlEvent::Message(Box::new(msg))).await; }
                             Err(e) => tracing::debug!("ignoring unknown message from coordinator: {e}"),
                         },
                         Some(Ok(Message::Binary(frame))) => {

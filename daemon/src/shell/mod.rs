@@ -128,7 +128,7 @@ impl Shell {
                 .unwrap_or_else(|| Instant::now() + crate::node::POLL_INTERVAL);
             tokio::select! {
                 ev = control.recv() => match ev {
-                    Some(ControlEvent::Message(msg)) => self.on_server_msg(msg),
+                    Some(ControlEvent::Message(msg)) => self.on_server_msg(*msg),
                     Some(ControlEvent::Connected) => {
                         self.dataplane.counters.coordinator_connects.fetch_add(1, Ordering::Relaxed);
                         self.node.set_coordinator_connected(true);
