@@ -357,6 +357,7 @@ pub struct Node {
 
 /// What the server sent, as a test sees it.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // a test helper: moved, never stored in bulk
 pub enum Event {
     Msg(ServerMsg),
     Relay(Vec<u8>),
