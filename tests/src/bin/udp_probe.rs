@@ -5,7 +5,8 @@
 //!                                       or connection with the source address it saw
 //! udp_probe send LOCAL_PORT TARGET...   from one UDP socket bound to LOCAL_PORT, asks
 //!                                       each TARGET; prints "TARGET SEEN_AS" per answer
-//! udp_probe tcp TARGET                  one TCP connection; prints "TARGET SEEN_AS"
+//! udp_probe tcp TARGET [WAIT_MS]        one TCP connection; prints "TARGET SEEN_AS";
+//!                                       gives up after WAIT_MS (default 3000)
 //! ```
 //!
 //! `send` and `tcp` exit 2 when a target does not answer, 1 on usage errors. It is
@@ -28,13 +29,17 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("serve") if args.len() == 2 => serve(&args[1]),
         Some("send") if args.len() >= 3 => send(&args[1], &args[2..]),
-        Some("tcp") if args.len() == 2 => tcp(&args[1]),
+        Some("tcp") if args.len() == 2 => tcp(&args[1], TCP_WAIT),
+        Some("tcp") if args.len() == 3 => match args[2].parse() {
+            Ok(ms) => tcp(&args[1], Duration::from_millis(ms)),
+            Err(_) => Err(Failure::Usage),
+        },
         _ => Err(Failure::Usage),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage) => {
-            eprintln!("usage: udp_probe serve IP:PORT | send LOCAL_PORT TARGET... | tcp TARGET");
+            eprintln!("usage: udp_probe serve IP:PORT | send LOCAL_PORT TARGET... | tcp TARGET [WAIT_MS]");
             ExitCode::from(1)
         }
         Err(Failure::Error(message)) => {
@@ -131,14 +136,14 @@ fn ask(socket: &UdpSocket, target: SocketAddr) -> Result<Option<String>, Failure
     Ok(None)
 }
 
-fn tcp(target: &str) -> Result<(), Failure> {
+fn tcp(target: &str, wait: Duration) -> Result<(), Failure> {
     let target = addr(target)?;
-    let Ok(mut stream) = TcpStream::connect_timeout(&target, TCP_WAIT) else {
+    let Ok(mut stream) = TcpStream::connect_timeout(&target, wait) else {
         println!("{target} no-answer");
         return Err(Failure::NoAnswer);
     };
     stream
-        .set_read_timeout(Some(TCP_WAIT))
+        .set_read_timeout(Some(wait))
         .map_err(|e| err("timeout", e))?;
     let mut seen = String::new();
     match stream.read_to_string(&mut seen) {
