@@ -43,6 +43,11 @@ pub enum Command {
         #[command(subcommand)]
         command: NodesCommand,
     },
+    /// The access policy: who may reach whom (see README, "Access policy").
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
     /// Make TLS certificates.
     Cert {
         #[command(subcommand)]
@@ -127,6 +132,9 @@ pub enum KeysCommand {
         /// Expire the key after this long (e.g. 24h, 7d) [default: never].
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         expires: Option<Duration>,
+        /// A tag the nodes this key enrols get (repeatable).
+        #[arg(long = "tag", value_name = "TAG", value_parser = parse_tag)]
+        tags: Vec<String>,
     },
     /// List auth keys (never the keys themselves).
     List {
@@ -153,6 +161,48 @@ pub enum NodesCommand {
     },
     /// Remove a node: its session is closed and it cannot reconnect.
     Remove { name: String },
+    /// Add (+TAG) and remove (-TAG) a node's tags; prints its tags after.
+    Tag {
+        name: String,
+        /// +TAG to add, -TAG to remove.
+        #[arg(required = true, allow_hyphen_values = true, value_name = "+TAG|-TAG")]
+        changes: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Check a policy file against the enrolled nodes and run its tests.
+    Check { file: PathBuf },
+    /// Check a policy file, then put it in force (the running server applies
+    /// it within a second). A file that fails changes nothing.
+    Set { file: PathBuf },
+    /// Print the policy in force, exactly as it was set.
+    Get,
+    /// Remove the policy: everyone may reach everyone again.
+    Clear,
+    /// Say which rule lets SRC reach DST on PORT/PROTO (22/tcp, 53/udp, icmp).
+    Explain {
+        /// A node name or tag:NAME.
+        src: String,
+        /// A node name or tag:NAME.
+        dst: String,
+        /// PORT/tcp, PORT/udp or icmp.
+        #[arg(value_name = "PORT/PROTO")]
+        port: String,
+    },
+}
+
+fn parse_tag(s: &str) -> Result<String, String> {
+    let name = s.strip_prefix("tag:").unwrap_or(s);
+    if overlay_proto::filter::is_valid_tag(name) {
+        Ok(name.to_owned())
+    } else {
+        Err(format!(
+            "bad tag {s:?}: {}",
+            overlay_proto::filter::TAG_RULE
+        ))
+    }
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -230,13 +280,22 @@ pub fn admin(cli: &Cli) -> Result<()> {
             unreachable!("serve and cert are not store commands")
         }
         Command::Keys { command } => match command {
-            KeysCommand::Create { reusable, expires } => {
+            KeysCommand::Create {
+                reusable,
+                expires,
+                tags,
+            } => {
                 let expires_at = expires.map(|d| now.saturating_add(d.as_secs()));
-                let (id, key) = store.create_key(*reusable, expires_at, now)?;
+                let (id, key) = store.create_key_with_tags(*reusable, expires_at, tags, now)?;
                 writeln!(out, "{key}")?;
                 eprintln!(
-                    "created auth key {id} ({}, {}); it is shown only this once",
+                    "created auth key {id} ({}{}, {}); it is shown only this once",
                     if *reusable { "reusable" } else { "single-use" },
+                    if tags.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", tags {}", tags.join(","))
+                    },
                     match expires_at {
                         Some(t) => format!("expires {}", fmt_time(t)),
                         None => "never expires".into(),
@@ -310,8 +369,8 @@ pub fn admin(cli: &Cli) -> Result<()> {
                 } else {
                     writeln!(
                         out,
-                        "{:<24} {:<15} {:<44} {:<7} LAST SEEN",
-                        "NAME", "MESH IP", "PUBLIC KEY", "ONLINE"
+                        "{:<24} {:<15} {:<44} {:<7} {:<20} TAGS",
+                        "NAME", "MESH IP", "PUBLIC KEY", "ONLINE", "LAST SEEN"
                     )?;
                     for n in nodes {
                         let last_seen = if n.online {
@@ -321,11 +380,16 @@ pub fn admin(cli: &Cli) -> Result<()> {
                         };
                         writeln!(
                             out,
-                            "{:<24} {:<15} {:<44} {:<7} {last_seen}",
+                            "{:<24} {:<15} {:<44} {:<7} {last_seen:<20} {}",
                             n.name,
                             n.mesh_ip.to_string(),
                             n.public_key,
                             if n.online { "yes" } else { "no" },
+                            if n.tags.is_empty() {
+                                "-".to_string()
+                            } else {
+                                n.tags.join(",")
+                            },
                         )?;
                     }
                 }
@@ -334,7 +398,33 @@ pub fn admin(cli: &Cli) -> Result<()> {
                 Some(id) => eprintln!("removed node {name} (id {id})"),
                 None => bail!("no node named {name:?}"),
             },
+            NodesCommand::Tag { name, changes } => {
+                let (mut add, mut remove) = (Vec::new(), Vec::new());
+                for change in changes {
+                    let (list, tag) = match (change.strip_prefix('+'), change.strip_prefix('-')) {
+                        (Some(t), _) => (&mut add, t),
+                        (_, Some(t)) => (&mut remove, t),
+                        _ => {
+                            bail!("bad tag change {change:?}: write +TAG to add or -TAG to remove")
+                        }
+                    };
+                    list.push(parse_tag(tag).map_err(anyhow::Error::msg)?);
+                }
+                match store.tag_node(name, &add, &remove)? {
+                    Some(tags) => writeln!(
+                        out,
+                        "{name}: {}",
+                        if tags.is_empty() {
+                            "(no tags)".to_string()
+                        } else {
+                            tags.join(" ")
+                        }
+                    )?,
+                    None => bail!("no node named {name:?}"),
+                }
+            }
         },
+        Command::Policy { command } => crate::cli_policy::run(&store, command, &mut out)?,
     }
     out.flush()?;
     Ok(())
@@ -388,7 +478,10 @@ mod tests {
         assert_eq!(cli.state_dir, Some(PathBuf::from("/tmp/x")));
         match cli.command {
             Command::Keys {
-                command: KeysCommand::Create { reusable, expires },
+                command:
+                    KeysCommand::Create {
+                        reusable, expires, ..
+                    },
             } => {
                 assert!(reusable);
                 assert_eq!(expires, Some(Duration::from_secs(86_400)));

@@ -29,6 +29,7 @@
 pub mod auth;
 pub mod challenge;
 pub mod cli;
+mod cli_policy;
 pub mod config;
 pub mod conn_limit;
 pub mod http;
@@ -39,6 +40,7 @@ pub mod ipam;
 pub mod metrics;
 pub mod migrations;
 pub mod peer_policy;
+pub mod policy;
 pub mod selfsigned;
 pub mod server;
 pub mod session;

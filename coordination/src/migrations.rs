@@ -50,6 +50,27 @@ pub const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX nodes_by_auth_key ON nodes (auth_key_id);
     "#,
+    // 3: access policy (issue #10): node tags, the tags an auth key gives the
+    // nodes it enrols, the one policy file (verbatim). `meta.policy_seq`
+    // counts policy and tag changes, for the running server to poll.
+    r#"
+    CREATE TABLE node_tags (
+        node_id INTEGER NOT NULL,
+        tag     TEXT NOT NULL,
+        PRIMARY KEY (node_id, tag)
+    );
+    CREATE TABLE auth_key_tags (
+        key_id INTEGER NOT NULL,
+        tag    TEXT NOT NULL,
+        PRIMARY KEY (key_id, tag)
+    );
+    CREATE TABLE policy (
+        id         INTEGER PRIMARY KEY CHECK (id = 1),
+        text       TEXT NOT NULL,
+        updated_at INTEGER NOT NULL
+    );
+    INSERT INTO meta (key, value) VALUES ('policy_seq', '0');
+    "#,
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -101,12 +122,12 @@ mod tests {
         assert_eq!(version, MIGRATIONS.len() as u32);
         let tables: i64 = conn
             .query_row(
-                "SELECT count(*) FROM sqlite_master WHERE type='table' AND name IN ('nodes','auth_keys','removals','meta','held_addresses')",
+                "SELECT count(*) FROM sqlite_master WHERE type='table' AND name IN ('nodes','auth_keys','removals','meta','held_addresses','node_tags','auth_key_tags','policy')",
                 [],
                 |r| r.get(0),
             )
             .unwrap();
-        assert_eq!(tables, 5);
+        assert_eq!(tables, 8);
         assert_eq!(migrate(&mut conn).unwrap(), MIGRATIONS.len() as u32);
     }
 

@@ -117,6 +117,8 @@ pub struct NodeRow {
     pub last_seen: Option<u64>,
     pub relay_bytes_in: u64,
     pub relay_bytes_out: u64,
+    /// Sorted; filled by the queries that hand rows out (`node_from_row` leaves it empty).
+    pub tags: Vec<String>,
 }
 
 impl NodeRow {
@@ -127,7 +129,7 @@ impl NodeRow {
             mesh_ip: self.mesh_ip,
             public_key: self.public_key.clone(),
             online: self.online,
-            tags: Vec::new(),
+            tags: self.tags.clone(),
         }
     }
 }
@@ -177,6 +179,7 @@ fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
         last_seen: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
         relay_bytes_in: r.get::<_, i64>(7)? as u64,
         relay_bytes_out: r.get::<_, i64>(8)? as u64,
+        tags: Vec::new(),
     })
 }
 
@@ -279,7 +282,13 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"))?;
         let rows = stmt.query_map([], node_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut nodes: Vec<NodeRow> = rows.collect::<Result<_, _>>()?;
+        drop(stmt);
+        let mut tags = policy_store::all_tags(&conn)?;
+        for n in &mut nodes {
+            n.tags = tags.remove(&n.id).unwrap_or_default();
+        }
+        Ok(nodes)
     }
 
     /// Removes a node by name and records the removal for the running
@@ -373,6 +382,10 @@ fn remove_in(tx: &rusqlite::Transaction<'_>, id: NodeId, now: u64) -> Result<(),
     };
     tx.execute("DELETE FROM nodes WHERE id = ?1", params![id as i64])?;
     tx.execute(
+        "DELETE FROM node_tags WHERE node_id = ?1",
+        params![id as i64],
+    )?;
+    tx.execute(
         "INSERT INTO removals (node_id, removed_at) VALUES (?1, ?2)",
         params![id as i64, now as i64],
     )?;
@@ -430,6 +443,9 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
 
 #[path = "store_keys.rs"]
 mod keys;
+#[path = "store_policy.rs"]
+mod policy_store;
+pub use policy_store::StoredPolicy;
 #[path = "store_register.rs"]
 mod register;
 

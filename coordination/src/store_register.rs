@@ -111,11 +111,17 @@ impl Store {
             "UPDATE auth_keys SET uses = uses + 1, last_used_at = ?2 WHERE id = ?1",
             params![key.id as i64, now as i64],
         )?;
-        let node = tx.query_row(
+        // The key's tags join the node's (a re-enrolment keeps the tags it had).
+        tx.execute(
+            "INSERT OR IGNORE INTO node_tags (node_id, tag) SELECT ?1, tag FROM auth_key_tags WHERE key_id = ?2",
+            params![id as i64, key.id as i64],
+        )?;
+        let mut node = tx.query_row(
             &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?1"),
             params![id as i64],
             node_from_row,
         )?;
+        node.tags = super::policy_store::tags_of(&tx, id)?;
         tx.commit()?;
         Ok(Registered {
             node,
