@@ -38,6 +38,9 @@ pub enum Command {
         /// A peer's name or mesh IP.
         peer: String,
     },
+    /// The access rules this node enforces, and what they let through with
+    /// each peer (set on the coordinator with `overlay-coord policy set`).
+    Policy,
     /// Print the daemon's metrics in the Prometheus text format (what
     /// `overlayd up --metrics-listen` serves).
     Metrics,

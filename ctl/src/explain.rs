@@ -2,7 +2,8 @@
 
 use std::fmt::Write;
 
-use overlay_proto::api::{NetcheckReport, WhyReport};
+use overlay_proto::api::{NetcheckReport, PolicyReport, WhyReport};
+use overlay_proto::filter::FilterRule;
 use overlay_proto::signal::{MappingBehaviour, NatSummary};
 
 use crate::format::{clean, clean_or};
@@ -78,6 +79,14 @@ pub fn why(r: &WhyReport) -> String {
     let peer = clean(&r.peer);
     let _ = writeln!(s, "{peer} ({}): {}", r.mesh_ip, clean(&r.path));
     let _ = writeln!(s, "  {}", clean(&r.conclusion));
+    if let Some(access) = &r.access {
+        let _ = writeln!(
+            s,
+            "  Access policy: {peer} may open {} here; this node may open {} there",
+            clean(&access.inbound),
+            clean(&access.outbound)
+        );
+    }
     let _ = writeln!(s);
     let _ = writeln!(s, "This node:  {}", nat_line(r.local_nat.as_ref()));
     let _ = writeln!(
@@ -124,6 +133,58 @@ pub fn why(r: &WhyReport) -> String {
     if let Some(secs) = r.next_attempt_in_secs {
         let _ = writeln!(s, "Next direct attempt in {secs}s");
     }
+    s
+}
+
+/// `overlayctl policy`: the compiled rules, then what they give each peer.
+pub fn policy(r: &PolicyReport) -> String {
+    let Some(filter) = &r.filter else {
+        return "no access policy: every peer may reach every port of this node\n".into();
+    };
+    let mut s = String::new();
+    let rules = |s: &mut String, title: &str, rules: &[FilterRule]| {
+        let _ = writeln!(s, "{title}");
+        if rules.is_empty() {
+            let _ = writeln!(s, "  none");
+        }
+        for rule in rules {
+            let peers: Vec<String> = rule.peers.iter().map(|p| p.to_string()).collect();
+            let ports: Vec<String> = rule.ports.iter().map(|p| p.to_string()).collect();
+            let what = if ports.is_empty() {
+                rule.proto.to_string()
+            } else {
+                format!("{} {}", rule.proto, ports.join(","))
+            };
+            let _ = writeln!(s, "  {} -> {what}", clean(&peers.join(", ")));
+        }
+    };
+    rules(
+        &mut s,
+        "Who may open connections to this node:",
+        &filter.inbound,
+    );
+    rules(
+        &mut s,
+        "Where this node may open connections:",
+        &filter.outbound,
+    );
+    let _ = writeln!(s, "Replies to allowed connections pass both ways.");
+    let _ = writeln!(s);
+    let mut rows = vec![["PEER", "MESH IP", "MAY OPEN HERE", "WE MAY OPEN"].map(String::from)];
+    for (name, ip, access) in &r.peers {
+        rows.push([
+            clean(name).into_owned(),
+            ip.to_string(),
+            clean(&access.inbound).into_owned(),
+            clean(&access.outbound).into_owned(),
+        ]);
+    }
+    if r.peers.is_empty() {
+        let _ = writeln!(s, "no peers: the policy lets this node reach none");
+    } else {
+        s.push_str(&crate::format::columns(&rows));
+    }
+    let _ = writeln!(s, "flows tracked: {} (at most {})", r.flows, r.flow_cap);
     s
 }
 
@@ -182,6 +243,7 @@ mod tests {
             }),
             next_attempt_in_secs: Some(30),
             conclusion: "b gets no UDP out".into(),
+            access: None,
         };
         let text = why(&r);
         assert!(
@@ -218,6 +280,7 @@ mod tests {
             remote_nat: None,
             next_attempt_in_secs: None,
             conclusion: "b is\u{1b}[31m red".into(),
+            access: None,
         };
         let text = why(&r);
         assert!(
@@ -228,5 +291,57 @@ mod tests {
             text.contains("\\u{1b}[2J"),
             "escaped, still visible: {text}"
         );
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use super::*;
+    use overlay_proto::api::PeerAccessView;
+    use overlay_proto::filter::{NodeFilter, Proto};
+
+    #[test]
+    fn policy_lists_rules_each_way_and_each_peer() {
+        let none = PolicyReport {
+            filter: None,
+            peers: vec![],
+            flows: 0,
+            flow_cap: 65_536,
+        };
+        assert!(policy(&none).starts_with("no access policy"));
+        let r = PolicyReport {
+            filter: Some(NodeFilter {
+                inbound: vec![FilterRule {
+                    peers: vec!["tag:dev".parse().unwrap(), "node:4".parse().unwrap()],
+                    proto: Proto::Tcp,
+                    ports: vec!["22".parse().unwrap(), "8000-8100".parse().unwrap()],
+                }],
+                outbound: vec![],
+            }),
+            peers: vec![(
+                "dev1".into(),
+                "100.64.0.2".parse().unwrap(),
+                PeerAccessView {
+                    inbound: "tcp 22,8000-8100".into(),
+                    outbound: "nothing".into(),
+                },
+            )],
+            flows: 3,
+            flow_cap: 65_536,
+        };
+        let text = policy(&r);
+        assert!(
+            text.contains("  tag:dev, node:4 -> tcp 22,8000-8100\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Where this node may open connections:\n  none\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dev1  100.64.0.2  tcp 22,8000-8100  nothing"),
+            "{text}"
+        );
+        assert!(text.contains("flows tracked: 3 (at most 65536)"), "{text}");
     }
 }

@@ -111,6 +111,9 @@ pub fn status(status: &Status) -> String {
         ("misdirected signal", d.misdirected_signal),
         ("excess offer", d.excess_offer),
         ("signal budget", d.signal_budget),
+        ("refused by policy", d.policy),
+        ("refused by policy before sending", d.policy_out),
+        ("passed, flow table full", d.flow_table_full),
     ]
     .iter()
     .filter(|(_, n)| *n > 0)
@@ -158,11 +161,11 @@ pub fn peers_table(peers: &[PeerStatus]) -> String {
             human_bytes(peer.tx_bytes),
         ]);
     }
-    render_columns(&rows)
+    columns(&rows)
 }
 
 /// Left-aligned columns separated by two spaces, no trailing whitespace.
-fn render_columns<const N: usize>(rows: &[[String; N]]) -> String {
+pub fn columns<const N: usize>(rows: &[[String; N]]) -> String {
     let mut widths = [0usize; N];
     for row in rows {
         for (width, cell) in widths.iter_mut().zip(row) {
@@ -251,6 +254,10 @@ mod tests {
             tx_bytes: 100,
             rx_packets: 0,
             tx_packets: 0,
+            access: None,
+            dropped_policy: 0,
+            dropped_policy_out: 0,
+            flows: 0,
         }
     }
 

@@ -74,6 +74,11 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Failure> {
             Response::Metrics { text } => emit(out, text.trim_end()),
             other => Err(unexpected(&other)),
         },
+        Command::Policy => match single(&socket, &Request::Policy)? {
+            Response::Policy(report) if cli.json => emit(out, &json(&report)),
+            Response::Policy(report) => emit(out, explain::policy(&report).trim_end()),
+            other => Err(unexpected(&other)),
+        },
         Command::Ping(args) => ping(&socket, args, cli.json, out),
         Command::Netcheck => match single_within(&socket, &Request::Netcheck, NETCHECK_TIMEOUT)? {
             Response::Netcheck(report) if cli.json => emit(out, &json(&report)),

@@ -104,6 +104,10 @@ fn sample_peer(name: &str, last: u8, online: bool) -> PeerStatus {
         tx_bytes: 10,
         rx_packets: 0,
         tx_packets: 0,
+        access: None,
+        dropped_policy: 0,
+        dropped_policy_out: 0,
+        flows: 0,
     }
 }
 

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Config;
 use crate::control::transport::{Connector, Endpoint};
 use crate::control::{self, ControlClient};
-use crate::dataplane::DataPlane;
+use crate::dataplane::{DataPlane, SENDER_FILTER_ENV};
 use crate::ice::mux::Mux;
 use crate::identity::{Enrolment, Keypair, StateDir};
 use crate::local_api::{self, LocalApi, NodeInfo, SocketGuard};
@@ -67,11 +67,19 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
     let mux = Mux::bind()
         .await
         .context("cannot open the UDP socket for peers")?;
+    let sender_filter = std::env::var(SENDER_FILTER_ENV).map_or(true, |v| v != "off");
+    if !sender_filter {
+        tracing::warn!(
+            "{SENDER_FILTER_ENV}=off: packets the access policy refuses are sent anyway \
+             (a test hook; peers still refuse them)"
+        );
+    }
     let dataplane = Arc::new(DataPlane::new(
         tun,
         mux.socket(),
         enrolment.mesh_ip,
         outbound_tx.clone(),
+        sender_filter,
     ));
 
     let endpoint = Endpoint::parse(&enrolment.coordinator)?;

@@ -150,6 +150,17 @@ impl LocalApi {
                 };
                 let _ = send(&mut write, &response).await;
             }
+            Request::Policy => {
+                let (tx, rx) = oneshot::channel();
+                let response = match self.queries.send(Query::Policy(tx)).await {
+                    Ok(()) => match rx.await {
+                        Ok(report) => Response::Policy(Box::new(report)),
+                        Err(_) => stopping(),
+                    },
+                    Err(_) => stopping(),
+                };
+                let _ = send(&mut write, &response).await;
+            }
             Request::Metrics => {
                 let text = self.metrics();
                 let _ = send(&mut write, &Response::Metrics { text }).await;
@@ -277,6 +288,7 @@ fn peer_status(peer: &Peer) -> PeerStatus {
     let info = peer.info();
     let view = peer.path();
     let last_handshake_secs = peer.since_last_handshake().map(|d| d.as_secs());
+    let (access, flows) = peer.access();
     PeerStatus {
         id: info.id,
         name: info.name,
@@ -292,6 +304,10 @@ fn peer_status(peer: &Peer) -> PeerStatus {
         tx_bytes: peer.tx_bytes.load(Ordering::Relaxed),
         rx_packets: peer.rx_packets.load(Ordering::Relaxed),
         tx_packets: peer.tx_packets.load(Ordering::Relaxed),
+        access: access.as_ref().map(crate::shell::access_view),
+        dropped_policy: peer.dropped_policy.load(Ordering::Relaxed),
+        dropped_policy_out: peer.dropped_policy_out.load(Ordering::Relaxed),
+        flows: flows as u64,
     }
 }
 

@@ -146,6 +146,9 @@ pub fn render(s: &Snapshot) -> String {
         ("misdirected_signal", d.misdirected_signal),
         ("excess_offer", d.excess_offer),
         ("signal_budget", d.signal_budget),
+        ("policy", d.policy),
+        ("policy_out", d.policy_out),
+        ("flow_table_full", d.flow_table_full),
     ];
     emit(
         header(
@@ -351,6 +354,10 @@ mod tests {
             tx_bytes: 2000,
             rx_packets: 10,
             tx_packets: 20,
+            access: None,
+            dropped_policy: 0,
+            dropped_policy_out: 0,
+            flows: 0,
         }
     }
 

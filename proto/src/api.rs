@@ -38,6 +38,8 @@ pub enum Request {
     },
     /// The node's metrics in the Prometheus text format.
     Metrics,
+    /// The access rules this node enforces.
+    Policy,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +57,7 @@ pub enum Response {
     Metrics {
         text: String,
     },
+    Policy(Box<PolicyReport>),
     Ok,
     Error {
         message: String,
@@ -105,6 +108,15 @@ pub struct Dropped {
     /// Signals we did not send because a peer's (or our total) signaling budget
     /// was spent.
     pub signal_budget: u64,
+    /// Packets from peers the access policy refused (no rule opens them and
+    /// they belong to no connection it let through).
+    pub policy: u64,
+    /// Packets to peers refused here, before encryption, because the peer's
+    /// policy would refuse them: no bandwidth is spent on them.
+    pub policy_out: u64,
+    /// Packets a rule let through whose connection the full flow table could
+    /// not record (their replies then need a rule of their own).
+    pub flow_table_full: u64,
 }
 
 /// How packets to a peer travel right now.
@@ -144,6 +156,40 @@ pub struct PeerStatus {
     pub rx_packets: u64,
     #[serde(default)]
     pub tx_packets: u64,
+    /// What the access policy lets the peer open towards us and us towards
+    /// it (`tcp 22; icmp`, `everything`, `nothing`); absent without a policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<PeerAccessView>,
+    /// Packets from this peer the policy refused.
+    #[serde(default)]
+    pub dropped_policy: u64,
+    /// Packets to this peer refused before sending.
+    #[serde(default)]
+    pub dropped_policy_out: u64,
+    /// Connections the filter tracks with this peer.
+    #[serde(default)]
+    pub flows: u64,
+}
+
+/// The access policy between this node and one peer, in words.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerAccessView {
+    /// What the peer may open towards us.
+    pub inbound: String,
+    /// What we may open towards the peer.
+    pub outbound: String,
+}
+
+/// The access rules a node enforces (`overlayctl policy`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyReport {
+    /// `None`: no policy is set; every peer may reach every port.
+    pub filter: Option<crate::filter::NodeFilter>,
+    /// Each peer in the netmap: name, mesh IP, and what may open each way.
+    pub peers: Vec<(String, Ipv4Addr, PeerAccessView)>,
+    /// Connections the filter tracks, and its cap.
+    pub flows: u64,
+    pub flow_cap: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -232,4 +278,7 @@ pub struct WhyReport {
     pub next_attempt_in_secs: Option<u64>,
     /// One plain sentence.
     pub conclusion: String,
+    /// What the access policy lets through each way; absent without a policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<PeerAccessView>,
 }

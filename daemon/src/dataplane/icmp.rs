@@ -12,6 +12,8 @@ const ICMP_ECHO_REQUEST: u8 = 8;
 const PROTO_ICMP: u8 = 1;
 /// RFC 792: host unreachable.
 const CODE_HOST_UNREACHABLE: u8 = 1;
+/// RFC 1812: communication administratively prohibited.
+const CODE_ADMIN_PROHIBITED: u8 = 13;
 
 /// Source and destination of an IPv4 packet; `None` for anything else.
 pub fn ipv4_addrs(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
@@ -77,6 +79,17 @@ pub fn echo_reply(packet: &[u8]) -> Option<(Ipv4Addr, u16, u16)> {
 /// address no peer owns; `None` when the original must not get an ICMP error
 /// (it is itself an ICMP error, or not IPv4).
 pub fn host_unreachable(router: Ipv4Addr, original: &[u8]) -> Option<Vec<u8>> {
+    unreachable(router, original, CODE_HOST_UNREACHABLE)
+}
+
+/// "Communication administratively prohibited" from `router` about
+/// `original`, for packets the access policy refuses to send: the program
+/// that sent it fails at once ("No route to host") instead of timing out.
+pub fn prohibited(router: Ipv4Addr, original: &[u8]) -> Option<Vec<u8>> {
+    unreachable(router, original, CODE_ADMIN_PROHIBITED)
+}
+
+fn unreachable(router: Ipv4Addr, original: &[u8], code: u8) -> Option<Vec<u8>> {
     let (src, _) = ipv4_addrs(original)?;
     let ihl = usize::from(original[0] & 0x0f) * 4;
     if original[9] == PROTO_ICMP && original.get(ihl).is_some_and(|t| *t != ICMP_ECHO_REQUEST) {
@@ -84,7 +97,7 @@ pub fn host_unreachable(router: Ipv4Addr, original: &[u8]) -> Option<Vec<u8>> {
     }
     // RFC 792: the original IP header plus the first 8 bytes of its payload.
     let quoted = &original[..original.len().min(ihl + 8)];
-    let icmp = icmp_message(ICMP_UNREACHABLE, CODE_HOST_UNREACHABLE, [0; 4], quoted);
+    let icmp = icmp_message(ICMP_UNREACHABLE, code, [0; 4], quoted);
     Some(ipv4_packet(router, src, &icmp))
 }
 
@@ -124,6 +137,9 @@ mod tests {
         assert_eq!(u.len(), 20 + 8 + 28);
         // Never an error about an error.
         assert_eq!(host_unreachable(A, &u), None);
+        let p = prohibited(B, &original).unwrap();
+        assert_eq!((p[20], p[21]), (ICMP_UNREACHABLE, CODE_ADMIN_PROHIBITED));
+        assert_eq!(prohibited(A, &p), None);
     }
 
     #[test]

@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use boringtun::noise::TunnResult;
@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use futures_util::FutureExt;
 
 mod checksum;
+pub mod filter;
 pub mod icmp;
 pub mod offload;
 pub mod peer;
@@ -43,7 +44,10 @@ pub mod tun_device;
 pub mod udp_batch;
 pub use rx::{Destinations, RxScratch};
 
+use filter::{Direction, PeerFilter, Verdict};
 use peer::{lock, Peer};
+
+use crate::node::access::PeerAccess;
 
 /// Large enough for any IP packet plus WireGuard's overhead: boringtun panics on
 /// a short buffer, so every buffer handed to it has this size.
@@ -103,6 +107,9 @@ pub struct DropCounters {
     pub misdirected_signal: AtomicU64,
     pub excess_offer: AtomicU64,
     pub signal_budget: AtomicU64,
+    pub policy: AtomicU64,
+    pub policy_out: AtomicU64,
+    pub flow_table_full: AtomicU64,
 }
 
 impl DropCounters {
@@ -119,6 +126,9 @@ impl DropCounters {
             misdirected_signal: get(&self.misdirected_signal),
             excess_offer: get(&self.excess_offer),
             signal_budget: get(&self.signal_budget),
+            policy: get(&self.policy),
+            policy_out: get(&self.policy_out),
+            flow_table_full: get(&self.flow_table_full),
         }
     }
 }
@@ -138,7 +148,21 @@ pub struct DataPlane {
     pub drops: DropCounters,
     /// ICE and coordinator events for `/metrics`.
     pub counters: crate::metrics::Counters,
+    /// Flows every peer's filter tracks (see `filter`).
+    flows: Arc<AtomicUsize>,
+    /// Whether packets the policy refuses are dropped before sending. Off
+    /// only as a test hook, to show that receivers enforce the policy.
+    sender_filter: bool,
+    /// Seconds since start, advanced by the timer task: the flow table's clock.
+    clock: AtomicU32,
+    started: std::time::Instant,
 }
+
+/// The environment variable that turns the sender-side policy check off
+/// (`off`): a test hook, so tests can show receivers enforce the policy.
+pub const SENDER_FILTER_ENV: &str = "OVERLAY_SENDER_FILTER";
+/// How often idle flows are swept from the filter's tables.
+const FLOW_SWEEP: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl DataPlane {
     pub fn new(
@@ -146,6 +170,7 @@ impl DataPlane {
         udp: Arc<tokio::net::UdpSocket>,
         my_ip: Ipv4Addr,
         outbound: mpsc::Sender<Outbound>,
+        sender_filter: bool,
     ) -> Self {
         DataPlane {
             tun: tun.device,
@@ -158,6 +183,54 @@ impl DataPlane {
             pings: Mutex::default(),
             drops: DropCounters::default(),
             counters: Default::default(),
+            flows: Arc::default(),
+            sender_filter,
+            clock: AtomicU32::new(0),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// A filter for a new peer, with what the policy lets through with it.
+    pub fn new_filter(&self, access: Option<PeerAccess>) -> PeerFilter {
+        PeerFilter::new(access, self.flows.clone())
+    }
+
+    /// The policy towards `peer` changed: enforced from the next packet on.
+    pub fn set_access(&self, peer: &Peer, access: Option<PeerAccess>) {
+        let mut filter = lock(&peer.filter);
+        peer.filtered.store(access.is_some(), Ordering::Relaxed);
+        filter.set_access(access, self.sender_filter);
+    }
+
+    /// Flows all filters track, and the cap.
+    pub fn flow_count(&self) -> (usize, usize) {
+        (self.flows.load(Ordering::Relaxed), filter::TOTAL_FLOWS)
+    }
+
+    /// Whether the policy lets `packet` pass between us and `peer`, counting
+    /// what it refuses. Costs one atomic load when no policy is in force.
+    #[inline]
+    fn admits(&self, peer: &Peer, packet: &[u8], dir: Direction) -> bool {
+        if !peer.filtered.load(Ordering::Relaxed) {
+            return true;
+        }
+        let now = self.clock.load(Ordering::Relaxed);
+        let verdict = lock(&peer.filter).check(packet, dir, now, self.sender_filter);
+        match verdict {
+            Verdict::Pass => true,
+            Verdict::PassUnrecorded => {
+                self.drops.flow_table_full.fetch_add(1, Ordering::Relaxed);
+                true
+            }
+            Verdict::Drop => {
+                let (total, mine) = match dir {
+                    Direction::In => (&self.drops.policy, &peer.dropped_policy),
+                    Direction::Out => (&self.drops.policy_out, &peer.dropped_policy_out),
+                };
+                total.fetch_add(1, Ordering::Relaxed);
+                mine.fetch_add(1, Ordering::Relaxed);
+                false
+            }
         }
     }
 
@@ -274,6 +347,9 @@ impl DataPlane {
                     continue;
                 }
                 let mut at = 0;
+                // The segments of one offloaded frame are one flow: the
+                // policy decides on the first for all.
+                let mut frame_verdict: Option<bool> = None;
                 for &plen in &packet_lens {
                     let packet = &packets[at..at + plen];
                     at += plen;
@@ -291,6 +367,21 @@ impl DataPlane {
                         }
                         continue;
                     };
+                    let admitted = match frame_verdict {
+                        Some(v) if self.offload => v,
+                        _ => self.admits(&peer, packet, Direction::Out),
+                    };
+                    let first_of_frame = frame_verdict.is_none();
+                    frame_verdict = Some(admitted);
+                    if !admitted {
+                        if first_of_frame {
+                            if let Some(reply) = icmp::prohibited(self.my_ip, packet) {
+                                self.write_tun(&reply).await;
+                            }
+                        }
+                        last = Some(peer);
+                        continue;
+                    }
                     let room = (plen + 32).max(148);
                     if arena.len() - used < room {
                         self.send_direct(&direct, &arena).await;
@@ -390,8 +481,12 @@ impl DataPlane {
         Some(len)
     }
 
-    /// Encrypts one IP packet for `peer` and sends it on the best path.
+    /// Encrypts one IP packet for `peer` and sends it on the best path, if
+    /// the access policy lets it.
     pub async fn send_packet(&self, peer: &Peer, packet: &[u8], out: &mut [u8]) {
+        if !self.admits(peer, packet, Direction::Out) {
+            return;
+        }
         if let Some(len) = self.encapsulate(peer, packet, out) {
             self.transmit(peer, &out[..len]).await;
         }
@@ -433,7 +528,14 @@ impl DataPlane {
     }
 
     async fn tick_timers(&self, out: &mut [u8]) {
+        let secs = self.started.elapsed().as_secs();
+        let now = u32::try_from(secs).unwrap_or(u32::MAX);
+        let before = self.clock.swap(now, Ordering::Relaxed);
+        let sweep = now / FLOW_SWEEP.as_secs() as u32 != before / FLOW_SWEEP.as_secs() as u32;
         for peer in self.peers() {
+            if sweep && peer.filtered.load(Ordering::Relaxed) {
+                lock(&peer.filter).sweep(now);
+            }
             let len = match lock(&peer.tunn).update_timers(out) {
                 TunnResult::WriteToNetwork(d) => d.len(),
                 _ => continue,

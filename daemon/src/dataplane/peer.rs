@@ -2,7 +2,7 @@
 //! connection packets currently take (if any), and counters.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use boringtun::noise::Tunn;
@@ -11,6 +11,8 @@ use overlay_proto::coord::PeerInfo;
 use overlay_proto::NodeId;
 use webrtc_util::Conn;
 
+use super::filter::PeerFilter;
+use crate::node::access::PeerAccess;
 use crate::node::PathView;
 use crate::seal::Sealer;
 
@@ -72,6 +74,14 @@ pub struct Peer {
     pub tx_bytes: AtomicU64,
     pub rx_packets: AtomicU64,
     pub tx_packets: AtomicU64,
+    /// The access policy's rules with this peer and the flows they opened.
+    pub(super) filter: Mutex<PeerFilter>,
+    /// Whether a policy is in force: without one, packets skip the filter
+    /// (and its lock) entirely.
+    pub(super) filtered: AtomicBool,
+    /// Packets the policy refused: from the peer, and to it before sending.
+    pub dropped_policy: AtomicU64,
+    pub dropped_policy_out: AtomicU64,
 }
 
 /// A WireGuard sender/receiver index whose little-endian bytes never look like
@@ -89,7 +99,14 @@ pub fn wireguard_index(random: u32) -> u32 {
 }
 
 impl Peer {
-    pub fn new(info: PeerInfo, public_key: [u8; 32], our_secret: &StaticSecret) -> Self {
+    /// `filter` holds what the access policy lets through with this peer
+    /// (see [`super::DataPlane::new_filter`]).
+    pub fn new(
+        info: PeerInfo,
+        public_key: [u8; 32],
+        our_secret: &StaticSecret,
+        filter: PeerFilter,
+    ) -> Self {
         let tunn = Tunn::new(
             our_secret.clone(),
             PublicKey::from(public_key),
@@ -112,7 +129,18 @@ impl Peer {
             tx_bytes: AtomicU64::new(0),
             rx_packets: AtomicU64::new(0),
             tx_packets: AtomicU64::new(0),
+            filtered: AtomicBool::new(filter.access().is_some()),
+            filter: Mutex::new(filter),
+            dropped_policy: AtomicU64::new(0),
+            dropped_policy_out: AtomicU64::new(0),
         }
+    }
+
+    /// What the policy lets through with this peer (`None`: no policy), and
+    /// how many flows it tracks.
+    pub fn access(&self) -> (Option<PeerAccess>, usize) {
+        let filter = lock(&self.filter);
+        (filter.access().cloned(), filter.flow_count())
     }
 
     pub fn info(&self) -> PeerInfo {

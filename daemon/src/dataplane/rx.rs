@@ -8,6 +8,7 @@ use std::sync::atomic::Ordering;
 
 use boringtun::noise::TunnResult;
 
+use super::filter::Direction;
 use super::offload;
 use super::peer::{lock, Peer};
 use super::tun_coalesce;
@@ -88,6 +89,9 @@ impl DataPlane {
             TunnResult::WriteToTunnelV4(p, src) if src == peer.mesh_ip => {
                 if !self.destinations.accepts_v4(p) {
                     self.drops.wrong_destination.fetch_add(1, Ordering::Relaxed);
+                    return Decrypted::Nothing;
+                }
+                if !self.admits(peer, p, Direction::In) {
                     return Decrypted::Nothing;
                 }
                 let len = p.len();

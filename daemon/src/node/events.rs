@@ -8,6 +8,7 @@ use overlay_proto::coord::{IceConfig, PeerInfo};
 use overlay_proto::signal::SealedSignal;
 use overlay_proto::NodeId;
 
+use super::access::PeerAccess;
 use super::path::SelectedPair;
 #[cfg(doc)]
 use super::Node;
@@ -19,6 +20,14 @@ pub enum Output {
     PeerAdded {
         info: PeerInfo,
         public_key: [u8; 32],
+        /// What the access policy lets through with this peer; `None`: no policy.
+        access: Option<PeerAccess>,
+    },
+    /// The access policy towards this peer changed (a new filter, or the
+    /// peer's tags): the data plane enforces this from now on.
+    Access {
+        peer: NodeId,
+        access: Option<PeerAccess>,
     },
     /// A peer's name or online state changed.
     PeerUpdated(PeerInfo),

@@ -23,9 +23,11 @@ use std::time::{Duration, Instant};
 
 use overlay_proto::api::PathKind;
 use overlay_proto::coord::{IceConfig, PeerInfo, ServerMsg};
+use overlay_proto::filter::NodeFilter;
 use overlay_proto::signal::{NatSummary, PeerSignal};
 use overlay_proto::NodeId;
 
+pub mod access;
 pub mod backoff;
 pub mod ice_refresh;
 pub mod netmap;
@@ -39,6 +41,8 @@ mod signals;
 mod testkit;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_access;
 #[cfg(test)]
 mod tests_paths;
 
@@ -122,6 +126,8 @@ pub struct Node {
     nat: Option<NatSummary>,
     /// Our shared socket's srflx candidate, signalled in every session.
     srflx: Option<String>,
+    /// The access rules the coordinator compiled for us; `None`: no policy.
+    filter: Option<NodeFilter>,
     /// The wall clock (Unix microseconds) at an instant: seeds signal counters.
     wall: (Instant, u64),
     rng: Rng,
@@ -151,6 +157,7 @@ impl Node {
             last_poll: None,
             nat: None,
             srflx: None,
+            filter: None,
             wall: (now, unix_micros),
             rng: Rng(seed),
             outputs: VecDeque::new(),
@@ -231,9 +238,14 @@ impl Node {
     pub fn handle_server_msg(&mut self, msg: ServerMsg, now: Instant, unix_secs: u64) {
         match msg {
             ServerMsg::Welcome {
-                peers, ice, more, ..
+                peers,
+                ice,
+                more,
+                filter,
+                ..
             } => {
                 self.set_ice(ice, now, unix_secs);
+                self.set_filter(filter);
                 let due = self
                     .last_netcheck
                     .is_none_or(|t| now.duration_since(t) >= NETCHECK_INTERVAL);
@@ -278,7 +290,7 @@ impl Node {
             }
             // Signals arrive sealed: the shell opens them (see `handle_signal`).
             ServerMsg::Signal { .. } | ServerMsg::PeerUpsert { .. } | ServerMsg::Pong { .. } => {}
-            ServerMsg::Filter { .. } => {}
+            ServerMsg::Filter { filter } => self.set_filter(filter),
         }
     }
 

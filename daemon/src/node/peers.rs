@@ -5,9 +5,11 @@ use std::net::Ipv4Addr;
 use std::time::Instant;
 
 use overlay_proto::coord::PeerInfo;
+use overlay_proto::filter::NodeFilter;
 use overlay_proto::signal::NatSummary;
 use overlay_proto::NodeId;
 
+use super::access;
 use super::netmap::{self, Change};
 use super::path::{IceStatus, PathState};
 use super::{Node, Output, PathView, PeerEntry};
@@ -85,6 +87,7 @@ impl Node {
             },
         );
         self.outputs.push_back(Output::PeerAdded {
+            access: access::compile(self.filter.as_ref(), &info),
             info: info.clone(),
             public_key: key,
         });
@@ -99,7 +102,14 @@ impl Node {
             return;
         };
         let was_online = entry.info.online;
+        let tags_changed = entry.info.tags != info.tags;
         entry.info = info.clone();
+        if tags_changed && self.filter.is_some() {
+            self.outputs.push_back(Output::Access {
+                peer: info.id,
+                access: access::compile(self.filter.as_ref(), info),
+            });
+        }
         if was_online != info.online {
             tracing::info!(
                 "peer {} ({}) is {}",
@@ -168,5 +178,38 @@ impl Node {
     /// Whether `id` is in the netmap with a usable key.
     pub fn has_peer(&self, id: NodeId) -> bool {
         self.peers.contains_key(&id)
+    }
+
+    /// The access rules in force; `None`: no policy, everything allowed.
+    pub fn filter(&self) -> Option<&NodeFilter> {
+        self.filter.as_ref()
+    }
+
+    /// What the policy lets through with `id` (`None`: no policy).
+    pub fn access(&self, id: NodeId) -> Option<access::PeerAccess> {
+        access::compile(self.filter.as_ref(), &self.peers.get(&id)?.info)
+    }
+
+    /// A new filter from the coordinator: every peer's access is resolved
+    /// again and handed to the data plane.
+    pub(super) fn set_filter(&mut self, filter: Option<NodeFilter>) {
+        if filter == self.filter {
+            return;
+        }
+        match &filter {
+            Some(f) => tracing::info!(
+                "access policy in force: {} inbound and {} outbound rules",
+                f.inbound.len(),
+                f.outbound.len()
+            ),
+            None => tracing::info!("no access policy: every peer may reach every port"),
+        }
+        self.filter = filter;
+        let mut ids: Vec<NodeId> = self.peers.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let access = access::compile(self.filter.as_ref(), &self.peers[&id].info);
+            self.outputs.push_back(Output::Access { peer: id, access });
+        }
     }
 }

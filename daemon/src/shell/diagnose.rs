@@ -6,13 +6,14 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use overlay_proto::api::{NetcheckReport, WhyReport};
+use overlay_proto::api::{NetcheckReport, PeerAccessView, PolicyReport, WhyReport};
 use overlay_proto::coord::IceConfig;
 use overlay_proto::NodeId;
 
 use super::{Query, Shell};
 use crate::ice::mux::Mux;
 use crate::ice::why::{self, Attempt, Evidence};
+use crate::node::access::PeerAccess;
 
 /// A finished netcheck, and what STUN saw of the shared socket.
 pub(super) struct Netchecked {
@@ -102,11 +103,46 @@ impl Shell {
             Query::Why(target, reply) => {
                 let _ = reply.send(self.why(&target).await);
             }
+            Query::Policy(reply) => {
+                let _ = reply.send(self.policy());
+            }
+        }
+    }
+
+    /// The rules this node enforces, and what they give each peer.
+    fn policy(&self) -> PolicyReport {
+        let peers = self
+            .dataplane
+            .peers()
+            .iter()
+            .filter_map(|p| {
+                let (access, _) = p.access();
+                Some((p.name(), p.mesh_ip, access_view(&access?)))
+            })
+            .collect();
+        let (flows, flow_cap) = self.dataplane.flow_count();
+        PolicyReport {
+            filter: self.node.filter().cloned(),
+            peers,
+            flows: flows as u64,
+            flow_cap: flow_cap as u64,
         }
     }
 
     pub(super) async fn why(&mut self, target: &str) -> Result<WhyReport, String> {
-        let not_found = || format!("no peer named or addressed {target:?}; see 'overlayctl peers'");
+        let policy = self.node.filter().is_some();
+        let not_found = || {
+            if policy {
+                format!(
+                    "no peer named or addressed {target:?} in this node's netmap; an access \
+                     policy is in force and a node sees only the peers it may reach or be \
+                     reached by: an administrator can run 'overlay-coord policy explain' to see \
+                     which rule would allow it"
+                )
+            } else {
+                format!("no peer named or addressed {target:?}; see 'overlayctl peers'")
+            }
+        };
         let id = self.node.find_peer(target).ok_or_else(not_found)?;
         self.snapshot(id).await;
         let report = self.node.peer_report(id).ok_or_else(not_found)?;
@@ -120,6 +156,7 @@ impl Shell {
         };
         let local_nat = self.node.nat().cloned();
         let info = report.info;
+        let access = self.node.access(id).map(|a| access_view(&a));
         let conclusion = why::conclude(&Evidence {
             peer: &info.name,
             online: info.online,
@@ -146,6 +183,15 @@ impl Shell {
             remote_nat: report.remote_nat,
             next_attempt_in_secs: next_attempt,
             conclusion,
+            access,
         })
+    }
+}
+
+/// What the policy lets through with a peer, in words.
+pub(crate) fn access_view(access: &PeerAccess) -> PeerAccessView {
+    PeerAccessView {
+        inbound: access.inbound.to_string(),
+        outbound: access.outbound.to_string(),
     }
 }

@@ -18,13 +18,14 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
-use overlay_proto::api::{NetcheckReport, WhyReport};
+use overlay_proto::api::{NetcheckReport, PolicyReport, WhyReport};
 use overlay_proto::coord::{ClientMsg, IceConfig, ServerMsg};
 use overlay_proto::NodeId;
 use tokio::sync::{mpsc, oneshot, watch};
 use webrtc_ice::state::ConnectionState;
 
 mod diagnose;
+pub(crate) use diagnose::access_view;
 
 use crate::control::ControlEvent;
 use crate::dataplane::peer::{IceConn, IceLink, Peer};
@@ -39,6 +40,7 @@ use diagnose::Netchecked;
 pub enum Query {
     Netcheck(oneshot::Sender<NetcheckReport>),
     Why(String, oneshot::Sender<Result<WhyReport, String>>),
+    Policy(oneshot::Sender<PolicyReport>),
 }
 
 /// Channels and shared flags between the shell and the other tasks, and what
@@ -262,9 +264,19 @@ impl Shell {
     async fn carry_out(&mut self) {
         while let Some(output) = self.node.poll_output() {
             match output {
-                Output::PeerAdded { info, public_key } => {
-                    let peer = Peer::new(info, public_key, &self.secret);
+                Output::PeerAdded {
+                    info,
+                    public_key,
+                    access,
+                } => {
+                    let filter = self.dataplane.new_filter(access);
+                    let peer = Peer::new(info, public_key, &self.secret, filter);
                     self.dataplane.insert(Arc::new(peer));
+                }
+                Output::Access { peer, access } => {
+                    if let Some(p) = self.dataplane.peer(peer) {
+                        self.dataplane.set_access(&p, access);
+                    }
                 }
                 Output::PeerUpdated(info) => {
                     if let Some(peer) = self.dataplane.peer(info.id) {
