@@ -138,7 +138,8 @@ ROWS = [
     ("mtu", "tunnel MTU", None),
 ]
 
-SYSTEMS = [("raw", "raw veth"), ("wg", "wireguard-go"), ("gota", "gotatun"), ("overlay", "overlay")]
+SYSTEMS = [("raw", "raw veth"), ("wg", "wireguard-go"), ("gota", "gotatun"), ("overlay", "overlay"),
+           ("overlay_policy", "overlay+policy")]
 
 
 def cell(r, key, fmt):
@@ -162,16 +163,17 @@ def report(path):
     results, notes = load(path)
     d = {name: derived(results.get(name, {})) for name, _ in SYSTEMS}
     meta = results.get("meta", {})
-    head = ["", *[label for _, label in SYSTEMS], "ovl/raw", "ovl/wg", "ovl/gota"]
+    head = ["", *[label for _, label in SYSTEMS], "ovl/raw", "ovl/wg", "ovl/gota", "pol/ovl"]
     lines = []
     for key, label, fmt in ROWS:
         row = [label, *[cell(d[name], key, fmt) for name, _ in SYSTEMS]]
         if fmt is not None:
             row += [ratio(d["overlay"].get(key), d["raw"].get(key)),
                     ratio(d["overlay"].get(key), d["wg"].get(key)),
-                    ratio(d["overlay"].get(key), d["gota"].get(key))]
+                    ratio(d["overlay"].get(key), d["gota"].get(key)),
+                    ratio(d["overlay_policy"].get(key), d["overlay"].get(key))]
         else:
-            row += ["", "", ""]
+            row += ["", "", "", ""]
         lines.append(row)
     widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
 
@@ -195,6 +197,9 @@ def report(path):
         "a->b: iperf3 client in host a sends to the server in host b; b->a: the same with -R.\n"
         "Mbit/s: receiver side, iperf3 --json end.sum_received. Ratios are overlay / other\n"
         "(above 1 is better for throughput, worse for RTT, CPU, memory and start times).\n"
+        "overlay+policy: the same two daemons right after, with a 100-rule access policy in\n"
+        "force (every rule names both nodes; tests/bench/run.sh policy_100); pol/ovl is its\n"
+        "ratio to the overlay column of the same run.\n"
         "CPU s/GB over all four iperf3 runs, divided by the bytes they moved (1 GB = 1e9 B):\n"
         "  daemons (u+s) = utime+stime of the tunnel daemons (/proc/PID/stat; both hosts'\n"
         "                  wireguard-go, gotatun or overlayd; the coordinator is not counted);\n"

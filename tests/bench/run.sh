@@ -382,7 +382,42 @@ phase_overlay() {
     else
         note overlay "a's path to b changed during the measurement: $before -> $after"
     fi
+    measure_policy "$dir" "$sock_a" "$pid_a" "$pid_b"
     stop_pids ovld
+}
+
+# policy_100: an access policy of 100 rules, all naming h1 and h2 (so all of
+# them are in force on both nodes): iperf3 and ping a->b, 98 more TCP ports.
+policy_100() {
+    printf '[[allow]]\nsrc = ["h1"]\ndst = ["h2"]\nproto = "tcp"\nports = ["5201"]\n\n'
+    printf '[[allow]]\nsrc = ["h1"]\ndst = ["h2"]\nproto = "icmp"\n\n'
+    local i
+    for i in $(seq 1 98); do
+        printf '[[allow]]\nsrc = ["h%d"]\ndst = ["h%d"]\nproto = "tcp"\nports = ["%d"]\n\n' \
+            $((1 + i % 2)) $((2 - i % 2)) $((20000 + 7 * i))
+    done
+}
+
+# measure_policy DIR SOCK_A PID...: the same figures with policy_100 in force,
+# in the same run (the "overlay+policy" column).
+measure_policy() {
+    local dir=$1 sock_a=$2
+    shift 2
+    if ! "$BIN/overlay-coord" policy --help >/dev/null 2>&1; then
+        note overlay_policy "overlay-coord has no 'policy' command yet"
+        return 0
+    fi
+    policy_100 >"$dir/policy.toml"
+    "$BIN/overlay-coord" policy set "$dir/policy.toml" --state-dir "$dir/coord" \
+        >"$WORK/logs/policy-set.log" 2>&1 ||
+        { note overlay_policy "policy set failed: $(tail -1 "$WORK/logs/policy-set.log")"; return 0; }
+    local deadline=$((SECONDS + 10))
+    until in_a "$BIN/overlayctl" --socket "$sock_a" policy 2>/dev/null | grep -q 'tcp 5201'; do
+        ((SECONDS < deadline)) || { note overlay_policy "the policy never reached node a"; return 0; }
+        sleep 0.1
+    done
+    note overlay_policy "100 rules in force: $(in_a "$BIN/overlayctl" --socket "$sock_a" policy | grep -m1 '^h2')"
+    measure overlay_policy "$(cat "$dir/mesh_b")" "$(in_a cat /sys/class/net/ovl0/mtu)" "$@"
 }
 
 # phase_exit NAME RC: the end of a phase's subshell, however it ended.

@@ -37,6 +37,10 @@ const QUICK_TCP: Duration = Duration::from_millis(200);
 /// What the issue promises for a policy, tag or membership change to reach
 /// every affected node, measured from the admin command's return.
 const PROPAGATION: Duration = Duration::from_secs(1);
+/// New flows in the flood: far more than a peer may have.
+const FLOOD_PORTS: u32 = 100_000;
+/// The flows one peer may have in a node's filter (`dataplane::filter::PEER_FLOWS`).
+const PEER_FLOW_CAP: u64 = 4_096;
 
 const POLICY: &str = r#"
 # dev may ssh to and ping the servers; servers talk to each other freely.
@@ -137,14 +141,18 @@ fn peer_names(d: &Daemon) -> anyhow::Result<Vec<String>> {
 /// Waits until `d` lists exactly `want` (sorted names).
 fn wait_peers(d: &Daemon, want: &[&str], within: Duration) -> anyhow::Result<Duration> {
     let t0 = Instant::now();
-    wait_until(within, &format!("{} to list exactly {want:?}", d.name), || {
-        let names = peer_names(d)?;
-        if names == want {
-            Ok(())
-        } else {
-            Err(Wait::NotYet(format!("lists {names:?}")))
-        }
-    })?;
+    wait_until(
+        within,
+        &format!("{} to list exactly {want:?}", d.name),
+        || {
+            let names = peer_names(d)?;
+            if names == want {
+                Ok(())
+            } else {
+                Err(Wait::NotYet(format!("lists {names:?}")))
+            }
+        },
+    )?;
     Ok(t0.elapsed())
 }
 
@@ -155,6 +163,13 @@ fn status_json(d: &Daemon) -> anyhow::Result<serde_json::Value> {
 
 /// Packets `d` dropped because the policy refused them, received and sent.
 fn policy_drops(d: &Daemon) -> anyhow::Result<(u64, u64)> {
+    let (inbound, outbound, _) = policy_counters(d)?;
+    Ok((inbound, outbound))
+}
+
+/// `d`'s policy counters: refused in, refused out, passed but not recorded
+/// because the flow table was full.
+fn policy_counters(d: &Daemon) -> anyhow::Result<(u64, u64, u64)> {
     let s = status_json(d)?;
     let dropped = &s["dropped"];
     let get = |field: &str| {
@@ -162,7 +177,7 @@ fn policy_drops(d: &Daemon) -> anyhow::Result<(u64, u64)> {
             .as_u64()
             .with_context(|| format!("no dropped.{field} in {}'s status: {s}", d.name))
     };
-    Ok((get("policy")?, get("policy_out")?))
+    Ok((get("policy")?, get("policy_out")?, get("flow_table_full")?))
 }
 
 /// A TCP (and UDP) answering probe on `ip:port` inside `host`.
@@ -329,10 +344,64 @@ fn policy_decides_who_reaches_what_and_changes_apply_within_a_second() {
             "srv1 did not count what it refused to send to dev1"
         );
         // dev1 pings srv1 (icmp rule); the servers ping each other (any).
-        ensure!(pings(lab, &m.dev1.host, srv1_ip)?, "dev1 could not ping srv1");
-        ensure!(pings(lab, &m.srv1.host, srv2_ip)?, "srv1 could not ping srv2");
-        ensure!(pings(lab, &m.srv2.host, srv1_ip)?, "srv2 could not ping srv1");
+        ensure!(
+            pings(lab, &m.dev1.host, srv1_ip)?,
+            "dev1 could not ping srv1"
+        );
+        ensure!(
+            pings(lab, &m.srv1.host, srv2_ip)?,
+            "srv1 could not ping srv2"
+        );
+        ensure!(
+            pings(lab, &m.srv2.host, srv1_ip)?,
+            "srv2 could not ping srv1"
+        );
         ensure!(!pings(lab, &m.dev1.host, other_ip)?, "dev1 pinged other");
+
+        // A flood of new flows (srv2 may send srv1 anything) stays under the
+        // per-peer cap on srv1, and other peers' connections keep working.
+        let flood = lab.output(
+            &m.srv2.host,
+            PROBE,
+            &[
+                "flood",
+                &srv1_ip.to_string(),
+                "1000",
+                &FLOOD_PORTS.to_string(),
+            ],
+        )?;
+        ensure!(flood.status.success(), "udp_probe flood failed: {flood:?}");
+        let flows_of_srv2 =
+            wait_until(Duration::from_secs(5), "srv1 to track srv2's flood", || {
+                let peers: serde_json::Value = m.srv1.ctl_json(&["peers"])?;
+                let srv2 = peers
+                    .as_array()
+                    .and_then(|a| a.iter().find(|p| p["name"] == "srv2"))
+                    .cloned()
+                    .ok_or_else(|| Wait::NotYet("srv2 not listed".into()))?;
+                match srv2["flows"].as_u64() {
+                    Some(n) if n >= 1000 => Ok(n),
+                    other => Err(Wait::NotYet(format!("flows {other:?}"))),
+                }
+            })?;
+        let (_, _, unrecorded) = policy_counters(&m.srv1)?;
+        println!(
+            "flood of {FLOOD_PORTS} ports srv2 → srv1: srv1 tracks {flows_of_srv2} flows of srv2 \
+             (cap {PEER_FLOW_CAP}), {unrecorded} packets passed unrecorded"
+        );
+        ensure!(
+            flows_of_srv2 <= PEER_FLOW_CAP,
+            "srv1 tracks {flows_of_srv2} flows of srv2, above the cap of {PEER_FLOW_CAP}"
+        );
+        ensure!(unrecorded > 0, "the flood never met the flow cap");
+        ensure!(
+            tcp_opens(lab, &m.dev1.host, srv1_ip, 22)?,
+            "dev1 could not open TCP 22 on srv1 during srv2's flood"
+        );
+        ensure!(
+            pings(lab, &m.srv2.host, srv1_ip)?,
+            "srv2 could not ping srv1 after its flood"
+        );
 
         // A change opens TCP 80 within a second, with no restart.
         let web_file = write_policy(lab, "policy-web.toml", &policy_with_web())?;

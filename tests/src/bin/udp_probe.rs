@@ -7,6 +7,8 @@
 //!                                       each TARGET; prints "TARGET SEEN_AS" per answer
 //! udp_probe tcp TARGET [WAIT_MS]        one TCP connection; prints "TARGET SEEN_AS";
 //!                                       gives up after WAIT_MS (default 3000)
+//! udp_probe flood IP FIRST_PORT COUNT   one UDP datagram to each of COUNT ports from
+//!                                       FIRST_PORT up (wrapping): a flood of new flows
 //! ```
 //!
 //! `send` and `tcp` exit 2 when a target does not answer, 1 on usage errors. It is
@@ -34,12 +36,13 @@ fn main() -> ExitCode {
             Ok(ms) => tcp(&args[1], Duration::from_millis(ms)),
             Err(_) => Err(Failure::Usage),
         },
+        Some("flood") if args.len() == 4 => flood(&args[1], &args[2], &args[3]),
         _ => Err(Failure::Usage),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage) => {
-            eprintln!("usage: udp_probe serve IP:PORT | send LOCAL_PORT TARGET... | tcp TARGET [WAIT_MS]");
+            eprintln!("usage: udp_probe serve IP:PORT | send LOCAL_PORT TARGET... | tcp TARGET [WAIT_MS] | flood IP FIRST_PORT COUNT");
             ExitCode::from(1)
         }
         Err(Failure::Error(message)) => {
@@ -156,4 +159,21 @@ fn tcp(target: &str, wait: Duration) -> Result<(), Failure> {
             Err(Failure::NoAnswer)
         }
     }
+}
+
+fn flood(ip: &str, first: &str, count: &str) -> Result<(), Failure> {
+    let ip: std::net::IpAddr = ip.parse().map_err(|_| Failure::Usage)?;
+    let first: u16 = first.parse().map_err(|_| Failure::Usage)?;
+    let count: u32 = count.parse().map_err(|_| Failure::Usage)?;
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| err("bind", e))?;
+    let mut sent = 0u32;
+    for i in 0..count {
+        let port = first.wrapping_add(i as u16).max(1);
+        // A full send queue is not the flood's problem: go on with the next port.
+        if socket.send_to(b"flood", SocketAddr::new(ip, port)).is_ok() {
+            sent += 1;
+        }
+    }
+    println!("sent {sent} of {count}");
+    Ok(())
 }
