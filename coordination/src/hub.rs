@@ -8,13 +8,20 @@
 //! ```
 //!
 //! A delta is serialized once and shared by reference among all sessions;
+//! under an access policy it carries the [`View`] of the node it is about,
+//! and a session forwards it only when its own node may see that one (two
+//! word ANDs, see `policy::compile`). A policy or tag change is one
+//! [`Delta::Reclass`] holding each node's new view, filter and netmap
+//! changes (`hub_policy.rs`), so sessions stay in order with the deltas
+//! around it and no session reconnects.
+//!
 //! a session that falls more than `delta_backlog` deltas behind is closed
 //! and gets a fresh netmap on reconnect. Each node's record is kept
 //! serialized as well, so a session reads its netmap in pages of shared
 //! texts ([`Hub::netmap_page`]) instead of copying the mesh when it
 //! attaches. The lock is a std `RwLock` never held across an `.await`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
@@ -27,14 +34,41 @@ use overlay_proto::NodeId;
 
 use crate::config::Limits;
 use crate::metrics::{Metrics, RelayDrop, Snapshot};
+use crate::policy::{may_see, Compiled, NodeRef, View};
 use crate::welcome::{self, peer_json, Page, PeerJson};
 
 /// A netmap change, serialized once.
 #[derive(Debug, Clone)]
-pub struct Delta {
-    /// The node the delta is about; its own session skips it.
-    pub about: NodeId,
-    pub text: Utf8Bytes,
+pub enum Delta {
+    /// A change of one node, for the sessions whose node may see it.
+    Peer {
+        /// The node the delta is about; its own session skips it.
+        about: NodeId,
+        /// Its place under the policy when the delta was made.
+        view: View,
+        text: Utf8Bytes,
+    },
+    /// A policy or tag change: what each node is told, and its new view.
+    Reclass(Arc<Reclass>),
+}
+
+/// Every node's part of a policy or tag change.
+#[derive(Debug, Default)]
+pub struct Reclass {
+    pub nodes: HashMap<NodeId, NodeUpdate>,
+}
+
+/// One node's part of a [`Reclass`]. Nodes that moved between the same two
+/// classes share `msgs`.
+#[derive(Debug, Clone)]
+pub struct NodeUpdate {
+    /// The node's view from now on.
+    pub view: View,
+    /// Its new `Filter` message, when its filter changed.
+    pub filter: Option<Utf8Bytes>,
+    /// `PeerRemoved` / `PeerUpsert` messages and the node each is about (a
+    /// session skips its own).
+    pub msgs: Arc<[(NodeId, Utf8Bytes)]>,
 }
 
 /// Why the hub closes a session.
@@ -89,6 +123,8 @@ struct Entry {
     json: PeerJson,
     stats: Arc<RelayStats>,
     live: Option<Live>,
+    /// Its class under the policy in force (`None`: no policy).
+    view: View,
 }
 
 impl Entry {
@@ -98,6 +134,16 @@ impl Entry {
             info,
             stats: Arc::default(),
             live: None,
+            view: None,
+        }
+    }
+
+    fn node_ref(&self) -> NodeRef<'_> {
+        NodeRef {
+            id: self.info.id,
+            name: &self.info.name,
+            ip: Some(std::net::IpAddr::V4(self.info.mesh_ip)),
+            tags: &self.info.tags,
         }
     }
 
@@ -121,6 +167,8 @@ struct Inner {
     nodes: BTreeMap<NodeId, Entry>,
     online: usize,
     next_session: u64,
+    /// The policy in force, compiled; `None`: everything allowed.
+    compiled: Option<Compiled>,
 }
 
 /// What a session gets when it attaches.
@@ -129,6 +177,9 @@ pub struct Attached {
     /// The node's own record (online). The other nodes are read with
     /// [`Hub::netmap_page`], after the session subscribed to `deltas`.
     pub node: PeerInfo,
+    /// The node's class, for the filter in its Welcome and for which deltas
+    /// it gets (updated by [`Delta::Reclass`]).
+    pub view: View,
     pub control: mpsc::Receiver<Utf8Bytes>,
     pub relay: mpsc::Receiver<Bytes>,
     pub deltas: broadcast::Receiver<Delta>,
@@ -193,13 +244,18 @@ impl Hub {
 
     /// Called with the write lock held, so that deltas are ordered with the
     /// snapshots sessions take in [`Hub::attach`].
-    fn broadcast(&self, about: NodeId, msg: &ServerMsg) {
-        self.metrics.deltas.fetch_add(1, Ordering::Relaxed);
-        // An error only means nobody is listening.
-        let _ = self.deltas.send(Delta {
+    fn broadcast(&self, about: NodeId, view: &View, msg: &ServerMsg) {
+        self.send_delta(Delta::Peer {
             about,
+            view: view.clone(),
             text: serialize(msg),
         });
+    }
+
+    fn send_delta(&self, delta: Delta) {
+        self.metrics.deltas.fetch_add(1, Ordering::Relaxed);
+        // An error only means nobody is listening.
+        let _ = self.deltas.send(delta);
     }
 
     fn record_presence(&self, id: NodeId, online: bool) {
@@ -212,23 +268,46 @@ impl Hub {
     /// A node registered (new, or again with possibly a new name).
     pub fn upsert(&self, mut info: PeerInfo) {
         let mut inner = self.write();
-        let changed = match inner.nodes.get_mut(&info.id) {
+        let inner = &mut *inner;
+        let id = info.id;
+        // A node the policy names by name changes the compiled filters (they
+        // name nodes by id); a new name or new tags may change its class.
+        let names_it = |c: &Option<Compiled>, name: &str| {
+            c.as_ref().is_some_and(|c| c.policy().names_node(name))
+        };
+        match inner.nodes.get_mut(&id) {
             Some(entry) => {
                 info.online = entry.live.is_some();
-                let changed = entry.info != info;
-                if changed {
-                    entry.set_info(info.clone());
+                if entry.info == info {
+                    return;
                 }
-                changed
+                let reclassify = inner.compiled.is_some()
+                    && (entry.info.tags != info.tags || entry.info.name != info.name);
+                let renamed = names_it(&inner.compiled, &info.name)
+                    || names_it(&inner.compiled, &entry.info.name);
+                entry.set_info(info.clone());
+                if reclassify || renamed {
+                    let policy = inner.compiled.as_ref().map(|c| Arc::clone(c.policy()));
+                    self.reclass(inner, policy, None, HashSet::from([id]));
+                } else {
+                    let view = entry.view.clone();
+                    self.broadcast(id, &view, &ServerMsg::PeerUpsert { peer: info });
+                }
             }
             None => {
                 info.online = false;
-                inner.nodes.insert(info.id, Entry::new(info.clone()));
-                true
+                let mut entry = Entry::new(info.clone());
+                if let Some(c) = inner.compiled.as_mut() {
+                    entry.view = Some(c.classify(entry.node_ref()));
+                }
+                let view = entry.view.clone();
+                inner.nodes.insert(id, entry);
+                self.broadcast(id, &view, &ServerMsg::PeerUpsert { peer: info.clone() });
+                if names_it(&inner.compiled, &info.name) {
+                    let policy = inner.compiled.as_ref().map(|c| Arc::clone(c.policy()));
+                    self.reclass(inner, policy, None, HashSet::new());
+                }
             }
-        };
-        if changed {
-            self.broadcast(info.id, &ServerMsg::PeerUpsert { peer: info });
         }
     }
 
@@ -259,6 +338,7 @@ impl Hub {
             entry.set_online(true);
         }
         let node = entry.info.clone();
+        let view = entry.view.clone();
         let stats = Arc::clone(&entry.stats);
         inner.next_session += 1;
         if !was_online {
@@ -266,13 +346,14 @@ impl Hub {
         }
         let deltas = self.deltas.subscribe();
         if !was_online {
-            self.broadcast(id, &ServerMsg::PeerUpsert { peer: node.clone() });
+            self.broadcast(id, &view, &ServerMsg::PeerUpsert { peer: node.clone() });
             self.record_presence(id, true);
         }
         self.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
         Ok(Attached {
             session_id,
             node,
+            view,
             control,
             relay,
             deltas,
@@ -281,17 +362,20 @@ impl Hub {
         })
     }
 
-    /// Every node but `me` with an id from `from` on, as far as fits in
+    /// Every node but `me` that `me` may see, with an id from `from` on, as far as fits in
     /// `max_bytes` of JSON; the page says where the next one starts. Costs
     /// the page, not the mesh: nothing is copied but references to the
     /// nodes' stored JSON.
     pub fn netmap_page(&self, me: NodeId, from: NodeId, max_bytes: usize) -> Page {
         let inner = self.read();
+        let Some(mine) = inner.nodes.get(&me) else {
+            return Page::default();
+        };
         welcome::fill(
             inner
                 .nodes
                 .range(from..)
-                .filter(|(id, _)| **id != me)
+                .filter(|(id, e)| **id != me && may_see(&mine.view, &e.view))
                 .map(|(id, e)| (*id, &e.json)),
             max_bytes,
         )
@@ -310,8 +394,9 @@ impl Hub {
         entry.live = None;
         entry.set_online(false);
         let peer = entry.info.clone();
+        let view = entry.view.clone();
         inner.online -= 1;
-        self.broadcast(id, &ServerMsg::PeerUpsert { peer });
+        self.broadcast(id, &view, &ServerMsg::PeerUpsert { peer });
         self.record_presence(id, false);
         true
     }
@@ -320,13 +405,21 @@ impl Hub {
     /// its last record, `None` when it was not known.
     pub fn remove(&self, id: NodeId) -> Option<PeerInfo> {
         let mut inner = self.write();
+        let inner = &mut *inner;
         let entry = inner.nodes.remove(&id)?;
         if let Some(live) = entry.live {
             let _ = live.close.send(CloseReason::Removed);
             inner.online -= 1;
             self.record_presence(id, false);
         }
-        self.broadcast(id, &ServerMsg::PeerRemoved { id });
+        self.broadcast(id, &entry.view, &ServerMsg::PeerRemoved { id });
+        // Filters that named it by id drop it.
+        if let Some(c) = &inner.compiled {
+            if c.policy().names_node(&entry.info.name) {
+                let policy = Some(Arc::clone(c.policy()));
+                self.reclass(inner, policy, None, HashSet::new());
+            }
+        }
         Some(entry.info)
     }
 
@@ -334,6 +427,10 @@ impl Hub {
     pub fn signal(&self, from: NodeId, to: NodeId, payload: String) -> Result<(), SignalError> {
         let inner = self.read();
         let entry = inner.nodes.get(&to).ok_or(SignalError::UnknownPeer)?;
+        // A peer the policy hides is one the sender does not know.
+        if !self.may_reach(&inner, from, entry) {
+            return Err(SignalError::UnknownPeer);
+        }
         let live = entry.live.as_ref().ok_or(SignalError::PeerOffline)?;
         let text = serialize(&ServerMsg::Signal { from, payload });
         live.control
@@ -359,6 +456,7 @@ impl Hub {
         let inner = self.read();
         let result = match inner.nodes.get(&to) {
             None => Err(RelayDrop::UnknownPeer),
+            Some(entry) if !self.may_reach(&inner, from, entry) => Err(RelayDrop::UnknownPeer),
             Some(Entry { live: None, .. }) => Err(RelayDrop::PeerOffline),
             Some(Entry {
                 live: Some(live),
@@ -384,6 +482,21 @@ impl Hub {
             Err(reason) => self.metrics.relay_drop(reason),
         }
         result
+    }
+
+    /// Whether `from` may see (so signal or relay to) the node of `to`.
+    fn may_reach(&self, inner: &Inner, from: NodeId, to: &Entry) -> bool {
+        if inner.compiled.is_none() {
+            return true;
+        }
+        let allowed = inner
+            .nodes
+            .get(&from)
+            .is_some_and(|f| may_see(&f.view, &to.view));
+        if !allowed {
+            self.metrics.policy_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        allowed
     }
 
     pub fn is_online(&self, id: NodeId) -> bool {
@@ -440,6 +553,13 @@ impl Hub {
     }
 }
 
+#[path = "hub_policy.rs"]
+mod hub_policy;
+pub use hub_policy::ApplyStats;
+
+#[cfg(test)]
+#[path = "hub_policy_tests.rs"]
+mod policy_tests;
 #[cfg(test)]
 #[path = "hub_tests.rs"]
 mod tests;

@@ -115,6 +115,11 @@ pub struct Metrics {
     pub signaling_messages: AtomicU64,
     /// Signals refused (unknown/offline target) or dropped (target queue full).
     pub signaling_refused: AtomicU64,
+    /// Signals and relay frames refused because the policy keeps the two
+    /// nodes apart (also counted as refused signals / unknown-peer drops).
+    pub policy_refused: AtomicU64,
+    /// Policy or tag changes applied to the sessions.
+    pub policy_changes: AtomicU64,
     pub relay_frames: AtomicU64,
     pub relay_bytes: AtomicU64,
     pub deltas: AtomicU64,
@@ -235,6 +240,18 @@ impl Metrics {
             "counter",
             "Signaling messages refused or dropped.",
             load(&self.signaling_refused),
+        );
+        metric(
+            "overlay_coord_policy_refused_total",
+            "counter",
+            "Signals and relay frames between nodes the access policy keeps apart.",
+            load(&self.policy_refused),
+        );
+        metric(
+            "overlay_coord_policy_changes_total",
+            "counter",
+            "Policy and tag changes pushed to the sessions.",
+            load(&self.policy_changes),
         );
         metric(
             "overlay_coord_relayed_frames_total",

@@ -137,6 +137,12 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         let store = Arc::clone(&store);
         blocking(move || store.last_removal_seq()).await?
     };
+    // The counter is read before the policy, so a change racing the start
+    // is applied again by the poller rather than missed.
+    let (policy_seq, policy) = {
+        let store = Arc::clone(&store);
+        blocking(move || Ok((store.policy_seq()?, crate::store_sync::load_policy(&store)))).await?
+    };
     let secret = match &config.turn.secret {
         Some(s) => s.clone(),
         None => auth::load_or_create_turn_secret(&config.state_dir)?,
@@ -165,6 +171,14 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         Arc::clone(&metrics),
         config.limits.clone(),
     ));
+    match policy {
+        Ok(Some(policy)) => {
+            let stats = hub.apply_policy(Some(Arc::new(policy)), None);
+            info!(classes = stats.classes, "access policy in force");
+        }
+        Ok(None) => {}
+        Err(e) => warn!("the stored policy is not applied, everything is allowed: {e}"),
+    }
 
     let announced = config.announced_ip();
     let turn = if config.turn.embedded {
@@ -293,7 +307,12 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         "overlay-coord ready"
     );
 
-    let sync = StoreSync::new(Arc::clone(&store), Arc::clone(&hub), removal_seq);
+    let sync = StoreSync::new(
+        Arc::clone(&store),
+        Arc::clone(&hub),
+        removal_seq,
+        policy_seq,
+    );
     let sync_task = tokio::spawn(sync.run(config.limits.store_poll, shutdown_rx.clone()));
     let task = tokio::spawn(async move {
         serving.await;

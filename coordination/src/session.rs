@@ -19,6 +19,7 @@ use crate::config::Limits;
 use crate::hub::{AttachError, Attached, Delta, Hub, SignalError};
 use crate::ice::IceSettings;
 use crate::metrics::{Metrics, Rejected, RelayDrop};
+use crate::policy::{may_see, View};
 use crate::store::now_unix;
 use crate::welcome;
 use overlay_proto::ratelimit::TokenBucket;
@@ -90,6 +91,8 @@ struct Session {
     warned_rate: bool,
     relay_bucket: TokenBucket,
     last_rx: Instant,
+    /// The node's class under the policy: which deltas it may see.
+    view: View,
 }
 
 fn to_text(msg: &ServerMsg) -> Message {
@@ -134,6 +137,7 @@ pub async fn run(socket: WebSocket, node: NodeId, name: String, ctx: SessionCont
         warned_rate: false,
         relay_bucket: TokenBucket::new(limits.relay_rate, limits.relay_burst, now.into_std()),
         last_rx: now,
+        view: None,
         ctx,
     };
     if *session.ctx.shutdown.borrow() {
@@ -192,6 +196,7 @@ impl Session {
     async fn serve(&mut self, attached: Attached) -> String {
         let Attached {
             node,
+            view,
             mut control,
             mut relay,
             mut deltas,
@@ -204,7 +209,9 @@ impl Session {
             node,
             network: self.ctx.network,
             ice: self.ctx.ice.for_node(self.node, now_unix()),
+            filter: view.as_ref().map(|c| std::sync::Arc::clone(&c.filter_json)),
         };
+        self.view = view;
         // The netmap is read page by page while it is sent; the deltas that
         // arrive meanwhile wait in `deltas` and reach the node after the last
         // part (see the `welcome` module for why that is consistent).
@@ -309,13 +316,35 @@ impl Session {
     ) -> Flow {
         let node = self.node;
         let socket = &mut self.socket;
+        let view = &mut self.view;
         let mut lagged = false;
         let written = tokio::time::timeout(WRITE_TIMEOUT, async {
             let mut next = Some(first);
             let mut taken = 0;
             while let Some(delta) = next.take() {
-                if delta.about != node {
-                    socket.feed(Message::Text(delta.text)).await?;
+                match delta {
+                    Delta::Peer {
+                        about,
+                        view: theirs,
+                        text,
+                    } => {
+                        if about != node && may_see(view, &theirs) {
+                            socket.feed(Message::Text(text)).await?;
+                        }
+                    }
+                    Delta::Reclass(change) => {
+                        if let Some(update) = change.nodes.get(&node) {
+                            *view = update.view.clone();
+                            if let Some(filter) = &update.filter {
+                                socket.feed(Message::Text(filter.clone())).await?;
+                            }
+                            for (about, text) in update.msgs.iter() {
+                                if *about != node {
+                                    socket.feed(Message::Text(text.clone())).await?;
+                                }
+                            }
+                        }
+                    }
                 }
                 taken += 1;
                 if taken == DELTA_BATCH {

@@ -1,31 +1,102 @@
 //! The bridge between the hub and the store, once a second: writes presence
 //! and relay counters (for `nodes list`), and picks up nodes that
-//! `overlay-coord nodes remove` deleted from another process.
+//! `overlay-coord nodes remove` deleted from another process. Every
+//! [`POLICY_POLL`] it also reads the store's policy change counter (one
+//! indexed row) and, when `policy set`/`clear` or `nodes tag` moved it,
+//! reloads the policy and the tags and hands them to the hub.
 
 use std::sync::Arc;
 use std::time::Duration;
+
+use overlay_proto::NodeId;
 
 use tokio::sync::watch;
 use tokio::time::MissedTickBehavior;
 use tracing::{info, warn};
 
 use crate::hub::Hub;
+use crate::policy::{self, Policy};
 use crate::store::{now_unix, Store, StoreError};
+
+/// How often the policy change counter is read: a change reaches the
+/// sessions within this plus the recompute (the issue allows 1 s).
+pub const POLICY_POLL: Duration = Duration::from_millis(200);
 
 pub struct StoreSync {
     store: Arc<Store>,
     hub: Arc<Hub>,
     /// Last removal already applied.
     removal_seq: u64,
+    /// Policy change counter already applied.
+    policy_seq: u64,
+}
+
+/// The stored policy, parsed; `Ok(None)` when none is set. A stored file
+/// that no longer parses (written by a newer version) is an error, and the
+/// caller keeps what is in force.
+pub fn load_policy(store: &Store) -> Result<Option<Policy>, String> {
+    match store.policy() {
+        Ok(None) => Ok(None),
+        Ok(Some(p)) => policy::parse("stored policy", &p.text)
+            .map(Some)
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 impl StoreSync {
-    pub fn new(store: Arc<Store>, hub: Arc<Hub>, removal_seq: u64) -> Self {
+    pub fn new(store: Arc<Store>, hub: Arc<Hub>, removal_seq: u64, policy_seq: u64) -> Self {
         StoreSync {
             store,
             hub,
             removal_seq,
+            policy_seq,
         }
+    }
+
+    /// Applies a policy or tag change made since the last call, if any.
+    pub async fn sync_policy(&mut self) -> Result<(), StoreError> {
+        let store = Arc::clone(&self.store);
+        let known = self.policy_seq;
+        type Loaded = (
+            u64,
+            Result<Option<Policy>, String>,
+            std::collections::HashMap<NodeId, Vec<String>>,
+        );
+        let loaded: Option<Loaded> = tokio::task::spawn_blocking(move || {
+            let seq = store.policy_seq()?;
+            if seq == known {
+                return Ok(None);
+            }
+            Ok::<_, StoreError>(Some((seq, load_policy(&store), store.node_tags()?)))
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
+        let Some((seq, policy, tags)) = loaded else {
+            return Ok(());
+        };
+        self.policy_seq = seq;
+        match policy {
+            Ok(policy) => {
+                let hub = Arc::clone(&self.hub);
+                let started = std::time::Instant::now();
+                let stats = tokio::task::spawn_blocking(move || {
+                    hub.apply_policy(policy.map(Arc::new), Some(&tags))
+                })
+                .await
+                .map_err(|e| StoreError::Task(e.to_string()))?;
+                info!(
+                    nodes = stats.nodes,
+                    classes = stats.classes,
+                    nodes_told = stats.nodes_told,
+                    messages = stats.messages,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "access policy or tags changed"
+                );
+            }
+            Err(e) => warn!("the stored policy is not applied, the previous one stays: {e}"),
+        }
+        Ok(())
     }
 
     /// One round: flush activity, apply new removals.
@@ -52,12 +123,15 @@ impl StoreSync {
     pub async fn run(mut self, every: Duration, mut shutdown: watch::Receiver<bool>) -> Self {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut policy_tick = tokio::time::interval(POLICY_POLL.min(every));
+        policy_tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
+            let result = tokio::select! {
+                _ = tick.tick() => self.sync_once().await,
+                _ = policy_tick.tick() => self.sync_policy().await,
                 _ = shutdown.changed() => return self,
-            }
-            if let Err(e) = self.sync_once().await {
+            };
+            if let Err(e) = result {
                 warn!("syncing with the store: {e}");
             }
         }

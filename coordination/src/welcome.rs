@@ -48,6 +48,8 @@ pub struct Head {
     pub node: PeerInfo,
     pub network: Ipv4Net,
     pub ice: IceConfig,
+    /// The node's `NodeFilter` as JSON; `None` while no policy is in force.
+    pub filter: Option<Arc<str>>,
 }
 
 /// One part of a netmap.
@@ -100,6 +102,10 @@ fn welcome_text(head: &Head, peers: &[PeerJson], more: bool) -> String {
     s.push_str(&json(&head.ice));
     if more {
         s.push_str(r#","more":true"#);
+    }
+    if let Some(filter) = &head.filter {
+        s.push_str(r#","filter":"#);
+        s.push_str(filter);
     }
     s.push('}');
     s
@@ -168,6 +174,7 @@ mod tests {
                 }],
                 netcheck: vec![],
             },
+            filter: None,
         }
     }
 
@@ -201,19 +208,34 @@ mod tests {
     #[test]
     fn texts_are_what_serde_writes() {
         let (peers, json) = netmap(3);
-        let h = head();
-        for more in [false, true] {
-            let expected = serde_json::to_string(&ServerMsg::Welcome {
-                protocol: h.protocol,
-                node: h.node.clone(),
-                network: h.network,
-                peers: peers.clone(),
-                ice: h.ice.clone(),
-                more,
-                filter: None,
-            })
-            .unwrap();
-            assert_eq!(welcome_text(&h, &json, more), expected);
+        let filter = overlay_proto::filter::NodeFilter {
+            inbound: vec![overlay_proto::filter::FilterRule {
+                peers: vec!["tag:dev".parse().unwrap()],
+                proto: overlay_proto::filter::Proto::Tcp,
+                ports: vec![overlay_proto::filter::PortRange::one(22)],
+            }],
+            outbound: vec![],
+        };
+        for with_filter in [None, Some(filter)] {
+            let h = Head {
+                filter: with_filter
+                    .as_ref()
+                    .map(|f| Arc::from(serde_json::to_string(f).unwrap())),
+                ..head()
+            };
+            for more in [false, true] {
+                let expected = serde_json::to_string(&ServerMsg::Welcome {
+                    protocol: h.protocol,
+                    node: h.node.clone(),
+                    network: h.network,
+                    peers: peers.clone(),
+                    ice: h.ice.clone(),
+                    more,
+                    filter: with_filter.clone(),
+                })
+                .unwrap();
+                assert_eq!(welcome_text(&h, &json, more), expected);
+            }
         }
         for last in [false, true] {
             let expected = serde_json::to_string(&ServerMsg::PeerBatch {
