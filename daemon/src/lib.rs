@@ -20,6 +20,7 @@ pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod dataplane;
+pub mod dns;
 pub mod ice;
 pub mod identity;
 pub mod local_api;
