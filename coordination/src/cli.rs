@@ -193,6 +193,46 @@ pub enum PolicyCommand {
     },
 }
 
+impl Cli {
+    /// `nodes tag NAME -TAG` takes values that start with '-', so clap hands
+    /// the global flags after them (`--state-dir DIR`, `--config FILE`) to
+    /// the tag list; take them back out.
+    pub fn with_global_flags_after_tags(mut self) -> Result<Cli> {
+        let Command::Nodes {
+            command: NodesCommand::Tag { changes, .. },
+        } = &mut self.command
+        else {
+            return Ok(self);
+        };
+        let mut kept = Vec::new();
+        let mut rest = std::mem::take(changes).into_iter();
+        while let Some(arg) = rest.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
+                _ => (arg.clone(), None),
+            };
+            let slot = match flag.as_str() {
+                "--state-dir" => &mut self.state_dir,
+                "--config" => &mut self.config,
+                f if f.starts_with("--") => bail!("unexpected option {f:?} among the tag changes"),
+                _ => {
+                    kept.push(arg);
+                    continue;
+                }
+            };
+            let value = inline
+                .or_else(|| rest.next())
+                .with_context(|| format!("{flag} needs a value"))?;
+            *slot = Some(PathBuf::from(value));
+        }
+        if kept.is_empty() {
+            bail!("nodes tag needs at least one +TAG or -TAG");
+        }
+        *changes = kept;
+        Ok(self)
+    }
+}
+
 fn parse_tag(s: &str) -> Result<String, String> {
     let name = s.strip_prefix("tag:").unwrap_or(s);
     if overlay_proto::filter::is_valid_tag(name) {
@@ -485,6 +525,33 @@ mod tests {
             } => {
                 assert!(reusable);
                 assert_eq!(expires, Some(Duration::from_secs(86_400)));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn global_flags_after_tag_changes_are_taken_back() {
+        let cli = Cli::try_parse_from([
+            "overlay-coord",
+            "nodes",
+            "tag",
+            "db1",
+            "+server",
+            "-old",
+            "--state-dir",
+            "/tmp/x",
+        ])
+        .unwrap()
+        .with_global_flags_after_tags()
+        .unwrap();
+        assert_eq!(cli.state_dir, Some(PathBuf::from("/tmp/x")));
+        match cli.command {
+            Command::Nodes {
+                command: NodesCommand::Tag { name, changes },
+            } => {
+                assert_eq!(name, "db1");
+                assert_eq!(changes, vec!["+server", "-old"]);
             }
             other => panic!("{other:?}"),
         }

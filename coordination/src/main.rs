@@ -10,7 +10,13 @@ use tracing_subscriber::EnvFilter;
 use overlay_coord::cli::{self, Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::parse().with_global_flags_after_tags() {
+        Ok(cli) => cli,
+        Err(e) => {
+            eprintln!("overlay-coord: error: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match &cli.command {
         Command::Serve(args) => serve(&cli, args),
         Command::Cert { command } => cli::cert(command),
