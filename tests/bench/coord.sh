@@ -11,6 +11,9 @@
 #   COORD_LOAD_ARGS="..."      more coord-load flags, e.g. "--batch 10000
 #                              --concurrency 256" for a reconnect storm
 #   BENCH_KEEP=1               keep the work directory (server logs)
+#   COORD_POLICY_NODES=10000   nodes of the access-policy case (policy-bench:
+#                              100 rules over 20 tags; set, change, retag, clear
+#                              must each take <= 1 s); 0 skips it
 
 set -euo pipefail
 
@@ -96,3 +99,11 @@ done
 
 echo
 printf '%s\n' "${summary[@]}" | python3 "$HERE/bench.py" coord-report
+
+# Access policy (issue #10): recompute and per-node deltas after a change.
+policy_nodes=${COORD_POLICY_NODES:-10000}
+if [[ $policy_nodes != 0 ]]; then
+    log "access policy: $policy_nodes nodes, 100 rules, 20 tags"
+    "$BIN/policy-bench" --nodes "$policy_nodes" --rules 100 --tags 20 | tee "$WORK/policy.txt"
+    grep -q 'ok=true' "$WORK/policy.txt" || { log "policy recompute over budget"; exit 1; }
+fi
