@@ -41,11 +41,28 @@ pub enum Command {
     /// The access rules this node enforces, and what they let through with
     /// each peer (set on the coordinator with `overlay-coord policy set`).
     Policy,
+    /// The mesh's names: ask this node's mesh resolver directly.
+    Dns {
+        #[command(subcommand)]
+        command: DnsCommand,
+    },
     /// Print the daemon's metrics in the Prometheus text format (what
     /// `overlayd up --metrics-listen` serves).
     Metrics,
     /// Ask the daemon to stop.
     Down,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DnsCommand {
+    /// Resolve NAME (or an IPv4 address, by PTR) as the mesh resolver does.
+    Query {
+        /// A name (`db1.overlay.internal`) or a mesh IPv4 address.
+        name: String,
+        /// Record type: A, AAAA, PTR, SOA, ... [default: A, or PTR for an address]
+        #[arg(value_name = "TYPE")]
+        kind: Option<String>,
+    },
 }
 
 #[derive(Debug, clap::Args)]

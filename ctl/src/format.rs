@@ -122,6 +122,32 @@ pub fn status(status: &Status) -> String {
     if !dropped.is_empty() {
         out.push_str(&format!("{:<13}{}\n", "dropped:", dropped.join(", ")));
     }
+    if let Some(dns) = &status.dns {
+        let upstreams = if dns.upstreams.is_empty() {
+            String::new()
+        } else {
+            format!("; other names go to {}", clean(&dns.upstreams.join(", ")))
+        };
+        out.push_str(&format!(
+            "{:<13}{} on {} ({} names; mode {}: {}{upstreams})\n",
+            "dns:",
+            clean(&dns.domain),
+            dns.resolver,
+            dns.names,
+            clean(&dns.mode),
+            clean(&dns.host),
+        ));
+    }
+    out
+}
+
+/// `overlayctl dns query`: the response code, then one record per line.
+pub fn dns_answer(rcode: &str, answers: &[String]) -> String {
+    let mut out = format!("status: {}\n", clean(rcode));
+    for a in answers {
+        out.push_str(&clean(a));
+        out.push('\n');
+    }
     out
 }
 
@@ -134,49 +160,51 @@ pub fn peers_table(peers: &[PeerStatus]) -> String {
     let mut sorted: Vec<&PeerStatus> = peers.iter().collect();
     sorted.sort_by(|a, b| a.name.cmp(&b.name).then(a.mesh_ip.cmp(&b.mesh_ip)));
 
-    let header = [
-        "NAME",
-        "MESH IP",
-        "PATH",
-        "ENDPOINT",
-        "HANDSHAKE",
-        "RX",
-        "TX",
-    ]
-    .map(String::from);
-    let mut rows = vec![header];
+    // The DNS column only when the mesh has names.
+    let dns = peers.iter().any(|p| p.dns_name.is_some());
+    let mut header = vec!["NAME", "MESH IP"];
+    if dns {
+        header.push("DNS NAME");
+    }
+    header.extend(["PATH", "ENDPOINT", "HANDSHAKE", "RX", "TX"]);
+    let mut rows = vec![header.into_iter().map(String::from).collect::<Vec<_>>()];
     for peer in sorted {
         let name = if peer.online {
             clean(&peer.name).into_owned()
         } else {
             format!("{} (offline)", clean(&peer.name))
         };
-        rows.push([
-            name,
-            peer.mesh_ip.to_string(),
+        let mut row = vec![name, peer.mesh_ip.to_string()];
+        if dns {
+            row.push(clean_or(peer.dns_name.as_deref(), "-").into_owned());
+        }
+        row.extend([
             clean(&peer.path).into_owned(),
             clean_or(peer.endpoint.as_deref(), "-").into_owned(),
             handshake_age(peer.last_handshake_secs),
             human_bytes(peer.rx_bytes),
             human_bytes(peer.tx_bytes),
         ]);
+        rows.push(row);
     }
     columns(&rows)
 }
 
 /// Left-aligned columns separated by two spaces, no trailing whitespace.
-pub fn columns<const N: usize>(rows: &[[String; N]]) -> String {
-    let mut widths = [0usize; N];
+pub fn columns<R: AsRef<[String]>>(rows: &[R]) -> String {
+    let n = rows.iter().map(|r| r.as_ref().len()).max().unwrap_or(0);
+    let mut widths = vec![0usize; n];
     for row in rows {
-        for (width, cell) in widths.iter_mut().zip(row) {
+        for (width, cell) in widths.iter_mut().zip(row.as_ref()) {
             *width = (*width).max(cell.chars().count());
         }
     }
     let mut out = String::new();
     for row in rows {
         let mut line = String::new();
+        let row = row.as_ref();
         for (i, cell) in row.iter().enumerate() {
-            if i + 1 == N {
+            if i + 1 == row.len() {
                 line.push_str(cell);
             } else {
                 let pad = widths[i] - cell.chars().count() + 2;
@@ -258,6 +286,7 @@ mod tests {
             dropped_policy: 0,
             dropped_policy_out: 0,
             flows: 0,
+            dns_name: None,
         }
     }
 
@@ -361,6 +390,7 @@ charlie (offline)  100.64.0.4  connecting     -                never      1.5 Ki
             uptime_secs: 1,
             version: "0.1.0".into(),
             dropped: Default::default(),
+            dns: None,
         };
         status_with_evil_name.dropped.wrong_destination = 1;
         let text = status(&status_with_evil_name);
@@ -385,6 +415,7 @@ charlie (offline)  100.64.0.4  connecting     -                never      1.5 Ki
             uptime_secs: 65,
             version: "0.1.0".to_string(),
             dropped: Default::default(),
+            dns: None,
         };
         let text = status(&sample);
         assert!(

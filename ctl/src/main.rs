@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use overlay_proto::api::{Request, Response};
-use overlayctl::cli::{Cli, Command, PingArgs};
+use overlayctl::cli::{Cli, Command, DnsCommand, PingArgs};
 
 /// How long a one-shot request (status, peers, down) may wait for the daemon.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -79,6 +79,24 @@ fn run(cli: &Cli, out: &mut dyn Write) -> Result<(), Failure> {
             Response::Policy(report) => emit(out, explain::policy(&report).trim_end()),
             other => Err(unexpected(&other)),
         },
+        Command::Dns {
+            command: DnsCommand::Query { name, kind },
+        } => {
+            let request = Request::DnsQuery {
+                name: name.clone(),
+                kind: kind.clone(),
+            };
+            match single(&socket, &request)? {
+                Response::DnsAnswer { rcode, answers } if cli.json => emit(
+                    out,
+                    &json(&serde_json::json!({ "rcode": rcode, "answers": answers })),
+                ),
+                Response::DnsAnswer { rcode, answers } => {
+                    emit(out, format::dns_answer(&rcode, &answers).trim_end())
+                }
+                other => Err(unexpected(&other)),
+            }
+        }
         Command::Ping(args) => ping(&socket, args, cli.json, out),
         Command::Netcheck => match single_within(&socket, &Request::Netcheck, NETCHECK_TIMEOUT)? {
             Response::Netcheck(report) if cli.json => emit(out, &json(&report)),

@@ -76,6 +76,7 @@ fn sample_status() -> Status {
         uptime_secs: 42,
         version: "0.1.0".to_string(),
         dropped: Default::default(),
+        dns: None,
     }
 }
 
@@ -108,6 +109,7 @@ fn sample_peer(name: &str, last: u8, online: bool) -> PeerStatus {
         dropped_policy: 0,
         dropped_policy_out: 0,
         flows: 0,
+        dns_name: None,
     }
 }
 
@@ -123,7 +125,7 @@ fn reply(seq: u16) -> Response {
 #[test]
 fn status_prints_the_daemons_status() {
     let dir = TempDir::new();
-    let daemon = fake_daemon(&dir.socket(), vec![Response::Status(sample_status())]);
+    let daemon = fake_daemon(&dir.socket(), vec![Response::Status(Box::new(sample_status()))]);
     let out = overlayctl(&["--socket", dir.socket().to_str().expect("utf8"), "status"]);
     assert_eq!(daemon.join().expect("daemon thread"), Request::Status);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -136,7 +138,7 @@ fn status_prints_the_daemons_status() {
 #[test]
 fn status_json_is_the_status_object() {
     let dir = TempDir::new();
-    let daemon = fake_daemon(&dir.socket(), vec![Response::Status(sample_status())]);
+    let daemon = fake_daemon(&dir.socket(), vec![Response::Status(Box::new(sample_status()))]);
     let out = overlayctl(&[
         "status",
         "--json",

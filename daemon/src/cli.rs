@@ -56,6 +56,11 @@ pub struct UpArgs {
     /// (GET /metrics; no authentication, so bind it to a trusted interface) [default: off]
     #[arg(long, value_name = "ADDR:PORT")]
     pub metrics_listen: Option<SocketAddr>,
+    /// How the host learns of the mesh resolver: auto (split DNS through
+    /// systemd-resolved when it runs, else nothing), resolv-conf (manage
+    /// /etc/resolv.conf, restored on exit) or off [default: auto]
+    #[arg(long, value_name = "MODE")]
+    pub dns: Option<crate::config::DnsMode>,
 }
 
 #[cfg(test)]

@@ -30,8 +30,34 @@ pub struct FileConfig {
     pub mtu: Option<u16>,
     pub ca_cert: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
+    pub dns: Option<DnsMode>,
     /// A `RUST_LOG`-style filter, used when `RUST_LOG` is not set.
     pub log: Option<String>,
+}
+
+/// How the host is told about the mesh resolver.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum DnsMode {
+    /// With systemd-resolved: split DNS, only the mesh domain goes to the mesh
+    /// resolver. Without it: the host's DNS is left alone.
+    #[default]
+    Auto,
+    /// Manage /etc/resolv.conf: the mesh resolver first, other names
+    /// forwarded to the servers it named before; restored exactly on exit.
+    ResolvConf,
+    /// Never touch the host's DNS (the resolver still answers on its address).
+    Off,
+}
+
+impl DnsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DnsMode::Auto => "auto",
+            DnsMode::ResolvConf => "resolv-conf",
+            DnsMode::Off => "off",
+        }
+    }
 }
 
 /// What the flags can override; `None` means "not given".
@@ -47,6 +73,7 @@ pub struct Overrides {
     pub mtu: Option<u16>,
     pub ca_cert: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
+    pub dns: Option<DnsMode>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -63,6 +90,7 @@ pub struct Config {
     pub ca_cert: Option<PathBuf>,
     /// Where to serve Prometheus metrics over HTTP; off when `None`.
     pub metrics_listen: Option<SocketAddr>,
+    pub dns: DnsMode,
     pub log: Option<String>,
 }
 
@@ -133,6 +161,7 @@ impl Config {
             mtu,
             ca_cert: flags.ca_cert.or(file.ca_cert),
             metrics_listen: flags.metrics_listen.or(file.metrics_listen),
+            dns: flags.dns.or(file.dns).unwrap_or_default(),
             log: file.log,
         })
     }

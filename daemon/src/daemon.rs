@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::control::transport::{Connector, Endpoint};
 use crate::control::{self, ControlClient};
 use crate::dataplane::{DataPlane, SENDER_FILTER_ENV};
+use crate::host_dns::HostDns;
 use crate::ice::mux::Mux;
 use crate::identity::{Enrolment, Keypair, StateDir};
 use crate::local_api::{self, LocalApi, NodeInfo, SocketGuard};
@@ -36,6 +37,16 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         enrolment.mesh_ip,
         enrolment.network.prefix_len()
     );
+
+    // A resolv.conf a crashed run left rewritten is put back before anything else.
+    let host_dns = Arc::new(HostDns::new(
+        config.dns,
+        &config.interface,
+        &config.state_dir,
+    ));
+    if let Err(e) = host_dns.recover() {
+        tracing::warn!("could not restore the resolv.conf an earlier run changed: {e}");
+    }
 
     let listener = local_api::bind(&config.socket)
         .await
@@ -116,11 +127,13 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
                 uptime_secs: 0,
                 version: env!("CARGO_PKG_VERSION").to_owned(),
                 dropped: Default::default(),
+                dns: None,
             },
             started: Instant::now(),
             coord_connected: coord_connected.clone(),
         },
         dataplane: dataplane.clone(),
+        host_dns: host_dns.clone(),
         queries: query_tx,
         shutdown: shutdown_tx.clone(),
     });
@@ -154,6 +167,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
             ice_tx,
             mux: mux.clone(),
             network: enrolment.network,
+            host_dns: host_dns.clone(),
         },
     );
     let shell_shutdown = shutdown_rx.clone();
@@ -204,6 +218,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
     // The TUN goes when its last handle drops: the reader task above, the data
     // plane's peers' tasks; dropping `dataplane` here releases ours.
     drop(dataplane);
+    host_dns.restore();
     outcome
 }
 

@@ -21,6 +21,7 @@ pub mod control;
 pub mod daemon;
 pub mod dataplane;
 pub mod dns;
+pub mod host_dns;
 pub mod ice;
 pub mod identity;
 pub mod local_api;

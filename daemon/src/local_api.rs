@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use overlay_proto::api::{PeerStatus, PingReply, PingSummary, Request, Response, Status};
+use overlay_proto::api::{
+    DnsStatus, PeerStatus, PingReply, PingSummary, Request, Response, Status,
+};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -16,6 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::dataplane::icmp;
 use crate::dataplane::peer::Peer;
 use crate::dataplane::{DataPlane, BUF_SIZE};
+use crate::dns::{self, Zone};
 use crate::metrics;
 use crate::shell::Query;
 
@@ -35,6 +38,7 @@ pub struct NodeInfo {
 pub struct LocalApi {
     pub node: NodeInfo,
     pub dataplane: Arc<DataPlane>,
+    pub host_dns: Arc<crate::host_dns::HostDns>,
     pub queries: mpsc::Sender<Query>,
     pub shutdown: watch::Sender<bool>,
 }
@@ -107,14 +111,15 @@ impl LocalApi {
         };
         match request {
             Request::Status => {
-                let _ = send(&mut write, &Response::Status(self.status())).await;
+                let _ = send(&mut write, &Response::Status(Box::new(self.status()))).await;
             }
             Request::Peers => {
+                let zone = self.dataplane.resolver.zone();
                 let peers = self
                     .dataplane
                     .peers()
                     .iter()
-                    .map(|p| peer_status(p))
+                    .map(|p| peer_status(p, zone.as_deref()))
                     .collect();
                 let _ = send(&mut write, &Response::Peers { peers }).await;
             }
@@ -161,6 +166,10 @@ impl LocalApi {
                 };
                 let _ = send(&mut write, &response).await;
             }
+            Request::DnsQuery { name, kind } => {
+                let response = self.dns_query(&name, kind.as_deref()).await;
+                let _ = send(&mut write, &response).await;
+            }
             Request::Metrics => {
                 let text = self.metrics();
                 let _ = send(&mut write, &Response::Metrics { text }).await;
@@ -179,13 +188,57 @@ impl LocalApi {
             coordinator_connected: n.coord_connected.load(Ordering::Relaxed),
             uptime_secs: n.started.elapsed().as_secs(),
             dropped: self.dataplane.drops.snapshot(),
+            dns: self.dns_status(),
             ..n.fixed.clone()
+        }
+    }
+
+    fn dns_status(&self) -> Option<DnsStatus> {
+        let resolver = &self.dataplane.resolver;
+        let zone = resolver.zone()?;
+        let c = &resolver.counters;
+        Some(DnsStatus {
+            domain: zone.domain.clone(),
+            resolver: zone.resolver,
+            mode: self.host_dns.mode().as_str().to_owned(),
+            host: self.host_dns.describe(),
+            upstreams: resolver
+                .upstreams()
+                .iter()
+                .map(|a| a.ip().to_string())
+                .collect(),
+            names: zone.len() as u64,
+            answered: c.answered.load(Ordering::Relaxed),
+            forwarded: c.forwarded.load(Ordering::Relaxed),
+            bad: c.bad.load(Ordering::Relaxed),
+        })
+    }
+
+    /// `overlayctl dns query`: asks this node's resolver directly.
+    async fn dns_query(&self, name: &str, kind: Option<&str>) -> Response {
+        let error = |message: String| Response::Error { message };
+        if self.dataplane.resolver.zone().is_none() {
+            return error("the mesh has no DNS yet (no settings from the coordinator)".into());
+        }
+        let query = match dns::lookup::build(name, kind) {
+            Ok(q) => q,
+            Err(e) => return error(e),
+        };
+        let Some(answer) = self.dataplane.resolver.ask(&query).await else {
+            return error(format!(
+                "no answer for {name:?} (refused, or no upstream answered)"
+            ));
+        };
+        match dns::lookup::read(&answer) {
+            Ok((rcode, answers)) => Response::DnsAnswer { rcode, answers },
+            Err(e) => error(e),
         }
     }
 
     /// The Prometheus text `overlayctl metrics` and `--metrics-listen` show.
     pub fn metrics(&self) -> String {
         let status = self.status();
+        let zone = self.dataplane.resolver.zone();
         let mut snapshot = metrics::Snapshot {
             version: status.version,
             uptime_secs: status.uptime_secs,
@@ -195,7 +248,7 @@ impl LocalApi {
                 .dataplane
                 .peers()
                 .iter()
-                .map(|p| peer_status(p))
+                .map(|p| peer_status(p, zone.as_deref()))
                 .collect(),
             ..Default::default()
         };
@@ -284,11 +337,12 @@ fn stopping() -> Response {
     }
 }
 
-fn peer_status(peer: &Peer) -> PeerStatus {
+fn peer_status(peer: &Peer, zone: Option<&Zone>) -> PeerStatus {
     let info = peer.info();
     let view = peer.path();
     let last_handshake_secs = peer.since_last_handshake().map(|d| d.as_secs());
     let (access, flows) = peer.access();
+    let dns_name = zone.map(|z| format!("{}.", z.fqdn(&info.name)));
     PeerStatus {
         id: info.id,
         name: info.name,
@@ -308,6 +362,7 @@ fn peer_status(peer: &Peer) -> PeerStatus {
         dropped_policy: peer.dropped_policy.load(Ordering::Relaxed),
         dropped_policy_out: peer.dropped_policy_out.load(Ordering::Relaxed),
         flows: flows as u64,
+        dns_name,
     }
 }
 

@@ -22,6 +22,7 @@ fn main() -> ExitCode {
                 mtu: args.mtu,
                 ca_cert: args.ca_cert,
                 metrics_listen: args.metrics_listen,
+                dns: args.dns,
             },
         )
     });

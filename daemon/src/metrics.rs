@@ -358,6 +358,7 @@ mod tests {
             dropped_policy: 0,
             dropped_policy_out: 0,
             flows: 0,
+            dns_name: None,
         }
     }
 

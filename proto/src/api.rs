@@ -40,12 +40,19 @@ pub enum Request {
     Metrics,
     /// The access rules this node enforces.
     Policy,
+    /// Ask the node's mesh resolver (`overlayctl dns query`).
+    DnsQuery {
+        name: String,
+        /// `A`, `AAAA`, `PTR`, ...; default `A` (`PTR` for an IPv4 address).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
-    Status(Status),
+    Status(Box<Status>),
     Peers {
         peers: Vec<PeerStatus>,
     },
@@ -58,6 +65,12 @@ pub enum Response {
         text: String,
     },
     Policy(Box<PolicyReport>),
+    DnsAnswer {
+        /// `No Error`, `Non-Existent Domain`, ...
+        rcode: String,
+        /// `NAME TTL IN TYPE DATA`, one per record.
+        answers: Vec<String>,
+    },
     Ok,
     Error {
         message: String,
@@ -79,6 +92,30 @@ pub struct Status {
     /// What the daemon refused or could not deliver since it started.
     #[serde(default)]
     pub dropped: Dropped,
+    /// The mesh's DNS as this node serves it; absent while the coordinator
+    /// sent no DNS settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsStatus>,
+}
+
+/// The mesh resolver on this node, and what the host was told.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsStatus {
+    pub domain: String,
+    /// The mesh address the resolver answers on (UDP and TCP 53).
+    pub resolver: Ipv4Addr,
+    /// `auto`, `resolv-conf` or `off` (`overlayd --dns`).
+    pub mode: String,
+    /// What was done to the host's DNS, or how to set it up.
+    pub host: String,
+    /// Where names outside the mesh are forwarded (resolv.conf mode).
+    pub upstreams: Vec<String>,
+    /// Names the resolver answers (this node, its peers, extra records).
+    pub names: u64,
+    pub answered: u64,
+    pub forwarded: u64,
+    /// Malformed queries (dropped or answered FORMERR).
+    pub bad: u64,
 }
 
 /// Counters of refused input and undeliverable packets. Counters a daemon does
@@ -169,6 +206,9 @@ pub struct PeerStatus {
     /// Connections the filter tracks with this peer.
     #[serde(default)]
     pub flows: u64,
+    /// The peer's name under the mesh domain, when the mesh has DNS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns_name: Option<String>,
 }
 
 /// The access policy between this node and one peer, in words.

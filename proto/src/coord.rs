@@ -154,6 +154,27 @@ pub struct TurnServer {
     pub expires_at: u64,
 }
 
+/// The mesh's names: nodes answer `NAME.<domain>` from their netmap on the
+/// resolver address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsConfig {
+    /// Lowercase, no trailing dot, e.g. `overlay.internal`.
+    pub domain: String,
+    /// The mesh address the node's resolver answers on; IPAM never gives it
+    /// to a node.
+    pub resolver: Ipv4Addr,
+    /// Extra names under the domain (`grafana` or `grafana.overlay.internal`)
+    /// and the address each stands for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<DnsRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsRecord {
+    pub name: String,
+    pub ip: Ipv4Addr,
+}
+
 /// Frames the server sends on the control stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -187,6 +208,9 @@ pub enum ServerMsg {
     /// The rules this node enforces changed (a policy or tag change); `None`
     /// means no policy is in force any more. Replaces the previous filter.
     Filter { filter: Option<NodeFilter> },
+    /// The mesh's DNS: sent right after the `Welcome` (and netmap) and again
+    /// when it changes; `None` turns the mesh resolver off.
+    Dns { dns: Option<DnsConfig> },
     /// A signaling message from another node; `from` is stamped by the server.
     Signal { from: NodeId, payload: String },
     /// Fresh ICE configuration (TURN credentials renewed).

@@ -38,6 +38,7 @@ pub mod filter;
 pub mod icmp;
 pub mod offload;
 pub mod peer;
+pub mod resolver;
 mod rx;
 pub mod tun_coalesce;
 pub mod tun_device;
@@ -156,6 +157,8 @@ pub struct DataPlane {
     /// Seconds since start, advanced by the timer task: the flow table's clock.
     clock: AtomicU32,
     started: std::time::Instant,
+    /// The mesh resolver's address, answered here (see `resolver`).
+    pub resolver: resolver::Resolver,
 }
 
 /// The environment variable that turns the sender-side policy check off
@@ -187,6 +190,7 @@ impl DataPlane {
             sender_filter,
             clock: AtomicU32::new(0),
             started: std::time::Instant::now(),
+            resolver: Default::default(),
         }
     }
 
@@ -356,6 +360,10 @@ impl DataPlane {
                     let Some((_, dst)) = icmp::ipv4_addrs(packet) else {
                         continue;
                     };
+                    if self.is_resolver(dst) {
+                        self.to_resolver(packet).await;
+                        continue;
+                    }
                     let peer = match last.take() {
                         Some(p) if p.mesh_ip == dst => Some(p),
                         _ => self.peer_by_ip(dst),
@@ -532,6 +540,9 @@ impl DataPlane {
         let now = u32::try_from(secs).unwrap_or(u32::MAX);
         let before = self.clock.swap(now, Ordering::Relaxed);
         let sweep = now / FLOW_SWEEP.as_secs() as u32 != before / FLOW_SWEEP.as_secs() as u32;
+        if sweep {
+            self.sweep_resolver(now);
+        }
         for peer in self.peers() {
             if sweep && peer.filtered.load(Ordering::Relaxed) {
                 lock(&peer.filter).sweep(now);

@@ -20,6 +20,7 @@ use std::net::Ipv4Addr;
 use overlay_proto::coord::PeerInfo;
 
 pub mod answer;
+pub mod lookup;
 pub mod tcp;
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use overlay_proto::api::PathKind;
-use overlay_proto::coord::{IceConfig, PeerInfo};
+use overlay_proto::coord::{DnsConfig, IceConfig, PeerInfo};
 use overlay_proto::signal::SealedSignal;
 use overlay_proto::NodeId;
 
@@ -63,6 +63,8 @@ pub enum Output {
     CloseIce { peer: NodeId, session: u64 },
     /// Where the data plane sends the peer's packets from now on.
     Path { peer: NodeId, route: Route },
+    /// The mesh's DNS settings (domain, resolver address, extra records).
+    Dns(Option<DnsConfig>),
     /// New STUN/TURN settings for agents created from now on.
     IceSettings(IceConfig),
     /// Ask the coordinator for fresh TURN credentials.

@@ -291,6 +291,7 @@ impl Node {
             // Signals arrive sealed: the shell opens them (see `handle_signal`).
             ServerMsg::Signal { .. } | ServerMsg::PeerUpsert { .. } | ServerMsg::Pong { .. } => {}
             ServerMsg::Filter { filter } => self.set_filter(filter),
+            ServerMsg::Dns { dns } => self.outputs.push_back(Output::Dns(dns)),
         }
     }
 

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use webrtc_ice::state::ConnectionState;
 
 mod diagnose;
+mod names;
 pub(crate) use diagnose::access_view;
 
 use crate::control::ControlEvent;
@@ -54,6 +55,8 @@ pub struct Links {
     pub mux: Arc<Mux>,
     /// The mesh network (the coordinator's `Welcome` may update it).
     pub network: Ipv4Net,
+    /// The host's DNS, told about the mesh resolver.
+    pub host_dns: Arc<crate::host_dns::HostDns>,
 }
 
 pub struct Shell {
@@ -74,6 +77,9 @@ pub struct Shell {
     netcheck_tx: mpsc::UnboundedSender<Netchecked>,
     netcheck_rx: Option<mpsc::UnboundedReceiver<Netchecked>>,
     mux: Arc<Mux>,
+    /// This node's name (the coordinator's `Welcome` says it).
+    me_name: String,
+    names: names::Names,
 }
 
 impl Shell {
@@ -108,6 +114,8 @@ impl Shell {
             netcheck_tx,
             netcheck_rx: Some(netcheck_rx),
             mux: links.mux,
+            me_name: String::new(),
+            names: names::Names::new(links.host_dns),
         }
     }
 
@@ -149,6 +157,7 @@ impl Shell {
                 _ = shutdown.changed() => break,
             }
             self.carry_out().await;
+            self.sync_zone();
         }
         for (_, session) in self.sessions.drain() {
             session.close();
@@ -172,8 +181,12 @@ impl Shell {
                 }
             }
             msg => {
-                if let ServerMsg::Welcome { network, .. } = &msg {
+                if let ServerMsg::Welcome { network, node, .. } = &msg {
                     self.ice.mesh = *network;
+                    if node.name != self.me_name {
+                        self.me_name = node.name.clone();
+                        self.names.netmap_changed();
+                    }
                 }
                 self.node
                     .handle_server_msg(msg, now, unix_micros() / 1_000_000);
@@ -272,6 +285,7 @@ impl Shell {
                     let filter = self.dataplane.new_filter(access);
                     let peer = Peer::new(info, public_key, &self.secret, filter);
                     self.dataplane.insert(Arc::new(peer));
+                    self.names.netmap_changed();
                 }
                 Output::Access { peer, access } => {
                     if let Some(p) = self.dataplane.peer(peer) {
@@ -280,13 +294,18 @@ impl Shell {
                 }
                 Output::PeerUpdated(info) => {
                     if let Some(peer) = self.dataplane.peer(info.id) {
+                        if peer.name() != info.name {
+                            self.names.netmap_changed();
+                        }
                         peer.set_info(info);
                     }
                 }
                 Output::PeerRemoved(id) => {
                     self.dataplane.remove(id);
                     self.attempts.remove(&id);
+                    self.names.netmap_changed();
                 }
+                Output::Dns(config) => self.set_dns(config),
                 Output::Signal(sealed) => self.send_signal(sealed),
                 Output::StartIce {
                     peer,
