@@ -148,7 +148,8 @@ impl HostDns {
                 Ok(_) => tracing::info!("DNS: {} restored", self.resolv_conf.display()),
                 Err(e) => tracing::warn!("could not restore {}: {e}", self.resolv_conf.display()),
             },
-            _ => {}
+            // Nothing was changed: nothing to undo, and the reason still holds.
+            other => *applied = other,
         }
     }
 
