@@ -5,6 +5,11 @@
 //! addresses are never handed out, except in a /31 (RFC 3021 point-to-point,
 //! both usable) and a /32 (the one address).
 //!
+//! One more address is reserved: the mesh resolver's ([`resolver_addr`]),
+//! which every node answers DNS on itself, so no node may own it. It is
+//! reserved whether or not the coordinator has DNS turned on, so turning it
+//! on later finds the address free.
+//!
 //! A removed node's address is held back for [`HOLD_BACK_SECS`]: peers that
 //! were offline when it was removed still route that address to the old key
 //! until they reconnect and hear of the removal, so a new node must not answer
@@ -14,11 +19,16 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::ops::Bound::{Excluded, Included};
 
 use ipnet::Ipv4Net;
 
 /// How long (seconds) a removed node's address is kept from new nodes.
 pub const HOLD_BACK_SECS: u64 = 24 * 3600;
+
+/// The resolver address when the network holds it: Tailscale's MagicDNS
+/// address, inside the default 100.64.0.0/10, so users who know one know both.
+pub const PREFERRED_RESOLVER: Ipv4Addr = Ipv4Addr::new(100, 100, 100, 100);
 
 /// First and last usable host of `net`, as integers.
 fn host_range(net: Ipv4Net) -> (u32, u32) {
@@ -31,16 +41,33 @@ fn host_range(net: Ipv4Net) -> (u32, u32) {
     }
 }
 
+/// The mesh resolver's address in `net`: [`PREFERRED_RESOLVER`] when it is
+/// a host address of `net`, else the last host address. `None` for a /31 or
+/// a /32, whose every address is a node's.
+pub fn resolver_addr(net: Ipv4Net) -> Option<Ipv4Addr> {
+    if net.prefix_len() >= 31 {
+        return None;
+    }
+    let (first, last) = host_range(net);
+    let preferred = u32::from(PREFERRED_RESOLVER);
+    Some(Ipv4Addr::from(if (first..=last).contains(&preferred) {
+        preferred
+    } else {
+        last
+    }))
+}
+
 /// Number of addresses `allocate` can ever hand out in `net`.
 pub fn capacity(net: Ipv4Net) -> u64 {
     let (first, last) = host_range(net);
-    u64::from(last - first) + 1
+    let reserved = u64::from(resolver_addr(net).is_some());
+    u64::from(last - first) + 1 - reserved
 }
 
 /// Whether `ip` is an address `allocate` could hand out in `net`.
 pub fn is_usable(net: Ipv4Net, ip: Ipv4Addr) -> bool {
     let (first, last) = host_range(net);
-    (first..=last).contains(&u32::from(ip))
+    (first..=last).contains(&u32::from(ip)) && resolver_addr(net) != Some(ip)
 }
 
 /// Whether an address released at `released_at` is still held back at `now`.
@@ -82,8 +109,20 @@ pub fn allocate(
 /// pool is exhausted. Runs in O(|taken| log |taken|) at worst.
 pub fn lowest_free(net: Ipv4Net, taken: &BTreeSet<Ipv4Addr>) -> Option<Ipv4Addr> {
     let (first, last) = host_range(net);
+    let (lo, hi) = (Ipv4Addr::from(first), Ipv4Addr::from(last));
+    // The taken addresses of the range with the resolver's spliced in, in
+    // order and each once: below it, it, above it.
+    let reserved = resolver_addr(net);
+    let (below, above) = match reserved {
+        Some(r) => ((Included(lo), Excluded(r)), (Excluded(r), Included(hi))),
+        None => ((Included(lo), Included(hi)), (Excluded(hi), Included(hi))),
+    };
+    let blocked = taken
+        .range(below)
+        .chain(reserved.iter())
+        .chain(taken.range(above));
     let mut candidate = first;
-    for ip in taken.range(Ipv4Addr::from(first)..=Ipv4Addr::from(last)) {
+    for ip in blocked {
         let ip = u32::from(*ip);
         if ip == candidate {
             if candidate == last {
@@ -107,6 +146,61 @@ mod tests {
 
     fn ip(s: &str) -> Ipv4Addr {
         s.parse().unwrap()
+    }
+
+    #[test]
+    fn resolver_is_100_100_100_100_inside_the_network_else_the_last_host() {
+        assert_eq!(
+            resolver_addr(net("100.64.0.0/10")),
+            Some(ip("100.100.100.100"))
+        );
+        assert_eq!(
+            resolver_addr(net("100.100.0.0/16")),
+            Some(ip("100.100.100.100"))
+        );
+        assert_eq!(resolver_addr(net("10.0.0.0/24")), Some(ip("10.0.0.254")));
+        assert_eq!(
+            resolver_addr(net("192.168.5.4/30")),
+            Some(ip("192.168.5.6"))
+        );
+        // 100.100.100.100 is the network address here, not a host.
+        assert_eq!(
+            resolver_addr(net("100.100.100.100/30")),
+            Some(ip("100.100.100.102"))
+        );
+        assert_eq!(resolver_addr(net("10.9.9.8/31")), None);
+        assert_eq!(resolver_addr(net("10.9.9.9/32")), None);
+    }
+
+    #[test]
+    fn the_resolver_address_is_never_allocated() {
+        // A /29 has six hosts, .6 is the resolver: five for nodes.
+        let n = net("10.0.0.0/29");
+        let mut taken = BTreeSet::new();
+        while let Some(a) = allocate(n, &taken, &BTreeMap::new(), 0) {
+            assert!(taken.insert(a), "{a} twice");
+        }
+        assert_eq!(taken.len(), 5);
+        assert_eq!(capacity(n), 5);
+        assert!(!taken.contains(&ip("10.0.0.6")));
+        assert!(!is_usable(n, ip("10.0.0.6")));
+        // Nor is it reused when a removed node held it (a store from before
+        // the reservation) and the pool is full.
+        let held: BTreeMap<_, _> = [(ip("10.0.0.6"), 0)].into();
+        assert_eq!(allocate(n, &taken, &held, 10 * HOLD_BACK_SECS), None);
+    }
+
+    #[test]
+    fn allocation_steps_over_100_100_100_100() {
+        let n = net("100.100.100.96/28");
+        let taken: BTreeSet<_> = (97..100).map(|i| Ipv4Addr::new(100, 100, 100, i)).collect();
+        assert_eq!(lowest_free(n, &taken), Some(ip("100.100.100.101")));
+        // Also when a node already holds it (an older store): no double count.
+        let mut taken = taken;
+        taken.insert(ip("100.100.100.100"));
+        assert_eq!(lowest_free(n, &taken), Some(ip("100.100.100.101")));
+        // Below it, the lowest free address is unaffected.
+        assert_eq!(lowest_free(n, &BTreeSet::new()), Some(ip("100.100.100.97")));
     }
 
     #[test]
@@ -144,21 +238,21 @@ mod tests {
             taken.insert(a);
             got.push(a);
         }
-        assert_eq!(got.len(), 6);
-        assert_eq!(capacity(n), 6);
+        assert_eq!(got.len(), 5, "six hosts, one the resolver's");
+        assert_eq!(capacity(n), 5);
         assert!(!got.contains(&ip("10.0.0.0")));
         assert!(!got.contains(&ip("10.0.0.7")));
     }
 
     #[test]
-    fn slash_30_has_two_hosts() {
+    fn slash_30_has_two_hosts_one_for_a_node() {
         let n = net("192.168.5.4/30");
         let mut taken = BTreeSet::new();
         assert_eq!(lowest_free(n, &taken), Some(ip("192.168.5.5")));
         taken.insert(ip("192.168.5.5"));
-        assert_eq!(lowest_free(n, &taken), Some(ip("192.168.5.6")));
-        taken.insert(ip("192.168.5.6"));
+        // .6, the other host, is the resolver's.
         assert_eq!(lowest_free(n, &taken), None);
+        assert_eq!(capacity(n), 1);
     }
 
     #[test]
@@ -212,7 +306,8 @@ mod tests {
 
     #[test]
     fn exhausted_pool_reuses_the_address_held_longest() {
-        // A /29 has six hosts: .1 and .2 are held, the rest taken.
+        // A /29 has six hosts: .1 and .2 are held, the rest taken (.6 is the
+        // resolver's, and taken by a node from before the reservation).
         let n = net("10.0.0.0/29");
         let taken: BTreeSet<_> = ["10.0.0.3", "10.0.0.4", "10.0.0.5", "10.0.0.6"]
             .iter()
