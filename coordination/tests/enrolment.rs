@@ -336,11 +336,12 @@ async fn invalid_public_key_hostname_or_body_is_400() {
 
 #[tokio::test]
 async fn full_pool_is_409_pool_exhausted() {
-    let srv = TestServer::start_with(|c| c.network = "10.5.0.0/30".parse().unwrap()).await;
-    let a = srv.new_node("a").await;
-    let b = srv.new_node("b").await;
-    assert_eq!(a.mesh_ip.to_string(), "10.5.0.1");
-    assert_eq!(b.mesh_ip.to_string(), "10.5.0.2");
+    // A /29: six hosts, .6 the mesh resolver's, five for nodes.
+    let srv = TestServer::start_with(|c| c.network = "10.5.0.0/29".parse().unwrap()).await;
+    for i in 1..=5 {
+        let node = srv.new_node(&format!("n{i}")).await;
+        assert_eq!(node.mesh_ip.to_string(), format!("10.5.0.{i}"));
+    }
     let key = srv.create_key(true);
     let (status, body) = srv.register(&key, &NodeKey::random(), "c").await;
     assert_eq!(status, 409);
