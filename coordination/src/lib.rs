@@ -9,7 +9,8 @@
 //! |---|---|
 //! | [`config`] | TOML file, flags, resolved settings and limits |
 //! | [`store`] (keys and enrolment in `store_keys.rs`, `store_register.rs`), [`migrations`] | SQLite: nodes, keys, credentials, removals, held addresses |
-//! | [`ipam`] | sans-IO mesh address allocation |
+//! | [`ipam`] | sans-IO mesh address allocation, the resolver's reserved address |
+//! | [`dns`] | the mesh DNS settings nodes get: domain, resolver, extra records |
 //! | [`auth`] | secrets, hashing, TURN REST credentials |
 //! | [`challenge`] | stateless registration challenges (MAC + issue time), single use |
 //! | [`validate`] | public key and hostname checks |
@@ -32,6 +33,7 @@ pub mod cli;
 mod cli_policy;
 pub mod config;
 pub mod conn_limit;
+pub mod dns;
 pub mod http;
 pub mod http_server;
 pub mod hub;
