@@ -295,7 +295,10 @@ impl PeerFilter {
                     local: id,
                     remote: 0,
                 };
-                return pass_if(touch(&mut self.flows, key, dir, now, false));
+                // A reply whose request opened no flow (the table was full)
+                // passes where the peer may ping us anyway.
+                let known = touch(&mut self.flows, key, dir, now, false);
+                return pass_if(known || rules.allows(Proto::Icmp, 0));
             }
             Shape::Error { proto, src, dst } => {
                 // The quoted packet went the other way.
@@ -311,7 +314,7 @@ impl PeerFilter {
                     },
                     _ => oriented(proto, src, dst, back),
                 };
-                return pass_if(self.flows.contains_key(&key));
+                return pass_if(self.flows.contains_key(&key) || rules.any);
             }
             Shape::Fragment(proto) => return pass_if(rules.allows_all(proto)),
             Shape::Other => return pass_if(rules.any),

@@ -107,7 +107,23 @@ fn pings_pass_one_way_and_their_replies_come_back() {
     assert_eq!(f.check(&echo(0, 7), Out, 0, true), Verdict::Pass);
     // We may not ping the peer, and an unasked-for reply does not come in.
     assert_eq!(f.check(&echo(8, 9), Out, 0, true), Verdict::Drop);
-    assert_eq!(f.check(&echo(0, 9), In, 0, true), Verdict::Drop);
+    assert_eq!(f.check(&echo(0, 9), Out, 0, true), Verdict::Drop);
+    let mut client = PeerFilter::new(
+        Some(PeerAccess {
+            inbound: Ports::default(),
+            outbound: ports(&[], &[], true),
+        }),
+        Arc::new(AtomicUsize::new(0)),
+    );
+    assert_eq!(client.check(&echo(0, 9), In, 0, true), Verdict::Drop);
+}
+
+#[test]
+fn a_reply_whose_request_went_unrecorded_passes_where_the_peer_may_ping_us() {
+    let mut f = server_side();
+    // No flow for id 5 (say the table was full when we asked): the peer may
+    // ping us (an icmp rule), so its reply may come in too.
+    assert_eq!(f.check(&echo(0, 5), In, 0, true), Verdict::Pass);
 }
 
 #[test]
