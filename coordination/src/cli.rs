@@ -120,6 +120,12 @@ pub struct ServeArgs {
     /// Maximum concurrent node sessions [default: 20000].
     #[arg(long, value_name = "N")]
     pub max_sessions: Option<usize>,
+    /// Domain of the mesh's names: nodes resolve NAME.DOMAIN [default: overlay.internal].
+    #[arg(long, value_name = "DOMAIN")]
+    pub dns_domain: Option<String>,
+    /// Turn the nodes' mesh resolver off (the resolver address stays reserved).
+    #[arg(long, conflicts_with = "dns_domain")]
+    pub no_dns: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -271,6 +277,8 @@ pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<Config> {
         tls_key: args.tls_key.clone(),
         allow_http: args.allow_http,
         max_sessions: args.max_sessions,
+        dns_domain: args.dns_domain.clone(),
+        no_dns: args.no_dns,
     };
     let file = match (&cli.config, file) {
         (Some(path), Some(f)) => Some((path.as_path(), f)),

@@ -4,14 +4,17 @@
 //! Precedence is flag > file > embedded default. Every file error names the
 //! file, and `toml` adds the line, column and key.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
 use overlay_proto::config_file;
 pub use overlay_proto::config_file::ConfigError;
+use overlay_proto::coord::DnsConfig;
 use serde::Deserialize;
+
+use crate::dns;
 
 /// Default address of the HTTP/WebSocket listener.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -60,6 +63,29 @@ pub struct FileConfig {
     pub conns_per_ip: Option<usize>,
     #[serde(default)]
     pub turn: FileTurn,
+    #[serde(default)]
+    pub dns: FileDns,
+}
+
+/// `[dns]`: the mesh's names.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDns {
+    /// `false` turns the nodes' resolver off (like `--no-dns`).
+    pub enabled: Option<bool>,
+    pub domain: Option<String>,
+    #[serde(default)]
+    pub records: Vec<FileDnsRecord>,
+}
+
+/// `[[dns.records]]`: a name under the domain for an address of the
+/// administrator's choosing (a service behind a node, a host off the mesh).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDnsRecord {
+    /// Relative to the domain (`grafana`) or under it (`grafana.overlay.internal`).
+    pub name: String,
+    pub ip: Ipv4Addr,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -104,6 +130,8 @@ pub struct Overrides {
     pub tls_key: Option<PathBuf>,
     pub allow_http: bool,
     pub max_sessions: Option<usize>,
+    pub dns_domain: Option<String>,
+    pub no_dns: bool,
 }
 
 /// The resolved configuration of `serve`.
@@ -118,6 +146,9 @@ pub struct Config {
     pub transport: Transport,
     pub turn: TurnConfig,
     pub limits: Limits,
+    /// What every node is sent after its netmap; `None` turns the nodes'
+    /// resolver off (the address stays reserved: see [`crate::ipam`]).
+    pub dns: Option<DnsConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -352,6 +383,31 @@ impl Config {
             }
         }
 
+        let dns_enabled = !flags.no_dns && file.dns.enabled.unwrap_or(true);
+        let dns = if dns_enabled {
+            let domain = match (flags.dns_domain, file.dns.domain) {
+                (Some(text), _) => dns::domain(&text)
+                    .map_err(|e| ConfigError::Invalid(format!("--dns-domain: {e}")))?,
+                (None, Some(text)) => dns::domain(&text).map_err(|e| bad_key("dns.domain", e))?,
+                (None, None) => dns::DEFAULT_DOMAIN.to_owned(),
+            };
+            let records: Vec<(String, Ipv4Addr)> = file
+                .dns
+                .records
+                .into_iter()
+                .map(|r| (r.name, r.ip))
+                .collect();
+            if crate::ipam::resolver_addr(network).is_none() {
+                return Err(ConfigError::Invalid(format!(
+                    "the network {network} has no address to spare for the mesh resolver: \
+                     give a /30 or larger, or --no-dns (`dns.enabled = false`)"
+                )));
+            }
+            Some(dns::config(domain, &records, network).map_err(|e| bad_key("dns.records", e))?)
+        } else {
+            None
+        };
+
         Ok(Config {
             listen,
             state_dir,
@@ -360,6 +416,7 @@ impl Config {
             transport,
             turn,
             limits,
+            dns,
         })
     }
 

@@ -201,3 +201,131 @@ fn connection_and_allocation_bounds_come_from_the_file_and_must_be_positive() {
         assert!(err.contains("must be at least 1"), "{zero}: {err}");
     }
 }
+
+#[test]
+fn dns_is_on_by_default_with_the_internal_domain_and_100_100_100_100() {
+    let c = Config::resolve(None, flags_http()).unwrap();
+    let dns = c.dns.expect("DNS on by default");
+    assert_eq!(dns.domain, "overlay.internal");
+    assert_eq!(
+        dns.resolver,
+        "100.100.100.100".parse::<std::net::Ipv4Addr>().unwrap()
+    );
+    assert!(dns.records.is_empty());
+}
+
+#[test]
+fn dns_domain_flag_overrides_the_file_and_records_come_from_the_file() {
+    let path = Path::new("c.toml");
+    let text = r#"
+network = "10.20.0.0/16"
+[dns]
+domain = "file.internal"
+[[dns.records]]
+name = "grafana"
+ip = "10.20.0.9"
+[[dns.records]]
+name = "Wiki.Corp.Internal."
+ip = "192.0.2.80"
+"#;
+    let file = parse_file(path, text).unwrap();
+    let flags = Overrides {
+        dns_domain: Some("Corp.Internal".into()),
+        ..flags_http()
+    };
+    let dns = Config::resolve(Some((path, file)), flags)
+        .unwrap()
+        .dns
+        .unwrap();
+    assert_eq!(dns.domain, "corp.internal");
+    assert_eq!(dns.resolver.to_string(), "10.20.255.254");
+    let names: Vec<_> = dns
+        .records
+        .iter()
+        .map(|r| (r.name.as_str(), r.ip.to_string()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("grafana.corp.internal", "10.20.0.9".to_string()),
+            ("wiki.corp.internal", "192.0.2.80".to_string())
+        ]
+    );
+    let file = parse_file(path, text).unwrap();
+    let dns = Config::resolve(Some((path, file)), flags_http())
+        .unwrap()
+        .dns
+        .unwrap();
+    assert_eq!(dns.domain, "file.internal");
+}
+
+#[test]
+fn no_dns_flag_or_key_turns_dns_off() {
+    let flags = Overrides {
+        no_dns: true,
+        ..flags_http()
+    };
+    assert!(Config::resolve(None, flags).unwrap().dns.is_none());
+    let path = Path::new("c.toml");
+    let file = parse_file(path, "[dns]\nenabled = false\n").unwrap();
+    assert!(Config::resolve(Some((path, file)), flags_http())
+        .unwrap()
+        .dns
+        .is_none());
+    // Off, a network too small for the resolver is fine.
+    let flags = Overrides {
+        no_dns: true,
+        network: Some("10.0.0.0/31".parse().unwrap()),
+        ..flags_http()
+    };
+    assert!(Config::resolve(None, flags).unwrap().dns.is_none());
+}
+
+#[test]
+fn bad_dns_settings_name_the_flag_or_key() {
+    let flags = Overrides {
+        dns_domain: Some("my_mesh.internal".into()),
+        ..flags_http()
+    };
+    let e = Config::resolve(None, flags).unwrap_err().to_string();
+    assert!(e.contains("--dns-domain") && e.contains('_'), "{e}");
+
+    let path = Path::new("c.toml");
+    let file = parse_file(path, "[dns]\ndomain = \"a..b\"\n").unwrap();
+    let e = Config::resolve(Some((path, file)), flags_http())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("c.toml") && e.contains("dns.domain"), "{e}");
+
+    let file = parse_file(
+        path,
+        "[[dns.records]]\nname = \"bad name\"\nip = \"10.0.0.1\"\n",
+    )
+    .unwrap();
+    let e = Config::resolve(Some((path, file)), flags_http())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("dns.records") && e.contains("bad name"), "{e}");
+
+    let file = parse_file(
+        path,
+        "[[dns.records]]\nname = \"overlay.internal\"\nip = \"10.0.0.1\"\n",
+    )
+    .unwrap();
+    let e = Config::resolve(Some((path, file)), flags_http())
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("domain itself"), "{e}");
+
+    let e = parse_file(path, "[[dns.records]]\nname = \"x\"\nip = \"fd00::1\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("ip"), "{e}");
+
+    let flags = Overrides {
+        network: Some("10.0.0.0/31".parse().unwrap()),
+        ..flags_http()
+    };
+    let e = Config::resolve(None, flags).unwrap_err().to_string();
+    assert!(e.contains("10.0.0.0/31") && e.contains("--no-dns"), "{e}");
+}

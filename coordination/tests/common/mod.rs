@@ -66,6 +66,14 @@ pub fn config(state_dir: &TempDir) -> Config {
             store_poll: Duration::from_millis(100),
             ..Limits::default()
         },
+        dns: Some(
+            overlay_coord::dns::config(
+                overlay_coord::dns::DEFAULT_DOMAIN.into(),
+                &[],
+                "100.64.0.0/10".parse().unwrap(),
+            )
+            .unwrap(),
+        ),
     }
 }
 
