@@ -22,15 +22,19 @@
 //! | `local_api_request` | `local_api::parse_request` | local users in the socket's group |
 //! | `daemon_config` | `overlayd` TOML + `Config::resolve` | the administrator |
 //! | `coord_config` | `overlay-coord` TOML + `Config::resolve` | the administrator |
+//! | `dns_query` | `dns::respond` (UDP and TCP), `dns::tcp::TcpDns` | any local program (the mesh resolver) |
+//! | `flow_filter` | `dataplane::filter::PeerFilter::check` | peers (decrypted packets), local traffic |
 
 mod config;
 mod control;
+mod dns;
 mod packets;
 mod seal;
 mod stun;
 
 pub use config::{coord_config, daemon_config};
 pub use control::{control_msg, local_api_request, register_body, relay_frame};
+pub use dns::{dns_query, flow_filter};
 pub use packets::{gro_coalesce, ipv4_icmp, tun_segment};
 pub use seal::{sealed_plaintext, sealed_signal};
 pub use stun::{stun_filter, stun_message};
@@ -53,6 +57,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("local_api_request", local_api_request),
     ("daemon_config", daemon_config),
     ("coord_config", coord_config),
+    ("dns_query", dns_query),
+    ("flow_filter", flow_filter),
 ];
 
 /// The Internet checksum of `data` folded to 16 bits, *not* complemented:
