@@ -9,6 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::ws::Utf8Bytes;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -16,6 +17,7 @@ use tracing::{info, warn};
 
 use crate::auth::{self, SecretFileError};
 use crate::config::{Config, Transport};
+use crate::dns;
 use crate::http::{self, AppState};
 use crate::http_server;
 use crate::hub::Hub;
@@ -166,6 +168,21 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     })?;
 
     let node_count = nodes.len();
+    // IPAM never hands the resolver's address out, but a store from before
+    // the reservation may have: every peer would take that node's address for
+    // the resolver. Moving the resolver instead would surprise every node and
+    // its users, so keep it and say what to do.
+    if let Some(resolver) = config.dns.as_ref().map(|d| d.resolver) {
+        if let Some(n) = nodes.iter().find(|n| n.mesh_ip == resolver) {
+            warn!(
+                node = n.id,
+                "node {} holds {resolver}, the mesh resolver's address, so its peers cannot reach it there: \
+                 `overlay-coord nodes remove {}` and enrol it again for another address",
+                n.name,
+                n.name
+            );
+        }
+    }
     let hub = Arc::new(Hub::new(
         nodes.iter().map(|n| n.peer_info()).collect(),
         Arc::clone(&metrics),
@@ -263,6 +280,7 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
             metrics: Arc::clone(&metrics),
             ice,
             network,
+            dns: Utf8Bytes::from(dns::message(config.dns.as_ref())),
             limits: config.limits.clone(),
             shutdown: shutdown_rx.clone(),
             done: done_tx,
@@ -302,6 +320,7 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         network = %network,
         state_dir = %config.state_dir.display(),
         nodes = node_count,
+        dns = %config.dns.as_ref().map(|d| format!("{} on {}, {} records", d.domain, d.resolver, d.records.len())).unwrap_or_else(|| "off".into()),
         stun_turn = %turn_addr.map(|a| format!("{announced}:{}", a.port())).unwrap_or_else(|| "external only".into()),
         max_sessions = config.limits.max_sessions,
         "overlay-coord ready"

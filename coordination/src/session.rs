@@ -65,6 +65,9 @@ pub struct SessionContext {
     pub metrics: Arc<Metrics>,
     pub ice: Arc<IceSettings>,
     pub network: Ipv4Net,
+    /// `ServerMsg::Dns`, written once at start: every node gets the same,
+    /// after its netmap.
+    pub dns: Utf8Bytes,
     pub limits: Limits,
     pub shutdown: watch::Receiver<bool>,
     /// Dropped when the session ends; the server waits for all of them.
@@ -231,6 +234,14 @@ impl Session {
                 None => break,
             }
             first = false;
+        }
+        // After the netmap, so the node has the names the settings are for.
+        if self
+            .send(Message::Text(self.ctx.dns.clone()))
+            .await
+            .is_err()
+        {
+            return "write failed".into();
         }
 
         let mut ping = tokio::time::interval(self.ctx.limits.ping_interval);
