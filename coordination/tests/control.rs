@@ -118,6 +118,13 @@ async fn a_large_netmap_arrives_in_parts_before_any_delta() {
     assert!(parts > 3, "{parts} parts");
     seen.sort_unstable();
     assert_eq!(seen, others, "every other node exactly once, not itself");
+    assert!(
+        matches!(
+            node.next().await,
+            Event::Msg(ServerMsg::Dns { dns: Some(_) })
+        ),
+        "the DNS settings come right after the last part, before any delta"
+    );
     node.expect_msg(
         "the late join",
         |m| matches!(m, ServerMsg::PeerUpsert { peer } if peer.id == late.node_id),
