@@ -23,9 +23,9 @@ if ! command -v cargo >/dev/null 2>&1 && [ -n "${SUDO_USER:-}" ]; then
 fi
 command -v cargo >/dev/null 2>&1 || { echo "tests/run.sh: cargo not found in PATH" >&2; exit 1; }
 
-for tool in ip nft ping tcpdump ss; do
+for tool in ip nft ping tcpdump ss dig dnsmasq; do
     command -v "$tool" >/dev/null 2>&1 || {
-        echo "tests/run.sh: '$tool' is missing; install iproute2 nftables iputils-ping tcpdump (see .ci/run)" >&2
+        echo "tests/run.sh: '$tool' is missing; install iproute2 nftables iputils-ping tcpdump dnsutils dnsmasq (see .ci/run)" >&2
         exit 1
     }
 done

@@ -213,6 +213,11 @@ def report(path):
         "every 10 ms); start -> direct path: until both daemons report path_kind == \"direct\"\n"
         "in `overlayctl peers --json` (polled every 50 ms)."
     )
+    dns = results.get("dns", {})
+    if dns.get("answered"):
+        print(f"mesh resolver: {dns.get('sent')} A queries from node a (32 in flight, UDP): "
+              f"{dns.get('answered')} answered ({dns.get('errors')} errors), {dns.get('qps')} queries/s, "
+              f"latency p50 {dns.get('p50_ms')} ms, p99 {dns.get('p99_ms')} ms, max {dns.get('max_ms')} ms")
     for system, note in notes:
         print(f"note [{system}]: {note}")
 

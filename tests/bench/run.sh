@@ -270,7 +270,8 @@ overlay_bins() {
         BIN=$OVERLAY_BIN_DIR
     else
         log "building overlay (release)"
-        (cd "$ROOT" && cargo build --release -j2 -p overlayd -p overlay-coord -p overlayctl) \
+        (cd "$ROOT" && cargo build --release -j2 -p overlayd -p overlay-coord -p overlayctl \
+            -p overlay-tests --bin dns_load) \
             >"$WORK/logs/cargo.log" 2>&1 ||
             { note overlay "release build failed: $(grep -m1 -E '^error' "$WORK/logs/cargo.log")"; return 1; }
         BIN=$ROOT/target/release
@@ -382,8 +383,25 @@ phase_overlay() {
     else
         note overlay "a's path to b changed during the measurement: $before -> $after"
     fi
+    measure_dns "$sock_a"
     measure_policy "$dir" "$sock_a" "$pid_a" "$pid_b"
     stop_pids ovld
+}
+
+# measure_dns SOCK_A: 10,000 queries from node a to its mesh resolver for b's name.
+measure_dns() {
+    local sock_a=$1 resolver out
+    [[ -x $BIN/dns_load ]] || { note dns "dns_load missing in $BIN"; return 0; }
+    resolver=$(in_a "$BIN/overlayctl" --socket "$sock_a" status --json 2>/dev/null |
+        python3 -c 'import json,sys; print((json.load(sys.stdin).get("dns") or {}).get("resolver") or "")')
+    [[ -n $resolver ]] || { note dns "the coordinator sent no DNS settings"; return 0; }
+    log "dns: 10000 queries to $resolver"
+    out=$(in_a "$BIN/dns_load" "$resolver:53" h2.overlay.internal 10000 32) ||
+        { note dns "dns_load failed"; return 0; }
+    local k
+    for k in sent answered errors qps p50_ms p99_ms max_ms; do
+        put dns "$k" "$(field "$k" <<<"$out")"
+    done
 }
 
 # policy_100: an access policy of 100 rules, all naming h1 and h2 (so all of

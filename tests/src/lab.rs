@@ -145,6 +145,9 @@ pub struct Lab {
     _lock: MutexGuard<'static, ()>,
 }
 
+/// Where `ip netns exec` finds a namespace's own /etc files.
+const NETNS_ETC: &str = "/etc/netns";
+
 /// Runs one lab test: creates the [`Lab`], runs `test`, and on failure prints the
 /// tail of every process log before failing with the error.
 ///
@@ -388,6 +391,18 @@ impl Lab {
         Ok(proc)
     }
 
+    /// Gives `host` its own `/etc/resolv.conf`: `ip netns exec` bind-mounts
+    /// `/etc/netns/<ns>/resolv.conf` over it for every command run in the
+    /// host. Removed with the lab. Returns the file's path (as seen from
+    /// outside the host).
+    pub fn resolv_conf(&self, host: &Host, text: &str) -> anyhow::Result<PathBuf> {
+        let dir = Path::new(NETNS_ETC).join(&host.ns);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let path = dir.join("resolv.conf");
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        Ok(path)
+    }
+
     /// Loads an nftables ruleset into `host`'s namespace.
     pub fn nft(&self, host: &Host, ruleset: &str) -> anyhow::Result<()> {
         let file = self.dir.join(format!("nft-{}.conf", host.name));
@@ -532,6 +547,8 @@ fn remove_lab(prefix: &str, namespaces: &[String], dir: Option<&Path>) {
         if let Err(err) = process::checked(Command::new("ip").args(["netns", "del", ns])) {
             eprintln!("lab {prefix} cleanup: {err:#}");
         }
+        // Per-namespace /etc files (see `Lab::resolv_conf`).
+        let _ = std::fs::remove_dir_all(Path::new(NETNS_ETC).join(ns));
     }
     if let Some(dir) = dir {
         let _ = std::fs::remove_dir_all(dir);

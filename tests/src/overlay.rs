@@ -167,6 +167,11 @@ impl Daemon {
         if let Some(key) = auth_key {
             cmd.args(["--auth-key", key]);
         }
+        // Lab daemons never touch the machine's DNS (systemd-resolved is the
+        // host's, not the namespace's); a test that wants a mode says so.
+        if !self.extra_args.iter().any(|a| a == "--dns") {
+            cmd.args(["--dns", "off"]);
+        }
         cmd.args(&self.extra_args);
         cmd.envs(self.extra_env.iter().map(|(k, v)| (k, v)));
         self.starts += 1;

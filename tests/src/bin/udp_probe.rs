@@ -9,6 +9,10 @@
 //!                                       gives up after WAIT_MS (default 3000)
 //! udp_probe flood IP FIRST_PORT COUNT   one UDP datagram to each of COUNT ports from
 //!                                       FIRST_PORT up (wrapping): a flood of new flows
+//! udp_probe garbage TARGET COUNT        COUNT malformed DNS queries over UDP (truncated
+//!                                       headers, a compression loop, random bytes), then
+//!                                       a TCP connection announcing a 64 KiB query it
+//!                                       never finishes
 //! ```
 //!
 //! `send` and `tcp` exit 2 when a target does not answer, 1 on usage errors. It is
@@ -37,12 +41,13 @@ fn main() -> ExitCode {
             Err(_) => Err(Failure::Usage),
         },
         Some("flood") if args.len() == 4 => flood(&args[1], &args[2], &args[3]),
+        Some("garbage") if args.len() == 3 => garbage(&args[1], &args[2]),
         _ => Err(Failure::Usage),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Usage) => {
-            eprintln!("usage: udp_probe serve IP:PORT | send LOCAL_PORT TARGET... | tcp TARGET [WAIT_MS] | flood IP FIRST_PORT COUNT");
+            eprintln!("usage: udp_probe serve IP:PORT | send LOCAL_PORT TARGET... | tcp TARGET [WAIT_MS] | flood IP FIRST_PORT COUNT | garbage TARGET COUNT");
             ExitCode::from(1)
         }
         Err(Failure::Error(message)) => {
@@ -175,5 +180,42 @@ fn flood(ip: &str, first: &str, count: &str) -> Result<(), Failure> {
         }
     }
     println!("sent {sent} of {count}");
+    Ok(())
+}
+
+fn garbage(target: &str, count: &str) -> Result<(), Failure> {
+    let target = addr(target)?;
+    let count: u32 = count.parse().map_err(|_| Failure::Usage)?;
+    let socket = UdpSocket::bind("0.0.0.0:0").map_err(|e| err("bind", e))?;
+    let header = |qd: u16| {
+        let mut h = vec![0x12, 0x34, 0x01, 0x00];
+        h.extend_from_slice(&qd.to_be_bytes());
+        h.extend_from_slice(&[0; 6]);
+        h
+    };
+    let mut looped = header(1);
+    looped.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+    let mut many = header(u16::MAX);
+    many.extend_from_slice(&[1, b'a', 0, 0, 1, 0, 1]);
+    let fixed: Vec<Vec<u8>> = vec![vec![0x12], header(1)[..7].to_vec(), looped, many];
+    let mut seed = 0x9e37_79b9_u64;
+    for i in 0..count {
+        let datagram = match fixed.get(i as usize) {
+            Some(d) => d.clone(),
+            None => {
+                seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+                let len = 1 + (seed >> 40) as usize % 600;
+                (0..len)
+                    .map(|j| (seed.rotate_left(j as u32 % 64) >> 7) as u8)
+                    .collect()
+            }
+        };
+        let _ = socket.send_to(&datagram, target);
+    }
+    // A TCP query that announces 65,535 bytes and stops after a few.
+    if let Ok(mut stream) = TcpStream::connect_timeout(&target, TCP_WAIT) {
+        let _ = stream.write_all(&[0xff, 0xff, 1, 2, 3]);
+    }
+    println!("sent {count} datagrams and one unfinished TCP query");
     Ok(())
 }
