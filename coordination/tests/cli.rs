@@ -110,6 +110,10 @@ impl Drop for Serving {
 }
 
 fn serve(dir: &Path) -> Serving {
+    serve_with(dir, &[])
+}
+
+fn serve_with(dir: &Path, extra: &[&str]) -> Serving {
     let mut child = Command::new(BIN)
         .args([
             "serve",
@@ -119,6 +123,7 @@ fn serve(dir: &Path) -> Serving {
             "--stun-port",
             "0",
         ])
+        .args(extra)
         .arg("--state-dir")
         .arg(dir)
         .env("RUST_LOG", "info")
@@ -254,4 +259,69 @@ async fn revoke_with_remove_nodes_removes_the_keys_nodes_and_closes_their_sessio
         help.contains("--remove-nodes") && help.contains("stay"),
         "{help}"
     );
+}
+
+/// Issue 11: `--dns-domain` and `--no-dns` reach the nodes; a bad domain is
+/// one line that names the flag.
+#[tokio::test]
+async fn serve_tells_nodes_the_dns_domain_or_that_dns_is_off() {
+    for (extra, expected) in [
+        (
+            &["--dns-domain", "Corp.Internal."][..],
+            Some("corp.internal"),
+        ),
+        (&["--no-dns"][..], None),
+    ] {
+        let dir = temp_dir("cli-dns");
+        let key = stdout(&run(dir.path(), &["keys", "create"]))
+            .trim()
+            .to_string();
+        let serving = serve_with(dir.path(), extra);
+        let reg = register_at(serving.addr, &key, &NodeKey::random(), "n").await;
+        let mut node = Node::connect(serving.addr, reg.node_id, &reg.credential)
+            .await
+            .unwrap();
+        node.welcome().await;
+        let got = match node.next().await {
+            Event::Msg(ServerMsg::Dns { dns }) => dns,
+            other => panic!("{extra:?}: {other:?} after the Welcome"),
+        };
+        match (got, expected) {
+            (Some(dns), Some(domain)) => {
+                assert_eq!(dns.domain, domain);
+                assert_eq!(dns.resolver.to_string(), "100.100.100.100");
+            }
+            (None, None) => {}
+            (got, _) => panic!("{extra:?}: {got:?}"),
+        }
+    }
+
+    let dir = temp_dir("cli-dns-bad");
+    let o = run(
+        dir.path(),
+        &[
+            "serve",
+            "--allow-http",
+            "--listen",
+            "127.0.0.1:0",
+            "--dns-domain",
+            "my_mesh.internal",
+        ],
+    );
+    let err = stderr(&o);
+    assert!(!o.status.success());
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--dns-domain") && err.contains("`_`"), "{err}");
+    let o = run(
+        dir.path(),
+        &[
+            "serve",
+            "--allow-http",
+            "--no-dns",
+            "--dns-domain",
+            "x.internal",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--no-dns"), "{}", stderr(&o));
 }
