@@ -163,6 +163,9 @@ fn example_config_parses() {
         DEFAULT_TURN_ALLOCATIONS_PER_USER
     );
     assert_eq!(c.limits.conns_per_ip, DEFAULT_CONNS_PER_IP);
+    let dns = c.dns.expect("DNS on in the example");
+    assert_eq!(dns.domain, "overlay.internal");
+    assert_eq!(dns.records[0].name, "grafana.overlay.internal");
 }
 
 #[test]
