@@ -38,6 +38,7 @@ pub mod filter;
 pub mod icmp;
 pub mod offload;
 pub mod peer;
+mod policy;
 pub mod resolver;
 mod rx;
 pub mod tun_coalesce;
@@ -45,10 +46,8 @@ pub mod tun_device;
 pub mod udp_batch;
 pub use rx::{Destinations, RxScratch};
 
-use filter::{Direction, PeerFilter, Verdict};
+use filter::Direction;
 use peer::{lock, Peer};
-
-use crate::node::access::PeerAccess;
 
 /// Large enough for any IP packet plus WireGuard's overhead: boringtun panics on
 /// a short buffer, so every buffer handed to it has this size.
@@ -191,50 +190,6 @@ impl DataPlane {
             clock: AtomicU32::new(0),
             started: std::time::Instant::now(),
             resolver: Default::default(),
-        }
-    }
-
-    /// A filter for a new peer, with what the policy lets through with it.
-    pub fn new_filter(&self, access: Option<PeerAccess>) -> PeerFilter {
-        PeerFilter::new(access, self.flows.clone())
-    }
-
-    /// The policy towards `peer` changed: enforced from the next packet on.
-    pub fn set_access(&self, peer: &Peer, access: Option<PeerAccess>) {
-        let mut filter = lock(&peer.filter);
-        peer.filtered.store(access.is_some(), Ordering::Relaxed);
-        filter.set_access(access, self.sender_filter);
-    }
-
-    /// Flows all filters track, and the cap.
-    pub fn flow_count(&self) -> (usize, usize) {
-        (self.flows.load(Ordering::Relaxed), filter::TOTAL_FLOWS)
-    }
-
-    /// Whether the policy lets `packet` pass between us and `peer`, counting
-    /// what it refuses. Costs one atomic load when no policy is in force.
-    #[inline]
-    fn admits(&self, peer: &Peer, packet: &[u8], dir: Direction) -> bool {
-        if !peer.filtered.load(Ordering::Relaxed) {
-            return true;
-        }
-        let now = self.clock.load(Ordering::Relaxed);
-        let verdict = lock(&peer.filter).check(packet, dir, now, self.sender_filter);
-        match verdict {
-            Verdict::Pass => true,
-            Verdict::PassUnrecorded => {
-                self.drops.flow_table_full.fetch_add(1, Ordering::Relaxed);
-                true
-            }
-            Verdict::Drop => {
-                let (total, mine) = match dir {
-                    Direction::In => (&self.drops.policy, &peer.dropped_policy),
-                    Direction::Out => (&self.drops.policy_out, &peer.dropped_policy_out),
-                };
-                total.fetch_add(1, Ordering::Relaxed);
-                mine.fetch_add(1, Ordering::Relaxed);
-                false
-            }
         }
     }
 
