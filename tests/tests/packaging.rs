@@ -69,6 +69,7 @@ fn daemon_example_config_documents_every_key() {
         "mtu",
         "ca_cert",
         "metrics_listen",
+        "dns",
         "log",
     ]);
     assert_eq!(keys, expected);
@@ -97,6 +98,10 @@ fn coordinator_example_config_documents_every_key() {
         "turn.max_allocations",
         "turn.external.urls",
         "turn.external.secret",
+        "dns.enabled",
+        "dns.domain",
+        "dns.records.name",
+        "dns.records.ip",
     ]);
     assert_eq!(keys, expected);
 }
