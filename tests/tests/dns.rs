@@ -126,7 +126,7 @@ fn peers_resolve_by_name_and_the_hosts_resolv_conf_comes_back_intact() {
         let key = coord.create_key(lab)?;
 
         // The "ISP" resolver names in its original resolv.conf.
-        let upstream = lab.host("upstream")?;
+        let upstream = lab.host("isp")?;
         let upstream_ip = lab.attach(&upstream, &lan)?.ip;
         let mut dnsmasq = Command::new("dnsmasq");
         dnsmasq.args([
