@@ -7,10 +7,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::Context;
-
 use crate::lab::{Host, Lab};
-use crate::overlay::udp_listening;
 use crate::process::Proc;
 use crate::wait::{fatal, wait_until, Wait};
 
@@ -55,13 +52,26 @@ impl Coturn {
             .args(["--pidfile", &file("turnserver.pid")])
             .args(["--userdb", &file("turndb")]);
         let mut proc = lab.spawn(host, &format!("coturn-{}", host.name), cmd)?;
-        let port = TURN_PORT.to_string();
+        let listener = format!("{ip}:{TURN_PORT}");
+        // coturn's own word, not just "something listens on the port": when
+        // another program holds it (overlay-coord's netcheck STUN port did),
+        // coturn keeps running and retrying the bind without a UDP listener.
         wait_until(START_TIMEOUT, "coturn to listen", || {
             proc.ensure_running().map_err(fatal)?;
-            if udp_listening(lab, host, &port).context("checking coturn's listener")? {
+            let log = proc.log();
+            if log
+                .lines()
+                .any(|l| l.contains("UDP listener opened on") && l.contains(&listener))
+            {
                 Ok(())
+            } else if log.contains("Cannot bind") {
+                Err(fatal(anyhow::anyhow!(
+                    "coturn cannot bind UDP {listener}: another program holds it"
+                )))
             } else {
-                Err(Wait::NotYet(format!("nothing listens on UDP port {port}")))
+                Err(Wait::NotYet(format!(
+                    "no UDP listener on {listener} logged"
+                )))
             }
         })?;
         Ok(Coturn {
@@ -73,11 +83,22 @@ impl Coturn {
 
     /// The URL overlay-coord announces for this server.
     pub fn turn_url(&self) -> String {
-        format!("turn:{}:{TURN_PORT}?transport=udp", self.ip)
+        turn_url(self.ip)
     }
 
     /// The STUN URL of this server (coturn answers Binding requests too).
     pub fn stun_url(&self) -> String {
-        format!("stun:{}:{TURN_PORT}", self.ip)
+        stun_url(self.ip)
     }
+}
+
+/// The TURN URL of a coturn on `ip`, for configuring a coordinator before the
+/// server runs.
+pub fn turn_url(ip: Ipv4Addr) -> String {
+    format!("turn:{ip}:{TURN_PORT}?transport=udp")
+}
+
+/// The STUN URL of a coturn on `ip`.
+pub fn stun_url(ip: Ipv4Addr) -> String {
+    format!("stun:{ip}:{TURN_PORT}")
 }

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!   coord 203.0.113.1 (HTTP :8080, embedded STUN/TURN udp :3478)   [turn: coturn]
+//!         (or coturn on udp :3478 and the coordinator's netcheck STUN on :3479)
 //!     │
 //!   ──┴────────────── public 203.0.113.0/24 ──────┬─────────────────┬────
 //!                                                agw (NAT)         bgw (NAT)     b (public host)
@@ -17,6 +18,7 @@
 //! | cone NAT      | public host   | direct                        |
 //! | symmetric NAT | symmetric NAT | TURN (embedded)               |
 //! | symmetric NAT | symmetric NAT | TURN (coturn)                 |
+//! | symmetric NAT | symmetric NAT | TURN (coturn on coord's host) |
 //! | UDP blocked   | cone NAT      | coordination relay            |
 //!
 //! Each row prints one `NAT-ROW | …` line with the time from spawning both daemons
@@ -32,6 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use overlay_proto::api::{NetcheckReport, PathKind, PeerStatus, WhyReport};
 use overlay_proto::signal::MappingBehaviour;
+use overlay_tests::coturn;
 use overlay_tests::mesh::describe;
 use overlay_tests::{
     fatal, lab_test, ping_lossless, wait_until, Coordinator, Coturn, Daemon, Host, Lab, NatKind,
@@ -467,42 +470,83 @@ fn symmetric_nats_meet_through_an_external_coturn() {
         let p = public(lab)?;
         let (turn_host, turn_ip) = public_host(lab, &p, "turn")?;
         let coturn = Coturn::start(lab, &turn_host, turn_ip, COTURN_SECRET)?;
-        // The coordinator runs no TURN of its own and hands out coturn's.
-        let config = lab.dir().join("coord-coturn.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[turn]\nembedded = false\nsecret = \"{COTURN_SECRET}\"\n\n\
-                 [[turn.external]]\nurls = [\"{}\", \"{}\"]\n",
-                coturn.stun_url(),
-                coturn.turn_url()
-            ),
-        )
-        .with_context(|| format!("writing {}", config.display()))?;
-        let config = config.to_string_lossy().into_owned();
-        let coord = Coordinator::start(lab, &p.coord_host, p.coord_ip, &["--config", &config])?;
-        let a = behind_nat(lab, &p, "a", NatKind::Symmetric, "a1")?;
-        let b = behind_nat(lab, &p, "b", NatKind::Symmetric, "b1")?;
-        run_row(
-            lab,
-            &coord,
-            Row {
-                a_place: "symmetric NAT",
-                b_place: "symmetric NAT (coturn)",
-                a,
-                b,
-                expect: Expect::Turn(coturn.ip),
-                timeout: TURN_TIMEOUT,
-                a_mapping: Some(MappingBehaviour::EndpointDependent),
-                a_why: Some("both sides are behind NATs that change the port per destination; no direct path is possible; using TURN"),
-            },
-        )?;
-        ensure!(
-            coturn.proc.log().contains("ALLOCATE"),
-            "the mesh used TURN, yet coturn's log shows no allocation"
-        );
-        Ok(())
+        let coord = coordinator_with_coturn(lab, &p, coturn.ip)?;
+        symmetric_pair_over_coturn(lab, &p, &coord, &coturn, "symmetric NAT (coturn)")
     });
+}
+
+/// The most common deployment: coturn on the coordinator's own host and address
+/// (the coordinator's embedded TURN off). The coordinator starts first, as it
+/// may at boot; its netcheck STUN port once took UDP 3478 from coturn, so nodes
+/// sent their TURN allocations to a STUN-only responder and never met.
+#[test]
+fn symmetric_nats_meet_through_coturn_on_the_coordinators_host() {
+    lab_test(|lab| {
+        let p = public(lab)?;
+        let coord = coordinator_with_coturn(lab, &p, p.coord_ip)?;
+        let coturn = Coturn::start(lab, &p.coord_host, p.coord_ip, COTURN_SECRET)?;
+        symmetric_pair_over_coturn(
+            lab,
+            &p,
+            &coord,
+            &coturn,
+            "symmetric NAT (coturn beside coord)",
+        )
+    });
+}
+
+/// Starts the coordinator with no TURN of its own, handing out the coturn on
+/// `coturn_ip` (which need not run yet).
+fn coordinator_with_coturn(
+    lab: &Lab,
+    p: &Public,
+    coturn_ip: Ipv4Addr,
+) -> anyhow::Result<Coordinator> {
+    let config = lab.dir().join("coord-coturn.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[turn]\nembedded = false\nsecret = \"{COTURN_SECRET}\"\n\n\
+             [[turn.external]]\nurls = [\"{}\", \"{}\"]\n",
+            coturn::stun_url(coturn_ip),
+            coturn::turn_url(coturn_ip)
+        ),
+    )
+    .with_context(|| format!("writing {}", config.display()))?;
+    let config = config.to_string_lossy().into_owned();
+    Coordinator::start(lab, &p.coord_host, p.coord_ip, &["--config", &config])
+}
+
+/// Two nodes behind symmetric NATs settle on TURN via `coturn`, and coturn's log
+/// shows the allocation.
+fn symmetric_pair_over_coturn(
+    lab: &Lab,
+    p: &Public,
+    coord: &Coordinator,
+    coturn: &Coturn,
+    b_place: &str,
+) -> anyhow::Result<()> {
+    let a = behind_nat(lab, p, "a", NatKind::Symmetric, "a1")?;
+    let b = behind_nat(lab, p, "b", NatKind::Symmetric, "b1")?;
+    run_row(
+        lab,
+        coord,
+        Row {
+            a_place: "symmetric NAT",
+            b_place,
+            a,
+            b,
+            expect: Expect::Turn(coturn.ip),
+            timeout: TURN_TIMEOUT,
+            a_mapping: Some(MappingBehaviour::EndpointDependent),
+            a_why: Some("both sides are behind NATs that change the port per destination; no direct path is possible; using TURN"),
+        },
+    )?;
+    ensure!(
+        coturn.proc.log().contains("ALLOCATE"),
+        "the mesh used TURN, yet coturn's log shows no allocation"
+    );
+    Ok(())
 }
 
 #[test]
