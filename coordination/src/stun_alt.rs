@@ -11,8 +11,12 @@ use stun::xoraddr::XorMappedAddress;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
+use crate::config::DEFAULT_STUN_PORT;
+
 /// Largest datagram read; a Binding request is 20 bytes plus a few attributes.
 const MAX_DATAGRAM: usize = 1500;
+/// How many ports above the configured one are tried when it is taken.
+const FALLBACK_PORTS: u16 = 8;
 
 pub struct StunResponder {
     local_addr: SocketAddr,
@@ -20,8 +24,20 @@ pub struct StunResponder {
 }
 
 impl StunResponder {
+    /// Listens on `bind`, or, when another program holds that port, on the next
+    /// free one of the [`FALLBACK_PORTS`] above it; [`StunResponder::local_addr`]
+    /// says which, and that is the port to announce. Asked for the STUN/TURN
+    /// standard port ([`DEFAULT_STUN_PORT`]), it starts one above.
+    ///
+    /// The standard port belongs to a real STUN/TURN server. With the embedded
+    /// one off, the port asked for is 3478, where a coturn on the same host (the
+    /// usual deployment) listens. Started first, this responder would hold it and
+    /// coturn could not bind: nodes would send their TURN allocations here, get no
+    /// answer, and two nodes behind symmetric NATs would never meet. Started
+    /// second, it could not bind, and every node's netcheck would lose the second
+    /// port that tells a symmetric NAT from a cone.
     pub async fn start(bind: SocketAddr) -> std::io::Result<StunResponder> {
-        let socket = Arc::new(UdpSocket::bind(bind).await?);
+        let socket = Arc::new(bind_near(bind).await?);
         let local_addr = socket.local_addr()?;
         let task = tokio::spawn(async move {
             let mut buf = vec![0u8; MAX_DATAGRAM];
@@ -49,6 +65,32 @@ impl Drop for StunResponder {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// A UDP socket on `bind` (never on the STUN/TURN standard port), or on the
+/// first free port of the few above it.
+async fn bind_near(mut bind: SocketAddr) -> std::io::Result<UdpSocket> {
+    if bind.port() == DEFAULT_STUN_PORT {
+        bind.set_port(DEFAULT_STUN_PORT + 1);
+    }
+    let taken = match UdpSocket::bind(bind).await {
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && bind.port() != 0 => e,
+        other => return other,
+    };
+    for offset in 1..=FALLBACK_PORTS {
+        let Some(port) = bind.port().checked_add(offset) else {
+            break;
+        };
+        if let Ok(socket) = UdpSocket::bind(SocketAddr::new(bind.ip(), port)).await {
+            tracing::warn!(
+                "UDP port {} is taken (a STUN/TURN server on this host?): \
+                 the netcheck STUN port is {port}",
+                bind.port()
+            );
+            return Ok(socket);
+        }
+    }
+    Err(taken)
 }
 
 /// The Binding success response to `request` from `from`; `None` for anything
@@ -102,6 +144,32 @@ mod tests {
         resp.set_type(BINDING_SUCCESS);
         resp.write_header();
         assert!(answer(&resp.raw, "127.0.0.1:1".parse().unwrap()).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_taken_port_moves_the_responder_to_the_next_free_one() {
+        let holder = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let taken = holder.local_addr().unwrap();
+        let responder = StunResponder::start(taken).await.unwrap();
+        let moved = responder.local_addr();
+        assert_eq!(moved.ip(), taken.ip());
+        assert!(
+            moved.port() > taken.port()
+                && u32::from(moved.port()) <= u32::from(taken.port()) + u32::from(FALLBACK_PORTS),
+            "{moved} after {taken}"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_stun_turn_standard_port_is_left_to_a_real_server() {
+        let asked = SocketAddr::from(([127, 0, 0, 1], DEFAULT_STUN_PORT));
+        // Another test process may hold the port above: anything above will do.
+        let responder = StunResponder::start(asked).await.unwrap();
+        let port = responder.local_addr().port();
+        assert!(
+            port > DEFAULT_STUN_PORT && port <= DEFAULT_STUN_PORT + 1 + FALLBACK_PORTS,
+            "listens on {port}"
+        );
     }
 
     #[tokio::test]
