@@ -45,6 +45,9 @@ pub struct HostDns {
     interface: String,
     resolv_conf: PathBuf,
     backup: PathBuf,
+    /// Where systemd-resolved's runtime directory would be, and its CLI.
+    resolved_dir: PathBuf,
+    resolvectl: PathBuf,
     applied: Mutex<Option<Applied>>,
 }
 
@@ -60,8 +63,17 @@ impl HostDns {
             interface: interface.to_owned(),
             resolv_conf: resolv_conf.to_owned(),
             backup: state_dir.join(BACKUP),
+            resolved_dir: RESOLVED_DIR.into(),
+            resolvectl: "resolvectl".into(),
             applied: Mutex::new(None),
         }
+    }
+
+    /// With another systemd-resolved (tests).
+    pub fn with_resolved(mut self, dir: &Path, resolvectl: &Path) -> Self {
+        self.resolved_dir = dir.to_owned();
+        self.resolvectl = resolvectl.to_owned();
+        self
     }
 
     pub fn mode(&self) -> DnsMode {
@@ -89,18 +101,16 @@ impl HostDns {
         let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
         let (outcome, upstreams) = match self.mode {
             DnsMode::Off => (Applied::Nothing("off (dns = \"off\")".into()), Vec::new()),
-            DnsMode::Auto if Path::new(RESOLVED_DIR).is_dir() => {
-                match self.resolved(domain, resolver) {
-                    Ok(()) => (Applied::Resolved, Vec::new()),
-                    Err(e) => {
-                        tracing::warn!("could not set split DNS through systemd-resolved: {e}");
-                        (
-                            Applied::Nothing(format!("resolvectl failed: {e}")),
-                            Vec::new(),
-                        )
-                    }
+            DnsMode::Auto if self.resolved_dir.is_dir() => match self.resolved(domain, resolver) {
+                Ok(()) => (Applied::Resolved, Vec::new()),
+                Err(e) => {
+                    tracing::warn!("could not set split DNS through systemd-resolved: {e}");
+                    (
+                        Applied::Nothing(format!("resolvectl failed: {e}")),
+                        Vec::new(),
+                    )
                 }
-            }
+            },
             DnsMode::Auto => (
                 Applied::Nothing(format!(
                     "not configured (no systemd-resolved): use dns = \"resolv-conf\", or send \
@@ -142,7 +152,7 @@ impl HostDns {
         let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
         match applied.take() {
             Some(Applied::Resolved) => {
-                let _ = run("resolvectl", &["revert", &self.interface]);
+                let _ = run(&self.resolvectl, &["revert", &self.interface]);
             }
             Some(Applied::ResolvConf) => match self.recover() {
                 Ok(_) => tracing::info!("DNS: {} restored", self.resolv_conf.display()),
@@ -167,10 +177,11 @@ impl HostDns {
 
     fn resolved(&self, domain: &str, resolver: Ipv4Addr) -> Result<(), String> {
         let iface = self.interface.as_str();
-        run("resolvectl", &["dns", iface, &resolver.to_string()])?;
-        run("resolvectl", &["domain", iface, &format!("~{domain}")])?;
+        let ctl = &self.resolvectl;
+        run(ctl, &["dns", iface, &resolver.to_string()])?;
+        run(ctl, &["domain", iface, &format!("~{domain}")])?;
         // Only the mesh domain: other names keep the host's servers.
-        run("resolvectl", &["default-route", iface, "false"])
+        run(ctl, &["default-route", iface, "false"])
     }
 
     /// Saves the original (unless ours is already in place) and writes ours.
@@ -256,16 +267,17 @@ fn save(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-fn run(program: &str, args: &[&str]) -> Result<(), String> {
+fn run(program: &Path, args: &[&str]) -> Result<(), String> {
+    let name = program.display();
     let out = Command::new(program)
         .args(args)
         .output()
-        .map_err(|e| format!("{program}: {e}"))?;
+        .map_err(|e| format!("{name}: {e}"))?;
     if out.status.success() {
         Ok(())
     } else {
         Err(format!(
-            "{program} {}: {}",
+            "{name} {}: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         ))
@@ -327,6 +339,42 @@ mod tests {
         assert!(next.recover().unwrap());
         assert_eq!(std::fs::read_to_string(&conf).unwrap(), ORIGINAL);
         assert!(!next.recover().unwrap());
+    }
+
+    #[test]
+    fn with_resolved_only_the_mesh_domain_is_routed_to_the_resolver_and_reverted() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("resolv.conf");
+        std::fs::write(&conf, ORIGINAL).unwrap();
+        let calls = dir.path().join("calls");
+        let fake = dir.path().join("resolvectl");
+        std::fs::write(
+            &fake,
+            format!("#!/bin/sh\necho \"$@\" >> {}\n", calls.display()),
+        )
+        .unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let host =
+            HostDns::at(DnsMode::Auto, "ovl0", &conf, dir.path()).with_resolved(dir.path(), &fake);
+        assert!(host.apply("overlay.internal", RESOLVER).is_empty());
+        assert!(host.describe().contains("systemd-resolved"));
+        host.restore();
+        assert_eq!(
+            std::fs::read_to_string(&calls).unwrap(),
+            "dns ovl0 100.100.100.100\ndomain ovl0 ~overlay.internal\n\
+             default-route ovl0 false\nrevert ovl0\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(&conf).unwrap(),
+            ORIGINAL,
+            "resolv.conf untouched"
+        );
+        // Without resolved, auto changes nothing and says how to get names.
+        let none = HostDns::at(DnsMode::Auto, "ovl0", &conf, dir.path())
+            .with_resolved(&dir.path().join("absent"), &fake);
+        assert!(none.apply("overlay.internal", RESOLVER).is_empty());
+        assert!(none.describe().contains("resolv-conf"));
     }
 
     #[test]
