@@ -308,6 +308,36 @@ fn policy_decides_who_reaches_what_and_changes_apply_within_a_second() {
             set_at.elapsed()
         );
 
+        // Seeing it: what srv1 enforces, why `other` cannot reach srv1, and
+        // which rule lets dev1 in.
+        let rules = String::from_utf8_lossy(&m.srv1.ctl(&["policy"])?.stdout).into_owned();
+        ensure!(
+            rules.contains("tag:server") && rules.contains("dev1"),
+            "overlayctl policy on srv1: {rules}"
+        );
+        let why = m.other.ctl(&["why", "srv1"])?;
+        let why_text = String::from_utf8_lossy(&why.stderr);
+        ensure!(
+            !why.status.success() && why_text.contains("access policy"),
+            "overlayctl why srv1 on other: {why_text}"
+        );
+        let explained = m
+            .coord
+            .admin(lab, &["policy", "explain", "dev1", "srv1", "22/tcp"])?;
+        ensure!(
+            explained.contains("allow[0]"),
+            "policy explain: {explained}"
+        );
+        let (ok, denied) = admin_outcome(
+            lab,
+            &m.coord,
+            &["policy", "explain", "dev1", "srv1", "80/tcp"],
+        )?;
+        ensure!(
+            denied.contains("denied"),
+            "policy explain 80/tcp ({ok}): {denied}"
+        );
+
         // dev1 → srv1 tcp/22 opens and is answered.
         ensure!(
             tcp_opens(lab, &m.dev1.host, srv1_ip, 22)?,
