@@ -32,7 +32,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the coordination server and its embedded STUN/TURN server.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage auth keys.
     Keys {
         #[command(subcommand)]
@@ -126,6 +126,21 @@ pub struct ServeArgs {
     /// Turn the nodes' mesh resolver off (the resolver address stays reserved).
     #[arg(long, conflicts_with = "dns_domain")]
     pub no_dns: bool,
+    /// Obtain and renew the TLS certificate for this DNS name with ACME
+    /// (TLS-ALPN-01: the name must reach this listener on port 443). Kept in
+    /// STATE_DIR/acme. Using it agrees to the ACME CA's terms of service.
+    #[arg(long, value_name = "NAME", conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub acme_domain: Option<String>,
+    /// ACME directory URL [default: Let's Encrypt production].
+    #[arg(long, value_name = "URL")]
+    pub acme_directory: Option<String>,
+    /// Contact email given to the ACME CA (expiry and policy notices).
+    #[arg(long, value_name = "ADDR")]
+    pub acme_email: Option<String>,
+    /// PEM CA certificate to trust for the ACME directory's HTTPS, besides
+    /// the system's roots (a private or test CA such as pebble).
+    #[arg(long, value_name = "FILE")]
+    pub acme_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -279,6 +294,10 @@ pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<Config> {
         max_sessions: args.max_sessions,
         dns_domain: args.dns_domain.clone(),
         no_dns: args.no_dns,
+        acme_domain: args.acme_domain.clone(),
+        acme_directory: args.acme_directory.clone(),
+        acme_email: args.acme_email.clone(),
+        acme_ca: args.acme_ca.clone(),
     };
     let file = match (&cli.config, file) {
         (Some(path), Some(f)) => Some((path.as_path(), f)),

@@ -14,6 +14,7 @@ pub use overlay_proto::config_file::ConfigError;
 use overlay_proto::coord::DnsConfig;
 use serde::Deserialize;
 
+use crate::acme::{self, AcmeConfig};
 use crate::dns;
 
 /// Default address of the HTTP/WebSocket listener.
@@ -65,6 +66,18 @@ pub struct FileConfig {
     pub turn: FileTurn,
     #[serde(default)]
     pub dns: FileDns,
+    #[serde(default)]
+    pub acme: FileAcme,
+}
+
+/// `[acme]`: a certificate obtained and renewed by the coordinator itself.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAcme {
+    pub domain: Option<String>,
+    pub directory: Option<String>,
+    pub email: Option<String>,
+    pub ca: Option<PathBuf>,
 }
 
 /// `[dns]`: the mesh's names.
@@ -132,6 +145,10 @@ pub struct Overrides {
     pub max_sessions: Option<usize>,
     pub dns_domain: Option<String>,
     pub no_dns: bool,
+    pub acme_domain: Option<String>,
+    pub acme_directory: Option<String>,
+    pub acme_email: Option<String>,
+    pub acme_ca: Option<PathBuf>,
 }
 
 /// The resolved configuration of `serve`.
@@ -153,7 +170,12 @@ pub struct Config {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Transport {
-    Tls { cert: PathBuf, key: PathBuf },
+    Tls {
+        cert: PathBuf,
+        key: PathBuf,
+    },
+    /// A certificate obtained and renewed with ACME.
+    Acme(AcmeConfig),
     PlainHttp,
 }
 
@@ -340,17 +362,30 @@ impl Config {
         let cert = flags.tls_cert.or(file.tls_cert);
         let key = flags.tls_key.or(file.tls_key);
         let allow_http = flags.allow_http || file.allow_http.unwrap_or(false);
-        let transport = match (cert, key) {
-            (Some(cert), Some(key)) => Transport::Tls { cert, key },
-            (Some(_), None) | (None, Some(_)) => {
+        let acme_flags = FileAcme {
+            domain: flags.acme_domain,
+            directory: flags.acme_directory,
+            email: flags.acme_email,
+            ca: flags.acme_ca,
+        };
+        let acme = acme::resolve_config(acme_flags, file.acme, path.as_deref())?;
+        let transport = match (cert, key, acme) {
+            (Some(_), _, Some(_)) | (_, Some(_), Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "give either a TLS certificate (--tls-cert, --tls-key) or an ACME domain (--acme-domain), not both".into(),
+                ))
+            }
+            (None, None, Some(acme)) => Transport::Acme(acme),
+            (Some(cert), Some(key), None) => Transport::Tls { cert, key },
+            (Some(_), None, None) | (None, Some(_), None) => {
                 return Err(ConfigError::Invalid(
                     "TLS needs both --tls-cert and --tls-key".into(),
                 ))
             }
-            (None, None) if allow_http => Transport::PlainHttp,
-            (None, None) => {
+            (None, None, None) if allow_http => Transport::PlainHttp,
+            (None, None, None) => {
                 return Err(ConfigError::Invalid(
-                    "no TLS certificate given: pass --tls-cert and --tls-key, or --allow-http to serve plain HTTP".into(),
+                    "no TLS certificate given: pass --tls-cert and --tls-key, --acme-domain NAME, or --allow-http to serve plain HTTP".into(),
                 ))
             }
         };

@@ -332,3 +332,62 @@ fn bad_dns_settings_name_the_flag_or_key() {
     let e = Config::resolve(None, flags).unwrap_err().to_string();
     assert!(e.contains("10.0.0.0/31") && e.contains("--no-dns"), "{e}");
 }
+
+#[test]
+fn acme_from_the_file_is_overridden_by_flags_and_defaults_to_lets_encrypt() {
+    let path = Path::new("/etc/overlay/coord.toml");
+    let file = parse_file(
+        path,
+        "[acme]\ndomain = \"Coord.Example.com\"\nemail = \"ops@example.com\"\n",
+    )
+    .unwrap();
+    let c = Config::resolve(Some((path, file)), flags_http()).unwrap();
+    let Transport::Acme(acme) = c.transport else {
+        panic!("ACME transport expected, got {:?}", c.transport);
+    };
+    assert_eq!(acme.domain, "coord.example.com");
+    assert_eq!(acme.directory, crate::acme::LETS_ENCRYPT);
+    assert_eq!(acme.email.as_deref(), Some("ops@example.com"));
+
+    let file = parse_file(path, "[acme]\ndomain = \"a.example.com\"\n").unwrap();
+    let flags = Overrides {
+        acme_domain: Some("b.example.com".into()),
+        acme_directory: Some("https://pebble:14000/dir".into()),
+        acme_ca: Some("/tmp/pebble.pem".into()),
+        ..flags_http()
+    };
+    let c = Config::resolve(Some((path, file)), flags).unwrap();
+    let Transport::Acme(acme) = c.transport else {
+        panic!("ACME transport expected, got {:?}", c.transport);
+    };
+    assert_eq!(acme.domain, "b.example.com");
+    assert_eq!(acme.directory, "https://pebble:14000/dir");
+    assert_eq!(acme.ca, Some(PathBuf::from("/tmp/pebble.pem")));
+}
+
+#[test]
+fn acme_refuses_ips_wildcards_plain_http_directories_and_a_second_certificate() {
+    let with = |f: fn(&mut Overrides)| {
+        let mut flags = flags_http();
+        flags.acme_domain = Some("coord.example.com".into());
+        f(&mut flags);
+        Config::resolve(None, flags)
+            .map(|_| ())
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(with(|f| f.acme_domain = Some("192.0.2.1".into())).contains("IP address"));
+    assert!(with(|f| f.acme_domain = Some("*.example.com".into())).contains("wildcard"));
+    assert!(with(|f| f.acme_domain = Some("coord".into())).contains("not a DNS name"));
+    assert!(with(|f| f.acme_directory = Some("http://ca/dir".into())).contains("https://"));
+    assert!(with(|f| f.acme_email = Some("nobody".into())).contains("email"));
+    assert!(with(|f| {
+        f.tls_cert = Some("/c".into());
+        f.tls_key = Some("/k".into());
+    })
+    .contains("not both"));
+    let mut flags = flags_http();
+    flags.acme_email = Some("ops@example.com".into());
+    let err = Config::resolve(None, flags).unwrap_err().to_string();
+    assert!(err.contains("need --acme-domain"), "{err}");
+}

@@ -137,6 +137,10 @@ async fn serve_connection(
     };
     match handshake {
         Ok(Ok(tls)) => {
+            // A TLS-ALPN-01 validation only looks at the certificate (RFC 8737).
+            if tls.get_ref().1.alpn_protocol() == Some(crate::cert_resolver::ACME_TLS_ALPN) {
+                return;
+            }
             let io = Metered::new(tls, Arc::clone(&permit), Arc::clone(&activity));
             serve_http(io, permit, activity, &shared, shutdown).await
         }

@@ -22,12 +22,17 @@
 //! | [`ice`] | the ICE configuration handed to nodes |
 //! | [`turn_server`], [`peer_policy`], [`stun_filter`], [`turn_quota`] | embedded STUN/TURN, its denied peers and quotas |
 //! | [`http_server`], [`conn_limit`], [`tls`] | the listener: per-source bounds, deadlines, TLS |
+//! | [`acme`] (files in [`acme_files`], HTTPS in [`acme_http`]), [`cert_resolver`] | built-in ACME: obtaining, storing and renewing the certificate; swapping it in while serving |
 //! | [`metrics`] | operations (the sessions' token buckets are `overlay_proto::ratelimit`) |
 //! | [`server`] | wiring and shutdown |
 //! | [`cli`] | the command line and admin commands |
 //! | [`selfsigned`] | `cert self-signed`: a lab CA and the server certificate it signs |
 
+pub mod acme;
+pub mod acme_files;
+pub mod acme_http;
 pub mod auth;
+pub mod cert_resolver;
 pub mod challenge;
 pub mod cli;
 mod cli_policy;

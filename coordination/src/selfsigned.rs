@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
 
@@ -82,7 +82,7 @@ pub fn generate(ips: &[IpAddr], names: &[String], years: u16) -> Result<Pems, Ce
     leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     leaf.not_before = from;
     leaf.not_after = until;
-    let cert = leaf.signed_by(&key, &ca_cert, &ca_key)?;
+    let cert = leaf.signed_by(&key, &Issuer::from_params(&ca, &ca_key))?;
 
     Ok(Pems {
         ca: ca_cert.pem(),

@@ -15,7 +15,9 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
+use crate::acme::{Acme, AcmeError};
 use crate::auth::{self, SecretFileError};
+use crate::cert_resolver::{self, CertResolver};
 use crate::config::{Config, Transport};
 use crate::dns;
 use crate::http::{self, AppState};
@@ -48,6 +50,8 @@ pub enum ServeError {
     Turn(#[from] TurnError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Acme(#[from] AcmeError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -152,9 +156,15 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     let metrics = Arc::new(Metrics::default());
 
     // Everything that can fail on bad input happens before any task starts.
-    let tls_config = match &config.transport {
-        Transport::Tls { cert, key } => Some(tls::server_config(cert, key)?),
-        Transport::PlainHttp => None,
+    let (tls_config, acme) = match &config.transport {
+        Transport::Tls { cert, key } => (Some(tls::server_config(cert, key)?), None),
+        Transport::Acme(acme) => {
+            let resolver = Arc::new(CertResolver::default());
+            let acme = Acme::prepare(acme, &config.state_dir, Arc::clone(&resolver))?;
+            let tls = cert_resolver::server_config(resolver).map_err(TlsError::from)?;
+            (Some(tls), Some(acme))
+        }
+        Transport::PlainHttp => (None, None),
     };
     let tcp = TcpListener::bind(config.listen)
         .await
@@ -333,8 +343,13 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         policy_seq,
     );
     let sync_task = tokio::spawn(sync.run(config.limits.store_poll, shutdown_rx.clone()));
+    // Runs once the listener does: the TLS-ALPN-01 validator connects to it.
+    let acme_task = acme.map(|acme| tokio::spawn(acme.run(shutdown_rx.clone())));
     let task = tokio::spawn(async move {
         serving.await;
+        if let Some(acme) = acme_task {
+            let _ = acme.await;
+        }
         // Sessions saw the same signal; each holds a `done` sender.
         if tokio::time::timeout(SESSION_DRAIN, done_rx.recv())
             .await
