@@ -102,6 +102,10 @@ fn coordinator_example_config_documents_every_key() {
         "dns.domain",
         "dns.records.name",
         "dns.records.ip",
+        "acme.domain",
+        "acme.directory",
+        "acme.email",
+        "acme.ca",
     ]);
     assert_eq!(keys, expected);
 }
