@@ -112,6 +112,20 @@ fn metrics_listen_shows_rising_peer_bytes_and_the_path_peers_shows() {
             - value(&before, "overlay_peer_tx_bytes_total", &labels).unwrap_or_default();
         ensure!(tx >= min_bytes, "tx rose by {tx} B for {received} pings");
 
+        // The data plane's batch histograms count the ping's syscalls.
+        for name in [
+            "overlay_tun_read_batch_frames_count",
+            "overlay_udp_read_batch_datagrams_count",
+            "overlay_udp_send_batch_datagrams_count",
+        ] {
+            let was = value(&before, name, &[]).with_context(|| format!("{name} in {before}"))?;
+            let now = value(&after, name, &[]).with_context(|| format!("{name} in {after}"))?;
+            ensure!(
+                now > was,
+                "{name} did not rise during the ping: {was} -> {now}"
+            );
+        }
+
         // The gauge and `overlayctl peers` agree on the path.
         let peers: Vec<PeerStatus> = a.ctl_json(&["peers"])?;
         let now_b = peers.iter().find(|p| p.name == "b").context("b vanished")?;

@@ -290,6 +290,7 @@ impl DataPlane {
                     None => break,
                 }
             }
+            self.counters.tun_reads.observe(count);
             let mut used = 0;
             let mut last: Option<Arc<Peer>> = None;
             for (frame, &len) in frames.iter().zip(&lens).take(count) {
@@ -416,6 +417,7 @@ impl DataPlane {
                 .iter()
                 .map(|&(_, at, len)| &arena[at..at + len])
                 .collect();
+            self.counters.udp_sends.observe(run.len());
             if let Err(e) = udp_batch::send_segments(&self.udp, endpoint, &run).await {
                 // The direct path failed outright: give these datagrams the
                 // other paths, as a single send would.
@@ -458,6 +460,7 @@ impl DataPlane {
     /// Sends a WireGuard datagram over the selected ICE pair, or the relay.
     pub async fn transmit(&self, peer: &Peer, datagram: &[u8]) {
         if let Some(addr) = peer.endpoint() {
+            self.counters.udp_sends.observe(1);
             if self.udp.send_to(datagram, addr).await.is_ok() {
                 return;
             }

@@ -86,7 +86,9 @@ impl Mux {
             // Collected on the stack: nothing is allocated per read.
             let mut wireguard: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
             let mut count = 0;
+            let mut total = 0;
             for datagram in udp_batch::segments(&buf[..n], segment) {
+                total += 1;
                 if stun::message::is_message(datagram) {
                     self.route_stun(datagram, from);
                     continue;
@@ -98,6 +100,7 @@ impl Mux {
                     count = 0;
                 }
             }
+            dataplane.counters.udp_reads.observe(total);
             if count > 0 {
                 self.deliver(&dataplane, from, &wireguard[..count], &mut rx)
                     .await;

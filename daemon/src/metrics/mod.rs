@@ -9,7 +9,10 @@
 //! [`render`] is a pure function of a [`Snapshot`], so every name, label and
 //! escaping rule is tested here without a daemon. [`serve`] is the HTTP edge.
 
+pub mod batches;
+
 use std::net::SocketAddr;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,6 +30,11 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Node-wide event counters, bumped where the events happen.
 #[derive(Debug, Default)]
 pub struct Counters {
+    /// Frames per TUN read batch, datagrams per UDP (GRO) read, datagrams
+    /// per UDP (GSO) send.
+    pub tun_reads: batches::Batches,
+    pub udp_reads: batches::Batches,
+    pub udp_sends: batches::Batches,
     /// ICE sessions started (offers we made and offers we answered).
     pub ice_attempts: AtomicU64,
     /// ICE sessions that ended failed.
@@ -46,6 +54,9 @@ pub struct Snapshot {
     pub ice_failures: u64,
     pub dropped: Dropped,
     pub peers: Vec<PeerStatus>,
+    pub tun_reads: batches::BatchSnapshot,
+    pub udp_reads: batches::BatchSnapshot,
+    pub udp_sends: batches::BatchSnapshot,
 }
 
 impl Counters {
@@ -54,6 +65,9 @@ impl Counters {
         snapshot.ice_attempts = get(&self.ice_attempts);
         snapshot.ice_failures = get(&self.ice_failures);
         snapshot.coordinator_connects = get(&self.coordinator_connects);
+        snapshot.tun_reads = self.tun_reads.snapshot();
+        snapshot.udp_reads = self.udp_reads.snapshot();
+        snapshot.udp_sends = self.udp_sends.snapshot();
     }
 }
 
@@ -232,6 +246,25 @@ pub fn render(s: &Snapshot) -> String {
             None => String::new(),
         }),
     );
+    for (name, help, snap) in [
+        (
+            "overlay_tun_read_batch_frames",
+            "Frames read from the TUN together (one batch of reads).",
+            &s.tun_reads,
+        ),
+        (
+            "overlay_udp_read_batch_datagrams",
+            "Datagrams from one UDP read (GRO).",
+            &s.udp_reads,
+        ),
+        (
+            "overlay_udp_send_batch_datagrams",
+            "Datagrams in one UDP send (GSO).",
+            &s.udp_sends,
+        ),
+    ] {
+        text.push_str(&batches::render(name, help, snap));
+    }
     text
 }
 
