@@ -171,6 +171,28 @@ fn metrics_listen_shows_rising_peer_bytes_and_the_path_peers_shows() {
             "overlayd writes ANSI colour codes to a non-terminal: {log:?}"
         );
         ensure!(log.contains(" INFO "), "a logged no INFO line: {log}");
+        // One line per state change a person cares about, not one per retry
+        // or packet: enrolment, the coordinator connection, b's path.
+        let info: Vec<&str> = log.lines().filter(|l| l.contains(" INFO ")).collect();
+        let count = |needle: &str| info.iter().filter(|l| l.contains(needle)).count();
+        ensure!(count("enrolled as a ") == 1, "enrolment lines:\n{log}");
+        ensure!(
+            count("connected to coordinator") == 1,
+            "connection lines:\n{log}"
+        );
+        ensure!(
+            count("peer b (") >= 2 && count("now direct") == 1,
+            "b's lines:\n{log}"
+        );
+        let paths: Vec<&str> = info
+            .iter()
+            .filter(|l| l.contains("peer b (") && l.contains(" now "))
+            .map(|l| l.split(" now ").nth(1).unwrap_or(""))
+            .collect();
+        ensure!(
+            paths.windows(2).all(|w| w[0] != w[1]),
+            "b's path logged twice in a row: {paths:?}"
+        );
         Ok(())
     });
 }
