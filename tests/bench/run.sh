@@ -270,8 +270,8 @@ overlay_bins() {
         BIN=$OVERLAY_BIN_DIR
     else
         log "building overlay (release)"
-        (cd "$ROOT" && cargo build --release -j2 -p overlayd -p overlay-coord -p overlayctl \
-            -p overlay-tests --bin dns_load) \
+        (cd "$ROOT" && cargo build --release -j2 -p overlayd -p overlay-coord -p overlayctl &&
+            cargo build --release -j2 -p overlay-tests --bin dns_load) \
             >"$WORK/logs/cargo.log" 2>&1 ||
             { note overlay "release build failed: $(grep -m1 -E '^error' "$WORK/logs/cargo.log")"; return 1; }
         BIN=$ROOT/target/release
