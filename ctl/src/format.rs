@@ -8,7 +8,7 @@
 
 use std::borrow::Cow;
 
-use overlay_proto::api::{PeerStatus, PingReply, PingSummary, Status};
+use overlay_proto::api::{PathKind, PeerStatus, PingReply, PingSummary, Status};
 
 /// `text` without control characters: each (C0, DEL and C1, which includes
 /// ESC, CSI and newlines) is shown escaped, like `\u{1b}`.
@@ -153,6 +153,7 @@ pub fn dns_answer(rcode: &str, answers: &[String]) -> String {
 
 /// The `overlayctl peers` table, peers sorted by name; offline peers are marked in
 /// the NAME column so the table says it even when the path string is stale.
+/// An idle peer (no traffic for the daemon's idle timeout) reads `idle`.
 pub fn peers_table(peers: &[PeerStatus]) -> String {
     if peers.is_empty() {
         return "no peers\n".to_string();
@@ -178,8 +179,12 @@ pub fn peers_table(peers: &[PeerStatus]) -> String {
         if dns {
             row.push(clean_or(peer.dns_name.as_deref(), "-").into_owned());
         }
+        let path = match peer.path_kind {
+            PathKind::Idle => "idle".into(),
+            _ => clean(&peer.path),
+        };
         row.extend([
-            clean(&peer.path).into_owned(),
+            path.into_owned(),
             clean_or(peer.endpoint.as_deref(), "-").into_owned(),
             handshake_age(peer.last_handshake_secs),
             human_bytes(peer.rx_bytes),
@@ -254,7 +259,6 @@ pub fn ping_summary(summary: &PingSummary, rtts_ms: &[f64]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use overlay_proto::api::PathKind;
     use std::net::Ipv4Addr;
 
     fn peer(name: &str, ip: [u8; 4], online: bool) -> PeerStatus {
@@ -320,6 +324,20 @@ mod tests {
 NAME               MESH IP     PATH           ENDPOINT         HANDSHAKE  RX       TX
 bob                100.64.0.3  direct (host)  10.77.0.3:41641  12s ago    1.5 KiB  100 B
 charlie (offline)  100.64.0.4  connecting     -                never      1.5 KiB  100 B
+";
+        assert_eq!(table, expected);
+    }
+
+    #[test]
+    fn peers_table_shows_idle_peers_as_idle() {
+        let mut idle = peer("dave", [100, 64, 0, 5], true);
+        idle.path_kind = PathKind::Idle;
+        idle.path = "idle".into();
+        idle.endpoint = None;
+        let table = peers_table(&[idle]);
+        let expected = "\
+NAME  MESH IP     PATH  ENDPOINT  HANDSHAKE  RX       TX
+dave  100.64.0.5  idle  -         12s ago    1.5 KiB  100 B
 ";
         assert_eq!(table, expected);
     }

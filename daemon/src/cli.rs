@@ -61,6 +61,10 @@ pub struct UpArgs {
     /// /etc/resolv.conf, restored on exit) or off [default: auto]
     #[arg(long, value_name = "MODE")]
     pub dns: Option<crate::config::DnsMode>,
+    /// Seconds without data packets before a peer turns idle: its ICE session
+    /// and keepalives stop until the next packet; 0 turns this off [default: 300]
+    #[arg(long, value_name = "SECS")]
+    pub idle_timeout: Option<u64>,
 }
 
 #[cfg(test)]

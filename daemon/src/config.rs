@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use overlay_proto::config_file;
 pub use overlay_proto::config_file::ConfigError;
@@ -31,6 +32,8 @@ pub struct FileConfig {
     pub ca_cert: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
     pub dns: Option<DnsMode>,
+    /// Seconds without data before a peer turns idle; 0: never.
+    pub idle_timeout: Option<u64>,
     /// A `RUST_LOG`-style filter, used when `RUST_LOG` is not set.
     pub log: Option<String>,
 }
@@ -74,6 +77,7 @@ pub struct Overrides {
     pub ca_cert: Option<PathBuf>,
     pub metrics_listen: Option<SocketAddr>,
     pub dns: Option<DnsMode>,
+    pub idle_timeout: Option<u64>,
 }
 
 /// The resolved configuration the daemon runs with.
@@ -91,6 +95,9 @@ pub struct Config {
     /// Where to serve Prometheus metrics over HTTP; off when `None`.
     pub metrics_listen: Option<SocketAddr>,
     pub dns: DnsMode,
+    /// How long a peer may go without data packets before it turns idle (no
+    /// ICE session, no keepalives); `None`: peers never do.
+    pub idle_timeout: Option<Duration>,
     pub log: Option<String>,
 }
 
@@ -162,6 +169,11 @@ impl Config {
             ca_cert: flags.ca_cert.or(file.ca_cert),
             metrics_listen: flags.metrics_listen.or(file.metrics_listen),
             dns: flags.dns.or(file.dns).unwrap_or_default(),
+            idle_timeout: match flags.idle_timeout.or(file.idle_timeout) {
+                None => Some(crate::node::idle::DEFAULT_IDLE_TIMEOUT),
+                Some(0) => None,
+                Some(secs) => Some(Duration::from_secs(secs)),
+            },
             log: file.log,
         })
     }
@@ -222,6 +234,22 @@ mod tests {
         assert_eq!(cfg.mtu, 1400);
         assert_eq!(cfg.coordinator.as_deref(), Some("http://a:1"));
         assert_eq!(cfg.interface, DEFAULT_INTERFACE);
+        assert_eq!(
+            cfg.idle_timeout,
+            Some(crate::node::idle::DEFAULT_IDLE_TIMEOUT)
+        );
+    }
+
+    #[test]
+    fn idle_timeout_comes_from_file_or_flag_and_zero_turns_it_off() {
+        let file = || FileConfig::parse(Path::new("f"), "idle_timeout = 60\n").unwrap();
+        let cfg = Config::resolve(file(), Overrides::default()).unwrap();
+        assert_eq!(cfg.idle_timeout, Some(Duration::from_secs(60)));
+        let off = Overrides {
+            idle_timeout: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(Config::resolve(file(), off).unwrap().idle_timeout, None);
     }
 
     #[test]

@@ -168,6 +168,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
             mux: mux.clone(),
             network: enrolment.network,
             host_dns: host_dns.clone(),
+            idle_timeout: config.idle_timeout,
         },
     );
     let shell_shutdown = shutdown_rx.clone();

@@ -23,6 +23,7 @@ fn main() -> ExitCode {
                 ca_cert: args.ca_cert,
                 metrics_listen: args.metrics_listen,
                 dns: args.dns,
+                idle_timeout: args.idle_timeout,
             },
         )
     });

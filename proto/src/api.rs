@@ -168,6 +168,10 @@ pub enum PathKind {
     CoordRelay,
     /// No path can carry packets yet (peer offline, or no coordinator and no ICE).
     Connecting,
+    /// No data either way for the idle timeout: no ICE session, no consent
+    /// checks, no keepalives. The next packet goes by the coordination relay
+    /// while ICE starts again.
+    Idle,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -52,6 +52,7 @@ fn kind_label(kind: PathKind) -> &'static str {
         PathKind::Turn => "turn",
         PathKind::CoordRelay => "coord_relay",
         PathKind::Connecting => "connecting",
+        PathKind::Idle => "idle",
     }
 }
 

@@ -70,6 +70,7 @@ fn daemon_example_config_documents_every_key() {
         "ca_cert",
         "metrics_listen",
         "dns",
+        "idle_timeout",
         "log",
     ]);
     assert_eq!(keys, expected);

@@ -6,7 +6,8 @@
 //!                                                                      └─▶ coordination relay
 //!   arrive(Origin::Udp | IceConn | Relay) ──▶ Tunn::decapsulate ──▶ src IP check
 //!                                   ──▶ dst IP check ──▶ tun_coalesce ──▶ TUN
-//!   run_timers ──every 250 ms──▶ Tunn::update_timers (handshakes, keepalives)
+//!   run_timers ──every 250 ms──▶ Tunn::update_timers (handshakes), persistent
+//!                                keepalives (none for idle peers)
 //! ```
 //!
 //! Parts: `peer` (one remote node's WireGuard session and where its packets go),
@@ -483,6 +484,11 @@ impl DataPlane {
     }
 
     /// Runs WireGuard's timers (handshakes, keepalives) until the task is ended.
+    ///
+    /// An idle peer's timers still run (boringtun's clock only moves in
+    /// `update_timers`, and a handshake stamped with a stale clock would be
+    /// expired at the next tick), but it gets no persistent keepalive; with
+    /// no data, boringtun itself sends nothing for it.
     pub async fn run_timers(self: Arc<Self>) {
         let mut tick = tokio::time::interval(TIMER_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -505,9 +511,22 @@ impl DataPlane {
             if sweep && peer.filtered.load(Ordering::Relaxed) {
                 lock(&peer.filter).sweep(now);
             }
-            let len = match lock(&peer.tunn).update_timers(out) {
-                TunnResult::WriteToNetwork(d) => d.len(),
-                _ => continue,
+            let len = {
+                let mut tunn = lock(&peer.tunn);
+                let timers = match tunn.update_timers(out) {
+                    TunnResult::WriteToNetwork(d) => Some(d.len()),
+                    _ => None,
+                };
+                match timers {
+                    None if peer.keepalive_due(now) => match tunn.encapsulate(&[], out) {
+                        TunnResult::WriteToNetwork(d) => Some(d.len()),
+                        _ => None,
+                    },
+                    other => other,
+                }
+            };
+            let Some(len) = len else {
+                continue;
             };
             self.transmit(&peer, &out[..len]).await;
         }

@@ -2,7 +2,7 @@
 //! connection packets currently take (if any), and counters.
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use boringtun::noise::Tunn;
@@ -16,8 +16,11 @@ use crate::node::access::PeerAccess;
 use crate::node::PathView;
 use crate::seal::Sealer;
 
-/// Keeps NAT mappings and idle paths alive (the interval WireGuard users know).
-pub const PERSISTENT_KEEPALIVE_SECS: u16 = 25;
+/// Keeps NAT mappings and quiet paths alive (the interval WireGuard users
+/// know). The data plane sends these itself, not boringtun: `Tunn` takes its
+/// persistent keepalive only when it is created, and an idle peer (see
+/// `node::idle`) must get none without losing its session.
+pub const PERSISTENT_KEEPALIVE_SECS: u32 = 25;
 
 /// The ICE connection of the current session, once ICE selected a pair.
 pub type IceConn = Arc<dyn Conn + Send + Sync>;
@@ -82,6 +85,11 @@ pub struct Peer {
     /// Packets the policy refused: from the peer, and to it before sending.
     pub dropped_policy: AtomicU64,
     pub dropped_policy_out: AtomicU64,
+    /// The node core says the peer is idle: no keepalives.
+    idle: AtomicBool,
+    /// When the next persistent keepalive is due, in the data plane's seconds
+    /// (0: not scheduled yet).
+    keepalive_at: AtomicU32,
 }
 
 /// A WireGuard sender/receiver index whose little-endian bytes never look like
@@ -111,7 +119,7 @@ impl Peer {
             our_secret.clone(),
             PublicKey::from(public_key),
             None,
-            Some(PERSISTENT_KEEPALIVE_SECS),
+            None,
             wireguard_index(rand::random()),
             None,
         );
@@ -133,7 +141,42 @@ impl Peer {
             filter: Mutex::new(filter),
             dropped_policy: AtomicU64::new(0),
             dropped_policy_out: AtomicU64::new(0),
+            idle: AtomicBool::new(false),
+            keepalive_at: AtomicU32::new(0),
         }
+    }
+
+    /// Data packets through the tunnel either way (keepalives and handshakes
+    /// are not counted): the shell samples this to tell the node core which
+    /// peers are active, at no cost to the packet path.
+    pub fn data_packets(&self) -> u64 {
+        self.rx_packets.load(Ordering::Relaxed) + self.tx_packets.load(Ordering::Relaxed)
+    }
+
+    /// Only the shell calls this, with what the node core decided.
+    pub fn set_idle(&self, idle: bool) {
+        self.idle.store(idle, Ordering::Relaxed);
+        // Awake again: the next keepalive is a full interval away.
+        self.keepalive_at.store(0, Ordering::Relaxed);
+    }
+
+    pub fn is_idle(&self) -> bool {
+        self.idle.load(Ordering::Relaxed)
+    }
+
+    /// Whether a persistent keepalive is due at `now` (the data plane's
+    /// seconds); if so the next one is scheduled. Never for an idle peer.
+    pub(super) fn keepalive_due(&self, now: u32) -> bool {
+        if self.is_idle() {
+            return false;
+        }
+        let next = now.saturating_add(PERSISTENT_KEEPALIVE_SECS);
+        let at = self.keepalive_at.load(Ordering::Relaxed);
+        if at != 0 && now < at {
+            return false;
+        }
+        self.keepalive_at.store(next, Ordering::Relaxed);
+        at != 0
     }
 
     /// What the policy lets through with this peer (`None`: no policy), and

@@ -123,6 +123,11 @@ pub fn conclude(e: &Evidence) -> String {
             "the coordinator is unreachable and no direct path is established yet".to_owned()
         }
         PathKind::Connecting => "no path yet; ICE and the relay are being set up".to_owned(),
+        PathKind::Idle => format!(
+            "no packets to or from {} for the idle timeout, so no ICE session and no keepalives; \
+             the next packet goes by the coordination relay while ICE starts again",
+            e.peer
+        ),
     }
 }
 

@@ -73,11 +73,12 @@ impl Counters {
 
 /// Every path kind, so a peer's gauge reads 1 for its kind and 0 for the others
 /// (queries then need no `absent()`).
-const PATH_KINDS: [(PathKind, &str); 4] = [
+const PATH_KINDS: [(PathKind, &str); 5] = [
     (PathKind::Direct, "direct"),
     (PathKind::Turn, "turn"),
     (PathKind::CoordRelay, "coord_relay"),
     (PathKind::Connecting, "connecting"),
+    (PathKind::Idle, "idle"),
 ];
 
 /// The Prometheus text for `snapshot`.
@@ -433,7 +434,7 @@ mod tests {
             format!("overlay_peer_path{{peer=\"n2\",mesh_ip=\"100.64.0.7\",kind=\"{kind}\"}}")
         };
         assert_eq!(sample(&text, &series("turn")).as_deref(), Some("1"));
-        for other in ["direct", "coord_relay", "connecting"] {
+        for other in ["direct", "coord_relay", "connecting", "idle"] {
             assert_eq!(
                 sample(&text, &series(other)).as_deref(),
                 Some("0"),

@@ -63,6 +63,9 @@ pub enum Output {
     CloseIce { peer: NodeId, session: u64 },
     /// Where the data plane sends the peer's packets from now on.
     Path { peer: NodeId, route: Route },
+    /// The peer turned idle (`true`: the data plane sends it no keepalives)
+    /// or woke (`false`: keepalives again). See `node::idle`.
+    Idle { peer: NodeId, idle: bool },
     /// The mesh's DNS settings (domain, resolver address, extra records).
     Dns(Option<DnsConfig>),
     /// New STUN/TURN settings for agents created from now on.
@@ -113,6 +116,16 @@ impl PathView {
         PathView {
             kind: PathKind::Connecting,
             label: "connecting".into(),
+            remote: None,
+            local: None,
+        }
+    }
+
+    /// A peer without traffic: no ICE session; packets would take the relay.
+    pub fn idle() -> Self {
+        PathView {
+            kind: PathKind::Idle,
+            label: "idle".into(),
             remote: None,
             local: None,
         }

@@ -10,6 +10,7 @@
 //!   opened SealedSignal ────────────┤                       ├─▶ Output::StartIce / ConnectIce / CloseIce → ICE agents
 //!   ICE events (IceInput) ──────────┼──▶ Node (now, seed) ──┼─▶ Output::Path       → data plane endpoint
 //!   netcheck results ───────────────┤                       ├─▶ Output::PeerAdded / Updated / Removed
+//!   peer_activity (data seen) ──────┤                       ├─▶ Output::Idle       → data plane keepalives
 //!   handle_timeout(now) ────────────┘                       └─▶ Output::RefreshIce, Netcheck, Dropped
 //! ```
 //!
@@ -30,6 +31,7 @@ use overlay_proto::NodeId;
 pub mod access;
 pub mod backoff;
 pub mod ice_refresh;
+pub mod idle;
 pub mod netmap;
 pub mod path;
 pub mod signaling;
@@ -43,6 +45,8 @@ mod testkit;
 mod tests;
 #[cfg(test)]
 mod tests_access;
+#[cfg(test)]
+mod tests_idle;
 #[cfg(test)]
 mod tests_paths;
 
@@ -84,6 +88,8 @@ struct PeerEntry {
     /// The route last handed to the data plane.
     route: Option<Route>,
     remote_nat: Option<NatSummary>,
+    /// When data last moved, and whether the peer is idle (see `idle.rs`).
+    activity: idle::Activity,
 }
 
 /// A small, fast generator for session ids and backoff jitter, seeded by the
@@ -128,6 +134,8 @@ pub struct Node {
     srflx: Option<String>,
     /// The access rules the coordinator compiled for us; `None`: no policy.
     filter: Option<NodeFilter>,
+    /// How long a peer may go without data before it turns idle; `None`: never.
+    idle_timeout: Option<Duration>,
     /// The wall clock (Unix microseconds) at an instant: seeds signal counters.
     wall: (Instant, u64),
     rng: Rng,
@@ -158,6 +166,7 @@ impl Node {
             nat: None,
             srflx: None,
             filter: None,
+            idle_timeout: None,
             wall: (now, unix_micros),
             rng: Rng(seed),
             outputs: VecDeque::new(),
@@ -201,29 +210,27 @@ impl Node {
         self.coordinator_connected = connected;
     }
 
-    /// Runs what is due: ICE retries, check timeouts, upgrades, TURN refresh.
+    /// Runs what is due: idle peers, ICE retries, check timeouts, upgrades,
+    /// TURN refresh. Without the coordinator nothing changes: no peer turns
+    /// idle, since waking it would need signaling.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_poll = Some(now);
         if !self.coordinator_connected {
             return;
         }
         for id in self.peer_ids() {
-            let jitter = self.rng.unit();
+            let timeout = self.idle_timeout;
             let Some(entry) = self.peers.get_mut(&id) else {
                 continue;
             };
-            match entry.path.poll(now, jitter) {
-                Some(path::Action::StartSession) => self.start_session(id),
-                Some(path::Action::RequestRestart) => self.send_signal(
-                    id,
-                    PeerSignal::RestartRequest {
-                        reason: "no working ICE session".into(),
-                    },
-                    now,
-                ),
-                None => {}
+            if entry.activity.is_idle() {
+                continue;
             }
-            self.sync_path(id);
+            if entry.activity.goes_idle(now, timeout) {
+                self.go_idle(id);
+                continue;
+            }
+            self.poll_path(id, now);
         }
         let refresh_due = self.ice_refresh_due.is_some_and(|due| now >= due);
         if refresh_due {
@@ -293,6 +300,26 @@ impl Node {
             ServerMsg::Filter { filter } => self.set_filter(filter),
             ServerMsg::Dns { dns } => self.outputs.push_back(Output::Dns(dns)),
         }
+    }
+
+    /// Whatever `id`'s path state wants done about ICE now.
+    fn poll_path(&mut self, id: NodeId, now: Instant) {
+        let jitter = self.rng.unit();
+        let Some(entry) = self.peers.get_mut(&id) else {
+            return;
+        };
+        match entry.path.poll(now, jitter) {
+            Some(path::Action::StartSession) => self.start_session(id),
+            Some(path::Action::RequestRestart) => self.send_signal(
+                id,
+                PeerSignal::RestartRequest {
+                    reason: "no working ICE session".into(),
+                },
+                now,
+            ),
+            None => {}
+        }
+        self.sync_path(id);
     }
 
     fn set_ice(&mut self, ice: IceConfig, now: Instant, unix_secs: u64) {
@@ -446,6 +473,7 @@ impl PeerEntry {
                 remote: Some(pair.remote_addr.clone()),
                 local: Some(pair.local_addr.clone()),
             },
+            None if self.info.online && self.activity.is_idle() => PathView::idle(),
             None if self.info.online => PathView {
                 kind: PathKind::CoordRelay,
                 label: "coord relay".into(),

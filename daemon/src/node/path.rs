@@ -167,6 +167,25 @@ impl PathState {
         if self.status == IceStatus::Connected {
             return false;
         }
+        self.start_over(now);
+        true
+    }
+
+    /// The peer went idle (see `node::idle`): its session is closed, and
+    /// nothing is scheduled until [`Self::wake`].
+    pub fn sleep(&mut self) {
+        self.status = IceStatus::Idle;
+        self.selected = None;
+        self.next_upgrade = None;
+    }
+
+    /// The idle peer has traffic again: ICE starts as for a new peer (at once
+    /// when we control it; the other side waits for an offer first).
+    pub fn wake(&mut self, now: Instant) {
+        self.start_over(now);
+    }
+
+    fn start_over(&mut self, now: Instant) {
         self.status = IceStatus::Idle;
         self.selected = None;
         self.backoff.reset();
@@ -175,7 +194,6 @@ impl PathState {
         } else {
             now + OFFER_GRACE
         };
-        true
     }
 
     /// A new session began on our side (we sent an offer, or answered one).

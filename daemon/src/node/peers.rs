@@ -84,6 +84,7 @@ impl Node {
                 session: None,
                 route: None,
                 remote_nat: None,
+                activity: super::idle::Activity::new(now),
             },
         );
         self.outputs.push_back(Output::PeerAdded {
@@ -149,7 +150,8 @@ impl Node {
         let entry = self.peers.get(&id)?;
         // A retry is scheduled only once a session failed (or none ran yet); a
         // disconnected pair may still recover by itself.
-        let scheduled = matches!(entry.path.status(), IceStatus::Failed | IceStatus::Idle);
+        let scheduled = matches!(entry.path.status(), IceStatus::Failed | IceStatus::Idle)
+            && !entry.activity.is_idle();
         let view = entry.current_route().view;
         let next_attempt =
             (view.kind != overlay_proto::api::PathKind::Direct && entry.info.online && scheduled)

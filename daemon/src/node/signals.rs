@@ -51,6 +51,10 @@ impl Node {
                 .push_back(Output::Dropped(Dropped::ExcessOffer));
             return;
         }
+        if matches!(signal, PeerSignal::Offer { .. }) && !controlling {
+            // The controlling peer wants a path: that ends our idle spell.
+            self.wake(from, now);
+        }
         match signal {
             PeerSignal::Offer { session, .. } if current == Some(session) => {
                 // A repeated offer: the session it opens is already under way.
@@ -93,10 +97,11 @@ impl Node {
                 }
             }
             PeerSignal::RestartRequest { reason } => {
+                // An idle node ignores requests: the peer's data would wake it.
                 let start = self
                     .peers
                     .get_mut(&from)
-                    .is_some_and(|e| e.path.on_restart_request(now));
+                    .is_some_and(|e| !e.activity.is_idle() && e.path.on_restart_request(now));
                 if start {
                     tracing::debug!(peer = from, "peer asked for a new ICE session: {reason:?}");
                     self.start_session(from);

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use boringtun::x25519::{PublicKey, StaticSecret};
 use ipnet::Ipv4Net;
@@ -57,6 +57,8 @@ pub struct Links {
     pub network: Ipv4Net,
     /// The host's DNS, told about the mesh resolver.
     pub host_dns: Arc<crate::host_dns::HostDns>,
+    /// How long a peer may go without data before it turns idle; `None`: never.
+    pub idle_timeout: Option<Duration>,
 }
 
 pub struct Shell {
@@ -80,6 +82,8 @@ pub struct Shell {
     /// This node's name (the coordinator's `Welcome` says it).
     me_name: String,
     names: names::Names,
+    /// Each peer's data packet count when last sampled (see `feed_activity`).
+    data_seen: HashMap<NodeId, u64>,
 }
 
 impl Shell {
@@ -98,8 +102,10 @@ impl Shell {
         };
         let (netcheck_tx, netcheck_rx) = mpsc::unbounded_channel();
         let public = *PublicKey::from(&secret).as_bytes();
+        let mut node = Node::new(me, public, Instant::now(), unix_micros(), rand::random());
+        node.set_idle_timeout(links.idle_timeout);
         Shell {
-            node: Node::new(me, public, Instant::now(), unix_micros(), rand::random()),
+            node,
             secret,
             tun_name,
             dataplane,
@@ -116,6 +122,7 @@ impl Shell {
             mux: links.mux,
             me_name: String::new(),
             names: names::Names::new(links.host_dns),
+            data_seen: HashMap::new(),
         }
     }
 
@@ -151,6 +158,7 @@ impl Shell {
                 Some(done) = netchecks.recv() => self.on_netcheck(done),
                 _ = tokio::time::sleep_until(wake.into()) => {
                     let now = Instant::now();
+                    self.feed_activity(now);
                     self.node.set_wall_clock(now, unix_micros());
                     self.node.handle_timeout(now);
                 }
@@ -251,6 +259,18 @@ impl Shell {
         self.node.handle_ice(peer, session, input, now);
     }
 
+    /// Tells the node which peers moved data packets since the last poll: two
+    /// counter loads per peer, every poll interval, nothing on the packet path.
+    fn feed_activity(&mut self, now: Instant) {
+        for peer in self.dataplane.peers() {
+            let count = peer.data_packets();
+            let before = self.data_seen.insert(peer.id, count).unwrap_or(0);
+            if count != before {
+                self.node.peer_activity(peer.id, now);
+            }
+        }
+    }
+
     fn session_mut(&mut self, peer: NodeId, session: u64) -> Option<&mut IceSession> {
         self.sessions
             .get_mut(&peer)
@@ -303,6 +323,7 @@ impl Shell {
                 Output::PeerRemoved(id) => {
                     self.dataplane.remove(id);
                     self.attempts.remove(&id);
+                    self.data_seen.remove(&id);
                     self.names.netmap_changed();
                 }
                 Output::Dns(config) => self.set_dns(config),
@@ -353,6 +374,11 @@ impl Shell {
                     }
                 }
                 Output::Path { peer, route } => self.set_route(peer, route),
+                Output::Idle { peer, idle } => {
+                    if let Some(p) = self.dataplane.peer(peer) {
+                        p.set_idle(idle);
+                    }
+                }
                 Output::IceSettings(ice) => {
                     self.ice = IceSettings::from_config(
                         &ice,
