@@ -455,5 +455,26 @@ dave  100.64.0.5  idle  -         12s ago    1.5 KiB  100 B
             text.contains("dropped:     1 no route, 2 bad signal\n"),
             "{text}"
         );
+        sample.dropped.policy = 3;
+        sample.dns = Some(overlay_proto::api::DnsStatus {
+            domain: "overlay.internal".into(),
+            resolver: Ipv4Addr::new(100, 100, 100, 100),
+            mode: "resolv-conf".into(),
+            host: "/etc/resolv.conf managed".into(),
+            upstreams: vec!["10.0.0.53".into()],
+            names: 4,
+            answered: 9,
+            forwarded: 1,
+            bad: 0,
+        });
+        let text = status(&sample);
+        assert!(text.contains("3 refused by policy"), "{text}");
+        assert!(
+            text.contains(
+                "dns:         overlay.internal on 100.100.100.100 (4 names; mode resolv-conf: \
+                 /etc/resolv.conf managed; other names go to 10.0.0.53)\n"
+            ),
+            "{text}"
+        );
     }
 }
