@@ -204,7 +204,15 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
             info!(classes = stats.classes, "access policy in force");
         }
         Ok(None) => {}
-        Err(e) => warn!("the stored policy is not applied, everything is allowed: {e}"),
+        Err(e) => {
+            // Fail closed: a policy that was in force but cannot be read
+            // (say, after a downgrade) must not open the mesh.
+            hub.apply_policy(Some(Arc::new(crate::policy::Policy::default())), None);
+            tracing::error!(
+                "the stored access policy cannot be read, so every node is denied everything \
+                 until a valid one is set (overlay-coord policy set FILE): {e}"
+            );
+        }
     }
 
     let announced = config.announced_ip();
