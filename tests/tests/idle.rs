@@ -180,12 +180,27 @@ fn idle_peers_stop_talking_and_the_first_ping_wakes_them_without_loss() {
         );
         // The path a took: idle, then the relay while ICE ran, then direct.
         let log = a.proc.as_ref().map(|p| p.log()).unwrap_or_default();
-        let changes: Vec<&str> = log
+        let timed: Vec<(Option<f64>, &str)> = log
             .lines()
-            .filter_map(|l| l.split_once("peer b (").map(|(_, rest)| rest))
-            .filter_map(|rest| rest.split_once(") now ").map(|(_, path)| path))
+            .filter_map(|l| {
+                let (_, rest) = l.split_once("peer b (")?;
+                let (_, path) = rest.split_once(") now ")?;
+                Some((time_of_day(l), path))
+            })
             .collect();
+        let changes: Vec<&str> = timed.iter().map(|(_, p)| *p).collect();
         eprintln!("a's path to b: {}", changes.join(" → "));
+        if let [.., (Some(idle), "idle"), (Some(relay), "coord relay"), (Some(direct), _)] =
+            timed.as_slice()
+        {
+            let day = first_sent.rem_euclid(86_400.0);
+            eprintln!(
+                "a: idle at {idle:.3}, first request at {day:.3}, wake noticed (relay, ICE \
+                 starts) {:.0} ms after it, direct {:.0} ms after that",
+                (relay - day) * 1000.0,
+                (direct - relay) * 1000.0
+            );
+        }
         let idle_at = changes
             .iter()
             .rposition(|p| *p == "idle")
@@ -245,6 +260,16 @@ fn parse_replies(text: &str) -> Vec<Reply> {
             Some(Reply { at, seq, rtt_ms })
         })
         .collect()
+}
+
+/// Seconds into the (UTC) day of a log line's `2026-01-02T03:04:05.678901Z` stamp.
+fn time_of_day(line: &str) -> Option<f64> {
+    let (_, clock) = line.split_whitespace().next()?.split_once('T')?;
+    let mut parts = clock.trim_end_matches('Z').split(':');
+    let h: f64 = parts.next()?.parse().ok()?;
+    let m: f64 = parts.next()?.parse().ok()?;
+    let s: f64 = parts.next()?.parse().ok()?;
+    Some(h * 3600.0 + m * 60.0 + s)
 }
 
 fn unix_secs() -> f64 {
