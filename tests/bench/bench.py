@@ -128,6 +128,9 @@ ROWS = [
     ("rtt_p50", "ping RTT median      ms", "{:.3f}"),
     ("rtt_p99", "ping RTT p99         ms", "{:.3f}"),
     ("ping_replies", "ping replies / sent", None),
+    ("rtt_load_p50", "ping RTT under load median ms", "{:.3f}"),
+    ("rtt_load_p99", "ping RTT under load p99    ms", "{:.3f}"),
+    ("ping_load_replies", "ping under load replies / sent", None),
     ("cpu_daemon", "CPU s/GB daemons (u+s)", "{:.2f}"),
     ("cpu_kernel", "CPU s/GB kernel (machine)", "{:.2f}"),
     ("cpu_total", "CPU s/GB total", "{:.2f}"),
@@ -139,7 +142,7 @@ ROWS = [
 ]
 
 SYSTEMS = [("raw", "raw veth"), ("wg", "wireguard-go"), ("gota", "gotatun"), ("overlay", "overlay"),
-           ("overlay_policy", "overlay+policy")]
+           ("overlay_policy", "overlay+policy"), ("relay", "overlay relay")]
 
 
 def cell(r, key, fmt):
@@ -200,6 +203,10 @@ def report(path):
         "overlay+policy: the same two daemons right after, with a 100-rule access policy in\n"
         "force (every rule names both nodes; tests/bench/run.sh policy_100); pol/ovl is its\n"
         "ratio to the overlay column of the same run.\n"
+        "overlay relay: the same two nodes with UDP between the hosts dropped (nftables in b),\n"
+        "so every packet crosses the coordinator's relay over both control WebSockets (TCP);\n"
+        "its daemons' CPU includes the coordinator's. Under load: pings every 10 ms while one\n"
+        "TCP stream a->b runs (the queues TCP over TCP fills).\n"
         "CPU s/GB over all four iperf3 runs, divided by the bytes they moved (1 GB = 1e9 B):\n"
         "  daemons (u+s) = utime+stime of the tunnel daemons (/proc/PID/stat; both hosts'\n"
         "                  wireguard-go, gotatun or overlayd; the coordinator is not counted);\n"

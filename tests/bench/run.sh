@@ -10,7 +10,8 @@
 #   BENCH_SECS=10        seconds per iperf3 run
 #   BENCH_PINGS=200      pings per RTT measurement (10 ms apart)
 #   BENCH_SMOKE=1        1-second iperf3 runs and 20 pings
-#   BENCH_ONLY=raw,wg,gota,overlay   which systems to measure
+#   BENCH_ONLY=raw,wg,gota,overlay,relay   which systems to measure (relay: the
+#                        coordination relay, UDP between the hosts blocked)
 #   OVERLAY_BIN_DIR=DIR  use the overlay binaries in DIR instead of building release
 #   BENCH_KEEP=1         keep the work directory (logs) after the run
 # See tests/bench/README.md for what each figure means.
@@ -30,7 +31,7 @@ else
     PINGS=${BENCH_PINGS:-200}
     MODE=full
 fi
-ONLY=${BENCH_ONLY:-raw,wg,gota,overlay}
+ONLY=${BENCH_ONLY:-raw,wg,gota,overlay,relay}
 # How long overlay gets to come up before its figures are given up.
 START_TIMEOUT=${BENCH_START_TIMEOUT:-60}
 
@@ -208,6 +209,28 @@ measure() {
     fi
 }
 
+# measure_loaded_rtt SYS TARGET_IP: ping every 10 ms while one TCP stream a->b
+# fills the path (TCP over TCP for the relay: how much the queues add).
+measure_loaded_rtt() {
+    local sys=$1 target=$2 stats
+    log "$sys: ping x$((SECS * 100)) during iperf3 -P 1, $SECS s"
+    in_a timeout $((SECS + 30)) iperf3 -c "$target" -t "$SECS" -P 1 --connect-timeout 5000 --json \
+        >"$WORK/logs/$sys-loaded.json" 2>&1 &
+    local iperf=$!
+    sleep 0.5
+    in_a ping -n -i 0.01 -c $(((SECS - 1) * 100)) -W 1 "$target" >"$WORK/logs/$sys-loaded-ping.txt" 2>&1 || true
+    wait "$iperf" || true
+    if stats=$($PY ping "$WORK/logs/$sys-loaded-ping.txt" 2>/dev/null); then
+        put "$sys" rtt_load_p50 "$(field p50 <<<"$stats")"
+        put "$sys" rtt_load_p99 "$(field p99 <<<"$stats")"
+        put "$sys" ping_load_replies "$(field replies <<<"$stats")/$(((SECS - 1) * 100))"
+    else
+        note "$sys" "no ping answered under load"
+    fi
+    stats=$($PY iperf "$WORK/logs/$sys-loaded.json" 2>/dev/null) &&
+        put "$sys" tcp1_loaded_bps "$(field bps <<<"$stats")"
+}
+
 # --- systems ----------------------------------------------------------------
 
 phase_raw() {
@@ -288,12 +311,12 @@ mesh_ip() {
         python3 -c 'import json,sys; print(json.load(sys.stdin).get("mesh_ip") or "")' 2>/dev/null || true
 }
 
-# all_direct NS SOCKET: true when every peer is on a direct path.
-all_direct() {
+# all_on NS SOCKET KIND: true when every peer's path_kind is KIND (direct, coord_relay).
+all_on() {
     ip netns exec "$1" "$BIN/overlayctl" --socket "$2" peers --json 2>/dev/null | python3 -c '
 import json, sys
 peers = json.load(sys.stdin)
-sys.exit(0 if peers and all(p.get("path_kind") == "direct" for p in peers) else 1)' 2>/dev/null
+sys.exit(0 if peers and all(p.get("path_kind") == sys.argv[1] for p in peers) else 1)' "$3" 2>/dev/null
 }
 
 # peer_paths NS SOCKET: the human path of every peer (`direct (host) via …`).
@@ -303,42 +326,51 @@ import json, sys
 print("; ".join("%s (%s)" % (p["path"], p.get("endpoint") or "-") for p in json.load(sys.stdin)))' 2>/dev/null || echo "?"
 }
 
-phase_overlay() {
+# overlay_up SYS KIND: the coordinator in a, overlayd in a and b (fresh state),
+# until a's first ping to b is answered and both sides are on path KIND
+# (`direct`, `coord_relay`). Sets DIR, SOCK_A, PID_A, PID_B, COORD_PID and
+# MESH_B; the daemons are tracked under phase `ovld`.
+overlay_up() {
+    local sys=$1 kind=$2
     overlay_bins
-    local dir=$WORK/overlay
+    DIR=$WORK/$sys
+    local dir=$DIR
     mkdir -p "$dir/coord" "$dir/a" "$dir/b"
     chmod 700 "$dir/a" "$dir/b"
     if ! "$BIN/overlay-coord" serve --help 2>/dev/null | grep -q -- --listen; then
-        note overlay "overlay-coord has no 'serve --listen' yet"
+        note "$sys" "overlay-coord has no 'serve --listen' yet"
         return 1
     fi
 
     ip netns exec "$NS_A" "$BIN/overlay-coord" serve --listen "$IP_A:$COORD_PORT" --state-dir "$dir/coord" \
-        --public-addr "$IP_A" --allow-http >"$WORK/logs/coord.log" 2>&1 &
-    local coord_pid=$! key=""
+        --public-addr "$IP_A" --allow-http >"$WORK/logs/$sys-coord.log" 2>&1 &
+    COORD_PID=$!
+    local coord_pid=$COORD_PID key=""
     track ovld "$coord_pid"
     # The key is created only once the server listens: both open the store, and
     # the server must be the one that creates it.
     for _ in $(seq 100); do
         in_b bash -c "exec 3<>/dev/tcp/$IP_A/$COORD_PORT" 2>/dev/null && break
-        kill -0 "$coord_pid" 2>/dev/null || { note overlay "coordinator exited: $(tail -1 "$WORK/logs/coord.log")"; return 1; }
+        kill -0 "$coord_pid" 2>/dev/null || { note "$sys" "coordinator exited: $(tail -1 "$WORK/logs/$sys-coord.log")"; return 1; }
         sleep 0.1
     done
     key=$("$BIN/overlay-coord" keys create --reusable --state-dir "$dir/coord" 2>>"$WORK/logs/coord-keys.log") ||
-        { note overlay "could not create an auth key: $(tail -1 "$WORK/logs/coord-keys.log")"; return 1; }
+        { note "$sys" "could not create an auth key: $(tail -1 "$WORK/logs/coord-keys.log")"; return 1; }
 
     local sock_a=$dir/a/sock sock_b=$dir/b/sock t0
+    SOCK_A=$sock_a
     t0=$(now)
     ip netns exec "$NS_A" "$BIN/overlayd" up --coordinator "http://$IP_A:$COORD_PORT" --auth-key "$key" --hostname h1 \
-        --state-dir "$dir/a" --interface ovl0 --socket "$sock_a" >"$WORK/logs/overlayd-a.log" 2>&1 &
-    local pid_a=$!
-    track ovld "$pid_a"
+        --state-dir "$dir/a" --interface ovl0 --socket "$sock_a" >"$WORK/logs/$sys-overlayd-a.log" 2>&1 &
+    PID_A=$!
+    track ovld "$PID_A"
     ip netns exec "$NS_B" "$BIN/overlayd" up --coordinator "http://$IP_A:$COORD_PORT" --auth-key "$key" --hostname h2 \
-        --state-dir "$dir/b" --interface ovl0 --socket "$sock_b" >"$WORK/logs/overlayd-b.log" 2>&1 &
-    local pid_b=$!
-    track ovld "$pid_b"
+        --state-dir "$dir/b" --interface ovl0 --socket "$sock_b" >"$WORK/logs/$sys-overlayd-b.log" 2>&1 &
+    PID_B=$!
+    track ovld "$PID_B"
+    local pid_a=$PID_A pid_b=$PID_B
 
-    # Two watchers race: the first answered ping a -> b, and both sides direct.
+    # Two watchers race: the first answered ping a -> b, and both sides on KIND.
     (
         local ip=""
         while [[ -z $ip ]]; do ip=$(mesh_ip "$NS_B" "$sock_b"); [[ -n $ip ]] || sleep 0.02; done
@@ -350,42 +382,77 @@ phase_overlay() {
     local w1=$!
     track ovlw "$w1"
     (
-        until all_direct "$NS_A" "$sock_a" && all_direct "$NS_B" "$sock_b"; do sleep 0.05; done
-        since "$t0" >"$dir/t_direct"
+        until all_on "$NS_A" "$sock_a" "$kind" && all_on "$NS_B" "$sock_b" "$kind"; do sleep 0.05; done
+        since "$t0" >"$dir/t_path"
     ) &
     local w2=$!
     track ovlw "$w2"
     local deadline=$((SECONDS + START_TIMEOUT))
-    while ((SECONDS < deadline)) && [[ ! -s $dir/t_ping || ! -s $dir/t_direct ]]; do
+    while ((SECONDS < deadline)) && [[ ! -s $dir/t_ping || ! -s $dir/t_path ]]; do
         kill -0 "$pid_a" 2>/dev/null && kill -0 "$pid_b" 2>/dev/null || break
         sleep 0.1
     done
     stop_pids ovlw
-    [[ -s $dir/t_ping ]] && put overlay start_ping_s "$(cat "$dir/t_ping")" ||
-        note overlay "no answered ping within ${START_TIMEOUT}s"
-    [[ -s $dir/t_direct ]] && put overlay start_direct_s "$(cat "$dir/t_direct")" ||
-        note overlay "path never direct within ${START_TIMEOUT}s"
+    [[ -s $dir/t_ping ]] && put "$sys" start_ping_s "$(cat "$dir/t_ping")" ||
+        note "$sys" "no answered ping within ${START_TIMEOUT}s"
+    if [[ $kind == direct ]]; then
+        [[ -s $dir/t_path ]] && put "$sys" start_direct_s "$(cat "$dir/t_path")" ||
+            note "$sys" "path never direct within ${START_TIMEOUT}s"
+    else
+        [[ -s $dir/t_path ]] || note "$sys" "path never $kind within ${START_TIMEOUT}s"
+    fi
     kill -0 "$pid_a" 2>/dev/null && kill -0 "$pid_b" 2>/dev/null ||
-        { note overlay "a daemon exited: $(tail -2 "$WORK/logs/overlayd-a.log" "$WORK/logs/overlayd-b.log" | tr '\n' ' ')"; return 1; }
-    [[ -s $dir/mesh_b ]] || { note overlay "b never got a mesh IP"; return 1; }
+        { note "$sys" "a daemon exited: $(tail -2 "$WORK/logs/$sys-overlayd-a.log" "$WORK/logs/$sys-overlayd-b.log" | tr '\n' ' ')"; return 1; }
+    [[ -s $dir/mesh_b ]] || { note "$sys" "b never got a mesh IP"; return 1; }
     [[ -s $dir/t_ping ]] || return 1
-    if [[ ! -s $dir/t_direct ]]; then
-        in_a "$BIN/overlayctl" --socket "$sock_a" peers >"$WORK/logs/overlay-peers.txt" 2>&1 || true
-        note overlay "measured on path: $(tail -1 "$WORK/logs/overlay-peers.txt")"
+    MESH_B=$(cat "$dir/mesh_b")
+    if [[ ! -s $dir/t_path ]]; then
+        in_a "$BIN/overlayctl" --socket "$sock_a" peers >"$WORK/logs/$sys-peers.txt" 2>&1 || true
+        note "$sys" "measured on path: $(tail -1 "$WORK/logs/$sys-peers.txt")"
     fi
     sleep 1
-    local before after
-    before=$(peer_paths "$NS_A" "$sock_a")
-    measure overlay "$(cat "$dir/mesh_b")" "$(in_a cat /sys/class/net/ovl0/mtu)" "$pid_a" "$pid_b"
-    after=$(peer_paths "$NS_A" "$sock_a")
+}
+
+# measure_path SYS PID...: measure over the mesh, noting a's path to b before
+# and after.
+measure_path() {
+    local sys=$1 before after
+    shift
+    before=$(peer_paths "$NS_A" "$SOCK_A")
+    measure "$sys" "$MESH_B" "$(in_a cat /sys/class/net/ovl0/mtu)" "$@"
+    after=$(peer_paths "$NS_A" "$SOCK_A")
     if [[ $before == "$after" ]]; then
-        note overlay "a's path to b throughout: $before"
+        note "$sys" "a's path to b throughout: $before"
     else
-        note overlay "a's path to b changed during the measurement: $before -> $after"
+        note "$sys" "a's path to b changed during the measurement: $before -> $after"
     fi
-    measure_dns "$sock_a"
-    measure_policy "$dir" "$sock_a" "$pid_a" "$pid_b"
+}
+
+phase_overlay() {
+    overlay_up overlay direct
+    measure_path overlay "$PID_A" "$PID_B"
+    measure_dns "$SOCK_A"
+    measure_policy "$DIR" "$SOCK_A" "$PID_A" "$PID_B"
     stop_pids ovld
+}
+
+# The coordination relay: UDP on b's link dropped both ways (nftables in b),
+# so no ICE pair (host, reflexive or TURN: all UDP) can work and both nodes
+# stay on the relay over their control WebSockets (TCP to a:$COORD_PORT).
+# Its "daemons" CPU counts both overlayd and the coordinator.
+phase_relay() {
+    command -v nft >/dev/null || { note relay "nft missing: apt-get install -y nftables"; return 1; }
+    in_b nft -f - <<EOF
+table inet ovl_bench_relay {
+    chain input { type filter hook input priority filter; policy accept; iifname "eth0" meta l4proto udp drop; }
+    chain output { type filter hook output priority filter; policy accept; oifname "eth0" meta l4proto udp drop; }
+}
+EOF
+    overlay_up relay coord_relay
+    measure_path relay "$PID_A" "$PID_B" "$COORD_PID"
+    measure_loaded_rtt relay "$MESH_B"
+    stop_pids ovld
+    in_b nft delete table inet ovl_bench_relay
 }
 
 # measure_dns SOCK_A: 10,000 queries from node a to its mesh resolver for b's name.
@@ -476,4 +543,5 @@ run_phase raw
 run_phase wg
 run_phase gota
 run_phase overlay
+run_phase relay
 $PY report "$RESULTS"
