@@ -203,13 +203,26 @@ pub struct Limits {
     pub msg_rate: f64,
     /// Text-message burst per session.
     pub msg_burst: f64,
-    /// Sustained relay bytes per second per session; excess frames are dropped.
+    /// Sustained relay bytes per second a session may send (datagrams and
+    /// their record headers); excess datagrams are dropped and counted
+    /// (`relay_dropped_frames_total{reason="rate_limited"}`). The relay is
+    /// the only path for nodes without UDP, so the default (128 MiB/s, about
+    /// 1 Gbit/s) is above what one session carries on a small server: it
+    /// bounds abuse, it does not shape real traffic.
     pub relay_rate: f64,
+    /// Bytes a session may send at once above `relay_rate`: a TCP stream's
+    /// window arriving at once passes without a drop.
     pub relay_burst: f64,
     /// Direct messages (signals, pongs, errors) queued per session.
     pub control_queue: usize,
-    /// Relay frames queued per session; more are dropped.
+    /// Relay messages (single frames or batches) queued towards one session;
+    /// more are dropped.
     pub relay_queue: usize,
+    /// Relay bytes queued towards one session; datagrams beyond it are
+    /// dropped and counted (`reason="queue_full"`), so a node that reads
+    /// slowly costs the server at most this, and a TCP stream through the
+    /// relay sees a drop, not a growing delay (1 MiB is 8 ms at 1 Gbit/s).
+    pub relay_queue_bytes: usize,
     /// Netmap deltas buffered for the slowest session before it is dropped.
     pub delta_backlog: usize,
     /// Peers' JSON per netmap message: a larger netmap is sent as a Welcome
@@ -246,10 +259,11 @@ impl Default for Limits {
             max_sessions: DEFAULT_MAX_SESSIONS,
             msg_rate: 200.0,
             msg_burst: 400.0,
-            relay_rate: 8.0 * 1024.0 * 1024.0,
+            relay_rate: 128.0 * 1024.0 * 1024.0,
             relay_burst: 16.0 * 1024.0 * 1024.0,
             control_queue: 256,
             relay_queue: 512,
+            relay_queue_bytes: 1024 * 1024,
             delta_backlog: 32_768,
             netmap_part_bytes: 8 * 1024,
             ping_interval: Duration::from_secs(10),

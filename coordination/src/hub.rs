@@ -7,6 +7,11 @@
 //!   poller ───remove───▶ └─────────┘ ──relay queue (frames, drop when full)─▶ one session
 //! ```
 //!
+//! A relay batch from a node is routed datagram by datagram: its records are
+//! split by destination and each destination's share queued as one batch
+//! stamped with the sender ([`Hub::relay_batch`]), within the destination's
+//! byte budget (`Limits::relay_queue_bytes`).
+//!
 //! A delta is serialized once and shared by reference among all sessions;
 //! under an access policy it carries the [`View`] of the node it is about,
 //! and a session forwards it only when its own node may see that one (two
@@ -22,14 +27,16 @@
 //! attaches. The lock is a std `RwLock` never held across an `.await`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use axum::body::Bytes;
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use overlay_proto::coord::{encode_relay_frame, PeerInfo, ServerMsg};
+use overlay_proto::coord::{
+    encode_relay_frame, PeerInfo, RelayBatch, ServerMsg, MAX_FRAME_BYTES, RELAY_HELLO_ID,
+};
 use overlay_proto::NodeId;
 
 use crate::config::Limits;
@@ -113,6 +120,8 @@ struct Live {
     id: u64,
     control: mpsc::Sender<Utf8Bytes>,
     relay: mpsc::Sender<Bytes>,
+    /// Bytes in `relay`; the session subtracts what it takes out.
+    relay_queued: Arc<AtomicUsize>,
     close: oneshot::Sender<CloseReason>,
 }
 
@@ -181,7 +190,10 @@ pub struct Attached {
     /// it gets (updated by [`Delta::Reclass`]).
     pub view: View,
     pub control: mpsc::Receiver<Utf8Bytes>,
+    /// Single frames and batches for the node (see `overlay_proto::coord`).
     pub relay: mpsc::Receiver<Bytes>,
+    /// Bytes queued in `relay`: subtract each message's length on taking it.
+    pub relay_queued: Arc<AtomicUsize>,
     pub deltas: broadcast::Receiver<Delta>,
     pub close: oneshot::Receiver<CloseReason>,
     pub stats: Arc<RelayStats>,
@@ -315,6 +327,7 @@ impl Hub {
     pub fn attach(&self, id: NodeId) -> Result<Attached, AttachError> {
         let (control_tx, control) = mpsc::channel(self.limits.control_queue.max(1));
         let (relay_tx, relay) = mpsc::channel(self.limits.relay_queue.max(1));
+        let relay_queued = Arc::new(AtomicUsize::new(0));
         let (close_tx, close) = oneshot::channel();
 
         let mut inner = self.write();
@@ -332,6 +345,7 @@ impl Hub {
             id: session_id,
             control: control_tx,
             relay: relay_tx,
+            relay_queued: Arc::clone(&relay_queued),
             close: close_tx,
         });
         if !was_online {
@@ -356,6 +370,7 @@ impl Hub {
             view,
             control,
             relay,
+            relay_queued,
             deltas,
             close,
             stats,
@@ -462,15 +477,12 @@ impl Hub {
                 live: Some(live),
                 stats,
                 ..
-            }) => match live
-                .relay
-                .try_send(Bytes::from(encode_relay_frame(from, payload)))
-            {
+            }) => match self.enqueue(live, encode_relay_frame(from, payload)) {
                 Ok(()) => {
                     stats.add_out(len);
                     Ok(())
                 }
-                Err(_) => Err(RelayDrop::QueueFull),
+                Err(e) => Err(e),
             },
         };
         drop(inner);
@@ -482,6 +494,133 @@ impl Hub {
             Err(reason) => self.metrics.relay_drop(reason),
         }
         result
+    }
+
+    /// Queues one message for a live session within its byte budget.
+    fn enqueue(&self, live: &Live, msg: Vec<u8>) -> Result<(), RelayDrop> {
+        let len = msg.len();
+        let before = live.relay_queued.fetch_add(len, Ordering::Relaxed);
+        if before + len > self.limits.relay_queue_bytes.max(MAX_FRAME_BYTES)
+            || live.relay.try_send(Bytes::from(msg)).is_err()
+        {
+            live.relay_queued.fetch_sub(len, Ordering::Relaxed);
+            return Err(RelayDrop::QueueFull);
+        }
+        Ok(())
+    }
+
+    /// Routes the datagrams of one relay batch from `from`: each
+    /// destination's share is queued as one batch (more when it outgrows a
+    /// message), stamped with `from`. Records to [`RELAY_HELLO_ID`] are not
+    /// datagrams and are skipped. Drops are counted per datagram, as for
+    /// single frames; the sender is never told.
+    pub fn relay_batch<'a>(
+        &self,
+        from: NodeId,
+        from_stats: &RelayStats,
+        records: impl IntoIterator<Item = (NodeId, &'a [u8])>,
+    ) {
+        /// One destination's share: its batch under way, or why it gets nothing.
+        struct Share {
+            to: NodeId,
+            batch: Result<RelayBatch, RelayDrop>,
+            frames: u64,
+            bytes: u64,
+        }
+        // A batch names few destinations (usually one): a short list.
+        let mut shares: Vec<Share> = Vec::new();
+        let mut bytes_in = 0;
+        let inner = self.read();
+        let live = |to: NodeId| match inner.nodes.get(&to) {
+            None => Err(RelayDrop::UnknownPeer),
+            Some(entry) if !self.may_reach(&inner, from, entry) => Err(RelayDrop::UnknownPeer),
+            Some(Entry { live: None, .. }) => Err(RelayDrop::PeerOffline),
+            Some(Entry {
+                live: Some(live),
+                stats,
+                ..
+            }) => Ok((live, stats)),
+        };
+        for (to, payload) in records {
+            if to == RELAY_HELLO_ID {
+                continue;
+            }
+            bytes_in += payload.len() as u64;
+            let at = match shares.iter().position(|s| s.to == to) {
+                Some(at) => at,
+                None => {
+                    let batch = live(to).map(|_| RelayBatch::new(MAX_FRAME_BYTES));
+                    shares.push(Share {
+                        to,
+                        batch,
+                        frames: 0,
+                        bytes: 0,
+                    });
+                    shares.len() - 1
+                }
+            };
+            let share = &mut shares[at];
+            let Ok(batch) = &mut share.batch else {
+                share.frames += 1;
+                continue;
+            };
+            if !batch.push(from, payload) {
+                let full = batch.take();
+                // Fits an empty batch: it came in a message of the same bound.
+                let _ = batch.push(from, payload);
+                if let Ok((live, stats)) = live(to) {
+                    self.queue_share(live, stats, full, &mut share.frames, &mut share.bytes);
+                }
+            }
+            share.frames += 1;
+            share.bytes += payload.len() as u64;
+        }
+        from_stats.add_in(bytes_in);
+        for mut share in shares {
+            match share.batch {
+                Ok(batch) if !batch.is_empty() => {
+                    if let Ok((live, stats)) = live(share.to) {
+                        let mut batch = batch;
+                        self.queue_share(
+                            live,
+                            stats,
+                            batch.take(),
+                            &mut share.frames,
+                            &mut share.bytes,
+                        );
+                    }
+                }
+                Ok(_) => {}
+                Err(reason) => self.metrics.relay_drops(reason, share.frames),
+            }
+        }
+    }
+
+    /// Queues `msg`, which holds the last `frames` datagrams (`bytes` bytes)
+    /// of a share, and counts them as forwarded or dropped; both go to zero.
+    fn queue_share(
+        &self,
+        live: &Live,
+        stats: &RelayStats,
+        msg: Vec<u8>,
+        frames: &mut u64,
+        bytes: &mut u64,
+    ) {
+        match self.enqueue(live, msg) {
+            Ok(()) => {
+                stats.add_out(*bytes);
+                self.metrics.relay_batches.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .relay_frames
+                    .fetch_add(*frames, Ordering::Relaxed);
+                self.metrics
+                    .relay_bytes
+                    .fetch_add(*bytes, Ordering::Relaxed);
+            }
+            Err(reason) => self.metrics.relay_drops(reason, *frames),
+        }
+        *frames = 0;
+        *bytes = 0;
     }
 
     /// Whether `from` may see (so signal or relay to) the node of `to`.
@@ -563,3 +702,87 @@ mod policy_tests;
 #[cfg(test)]
 #[path = "hub_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+mod relay_batch_tests {
+    use super::*;
+    use overlay_proto::coord::RelayMessage;
+
+    fn hub(nodes: &[NodeId], limits: Limits) -> Hub {
+        let info = |id: NodeId| PeerInfo {
+            id,
+            name: format!("n{id}"),
+            mesh_ip: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
+            public_key: format!("key{id}"),
+            online: false,
+            tags: Vec::new(),
+        };
+        Hub::new(
+            nodes.iter().map(|id| info(*id)).collect(),
+            Arc::new(Metrics::default()),
+            limits,
+        )
+    }
+
+    fn records(msg: &[u8]) -> Vec<(NodeId, Vec<u8>)> {
+        let parsed = RelayMessage::parse(msg).unwrap();
+        assert!(parsed.is_batch());
+        parsed.records().map(|(id, p)| (id, p.to_vec())).collect()
+    }
+
+    #[test]
+    fn a_batch_is_split_per_destination_and_stamped_with_the_sender() {
+        let h = hub(&[1, 2, 3, 4], Limits::default());
+        let a = h.attach(1).unwrap();
+        let mut b = h.attach(2).unwrap();
+        let mut c = h.attach(3).unwrap();
+        let batch: [(NodeId, &[u8]); 6] = [
+            (2, b"b1"),
+            (RELAY_HELLO_ID, b""),
+            (3, b"c1"),
+            (2, b"b2"),
+            (4, b"offline"),
+            (9, b"unknown"),
+        ];
+        h.relay_batch(1, &a.stats, batch);
+        let to_b = b.relay.try_recv().unwrap();
+        assert_eq!(
+            records(&to_b),
+            vec![(1, b"b1".to_vec()), (1, b"b2".to_vec())]
+        );
+        assert!(b.relay.try_recv().is_err(), "one message per destination");
+        assert_eq!(b.relay_queued.load(Ordering::Relaxed), to_b.len());
+        assert_eq!(
+            records(&c.relay.try_recv().unwrap()),
+            vec![(1, b"c1".to_vec())]
+        );
+        assert_eq!(h.metrics.relay_frames.load(Ordering::Relaxed), 3);
+        assert_eq!(h.metrics.relay_batches.load(Ordering::Relaxed), 2);
+        assert_eq!(h.metrics.relay_dropped(RelayDrop::PeerOffline), 1);
+        assert_eq!(h.metrics.relay_dropped(RelayDrop::UnknownPeer), 1);
+        assert_eq!(a.stats.bytes_in.load(Ordering::Relaxed), 2 + 2 + 2 + 7 + 7);
+    }
+
+    #[test]
+    fn a_full_byte_budget_drops_and_counts_datagrams() {
+        let limits = Limits {
+            relay_queue_bytes: 0, // raised to one message's worth
+            ..Limits::default()
+        };
+        let h = hub(&[1, 2], limits);
+        let a = h.attach(1).unwrap();
+        let mut b = h.attach(2).unwrap();
+        let big = vec![0u8; 1400];
+        // 60 datagrams of 1,400 bytes: more than one 64 KiB message.
+        h.relay_batch(1, &a.stats, (0..60).map(|_| (2, &big[..])));
+        let first = b.relay.try_recv().unwrap();
+        assert!(first.len() <= MAX_FRAME_BYTES);
+        let queued = records(&first).len() as u64;
+        assert!(
+            b.relay.try_recv().is_err(),
+            "the second message was over budget"
+        );
+        assert_eq!(h.metrics.relay_dropped(RelayDrop::QueueFull), 60 - queued);
+        assert_eq!(h.metrics.relay_frames.load(Ordering::Relaxed), queued);
+    }
+}

@@ -122,6 +122,9 @@ pub struct Metrics {
     pub policy_changes: AtomicU64,
     pub relay_frames: AtomicU64,
     pub relay_bytes: AtomicU64,
+    /// Batch messages queued towards sessions (each holds one or more of
+    /// `relay_frames`).
+    pub relay_batches: AtomicU64,
     pub deltas: AtomicU64,
     /// Datagrams the embedded TURN server refused to relay to a denied peer.
     pub turn_denied_peer: AtomicU64,
@@ -176,8 +179,13 @@ impl Metrics {
     }
 
     pub fn relay_drop(&self, reason: RelayDrop) {
+        self.relay_drops(reason, 1);
+    }
+
+    /// `n` datagrams dropped for one reason (a batch's share).
+    pub fn relay_drops(&self, reason: RelayDrop, n: u64) {
         if let Some(i) = RelayDrop::ALL.iter().position(|r| *r == reason) {
-            inc(&self.relay_dropped[i]);
+            self.relay_dropped[i].fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -264,6 +272,12 @@ impl Metrics {
             "counter",
             "Relay payload bytes forwarded.",
             load(&self.relay_bytes),
+        );
+        metric(
+            "overlay_coord_relayed_batches_total",
+            "counter",
+            "Relay batch messages queued towards sessions (several frames each).",
+            load(&self.relay_batches),
         );
         metric(
             "overlay_coord_deltas_total",

@@ -12,7 +12,10 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
 
-use overlay_proto::coord::{decode_relay_frame, error_code, ClientMsg, ServerMsg, MAX_FRAME_BYTES};
+use overlay_proto::coord::{
+    encode_relay_frame, error_code, ClientMsg, RelayMessage, ServerMsg, MAX_FRAME_BYTES,
+    RELAY_BATCH_V1, RELAY_HELLO, RELAY_HELLO_ID, RELAY_RECORD_HEADER_LEN,
+};
 use overlay_proto::{NodeId, PROTOCOL_VERSION};
 
 use crate::config::Limits;
@@ -33,6 +36,10 @@ const CLOSE_LINGER: Duration = Duration::from_millis(500);
 /// once every session has a queue of deltas, and a write per delta would make
 /// system calls the server's main cost.
 const DELTA_BATCH: usize = 64;
+/// Most relay messages written to a node with one flush: what is queued
+/// goes out in one system call, and a busy relay still lets the loop serve
+/// control messages between rounds.
+const RELAY_ROUND: usize = 64;
 
 /// A session sending text messages faster than `FLOOD_FACTOR` × its rate
 /// (`Limits::msg_rate`), beyond `FLOOD_FACTOR` × its burst, is closed. Below
@@ -93,6 +100,9 @@ struct Session {
     /// are being dropped; once per session bounds both.
     warned_rate: bool,
     relay_bucket: TokenBucket,
+    /// Whether the node said it decodes relay batches (`RELAY_HELLO`); until
+    /// then it gets single frames.
+    batches: bool,
     last_rx: Instant,
     /// The node's class under the policy: which deltas it may see.
     view: View,
@@ -139,6 +149,7 @@ pub async fn run(socket: WebSocket, node: NodeId, name: String, ctx: SessionCont
         ),
         warned_rate: false,
         relay_bucket: TokenBucket::new(limits.relay_rate, limits.relay_burst, now.into_std()),
+        batches: false,
         last_rx: now,
         view: None,
         ctx,
@@ -202,6 +213,7 @@ impl Session {
             view,
             mut control,
             mut relay,
+            relay_queued,
             mut deltas,
             mut close,
             stats,
@@ -267,7 +279,7 @@ impl Session {
                     Err(broadcast::error::RecvError::Closed) => Flow::Close(code::GOING_AWAY, "server shutting down".into()),
                 },
                 Some(text) = control.recv() => self.forward(Message::Text(text)).await,
-                Some(frame) = relay.recv() => self.forward(Message::Binary(frame)).await,
+                Some(msg) = relay.recv() => self.forward_relay(msg, &mut relay, &relay_queued).await,
                 incoming = self.socket.recv() => match incoming {
                     Some(Ok(msg)) => {
                         self.last_rx = Instant::now();
@@ -423,26 +435,98 @@ impl Session {
                         format!("frame larger than {MAX_FRAME_BYTES} bytes"),
                     );
                 }
-                let Some((to, payload)) = decode_relay_frame(&frame) else {
-                    self.ctx.metrics.reject(Rejected::BadRelayFrame);
-                    return Flow::Close(
-                        code::INVALID_DATA,
-                        "relay frame shorter than its header".into(),
-                    );
-                };
-                if !self
-                    .relay_bucket
-                    .try_take(frame.len() as f64, std::time::Instant::now())
-                {
-                    self.ctx.metrics.relay_drop(RelayDrop::RateLimited);
-                    return Flow::Continue;
+                match RelayMessage::parse(&frame) {
+                    Ok(msg) => self.relay(msg, stats).await,
+                    Err(e) => {
+                        self.ctx.metrics.reject(Rejected::BadRelayFrame);
+                        Flow::Close(code::INVALID_DATA, e.to_string())
+                    }
                 }
-                // Drops are counted by the hub; the sender is never told (UDP semantics).
-                let _ = self.ctx.hub.relay(self.node, stats, to, payload);
-                Flow::Continue
             }
             Message::Close(_) => Flow::End("closed by node".into()),
             Message::Ping(_) | Message::Pong(_) => Flow::Continue,
+        }
+    }
+
+    /// Routes a relay message from the node, within its byte rate; drops
+    /// are counted, the sender is never told (UDP semantics). The node's
+    /// first batch says it decodes batches: it gets the hello back, and
+    /// batches from then on.
+    async fn relay(&mut self, msg: RelayMessage<'_>, stats: &crate::hub::RelayStats) -> Flow {
+        let now = std::time::Instant::now();
+        match msg {
+            RelayMessage::Single(to, payload) => {
+                let cost = (payload.len() + 8) as f64;
+                if !self.relay_bucket.try_take(cost, now) {
+                    self.ctx.metrics.relay_drop(RelayDrop::RateLimited);
+                    return Flow::Continue;
+                }
+                let _ = self.ctx.hub.relay(self.node, stats, to, payload);
+                Flow::Continue
+            }
+            RelayMessage::Batch(_) => {
+                let bucket = &mut self.relay_bucket;
+                let metrics = &self.ctx.metrics;
+                let admitted = msg.records().filter(|(to, payload)| {
+                    if *to == RELAY_HELLO_ID {
+                        return false;
+                    }
+                    let cost = (payload.len() + RELAY_RECORD_HEADER_LEN) as f64;
+                    let ok = bucket.try_take(cost, now);
+                    if !ok {
+                        metrics.relay_drop(RelayDrop::RateLimited);
+                    }
+                    ok
+                });
+                self.ctx.hub.relay_batch(self.node, stats, admitted);
+                if self.batches {
+                    return Flow::Continue;
+                }
+                self.batches = true;
+                self.forward(Message::Binary(RELAY_HELLO.to_vec().into()))
+                    .await
+            }
+        }
+    }
+
+    /// Writes `first` and the relay messages queued behind it (up to
+    /// [`RELAY_ROUND`]), then flushes once. A node that has not said it
+    /// decodes batches gets each batch as single frames.
+    async fn forward_relay(
+        &mut self,
+        first: axum::body::Bytes,
+        relay: &mut mpsc::Receiver<axum::body::Bytes>,
+        queued: &std::sync::atomic::AtomicUsize,
+    ) -> Flow {
+        let batches = self.batches;
+        let socket = &mut self.socket;
+        let written = tokio::time::timeout(WRITE_TIMEOUT, async {
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(msg) = next.take() {
+                queued.fetch_sub(msg.len(), std::sync::atomic::Ordering::Relaxed);
+                if !batches && msg.first() == Some(&RELAY_BATCH_V1) {
+                    // The hub only queues well-formed batches.
+                    let records = RelayMessage::parse(&msg).map(|m| m.records());
+                    for (from, datagram) in records.into_iter().flatten() {
+                        let frame = encode_relay_frame(from, datagram);
+                        socket.feed(Message::Binary(frame.into())).await?;
+                    }
+                } else {
+                    socket.feed(Message::Binary(msg)).await?;
+                }
+                taken += 1;
+                if taken == RELAY_ROUND {
+                    break;
+                }
+                next = relay.try_recv().ok();
+            }
+            socket.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => Flow::Continue,
+            _ => Flow::End("write failed or timed out".into()),
         }
     }
 

@@ -5,7 +5,8 @@
 //!  POST /v1/register      RegisterRequest  ─▶  RegisterResponse | ApiError (JSON)
 //!  GET  /v1/connect       WebSocket, header `Authorization: Bearer <node-id>:<credential>`
 //!       text frames       ClientMsg ─▶ / ◀─ ServerMsg (JSON)
-//!       binary frames     RelayFrame: 8-byte node id (big endian) + WireGuard datagram
+//!       binary frames     RelayFrame: 8-byte node id (big endian) + WireGuard datagram,
+//!                         or a batch: 0xB1, then [u64 id][u16 len][datagram] records
 //! ```
 //!
 //! Enrolment is two calls: the challenge gives a fresh 40-byte challenge (issue
@@ -20,6 +21,10 @@
 //!
 //! In a binary frame from a node, the id is the *destination*; in a binary frame
 //! from the server, it is the *source* (stamped from the authenticated session).
+//! Batches ([`RELAY_BATCH_V1`]) carry many datagrams in one WebSocket message,
+//! so a relayed TCP stream costs one message and one write per batch, not per
+//! packet; each side sends them only after the other said it decodes them
+//! ([`RELAY_HELLO`]), so old nodes and coordinators keep working.
 
 use std::net::Ipv4Addr;
 
@@ -269,6 +274,173 @@ pub fn decode_relay_frame(frame: &[u8]) -> Option<(NodeId, &[u8])> {
     Some((id, payload))
 }
 
+/// First byte of a relay *batch* message, format version 1:
+///
+/// ```text
+///   [0xB1] then records: [u64 node id, big endian][u16 length, big endian][datagram]
+/// ```
+///
+/// A single frame begins with its node id's high byte; ids are SQLite row ids
+/// counted from 1, so that byte is 0 and a first byte of `0xB1` can only be a
+/// batch. A later format takes another tag.
+pub const RELAY_BATCH_V1: u8 = 0xB1;
+/// Bytes a record adds to its datagram in a batch: id and length.
+pub const RELAY_RECORD_HEADER_LEN: usize = 10;
+/// The id of a batch record that carries no datagram but says "I decode
+/// batches" (see [`RELAY_HELLO`]); no node has it.
+pub const RELAY_HELLO_ID: NodeId = 0;
+/// A batch of one empty record to [`RELAY_HELLO_ID`]: a node sends it when its
+/// session opens, and a coordinator that decodes batches answers with it and
+/// from then on sends that node batches; the node sends batches once it has
+/// the answer. To a coordinator that predates batches it is a single frame to
+/// an unknown node (`0xB1 << 56`), dropped and counted, never a reason to
+/// close the session; so each side keeps to single frames until it knows.
+pub const RELAY_HELLO: [u8; 1 + RELAY_RECORD_HEADER_LEN] =
+    [RELAY_BATCH_V1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+/// Why a binary relay message was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RelayFrameError {
+    #[error("relay frame shorter than its header")]
+    Short,
+    #[error("relay batch truncated at byte {at}")]
+    Truncated { at: usize },
+}
+
+/// A checked binary relay message: one datagram, or a batch whose records all
+/// fit (so iterating over it cannot fail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RelayMessage<'a> {
+    Single(NodeId, &'a [u8]),
+    /// The records, after the tag byte.
+    Batch(&'a [u8]),
+}
+
+impl<'a> RelayMessage<'a> {
+    /// Checks a whole message before any of it is used: a batch with one bad
+    /// record is refused entire.
+    pub fn parse(msg: &'a [u8]) -> Result<Self, RelayFrameError> {
+        match msg.split_first() {
+            Some((&RELAY_BATCH_V1, records)) => {
+                let mut rest = records;
+                while !rest.is_empty() {
+                    let at = msg.len() - rest.len();
+                    let (_, len, after) =
+                        split_record(rest).ok_or(RelayFrameError::Truncated { at })?;
+                    rest = &after[len..];
+                }
+                Ok(RelayMessage::Batch(records))
+            }
+            _ => decode_relay_frame(msg)
+                .map(|(id, payload)| RelayMessage::Single(id, payload))
+                .ok_or(RelayFrameError::Short),
+        }
+    }
+
+    pub fn is_batch(&self) -> bool {
+        matches!(self, RelayMessage::Batch(_))
+    }
+
+    /// `(node id, datagram)` of every record, hello records included.
+    pub fn records(&self) -> RelayRecords<'a> {
+        match *self {
+            RelayMessage::Single(id, payload) => RelayRecords {
+                single: Some((id, payload)),
+                rest: &[],
+            },
+            RelayMessage::Batch(rest) => RelayRecords { single: None, rest },
+        }
+    }
+}
+
+/// A record's id, its length and everything after its header, when the
+/// header and the datagram are all there.
+fn split_record(rest: &[u8]) -> Option<(NodeId, usize, &[u8])> {
+    let header = rest.get(..RELAY_RECORD_HEADER_LEN)?;
+    let id = NodeId::from_be_bytes(header[..8].try_into().ok()?);
+    let len = usize::from(u16::from_be_bytes([header[8], header[9]]));
+    let after = &rest[RELAY_RECORD_HEADER_LEN..];
+    (after.len() >= len).then_some((id, len, after))
+}
+
+/// The records of a [`RelayMessage`].
+#[derive(Debug, Clone)]
+pub struct RelayRecords<'a> {
+    single: Option<(NodeId, &'a [u8])>,
+    rest: &'a [u8],
+}
+
+impl<'a> Iterator for RelayRecords<'a> {
+    type Item = (NodeId, &'a [u8]);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(one) = self.single.take() {
+            return Some(one);
+        }
+        // Checked by `parse`; a short rest ends the iteration all the same.
+        let (id, len, after) = split_record(self.rest)?;
+        let (payload, rest) = after.split_at(len);
+        self.rest = rest;
+        Some((id, payload))
+    }
+}
+
+/// Builds one batch message of at most `max` bytes, record by record, in one
+/// buffer.
+#[derive(Debug)]
+pub struct RelayBatch {
+    buf: Vec<u8>,
+    max: usize,
+}
+
+impl RelayBatch {
+    /// An empty batch that grows to at most `max` bytes (at least one header).
+    pub fn new(max: usize) -> Self {
+        let mut buf = Vec::with_capacity(max.min(MAX_FRAME_BYTES));
+        buf.push(RELAY_BATCH_V1);
+        RelayBatch {
+            buf,
+            max: max.max(1 + RELAY_RECORD_HEADER_LEN),
+        }
+    }
+
+    /// No record yet.
+    pub fn is_empty(&self) -> bool {
+        self.buf.len() == 1
+    }
+
+    /// The message's size so far.
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Whether a record of `payload_len` bytes would still fit.
+    pub fn fits(&self, payload_len: usize) -> bool {
+        payload_len <= usize::from(u16::MAX)
+            && self.buf.len() + RELAY_RECORD_HEADER_LEN + payload_len <= self.max
+    }
+
+    /// Appends a record; false, and nothing appended, when it does not fit.
+    pub fn push(&mut self, id: NodeId, payload: &[u8]) -> bool {
+        if !self.fits(payload.len()) {
+            return false;
+        }
+        self.buf.extend_from_slice(&id.to_be_bytes());
+        // `fits` checked the length fits in 16 bits.
+        self.buf
+            .extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        self.buf.extend_from_slice(payload);
+        true
+    }
+
+    /// The message built so far; the batch starts empty again.
+    pub fn take(&mut self) -> Vec<u8> {
+        let mut next = Vec::with_capacity(self.buf.capacity());
+        next.push(RELAY_BATCH_V1);
+        std::mem::replace(&mut self.buf, next)
+    }
+}
+
 /// Value of the `Authorization` header on `/v1/connect`.
 pub fn bearer(node_id: NodeId, credential: &str) -> String {
     format!("Bearer {node_id}:{credential}")
@@ -298,6 +470,110 @@ mod tests {
     #[test]
     fn short_relay_frame_is_rejected() {
         assert_eq!(decode_relay_frame(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn relay_batch_round_trips_in_order() {
+        let mut batch = RelayBatch::new(MAX_FRAME_BYTES);
+        assert!(batch.is_empty());
+        assert!(batch.push(2, b"first"));
+        assert!(batch.push(3, b""));
+        assert!(batch.push(2, &[7u8; 1400]));
+        let msg = batch.take();
+        assert!(batch.is_empty(), "take starts a fresh batch");
+        assert_eq!(msg[0], RELAY_BATCH_V1);
+        let parsed = RelayMessage::parse(&msg).unwrap();
+        assert!(parsed.is_batch());
+        let records: Vec<_> = parsed.records().collect();
+        assert_eq!(
+            records,
+            vec![(2, &b"first"[..]), (3, &b""[..]), (2, &[7u8; 1400][..])]
+        );
+    }
+
+    #[test]
+    fn relay_batch_stops_at_its_size() {
+        let mut batch = RelayBatch::new(100);
+        assert!(batch.push(1, &[0; 40]));
+        assert!(!batch.push(1, &[0; 40]), "51 + 50 > 100");
+        assert_eq!(batch.len(), 51);
+        assert!(!RelayBatch::new(usize::MAX).push(1, &vec![0; 70_000]));
+    }
+
+    #[test]
+    fn single_frames_and_the_hello_still_parse() {
+        let frame = encode_relay_frame(5, b"wg");
+        let parsed = RelayMessage::parse(&frame).unwrap();
+        assert_eq!(parsed, RelayMessage::Single(5, b"wg"));
+        assert_eq!(parsed.records().collect::<Vec<_>>(), vec![(5, &b"wg"[..])]);
+        let hello = RelayMessage::parse(&RELAY_HELLO).unwrap();
+        assert_eq!(
+            hello.records().collect::<Vec<_>>(),
+            vec![(RELAY_HELLO_ID, &b""[..])]
+        );
+        // What a coordinator without batches makes of the hello: a frame to
+        // a node that cannot exist.
+        assert_eq!(
+            decode_relay_frame(&RELAY_HELLO),
+            Some((0xB1 << 56, &[0u8; 3][..]))
+        );
+        assert!(RelayMessage::parse(&[RELAY_BATCH_V1])
+            .unwrap()
+            .records()
+            .next()
+            .is_none());
+        assert_eq!(RelayMessage::parse(&[1, 2, 3]), Err(RelayFrameError::Short));
+    }
+
+    #[test]
+    fn truncated_batches_are_refused_whole() {
+        let mut batch = RelayBatch::new(MAX_FRAME_BYTES);
+        batch.push(2, b"ok");
+        batch.push(3, b"datagram");
+        let msg = batch.take();
+        for cut in 2..msg.len() {
+            if cut == 13 {
+                continue; // right after the first record: a whole batch
+            }
+            assert!(
+                matches!(
+                    RelayMessage::parse(&msg[..cut]),
+                    Err(RelayFrameError::Truncated { at: 1 | 13 })
+                ),
+                "cut at {cut}"
+            );
+        }
+        // A length beyond the message.
+        let mut long = vec![RELAY_BATCH_V1, 0, 0, 0, 0, 0, 0, 0, 2, 0xff, 0xff];
+        long.extend_from_slice(&[0; 100]);
+        assert_eq!(
+            RelayMessage::parse(&long),
+            Err(RelayFrameError::Truncated { at: 1 })
+        );
+    }
+
+    #[test]
+    fn garbage_relay_messages_never_panic() {
+        // A cheap deterministic generator: every prefix of pseudo-random bytes,
+        // with and without the batch tag.
+        let mut x: u32 = 0x1234_5678;
+        let mut bytes = Vec::new();
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            bytes.push((x >> 24) as u8);
+        }
+        for start in [0usize, 1] {
+            let mut msg = bytes.clone();
+            msg[0] = if start == 0 { RELAY_BATCH_V1 } else { 0 };
+            for end in 0..200 {
+                if let Ok(m) = RelayMessage::parse(&msg[..end]) {
+                    let total: usize = m.records().map(|(_, p)| p.len()).sum();
+                    assert!(total <= end);
+                }
+            }
+        }
     }
 
     #[test]

@@ -9,15 +9,16 @@ use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
 use overlay_proto::coord::{
-    bearer, decode_relay_frame, error_code, ApiError, ChallengeResponse, ClientMsg,
-    RegisterResponse, ServerMsg, CHALLENGE_PATH, CONNECT_PATH, REGISTER_PATH,
+    bearer, encode_relay_frame, error_code, ApiError, ChallengeResponse, ClientMsg,
+    RegisterResponse, RelayBatch, RelayMessage, ServerMsg, CHALLENGE_PATH, CONNECT_PATH,
+    MAX_FRAME_BYTES, REGISTER_PATH, RELAY_HELLO, RELAY_HELLO_ID,
 };
 use overlay_proto::NodeId;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::control::transport::{Connector, Endpoint, TransportError};
-use crate::dataplane::{DataPlane, Origin, Outbound, RxScratch};
+use crate::dataplane::{DataPlane, Origin, Outbound, RxScratch, MAX_BATCH};
 use crate::node::backoff::Backoff;
 
 const RECONNECT_BASE: Duration = Duration::from_millis(500);
@@ -26,6 +27,10 @@ const RECONNECT_CAP: Duration = Duration::from_secs(30);
 const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// A server silent for this long is gone, even if TCP has not noticed.
 const SILENCE_LIMIT: Duration = Duration::from_secs(30);
+/// Most queued items (relayed datagrams, messages) written with one flush:
+/// a relayed TCP stream costs a system call per round, not per packet, and
+/// the loop still reads between rounds.
+const WRITE_ROUND: usize = 256;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrolError {
@@ -136,14 +141,45 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Where relay frames from the coordinator go: the data plane (a stub in tests).
 #[async_trait::async_trait]
 pub trait RelayReceiver: Send + Sync {
-    /// A WireGuard datagram `from` a peer arrived over the coordination relay.
-    async fn relay_frame(&self, from: NodeId, datagram: &[u8], rx: &mut RxScratch);
+    /// WireGuard datagrams `from` one peer (at most [`MAX_BATCH`]) arrived
+    /// together over the coordination relay.
+    async fn relay_datagrams(&self, from: NodeId, datagrams: &[&[u8]], rx: &mut RxScratch);
+    /// A binary message from the coordinator that is no relay message.
+    fn bad_frame(&self);
 }
 
 #[async_trait::async_trait]
 impl RelayReceiver for DataPlane {
-    async fn relay_frame(&self, from: NodeId, datagram: &[u8], rx: &mut RxScratch) {
-        self.arrive(Origin::Relay(from), &[datagram], rx).await;
+    async fn relay_datagrams(&self, from: NodeId, datagrams: &[&[u8]], rx: &mut RxScratch) {
+        self.arrive(Origin::Relay(from), datagrams, rx).await;
+    }
+
+    fn bad_frame(&self) {
+        self.drops.bad_datagram.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Hands the datagrams of one relay message to `relay`, consecutive
+/// datagrams of one peer together (so the data plane decrypts them side by
+/// side and coalesces them for the TUN). Hello records carry none.
+async fn deliver(relay: &dyn RelayReceiver, msg: RelayMessage<'_>, rx: &mut RxScratch) {
+    let mut run: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+    let mut len = 0;
+    let mut from = RELAY_HELLO_ID;
+    for (id, datagram) in msg.records() {
+        if id == RELAY_HELLO_ID {
+            continue;
+        }
+        if len > 0 && (id != from || len == MAX_BATCH) {
+            relay.relay_datagrams(from, &run[..len], rx).await;
+            len = 0;
+        }
+        from = id;
+        run[len] = datagram;
+        len += 1;
+    }
+    if len > 0 {
+        relay.relay_datagrams(from, &run[..len], rx).await;
     }
 }
 
@@ -247,6 +283,15 @@ impl ControlClient {
         let mut last_heard = Instant::now();
         let mut ping_sent: Option<(u64, Instant)> = None;
         let mut rx = RxScratch::default();
+        // Relayed datagrams go in batches once the coordinator answered our
+        // hello (one that predates batches drops it as a frame to nobody).
+        let mut batches = false;
+        if let Err(e) = self
+            .send(&mut ws, Message::binary(RELAY_HELLO.to_vec()))
+            .await
+        {
+            return e;
+        }
         loop {
             tokio::select! {
                 msg = ws.next() => {
@@ -264,11 +309,16 @@ impl ControlClient {
                             Ok(msg) => { let _ = self.events.send(ControlEvent::Message(Box::new(msg))).await; }
                             Err(e) => tracing::debug!("ignoring unknown message from coordinator: {e}"),
                         },
-                        Some(Ok(Message::Binary(frame))) => {
-                            if let Some((from, datagram)) = decode_relay_frame(&frame) {
-                                self.relay.relay_frame(from, datagram, &mut rx).await;
+                        Some(Ok(Message::Binary(frame))) => match RelayMessage::parse(&frame) {
+                            Ok(msg) => {
+                                batches |= msg.is_batch();
+                                deliver(self.relay.as_ref(), msg, &mut rx).await;
                             }
-                        }
+                            Err(e) => {
+                                self.relay.bad_frame();
+                                tracing::debug!("bad relay message from the coordinator: {e}");
+                            }
+                        },
                         Some(Ok(Message::Close(frame))) => {
                             return match frame {
                                 Some(f) => format!("coordinator closed the session: {}", f.reason),
@@ -281,12 +331,10 @@ impl ControlClient {
                     }
                 }
                 item = outbound.recv() => {
-                    let msg = match item {
-                        Some(Outbound::Msg(m)) => Message::text(serde_json::to_string(&m).unwrap_or_default()),
-                        Some(Outbound::Relay(frame)) => Message::binary(frame),
-                        None => return "shutting down".into(),
+                    let Some(first) = item else {
+                        return "shutting down".into();
                     };
-                    if let Err(e) = self.send(&mut ws, msg).await {
+                    if let Err(e) = self.write_round(&mut ws, first, outbound, batches).await {
                         return e;
                     }
                 }
@@ -307,6 +355,70 @@ impl ControlClient {
                     return "shutting down".into();
                 }
             }
+        }
+    }
+
+    /// Writes `first` and what is queued behind it (up to [`WRITE_ROUND`]
+    /// items) with one flush, within [`ControlClient::write_timeout`]. With
+    /// `batches`, relayed datagrams go as batch messages, in order with the
+    /// control messages between them; else each as a single frame.
+    async fn write_round<S>(
+        &self,
+        ws: &mut tokio_tungstenite::WebSocketStream<S>,
+        first: Outbound,
+        outbound: &mut mpsc::Receiver<Outbound>,
+        batches: bool,
+    ) -> Result<(), String>
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    {
+        let round = async {
+            let mut batch = RelayBatch::new(MAX_FRAME_BYTES);
+            let mut next = Some(first);
+            let mut taken = 0;
+            while let Some(item) = next.take() {
+                match item {
+                    Outbound::Relay { to, datagram } if batches => {
+                        if !batch.push(to, &datagram) {
+                            ws.feed(Message::binary(batch.take())).await?;
+                            if !batch.push(to, &datagram) {
+                                // Larger than any message the coordinator takes.
+                                self.relay.bad_frame();
+                            }
+                        }
+                    }
+                    other => {
+                        if !batch.is_empty() {
+                            ws.feed(Message::binary(batch.take())).await?;
+                        }
+                        let msg = match other {
+                            Outbound::Msg(m) => {
+                                Message::text(serde_json::to_string(&m).unwrap_or_default())
+                            }
+                            Outbound::Relay { to, datagram } => {
+                                Message::binary(encode_relay_frame(to, &datagram))
+                            }
+                        };
+                        ws.feed(msg).await?;
+                    }
+                }
+                taken += 1;
+                if taken < WRITE_ROUND {
+                    next = outbound.try_recv().ok();
+                }
+            }
+            if !batch.is_empty() {
+                ws.feed(Message::binary(batch.take())).await?;
+            }
+            ws.flush().await
+        };
+        match tokio::time::timeout(self.write_timeout, round).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!(
+                "a write to the coordinator took over {:.1}s",
+                self.write_timeout.as_secs_f64()
+            )),
         }
     }
 
@@ -339,7 +451,8 @@ mod tests {
 
     #[async_trait::async_trait]
     impl RelayReceiver for NoRelay {
-        async fn relay_frame(&self, _: NodeId, _: &[u8], _: &mut RxScratch) {}
+        async fn relay_datagrams(&self, _: NodeId, _: &[&[u8]], _: &mut RxScratch) {}
+        fn bad_frame(&self) {}
     }
 
     /// Log lines the client writes, captured for the test.
@@ -449,7 +562,10 @@ mod tests {
             let ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
             for _ in 0..1000 {
                 if outbound_tx
-                    .try_send(Outbound::Relay(vec![0u8; 60_000]))
+                    .try_send(Outbound::Relay {
+                        to: 2,
+                        datagram: vec![0u8; 60_000],
+                    })
                     .is_err()
                 {
                     break;

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use boringtun::noise::TunnResult;
-use overlay_proto::coord::{encode_relay_frame, ClientMsg};
+use overlay_proto::coord::ClientMsg;
 use overlay_proto::NodeId;
 use tokio::sync::{mpsc, oneshot};
 
@@ -81,8 +81,12 @@ pub enum Origin {
 #[derive(Debug)]
 pub enum Outbound {
     Msg(ClientMsg),
-    /// A ready binary relay frame (destination id + WireGuard datagram).
-    Relay(Vec<u8>),
+    /// A WireGuard datagram for the coordination relay; the control client
+    /// frames it (a batch record or a single frame, see `overlay_proto::coord`).
+    Relay {
+        to: NodeId,
+        datagram: Vec<u8>,
+    },
 }
 
 #[derive(Default)]
@@ -477,8 +481,11 @@ impl DataPlane {
                 return;
             }
         }
-        let frame = encode_relay_frame(peer.id, datagram);
-        if self.outbound.try_send(Outbound::Relay(frame)).is_err() {
+        let relay = Outbound::Relay {
+            to: peer.id,
+            datagram: datagram.to_vec(),
+        };
+        if self.outbound.try_send(relay).is_err() {
             self.drops.relay_queue_full.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -4,17 +4,38 @@
 use overlay_coord::validate;
 use overlay_proto::coord::{
     bearer, decode_relay_frame, encode_relay_frame, parse_bearer, ApiError, ClientMsg,
-    RegisterRequest, RegisterResponse, ServerMsg, RELAY_HEADER_LEN,
+    RegisterRequest, RegisterResponse, RelayBatch, RelayFrameError, RelayMessage, ServerMsg,
+    RELAY_BATCH_V1, RELAY_HEADER_LEN,
 };
 use overlayd::identity::decode_public_key;
 use overlayd::local_api::{parse_request, MAX_REQUEST};
 
-/// A binary frame on the control stream: decoding never panics, and a decoded
-/// frame encodes back to the same bytes.
+/// A binary message on the control stream, a single frame or a batch:
+/// decoding never panics, a decoded single frame encodes back to the same
+/// bytes, and a batch that parses re-encodes to the same bytes from its
+/// records; a batch that does not parse is refused whole.
 pub fn relay_frame(data: &[u8]) {
     match decode_relay_frame(data) {
         Some((id, payload)) => assert_eq!(encode_relay_frame(id, payload), data),
         None => assert!(data.len() < RELAY_HEADER_LEN),
+    }
+    match RelayMessage::parse(data) {
+        Ok(RelayMessage::Single(id, payload)) => {
+            assert_ne!(data.first(), Some(&RELAY_BATCH_V1));
+            assert_eq!(encode_relay_frame(id, payload), data);
+        }
+        Ok(msg @ RelayMessage::Batch(_)) => {
+            let mut batch = RelayBatch::new(usize::MAX);
+            for (id, payload) in msg.records() {
+                assert!(batch.push(id, payload), "a parsed record fits again");
+            }
+            assert_eq!(batch.take(), data);
+        }
+        Err(RelayFrameError::Short) => assert!(data.len() < RELAY_HEADER_LEN),
+        Err(RelayFrameError::Truncated { at }) => {
+            assert_eq!(data.first(), Some(&RELAY_BATCH_V1));
+            assert!(at >= 1 && at < data.len());
+        }
     }
 }
 
