@@ -297,14 +297,7 @@ impl Store {
     pub fn remove_node(&self, name: &str, now: u64) -> Result<Option<NodeId>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let id: Option<i64> = tx
-            .query_row(
-                "SELECT id FROM nodes WHERE name = ?1",
-                params![name.to_ascii_lowercase()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let Some(id) = id else {
+        let Some(id) = node_id_by_name(&tx, name)? else {
             return Ok(None);
         };
         remove_in(&tx, id as NodeId, now)?;
@@ -452,3 +445,14 @@ mod register;
 #[cfg(test)]
 #[path = "store_tests.rs"]
 mod tests;
+
+/// The id of the node named `name` (names are kept lowercase).
+pub(crate) fn node_id_by_name(conn: &Connection, name: &str) -> Result<Option<i64>, StoreError> {
+    Ok(conn
+        .query_row(
+            "SELECT id FROM nodes WHERE name = ?1",
+            params![name.to_ascii_lowercase()],
+            |r| r.get(0),
+        )
+        .optional()?)
+}

@@ -7,7 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use overlay_proto::NodeId;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{now_unix, Store, StoreError};
+use super::{node_id_by_name, now_unix, Store, StoreError};
 
 /// Tags of every node that has any, sorted per node.
 pub(super) fn all_tags(conn: &Connection) -> rusqlite::Result<HashMap<NodeId, Vec<String>>> {
@@ -93,14 +93,7 @@ impl Store {
     ) -> Result<Option<Vec<String>>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let id: Option<i64> = tx
-            .query_row(
-                "SELECT id FROM nodes WHERE name = ?1",
-                params![name.to_ascii_lowercase()],
-                |r| r.get(0),
-            )
-            .optional()?;
-        let Some(id) = id else {
+        let Some(id) = node_id_by_name(&tx, name)? else {
             return Ok(None);
         };
         let before: BTreeSet<String> = tags_of(&tx, id as NodeId)?.into_iter().collect();
