@@ -21,6 +21,7 @@
 pub mod bins;
 pub mod cert;
 pub mod coturn;
+pub mod dnsmasq;
 pub mod lab;
 pub mod mesh;
 pub mod overlay;

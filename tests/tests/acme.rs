@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use overlay_tests::overlay::{tcp_listening, udp_listening, COORD_PORT};
+use overlay_tests::overlay::{tcp_listening, COORD_PORT};
 use overlay_tests::{cert, lab_test, wait_until, Coordinator, Daemon, Host, Lab, Wait};
 
 const DOMAIN: &str = "coord.lab.test";
@@ -34,7 +34,7 @@ fn coordinator_obtains_and_renews_its_certificate_with_acme_without_dropping_nod
         let ca_host = lab.host("ca")?;
         let ca_ip = lab.attach(&ca_host, &lan)?.ip;
 
-        let _dnsmasq = start_dnsmasq(lab, &ca_host, ca_ip, coord_ip)?;
+        let _dnsmasq = overlay_tests::dnsmasq::start(lab, &ca_host, ca_ip, &[(DOMAIN, coord_ip)])?;
         let pebble = Pebble::start(lab, &ca_host, ca_ip)?;
 
         let acme_args = [
@@ -155,37 +155,6 @@ fn coordinator_obtains_and_renews_its_certificate_with_acme_without_dropping_nod
         drop(pebble);
         Ok(())
     });
-}
-
-/// dnsmasq on `host` answering `DOMAIN` with the coordinator's address, for
-/// pebble's validation and the nodes.
-fn start_dnsmasq(
-    lab: &Lab,
-    host: &Host,
-    ip: std::net::Ipv4Addr,
-    coord_ip: std::net::Ipv4Addr,
-) -> anyhow::Result<overlay_tests::Proc> {
-    let mut dnsmasq = Command::new("dnsmasq");
-    dnsmasq.args([
-        "--keep-in-foreground",
-        "--conf-file=/dev/null",
-        "--no-resolv",
-        "--no-hosts",
-        "--bind-interfaces",
-        "--user=root",
-        "--pid-file=",
-        &format!("--listen-address={ip}"),
-        &format!("--address=/{DOMAIN}/{coord_ip}"),
-    ]);
-    let proc = lab.spawn(host, "dnsmasq", dnsmasq)?;
-    wait_until(Duration::from_secs(10), "dnsmasq to listen", || {
-        if udp_listening(lab, host, "53")? {
-            Ok(())
-        } else {
-            Err(Wait::NotYet("nothing on UDP 53".into()))
-        }
-    })?;
-    Ok(proc)
 }
 
 /// A running pebble and the files a test needs from it.

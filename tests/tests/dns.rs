@@ -16,7 +16,6 @@
 //! `overlayctl down`, on SIGTERM, and on the next start after a SIGKILL.
 
 use std::net::Ipv4Addr;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -128,26 +127,13 @@ fn peers_resolve_by_name_and_the_hosts_resolv_conf_comes_back_intact() {
         // The "ISP" resolver names in its original resolv.conf.
         let upstream = lab.host("isp")?;
         let upstream_ip = lab.attach(&upstream, &lan)?.ip;
-        let mut dnsmasq = Command::new("dnsmasq");
-        dnsmasq.args([
-            "--keep-in-foreground",
-            "--conf-file=/dev/null",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--user=root",
-            "--pid-file=",
-            &format!("--listen-address={upstream_ip}"),
-            &format!("--address=/outside.test/{OUTSIDE}"),
-        ]);
-        let _dnsmasq = lab.spawn(&upstream, "dnsmasq", dnsmasq)?;
-        wait_until(Duration::from_secs(10), "dnsmasq to listen", || {
-            if overlay_tests::overlay::udp_listening(lab, &upstream, "53")? {
-                Ok(())
-            } else {
-                Err(Wait::NotYet("not yet".into()))
-            }
-        })?;
+        let outside: Ipv4Addr = OUTSIDE.parse()?;
+        let _dnsmasq = overlay_tests::dnsmasq::start(
+            lab,
+            &upstream,
+            upstream_ip,
+            &[("outside.test", outside)],
+        )?;
 
         let a_host = lab.host("a")?;
         lab.attach(&a_host, &lan)?;
