@@ -10,6 +10,13 @@
 //!  4. connect newcomer       ──▶ peer_upsert{online:true}  ──▶ N sessions   (t_connect)
 //! ```
 //!
+//! With `--hold SECS` it measures nothing: it registers and connects the N
+//! sessions, prints `HOLDING nodes=N`, and keeps them open for SECS seconds
+//! while a real node joins the mesh (`tests/bench/idle.sh`: one `overlayd`
+//! whose netmap holds N online peers that never send). Every second in which
+//! something arrived it prints a `hold` line with the `signal` frames the N
+//! sessions have read so far, and how many sessions got any.
+//!
 //! Each delay is measured from just before the newcomer's request to the moment
 //! a session's reader task reads the frame, so it includes the client's own
 //! scheduling on a shared machine; it is an upper bound for the server.
@@ -83,6 +90,10 @@ struct Args {
     /// kernel's OOM killer down on someone else. Needs --server-pid.
     #[arg(long, default_value_t = 4096)]
     max_server_rss_mib: u64,
+    /// Measure nothing: connect the N sessions, keep them open this many
+    /// seconds, counting the signals real nodes send them, then exit.
+    #[arg(long, value_name = "SECS")]
+    hold: Option<u64>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -149,8 +160,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let (limit, shared, tx) = (limit.clone(), shared.clone(), upsert_tx.clone());
             set.spawn(async move {
                 let _permit = limit.acquire().await;
-                let (ws, _) =
-                    session::connect(server, source, node.node_id, &node.credential).await?;
+                // A reset during the handshake (the server's pending-connection
+                // cap, a burst of registrations still closing) gets two more tries.
+                let mut attempt = 0;
+                let (ws, _) = loop {
+                    attempt += 1;
+                    match session::connect(server, source, node.node_id, &node.credential).await {
+                        Ok(connected) => break connected,
+                        Err(_) if attempt < 3 => {
+                            tokio::time::sleep(Duration::from_millis(200 * attempt)).await
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
                 shared.connected.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(session::read_loop(i, ws, shared, tx));
                 anyhow::Ok(())
@@ -177,6 +199,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let rss_loaded = server_rss(args.server_pid);
+    if let Some(secs) = args.hold {
+        return hold(&args, &shared, Duration::from_secs(secs), rss_loaded).await;
+    }
 
     // 3. and 4. The newcomer.
     shared.armed.store(true, Ordering::SeqCst);
@@ -292,6 +317,54 @@ async fn run(args: Args) -> anyhow::Result<()> {
             online_delays.len(),
             args.nodes,
             args.timeout_secs
+        );
+    }
+    Ok(())
+}
+
+/// Keeps the sessions open for `secs` (their reader tasks run on), printing
+/// the signals they have read whenever the count moved in the last second.
+async fn hold(
+    args: &Args,
+    shared: &Shared,
+    secs: Duration,
+    rss_loaded: Option<(u64, u64)>,
+) -> anyhow::Result<()> {
+    println!(
+        "HOLDING nodes={} secs={} server_rss_kb={}",
+        args.nodes,
+        secs.as_secs(),
+        kb(rss_loaded.map(|r| r.0))
+    );
+    let started = Instant::now();
+    let line = |shared: &Shared| {
+        format!(
+            "hold t={:.0}s frames={} signals={} signaled_sessions={} closed={}",
+            started.elapsed().as_secs_f64(),
+            shared.frames.load(Ordering::Relaxed),
+            shared.signals.load(Ordering::Relaxed),
+            shared.signaled.load(Ordering::Relaxed),
+            shared.closed.load(Ordering::Relaxed)
+        )
+    };
+    let mut last = (0, 0);
+    while started.elapsed() < secs {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = (
+            shared.frames.load(Ordering::Relaxed),
+            shared.closed.load(Ordering::Relaxed),
+        );
+        if now != last {
+            println!("{}", line(shared));
+            last = now;
+        }
+    }
+    println!("{} (end)", line(shared));
+    let closed = shared.closed.load(Ordering::Relaxed);
+    if closed > 0 {
+        bail!(
+            "{closed} sessions closed while holding: {:?}",
+            close_reasons(shared)
         );
     }
     Ok(())

@@ -49,6 +49,11 @@ pub struct Shared {
     /// Set just before the newcomer registers: from then on readers parse
     /// `peer_upsert` frames. Before, they only count, so setup stays cheap.
     pub armed: AtomicBool,
+    /// `signal` frames read (ICE offers, answers, candidates, restart
+    /// requests and NAT reports that real nodes send the simulated ones).
+    pub signals: AtomicU64,
+    /// Sessions that read at least one `signal` frame.
+    pub signaled: AtomicUsize,
     /// Sessions the server closed (or that failed), and the first few reasons.
     pub closed: AtomicUsize,
     pub close_reasons: Mutex<Vec<String>>,
@@ -161,17 +166,29 @@ pub async fn connect(
 
 /// Reads `ws` until it ends. Reading also answers the server's keepalive
 /// pings (tungstenite queues the pong and flushes it on the next read).
+/// Signals from real nodes are counted, never answered: a simulated node
+/// looks like a peer that is online but never sends.
 pub async fn read_loop(
     session: usize,
     mut ws: Ws,
     shared: Arc<Shared>,
     upserts: mpsc::UnboundedSender<Upsert>,
 ) {
+    let mut signaled = false;
     let reason = loop {
         match ws.next().await {
             Some(Ok(Message::Text(text))) => {
                 let at = Instant::now();
                 shared.frames.fetch_add(1, Ordering::Relaxed);
+                if text.contains("\"signal\"")
+                    && matches!(serde_json::from_str(&text), Ok(ServerMsg::Signal { .. }))
+                {
+                    shared.signals.fetch_add(1, Ordering::Relaxed);
+                    if !std::mem::replace(&mut signaled, true) {
+                        shared.signaled.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
                 if shared.armed.load(Ordering::Relaxed) && text.contains("\"peer_upsert\"") {
                     if let Ok(ServerMsg::PeerUpsert { peer }) = serde_json::from_str(&text) {
                         let _ = upserts.send(Upsert {
