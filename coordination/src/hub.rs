@@ -513,12 +513,14 @@ impl Hub {
     /// destination's share is queued as one batch (more when it outgrows a
     /// message), stamped with `from`. Records to [`RELAY_HELLO_ID`] are not
     /// datagrams and are skipped. Drops are counted per datagram, as for
-    /// single frames; the sender is never told.
+    /// single frames; the sender is never told. `size` is the batch's size
+    /// in bytes: no share outgrows it, so each is built in one allocation.
     pub fn relay_batch<'a>(
         &self,
         from: NodeId,
         from_stats: &RelayStats,
         records: impl IntoIterator<Item = (NodeId, &'a [u8])>,
+        size: usize,
     ) {
         /// One destination's share: its batch under way, or why it gets nothing.
         struct Share {
@@ -549,7 +551,7 @@ impl Hub {
             let at = match shares.iter().position(|s| s.to == to) {
                 Some(at) => at,
                 None => {
-                    let batch = live(to).map(|_| RelayBatch::new(MAX_FRAME_BYTES));
+                    let batch = live(to).map(|_| RelayBatch::new(MAX_FRAME_BYTES, size));
                     shares.push(Share {
                         to,
                         batch,
@@ -580,11 +582,10 @@ impl Hub {
             match share.batch {
                 Ok(batch) if !batch.is_empty() => {
                     if let Ok((live, stats)) = live(share.to) {
-                        let mut batch = batch;
                         self.queue_share(
                             live,
                             stats,
-                            batch.take(),
+                            batch.into_message(),
                             &mut share.frames,
                             &mut share.bytes,
                         );
@@ -744,7 +745,7 @@ mod relay_batch_tests {
             (4, b"offline"),
             (9, b"unknown"),
         ];
-        h.relay_batch(1, &a.stats, batch);
+        h.relay_batch(1, &a.stats, batch, 100);
         let to_b = b.relay.try_recv().unwrap();
         assert_eq!(
             records(&to_b),
@@ -774,7 +775,7 @@ mod relay_batch_tests {
         let mut b = h.attach(2).unwrap();
         let big = vec![0u8; 1400];
         // 60 datagrams of 1,400 bytes: more than one 64 KiB message.
-        h.relay_batch(1, &a.stats, (0..60).map(|_| (2, &big[..])));
+        h.relay_batch(1, &a.stats, (0..60).map(|_| (2, &big[..])), 60 * 1411);
         let first = b.relay.try_recv().unwrap();
         assert!(first.len() <= MAX_FRAME_BYTES);
         let queued = records(&first).len() as u64;

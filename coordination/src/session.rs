@@ -464,7 +464,8 @@ impl Session {
                 let _ = self.ctx.hub.relay(self.node, stats, to, payload);
                 Flow::Continue
             }
-            RelayMessage::Batch(_) => {
+            RelayMessage::Batch(records) => {
+                let size = 1 + records.len();
                 let bucket = &mut self.relay_bucket;
                 let metrics = &self.ctx.metrics;
                 let admitted = msg.records().filter(|(to, payload)| {
@@ -478,7 +479,7 @@ impl Session {
                     }
                     ok
                 });
-                self.ctx.hub.relay_batch(self.node, stats, admitted);
+                self.ctx.hub.relay_batch(self.node, stats, admitted, size);
                 if self.batches {
                     return Flow::Continue;
                 }

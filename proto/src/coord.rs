@@ -385,8 +385,8 @@ impl<'a> Iterator for RelayRecords<'a> {
     }
 }
 
-/// Builds one batch message of at most `max` bytes, record by record, in one
-/// buffer.
+/// Builds batch messages of at most `max` bytes, record by record, each in
+/// one buffer that becomes the message.
 #[derive(Debug)]
 pub struct RelayBatch {
     buf: Vec<u8>,
@@ -394,14 +394,14 @@ pub struct RelayBatch {
 }
 
 impl RelayBatch {
-    /// An empty batch that grows to at most `max` bytes (at least one header).
-    pub fn new(max: usize) -> Self {
-        let mut buf = Vec::with_capacity(max.min(MAX_FRAME_BYTES));
+    /// An empty batch that grows to at most `max` bytes (at least one
+    /// header), with room for `capacity` bytes before it reallocates: the
+    /// size it will likely reach, so a message costs one allocation.
+    pub fn new(max: usize, capacity: usize) -> Self {
+        let max = max.max(1 + RELAY_RECORD_HEADER_LEN);
+        let mut buf = Vec::with_capacity(capacity.clamp(1, max));
         buf.push(RELAY_BATCH_V1);
-        RelayBatch {
-            buf,
-            max: max.max(1 + RELAY_RECORD_HEADER_LEN),
-        }
+        RelayBatch { buf, max }
     }
 
     /// No record yet.
@@ -433,11 +433,17 @@ impl RelayBatch {
         true
     }
 
-    /// The message built so far; the batch starts empty again.
+    /// The message built so far; the batch starts empty again, with room
+    /// for as much as this one held.
     pub fn take(&mut self) -> Vec<u8> {
-        let mut next = Vec::with_capacity(self.buf.capacity());
+        let mut next = Vec::with_capacity(self.buf.len());
         next.push(RELAY_BATCH_V1);
         std::mem::replace(&mut self.buf, next)
+    }
+
+    /// The message built so far, when no other follows.
+    pub fn into_message(self) -> Vec<u8> {
+        self.buf
     }
 }
 
@@ -474,7 +480,7 @@ mod tests {
 
     #[test]
     fn relay_batch_round_trips_in_order() {
-        let mut batch = RelayBatch::new(MAX_FRAME_BYTES);
+        let mut batch = RelayBatch::new(MAX_FRAME_BYTES, 0);
         assert!(batch.is_empty());
         assert!(batch.push(2, b"first"));
         assert!(batch.push(3, b""));
@@ -493,11 +499,11 @@ mod tests {
 
     #[test]
     fn relay_batch_stops_at_its_size() {
-        let mut batch = RelayBatch::new(100);
+        let mut batch = RelayBatch::new(100, 0);
         assert!(batch.push(1, &[0; 40]));
         assert!(!batch.push(1, &[0; 40]), "51 + 50 > 100");
         assert_eq!(batch.len(), 51);
-        assert!(!RelayBatch::new(usize::MAX).push(1, &vec![0; 70_000]));
+        assert!(!RelayBatch::new(usize::MAX, 0).push(1, &vec![0; 70_000]));
     }
 
     #[test]
@@ -527,7 +533,7 @@ mod tests {
 
     #[test]
     fn truncated_batches_are_refused_whole() {
-        let mut batch = RelayBatch::new(MAX_FRAME_BYTES);
+        let mut batch = RelayBatch::new(MAX_FRAME_BYTES, 0);
         batch.push(2, b"ok");
         batch.push(3, b"datagram");
         let msg = batch.take();

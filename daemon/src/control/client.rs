@@ -31,6 +31,10 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 /// a relayed TCP stream costs a system call per round, not per packet, and
 /// the loop still reads between rounds.
 const WRITE_ROUND: usize = 256;
+/// Room a round's first relay batch starts with: a few full-size datagrams,
+/// so a lone packet (a ping) does not cost a 64 KiB buffer; the next batch of
+/// a round starts as large as the last grew.
+const RELAY_BATCH_START: usize = 8 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrolError {
@@ -373,7 +377,7 @@ impl ControlClient {
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     {
         let round = async {
-            let mut batch = RelayBatch::new(MAX_FRAME_BYTES);
+            let mut batch = RelayBatch::new(MAX_FRAME_BYTES, RELAY_BATCH_START);
             let mut next = Some(first);
             let mut taken = 0;
             while let Some(item) = next.take() {
@@ -408,7 +412,7 @@ impl ControlClient {
                 }
             }
             if !batch.is_empty() {
-                ws.feed(Message::binary(batch.take())).await?;
+                ws.feed(Message::binary(batch.into_message())).await?;
             }
             ws.flush().await
         };
@@ -453,6 +457,42 @@ mod tests {
     impl RelayReceiver for NoRelay {
         async fn relay_datagrams(&self, _: NodeId, _: &[&[u8]], _: &mut RxScratch) {}
         fn bad_frame(&self) {}
+    }
+
+    /// Records the runs it is handed.
+    #[derive(Default)]
+    struct Runs(Mutex<Vec<(NodeId, Vec<Vec<u8>>)>>);
+
+    #[async_trait::async_trait]
+    impl RelayReceiver for Runs {
+        async fn relay_datagrams(&self, from: NodeId, datagrams: &[&[u8]], _: &mut RxScratch) {
+            let run = datagrams.iter().map(|d| d.to_vec()).collect();
+            self.0.lock().unwrap().push((from, run));
+        }
+        fn bad_frame(&self) {}
+    }
+
+    #[tokio::test]
+    async fn a_batch_reaches_the_data_plane_as_runs_per_peer() {
+        let mut batch = RelayBatch::new(MAX_FRAME_BYTES, 0);
+        batch.push(RELAY_HELLO_ID, b"");
+        for i in 0..(MAX_BATCH + 2) {
+            batch.push(2, &[i as u8]);
+        }
+        batch.push(3, b"c");
+        batch.push(2, b"again");
+        let msg = batch.into_message();
+        let runs = Runs::default();
+        let mut rx = RxScratch::default();
+        deliver(&runs, RelayMessage::parse(&msg).unwrap(), &mut rx).await;
+        let runs = runs.0.into_inner().unwrap();
+        let shape: Vec<(NodeId, usize)> = runs.iter().map(|(id, r)| (*id, r.len())).collect();
+        assert_eq!(shape, vec![(2, MAX_BATCH), (2, 2), (3, 1), (2, 1)]);
+        assert_eq!(
+            runs[1].1,
+            vec![vec![MAX_BATCH as u8], vec![MAX_BATCH as u8 + 1]]
+        );
+        assert_eq!(runs[3].1, vec![b"again".to_vec()]);
     }
 
     /// Log lines the client writes, captured for the test.

@@ -25,11 +25,11 @@ pub fn relay_frame(data: &[u8]) {
             assert_eq!(encode_relay_frame(id, payload), data);
         }
         Ok(msg @ RelayMessage::Batch(_)) => {
-            let mut batch = RelayBatch::new(usize::MAX);
+            let mut batch = RelayBatch::new(usize::MAX, data.len());
             for (id, payload) in msg.records() {
                 assert!(batch.push(id, payload), "a parsed record fits again");
             }
-            assert_eq!(batch.take(), data);
+            assert_eq!(batch.into_message(), data);
         }
         Err(RelayFrameError::Short) => assert!(data.len() < RELAY_HEADER_LEN),
         Err(RelayFrameError::Truncated { at }) => {
