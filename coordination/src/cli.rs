@@ -377,8 +377,8 @@ pub fn admin(cli: &Cli) -> Result<()> {
                 } else {
                     writeln!(
                         out,
-                        "{:<5} {:<11} {:>5}  {:<20} {:<20} STATUS",
-                        "ID", "KIND", "USES", "CREATED", "EXPIRES"
+                        "{:<5} {:<11} {:>5}  {:<20} {:<20} {:<8} TAGS",
+                        "ID", "KIND", "USES", "CREATED", "EXPIRES", "STATUS"
                     )?;
                     for k in keys {
                         let status = match k.problem(now) {
@@ -388,9 +388,14 @@ pub fn admin(cli: &Cli) -> Result<()> {
                             Some(KeyProblem::Spent) => "spent",
                             Some(KeyProblem::Unknown) => "unknown",
                         };
+                        let tags = if k.tags.is_empty() {
+                            "-".to_owned()
+                        } else {
+                            k.tags.join(",")
+                        };
                         writeln!(
                             out,
-                            "{:<5} {:<11} {:>5}  {:<20} {:<20} {status}",
+                            "{:<5} {:<11} {:>5}  {:<20} {:<20} {status:<8} {tags}",
                             k.id,
                             if k.reusable { "reusable" } else { "single-use" },
                             k.uses,

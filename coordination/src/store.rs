@@ -143,6 +143,9 @@ pub struct KeyRow {
     pub revoked_at: Option<u64>,
     pub uses: u64,
     pub last_used_at: Option<u64>,
+    /// Tags every node this key enrols gets (`keys create --tag`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 impl KeyRow {
@@ -192,6 +195,7 @@ fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
         revoked_at: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
         uses: r.get::<_, i64>(5)? as u64,
         last_used_at: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+        tags: Vec::new(),
     })
 }
 

@@ -29,7 +29,14 @@ impl Store {
         let conn = self.conn();
         let mut stmt = conn.prepare(&format!("SELECT {KEY_COLUMNS} FROM auth_keys ORDER BY id"))?;
         let rows = stmt.query_map([], key_from_row)?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        let mut keys: Vec<KeyRow> = rows.collect::<Result<_, _>>()?;
+        drop(stmt);
+        drop(conn);
+        let mut tags = self.key_tags()?;
+        for key in &mut keys {
+            key.tags = tags.remove(&key.id).unwrap_or_default();
+        }
+        Ok(keys)
     }
 
     /// Revokes a key; false when no key has that id.

@@ -134,6 +134,21 @@ fn key_problems_are_reported_precisely() {
     let keys = store.list_keys().unwrap();
     assert_eq!(keys.len(), 3);
     assert_eq!(keys[2].uses, 1);
+    assert!(keys.iter().all(|k| k.tags.is_empty()));
+}
+
+#[test]
+fn listed_keys_carry_the_tags_they_give() {
+    let dir = temp_dir();
+    let store = Store::open(dir.path()).unwrap();
+    store.create_key(true, None, 1).unwrap();
+    let tags = vec!["db".to_owned(), "server".to_owned()];
+    let (id, _) = store.create_key_with_tags(true, None, &tags, 1).unwrap();
+    let keys = store.list_keys().unwrap();
+    assert!(keys[0].tags.is_empty());
+    assert_eq!((keys[1].id, &keys[1].tags), (id, &tags));
+    let json = serde_json::to_string(&keys).unwrap();
+    assert_eq!(json.matches("\"tags\"").count(), 1, "{json}");
 }
 
 #[test]
