@@ -62,6 +62,10 @@ pub struct FileConfig {
     pub max_sessions: Option<usize>,
     pub pending_conns_per_ip: Option<usize>,
     pub conns_per_ip: Option<usize>,
+    /// The coordination relay's sustained rate per node session, MiB/s.
+    pub relay_rate_mib: Option<usize>,
+    /// What a node session may relay at once above that rate, MiB.
+    pub relay_burst_mib: Option<usize>,
     #[serde(default)]
     pub turn: FileTurn,
     #[serde(default)]
@@ -423,10 +427,18 @@ impl Config {
             conns_per_ip: file.conns_per_ip.unwrap_or(DEFAULT_CONNS_PER_IP),
             ..Limits::default()
         };
+        let mib = |v: usize| v as f64 * 1024.0 * 1024.0;
+        let limits = Limits {
+            relay_rate: file.relay_rate_mib.map_or(limits.relay_rate, mib),
+            relay_burst: file.relay_burst_mib.map_or(limits.relay_burst, mib),
+            ..limits
+        };
         for (key, value) in [
             ("max_sessions", limits.max_sessions),
             ("pending_conns_per_ip", limits.pending_conns_per_ip),
             ("conns_per_ip", limits.conns_per_ip),
+            ("relay_rate_mib", file.relay_rate_mib.unwrap_or(1)),
+            ("relay_burst_mib", file.relay_burst_mib.unwrap_or(1)),
         ] {
             if value == 0 {
                 return Err(bad_key(key, "must be at least 1".into()));

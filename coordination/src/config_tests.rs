@@ -170,7 +170,7 @@ fn example_config_parses() {
 
 #[test]
 fn connection_and_allocation_bounds_come_from_the_file_and_must_be_positive() {
-    let text = "pending_conns_per_ip = 3\nconns_per_ip = 7\n[turn]\nallocations_per_user = 2\nmax_allocations = 9\n";
+    let text = "pending_conns_per_ip = 3\nconns_per_ip = 7\nrelay_rate_mib = 64\nrelay_burst_mib = 4\n[turn]\nallocations_per_user = 2\nmax_allocations = 9\n";
     let file = parse_file(Path::new("c.toml"), text).unwrap();
     let c = Config::resolve(
         Some((Path::new("c.toml"), file)),
@@ -189,11 +189,17 @@ fn connection_and_allocation_bounds_come_from_the_file_and_must_be_positive() {
         (c.turn.allocations_per_user, c.turn.max_allocations),
         (2, 9)
     );
+    assert_eq!(
+        (c.limits.relay_rate, c.limits.relay_burst),
+        (64.0 * 1024.0 * 1024.0, 4.0 * 1024.0 * 1024.0)
+    );
     assert_eq!(c.turn.ttl, DEFAULT_TURN_TTL);
     assert_eq!(DEFAULT_TURN_TTL, Duration::from_secs(3600));
     for zero in [
         "conns_per_ip = 0",
         "pending_conns_per_ip = 0",
+        "relay_rate_mib = 0",
+        "relay_burst_mib = 0",
         "[turn]\nmax_allocations = 0",
         "[turn]\nallocations_per_user = 0",
     ] {

@@ -90,6 +90,8 @@ fn coordinator_example_config_documents_every_key() {
         "max_sessions",
         "pending_conns_per_ip",
         "conns_per_ip",
+        "relay_rate_mib",
+        "relay_burst_mib",
         "turn.embedded",
         "turn.port",
         "turn.secret",
