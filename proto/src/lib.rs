@@ -20,6 +20,7 @@ pub mod coord;
 pub mod enrol;
 pub mod filter;
 pub mod ratelimit;
+pub mod relay;
 pub mod signal;
 
 /// A node's identity on the coordination server. Assigned at enrolment, never reused.
