@@ -125,7 +125,10 @@ fn reply(seq: u16) -> Response {
 #[test]
 fn status_prints_the_daemons_status() {
     let dir = TempDir::new();
-    let daemon = fake_daemon(&dir.socket(), vec![Response::Status(Box::new(sample_status()))]);
+    let daemon = fake_daemon(
+        &dir.socket(),
+        vec![Response::Status(Box::new(sample_status()))],
+    );
     let out = overlayctl(&["--socket", dir.socket().to_str().expect("utf8"), "status"]);
     assert_eq!(daemon.join().expect("daemon thread"), Request::Status);
     assert!(out.status.success(), "{}", stderr(&out));
@@ -138,7 +141,10 @@ fn status_prints_the_daemons_status() {
 #[test]
 fn status_json_is_the_status_object() {
     let dir = TempDir::new();
-    let daemon = fake_daemon(&dir.socket(), vec![Response::Status(Box::new(sample_status()))]);
+    let daemon = fake_daemon(
+        &dir.socket(),
+        vec![Response::Status(Box::new(sample_status()))],
+    );
     let out = overlayctl(&[
         "status",
         "--json",
