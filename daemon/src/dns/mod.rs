@@ -14,7 +14,7 @@
 //! rebuilds from the netmap. No socket is bound on the host for it; the
 //! answers go back into the TUN as if the resolver address had sent them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::Ipv4Addr;
 
 use overlay_proto::coord::PeerInfo;
@@ -42,6 +42,9 @@ pub struct Zone {
     pub network: ipnet::Ipv4Net,
     /// Lowercase first labels (or longer names for extra records) under the domain.
     names: HashMap<String, Ipv4Addr>,
+    /// Names that exist only as parents of longer ones (`b` of an extra
+    /// record `a.b`): they answer NOERROR with no data, not NXDOMAIN.
+    parents: HashSet<String>,
     /// Mesh address → fully qualified name.
     reverse: HashMap<Ipv4Addr, String>,
     /// Whether names outside the domain are forwarded (resolv.conf mode).
@@ -55,6 +58,7 @@ impl Zone {
             resolver,
             network,
             names: HashMap::new(),
+            parents: HashSet::new(),
             reverse: HashMap::new(),
             forwarding: false,
         }
@@ -100,6 +104,11 @@ impl Zone {
             return;
         }
         self.names.insert(name.to_owned(), ip);
+        let mut rest = name;
+        while let Some((_, parent)) = rest.split_once('.') {
+            self.parents.insert(parent.to_owned());
+            rest = parent;
+        }
         let fqdn = format!("{name}.{}", self.domain);
         self.reverse.entry(ip).or_insert(fqdn);
     }
@@ -116,11 +125,7 @@ impl Zone {
 
     /// Whether a relative name exists, with or without an address record.
     pub fn has_name(&self, name: &str) -> bool {
-        self.names.contains_key(name)
-            || self
-                .names
-                .keys()
-                .any(|n| n.ends_with(name) && n[..n.len() - name.len()].ends_with('.'))
+        self.names.contains_key(name) || self.parents.contains(name)
     }
 
     /// The fully qualified name of a node called `name`.

@@ -103,6 +103,25 @@ fn unknown_names_are_nxdomain_and_known_names_without_the_type_are_empty() {
     let m = ask(&z, "b.overlay.internal", RecordType::AAAA);
     assert_eq!(m.response_code(), ResponseCode::NoError);
     assert!(m.answers().is_empty());
+    // A name that exists only above a longer one (extra record `a.svc`).
+    let deep = Zone::new(
+        "overlay.internal",
+        Ipv4Addr::new(100, 100, 100, 100),
+        "100.64.0.0/10".parse().unwrap(),
+    )
+    .build(
+        ("a", Ipv4Addr::new(100, 64, 0, 1)),
+        &[],
+        &[("x.svc".into(), Ipv4Addr::new(100, 64, 0, 9))],
+    );
+    assert_eq!(
+        ask(&deep, "svc.overlay.internal", RecordType::A).response_code(),
+        ResponseCode::NoError
+    );
+    assert_eq!(
+        ask(&deep, "vc.overlay.internal", RecordType::A).response_code(),
+        ResponseCode::NXDomain
+    );
     let m = ask(&z, "overlay.internal", RecordType::SOA);
     assert_eq!(m.answers()[0].record_type(), RecordType::SOA);
 }
