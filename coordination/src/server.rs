@@ -248,34 +248,22 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         None
     };
     let turn_addr = turn.as_ref().map(EmbeddedTurn::local_addr);
-    // A second STUN port beside the embedded server, for netcheck's mapping test.
-    let stun_alt = match turn_addr {
-        Some(addr) => {
-            let port = if config.turn.port == 0 {
-                0
-            } else {
-                addr.port().wrapping_add(1)
-            };
-            match StunResponder::start(SocketAddr::new(config.listen.ip(), port)).await {
-                Ok(r) => Some(r),
-                Err(e) => {
-                    warn!("no second STUN port for netcheck: {e}");
-                    None
-                }
-            }
-        }
-        // Without the embedded server, the netcheck STUN port takes its place, so
-        // a node compares it with the external TURN server's STUN answers.
-        None => match StunResponder::start(SocketAddr::new(config.listen.ip(), config.turn.port))
-            .await
-        {
+    // The second STUN port netcheck compares with, always the TURN port plus
+    // one: beside the embedded server, or, with it off, beside the external
+    // one (a coturn on this host listens on the TURN port itself, 3478, which
+    // this responder must leave to it).
+    let netcheck_port = match config.turn.port {
+        0 => 0,
+        port => turn_addr.map_or(port, |a| a.port()).wrapping_add(1),
+    };
+    let stun_alt =
+        match StunResponder::start(SocketAddr::new(config.listen.ip(), netcheck_port)).await {
             Ok(r) => Some(r),
             Err(e) => {
-                warn!("no STUN port for netcheck: {e}");
+                warn!("no second STUN port for netcheck: {e}");
                 None
             }
-        },
-    };
+        };
     let mut ice = IceSettings::new(
         turn_addr.map(|a| SocketAddr::new(announced, a.port())),
         &secret,

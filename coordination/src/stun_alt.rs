@@ -11,8 +11,6 @@ use stun::xoraddr::XorMappedAddress;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-use crate::config::DEFAULT_STUN_PORT;
-
 /// Largest datagram read; a Binding request is 20 bytes plus a few attributes.
 const MAX_DATAGRAM: usize = 1500;
 /// How many ports above the configured one are tried when it is taken.
@@ -26,16 +24,9 @@ pub struct StunResponder {
 impl StunResponder {
     /// Listens on `bind`, or, when another program holds that port, on the next
     /// free one of the [`FALLBACK_PORTS`] above it; [`StunResponder::local_addr`]
-    /// says which, and that is the port to announce. Asked for the STUN/TURN
-    /// standard port ([`DEFAULT_STUN_PORT`]), it starts one above.
-    ///
-    /// The standard port belongs to a real STUN/TURN server. With the embedded
-    /// one off, the port asked for is 3478, where a coturn on the same host (the
-    /// usual deployment) listens. Started first, this responder would hold it and
-    /// coturn could not bind: nodes would send their TURN allocations here, get no
-    /// answer, and two nodes behind symmetric NATs would never meet. Started
-    /// second, it could not bind, and every node's netcheck would lose the second
-    /// port that tells a symmetric NAT from a cone.
+    /// says which, and that is the port to announce. (The server asks for the
+    /// TURN port plus one, never the TURN port itself: that belongs to a real
+    /// STUN/TURN server such as a coturn on the same host.)
     pub async fn start(bind: SocketAddr) -> std::io::Result<StunResponder> {
         let socket = Arc::new(bind_near(bind).await?);
         let local_addr = socket.local_addr()?;
@@ -67,12 +58,8 @@ impl Drop for StunResponder {
     }
 }
 
-/// A UDP socket on `bind` (never on the STUN/TURN standard port), or on the
-/// first free port of the few above it.
-async fn bind_near(mut bind: SocketAddr) -> std::io::Result<UdpSocket> {
-    if bind.port() == DEFAULT_STUN_PORT {
-        bind.set_port(DEFAULT_STUN_PORT + 1);
-    }
+/// A UDP socket on `bind`, or on the first free port of the few above it.
+async fn bind_near(bind: SocketAddr) -> std::io::Result<UdpSocket> {
     let taken = match UdpSocket::bind(bind).await {
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && bind.port() != 0 => e,
         other => return other,
@@ -157,18 +144,6 @@ mod tests {
             moved.port() > taken.port()
                 && u32::from(moved.port()) <= u32::from(taken.port()) + u32::from(FALLBACK_PORTS),
             "{moved} after {taken}"
-        );
-    }
-
-    #[tokio::test]
-    async fn the_stun_turn_standard_port_is_left_to_a_real_server() {
-        let asked = SocketAddr::from(([127, 0, 0, 1], DEFAULT_STUN_PORT));
-        // Another test process may hold the port above: anything above will do.
-        let responder = StunResponder::start(asked).await.unwrap();
-        let port = responder.local_addr().port();
-        assert!(
-            port > DEFAULT_STUN_PORT && port <= DEFAULT_STUN_PORT + 1 + FALLBACK_PORTS,
-            "listens on {port}"
         );
     }
 
