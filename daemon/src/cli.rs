@@ -25,8 +25,9 @@ pub struct UpArgs {
     /// Configuration file [default: /etc/overlay/overlayd.toml, if present]
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// Coordination server URL, e.g. https://coord.example.com
-    #[arg(long)]
+    /// Coordination server URL, e.g. https://coord.example.com; for replicas,
+    /// several separated by commas (the node fails over between them)
+    #[arg(long, value_name = "URL[,URL...]")]
     pub coordinator: Option<String>,
     /// Auth key from 'overlay-coord keys create' (first start only)
     #[arg(long, conflicts_with = "auth_key_file")]

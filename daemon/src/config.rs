@@ -21,7 +21,8 @@ pub const DEFAULT_MTU: u16 = 1280;
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
-    pub coordinator: Option<String>,
+    /// One URL, several separated by commas, or a list of URLs (replicas).
+    pub coordinator: Option<Coordinators>,
     pub auth_key: Option<String>,
     pub auth_key_file: Option<PathBuf>,
     pub hostname: Option<String>,
@@ -36,6 +37,24 @@ pub struct FileConfig {
     pub idle_timeout: Option<u64>,
     /// A `RUST_LOG`-style filter, used when `RUST_LOG` is not set.
     pub log: Option<String>,
+}
+
+/// `coordinator = "https://a"`, `"https://a,https://b"` or `["https://a", "https://b"]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(untagged)]
+pub enum Coordinators {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Coordinators {
+    /// The list as the daemon keeps it: URLs separated by commas.
+    pub fn joined(self) -> String {
+        match self {
+            Coordinators::One(list) => list,
+            Coordinators::Many(urls) => urls.join(","),
+        }
+    }
 }
 
 /// How the host is told about the mesh resolver.
@@ -83,7 +102,8 @@ pub struct Overrides {
 /// The resolved configuration the daemon runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// `None` only when the state directory already knows the coordinator.
+    /// The coordinator's URL, or its replicas' separated by commas; `None`
+    /// only when the state directory already knows them.
     pub coordinator: Option<String>,
     pub auth_key: Option<String>,
     pub hostname: String,
@@ -143,9 +163,11 @@ impl Config {
                 "mtu {mtu} is out of range (576..=9000)"
             )));
         }
-        let coordinator = flags.coordinator.or(file.coordinator);
-        if let Some(url) = &coordinator {
-            crate::control::transport::Endpoint::parse(url)
+        let coordinator = flags
+            .coordinator
+            .or(file.coordinator.map(Coordinators::joined));
+        if let Some(list) = &coordinator {
+            crate::control::failover::parse_urls(list)
                 .map_err(|e| ConfigError::Invalid(format!("coordinator: {e}")))?;
         }
         let hostname = match flags.hostname.or(file.hostname) {
@@ -238,6 +260,30 @@ mod tests {
             cfg.idle_timeout,
             Some(crate::node::idle::DEFAULT_IDLE_TIMEOUT)
         );
+    }
+
+    #[test]
+    fn coordinator_replicas_as_a_list_or_separated_by_commas() {
+        let list = "coordinator = [\"http://a:1\", \"https://b\"]\n";
+        let cfg = Config::resolve(
+            FileConfig::parse(Path::new("f"), list).unwrap(),
+            Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(cfg.coordinator.as_deref(), Some("http://a:1,https://b"));
+        let flags = Overrides {
+            coordinator: Some("http://a:1, http://c:2".into()),
+            ..Default::default()
+        };
+        let file = FileConfig::parse(Path::new("f"), list).unwrap();
+        let cfg = Config::resolve(file, flags).unwrap();
+        assert_eq!(cfg.coordinator.as_deref(), Some("http://a:1, http://c:2"));
+        let bad = Overrides {
+            coordinator: Some("http://a:1,ftp://x".into()),
+            ..Default::default()
+        };
+        let err = Config::resolve(FileConfig::default(), bad).unwrap_err();
+        assert!(err.to_string().contains("ftp://x"), "{err}");
     }
 
     #[test]

@@ -9,8 +9,7 @@ use anyhow::{bail, Context};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
-use crate::control::transport::{Connector, Endpoint};
-use crate::control::{self, ControlClient};
+use crate::control::{self, failover, ControlClient, Coordinator};
 use crate::dataplane::{DataPlane, SENDER_FILTER_ENV};
 use crate::host_dns::HostDns;
 use crate::ice::mux::Mux;
@@ -93,10 +92,11 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         sender_filter,
     ));
 
-    let endpoint = Endpoint::parse(&enrolment.coordinator)?;
+    let coordinators = Coordinator::from_list(&enrolment.coordinator, config.ca_cert.as_deref())?;
+    let coord_url = Arc::new(std::sync::Mutex::new(coordinators[0].endpoint.url()));
     let client = ControlClient {
-        connector: Connector::new(&endpoint, config.ca_cert.as_deref())?,
-        endpoint,
+        coordinators,
+        current_url: coord_url.clone(),
         node_id: enrolment.node_id,
         credential: enrolment.credential.clone(),
         connected: coord_connected.clone(),
@@ -131,6 +131,7 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
             },
             started: Instant::now(),
             coord_connected: coord_connected.clone(),
+            coord_url,
         },
         dataplane: dataplane.clone(),
         host_dns: host_dns.clone(),
@@ -244,17 +245,26 @@ async fn enrol(config: &Config, state: &StateDir, keys: &Keypair) -> anyhow::Res
     let stored = state.enrolment()?;
     if let Some(enrolment) = &stored {
         match &config.coordinator {
-            Some(url)
-                if url.trim_end_matches('/') != enrolment.coordinator.trim_end_matches('/') =>
-            {
+            // The same deployment (the lists share a replica): the configured
+            // list is the current one, kept for starts without a config.
+            Some(list) if failover::same_deployment(list, &enrolment.coordinator) => {
+                if list != &enrolment.coordinator {
+                    let mut updated = enrolment.clone();
+                    updated.coordinator.clone_from(list);
+                    state.save_enrolment(&updated)?;
+                    return Ok(updated);
+                }
+                return Ok(enrolment.clone());
+            }
+            Some(list) => {
                 if config.auth_key.is_none() {
                     bail!(
-                        "this node is enrolled with {} but the config names {url}; pass --auth-key to enrol with the new coordinator",
+                        "this node is enrolled with {} but the config names {list}; pass --auth-key to enrol with the new coordinator",
                         enrolment.coordinator
                     );
                 }
             }
-            _ => return Ok(enrolment.clone()),
+            None => return Ok(enrolment.clone()),
         }
     }
     let Some(coordinator) = config.coordinator.as_deref() else {
@@ -263,23 +273,40 @@ async fn enrol(config: &Config, state: &StateDir, keys: &Keypair) -> anyhow::Res
     let Some(auth_key) = config.auth_key.clone() else {
         bail!("this node is not enrolled yet: pass --auth-key KEY (from 'overlay-coord keys create') or set auth_key_file in the config");
     };
-    let endpoint = Endpoint::parse(coordinator)?;
-    let connector = Connector::new(&endpoint, config.ca_cert.as_deref())?;
     // A coordinator that already knows this key (the same one under another
     // URL) re-enrols it only with the credential it issued, so the stored one
-    // goes along; the enrolment it belongs to is replaced either way.
+    // goes along; the enrolment it belongs to is replaced either way. Each
+    // replica of the list is asked in turn until one answers.
     let credential = stored.map(|e| e.credential);
-    let response = control::register(
-        &connector,
-        &endpoint,
-        control::Enrol {
+    let mut last_error = None;
+    let mut response = None;
+    for replica in Coordinator::from_list(coordinator, config.ca_cert.as_deref())? {
+        let enrol = control::Enrol {
             auth_key: &auth_key,
             hostname: &config.hostname,
             secret: keys.secret.to_bytes(),
-            credential,
-        },
-    )
-    .await?;
+            credential: credential.clone(),
+        };
+        match control::register(&replica.connector, &replica.endpoint, enrol).await {
+            Ok(r) => {
+                response = Some(r);
+                break;
+            }
+            // Only an unreachable replica is worth passing over; a refusal is
+            // the deployment's answer.
+            Err(control::EnrolError::Transport(e)) => {
+                tracing::warn!("enrolment at {} failed: {e}", replica.endpoint.url());
+                last_error = Some(control::EnrolError::Transport(e));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let Some(response) = response else {
+        return Err(last_error.map_or_else(
+            || anyhow::anyhow!("no coordinator to enrol with"),
+            Into::into,
+        ));
+    };
     let enrolment = Enrolment::from_response(coordinator, response);
     state.save_enrolment(&enrolment)?;
     Ok(enrolment)

@@ -33,6 +33,8 @@ pub struct NodeInfo {
     pub fixed: Status,
     pub started: Instant,
     pub coord_connected: Arc<AtomicBool>,
+    /// The replica the control connection is (or was last) on.
+    pub coord_url: Arc<std::sync::Mutex<String>>,
 }
 
 pub struct LocalApi {
@@ -184,7 +186,12 @@ impl LocalApi {
 
     fn status(&self) -> Status {
         let n = &self.node;
+        let coordinator = n
+            .coord_url
+            .lock()
+            .map_or_else(|_| n.fixed.coordinator.clone(), |url| url.clone());
         Status {
+            coordinator,
             coordinator_connected: n.coord_connected.load(Ordering::Relaxed),
             uptime_secs: n.started.elapsed().as_secs(),
             dropped: self.dataplane.drops.snapshot(),

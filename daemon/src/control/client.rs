@@ -17,6 +17,7 @@ use overlay_proto::NodeId;
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::control::failover::{self, Failover};
 use crate::control::transport::{Connector, Endpoint, TransportError};
 use crate::dataplane::{DataPlane, Origin, Outbound, RxScratch, MAX_BATCH};
 use crate::node::backoff::Backoff;
@@ -187,9 +188,36 @@ async fn deliver(relay: &dyn RelayReceiver, msg: RelayMessage<'_>, rx: &mut RxSc
     }
 }
 
-pub struct ControlClient {
-    pub connector: Connector,
+/// One coordinator replica: where it is and how to reach it.
+pub struct Coordinator {
     pub endpoint: Endpoint,
+    pub connector: Connector,
+}
+
+impl Coordinator {
+    /// One per URL of the configured list (see [`failover::parse_urls`]).
+    pub fn from_list(
+        list: &str,
+        ca_cert: Option<&std::path::Path>,
+    ) -> Result<Vec<Coordinator>, TransportError> {
+        failover::parse_urls(list)?
+            .into_iter()
+            .map(|endpoint| {
+                Ok(Coordinator {
+                    connector: Connector::new(&endpoint, ca_cert)?,
+                    endpoint,
+                })
+            })
+            .collect()
+    }
+}
+
+pub struct ControlClient {
+    /// The deployment's replicas, in the order given; the node stays with the
+    /// one it reached until that connection is lost.
+    pub coordinators: Vec<Coordinator>,
+    /// The URL of the replica the node is (or was last) connected to.
+    pub current_url: Arc<std::sync::Mutex<String>>,
     pub node_id: NodeId,
     pub credential: String,
     pub connected: Arc<AtomicBool>,
@@ -197,7 +225,8 @@ pub struct ControlClient {
     pub rtt_us: Arc<AtomicU64>,
     pub events: mpsc::Sender<ControlEvent>,
     pub relay: Arc<dyn RelayReceiver>,
-    /// Delays between attempts: [`RECONNECT_BASE`] doubling to [`RECONNECT_CAP`].
+    /// Delays between rounds of attempts: [`RECONNECT_BASE`] doubling to
+    /// [`RECONNECT_CAP`] (see [`Failover`]).
     pub backoff: Backoff,
     /// See [`WRITE_TIMEOUT`].
     pub write_timeout: Duration,
@@ -216,23 +245,29 @@ impl ControlClient {
         mut outbound: mpsc::Receiver<Outbound>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let mut backoff = self.backoff.clone();
+        let mut failover = Failover::new(self.coordinators.len(), self.backoff.clone());
         let authorization = bearer(self.node_id, &self.credential);
-        let url = self.endpoint.ws_url(CONNECT_PATH);
         let mut refused = false;
         loop {
-            let attempt = self
-                .connector
-                .websocket(&self.endpoint, CONNECT_PATH, &authorization);
+            let coordinator = &self.coordinators[failover.current()];
+            let url = coordinator.endpoint.ws_url(CONNECT_PATH);
+            let attempt = coordinator.connector.websocket(
+                &coordinator.endpoint,
+                CONNECT_PATH,
+                &authorization,
+            );
             let result = tokio::select! {
                 r = attempt => r,
                 _ = shutdown.changed() => return,
             };
-            let failure = match result {
+            let (failure, delay) = match result {
                 Ok(ws) => {
-                    backoff.reset();
+                    failover.connected();
                     refused = false;
                     tracing::info!("connected to coordinator {url}");
+                    if let Ok(mut current) = self.current_url.lock() {
+                        current.clone_from(&coordinator.endpoint.url());
+                    }
                     self.connected.store(true, Ordering::SeqCst);
                     let _ = self.events.send(ControlEvent::Connected).await;
                     let why = self.session(ws, &mut outbound, &mut shutdown).await;
@@ -241,7 +276,12 @@ impl ControlClient {
                     if *shutdown.borrow() {
                         return;
                     }
-                    format!("lost coordinator connection: {why} (established peers keep working)")
+                    (
+                        format!(
+                            "lost coordinator connection: {why} (established peers keep working)"
+                        ),
+                        failover.lost(rand::random()),
+                    )
                 }
                 // Not fatal: a proxy may say 401 for a while, and the data plane
                 // keeps serving peers that still know us. Say so loudly, once.
@@ -255,15 +295,21 @@ impl ControlClient {
                         );
                     }
                     refused = true;
-                    "the coordinator refuses this node's credential (HTTP 401)".to_owned()
+                    (
+                        "the coordinator refuses this node's credential (HTTP 401)".to_owned(),
+                        failover.failed(rand::random()),
+                    )
                 }
-                Err(e) => format!("cannot connect to coordinator {url}: {e}"),
+                Err(e) => (
+                    format!("cannot connect to coordinator {url}: {e}"),
+                    failover.failed(rand::random()),
+                ),
             };
-            let delay = backoff.next_delay(rand::random());
+            let next = self.coordinators[failover.current()].endpoint.url();
             tracing::warn!(
-                "{failure}; retrying in {:.1}s (attempt {})",
+                "{failure}; retrying {next} in {:.1}s (round {})",
                 delay.as_secs_f64(),
-                backoff.attempts()
+                failover.rounds() + 1
             );
             // Drop what queued up meanwhile: relayed packets and signals are stale.
             while outbound.try_recv().is_ok() {}

@@ -66,13 +66,27 @@ impl Logs {
 }
 
 fn client(port: u16, timeout: Duration) -> (ControlClient, mpsc::Receiver<ControlEvent>) {
-    let endpoint = Endpoint::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+    replicas(&[port], timeout)
+}
+
+/// A client of one coordinator per port, in that order.
+fn replicas(ports: &[u16], timeout: Duration) -> (ControlClient, mpsc::Receiver<ControlEvent>) {
     let (events, events_rx) = mpsc::channel(16);
+    let coordinators = ports
+        .iter()
+        .map(|port| {
+            let endpoint = Endpoint::parse(&format!("http://127.0.0.1:{port}")).unwrap();
+            Coordinator {
+                connector: Connector::new(&endpoint, None)
+                    .unwrap()
+                    .with_timeout(timeout),
+                endpoint,
+            }
+        })
+        .collect();
     let client = ControlClient {
-        connector: Connector::new(&endpoint, None)
-            .unwrap()
-            .with_timeout(timeout),
-        endpoint,
+        coordinators,
+        current_url: Arc::default(),
         node_id: 1,
         credential: "secret".into(),
         connected: Arc::default(),
@@ -83,6 +97,69 @@ fn client(port: u16, timeout: Duration) -> (ControlClient, mpsc::Receiver<Contro
         write_timeout: timeout,
     };
     (client, events_rx)
+}
+
+async fn next_connected(events: &mut mpsc::Receiver<ControlEvent>) {
+    loop {
+        match events.recv().await {
+            Some(ControlEvent::Connected) => return,
+            Some(_) => {}
+            None => panic!("the client stopped"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_lost_replica_is_left_for_the_next_and_a_dead_one_skipped() {
+    // Also keeps tracing's callsite cache from muting the other tests' logs.
+    let (logs, _guard) = capture_logs();
+    let a = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let b = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // The second port is bound but not listening: connecting is refused, and
+    // no other test can take the port meanwhile.
+    let dead = tokio::net::TcpSocket::new_v4().unwrap();
+    dead.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port = |l: &tokio::net::TcpListener| l.local_addr().unwrap().port();
+    let ports = [port(&a), dead.local_addr().unwrap().port(), port(&b)];
+    let (client, mut events) = replicas(&[ports[0], ports[1], ports[2]], Duration::from_secs(2));
+    let current = client.current_url.clone();
+    let (_outbound_tx, outbound_rx) = mpsc::channel(16);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let run = tokio::spawn(client.run(outbound_rx, shutdown_rx));
+    let scenario = async {
+        // The first replica takes the node, then dies.
+        let (tcp, _) = a.accept().await.unwrap();
+        let ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        next_connected(&mut events).await;
+        assert_eq!(
+            *current.lock().unwrap(),
+            format!("http://127.0.0.1:{}", ports[0])
+        );
+        drop((ws, a));
+        // The second refuses; the third takes the node.
+        let _ = &dead;
+        let (tcp, _) = b.accept().await.unwrap();
+        let _ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+        next_connected(&mut events).await;
+        assert_eq!(
+            *current.lock().unwrap(),
+            format!("http://127.0.0.1:{}", ports[2])
+        );
+    };
+    // The lost session's spread, a refused attempt's pause and two upgrades.
+    tokio::time::timeout(failover::LOST_SPREAD + Duration::from_secs(3), scenario)
+        .await
+        .expect("the node moved to the live replica in time");
+    let _ = shutdown_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), run).await;
+    let text = logs.text();
+    let refused = format!("cannot connect to coordinator ws://127.0.0.1:{}", ports[1]);
+    let next = format!("retrying http://127.0.0.1:{} in", ports[2]);
+    assert!(
+        text.lines()
+            .any(|l| l.contains(&refused) && l.contains(&next)),
+        "the refused replica and the next one are named:\n{text}"
+    );
 }
 
 fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
@@ -127,7 +204,7 @@ async fn silent_coordinator_is_retried_with_a_warning_per_attempt() {
     let warnings = text
         .lines()
         .filter(|l| l.contains("WARN") && l.contains("did not answer within 0.3s"))
-        .filter(|l| l.contains("retrying in"))
+        .filter(|l| l.contains("retrying http://127.0.0.1:"))
         .count();
     assert!(
         warnings >= 2,

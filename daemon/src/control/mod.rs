@@ -6,11 +6,13 @@
 //!                                     relay frames ──▶ DataPlane::arrive (Origin::Relay)
 //!                      Outbound (signals, relay frames) ◀── shell, data plane
 //!   transport          TCP/TLS, HTTP/1.1 and the WebSocket upgrade, with timeouts
+//!   failover           which replica of several to try next, and when
 //! ```
 //!
 //! Nothing here decides about peers: messages go to the node core as they came.
 
 mod client;
+pub mod failover;
 pub mod transport;
 
 pub use client::*;

@@ -14,6 +14,8 @@ use tokio_rustls::rustls;
 
 /// How long connecting (TCP + TLS) may take before the attempt counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The least time one address of several gets before the next is tried.
+const MIN_ADDRESS_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a whole exchange may take: connecting, TLS and the WebSocket upgrade,
 /// or the enrolment request and its answer. A server that accepts and then stays
 /// silent must not hold a node for longer.
@@ -104,6 +106,12 @@ impl Endpoint {
         }
     }
 
+    /// `http[s]://host:port`, as a person would write it.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.authority())
+    }
+
     pub fn ws_url(&self, path: &str) -> String {
         let scheme = if self.tls { "wss" } else { "ws" };
         format!("{scheme}://{}{path}", self.authority())
@@ -129,6 +137,36 @@ fn tls_hint(source: &std::io::Error) -> &'static str {
     } else {
         ""
     }
+}
+
+/// Connects to one of the addresses `authority` resolves to. A name with
+/// several addresses (replicas behind one DNS name) is tried from a random one
+/// onwards, each for a share of [`CONNECT_TIMEOUT`], so nodes spread over the
+/// replicas and a dead address costs seconds, not the whole timeout.
+async fn connect_any(authority: &str) -> Result<TcpStream, TransportError> {
+    let failed = |source| TransportError::Connect {
+        addr: authority.to_owned(),
+        source,
+    };
+    let addrs: Vec<_> = tokio::net::lookup_host(authority)
+        .await
+        .map_err(failed)?
+        .collect();
+    if addrs.is_empty() {
+        return Err(failed(std::io::ErrorKind::NotFound.into()));
+    }
+    let start = rand::random::<usize>() % addrs.len();
+    let share = (CONNECT_TIMEOUT / addrs.len() as u32).max(MIN_ADDRESS_TIMEOUT);
+    let mut last = std::io::ErrorKind::TimedOut.into();
+    for addr in addrs.iter().cycle().skip(start).take(addrs.len()) {
+        match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Err(e)) => last = e,
+            Err(_) => last = std::io::ErrorKind::TimedOut.into(),
+        }
+        tracing::debug!("coordinator address {addr} of {authority} failed: {last}");
+    }
+    Err(failed(last))
 }
 
 /// Connects to the coordinator, with TLS when the URL says https.
@@ -198,13 +236,7 @@ impl Connector {
     pub async fn connect(&self, endpoint: &Endpoint) -> Result<Box<dyn Io>, TransportError> {
         let addr = endpoint.authority();
         let connect = async {
-            let tcp =
-                TcpStream::connect(&addr)
-                    .await
-                    .map_err(|source| TransportError::Connect {
-                        addr: addr.clone(),
-                        source,
-                    })?;
+            let tcp = connect_any(&addr).await?;
             let _ = tcp.set_nodelay(true);
             let Some(tls) = &self.tls else {
                 return Ok(Box::new(tcp) as Box<dyn Io>);
