@@ -1,8 +1,9 @@
 //! Reaching the coordination server: its URL, a TCP or TLS stream to it, the
 //! enrolment POST over HTTP/1.1 and the WebSocket upgrade.
 
+use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, Limited};
@@ -140,10 +141,15 @@ fn tls_hint(source: &std::io::Error) -> &'static str {
 }
 
 /// Connects to one of the addresses `authority` resolves to. A name with
-/// several addresses (replicas behind one DNS name) is tried from a random one
-/// onwards, each for a share of [`CONNECT_TIMEOUT`], so nodes spread over the
-/// replicas and a dead address costs seconds, not the whole timeout.
-async fn connect_any(authority: &str) -> Result<TcpStream, TransportError> {
+/// several addresses (replicas behind one DNS name) is tried from the one
+/// that worked last (so enrolment's challenge and answer reach the same
+/// replica), else from a random one (so nodes spread over the replicas),
+/// each for a share of [`CONNECT_TIMEOUT`]: a dead address costs seconds, not
+/// the whole timeout.
+async fn connect_any(
+    authority: &str,
+    last_good: &Mutex<Option<SocketAddr>>,
+) -> Result<TcpStream, TransportError> {
     let failed = |source| TransportError::Connect {
         addr: authority.to_owned(),
         source,
@@ -155,12 +161,20 @@ async fn connect_any(authority: &str) -> Result<TcpStream, TransportError> {
     if addrs.is_empty() {
         return Err(failed(std::io::ErrorKind::NotFound.into()));
     }
-    let start = rand::random::<usize>() % addrs.len();
+    let preferred = last_good.lock().ok().and_then(|a| *a);
+    let start = preferred
+        .and_then(|p| addrs.iter().position(|a| *a == p))
+        .unwrap_or_else(|| rand::random::<usize>() % addrs.len());
     let share = (CONNECT_TIMEOUT / addrs.len() as u32).max(MIN_ADDRESS_TIMEOUT);
     let mut last = std::io::ErrorKind::TimedOut.into();
     for addr in addrs.iter().cycle().skip(start).take(addrs.len()) {
         match tokio::time::timeout(share, TcpStream::connect(addr)).await {
-            Ok(Ok(tcp)) => return Ok(tcp),
+            Ok(Ok(tcp)) => {
+                if let Ok(mut last) = last_good.lock() {
+                    *last = Some(*addr);
+                }
+                return Ok(tcp);
+            }
             Ok(Err(e)) => last = e,
             Err(_) => last = std::io::ErrorKind::TimedOut.into(),
         }
@@ -172,6 +186,8 @@ async fn connect_any(authority: &str) -> Result<TcpStream, TransportError> {
 /// Connects to the coordinator, with TLS when the URL says https.
 pub struct Connector {
     tls: Option<tokio_rustls::TlsConnector>,
+    /// The address the last connection reached (see [`connect_any`]).
+    last_good: Mutex<Option<SocketAddr>>,
     /// See [`EXCHANGE_TIMEOUT`].
     timeout: Duration,
 }
@@ -181,6 +197,7 @@ impl Connector {
         if !endpoint.tls {
             return Ok(Connector {
                 tls: None,
+                last_good: Mutex::default(),
                 timeout: EXCHANGE_TIMEOUT,
             });
         }
@@ -207,6 +224,7 @@ impl Connector {
             .with_no_client_auth();
         Ok(Connector {
             tls: Some(tokio_rustls::TlsConnector::from(Arc::new(config))),
+            last_good: Mutex::default(),
             timeout: EXCHANGE_TIMEOUT,
         })
     }
@@ -236,7 +254,7 @@ impl Connector {
     pub async fn connect(&self, endpoint: &Endpoint) -> Result<Box<dyn Io>, TransportError> {
         let addr = endpoint.authority();
         let connect = async {
-            let tcp = connect_any(&addr).await?;
+            let tcp = connect_any(&addr, &self.last_good).await?;
             let _ = tcp.set_nodelay(true);
             let Some(tls) = &self.tls else {
                 return Ok(Box::new(tcp) as Box<dyn Io>);
