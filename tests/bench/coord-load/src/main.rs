@@ -10,6 +10,14 @@
 //!  4. connect newcomer       ──▶ peer_upsert{online:true}  ──▶ N sessions   (t_connect)
 //! ```
 //!
+//! With several `--server` (replicas of one deployment behind one database
+//! and bus) node `i` registers and connects at server `i % replicas`, the
+//! newcomer at the first, and the delays are those to every session on every
+//! replica. `--kill-replica I` then kills that replica (SIGKILL, its pid from
+//! the I-th `--server-pid`) and measures how long its sessions take to get
+//! their netmap from the others, moving as `overlayd` does
+//! ([`failover`]).
+//!
 //! With `--hold SECS` it measures nothing: it registers and connects the N
 //! sessions, prints `HOLDING nodes=N`, and keeps them open for SECS seconds
 //! while a real node joins the mesh (`tests/bench/idle.sh`: one `overlayd`
@@ -21,8 +29,11 @@
 //! a session's reader task reads the frame, so it includes the client's own
 //! scheduling on a shared machine; it is an upper bound for the server.
 
+mod enrolment;
+mod failover;
 mod http;
 mod session;
+mod stats;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -32,22 +43,21 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use rand::RngCore;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use overlay_proto::coord::{error_code, RegisterResponse, MAX_FRAME_BYTES};
-use overlay_proto::enrol;
+use overlay_proto::coord::{RegisterResponse, MAX_FRAME_BYTES};
 
-use crate::http::RegisterFailure;
+use crate::enrolment::{register_all, register_one};
 use crate::session::{Shared, Upsert};
+use crate::stats::{kb, mib, server_rss, servers_rss, Stats};
 
 /// Connections one loopback source address carries before the next is used;
 /// below the ~28 000 ephemeral ports of the default `ip_local_port_range`.
 const CONNECTIONS_PER_SOURCE: usize = 20_000;
 /// How many times a refused (rate-limited) or failed registration is retried.
-const REGISTER_ATTEMPTS: u32 = 30;
+pub(crate) const REGISTER_ATTEMPTS: u32 = 30;
 /// No frame for this long means the server's fan-out has drained.
 const QUIET: Duration = Duration::from_millis(300);
 /// How often the server's memory is checked against `--max-server-rss-mib`.
@@ -55,19 +65,31 @@ const RSS_POLL: Duration = Duration::from_millis(100);
 
 #[derive(Parser, Debug)]
 #[command(about = "Load generator for overlay-coord's control sessions")]
-struct Args {
-    /// The coordination server's HTTP address.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    server: SocketAddr,
+pub(crate) struct Args {
+    /// The coordination server's HTTP address; repeat (or separate with
+    /// commas) for replicas of one deployment.
+    #[arg(
+        long = "server",
+        default_value = "127.0.0.1:8080",
+        value_delimiter = ','
+    )]
+    servers: Vec<SocketAddr>,
     /// A reusable auth key (`overlay-coord keys create --reusable`).
     #[arg(long, env = "COORD_LOAD_AUTH_KEY")]
     auth_key: String,
     /// Sessions to hold open before the measurement.
     #[arg(long, default_value_t = 1000)]
     nodes: usize,
-    /// The server's PID, to report its VmRSS.
-    #[arg(long)]
-    server_pid: Option<u32>,
+    /// The server's PID, to report its VmRSS; one per `--server`, in order.
+    #[arg(long = "server-pid", value_delimiter = ',')]
+    server_pids: Vec<u32>,
+    /// After the measurement, SIGKILL the replica at this index of `--server`
+    /// and measure how long its sessions take to move to the others.
+    #[arg(long, value_name = "INDEX")]
+    kill_replica: Option<usize>,
+    /// How long the killed replica's sessions get to move.
+    #[arg(long, default_value_t = 60)]
+    failover_timeout_secs: u64,
     /// Loopback source addresses to spread connections over (127.0.0.1, .2, …);
     /// 0 picks enough for the ephemeral port range.
     #[arg(long, default_value_t = 0)]
@@ -120,11 +142,12 @@ fn main() -> std::process::ExitCode {
 async fn run(args: Args) -> anyhow::Result<()> {
     let sources = source_addresses(&args);
     let source_of = |i: usize| sources[i % sources.len()];
-    let rss_start = server_rss(args.server_pid);
+    let server_of = |i: usize| args.servers[i % args.servers.len()];
+    let rss_start = servers_rss(&args.server_pids);
     println!(
-        "coord-load: {} sessions against {} from {} source address(es)",
+        "coord-load: {} sessions against {:?} from {} source address(es)",
         args.nodes,
-        args.server,
+        args.servers,
         sources.len()
     );
 
@@ -141,7 +164,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // 2. Connect in batches, letting each batch's netmap deltas drain.
     let shared = Arc::new(Shared::default());
-    if let Some(pid) = args.server_pid {
+    for &pid in &args.server_pids {
         tokio::spawn(rss_watchdog(
             pid,
             args.max_server_rss_mib,
@@ -156,7 +179,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut set = JoinSet::new();
         for (j, node) in batch.iter().enumerate() {
             let i = b * args.batch.max(1) + j;
-            let (server, source, node) = (args.server, source_of(i), node.clone());
+            let (server, source, node) = (server_of(i), source_of(i), node.clone());
             let (limit, shared, tx) = (limit.clone(), shared.clone(), upsert_tx.clone());
             set.spawn(async move {
                 let _permit = limit.acquire().await;
@@ -198,7 +221,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             close_reasons(&shared)
         );
     }
-    let rss_loaded = server_rss(args.server_pid);
+    let rss_loaded = servers_rss(&args.server_pids);
     if let Some(secs) = args.hold {
         return hold(&args, &shared, Duration::from_secs(secs), rss_loaded).await;
     }
@@ -209,7 +232,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let newcomer = register_one(&args, source_of(args.nodes), args.nodes).await?;
     let t_connect = Instant::now();
     let (ws, netmap) = session::connect(
-        args.server,
+        args.servers[0],
         source_of(args.nodes),
         newcomer.node_id,
         &newcomer.credential,
@@ -241,7 +264,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     newcomer_reader.abort();
-    let rss_end = server_rss(args.server_pid);
+    let rss_end = servers_rss(&args.server_pids);
 
     let register_delays: Vec<Duration> = first.values().map(|t| *t - t_register).collect();
     let online_delays: Vec<Duration> = online.values().map(|t| *t - t_connect).collect();
@@ -285,12 +308,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if closed > 0 {
         println!("  sessions closed: {closed}: {:?}", close_reasons(&shared));
     }
+    let moved = match args.kill_replica {
+        Some(index) => {
+            Some(kill_replica(&args, index, &nodes, &sources, &shared, &upsert_tx).await?)
+        }
+        None => None,
+    };
     // One line for scripts.
     let (r, o) = (Stats::of(&register_delays), Stats::of(&online_delays));
     println!(
         "RESULT nodes={} register_s={:.2} connect_s={:.2} reg_n={} reg_p50_ms={:.1} reg_p99_ms={:.1} reg_max_ms={:.1} \
          online_n={} online_p50_ms={:.1} online_p99_ms={:.1} online_max_ms={:.1} welcome_bytes={} netmap_parts={} netmap_bytes={} \
-         rss_start_kb={} rss_loaded_kb={} rss_end_kb={} hwm_kb={} closed={}",
+         rss_start_kb={} rss_loaded_kb={} rss_end_kb={} hwm_kb={} closed={} replicas={}{}",
         args.nodes,
         register_secs,
         connect_secs,
@@ -309,8 +338,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
         kb(rss_loaded.map(|r| r.0)),
         kb(rss_end.map(|r| r.0)),
         kb(rss_end.map(|r| r.1)),
-        closed
+        closed,
+        args.servers.len(),
+        moved.as_ref().map_or(String::new(), |m| {
+            let f = Stats::of(&m.delays);
+            format!(
+                " moved_expected={} moved_n={} moved_p50_ms={:.1} moved_p99_ms={:.1} moved_max_ms={:.1}",
+                m.expected,
+                m.delays.len(),
+                f.p50_ms,
+                f.p99_ms,
+                f.max_ms
+            )
+        })
     );
+    if let Some(m) = &moved {
+        if m.delays.len() < m.expected {
+            bail!(
+                "only {}/{} sessions of the killed replica moved within {} s: {:?}",
+                m.delays.len(),
+                m.expected,
+                args.failover_timeout_secs,
+                &m.failures[..m.failures.len().min(3)]
+            );
+        }
+    }
     if online_delays.len() < args.nodes {
         bail!(
             "only {}/{} sessions saw the newcomer come online within {} s",
@@ -320,6 +372,45 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Kills replica `index` and moves its sessions (see [`failover`]).
+async fn kill_replica(
+    args: &Args,
+    index: usize,
+    nodes: &[RegisterResponse],
+    sources: &[Option<IpAddr>],
+    shared: &Arc<Shared>,
+    upserts: &mpsc::UnboundedSender<Upsert>,
+) -> anyhow::Result<failover::Moved> {
+    let pid = *args
+        .server_pids
+        .get(index)
+        .with_context(|| format!("--kill-replica {index} needs the replica's --server-pid"))?;
+    let source_of = |i: usize| sources[i % sources.len()];
+    let replicas = failover::Replicas {
+        servers: &args.servers,
+        nodes,
+        source_of: &source_of,
+        concurrency: args.concurrency,
+    };
+    let moved = replicas
+        .kill_and_move(
+            index,
+            pid,
+            Duration::from_secs(args.failover_timeout_secs),
+            shared,
+            upserts,
+        )
+        .await?;
+    println!(
+        "  replica {index} ({}) killed -> {}/{} of its sessions got a netmap from another: {}",
+        args.servers[index],
+        moved.delays.len(),
+        moved.expected,
+        Stats::of(&moved.delays)
+    );
+    Ok(moved)
 }
 
 /// Keeps the sessions open for `secs` (their reader tasks run on), printing
@@ -386,95 +477,6 @@ fn source_addresses(args: &Args) -> Vec<Option<IpAddr>> {
         .collect()
 }
 
-async fn register_all(
-    args: &Args,
-    sources: &[Option<IpAddr>],
-) -> anyhow::Result<Vec<RegisterResponse>> {
-    let limit = Arc::new(Semaphore::new(args.concurrency.max(1)));
-    let mut set = JoinSet::new();
-    for i in 0..args.nodes {
-        let (limit, source) = (limit.clone(), sources[i % sources.len()]);
-        let (server, key, prefix) = (
-            args.server,
-            args.auth_key.clone(),
-            args.hostname_prefix.clone(),
-        );
-        set.spawn(async move {
-            let _permit = limit.acquire().await;
-            register_with_retry(server, source, &key, &format!("{prefix}-{i}"))
-                .await
-                .map(|r| (i, r))
-        });
-    }
-    let mut nodes: Vec<Option<RegisterResponse>> = vec![None; args.nodes];
-    while let Some(joined) = set.join_next().await {
-        let (i, response) = joined.context("register task panicked")??;
-        nodes[i] = Some(response);
-    }
-    Ok(nodes.into_iter().flatten().collect())
-}
-
-async fn register_one(
-    args: &Args,
-    source: Option<IpAddr>,
-    i: usize,
-) -> anyhow::Result<RegisterResponse> {
-    let name = format!("{}-{i}", args.hostname_prefix);
-    register_with_retry(args.server, source, &args.auth_key, &name).await
-}
-
-async fn register_with_retry(
-    server: SocketAddr,
-    source: Option<IpAddr>,
-    auth_key: &str,
-    hostname: &str,
-) -> anyhow::Result<RegisterResponse> {
-    let mut secret = [0u8; 32];
-    rand::thread_rng().fill_bytes(&mut secret);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        // A challenge is good for one attempt, so every attempt asks anew.
-        let result = register_once(server, source, &secret, auth_key, hostname).await;
-        match result {
-            Ok(response) => return Ok(response),
-            Err(RegisterFailure::Refused { status, error })
-                if error.error != error_code::RATE_LIMITED =>
-            {
-                bail!(
-                    "registering {hostname}: HTTP {status} {}: {}",
-                    error.error,
-                    error.message
-                )
-            }
-            Err(e) if attempt >= REGISTER_ATTEMPTS => {
-                bail!("registering {hostname}: {e} (after {attempt} attempts)")
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await,
-        }
-    }
-}
-
-/// Challenge, proof and registration: two connections, as `overlayd` does it.
-async fn register_once(
-    server: SocketAddr,
-    source: Option<IpAddr>,
-    secret: &[u8; 32],
-    auth_key: &str,
-    hostname: &str,
-) -> Result<RegisterResponse, RegisterFailure> {
-    let stream = session::dial(server, source)
-        .await
-        .map_err(RegisterFailure::Other)?;
-    let challenge = http::challenge(stream, server).await?;
-    let request = enrol::register_request(&challenge, secret, auth_key, hostname, None)
-        .map_err(|e| RegisterFailure::Other(e.into()))?;
-    let stream = session::dial(server, source)
-        .await
-        .map_err(RegisterFailure::Other)?;
-    http::register(stream, server, &request).await
-}
-
 /// Ends the process when the server's VmRSS passes `max_mib`, after printing
 /// how far the setup got.
 async fn rss_watchdog(pid: u32, max_mib: u64, nodes: usize, shared: Arc<Shared>) {
@@ -517,78 +519,4 @@ fn close_reasons(shared: &Shared) -> Vec<String> {
         .lock()
         .map(|r| r.clone())
         .unwrap_or_default()
-}
-
-/// p50, p99 (nearest rank) and max of a set of delays.
-#[derive(Debug, Clone, Copy, Default)]
-struct Stats {
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
-}
-
-impl Stats {
-    fn of(delays: &[Duration]) -> Stats {
-        if delays.is_empty() {
-            return Stats::default();
-        }
-        let mut ms: Vec<f64> = delays.iter().map(|d| d.as_secs_f64() * 1e3).collect();
-        ms.sort_by(f64::total_cmp);
-        let rank = |q: usize| ms[(ms.len() * q).div_ceil(100).max(1) - 1];
-        Stats {
-            p50_ms: rank(50),
-            p99_ms: rank(99),
-            max_ms: ms[ms.len() - 1],
-        }
-    }
-}
-
-impl std::fmt::Display for Stats {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
-            self.p50_ms, self.p99_ms, self.max_ms
-        )
-    }
-}
-
-/// (VmRSS, VmHWM) of `pid` in kB.
-fn server_rss(pid: Option<u32>) -> Option<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{}/status", pid?)).ok()?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-    };
-    Some((field("VmRSS:")?, field("VmHWM:")?))
-}
-
-fn mib(kb: Option<u64>) -> String {
-    kb.map_or("-".to_string(), |kb| {
-        format!("{:.1} MiB", kb as f64 / 1024.0)
-    })
-}
-
-fn kb(kb: Option<u64>) -> String {
-    kb.map_or("-".to_string(), |kb| kb.to_string())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stats_use_nearest_rank() {
-        let delays: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        let s = Stats::of(&delays);
-        assert_eq!((s.p50_ms, s.p99_ms, s.max_ms), (50.0, 99.0, 100.0));
-    }
-
-    #[test]
-    fn no_delays_give_zero_stats() {
-        assert_eq!(Stats::of(&[]).max_ms, 0.0);
-    }
 }
