@@ -141,6 +141,10 @@ pub struct ServeArgs {
     /// the system's roots (a private or test CA such as pebble).
     #[arg(long, value_name = "FILE")]
     pub acme_ca: Option<PathBuf>,
+    /// The replicas' bus: several `serve` processes sharing one database and
+    /// this NATS server act as one coordinator [default: none, a single one].
+    #[arg(long, value_name = "nats://HOST:PORT", env = "OVERLAY_COORD_BUS")]
+    pub bus: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -298,6 +302,7 @@ pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<Config> {
         acme_directory: args.acme_directory.clone(),
         acme_email: args.acme_email.clone(),
         acme_ca: args.acme_ca.clone(),
+        bus: args.bus.clone(),
     };
     let file = match (&cli.config, file) {
         (Some(path), Some(f)) => Some((path.as_path(), f)),

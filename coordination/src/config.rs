@@ -66,6 +66,8 @@ pub struct FileConfig {
     pub relay_rate_mib: Option<usize>,
     /// What a node session may relay at once above that rate, MiB.
     pub relay_burst_mib: Option<usize>,
+    /// The replicas' bus, `nats://host:port` (several replicas share it).
+    pub bus: Option<String>,
     #[serde(default)]
     pub turn: FileTurn,
     #[serde(default)]
@@ -153,6 +155,7 @@ pub struct Overrides {
     pub acme_directory: Option<String>,
     pub acme_email: Option<String>,
     pub acme_ca: Option<PathBuf>,
+    pub bus: Option<String>,
 }
 
 /// The resolved configuration of `serve`.
@@ -170,6 +173,9 @@ pub struct Config {
     /// What every node is sent after its netmap; `None` turns the nodes'
     /// resolver off (the address stays reserved: see [`crate::ipam`]).
     pub dns: Option<DnsConfig>,
+    /// The replicas' bus (NATS URL); `None`: a single coordinator, the hub's
+    /// own in-process broadcast is the bus.
+    pub bus: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -470,6 +476,16 @@ impl Config {
             None
         };
 
+        let bus = flags.bus.or(file.bus);
+        if let Some(url) = &bus {
+            if !(url.starts_with("nats://") || url.starts_with("tls://")) {
+                return Err(bad_key(
+                    "bus",
+                    format!("`{url}` is not a NATS URL (nats://host:port or tls://host:port)"),
+                ));
+            }
+        }
+
         Ok(Config {
             listen,
             state_dir,
@@ -479,6 +495,7 @@ impl Config {
             turn,
             limits,
             dns,
+            bus,
         })
     }
 

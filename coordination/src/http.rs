@@ -29,6 +29,7 @@ use crate::hub::Hub;
 use crate::metrics::{Metrics, Rejected};
 use crate::session::{self, SessionContext};
 use crate::store::{now_unix, Enrolment, KeyProblem, RegisterError, Store};
+use crate::store_sync::StoreHealth;
 use crate::validate;
 
 /// Read buffer of each WebSocket; small, since 10,000 sessions each hold one
@@ -47,6 +48,8 @@ pub struct AppState {
     pub store: Arc<Store>,
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
+    /// Whether the store answered its last sync round.
+    pub store_health: Arc<StoreHealth>,
     pub session: SessionContext,
 }
 
@@ -118,7 +121,7 @@ pub fn router(state: AppState) -> Router {
         });
     Router::new()
         .route(CONNECT_PATH, get(connect))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .with_state(state)
         .merge(enrolment)
@@ -370,7 +373,71 @@ async fn connect(
         .on_upgrade(move |socket| session::run(socket, node.id, node.name, ctx))
 }
 
+/// What `/healthz` says: the first line `ok` (200) when the store answered
+/// its last round and the bus, if any, is connected; `degraded` (503)
+/// otherwise, a line each for the store and the bus saying why. Read from
+/// flags the sync and bus tasks keep, so it costs no query however often it
+/// is asked.
+pub fn health_report(store_error: Option<&str>, bus: Option<(bool, u64)>) -> (StatusCode, String) {
+    let store = match store_error {
+        None => "store: ok".to_owned(),
+        Some(e) => format!("store: unreachable ({e})"),
+    };
+    let bus_line = match bus {
+        None => "bus: in-process (single coordinator)".to_owned(),
+        Some((true, replicas)) => format!("bus: connected, {replicas} other replicas"),
+        Some((false, _)) => {
+            "bus: disconnected (nodes on other replicas unreachable from here)".to_owned()
+        }
+    };
+    let ok = store_error.is_none() && bus.is_none_or(|(connected, _)| connected);
+    let (status, head) = if ok {
+        (StatusCode::OK, "ok")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "degraded")
+    };
+    (status, format!("{head}\n{store}\n{bus_line}\n"))
+}
+
+async fn healthz(State(st): State<AppState>) -> Response {
+    let store_error = if st.store_health.is_ok() {
+        None
+    } else {
+        Some(st.store_health.error().unwrap_or_default())
+    };
+    let bus = st.hub.bus().map(|b| {
+        (
+            b.is_connected(),
+            b.counters
+                .replicas
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+    });
+    health_report(store_error.as_deref(), bus).into_response()
+}
+
 async fn metrics(State(st): State<AppState>) -> Response {
     let text = st.metrics.render(&st.hub.snapshot());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn healthz_is_ok_only_with_the_store_answering_and_the_bus_connected() {
+        let (status, body) = health_report(None, None);
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.starts_with("ok\n") && body.contains("bus: in-process"));
+        let (status, body) = health_report(None, Some((true, 2)));
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("bus: connected, 2 other replicas"));
+        let (status, body) = health_report(None, Some((false, 0)));
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.starts_with("degraded\n") && body.contains("bus: disconnected"));
+        let (status, body) = health_report(Some("connection refused"), None);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("store: unreachable (connection refused)"));
+    }
 }

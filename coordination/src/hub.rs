@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use axum::body::Bytes;
 use axum::extract::ws::Utf8Bytes;
@@ -39,9 +39,11 @@ use overlay_proto::coord::{
 };
 use overlay_proto::NodeId;
 
+use crate::bus::{Claim, Event};
 use crate::config::Limits;
 use crate::metrics::{Metrics, RelayDrop, Snapshot};
 use crate::policy::{may_see, Compiled, NodeRef, View};
+use crate::replica::BusLink;
 use crate::welcome::{self, peer_json, Page, PeerJson};
 
 /// A netmap change, serialized once.
@@ -118,6 +120,8 @@ impl RelayStats {
 
 struct Live {
     id: u64,
+    /// The session's epoch on the bus (0 without one).
+    epoch: u64,
     control: mpsc::Sender<Utf8Bytes>,
     relay: mpsc::Sender<Bytes>,
     /// Bytes in `relay`; the session subtracts what it takes out.
@@ -132,6 +136,10 @@ struct Entry {
     json: PeerJson,
     stats: Arc<RelayStats>,
     live: Option<Live>,
+    /// Its session on another replica, when it is there (replicas only).
+    remote: Option<Claim>,
+    /// The highest session epoch seen for the node, here or elsewhere.
+    epoch: u64,
     /// Its class under the policy in force (`None`: no policy).
     view: View,
 }
@@ -143,8 +151,15 @@ impl Entry {
             info,
             stats: Arc::default(),
             live: None,
+            remote: None,
+            epoch: 0,
             view: None,
         }
+    }
+
+    /// Whether the node has a session here or on another replica.
+    fn is_online(&self) -> bool {
+        self.live.is_some() || self.remote.is_some()
     }
 
     fn node_ref(&self) -> NodeRef<'_> {
@@ -222,6 +237,8 @@ pub struct Hub {
     presence: Mutex<Vec<(NodeId, bool)>>,
     metrics: Arc<Metrics>,
     limits: Limits,
+    /// The replicas' bus; empty for a single coordinator.
+    bus: OnceLock<Arc<BusLink>>,
 }
 
 fn serialize(msg: &ServerMsg) -> Utf8Bytes {
@@ -243,6 +260,22 @@ impl Hub {
             presence: Mutex::new(Vec::new()),
             metrics,
             limits,
+            bus: OnceLock::new(),
+        }
+    }
+
+    /// Connects the hub to the replicas' bus (once, before sessions attach).
+    pub fn set_bus(&self, link: Arc<BusLink>) {
+        let _ = self.bus.set(link);
+    }
+
+    pub fn bus(&self) -> Option<&Arc<BusLink>> {
+        self.bus.get()
+    }
+
+    fn publish(&self, event: Event) {
+        if let Some(bus) = self.bus.get() {
+            bus.event(event);
         }
     }
 
@@ -277,8 +310,17 @@ impl Hub {
             .push((id, online));
     }
 
-    /// A node registered (new, or again with possibly a new name).
-    pub fn upsert(&self, mut info: PeerInfo) {
+    /// A node registered here (new, or again with possibly a new name); the
+    /// other replicas are told.
+    pub fn upsert(&self, info: PeerInfo) {
+        if self.bus.get().is_some() {
+            self.publish(Event::Upsert { peer: info.clone() });
+        }
+        self.apply_upsert(info);
+    }
+
+    /// A node's record, new or changed, as the store has it.
+    pub(crate) fn apply_upsert(&self, mut info: PeerInfo) {
         let mut inner = self.write();
         let inner = &mut *inner;
         let id = info.id;
@@ -289,7 +331,7 @@ impl Hub {
         };
         match inner.nodes.get_mut(&id) {
             Some(entry) => {
-                info.online = entry.live.is_some();
+                info.online = entry.is_online();
                 if entry.info == info {
                     return;
                 }
@@ -334,15 +376,29 @@ impl Hub {
         let online = inner.online;
         let session_id = inner.next_session;
         let entry = inner.nodes.get_mut(&id).ok_or(AttachError::UnknownNode)?;
-        let was_online = entry.live.is_some();
-        if !was_online && online >= self.limits.max_sessions {
+        let was_local = entry.live.is_some();
+        let was_online = entry.is_online();
+        if !was_local && online >= self.limits.max_sessions {
             return Err(AttachError::TooManySessions);
         }
         if let Some(old) = entry.live.take() {
             let _ = old.close.send(CloseReason::Replaced);
         }
+        // Outbids every session of the node heard of so far, here or
+        // elsewhere; and, as a hybrid clock, is at least the time in ms, so a
+        // replica that just started and heard nothing yet still outbids the
+        // sessions opened before (a node reconnects to it because it left
+        // one of those).
+        let epoch = if self.bus.get().is_some() {
+            (entry.epoch + 1).max(crate::bus::epoch_now())
+        } else {
+            0
+        };
+        entry.epoch = epoch;
+        entry.remote = None;
         entry.live = Some(Live {
             id: session_id,
+            epoch,
             control: control_tx,
             relay: relay_tx,
             relay_queued: Arc::clone(&relay_queued),
@@ -355,14 +411,15 @@ impl Hub {
         let view = entry.view.clone();
         let stats = Arc::clone(&entry.stats);
         inner.next_session += 1;
-        if !was_online {
+        if !was_local {
             inner.online += 1;
+            self.record_presence(id, true);
         }
         let deltas = self.deltas.subscribe();
         if !was_online {
             self.broadcast(id, &view, &ServerMsg::PeerUpsert { peer: node.clone() });
-            self.record_presence(id, true);
         }
+        self.publish(Event::Online { node: id, epoch });
         self.metrics.sessions_opened.fetch_add(1, Ordering::Relaxed);
         Ok(Attached {
             session_id,
@@ -403,16 +460,24 @@ impl Hub {
         let Some(entry) = inner.nodes.get_mut(&id) else {
             return false;
         };
-        if entry.live.as_ref().map(|l| l.id) != Some(session_id) {
+        let Some(live) = entry.live.take_if(|l| l.id == session_id) else {
             return false;
+        };
+        let offline = !entry.is_online();
+        if offline {
+            entry.set_online(false);
         }
-        entry.live = None;
-        entry.set_online(false);
         let peer = entry.info.clone();
         let view = entry.view.clone();
         inner.online -= 1;
-        self.broadcast(id, &view, &ServerMsg::PeerUpsert { peer });
+        if offline {
+            self.broadcast(id, &view, &ServerMsg::PeerUpsert { peer });
+        }
         self.record_presence(id, false);
+        self.publish(Event::Offline {
+            node: id,
+            epoch: live.epoch,
+        });
         true
     }
 
@@ -446,11 +511,20 @@ impl Hub {
         if !self.may_reach(&inner, from, entry) {
             return Err(SignalError::UnknownPeer);
         }
-        let live = entry.live.as_ref().ok_or(SignalError::PeerOffline)?;
         let text = serialize(&ServerMsg::Signal { from, payload });
-        live.control
-            .try_send(text)
-            .map_err(|_| SignalError::QueueFull)?;
+        match (&entry.live, entry.remote, self.bus.get()) {
+            (Some(live), _, _) => live
+                .control
+                .try_send(text)
+                .map_err(|_| SignalError::QueueFull)?,
+            (None, Some(claim), Some(bus)) => {
+                if !bus.inbox(claim.replica, crate::bus::signal_message(to, &text)) {
+                    return Err(SignalError::QueueFull);
+                }
+                bus.counters.signals_out.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => return Err(SignalError::PeerOffline),
+        }
         self.metrics
             .signaling_messages
             .fetch_add(1, Ordering::Relaxed);
@@ -472,6 +546,7 @@ impl Hub {
         allowed
     }
 
+    /// Whether `id` has a session on this replica.
     pub fn is_online(&self, id: NodeId) -> bool {
         self.read().nodes.get(&id).is_some_and(|e| e.live.is_some())
     }
@@ -500,10 +575,31 @@ impl Hub {
             .filter(|(_, i, o)| *i > 0 || *o > 0)
             .collect();
         per_node_relay.sort_unstable();
+        let bus = self.bus.get().map(|b| {
+            let c = &b.counters;
+            let load = |v: &AtomicU64| v.load(Ordering::Relaxed);
+            crate::metrics::BusSnapshot {
+                replica: b.replica,
+                connected: b.is_connected(),
+                replicas: load(&c.replicas),
+                remote_online: inner.nodes.values().filter(|e| e.remote.is_some()).count() as u64,
+                published: load(&c.published),
+                received: load(&c.received),
+                dropped_out: load(&c.dropped_out),
+                publish_failed: load(&c.publish_failed),
+                malformed_in: load(&c.malformed_in),
+                relay_frames_out: load(&c.relay_frames_out),
+                relay_frames_in: load(&c.relay_frames_in),
+                signals_out: load(&c.signals_out),
+                signals_in: load(&c.signals_in),
+                reconnects: load(&c.reconnects),
+            }
+        });
         Snapshot {
             nodes: inner.nodes.len(),
             sessions_online: inner.online,
             per_node_relay,
+            bus,
         }
     }
 
@@ -530,6 +626,8 @@ impl Hub {
 mod hub_policy;
 #[path = "hub_relay.rs"]
 mod hub_relay;
+#[path = "hub_remote.rs"]
+mod hub_remote;
 pub use hub_policy::ApplyStats;
 
 #[cfg(test)]

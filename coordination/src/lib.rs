@@ -16,7 +16,8 @@
 //! | [`validate`] | public key and hostname checks |
 //! | [`http`] | routes: register, connect, healthz, metrics |
 //! | [`session`] | one node's WebSocket session |
-//! | [`hub`] | online sessions, routing, delta broadcast |
+//! | [`hub`] | online sessions, routing, delta broadcast; nodes on other replicas (`hub_remote.rs`) |
+//! | [`bus`], [`replica`], [`replica_nats`] | the replicas' bus: what replicas tell each other, the hub's queue to it and who is alive, NATS |
 //! | [`welcome`] | the netmap a session starts with, in parts |
 //! | [`store_sync`] | presence to the store, removals from it |
 //! | [`ice`] | the ICE configuration handed to nodes |
@@ -32,6 +33,7 @@ pub mod acme;
 pub mod acme_files;
 pub mod acme_http;
 pub mod auth;
+pub mod bus;
 pub mod cert_resolver;
 pub mod challenge;
 pub mod cli;
@@ -48,6 +50,8 @@ pub mod metrics;
 pub mod migrations;
 pub mod peer_policy;
 pub mod policy;
+pub mod replica;
+pub mod replica_nats;
 pub mod selfsigned;
 pub mod server;
 pub mod session;

@@ -88,14 +88,17 @@ pub enum RelayDrop {
     PeerOffline,
     QueueFull,
     RateLimited,
+    /// For a node on another replica, and the bus is slow or down.
+    Bus,
 }
 
 impl RelayDrop {
-    const ALL: [RelayDrop; 4] = [
+    const ALL: [RelayDrop; 5] = [
         RelayDrop::UnknownPeer,
         RelayDrop::PeerOffline,
         RelayDrop::QueueFull,
         RelayDrop::RateLimited,
+        RelayDrop::Bus,
     ];
 
     fn label(self) -> &'static str {
@@ -104,6 +107,7 @@ impl RelayDrop {
             RelayDrop::PeerOffline => "peer_offline",
             RelayDrop::QueueFull => "queue_full",
             RelayDrop::RateLimited => "rate_limited",
+            RelayDrop::Bus => "bus",
         }
     }
 }
@@ -152,6 +156,29 @@ pub struct Snapshot {
     pub sessions_online: usize,
     /// `(node, relay bytes from it, relay bytes to it)` since start.
     pub per_node_relay: Vec<(NodeId, u64, u64)>,
+    /// The replicas' bus, when there is one.
+    pub bus: Option<BusSnapshot>,
+}
+
+/// The bus's counters at render time (`replica::BusCounters`).
+#[derive(Debug, Default, Clone)]
+pub struct BusSnapshot {
+    pub replica: u64,
+    pub connected: bool,
+    /// Other replicas heard within the timeout.
+    pub replicas: u64,
+    /// Nodes online on other replicas.
+    pub remote_online: u64,
+    pub published: u64,
+    pub received: u64,
+    pub dropped_out: u64,
+    pub publish_failed: u64,
+    pub malformed_in: u64,
+    pub relay_frames_out: u64,
+    pub relay_frames_in: u64,
+    pub signals_out: u64,
+    pub signals_in: u64,
+    pub reconnects: u64,
 }
 
 fn inc(c: &AtomicU64) {
@@ -322,6 +349,9 @@ impl Metrics {
             load(&self.conn_timeouts),
         );
 
+        if let Some(bus) = &snap.bus {
+            render_bus(&mut out, bus);
+        }
         let _ = writeln!(out, "# HELP overlay_coord_relay_dropped_frames_total Relay frames dropped.\n# TYPE overlay_coord_relay_dropped_frames_total counter");
         for (i, r) in RelayDrop::ALL.iter().enumerate() {
             let _ = writeln!(
@@ -351,6 +381,90 @@ impl Metrics {
     }
 }
 
+/// The bus's lines: a replica's own view, each replica serves its own.
+fn render_bus(out: &mut String, bus: &BusSnapshot) {
+    let _ = writeln!(
+        out,
+        "# HELP overlay_coord_replica_info This replica's id on the bus.\n# TYPE overlay_coord_replica_info gauge\noverlay_coord_replica_info{{replica=\"{:016x}\"}} 1",
+        bus.replica
+    );
+    let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+        );
+    };
+    metric(
+        "overlay_coord_bus_connected",
+        "gauge",
+        "1 while the replicas' bus (NATS) is connected.",
+        u64::from(bus.connected),
+    );
+    metric(
+        "overlay_coord_bus_replicas",
+        "gauge",
+        "Other replicas heard on the bus within the timeout.",
+        bus.replicas,
+    );
+    metric(
+        "overlay_coord_bus_remote_online",
+        "gauge",
+        "Nodes online on other replicas.",
+        bus.remote_online,
+    );
+    for (name, help, value) in [
+        ("published", "Messages published on the bus.", bus.published),
+        ("received", "Messages received from the bus.", bus.received),
+        (
+            "dropped",
+            "Messages dropped before the bus: its queue was full or it was down.",
+            bus.dropped_out,
+        ),
+        (
+            "publish_failed",
+            "Messages the NATS client refused.",
+            bus.publish_failed,
+        ),
+        (
+            "malformed",
+            "Messages from the bus that did not parse.",
+            bus.malformed_in,
+        ),
+        (
+            "relay_frames_out",
+            "Relay datagrams sent to nodes on other replicas.",
+            bus.relay_frames_out,
+        ),
+        (
+            "relay_frames_in",
+            "Relay datagrams received for nodes here.",
+            bus.relay_frames_in,
+        ),
+        (
+            "signals_out",
+            "Signals sent to nodes on other replicas.",
+            bus.signals_out,
+        ),
+        (
+            "signals_in",
+            "Signals received for nodes here.",
+            bus.signals_in,
+        ),
+        (
+            "reconnects",
+            "Times the bus connection came back.",
+            bus.reconnects,
+        ),
+    ] {
+        metric(
+            &format!("overlay_coord_bus_{name}_total"),
+            "counter",
+            help,
+            value,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,7 +479,9 @@ mod tests {
             nodes: 3,
             sessions_online: 2,
             per_node_relay: vec![(7, 10, 20)],
+            bus: None,
         });
+        assert!(!text.contains("overlay_coord_bus_"), "no bus, no bus lines");
         assert!(text.contains("overlay_coord_nodes 3\n"));
         assert!(text.contains("overlay_coord_sessions_online 2\n"));
         assert!(text.contains("overlay_coord_rejected_inputs_total{reason=\"oversized\"} 2\n"));
@@ -375,5 +491,17 @@ mod tests {
         assert!(text
             .contains("overlay_coord_node_relay_bytes_total{node=\"7\",direction=\"out\"} 20\n"));
         assert_eq!(m.rejected(Rejected::Oversized), 2);
+        let text = m.render(&Snapshot {
+            bus: Some(BusSnapshot {
+                replica: 0xab,
+                connected: true,
+                relay_frames_out: 5,
+                ..BusSnapshot::default()
+            }),
+            ..Snapshot::default()
+        });
+        assert!(text.contains("overlay_coord_replica_info{replica=\"00000000000000ab\"} 1\n"));
+        assert!(text.contains("overlay_coord_bus_connected 1\n"));
+        assert!(text.contains("overlay_coord_bus_relay_frames_out_total 5\n"));
     }
 }

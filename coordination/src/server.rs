@@ -2,7 +2,13 @@
 //! listener together, and takes them down again in order.
 //!
 //! Shutdown order: stop accepting → sessions close (they watch the same
-//! signal) → wait for them → last store flush → TURN server closes.
+//! signal) → wait for them → last store flush → the bus, with the sessions'
+//! goodbyes → TURN server closes.
+//!
+//! With `--bus` this process is one replica of several sharing the database:
+//! the hub is joined to the bus before the listener opens, and the store's
+//! online flags are left to each replica's own sessions (no replica marks
+//! everyone offline when it starts or stops).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -26,6 +32,7 @@ use crate::hub::Hub;
 use crate::ice::IceSettings;
 use crate::metrics::Metrics;
 use crate::peer_policy::PeerPolicy;
+use crate::replica_nats::{BusStartError, NatsBus};
 use crate::session::SessionContext;
 use crate::store::{Store, StoreError};
 use crate::store_sync::StoreSync;
@@ -52,6 +59,8 @@ pub enum ServeError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Acme(#[from] AcmeError),
+    #[error(transparent)]
+    Bus(#[from] BusStartError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -130,11 +139,15 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     let state_dir = config.state_dir.clone();
     let network = config.network;
     let store = Arc::new(blocking(move || Store::open(&state_dir)).await?);
+    let replicated = config.bus.is_some();
     let nodes = {
         let store = Arc::clone(&store);
         blocking(move || {
             store.check_network(network)?;
-            store.mark_all_offline()?;
+            // A replica leaves the other replicas' nodes as they are.
+            if !replicated {
+                store.mark_all_offline()?;
+            }
             store.list_nodes()
         })
         .await?
@@ -215,6 +228,12 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         }
     }
 
+    // Joined before the listener opens, so every session is announced.
+    let bus = match &config.bus {
+        Some(url) => Some(NatsBus::start(url, Arc::clone(&hub), Arc::clone(&store)).await?),
+        None => None,
+    };
+
     let announced = config.announced_ip();
     let turn = if config.turn.embedded {
         let mut own = std::collections::HashSet::from([announced]);
@@ -277,10 +296,17 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
+    let sync = StoreSync::new(
+        Arc::clone(&store),
+        Arc::clone(&hub),
+        removal_seq,
+        policy_seq,
+    );
     let state = AppState {
         store: Arc::clone(&store),
         hub: Arc::clone(&hub),
         metrics: Arc::clone(&metrics),
+        store_health: sync.health(),
         session: SessionContext {
             hub: Arc::clone(&hub),
             metrics: Arc::clone(&metrics),
@@ -329,15 +355,10 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         dns = %config.dns.as_ref().map(|d| format!("{} on {}, {} records", d.domain, d.resolver, d.records.len())).unwrap_or_else(|| "off".into()),
         stun_turn = %turn_addr.map(|a| format!("{announced}:{}", a.port())).unwrap_or_else(|| "external only".into()),
         max_sessions = config.limits.max_sessions,
+        bus = config.bus.as_deref().unwrap_or("in-process"),
         "overlay-coord ready"
     );
 
-    let sync = StoreSync::new(
-        Arc::clone(&store),
-        Arc::clone(&hub),
-        removal_seq,
-        policy_seq,
-    );
     let sync_task = tokio::spawn(sync.run(config.limits.store_poll, shutdown_rx.clone()));
     // Runs once the listener does: the TLS-ALPN-01 validator connects to it.
     let acme_task = acme.map(|acme| tokio::spawn(acme.run(shutdown_rx.clone())));
@@ -361,7 +382,9 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
             }
             Err(e) => warn!("store sync task failed: {e}"),
         }
-        if let Err(e) = blocking(move || store.mark_all_offline()).await {
+        if let Some(bus) = bus {
+            bus.stop().await;
+        } else if let Err(e) = blocking(move || store.mark_all_offline()).await {
             warn!("marking nodes offline: {e}");
         }
         drop(stun_alt);

@@ -3,9 +3,17 @@
 //! `overlay-coord nodes remove` deleted from another process. Every
 //! [`POLICY_POLL`] it also reads the store's policy change counter (one
 //! indexed row) and, when `policy set`/`clear` or `nodes tag` moved it,
-//! reloads the policy and the tags and hands them to the hub.
+//! reloads the policy and the tags and hands them to the hub. Each round's
+//! outcome is the store's health in `/healthz` ([`StoreHealth`]).
+//!
+//! With replicas, every replica runs this against the shared database: the
+//! admin CLI writes only there, and each replica applies every removal and
+//! policy change itself, so a removed node's session is closed on whichever
+//! replica holds it. What replicas change themselves (enrolments, sessions)
+//! reaches the others over the bus instead (`replica_nats.rs`).
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use overlay_proto::NodeId;
@@ -22,9 +30,43 @@ use crate::store::{now_unix, Store, StoreError};
 /// sessions within this plus the recompute (the issue allows 1 s).
 pub const POLICY_POLL: Duration = Duration::from_millis(200);
 
+/// Whether the store answered the last round, and if not, why.
+#[derive(Debug)]
+pub struct StoreHealth {
+    ok: AtomicBool,
+    error: Mutex<Option<String>>,
+}
+
+impl Default for StoreHealth {
+    fn default() -> Self {
+        StoreHealth {
+            ok: AtomicBool::new(true),
+            error: Mutex::new(None),
+        }
+    }
+}
+
+impl StoreHealth {
+    fn set(&self, result: &Result<(), StoreError>) {
+        self.ok.store(result.is_ok(), Ordering::Relaxed);
+        let mut error = self.error.lock().unwrap_or_else(|e| e.into_inner());
+        *error = result.as_ref().err().map(ToString::to_string);
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.ok.load(Ordering::Relaxed)
+    }
+
+    /// The last round's error, if it failed.
+    pub fn error(&self) -> Option<String> {
+        self.error.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 pub struct StoreSync {
     store: Arc<Store>,
     hub: Arc<Hub>,
+    health: Arc<StoreHealth>,
     /// Last removal already applied.
     removal_seq: u64,
     /// Policy change counter already applied.
@@ -49,9 +91,15 @@ impl StoreSync {
         StoreSync {
             store,
             hub,
+            health: Arc::default(),
             removal_seq,
             policy_seq,
         }
+    }
+
+    /// Where each round's outcome is kept.
+    pub fn health(&self) -> Arc<StoreHealth> {
+        Arc::clone(&self.health)
     }
 
     /// Applies a policy or tag change made since the last call, if any.
@@ -131,8 +179,13 @@ impl StoreSync {
                 _ = policy_tick.tick() => self.sync_policy().await,
                 _ = shutdown.changed() => return self,
             };
-            if let Err(e) = result {
-                warn!("syncing with the store: {e}");
+            let was_ok = self.health.is_ok();
+            self.health.set(&result);
+            match result {
+                // Once per outage, not every 200 ms.
+                Err(e) if was_ok => warn!("syncing with the store: {e}"),
+                Ok(()) if !was_ok => info!("the store answers again"),
+                _ => {}
             }
         }
     }

@@ -74,6 +74,7 @@ pub fn config(state_dir: &TempDir) -> Config {
             )
             .unwrap(),
         ),
+        bus: None,
     }
 }
 

@@ -1,0 +1,195 @@
+//! The hub's side of the replicas' bus: [`BusLink`], the queue the hub puts
+//! what other replicas must hear on (never blocking, dropping and counting
+//! when the bus is slow or down), and [`Replicas`], the sans-IO record of
+//! which other replicas are alive.
+//!
+//! ```text
+//!   Hub ──try_send──▶ BusLink queue ──▶ publisher task ──▶ NATS
+//!   NATS ──▶ receiver task ──▶ Replicas (alive?) ──▶ Hub::remote_* (apply)
+//! ```
+//!
+//! A single coordinator has no link: the hub's `bus` stays empty and every
+//! path is what it was before replicas existed.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+
+use crate::bus::{Event, ReplicaId};
+
+/// How often a replica says it is alive.
+pub const HEARTBEAT: Duration = Duration::from_secs(1);
+/// A replica unheard for this long is gone: its nodes are offline until they
+/// reconnect somewhere. Three heartbeats, so one lost or late is harmless.
+pub const REPLICA_TIMEOUT: Duration = Duration::from_millis(3500);
+/// How often a replica repeats the list of all its sessions, repairing
+/// whatever an event lost on the way.
+pub const PRESENCE_REFRESH: Duration = Duration::from_secs(10);
+/// Messages queued towards the bus; more are dropped and counted.
+pub const OUT_QUEUE: usize = 4096;
+/// Bytes queued towards the bus (relay records mostly); more are dropped.
+/// 4 MiB is 32 ms at 1 Gbit/s: a stalled bus costs a bounded amount and
+/// a TCP stream over the relay sees a drop, not a growing delay.
+pub const OUT_BUDGET: usize = 4 * 1024 * 1024;
+
+/// Something for the bus.
+#[derive(Debug)]
+pub enum Outbound {
+    Event(Event),
+    /// A message for one replica's inbox (`bus::Inbox`).
+    Inbox {
+        to: ReplicaId,
+        msg: Vec<u8>,
+    },
+}
+
+/// Counters of the bus, shown in `/metrics` when there is one.
+#[derive(Debug, Default)]
+pub struct BusCounters {
+    pub connected: AtomicBool,
+    pub replicas: AtomicU64,
+    pub published: AtomicU64,
+    pub received: AtomicU64,
+    /// Dropped before publishing: the queue was full (bus slow or down).
+    pub dropped_out: AtomicU64,
+    /// Failed to publish (disconnected, payload too large).
+    pub publish_failed: AtomicU64,
+    /// Messages from the bus that did not parse.
+    pub malformed_in: AtomicU64,
+    pub relay_frames_out: AtomicU64,
+    pub relay_frames_in: AtomicU64,
+    pub signals_out: AtomicU64,
+    pub signals_in: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+/// The hub's handle on the bus.
+#[derive(Debug)]
+pub struct BusLink {
+    pub replica: ReplicaId,
+    out: mpsc::Sender<Outbound>,
+    /// Bytes of inbox messages in `out`.
+    queued: AtomicUsize,
+    pub counters: BusCounters,
+}
+
+impl BusLink {
+    pub fn new(replica: ReplicaId) -> (BusLink, mpsc::Receiver<Outbound>) {
+        let (out, rx) = mpsc::channel(OUT_QUEUE);
+        let link = BusLink {
+            replica,
+            out,
+            queued: AtomicUsize::new(0),
+            counters: BusCounters::default(),
+        };
+        (link, rx)
+    }
+
+    /// Queues an event; `false` when it was dropped.
+    pub fn event(&self, event: Event) -> bool {
+        let ok = self.out.try_send(Outbound::Event(event)).is_ok();
+        if !ok {
+            self.counters.dropped_out.fetch_add(1, Ordering::Relaxed);
+        }
+        ok
+    }
+
+    /// Queues an inbox message within the byte budget; `false` when dropped.
+    pub fn inbox(&self, to: ReplicaId, msg: Vec<u8>) -> bool {
+        let len = msg.len();
+        let before = self.queued.fetch_add(len, Ordering::Relaxed);
+        if before + len > OUT_BUDGET || self.out.try_send(Outbound::Inbox { to, msg }).is_err() {
+            self.queued.fetch_sub(len, Ordering::Relaxed);
+            self.counters.dropped_out.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// The publisher took an inbox message of `len` bytes off the queue.
+    pub fn taken(&self, len: usize) {
+        self.queued.fetch_sub(len, Ordering::Relaxed);
+    }
+
+    pub fn is_connected(&self) -> bool {
+        self.counters.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// Which other replicas are alive, from what was last heard of each.
+#[derive(Debug, Default)]
+pub struct Replicas {
+    last_heard: HashMap<ReplicaId, Instant>,
+}
+
+impl Replicas {
+    /// Something arrived from `replica`; `true` when it is new to us (first
+    /// heard, or heard again after it was taken for gone), so it must be
+    /// told where our nodes are.
+    pub fn heard(&mut self, replica: ReplicaId, now: Instant) -> bool {
+        self.last_heard.insert(replica, now).is_none()
+    }
+
+    /// Replicas unheard for [`REPLICA_TIMEOUT`]: forgotten, and returned so
+    /// their nodes can be taken offline.
+    pub fn expire(&mut self, now: Instant) -> Vec<ReplicaId> {
+        let gone: Vec<ReplicaId> = self
+            .last_heard
+            .iter()
+            .filter(|(_, at)| now.saturating_duration_since(**at) >= REPLICA_TIMEOUT)
+            .map(|(r, _)| *r)
+            .collect();
+        for r in &gone {
+            self.last_heard.remove(r);
+        }
+        gone
+    }
+
+    /// Every replica is taken for gone (this one lost the bus): returns them.
+    pub fn forget_all(&mut self) -> Vec<ReplicaId> {
+        self.last_heard.drain().map(|(r, _)| r).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.last_heard.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.last_heard.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_is_new_when_first_heard_and_again_after_it_expired() {
+        let t0 = Instant::now();
+        let mut r = Replicas::default();
+        assert!(r.heard(7, t0));
+        assert!(!r.heard(7, t0 + HEARTBEAT));
+        assert!(r.expire(t0 + HEARTBEAT + REPLICA_TIMEOUT / 2).is_empty());
+        assert_eq!(r.expire(t0 + HEARTBEAT + REPLICA_TIMEOUT), vec![7]);
+        assert!(r.is_empty());
+        assert!(r.heard(7, t0 + 10 * HEARTBEAT));
+        assert_eq!(r.forget_all(), vec![7]);
+    }
+
+    #[test]
+    fn the_link_drops_and_counts_beyond_its_byte_budget() {
+        let (link, mut rx) = BusLink::new(1);
+        assert!(link.inbox(2, vec![0; OUT_BUDGET / 2]));
+        assert!(link.inbox(2, vec![0; OUT_BUDGET / 2]));
+        assert!(!link.inbox(2, vec![0; 1]));
+        assert_eq!(link.counters.dropped_out.load(Ordering::Relaxed), 1);
+        let Some(Outbound::Inbox { msg, .. }) = rx.try_recv().ok() else {
+            panic!("nothing queued");
+        };
+        link.taken(msg.len());
+        assert!(link.inbox(2, vec![0; 1]));
+        assert!(link.event(Event::Heartbeat));
+    }
+}
