@@ -7,7 +7,7 @@ use std::process::{Command, ExitStatus, Output};
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context};
-use overlay_proto::api::{PeerStatus, Status};
+use overlay_proto::api::{PathKind, PeerStatus, Status};
 
 use crate::bin;
 use crate::lab::{Host, Lab, Segment};
@@ -249,6 +249,15 @@ impl Daemon {
     pub fn peers(&self) -> anyhow::Result<Vec<PeerStatus>> {
         self.ctl_json(&["peers"])
     }
+
+    /// Wakes the idle peer `peer` as a user would: one `overlayctl ping`.
+    /// New peers start idle (no ICE until the first packet), so a test that
+    /// waits for a path sends this first. Whether it is answered is not the
+    /// point: the request alone wakes both sides.
+    pub fn wake(&self, peer: &str) -> anyhow::Result<()> {
+        self.ctl(&["ping", "-c", "1", "-W", "0.5", peer])?;
+        Ok(())
+    }
 }
 
 /// Whether something in `host` listens on TCP `port` (checked with `ss` inside the
@@ -362,7 +371,9 @@ impl LanPair {
     }
 }
 
-/// Waits until `d` shows `peer` on a path of kind `want`; returns how long it took.
+/// Waits until `d` shows `peer` on a path of kind `want`; returns how long it
+/// took. An idle peer is woken with a ping (see [`Daemon::wake`]), unless idle
+/// is what is awaited.
 pub fn wait_path(
     d: &mut Daemon,
     peer: &str,
@@ -378,6 +389,10 @@ pub fn wait_path(
         let peers = d.peers()?;
         match peers.iter().find(|p| p.name == peer) {
             Some(p) if p.path_kind == want => Ok(()),
+            Some(p) if p.path_kind == PathKind::Idle => {
+                d.wake(peer)?;
+                Err(Wait::NotYet("idle: pinged it to wake it".into()))
+            }
             Some(p) => Err(Wait::NotYet(format!("path is {}", p.path))),
             None => Err(Wait::NotYet(format!("{peer} not listed"))),
         }

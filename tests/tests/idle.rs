@@ -1,5 +1,5 @@
-//! Lazy peers: two nodes with `--idle-timeout 3` go idle a few seconds after
-//! their traffic stops, send each other nothing while idle, and the first ping
+//! Lazy peers: two nodes with `--idle-timeout 3` list each other idle when
+//! they meet, go idle again a few seconds after their traffic stops, send each other nothing while idle, and the first ping
 //! wakes them: answered at once over the coordination relay, direct again
 //! within two seconds, nothing lost on the way.
 //!
@@ -52,6 +52,23 @@ fn idle_peers_stop_talking_and_the_first_ping_wakes_them_without_loss() {
                 .extend(["--idle-timeout".to_owned(), IDLE_SECS.to_owned()]);
         })?;
         let b_mesh = b.status()?.mesh_ip;
+        // New peers start idle: no ICE and no keepalives before a packet.
+        wait_until(DIRECT_TIMEOUT, "a and b to list each other idle", || {
+            for (d, peer) in [(&a, "b"), (&b, "a")] {
+                match d.peers()?.into_iter().find(|p| p.name == peer) {
+                    Some(p) if p.path_kind == PathKind::Idle => {}
+                    Some(p) if p.online => {
+                        return Err(fatal(anyhow::anyhow!(
+                            "{} sees the new peer {peer} {} before any traffic",
+                            d.name,
+                            p.path
+                        )))
+                    }
+                    other => return Err(Wait::NotYet(format!("{} sees {other:?}", d.name))),
+                }
+            }
+            Ok(())
+        })?;
         // Traffic while the pair settles, so neither side idles before it is
         // direct (the timeout is shorter than a loaded machine may need).
         let mut settle = Command::new("ping");

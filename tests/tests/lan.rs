@@ -125,6 +125,10 @@ fn wait_all_direct(nodes: &mut [&mut LanNode], timeout: Duration) -> anyhow::Res
                         want.mesh_ip
                     )));
                 }
+                if peer.path_kind == PathKind::Idle {
+                    // New peers start idle: wake it as a user would.
+                    nodes[i].daemon.wake(&want.daemon.name)?;
+                }
                 if !(peer.online && peer.path_kind == PathKind::Direct) {
                     return Err(Wait::NotYet(format!(
                         "{} sees {}",

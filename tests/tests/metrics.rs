@@ -83,7 +83,15 @@ fn metrics_listen_shows_rising_peer_bytes_and_the_path_peers_shows() {
             let peers: Vec<PeerStatus> = a.ctl_json(&["peers"])?;
             match peers.into_iter().find(|p| p.name == "b") {
                 Some(p) if p.path_kind == PathKind::Direct => Ok(p),
-                other => Err(Wait::NotYet(format!("{other:?}"))),
+                other => {
+                    if other
+                        .as_ref()
+                        .is_some_and(|p| p.path_kind == PathKind::Idle)
+                    {
+                        a.wake("b")?; // new peers start idle
+                    }
+                    Err(Wait::NotYet(format!("{other:?}")))
+                }
             }
         })?;
         let labels = ["peer=\"b\"".to_string(), format!("mesh_ip=\"{b_ip}\"")];

@@ -7,7 +7,8 @@
 //!   arrive(Origin::Udp | IceConn | Relay) ──▶ Tunn::decapsulate ──▶ src IP check
 //!                                   ──▶ dst IP check ──▶ tun_coalesce ──▶ TUN
 //!   run_timers ──every 250 ms──▶ Tunn::update_timers (handshakes), persistent
-//!                                keepalives (none for idle peers)
+//!                                keepalives: awake peers only (idle ones are
+//!                                parked until their next packet)
 //! ```
 //!
 //! Parts: `peer` (one remote node's WireGuard session and where its packets go),
@@ -25,9 +26,9 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use boringtun::noise::TunnResult;
+use boringtun::noise::{Tunn, TunnResult};
 use overlay_proto::coord::ClientMsg;
 use overlay_proto::NodeId;
 use tokio::sync::{mpsc, oneshot};
@@ -148,6 +149,9 @@ pub struct DataPlane {
     /// What decrypted packets may be addressed to (see [`Destinations`]).
     destinations: Destinations,
     peers: RwLock<PeerTable>,
+    /// The peers whose WireGuard timers run: all but the parked ones (idle
+    /// and quiet, see [`Self::tunn`]), so an idle peer costs no timer work.
+    ticking: Mutex<HashMap<NodeId, Arc<Peer>>>,
     outbound: mpsc::Sender<Outbound>,
     pings: Mutex<HashMap<(Ipv4Addr, u16, u16), oneshot::Sender<()>>>,
     pub drops: DropCounters,
@@ -186,6 +190,7 @@ impl DataPlane {
             my_ip,
             destinations: Destinations::new(my_ip),
             peers: RwLock::default(),
+            ticking: Mutex::default(),
             outbound,
             pings: Mutex::default(),
             drops: DropCounters::default(),
@@ -199,6 +204,7 @@ impl DataPlane {
     }
 
     pub fn insert(&self, peer: Arc<Peer>) {
+        lock(&self.ticking).insert(peer.id, peer.clone());
         let mut table = self.peers.write().unwrap_or_else(|e| e.into_inner());
         table.by_ip.insert(peer.mesh_ip, peer.clone());
         table.by_id.insert(peer.id, peer);
@@ -207,6 +213,8 @@ impl DataPlane {
     pub fn remove(&self, id: NodeId) -> Option<Arc<Peer>> {
         let mut table = self.peers.write().unwrap_or_else(|e| e.into_inner());
         let peer = table.by_id.remove(&id)?;
+        peer.removed.store(true, Ordering::Relaxed);
+        lock(&self.ticking).remove(&id);
         if let Some(addr) = peer.endpoint() {
             if table.by_endpoint.get(&addr).is_some_and(|p| p.id == id) {
                 table.by_endpoint.remove(&addr);
@@ -270,6 +278,51 @@ impl DataPlane {
         let mut peers: Vec<_> = table.by_id.values().cloned().collect();
         peers.sort_by_key(|p| p.mesh_ip);
         peers
+    }
+
+    /// `peer`'s WireGuard session, the only way to it. A parked peer (idle,
+    /// its timers stopped) first catches up: boringtun's clock moves only in
+    /// `update_timers`, and a packet stamped with a clock minutes old would
+    /// make the next tick expire the session it sets up. The peer then ticks
+    /// again. Both happen under the session's lock, so no packet ever meets
+    /// a stale clock.
+    pub(crate) fn tunn<'p>(&self, peer: &'p Peer) -> MutexGuard<'p, Tunn> {
+        let mut tunn = lock(&peer.tunn);
+        if peer.parked.load(Ordering::Relaxed) {
+            peer.parked.store(false, Ordering::Relaxed);
+            // A handshake initiation (148 bytes) is the most it writes.
+            let mut scratch = [0u8; 256];
+            if let TunnResult::WriteToNetwork(d) = tunn.update_timers(&mut scratch) {
+                *lock(&peer.caught_up) = Some(d.to_vec());
+            }
+            if let Some(p) = self.peer(peer.id) {
+                lock(&self.ticking).insert(p.id, p);
+            }
+        }
+        tunn
+    }
+
+    /// The node core says whether `peer` is idle. An idle peer gets no
+    /// keepalives and is parked at the next quiet tick; one that wakes ticks
+    /// again at once.
+    pub fn set_idle(&self, peer: &Peer, idle: bool) {
+        peer.set_idle(idle);
+        if !idle {
+            drop(self.tunn(peer));
+        }
+    }
+
+    /// Appends the peers that moved data since the last call. Only peers
+    /// whose timers run are asked: a parked peer ticks again on its first
+    /// packet, and is not parked while it has data the shell has not taken.
+    pub fn take_activity(&self, active: &mut Vec<NodeId>) {
+        let ticking = lock(&self.ticking);
+        active.extend(
+            ticking
+                .values()
+                .filter(|peer| peer.take_activity())
+                .map(|peer| peer.id),
+        );
     }
 
     /// Reads the TUN until it fails (the interface went away). Frames that are
@@ -438,8 +491,11 @@ impl DataPlane {
     }
 
     /// Encrypts one IP packet for `peer` into `out`; the datagram's length.
+    /// The packet is counted under the session's lock, so a timer pass that
+    /// parks the peer (see [`Self::tunn`]) never misses it.
     fn encapsulate(&self, peer: &Peer, packet: &[u8], out: &mut [u8]) -> Option<usize> {
-        let len = match lock(&peer.tunn).encapsulate(packet, out) {
+        let mut tunn = self.tunn(peer);
+        let len = match tunn.encapsulate(packet, out) {
             TunnResult::WriteToNetwork(datagram) => datagram.len(),
             TunnResult::Err(e) => {
                 tracing::debug!(peer = peer.id, "encapsulate: {e:?}");
@@ -473,6 +529,19 @@ impl DataPlane {
         self.transmit_indirect(peer, datagram).await;
     }
 
+    /// Sends what WireGuard answered to a datagram from `origin` (a handshake
+    /// response, packets the handshake held): back over the coordination
+    /// relay when the datagram came that way, else on the best path. The
+    /// relay just reached us, while our own path may be stale: a peer that
+    /// restarted, or woke from idle, first speaks over the relay, and an
+    /// answer lost on a dead endpoint costs WireGuard a 5 s retry.
+    async fn answer(&self, peer: &Peer, origin: Origin, datagram: &[u8]) {
+        match origin {
+            Origin::Relay(_) => self.relay(peer, datagram),
+            Origin::Udp(_) | Origin::IceConn(_) => self.transmit(peer, datagram).await,
+        }
+    }
+
     /// The ways that do not use our own socket: the ICE connection (TURN), else
     /// the coordination relay.
     async fn transmit_indirect(&self, peer: &Peer, datagram: &[u8]) {
@@ -481,6 +550,12 @@ impl DataPlane {
                 return;
             }
         }
+        self.relay(peer, datagram);
+    }
+
+    /// Hands `datagram` to the coordination relay; dropped (counted) when
+    /// its queue is full.
+    fn relay(&self, peer: &Peer, datagram: &[u8]) {
         let relay = Outbound::Relay {
             to: peer.id,
             datagram: datagram.to_vec(),
@@ -492,31 +567,41 @@ impl DataPlane {
 
     /// Runs WireGuard's timers (handshakes, keepalives) until the task is ended.
     ///
-    /// An idle peer's timers still run (boringtun's clock only moves in
-    /// `update_timers`, and a handshake stamped with a stale clock would be
-    /// expired at the next tick), but it gets no persistent keepalive; with
-    /// no data, boringtun itself sends nothing for it.
+    /// Only peers that tick are visited. An idle peer (the node core's word)
+    /// is parked once its timers have nothing to send and the shell has seen
+    /// all its data; it ticks again when a packet to or from it arrives or
+    /// the node core wakes it (see [`Self::tunn`]).
     pub async fn run_timers(self: Arc<Self>) {
         let mut tick = tokio::time::interval(TIMER_TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut out = vec![0u8; BUF_SIZE];
+        let mut batch = Vec::new();
         loop {
             tick.tick().await;
-            self.tick_timers(&mut out).await;
+            self.tick_timers(&mut out, &mut batch).await;
         }
     }
 
-    async fn tick_timers(&self, out: &mut [u8]) {
+    /// One timer pass; `batch` is scratch, kept to reuse its allocation.
+    async fn tick_timers(&self, out: &mut [u8], batch: &mut Vec<Arc<Peer>>) {
         let secs = self.started.elapsed().as_secs();
         let now = u32::try_from(secs).unwrap_or(u32::MAX);
         let before = self.clock.swap(now, Ordering::Relaxed);
         let sweep = now / FLOW_SWEEP.as_secs() as u32 != before / FLOW_SWEEP.as_secs() as u32;
         if sweep {
             self.sweep_resolver(now);
+            self.sweep_flows(now);
         }
-        for peer in self.peers() {
-            if sweep && peer.filtered.load(Ordering::Relaxed) {
-                lock(&peer.filter).sweep(now);
+        batch.clear();
+        batch.extend(lock(&self.ticking).values().cloned());
+        for peer in batch.drain(..) {
+            if peer.removed.load(Ordering::Relaxed) {
+                lock(&self.ticking).remove(&peer.id);
+                continue;
+            }
+            let caught_up = lock(&peer.caught_up).take();
+            if let Some(datagram) = caught_up {
+                self.transmit(&peer, &datagram).await;
             }
             let len = {
                 let mut tunn = lock(&peer.tunn);
@@ -524,18 +609,34 @@ impl DataPlane {
                     TunnResult::WriteToNetwork(d) => Some(d.len()),
                     _ => None,
                 };
-                match timers {
+                let len = match timers {
                     None if peer.keepalive_due(now) => match tunn.encapsulate(&[], out) {
                         TunnResult::WriteToNetwork(d) => Some(d.len()),
                         _ => None,
                     },
                     other => other,
+                };
+                if len.is_none() && peer.is_idle() && peer.reported_all() {
+                    peer.parked.store(true, Ordering::Relaxed);
+                    lock(&self.ticking).remove(&peer.id);
                 }
+                len
             };
             let Some(len) = len else {
                 continue;
             };
             self.transmit(&peer, &out[..len]).await;
+        }
+    }
+
+    /// Drops expired flows from every filtered peer's table, idle ones too
+    /// (a few loads per peer, every [`FLOW_SWEEP`]).
+    fn sweep_flows(&self, now: u32) {
+        let table = self.peers.read().unwrap_or_else(|e| e.into_inner());
+        for peer in table.by_id.values() {
+            if peer.filtered.load(Ordering::Relaxed) {
+                lock(&peer.filter).sweep(now);
+            }
         }
     }
 

@@ -87,6 +87,16 @@ pub struct Peer {
     pub dropped_policy_out: AtomicU64,
     /// The node core says the peer is idle: no keepalives.
     idle: AtomicBool,
+    /// WireGuard's timers stopped running for this idle peer (see
+    /// [`super::DataPlane::tunn`]); changed only under the `tunn` lock.
+    pub(super) parked: AtomicBool,
+    /// Gone from the data plane: a timer pass that still holds it drops it.
+    pub(super) removed: AtomicBool,
+    /// What the timers said when a parked peer caught up (a handshake to
+    /// resend, say), for the next timer pass to send.
+    pub(super) caught_up: Mutex<Option<Vec<u8>>>,
+    /// [`Self::data_packets`] as the shell last reported it to the node core.
+    reported: AtomicU64,
     /// When the next persistent keepalive is due, in the data plane's seconds
     /// (0: not scheduled yet).
     keepalive_at: AtomicU32,
@@ -142,6 +152,10 @@ impl Peer {
             dropped_policy: AtomicU64::new(0),
             dropped_policy_out: AtomicU64::new(0),
             idle: AtomicBool::new(false),
+            parked: AtomicBool::new(false),
+            removed: AtomicBool::new(false),
+            caught_up: Mutex::new(None),
+            reported: AtomicU64::new(0),
             keepalive_at: AtomicU32::new(0),
         }
     }
@@ -153,8 +167,20 @@ impl Peer {
         self.rx_packets.load(Ordering::Relaxed) + self.tx_packets.load(Ordering::Relaxed)
     }
 
-    /// Only the shell calls this, with what the node core decided.
-    pub fn set_idle(&self, idle: bool) {
+    /// Whether data moved since the last call: the shell's question, on its
+    /// poll, for the peers whose timers run.
+    pub fn take_activity(&self) -> bool {
+        let count = self.data_packets();
+        self.reported.swap(count, Ordering::Relaxed) != count
+    }
+
+    /// No data moved that the shell has not reported yet.
+    pub(super) fn reported_all(&self) -> bool {
+        self.data_packets() == self.reported.load(Ordering::Relaxed)
+    }
+
+    /// The node core's word, through [`super::DataPlane::set_idle`].
+    pub(super) fn set_idle(&self, idle: bool) {
         self.idle.store(idle, Ordering::Relaxed);
         // Awake again: the next keepalive is a full interval away.
         self.keepalive_at.store(0, Ordering::Relaxed);

@@ -10,7 +10,7 @@ use boringtun::noise::TunnResult;
 
 use super::filter::Direction;
 use super::offload;
-use super::peer::{lock, Peer};
+use super::peer::Peer;
 use super::tun_coalesce;
 use super::{DataPlane, Origin, BUF_SIZE, MAX_BATCH};
 
@@ -76,7 +76,7 @@ impl Default for RxScratch {
 impl DataPlane {
     /// Decrypts one datagram from `peer` into `dst`.
     fn decrypt(&self, peer: &Peer, datagram: &[u8], dst: &mut [u8]) -> Decrypted {
-        let mut tunn = lock(&peer.tunn);
+        let mut tunn = self.tunn(peer);
         match tunn.decapsulate(None, datagram, dst) {
             TunnResult::WriteToNetwork(d) => {
                 // Handshake answers, and packets queued while the handshake ran.
@@ -129,10 +129,10 @@ impl DataPlane {
         };
         match datagrams {
             [] => {}
-            [one] => self.receive(&peer, one, &mut rx.one).await,
+            [one] => self.receive(&peer, origin, one, &mut rx.one).await,
             many => {
                 for part in many.chunks(MAX_BATCH) {
-                    self.receive_batch(&peer, part, rx).await;
+                    self.receive_batch(&peer, origin, part, rx).await;
                 }
             }
         }
@@ -140,7 +140,7 @@ impl DataPlane {
     }
 
     /// One datagram from `peer`, written to the TUN on its own.
-    async fn receive(&self, peer: &Peer, datagram: &[u8], out: &mut [u8]) {
+    async fn receive(&self, peer: &Peer, origin: Origin, datagram: &[u8], out: &mut [u8]) {
         match self.decrypt(peer, datagram, &mut out[offload::VNET_HDR_LEN..]) {
             Decrypted::Nothing => {}
             Decrypted::Packet(len) => {
@@ -151,7 +151,7 @@ impl DataPlane {
             }
             Decrypted::Network(datagrams) => {
                 for d in datagrams {
-                    self.transmit(peer, &d).await;
+                    self.answer(peer, origin, &d).await;
                 }
             }
         }
@@ -159,7 +159,13 @@ impl DataPlane {
 
     /// Datagrams that arrived together from `peer`: decrypted side by side, then
     /// written to the TUN with runs of one TCP flow coalesced (see `gro`).
-    async fn receive_batch(&self, peer: &Peer, datagrams: &[&[u8]], rx: &mut RxScratch) {
+    async fn receive_batch(
+        &self,
+        peer: &Peer,
+        origin: Origin,
+        datagrams: &[&[u8]],
+        rx: &mut RxScratch,
+    ) {
         rx.spans.clear();
         let mut used = 0;
         for datagram in datagrams {
@@ -176,7 +182,7 @@ impl DataPlane {
                 }
                 Decrypted::Network(replies) => {
                     for d in replies {
-                        self.transmit(peer, &d).await;
+                        self.answer(peer, origin, &d).await;
                     }
                 }
             }

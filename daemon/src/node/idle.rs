@@ -38,13 +38,10 @@ pub struct Activity {
 }
 
 impl Activity {
-    /// A peer counts as active when it joins: it goes idle only after a full
-    /// timeout without data.
-    pub fn new(now: Instant) -> Self {
-        Activity {
-            last: now,
-            idle: false,
-        }
+    /// A peer that joins is idle when laziness is on (`idle`): it wakes on its
+    /// first packet like any idle peer. Otherwise it counts as active.
+    pub fn new(now: Instant, idle: bool) -> Self {
+        Activity { last: now, idle }
     }
 
     pub fn is_idle(&self) -> bool {
@@ -75,6 +72,8 @@ impl Activity {
 impl Node {
     /// How long a peer may go without data before it turns idle; `None` or
     /// zero: peers never do.
+    /// Peers already known keep their state; peers added later start idle
+    /// when there is a timeout.
     pub fn set_idle_timeout(&mut self, timeout: Option<Duration>) {
         self.idle_timeout = timeout.filter(|t| !t.is_zero());
     }
@@ -101,6 +100,7 @@ impl Node {
             return false;
         }
         entry.path.wake(now);
+        self.awake.insert(id);
         self.outputs.push_back(Output::Idle {
             peer: id,
             idle: false,
@@ -117,6 +117,7 @@ impl Node {
             return;
         };
         entry.path.sleep();
+        self.awake.remove(&id);
         self.outputs.push_back(Output::Idle {
             peer: id,
             idle: true,
@@ -133,7 +134,7 @@ mod tests {
     fn a_peer_turns_idle_once_after_the_timeout_and_wakes_on_data() {
         let t0 = Instant::now();
         let timeout = Some(Duration::from_secs(10));
-        let mut a = Activity::new(t0);
+        let mut a = Activity::new(t0, false);
         assert!(!a.goes_idle(t0 + Duration::from_secs(9), timeout));
         assert!(!a.seen(t0 + Duration::from_secs(9)), "was not idle");
         assert!(!a.goes_idle(t0 + Duration::from_secs(18), timeout));
@@ -147,7 +148,7 @@ mod tests {
     #[test]
     fn without_a_timeout_a_peer_never_turns_idle() {
         let t0 = Instant::now();
-        let mut a = Activity::new(t0);
+        let mut a = Activity::new(t0, false);
         assert!(!a.goes_idle(t0 + Duration::from_secs(1_000_000), None));
     }
 }

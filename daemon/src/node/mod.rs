@@ -18,7 +18,7 @@
 //! so every race (both sides offering, a stale answer, a restart during a netmap
 //! change) is a unit test on fake time (see `tests.rs`).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
@@ -136,6 +136,11 @@ pub struct Node {
     filter: Option<NodeFilter>,
     /// How long a peer may go without data before it turns idle; `None`: never.
     idle_timeout: Option<Duration>,
+    /// The peers that are not idle: the only ones a poll visits, so that idle
+    /// peers cost nothing per poll (ordered, so polls are deterministic).
+    awake: BTreeSet<NodeId>,
+    /// The awake peers of the current poll, kept to reuse its allocation.
+    polling: Vec<NodeId>,
     /// The wall clock (Unix microseconds) at an instant: seeds signal counters.
     wall: (Instant, u64),
     rng: Rng,
@@ -167,6 +172,8 @@ impl Node {
             srflx: None,
             filter: None,
             idle_timeout: None,
+            awake: BTreeSet::new(),
+            polling: Vec::new(),
             wall: (now, unix_micros),
             rng: Rng(seed),
             outputs: VecDeque::new(),
@@ -211,27 +218,29 @@ impl Node {
     }
 
     /// Runs what is due: idle peers, ICE retries, check timeouts, upgrades,
-    /// TURN refresh. Without the coordinator nothing changes: no peer turns
-    /// idle, since waking it would need signaling.
+    /// TURN refresh. Only awake peers are visited: an idle one has nothing
+    /// due until data or an offer wakes it. Without the coordinator nothing
+    /// changes: no peer turns idle, since waking it would need signaling.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.last_poll = Some(now);
         if !self.coordinator_connected {
             return;
         }
-        for id in self.peer_ids() {
+        let mut polling = std::mem::take(&mut self.polling);
+        polling.clear();
+        polling.extend(self.awake.iter().copied());
+        for &id in &polling {
             let timeout = self.idle_timeout;
             let Some(entry) = self.peers.get_mut(&id) else {
                 continue;
             };
-            if entry.activity.is_idle() {
-                continue;
-            }
             if entry.activity.goes_idle(now, timeout) {
                 self.go_idle(id);
                 continue;
             }
             self.poll_path(id, now);
         }
+        self.polling = polling;
         let refresh_due = self.ice_refresh_due.is_some_and(|due| now >= due);
         if refresh_due {
             self.ice_refresh_due = Some(now + ice_refresh::REFRESH_RETRY);

@@ -49,6 +49,7 @@ impl Node {
                 if let Some(info) = self.netmap.remove(&id) {
                     tracing::info!("peer {} ({}) removed", info.name, info.mesh_ip);
                 }
+                self.awake.remove(&id);
                 if self.peers.remove(&id).is_some() {
                     self.outputs.push_back(Output::PeerRemoved(id));
                 }
@@ -68,30 +69,52 @@ impl Node {
         };
         // Role by key order: the smaller key controls ICE.
         let controlling = self.public_key < key;
+        // With laziness on, a new peer starts idle: no ICE, no keepalives
+        // until the first packet to or from it (see `idle.rs`).
+        let lazy = self.idle_timeout.is_some();
         tracing::info!(
             "peer {} ({}) added{}",
             info.name,
             info.mesh_ip,
-            if info.online { "" } else { ", offline" }
+            match (info.online, lazy) {
+                (false, _) => ", offline",
+                (true, true) => ", idle until traffic",
+                (true, false) => "",
+            }
         );
         let id = info.id;
-        self.peers.insert(
-            id,
-            PeerEntry {
-                info: info.clone(),
-                controlling,
-                path: PathState::new(controlling, info.online, now),
-                session: None,
-                route: None,
-                remote_nat: None,
-                activity: super::idle::Activity::new(now),
-            },
-        );
+        let mut path = PathState::new(controlling, info.online, now);
+        if lazy {
+            path.sleep();
+        } else {
+            self.awake.insert(id);
+        }
+        let mut entry = PeerEntry {
+            info: info.clone(),
+            controlling,
+            path,
+            session: None,
+            route: None,
+            remote_nat: None,
+            activity: super::idle::Activity::new(now, lazy),
+        };
+        // An idle peer is never polled: its route is set here, and logged
+        // with the line above.
+        let route = lazy.then(|| entry.current_route());
+        entry.route = route.clone();
+        self.peers.insert(id, entry);
         self.outputs.push_back(Output::PeerAdded {
             access: access::compile(self.filter.as_ref(), &info),
             info: info.clone(),
             public_key: key,
         });
+        if let Some(route) = route {
+            self.outputs.push_back(Output::Idle {
+                peer: id,
+                idle: true,
+            });
+            self.outputs.push_back(Output::Path { peer: id, route });
+        }
         if info.online {
             self.send_nat(id, now);
         }

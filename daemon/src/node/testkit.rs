@@ -54,17 +54,6 @@ pub fn new_node(me: NodeId, t0: Instant, seed: u64) -> Node {
     node
 }
 
-/// A node that knows only `other`, online.
-pub fn node_with_peer(me: NodeId, other: NodeId, t0: Instant) -> Node {
-    let mut node = new_node(me, t0, me);
-    node.handle_server_msg(
-        welcome(vec![info(other, true)], IceConfig::default(), false),
-        t0,
-        UNIX_T0 / 1_000_000,
-    );
-    node
-}
-
 pub fn drain(node: &mut Node) -> Vec<Output> {
     std::iter::from_fn(|| node.poll_output()).collect()
 }
@@ -131,10 +120,25 @@ pub struct Mesh {
 impl Mesh {
     /// Two nodes that just applied their netmaps (no timeout ran yet).
     pub fn new() -> Self {
+        Self::with_idle_timeout(None)
+    }
+
+    /// As [`Mesh::new`], with both nodes lazy (`idle`) before the netmap.
+    pub fn with_idle_timeout(idle: Option<Duration>) -> Self {
         let now = Instant::now();
+        let node = |me, other| {
+            let mut node = new_node(me, now, me);
+            node.set_idle_timeout(idle);
+            node.handle_server_msg(
+                welcome(vec![info(other, true)], IceConfig::default(), false),
+                now,
+                UNIX_T0 / 1_000_000,
+            );
+            node
+        };
         let mut mesh = Mesh {
-            a: node_with_peer(A, B, now),
-            b: node_with_peer(B, A, now),
+            a: node(A, B),
+            b: node(B, A),
             now,
             log_a: Vec::new(),
             log_b: Vec::new(),

@@ -197,3 +197,71 @@ fn an_idle_peer_going_offline_and_back_stays_idle_until_traffic() {
     m.run();
     assert!(m.a.session(B).is_some());
 }
+
+#[test]
+fn with_laziness_a_new_peer_starts_idle_and_costs_nothing_until_its_first_packet() {
+    let mut m = Mesh::with_idle_timeout(Some(IDLE));
+    for (log, peer) in [(&m.log_a, B), (&m.log_b, A)] {
+        assert_eq!(idles(log, peer), vec![true]);
+        assert_eq!(
+            routes(log).pop().expect("a route").view.kind,
+            PathKind::Idle
+        );
+        assert!(starts(log).is_empty(), "{log:?}");
+    }
+    assert!(m.a.awake.is_empty() && m.b.awake.is_empty());
+    let (seen_a, seen_b) = (m.log_a.len(), m.log_b.len());
+    run_for(&mut m, RETRY_CAP * 2, false);
+    assert_eq!(m.log_a.len(), seen_a, "{:?}", &m.log_a[seen_a..]);
+    assert_eq!(m.log_b.len(), seen_b, "{:?}", &m.log_b[seen_b..]);
+
+    // The first packet to B: A (controlling) offers at once, B wakes on it.
+    m.a.peer_activity(B, m.now);
+    m.run();
+    assert_eq!(idles(&m.log_a, B), vec![true, false]);
+    assert_eq!(idles(&m.log_b, A), vec![true, false]);
+    assert_eq!(m.route_a().view.kind, PathKind::CoordRelay);
+    assert!(m.a.awake.contains(&B) && m.b.awake.contains(&A));
+    m.connect_with(host_pair());
+    assert_eq!(m.route_a().view.kind, PathKind::Direct);
+    assert_eq!(route_b(&m).view.kind, PathKind::Direct);
+
+    // Quiet again: idle, and no longer visited by polls.
+    run_for(&mut m, IDLE + POLL_INTERVAL, false);
+    assert_eq!(m.route_a().view.kind, PathKind::Idle);
+    assert!(m.a.awake.is_empty() && m.b.awake.is_empty());
+}
+
+#[test]
+fn a_new_idle_peer_that_speaks_first_is_woken_by_its_packet() {
+    let mut m = Mesh::with_idle_timeout(Some(IDLE));
+    // B (controlled) sends: it wakes and waits for an offer; its packet,
+    // carried by the relay, is data on A's side too, and A offers.
+    m.b.peer_activity(A, m.now);
+    m.run();
+    assert_eq!(route_b(&m).view.kind, PathKind::CoordRelay);
+    assert!(
+        starts(&m.log_b).is_empty(),
+        "the controlled side does not offer"
+    );
+    m.a.peer_activity(B, m.now);
+    m.connect_with(host_pair());
+    assert_eq!(m.route_a().view.kind, PathKind::Direct);
+    assert_eq!(route_b(&m).view.kind, PathKind::Direct);
+}
+
+#[test]
+fn a_removed_peer_leaves_the_awake_set() {
+    let mut m = Mesh::new();
+    assert!(
+        m.a.awake.contains(&B),
+        "without laziness every peer is awake"
+    );
+    m.a.handle_server_msg(
+        overlay_proto::coord::ServerMsg::PeerRemoved { id: B },
+        m.now,
+        0,
+    );
+    m.run();
+    assert!(m.a.awake.is_empty());
+}

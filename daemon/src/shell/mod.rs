@@ -82,8 +82,9 @@ pub struct Shell {
     /// This node's name (the coordinator's `Welcome` says it).
     me_name: String,
     names: names::Names,
-    /// Each peer's data packet count when last sampled (see `feed_activity`).
-    data_seen: HashMap<NodeId, u64>,
+    /// The peers that moved data since the last poll (scratch, see
+    /// `feed_activity`).
+    active: Vec<NodeId>,
 }
 
 impl Shell {
@@ -122,7 +123,7 @@ impl Shell {
             mux: links.mux,
             me_name: String::new(),
             names: names::Names::new(links.host_dns),
-            data_seen: HashMap::new(),
+            active: Vec::new(),
         }
     }
 
@@ -259,15 +260,14 @@ impl Shell {
         self.node.handle_ice(peer, session, input, now);
     }
 
-    /// Tells the node which peers moved data packets since the last poll: two
-    /// counter loads per peer, every poll interval, nothing on the packet path.
+    /// Tells the node which peers moved data packets since the last poll:
+    /// two counter loads per peer whose timers run (an idle peer's run again
+    /// from its first packet), every poll interval, nothing on the packet path.
     fn feed_activity(&mut self, now: Instant) {
-        for peer in self.dataplane.peers() {
-            let count = peer.data_packets();
-            let before = self.data_seen.insert(peer.id, count).unwrap_or(0);
-            if count != before {
-                self.node.peer_activity(peer.id, now);
-            }
+        self.active.clear();
+        self.dataplane.take_activity(&mut self.active);
+        for &id in &self.active {
+            self.node.peer_activity(id, now);
         }
     }
 
@@ -323,7 +323,6 @@ impl Shell {
                 Output::PeerRemoved(id) => {
                     self.dataplane.remove(id);
                     self.attempts.remove(&id);
-                    self.data_seen.remove(&id);
                     self.names.netmap_changed();
                 }
                 Output::Dns(config) => self.set_dns(config),
@@ -376,7 +375,7 @@ impl Shell {
                 Output::Path { peer, route } => self.set_route(peer, route),
                 Output::Idle { peer, idle } => {
                     if let Some(p) = self.dataplane.peer(peer) {
-                        p.set_idle(idle);
+                        self.dataplane.set_idle(&p, idle);
                     }
                 }
                 Output::IceSettings(ice) => {
