@@ -19,6 +19,12 @@
 //! the credential check refuses nodes that no longer exist; allocations of
 //! a removed node are deleted within [`REMOVED_NODE_SWEEP`].
 //!
+//! ChannelData on a live channel binding does not go through the turn
+//! crate: the listener and the relay sockets (`turn_relay.rs`) relay it
+//! themselves in `recvmmsg`/`sendmmsg` batches, from a table of bindings
+//! learnt from the turn crate's own answers (`turn_channels.rs`); denied
+//! peers never get a binding, since their ChannelBind is refused first.
+//!
 //! Address families: on a dual-stack `[::]` listener an IPv4 client shows
 //! up as `::ffff:a.b.c.d`. The listener hands the turn crate the plain IPv4
 //! address (so XOR-MAPPED-ADDRESS says IPv4), and each relay socket is of
@@ -37,14 +43,22 @@ use turn::server::config::{ConnConfig, ServerConfig};
 use turn::server::Server;
 use webrtc_util::Conn;
 
+#[path = "turn_batch.rs"]
+mod batch;
+#[path = "turn_channels.rs"]
+mod channels;
+#[path = "turn_relay.rs"]
+mod relay;
+
+use relay::{FilteredConn, FilteredListener, Table};
+
 use overlay_proto::NodeId;
 
 use crate::auth;
 use crate::metrics::Metrics;
 use crate::peer_policy::PeerPolicy;
 use crate::store::now_unix;
-use crate::stun_filter::{self, Verdict};
-use crate::turn_quota::{AllocationQuota, AllocationSlot, OverQuota, Quotas};
+use crate::turn_quota::{AllocationQuota, Quotas};
 
 /// Realm of the embedded TURN server; part of the long-term credential key.
 pub const REALM: &str = "overlay";
@@ -107,196 +121,6 @@ impl AuthHandler for RestAuth {
     }
 }
 
-/// A relay socket that never talks to a denied peer.
-struct FilteredConn {
-    inner: UdpSocket,
-    policy: Arc<PeerPolicy>,
-    metrics: Arc<Metrics>,
-    /// Counts this allocation against its quotas until the socket closes.
-    _slot: Option<AllocationSlot>,
-}
-
-impl FilteredConn {
-    fn deny(&self, addr: SocketAddr) -> bool {
-        if self.policy.allows(addr.ip()) {
-            false
-        } else {
-            self.metrics
-                .turn_denied_peer
-                .fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(peer = %addr, "TURN relay to/from a denied address dropped");
-            true
-        }
-    }
-}
-
-#[async_trait]
-impl Conn for FilteredConn {
-    async fn connect(&self, addr: SocketAddr) -> webrtc_util::Result<()> {
-        if self.deny(addr) {
-            return Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied).into());
-        }
-        Ok(self.inner.connect(addr).await?)
-    }
-
-    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
-        Ok(self.recv_from(buf).await?.0)
-    }
-
-    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        loop {
-            let (n, from) = self.inner.recv_from(buf).await?;
-            if !self.deny(from) {
-                return Ok((n, from));
-            }
-        }
-    }
-
-    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
-        Ok(self.inner.send(buf).await?)
-    }
-
-    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        if self.deny(target) {
-            // Dropped like a firewall would; an error would only make the
-            // turn crate log and count it as a server fault.
-            return Ok(buf.len());
-        }
-        Ok(self.inner.send_to(buf, target).await?)
-    }
-
-    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-        Ok(self.inner.local_addr()?)
-    }
-
-    fn remote_addr(&self) -> Option<SocketAddr> {
-        None
-    }
-
-    async fn close(&self) -> webrtc_util::Result<()> {
-        Ok(())
-    }
-
-    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
-        self
-    }
-}
-
-/// The TURN listener socket, refusing requests that name a denied peer or
-/// exceed a quota.
-struct FilteredListener {
-    inner: UdpSocket,
-    policy: Arc<PeerPolicy>,
-    metrics: Arc<Metrics>,
-    quota: Arc<AllocationQuota>,
-}
-
-impl FilteredListener {
-    /// Checks an Allocate request against the quotas; `Some` is the error
-    /// response to send instead of passing it on.
-    fn over_quota(&self, packet: &[u8]) -> Option<Vec<u8>> {
-        let username = stun_filter::allocate_username(packet)?;
-        let username = username.as_str();
-        match self.quota.expect(username) {
-            Ok(()) => None,
-            Err(OverQuota::User) => {
-                tracing::debug!(username, "TURN allocation over the per-user quota");
-                Some(stun_filter::allocate_error(
-                    packet,
-                    486,
-                    b"Allocation Quota Reached",
-                ))
-            }
-            Err(OverQuota::Total) => {
-                tracing::debug!(username, "TURN allocation over the total quota");
-                Some(stun_filter::allocate_error(
-                    packet,
-                    508,
-                    b"Insufficient Capacity",
-                ))
-            }
-        }
-    }
-
-    /// `target` in the form the listener socket sends to: a dual-stack IPv6
-    /// socket needs IPv4 peers as `::ffff:a.b.c.d`.
-    fn wire_addr(&self, target: SocketAddr) -> SocketAddr {
-        match (target.ip(), self.inner.local_addr()) {
-            (IpAddr::V4(v4), Ok(local)) if local.is_ipv6() => {
-                SocketAddr::new(IpAddr::V6(v4.to_ipv6_mapped()), target.port())
-            }
-            _ => target,
-        }
-    }
-}
-
-/// `addr` with an IPv4-mapped IPv6 address replaced by its IPv4 address.
-fn canonical(addr: SocketAddr) -> SocketAddr {
-    SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
-
-#[async_trait]
-impl Conn for FilteredListener {
-    async fn connect(&self, addr: SocketAddr) -> webrtc_util::Result<()> {
-        Ok(self.inner.connect(addr).await?)
-    }
-
-    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
-        Ok(self.recv_from(buf).await?.0)
-    }
-
-    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
-        loop {
-            let (n, from) = self.inner.recv_from(buf).await?;
-            let from = canonical(from);
-            match stun_filter::inspect(&buf[..n], &self.policy) {
-                Verdict::Pass => match self.over_quota(&buf[..n]) {
-                    None => return Ok((n, from)),
-                    Some(response) => {
-                        let _ = self.inner.send_to(&response, self.wire_addr(from)).await;
-                    }
-                },
-                Verdict::Refuse(response) => {
-                    self.metrics
-                        .turn_denied_peer
-                        .fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(client = %from, "TURN request for a denied or malformed peer refused");
-                    let _ = self.inner.send_to(&response, self.wire_addr(from)).await;
-                }
-                Verdict::Drop => {
-                    self.metrics
-                        .turn_denied_peer
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-    }
-
-    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
-        Ok(self.inner.send(buf).await?)
-    }
-
-    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
-        Ok(self.inner.send_to(buf, self.wire_addr(target)).await?)
-    }
-
-    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
-        Ok(self.inner.local_addr()?)
-    }
-
-    fn remote_addr(&self) -> Option<SocketAddr> {
-        None
-    }
-
-    async fn close(&self) -> webrtc_util::Result<()> {
-        Ok(())
-    }
-
-    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
-        self
-    }
-}
-
 /// Creates relay sockets on `bind_ip`, announced as `relay_ip`.
 struct FilteredRelays {
     relay_ip: IpAddr,
@@ -304,6 +128,9 @@ struct FilteredRelays {
     policy: Arc<PeerPolicy>,
     metrics: Arc<Metrics>,
     quota: Arc<AllocationQuota>,
+    /// The listener, which ChannelData to clients leaves from.
+    listener: Arc<UdpSocket>,
+    table: Table,
 }
 
 impl FilteredRelays {
@@ -340,14 +167,18 @@ impl RelayAddressGenerator for FilteredRelays {
             .take()
             .map_err(|over| turn::Error::Other(format!("allocation quota reached: {over:?}")))?;
         let socket = UdpSocket::bind(SocketAddr::new(bind_ip, requested_port)).await?;
+        batch::grow_buffers(&socket);
         let mut relay_addr = socket.local_addr()?;
         relay_addr.set_ip(relay_ip);
-        let conn = FilteredConn {
-            inner: socket,
-            policy: Arc::clone(&self.policy),
-            metrics: Arc::clone(&self.metrics),
-            _slot: Some(slot),
-        };
+        let conn = FilteredConn::new(
+            Arc::new(socket),
+            relay_addr,
+            Arc::clone(&self.listener),
+            Arc::clone(&self.table),
+            Arc::clone(&self.policy),
+            Arc::clone(&self.metrics),
+            Some(slot),
+        );
         Ok((Arc::new(conn), relay_addr))
     }
 }
@@ -367,6 +198,9 @@ pub struct TurnOptions {
 
 pub struct EmbeddedTurn {
     server: Arc<Server>,
+    /// The channel bindings relayed without the turn crate (tests look in).
+    #[cfg_attr(not(test), allow(dead_code))]
+    table: Table,
     local_addr: SocketAddr,
     sweeper: tokio::task::JoinHandle<()>,
 }
@@ -383,6 +217,9 @@ impl EmbeddedTurn {
             addr: opts.bind,
             source,
         })?;
+        batch::grow_buffers(&socket);
+        let socket = Arc::new(socket);
+        let table = Table::default();
         let mut policy = opts.policy;
         policy.own.insert(opts.relay_ip);
         if !local_addr.ip().is_unspecified() {
@@ -393,18 +230,21 @@ impl EmbeddedTurn {
         let server = Arc::new(
             Server::new(ServerConfig {
                 conn_configs: vec![ConnConfig {
-                    conn: Arc::new(FilteredListener {
-                        inner: socket,
-                        policy: Arc::clone(&policy),
-                        metrics: Arc::clone(&opts.metrics),
-                        quota: Arc::clone(&quota),
-                    }),
+                    conn: Arc::new(FilteredListener::new(
+                        Arc::clone(&socket),
+                        Arc::clone(&table),
+                        Arc::clone(&policy),
+                        Arc::clone(&opts.metrics),
+                        Arc::clone(&quota),
+                    )),
                     relay_addr_generator: Box::new(FilteredRelays {
                         relay_ip: opts.relay_ip,
                         bind_ip: opts.bind.ip(),
                         policy,
                         metrics: Arc::clone(&opts.metrics),
                         quota: Arc::clone(&quota),
+                        listener: socket,
+                        table: Arc::clone(&table),
                     }),
                 }],
                 realm: REALM.into(),
@@ -413,7 +253,7 @@ impl EmbeddedTurn {
                     node_exists: Arc::clone(&opts.node_exists),
                     metrics: opts.metrics,
                 }),
-                channel_bind_timeout: Duration::from_secs(0),
+                channel_bind_timeout: channels::CHANNEL_LIFETIME,
                 alloc_close_notify: None,
             })
             .await?,
@@ -425,6 +265,7 @@ impl EmbeddedTurn {
         ));
         Ok(EmbeddedTurn {
             server,
+            table,
             local_addr,
             sweeper,
         })

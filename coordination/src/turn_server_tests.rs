@@ -3,12 +3,15 @@ use super::*;
 #[tokio::test]
 async fn relay_socket_drops_datagrams_to_and_from_denied_peers() {
     let metrics = Arc::new(Metrics::default());
-    let conn = FilteredConn {
-        inner: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
-        policy: Arc::new(PeerPolicy::default()),
-        metrics: Arc::clone(&metrics),
-        _slot: None,
-    };
+    let conn = FilteredConn::new(
+        Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()),
+        "203.0.113.1:50000".parse().unwrap(),
+        Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap()),
+        Table::default(),
+        Arc::new(PeerPolicy::default()),
+        Arc::clone(&metrics),
+        None,
+    );
     let victim = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let sent = conn
         .send_to(b"x", victim.local_addr().unwrap())
@@ -66,7 +69,11 @@ fn rest_auth_refuses_credentials_of_removed_nodes() {
 
 fn relays(bind: &str, relay: &str) -> FilteredRelays {
     let metrics = Arc::new(Metrics::default());
+    let listener = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
     FilteredRelays {
+        listener: Arc::new(UdpSocket::from_std(listener).unwrap()),
+        table: Table::default(),
         relay_ip: relay.parse().unwrap(),
         bind_ip: bind.parse().unwrap(),
         policy: Arc::new(PeerPolicy::default()),
@@ -81,8 +88,8 @@ fn relays(bind: &str, relay: &str) -> FilteredRelays {
     }
 }
 
-#[test]
-fn relay_family_follows_the_allocation_not_the_listener() {
+#[tokio::test]
+async fn relay_family_follows_the_allocation_not_the_listener() {
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
     // A dual-stack [::] listener serves IPv4 allocations from 0.0.0.0.
     let r = relays("::", "203.0.113.1");
@@ -123,18 +130,19 @@ async fn dual_stack_listener_reports_ipv4_clients_as_ipv4() {
     };
     let port = socket.local_addr().unwrap().port();
     let metrics = Arc::new(Metrics::default());
-    let listener = FilteredListener {
-        inner: socket,
-        policy: Arc::new(PeerPolicy::default()),
-        quota: AllocationQuota::new(
+    let listener = FilteredListener::new(
+        Arc::new(socket),
+        Table::default(),
+        Arc::new(PeerPolicy::default()),
+        Arc::clone(&metrics),
+        AllocationQuota::new(
             Quotas {
                 per_user: 1,
                 total: 1,
             },
             Arc::clone(&metrics),
         ),
-        metrics,
-    };
+    );
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.send_to(b"hello", ("127.0.0.1", port)).await.unwrap();
     let mut buf = [0u8; 16];
@@ -162,4 +170,130 @@ fn username_names_the_node() {
     assert_eq!(turn_username_node("1700000000:42"), Some(42));
     assert_eq!(turn_username_node("1700000000"), None);
     assert_eq!(turn_username_node("1700000000:x"), None);
+}
+
+/// A non-loopback IPv4 address of this host, if it has a default route.
+fn outbound_ipv4() -> Option<IpAddr> {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("192.0.2.1:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[tokio::test]
+async fn channel_data_on_a_live_binding_is_relayed_both_ways_without_the_turn_crate() {
+    use turn::client::{Client, ClientConfig};
+    let Some(peer_ip) = outbound_ipv4() else {
+        return; // no address a relay may send to on this host
+    };
+    let metrics = Arc::new(Metrics::default());
+    let turn = EmbeddedTurn::start(TurnOptions {
+        bind: "127.0.0.1:0".parse().unwrap(),
+        relay_ip: "127.0.0.1".parse().unwrap(),
+        secret: "s".into(),
+        policy: PeerPolicy {
+            allow_private: true,
+            ..PeerPolicy::default()
+        },
+        metrics: Arc::clone(&metrics),
+        quotas: Quotas {
+            per_user: 4,
+            total: 4,
+        },
+        node_exists: Arc::new(|_| true),
+    })
+    .await
+    .unwrap();
+    let server = turn.local_addr().to_string();
+    let cred = auth::turn_credential("s", 1, now_unix(), 600);
+    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let client_addr = socket.local_addr().unwrap();
+    let client = Client::new(ClientConfig {
+        stun_serv_addr: server.clone(),
+        turn_serv_addr: server,
+        username: cred.username,
+        password: cred.password,
+        realm: String::new(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn: socket,
+        vnet: None,
+    })
+    .await
+    .unwrap();
+    client.listen().await.unwrap();
+    let relay = client.allocate().await.unwrap();
+    let peer = UdpSocket::bind((peer_ip, 0)).await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+
+    // The turn client binds a channel after its first Send indication; keep
+    // sending until the server's table has the binding.
+    let mut buf = [0u8; 256];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        relay.send_to(b"warm-up", peer_addr).await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_millis(50), peer.recv_from(&mut buf)).await;
+        let bound = turn
+            .table
+            .lock()
+            .unwrap()
+            .to_peer(client_addr, 0x4000, std::time::Instant::now())
+            .is_some();
+        if bound {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no channel binding");
+    }
+    // Drain the warm-up datagrams.
+    while tokio::time::timeout(Duration::from_millis(100), peer.recv_from(&mut buf))
+        .await
+        .is_ok()
+    {}
+
+    // Client to peer: ChannelData, relayed by the listener's batches.
+    for i in 0..100u8 {
+        relay.send_to(&[i; 100], peer_addr).await.unwrap();
+    }
+    let mut got = 0;
+    while let Ok(Ok((n, from))) =
+        tokio::time::timeout(Duration::from_secs(1), peer.recv_from(&mut buf)).await
+    {
+        assert_eq!(n, 100);
+        assert_eq!(from.port(), relay.local_addr().unwrap().port());
+        got += 1;
+        if got == 100 {
+            break;
+        }
+    }
+    assert_eq!(
+        got, 100,
+        "every datagram reaches the peer, in a quiet loopback"
+    );
+
+    // Peer to client: ChannelData from the relay socket's batches.
+    let relayed = relay.local_addr().unwrap();
+    let to_relay = SocketAddr::new("127.0.0.1".parse().unwrap(), relayed.port());
+    for i in 0..100u8 {
+        peer.send_to(&[i; 200], to_relay).await.unwrap();
+    }
+    let mut got = 0;
+    while let Ok(Ok((n, from))) =
+        tokio::time::timeout(Duration::from_secs(1), relay.recv_from(&mut buf)).await
+    {
+        assert_eq!((n, from), (200, peer_addr));
+        assert_eq!(buf[0], got as u8, "in order");
+        got += 1;
+        if got == 100 {
+            break;
+        }
+    }
+    assert_eq!(got, 100);
+    let (to_peers, to_clients) = {
+        let table = turn.table.lock().unwrap();
+        (table.relayed_to_peers, table.relayed_to_clients)
+    };
+    assert!(to_peers >= 100, "{to_peers} relayed to the peer");
+    assert!(to_clients >= 100, "{to_clients} relayed to the client");
+    client.close().await.unwrap();
+    turn.close().await;
 }

@@ -278,6 +278,50 @@ def coord_report():
     )
 
 
+PATHS = [("direct", "direct (cone/cone)"), ("turn", "TURN, embedded (sym/sym)"),
+         ("coturn", "TURN, coturn (sym/sym)"), ("relay", "coordination relay (UDP blocked/cone)")]
+
+
+def paths_report(path):
+    """The table of tests/bench/paths.sh: one row per path."""
+    results, notes = load(path)
+    meta = results.get("meta", {})
+
+    def mbit(r, key):
+        v = fnum(r.get(key + "_bps"))
+        return f"{v / 1e6:.0f}" if v is not None else "-"
+
+    def per_gb(r, key):
+        ticks, total = fnum(r.get(key)), fnum(r.get("bytes_total"))
+        if ticks is None or not total:
+            return "-"
+        return f"{ticks / CLK_TCK / (total / 1e9):.2f}"
+
+    head = ["path", "TCP a->b", "TCP b->a", "TCP 4x a->b", "RTT p50 ms", "RTT p99 ms", "pings",
+            "nodes CPU s/GB", "server CPU s/GB", "settle s"]
+    table = [head]
+    for name, label in PATHS:
+        r = results.get(name)
+        if r is None:
+            continue
+        table.append([label, mbit(r, "tcp1_fwd"), mbit(r, "tcp1_rev"), mbit(r, "tcp4_fwd"),
+                      r.get("rtt_p50", "-"), r.get("rtt_p99", "-"), r.get("ping_replies", "-"),
+                      per_gb(r, "daemon_ticks"), per_gb(r, "server_ticks"), r.get("settle_s", "-")])
+    print(f"overlay paths: {meta.get('mode', '?')}, iperf3 {meta.get('secs', '?')} s per run, "
+          f"{meta.get('pings', '?')} pings at 10 ms, {meta.get('cores', '?')} cores, "
+          f"kernel {meta.get('kernel', '?')}")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
+    for row in table[1:]:
+        print("| " + " | ".join(str(c) for c in row) + " |")
+    print("TCP in Mbit/s (iperf3 receiver side); a1 and b1 sit behind their own NAT routers.\n"
+          "nodes CPU: utime+stime of both overlayd over the three iperf3 runs per GB received;\n"
+          "server CPU: the same for the TURN server (embedded: overlay-coord; coturn) or, for\n"
+          "the relay row, the coordinator. settle: from starting both daemons to both on the path.")
+    for system, note in notes:
+        print(f"note [{system}]: {note}")
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "iperf":
@@ -288,6 +332,8 @@ def main():
         cpu(args)
     elif cmd == "report":
         report(args[0])
+    elif cmd == "paths-report":
+        paths_report(args[0])
     elif cmd == "coord-report":
         coord_report()
     else:
