@@ -1,22 +1,32 @@
-//! The SQLite store: nodes, auth keys, IP allocations (a node's `mesh_ip`),
-//! credentials (hashed) and removals. Shared by `serve` and the admin CLI,
-//! possibly at the same time: WAL mode and a busy timeout let both proceed.
+//! The store: nodes, auth keys, IP allocations (a node's `mesh_ip`),
+//! credentials (hashed), removals, the access policy and the TURN secret.
+//! Shared by `serve` and the admin CLI, possibly at the same time, and by
+//! several replicas of `serve` when they share a PostgreSQL database.
+//!
+//! Two backends behind the one [`Store`] ([`db`]): SQLite in the state
+//! directory (the default; WAL mode and a busy timeout let the server and the
+//! CLI proceed together), or PostgreSQL (`--database postgres://…`). The
+//! queries are written once; where the dialects differ, both are here side by
+//! side. Uniqueness of names and addresses is the schema's constraints' job,
+//! so replicas need no lock of their own (`store_register.rs`).
 //!
 //! Every method is synchronous and short; the server calls them from
 //! `spawn_blocking`.
 
+use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::Connection;
 use serde::Serialize;
 
 use overlay_proto::coord::PeerInfo;
 use overlay_proto::NodeId;
 
+use self::db::{args, Db, DbError, Dialect, Mode, PgPool, Row, Tx};
 use crate::auth;
 use crate::migrations::{self, MigrationError};
 
@@ -24,6 +34,38 @@ use crate::migrations::{self, MigrationError};
 pub const DB_FILE: &str = "coord.db";
 /// How long a writer waits for another process's lock before failing.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where the store keeps its tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// SQLite, `coord.db` in this state directory.
+    Sqlite(PathBuf),
+    /// PostgreSQL: a `postgres://` URL or `key=value` connection string.
+    Postgres(String),
+}
+
+impl Location {
+    /// The database if one is given, else SQLite in `state_dir`.
+    pub fn new(state_dir: &Path, database: Option<&str>) -> Location {
+        match database {
+            Some(url) => Location::Postgres(url.to_owned()),
+            None => Location::Sqlite(state_dir.to_path_buf()),
+        }
+    }
+}
+
+impl fmt::Display for Location {
+    /// Never shows a password.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Location::Sqlite(dir) => write!(f, "{}", dir.join(DB_FILE).display()),
+            Location::Postgres(url) => match url.parse::<postgres::Config>() {
+                Ok(config) => f.write_str(&db_pg::describe(&config)),
+                Err(_) => f.write_str("the PostgreSQL database (unparsable URL)"),
+            },
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -45,7 +87,7 @@ pub enum StoreError {
     #[error(transparent)]
     Migration(#[from] MigrationError),
     #[error("store error: {0}")]
-    Sql(#[from] rusqlite::Error),
+    Db(#[from] DbError),
     #[error("store task failed: {0}")]
     Task(String),
     #[error("the store's nodes live in {stored} but the configured network is {configured}; keep --network {stored} or start with a new state directory")]
@@ -53,6 +95,24 @@ pub enum StoreError {
         stored: Ipv4Net,
         configured: Ipv4Net,
     },
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Db(DbError::Sqlite(e))
+    }
+}
+
+impl StoreError {
+    /// The database could not be reached: the call may succeed later.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Db(e) | StoreError::Migration(MigrationError::Sql { source: e, .. }) => {
+                e.is_unavailable()
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Why an auth key was refused; each maps to a code in `proto::coord::error_code`.
@@ -78,9 +138,9 @@ pub enum RegisterError {
     Store(#[from] StoreError),
 }
 
-impl From<rusqlite::Error> for RegisterError {
-    fn from(e: rusqlite::Error) -> Self {
-        RegisterError::Store(StoreError::Sql(e))
+impl From<DbError> for RegisterError {
+    fn from(e: DbError) -> Self {
+        RegisterError::Store(StoreError::Db(e))
     }
 }
 
@@ -164,37 +224,37 @@ impl KeyRow {
 }
 
 pub struct Store {
-    conn: Mutex<Connection>,
+    db: Db,
 }
 
 const NODE_COLUMNS: &str =
     "id, name, mesh_ip, public_key, online, created_at, last_seen, relay_bytes_in, relay_bytes_out";
 const KEY_COLUMNS: &str = "id, reusable, created_at, expires_at, revoked_at, uses, last_used_at";
 
-fn node_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<NodeRow> {
+fn node_from_row(r: &Row) -> Result<NodeRow, DbError> {
     Ok(NodeRow {
-        id: r.get::<_, i64>(0)? as NodeId,
-        name: r.get(1)?,
-        mesh_ip: Ipv4Addr::from(r.get::<_, u32>(2)?),
-        public_key: r.get(3)?,
-        online: r.get(4)?,
-        created_at: r.get::<_, i64>(5)? as u64,
-        last_seen: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
-        relay_bytes_in: r.get::<_, i64>(7)? as u64,
-        relay_bytes_out: r.get::<_, i64>(8)? as u64,
+        id: r.u64(0)? as NodeId,
+        name: r.text(1)?,
+        mesh_ip: Ipv4Addr::from(r.u32(2)?),
+        public_key: r.text(3)?,
+        online: r.bool(4)?,
+        created_at: r.u64(5)?,
+        last_seen: r.opt_u64(6)?,
+        relay_bytes_in: r.u64(7)?,
+        relay_bytes_out: r.u64(8)?,
         tags: Vec::new(),
     })
 }
 
-fn key_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<KeyRow> {
+fn key_from_row(r: &Row) -> Result<KeyRow, DbError> {
     Ok(KeyRow {
-        id: r.get::<_, i64>(0)? as u64,
-        reusable: r.get(1)?,
-        created_at: r.get::<_, i64>(2)? as u64,
-        expires_at: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
-        revoked_at: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
-        uses: r.get::<_, i64>(5)? as u64,
-        last_used_at: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+        id: r.u64(0)?,
+        reusable: r.bool(1)?,
+        created_at: r.u64(2)?,
+        expires_at: r.opt_u64(3)?,
+        revoked_at: r.opt_u64(4)?,
+        uses: r.u64(5)?,
+        last_used_at: r.opt_u64(6)?,
         tags: Vec::new(),
     })
 }
@@ -208,7 +268,7 @@ pub fn now_unix() -> u64 {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store in `state_dir` and migrates it.
+    /// Opens (creating if needed) the SQLite store in `state_dir` and migrates it.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
         create_private_dir(state_dir).map_err(|source| StoreError::CreateDir {
             path: state_dir.to_path_buf(),
@@ -223,108 +283,158 @@ impl Store {
             path: path.clone(),
             source,
         };
-        let mut conn = Connection::open(&path).map_err(open_err)?;
+        let conn = Connection::open(&path).map_err(open_err)?;
         conn.busy_timeout(BUSY_TIMEOUT).map_err(open_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(open_err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(open_err)?;
-        migrations::migrate(&mut conn)?;
-        Ok(Store {
-            conn: Mutex::new(conn),
-        })
+        Store::migrated(Db::Sqlite(Mutex::new(conn)))
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite inconsistent
-        // (transactions roll back on drop), so a poisoned lock is still usable.
-        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    /// Connects to the PostgreSQL database at `url` (a `postgres://` URL or
+    /// `key=value` pairs) and migrates it; replicas starting together
+    /// migrate once.
+    pub fn open_postgres(url: &str) -> Result<Store, StoreError> {
+        Store::migrated(Db::Postgres(Box::new(PgPool::connect(url)?)))
+    }
+
+    /// Opens the store where `location` says.
+    pub fn open_at(location: &Location) -> Result<Store, StoreError> {
+        match location {
+            Location::Sqlite(dir) => Store::open(dir),
+            Location::Postgres(url) => Store::open_postgres(url),
+        }
+    }
+
+    fn migrated(db: Db) -> Result<Store, StoreError> {
+        db.run(Mode::Write, |tx| {
+            migrations::migrate(tx)?;
+            Ok::<_, StoreError>(())
+        })?;
+        Ok(Store { db })
+    }
+
+    /// Which backend holds the tables.
+    pub fn dialect(&self) -> Dialect {
+        self.db.dialect()
+    }
+
+    /// One round trip to the database (for health checks).
+    pub fn ping(&self) -> Result<(), StoreError> {
+        self.db
+            .run(Mode::Read, |tx| tx.query_one("SELECT 1", &[]).map(drop))?;
+        Ok(())
     }
 
     /// Records the mesh network on first start; refuses a different one
     /// later while nodes hold addresses in the old one.
     pub fn check_network(&self, configured: Ipv4Net) -> Result<(), StoreError> {
-        let conn = self.conn();
-        let stored: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key = 'network'", [], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        if let Some(stored) = stored.and_then(|s| s.parse::<Ipv4Net>().ok()) {
-            if stored == configured {
-                return Ok(());
+        self.db.run(Mode::Write, |tx| {
+            let stored = tx.query_opt("SELECT value FROM meta WHERE key = 'network'", &[])?;
+            let stored = stored.map(|r| r.text(0)).transpose()?;
+            if let Some(stored) = stored.and_then(|s| s.parse::<Ipv4Net>().ok()) {
+                if stored == configured {
+                    return Ok(());
+                }
+                let nodes = tx.query_one("SELECT count(*) FROM nodes", &[])?.i64(0)?;
+                if nodes > 0 {
+                    return Err(StoreError::NetworkChanged { stored, configured });
+                }
             }
-            let nodes: i64 = conn.query_row("SELECT count(*) FROM nodes", [], |r| r.get(0))?;
-            if nodes > 0 {
-                return Err(StoreError::NetworkChanged { stored, configured });
-            }
-        }
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('network', ?1)
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            params![configured.to_string()],
-        )?;
-        Ok(())
+            tx.exec(
+                "INSERT INTO meta (key, value) VALUES ('network', ?1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                args![configured.to_string()],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// The deployment's TURN secret, kept in the store so that every replica
+    /// of a shared database hands out credentials the others' TURN servers
+    /// accept: the one stored, or `generate()`'s, stored now (when replicas
+    /// race, the first to commit wins and all return it).
+    pub fn turn_secret(&self, generate: impl FnOnce() -> String) -> Result<String, StoreError> {
+        let fresh = generate();
+        self.db.run(Mode::Write, |tx| {
+            tx.exec(
+                "INSERT INTO meta (key, value) VALUES ('turn_secret', ?1) ON CONFLICT (key) DO NOTHING",
+                args![fresh],
+            )?;
+            Ok(tx
+                .query_one("SELECT value FROM meta WHERE key = 'turn_secret'", &[])?
+                .text(0)?)
+        })
     }
 
     /// The node if `credential` is its current one. Unknown node and wrong
     /// credential are indistinguishable to the caller and take the same work.
     pub fn verify_node(&self, id: NodeId, credential: &str) -> Result<Option<NodeRow>, StoreError> {
-        let conn = self.conn();
-        let found: Option<(Vec<u8>, NodeRow)> = conn
-            .query_row(
+        let found = self.db.run(Mode::Read, |tx| {
+            let row = tx.query_opt(
                 &format!("SELECT {NODE_COLUMNS}, credential_hash FROM nodes WHERE id = ?1"),
-                params![id as i64],
-                |r| Ok((r.get(9)?, node_from_row(r)?)),
-            )
-            .optional()?;
+                args![id as i64],
+            )?;
+            row.map(|r| Ok::<_, DbError>((r.blob(9)?, node_from_row(&r)?)))
+                .transpose()
+        })?;
         let ok = auth::verify_secret(credential, found.as_ref().map(|(h, _)| h.as_slice()));
         Ok(found.filter(|_| ok).map(|(_, node)| node))
     }
 
     pub fn list_nodes(&self) -> Result<Vec<NodeRow>, StoreError> {
-        let conn = self.conn();
-        let mut stmt = conn.prepare(&format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"))?;
-        let rows = stmt.query_map([], node_from_row)?;
-        let mut nodes: Vec<NodeRow> = rows.collect::<Result<_, _>>()?;
-        drop(stmt);
-        let mut tags = policy_store::all_tags(&conn)?;
-        for n in &mut nodes {
-            n.tags = tags.remove(&n.id).unwrap_or_default();
-        }
-        Ok(nodes)
+        self.db.run(Mode::Read, |tx| {
+            let rows = tx.query(
+                &format!("SELECT {NODE_COLUMNS} FROM nodes ORDER BY id"),
+                &[],
+            )?;
+            let mut nodes = rows
+                .iter()
+                .map(node_from_row)
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut tags = policy_store::all_tags(tx)?;
+            for n in &mut nodes {
+                n.tags = tags.remove(&n.id).unwrap_or_default();
+            }
+            Ok(nodes)
+        })
     }
 
     /// Removes a node by name and records the removal for the running
     /// server; its address is held back (`ipam::HOLD_BACK_SECS`), then free.
     /// `None` when no node has that name.
     pub fn remove_node(&self, name: &str, now: u64) -> Result<Option<NodeId>, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let Some(id) = node_id_by_name(&tx, name)? else {
-            return Ok(None);
-        };
-        remove_in(&tx, id as NodeId, now)?;
-        tx.commit()?;
-        Ok(Some(id as NodeId))
+        self.db.run(Mode::Write, |tx| {
+            lock_removals(tx)?;
+            let Some(id) = node_id_by_name(tx, name)? else {
+                return Ok(None);
+            };
+            remove_in(tx, id as NodeId, now)?;
+            Ok(Some(id as NodeId))
+        })
     }
 
     /// Highest removal sequence number so far (0 when none).
     pub fn last_removal_seq(&self) -> Result<u64, StoreError> {
-        let conn = self.conn();
-        let seq: Option<i64> = conn.query_row("SELECT max(seq) FROM removals", [], |r| r.get(0))?;
-        Ok(seq.unwrap_or(0) as u64)
+        self.db.run(Mode::Read, |tx| {
+            let seq = tx.query_one("SELECT max(seq) FROM removals", &[])?;
+            Ok(seq.opt_u64(0)?.unwrap_or(0))
+        })
     }
 
     /// Removals after `seq`, oldest first, as `(seq, node id)`.
     pub fn removals_after(&self, seq: u64) -> Result<Vec<(u64, NodeId)>, StoreError> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare_cached("SELECT seq, node_id FROM removals WHERE seq > ?1 ORDER BY seq")?;
-        let rows = stmt.query_map(params![seq as i64], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as NodeId))
-        })?;
-        Ok(rows.collect::<Result<_, _>>()?)
+        self.db.run(Mode::Read, |tx| {
+            let rows = tx.query(
+                "SELECT seq, node_id FROM removals WHERE seq > ?1 ORDER BY seq",
+                args![seq],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| Ok((r.u64(0)?, r.u64(1)? as NodeId)))
+                .collect::<Result<_, DbError>>()?)
+        })
     }
 
     /// Records presence changes and relay byte deltas in one transaction.
@@ -337,59 +447,62 @@ impl Store {
         if presence.is_empty() && relay.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn();
-        let tx = conn.transaction()?;
-        {
-            let mut set_online =
-                tx.prepare_cached("UPDATE nodes SET online = ?2, last_seen = ?3 WHERE id = ?1")?;
+        self.db.run(Mode::Write, |tx| {
             for (id, online) in presence {
-                set_online.execute(params![*id as i64, online, now as i64])?;
+                tx.exec(
+                    "UPDATE nodes SET online = ?2, last_seen = ?3 WHERE id = ?1",
+                    args![*id as i64, *online, now],
+                )?;
             }
-            let mut add = tx.prepare_cached(
-                "UPDATE nodes SET relay_bytes_in = relay_bytes_in + ?2, relay_bytes_out = relay_bytes_out + ?3 WHERE id = ?1",
-            )?;
             for (id, bytes_in, bytes_out) in relay {
-                add.execute(params![*id as i64, *bytes_in as i64, *bytes_out as i64])?;
+                tx.exec(
+                    "UPDATE nodes SET relay_bytes_in = relay_bytes_in + ?2, relay_bytes_out = relay_bytes_out + ?3 WHERE id = ?1",
+                    args![*id as i64, *bytes_in, *bytes_out],
+                )?;
             }
-        }
-        tx.commit()?;
-        Ok(())
+            Ok(())
+        })
     }
 
     /// At startup nobody is connected, whatever the last run left behind.
     pub fn mark_all_offline(&self) -> Result<(), StoreError> {
-        self.conn()
-            .execute("UPDATE nodes SET online = 0 WHERE online != 0", [])?;
-        Ok(())
+        self.db.run(Mode::Write, |tx| {
+            tx.exec("UPDATE nodes SET online = 0 WHERE online != 0", &[])?;
+            Ok(())
+        })
+    }
+}
+
+/// Removals are read in `seq` order by every running server (`store_sync`),
+/// so they must commit in that order: on PostgreSQL, where sequence numbers
+/// are drawn before commit, removing transactions take turns. (SQLite's
+/// writers take turns anyway.) Taken first, before any row lock.
+fn lock_removals(tx: &mut Tx<'_>) -> Result<(), DbError> {
+    match tx.dialect() {
+        Dialect::Sqlite => Ok(()),
+        Dialect::Postgres => tx.batch("LOCK TABLE removals IN SHARE ROW EXCLUSIVE MODE"),
     }
 }
 
 /// Deletes node `id`, records the removal for the running server (which
-/// closes its session) and holds its address back.
-fn remove_in(tx: &rusqlite::Transaction<'_>, id: NodeId, now: u64) -> Result<(), rusqlite::Error> {
-    let ip: Option<u32> = tx
-        .query_row(
-            "SELECT mesh_ip FROM nodes WHERE id = ?1",
-            params![id as i64],
-            |r| r.get(0),
-        )
-        .optional()?;
-    let Some(ip) = ip else {
+/// closes its session) and holds its address back. The caller holds
+/// [`lock_removals`].
+fn remove_in(tx: &mut Tx<'_>, id: NodeId, now: u64) -> Result<(), DbError> {
+    let Some(row) = tx.query_opt("SELECT mesh_ip FROM nodes WHERE id = ?1", args![id as i64])?
+    else {
         return Ok(());
     };
-    tx.execute("DELETE FROM nodes WHERE id = ?1", params![id as i64])?;
-    tx.execute(
-        "DELETE FROM node_tags WHERE node_id = ?1",
-        params![id as i64],
-    )?;
-    tx.execute(
+    let ip = row.u32(0)?;
+    tx.exec("DELETE FROM nodes WHERE id = ?1", args![id as i64])?;
+    tx.exec("DELETE FROM node_tags WHERE node_id = ?1", args![id as i64])?;
+    tx.exec(
         "INSERT INTO removals (node_id, removed_at) VALUES (?1, ?2)",
-        params![id as i64, now as i64],
+        args![id as i64, now],
     )?;
-    tx.execute(
+    tx.exec(
         "INSERT INTO held_addresses (mesh_ip, released_at) VALUES (?1, ?2)
-         ON CONFLICT(mesh_ip) DO UPDATE SET released_at = excluded.released_at",
-        params![ip, now as i64],
+         ON CONFLICT (mesh_ip) DO UPDATE SET released_at = excluded.released_at",
+        args![ip, now],
     )?;
     Ok(())
 }
@@ -438,6 +551,10 @@ fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     builder.create(dir)
 }
 
+#[path = "db.rs"]
+pub mod db;
+#[path = "db_pg.rs"]
+pub mod db_pg;
 #[path = "store_keys.rs"]
 mod keys;
 #[path = "store_policy.rs"]
@@ -451,12 +568,11 @@ mod register;
 mod tests;
 
 /// The id of the node named `name` (names are kept lowercase).
-pub(crate) fn node_id_by_name(conn: &Connection, name: &str) -> Result<Option<i64>, StoreError> {
-    Ok(conn
-        .query_row(
-            "SELECT id FROM nodes WHERE name = ?1",
-            params![name.to_ascii_lowercase()],
-            |r| r.get(0),
-        )
-        .optional()?)
+pub(crate) fn node_id_by_name(tx: &mut Tx<'_>, name: &str) -> Result<Option<i64>, DbError> {
+    tx.query_opt(
+        "SELECT id FROM nodes WHERE name = ?1",
+        args![name.to_ascii_lowercase()],
+    )?
+    .map(|r| r.i64(0))
+    .transpose()
 }

@@ -5,37 +5,51 @@
 use std::collections::{BTreeSet, HashMap};
 
 use overlay_proto::NodeId;
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
+use super::db::{args, DbError, Mode, Tx};
 use super::{node_id_by_name, now_unix, Store, StoreError};
 
 /// Tags of every node that has any, sorted per node.
-pub(super) fn all_tags(conn: &Connection) -> rusqlite::Result<HashMap<NodeId, Vec<String>>> {
-    let mut stmt =
-        conn.prepare_cached("SELECT node_id, tag FROM node_tags ORDER BY node_id, tag")?;
+pub(super) fn all_tags(tx: &mut Tx<'_>) -> Result<HashMap<NodeId, Vec<String>>, DbError> {
     let mut tags: HashMap<NodeId, Vec<String>> = HashMap::new();
-    let rows = stmt.query_map([], |r| {
-        Ok((r.get::<_, i64>(0)? as NodeId, r.get::<_, String>(1)?))
-    })?;
-    for row in rows {
-        let (id, tag) = row?;
-        tags.entry(id).or_default().push(tag);
+    for row in tx.query(
+        "SELECT node_id, tag FROM node_tags ORDER BY node_id, tag",
+        &[],
+    )? {
+        tags.entry(row.u64(0)? as NodeId)
+            .or_default()
+            .push(row.text(1)?);
+    }
+    Ok(tags)
+}
+
+/// Tags each auth key gives, by key id.
+pub(super) fn key_tags(tx: &mut Tx<'_>) -> Result<HashMap<u64, Vec<String>>, DbError> {
+    let mut tags: HashMap<u64, Vec<String>> = HashMap::new();
+    for row in tx.query(
+        "SELECT key_id, tag FROM auth_key_tags ORDER BY key_id, tag",
+        &[],
+    )? {
+        tags.entry(row.u64(0)?).or_default().push(row.text(1)?);
     }
     Ok(tags)
 }
 
 /// Tags of one node, sorted.
-pub(super) fn tags_of(conn: &Connection, id: NodeId) -> rusqlite::Result<Vec<String>> {
-    let mut stmt =
-        conn.prepare_cached("SELECT tag FROM node_tags WHERE node_id = ?1 ORDER BY tag")?;
-    let rows = stmt.query_map(params![id as i64], |r| r.get(0))?;
-    rows.collect()
+pub(super) fn tags_of(tx: &mut Tx<'_>, id: NodeId) -> Result<Vec<String>, DbError> {
+    tx.query(
+        "SELECT tag FROM node_tags WHERE node_id = ?1 ORDER BY tag",
+        args![id as i64],
+    )?
+    .iter()
+    .map(|r| r.text(0))
+    .collect()
 }
 
-fn bump_seq(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute(
-        "UPDATE meta SET value = CAST(CAST(value AS INTEGER) + 1 AS TEXT) WHERE key = 'policy_seq'",
-        [],
+fn bump_seq(tx: &mut Tx<'_>) -> Result<(), DbError> {
+    tx.exec(
+        "UPDATE meta SET value = CAST(CAST(value AS BIGINT) + 1 AS TEXT) WHERE key = 'policy_seq'",
+        &[],
     )?;
     Ok(())
 }
@@ -56,31 +70,23 @@ impl Store {
         tags: &[String],
         now: u64,
     ) -> Result<(u64, String), StoreError> {
-        let (id, key) = self.create_key(reusable, expires_at, now)?;
-        let conn = self.conn();
-        for tag in tags {
-            conn.execute(
-                "INSERT OR IGNORE INTO auth_key_tags (key_id, tag) VALUES (?1, ?2)",
-                params![id as i64, tag],
-            )?;
-        }
+        let (key, hash) = super::keys::new_key();
+        let id = self.db.run(Mode::Write, |tx| {
+            let id = super::keys::insert_key(tx, &hash, reusable, expires_at, now)?;
+            for tag in tags {
+                tx.exec(
+                    "INSERT INTO auth_key_tags (key_id, tag) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                    args![id, tag],
+                )?;
+            }
+            Ok::<_, StoreError>(id)
+        })?;
         Ok((id, key))
     }
 
     /// Tags each auth key gives, by key id.
     pub fn key_tags(&self) -> Result<HashMap<u64, Vec<String>>, StoreError> {
-        let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT key_id, tag FROM auth_key_tags ORDER BY key_id, tag")?;
-        let mut tags: HashMap<u64, Vec<String>> = HashMap::new();
-        let rows = stmt.query_map([], |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get::<_, String>(1)?))
-        })?;
-        for row in rows {
-            let (id, tag) = row?;
-            tags.entry(id).or_default().push(tag);
-        }
-        Ok(tags)
+        Ok(self.db.run(Mode::Read, key_tags)?)
     }
 
     /// Adds and removes tags (already validated) of the node named `name`;
@@ -91,87 +97,80 @@ impl Store {
         add: &[String],
         remove: &[String],
     ) -> Result<Option<Vec<String>>, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let Some(id) = node_id_by_name(&tx, name)? else {
-            return Ok(None);
-        };
-        let before: BTreeSet<String> = tags_of(&tx, id as NodeId)?.into_iter().collect();
-        for tag in remove {
-            tx.execute(
-                "DELETE FROM node_tags WHERE node_id = ?1 AND tag = ?2",
-                params![id, tag],
-            )?;
-        }
-        for tag in add {
-            tx.execute(
-                "INSERT OR IGNORE INTO node_tags (node_id, tag) VALUES (?1, ?2)",
-                params![id, tag],
-            )?;
-        }
-        let after = tags_of(&tx, id as NodeId)?;
-        if after.iter().cloned().collect::<BTreeSet<_>>() != before {
-            bump_seq(&tx)?;
-        }
-        tx.commit()?;
-        Ok(Some(after))
+        self.db.run(Mode::Write, |tx| {
+            let Some(id) = node_id_by_name(tx, name)? else {
+                return Ok(None);
+            };
+            let before: BTreeSet<String> = tags_of(tx, id as NodeId)?.into_iter().collect();
+            for tag in remove {
+                tx.exec(
+                    "DELETE FROM node_tags WHERE node_id = ?1 AND tag = ?2",
+                    args![id, tag],
+                )?;
+            }
+            for tag in add {
+                tx.exec(
+                    "INSERT INTO node_tags (node_id, tag) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                    args![id, tag],
+                )?;
+            }
+            let after = tags_of(tx, id as NodeId)?;
+            if after.iter().cloned().collect::<BTreeSet<_>>() != before {
+                bump_seq(tx)?;
+            }
+            Ok(Some(after))
+        })
     }
 
     /// Tags of every node that has any.
     pub fn node_tags(&self) -> Result<HashMap<NodeId, Vec<String>>, StoreError> {
-        Ok(all_tags(&self.conn())?)
+        Ok(self.db.run(Mode::Read, all_tags)?)
     }
 
     /// Stores the policy text verbatim (the caller checked it).
     pub fn set_policy(&self, text: &str) -> Result<(), StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        tx.execute(
-            "INSERT INTO policy (id, text, updated_at) VALUES (1, ?1, ?2)
-             ON CONFLICT(id) DO UPDATE SET text = excluded.text, updated_at = excluded.updated_at",
-            params![text, now_unix() as i64],
-        )?;
-        bump_seq(&tx)?;
-        tx.commit()?;
-        Ok(())
+        self.db.run(Mode::Write, |tx| {
+            tx.exec(
+                "INSERT INTO policy (id, text, updated_at) VALUES (1, ?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET text = excluded.text, updated_at = excluded.updated_at",
+                args![text, now_unix()],
+            )?;
+            bump_seq(tx)?;
+            Ok(())
+        })
     }
 
     /// Removes the policy (everything allowed again); false when none was set.
     pub fn clear_policy(&self) -> Result<bool, StoreError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let removed = tx.execute("DELETE FROM policy", [])?;
-        if removed > 0 {
-            bump_seq(&tx)?;
-        }
-        tx.commit()?;
-        Ok(removed > 0)
+        self.db.run(Mode::Write, |tx| {
+            let removed = tx.exec("DELETE FROM policy", &[])?;
+            if removed > 0 {
+                bump_seq(tx)?;
+            }
+            Ok(removed > 0)
+        })
     }
 
     pub fn policy(&self) -> Result<Option<StoredPolicy>, StoreError> {
-        Ok(self
-            .conn()
-            .query_row(
-                "SELECT text, updated_at FROM policy WHERE id = 1",
-                [],
-                |r| {
+        self.db.run(Mode::Read, |tx| {
+            tx.query_opt("SELECT text, updated_at FROM policy WHERE id = 1", &[])?
+                .map(|r| {
                     Ok(StoredPolicy {
-                        text: r.get(0)?,
-                        updated_at: r.get::<_, i64>(1)? as u64,
+                        text: r.text(0)?,
+                        updated_at: r.u64(1)?,
                     })
-                },
-            )
-            .optional()?)
+                })
+                .transpose()
+        })
     }
 
     /// Counts policy and tag changes; one indexed read, cheap to poll.
     pub fn policy_seq(&self) -> Result<u64, StoreError> {
-        let seq: Option<String> = self
-            .conn()
-            .query_row("SELECT value FROM meta WHERE key = 'policy_seq'", [], |r| {
-                r.get(0)
-            })
-            .optional()?;
+        let seq = self.db.run(Mode::Read, |tx| {
+            tx.query_opt("SELECT value FROM meta WHERE key = 'policy_seq'", &[])?
+                .map(|r| r.text(0))
+                .transpose()
+        })?;
         Ok(seq.and_then(|s| s.parse().ok()).unwrap_or(0))
     }
 }

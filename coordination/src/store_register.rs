@@ -1,18 +1,29 @@
 //! Enrolment in the store: one transaction that checks and spends the auth
 //! key, keeps a known key's identity, and gives a new one a name and address.
+//!
+//! Race-free across processes and replicas without locks of their own: the
+//! schema makes names, addresses and public keys UNIQUE, and an insert that
+//! loses a race to another writer (on PostgreSQL, where writers run side by
+//! side) is rolled back to a savepoint and tried again with what is free
+//! now. The auth key is spent last, by an UPDATE that checks again that it
+//! may be: a single-use key two replicas use at once enrols one node.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 use overlay_proto::NodeId;
-use rusqlite::{params, OptionalExtension, TransactionBehavior};
 
+use super::db::{args, DbError, Mode, Tx};
 use super::{
-    key_from_row, node_from_row, Enrolment, KeyProblem, KeyRow, NodeRow, RegisterError, Registered,
-    Store, KEY_COLUMNS, NODE_COLUMNS,
+    key_from_row, node_from_row, Enrolment, KeyProblem, NodeRow, RegisterError, Registered, Store,
+    KEY_COLUMNS, NODE_COLUMNS,
 };
 use crate::{auth, ipam, validate};
+
+/// Tries to place a new node before giving up; each lost try means another
+/// enrolment committed, so this is far more than concurrent writers need.
+const PLACE_ATTEMPTS: u32 = 256;
 
 impl Store {
     /// Enrols a node in one transaction: checks and spends the key, picks a
@@ -27,121 +38,193 @@ impl Store {
         network: Ipv4Net,
         now: u64,
     ) -> Result<Registered, RegisterError> {
-        let mut conn = self.conn();
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-
         let key_hash = auth::hash_secret(&req.auth_key);
-        let key: Option<KeyRow> = tx
-            .query_row(
-                &format!("SELECT {KEY_COLUMNS} FROM auth_keys WHERE hash = ?1"),
-                params![&key_hash[..]],
-                key_from_row,
-            )
-            .optional()?;
-        let key = key.ok_or(RegisterError::AuthKey(KeyProblem::Unknown))?;
-        if let Some(problem) = key.problem(now) {
-            return Err(RegisterError::AuthKey(problem));
-        }
-
         let credential = auth::new_credential();
         let cred_hash = auth::hash_secret(&credential);
-        let existing: Option<NodeRow> = tx
-            .query_row(
-                &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE public_key = ?1"),
-                params![req.public_key],
-                node_from_row,
-            )
-            .optional()?;
+        self.db.run(Mode::Write, |tx| {
+            let key = tx
+                .query_opt(
+                    &format!("SELECT {KEY_COLUMNS} FROM auth_keys WHERE hash = ?1"),
+                    args![&key_hash[..]],
+                )?
+                .map(|r| key_from_row(&r))
+                .transpose()?
+                .ok_or(RegisterError::AuthKey(KeyProblem::Unknown))?;
+            if let Some(problem) = key.problem(now) {
+                return Err(RegisterError::AuthKey(problem));
+            }
 
-        let (id, created) = match existing {
-            Some(node) => {
-                let stored: Vec<u8> = tx.query_row(
-                    "SELECT credential_hash FROM nodes WHERE id = ?1",
-                    params![node.id as i64],
-                    |r| r.get(0),
-                )?;
-                let presented = req.credential.as_deref().unwrap_or_default();
-                if req.credential.is_none() || !auth::verify_secret(presented, Some(&stored)) {
-                    return Err(RegisterError::AlreadyEnrolled(node.id));
-                }
-                tx.execute(
-                    "UPDATE nodes SET credential_hash = ?2, auth_key_id = ?3 WHERE id = ?1",
-                    params![node.id as i64, &cred_hash[..], key.id as i64],
-                )?;
-                (node.id, false)
-            }
-            None => {
-                let name = unique_name(&tx, &req.hostname, None)?;
-                let taken: BTreeSet<Ipv4Addr> = {
-                    let mut stmt = tx.prepare("SELECT mesh_ip FROM nodes")?;
-                    let rows = stmt.query_map([], |r| r.get::<_, u32>(0))?;
-                    rows.map(|r| r.map(Ipv4Addr::from))
-                        .collect::<Result<_, _>>()?
+            let (id, created) = place_retrying(tx, req, &cred_hash, key.id, network, now)?;
+
+            // Spend the key under its row lock, checking again: another
+            // replica may have spent or revoked it since it was read.
+            let spent = tx.exec(
+                "UPDATE auth_keys SET uses = uses + 1, last_used_at = ?2
+                 WHERE id = ?1 AND revoked_at IS NULL AND (reusable != 0 OR uses = 0)",
+                args![key.id, now],
+            )?;
+            if spent == 0 {
+                let problem = if tx
+                    .query_one(
+                        "SELECT revoked_at FROM auth_keys WHERE id = ?1",
+                        args![key.id],
+                    )?
+                    .opt_u64(0)?
+                    .is_some()
+                {
+                    KeyProblem::Revoked
+                } else {
+                    KeyProblem::Spent
                 };
-                // Holds that ended no longer matter; forget them.
-                tx.execute(
-                    "DELETE FROM held_addresses WHERE released_at <= ?1",
-                    params![now.saturating_sub(ipam::HOLD_BACK_SECS) as i64],
-                )?;
-                let held: BTreeMap<Ipv4Addr, u64> = {
-                    let mut stmt = tx.prepare("SELECT mesh_ip, released_at FROM held_addresses")?;
-                    let rows = stmt.query_map([], |r| {
-                        Ok((
-                            Ipv4Addr::from(r.get::<_, u32>(0)?),
-                            r.get::<_, i64>(1)? as u64,
-                        ))
-                    })?;
-                    rows.collect::<Result<_, _>>()?
-                };
-                let ip = ipam::allocate(network, &taken, &held, now)
-                    .ok_or(RegisterError::PoolExhausted(network))?;
-                tx.execute(
-                    "DELETE FROM held_addresses WHERE mesh_ip = ?1",
-                    params![u32::from(ip)],
-                )?;
-                tx.execute(
-                    "INSERT INTO nodes (name, public_key, mesh_ip, credential_hash, auth_key_id, created_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                    params![name, req.public_key, u32::from(ip), &cred_hash[..], key.id as i64, now as i64],
-                )?;
-                (tx.last_insert_rowid() as NodeId, true)
+                return Err(RegisterError::AuthKey(problem));
             }
-        };
-        tx.execute(
-            "UPDATE auth_keys SET uses = uses + 1, last_used_at = ?2 WHERE id = ?1",
-            params![key.id as i64, now as i64],
-        )?;
-        // The key's tags join the node's (a re-enrolment keeps the tags it had).
-        tx.execute(
-            "INSERT OR IGNORE INTO node_tags (node_id, tag) SELECT ?1, tag FROM auth_key_tags WHERE key_id = ?2",
-            params![id as i64, key.id as i64],
-        )?;
-        let mut node = tx.query_row(
-            &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?1"),
-            params![id as i64],
-            node_from_row,
-        )?;
-        node.tags = super::policy_store::tags_of(&tx, id)?;
-        tx.commit()?;
-        Ok(Registered {
-            node,
-            credential,
-            created,
+            // The key's tags join the node's (a re-enrolment keeps the tags it had).
+            tx.exec(
+                "INSERT INTO node_tags (node_id, tag)
+                 SELECT CAST(?1 AS BIGINT), tag FROM auth_key_tags WHERE key_id = ?2
+                 ON CONFLICT DO NOTHING",
+                args![id as i64, key.id],
+            )?;
+            let mut node = node_from_row(&tx.query_one(
+                &format!("SELECT {NODE_COLUMNS} FROM nodes WHERE id = ?1"),
+                args![id as i64],
+            )?)?;
+            node.tags = super::policy_store::tags_of(tx, id)?;
+            Ok(Registered {
+                node,
+                credential: credential.clone(),
+                created,
+            })
         })
     }
 }
 
-/// `wanted`, or `wanted-2`, `wanted-3`, … whichever is free (ignoring `own`).
-fn unique_name(
-    tx: &rusqlite::Transaction<'_>,
-    wanted: &str,
-    own: Option<NodeId>,
-) -> Result<String, rusqlite::Error> {
-    let own = own.map(|id| id as i64).unwrap_or(-1);
-    let mut stmt = tx.prepare_cached("SELECT 1 FROM nodes WHERE name = ?1 AND id != ?2")?;
+/// [`place`], again from a savepoint while it loses races to other writers.
+fn place_retrying(
+    tx: &mut Tx<'_>,
+    req: &Enrolment,
+    cred_hash: &[u8],
+    key_id: u64,
+    network: Ipv4Net,
+    now: u64,
+) -> Result<(NodeId, bool), RegisterError> {
+    let mut attempt = 1;
+    loop {
+        tx.batch("SAVEPOINT place")?;
+        match place(tx, req, cred_hash, key_id, network, now) {
+            Ok(placed) => {
+                tx.batch("RELEASE SAVEPOINT place")?;
+                return Ok(placed);
+            }
+            Err(Placing::Lost(e)) if attempt < PLACE_ATTEMPTS => {
+                tracing::debug!(attempt, "enrolment lost a race, trying again: {e}");
+                tx.batch("ROLLBACK TO SAVEPOINT place")?;
+                attempt += 1;
+            }
+            Err(Placing::Lost(e)) => return Err(e.into()),
+            Err(Placing::Refused(e)) => return Err(e),
+        }
+    }
+}
+
+enum Placing {
+    /// Another writer took the name, address or key first.
+    Lost(DbError),
+    Refused(RegisterError),
+}
+
+impl From<DbError> for Placing {
+    fn from(e: DbError) -> Self {
+        if e.is_conflict() {
+            Placing::Lost(e)
+        } else {
+            Placing::Refused(e.into())
+        }
+    }
+}
+
+/// The existing node of `req.public_key` (with its credential), or a new
+/// node with a free name and address; returns its id and whether it is new.
+fn place(
+    tx: &mut Tx<'_>,
+    req: &Enrolment,
+    cred_hash: &[u8],
+    key_id: u64,
+    network: Ipv4Net,
+    now: u64,
+) -> Result<(NodeId, bool), Placing> {
+    let existing = tx.query_opt(
+        &format!("SELECT {NODE_COLUMNS}, credential_hash FROM nodes WHERE public_key = ?1"),
+        args![&req.public_key],
+    )?;
+    if let Some(row) = existing {
+        let node: NodeRow = node_from_row(&row)?;
+        let stored = row.blob(9)?;
+        let presented = req.credential.as_deref().unwrap_or_default();
+        if req.credential.is_none() || !auth::verify_secret(presented, Some(&stored)) {
+            return Err(Placing::Refused(RegisterError::AlreadyEnrolled(node.id)));
+        }
+        tx.exec(
+            "UPDATE nodes SET credential_hash = ?2, auth_key_id = ?3 WHERE id = ?1",
+            args![node.id as i64, cred_hash, key_id],
+        )?;
+        return Ok((node.id, false));
+    }
+
+    let name = unique_name(tx, &req.hostname)?;
+    let taken: BTreeSet<Ipv4Addr> = tx
+        .query("SELECT mesh_ip FROM nodes", &[])?
+        .iter()
+        .map(|r| r.u32(0).map(Ipv4Addr::from))
+        .collect::<Result<_, _>>()?;
+    // Holds that ended no longer matter; forget them.
+    tx.exec(
+        "DELETE FROM held_addresses WHERE released_at <= ?1",
+        args![now.saturating_sub(ipam::HOLD_BACK_SECS)],
+    )?;
+    let held: BTreeMap<Ipv4Addr, u64> = tx
+        .query("SELECT mesh_ip, released_at FROM held_addresses", &[])?
+        .iter()
+        .map(|r| Ok((Ipv4Addr::from(r.u32(0)?), r.u64(1)?)))
+        .collect::<Result<_, DbError>>()?;
+    let ip = ipam::allocate(network, &taken, &held, now)
+        .ok_or(Placing::Refused(RegisterError::PoolExhausted(network)))?;
+    tx.exec(
+        "DELETE FROM held_addresses WHERE mesh_ip = ?1",
+        args![u32::from(ip)],
+    )?;
+    let id = tx
+        .query_one(
+            "INSERT INTO nodes (name, public_key, mesh_ip, credential_hash, auth_key_id, created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+            args![name, &req.public_key, u32::from(ip), cred_hash, key_id, now],
+        )?
+        .u64(0)?;
+    Ok((id as NodeId, true))
+}
+
+/// `wanted`, or `wanted-2`, `wanted-3`, … whichever is free now. One read:
+/// every candidate starts with the shortest stem [`validate::suffixed`] can
+/// cut `wanted` to, so the names with that prefix are all that can collide.
+fn unique_name(tx: &mut Tx<'_>, wanted: &str) -> Result<String, DbError> {
+    let shortest = validate::suffixed(wanted, u32::MAX);
+    let prefix = &shortest[..shortest.rfind('-').unwrap_or(0)];
+    let prefix = if wanted.starts_with(prefix) {
+        prefix
+    } else {
+        ""
+    };
+    let taken: HashSet<String> = tx
+        .query(
+            "SELECT name FROM nodes WHERE substr(name, 1, ?2) = ?1",
+            args![prefix, prefix.chars().count() as i64],
+        )?
+        .iter()
+        .map(|r| r.text(0))
+        .collect::<Result<_, _>>()?;
     let mut candidate = wanted.to_string();
     let mut n = 1u32;
-    while stmt.exists(params![candidate, own])? {
+    while taken.contains(&candidate) {
         n += 1;
         candidate = validate::suffixed(wanted, n);
     }

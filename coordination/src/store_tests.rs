@@ -1,5 +1,14 @@
+//! The store suite, run on SQLite and on a PostgreSQL the tests start
+//! themselves (`overlay_tests::postgres`): every test in `on_both!` runs
+//! once per backend (`sqlite::NAME`, `postgres::NAME`). Without PostgreSQL
+//! the `postgres::` tests fail saying what to install, unless
+//! `OVERLAY_TEST_POSTGRES=skip`.
+
 use super::*;
 use base64::Engine;
+use std::sync::Arc;
+
+use overlay_tests::postgres::{self as pg, Postgres};
 
 /// A fresh directory for a store, removed on drop.
 fn temp_dir() -> tempfile::TempDir {
@@ -9,11 +18,82 @@ fn temp_dir() -> tempfile::TempDir {
         .expect("create temp dir")
 }
 
-fn pk(n: u8) -> String {
+/// Where a test's store lives, kept alive as long as the test runs: a fresh
+/// state directory, or a fresh database in the shared PostgreSQL.
+pub(crate) struct Backend {
+    pub(crate) location: Location,
+    _dir: Option<tempfile::TempDir>,
+    _postgres: Option<Arc<Postgres>>,
+}
+
+impl Backend {
+    pub(crate) fn sqlite() -> Backend {
+        let dir = temp_dir();
+        Backend {
+            location: Location::Sqlite(dir.path().to_path_buf()),
+            _dir: Some(dir),
+            _postgres: None,
+        }
+    }
+
+    /// `None` when PostgreSQL is missing and the tests may skip (said on stderr).
+    pub(crate) fn postgres(test: &str) -> Option<Backend> {
+        let server = pg::require(test)?;
+        let url = server
+            .create_database()
+            .unwrap_or_else(|e| panic!("{test}: {e:#}"));
+        Some(Backend {
+            location: Location::Postgres(url),
+            _dir: None,
+            _postgres: Some(server),
+        })
+    }
+
+    /// A new handle on the store (another connection, as another process or
+    /// replica would have).
+    pub(crate) fn open(&self) -> Store {
+        Store::open_at(&self.location).unwrap_or_else(|e| panic!("opening {}: {e}", self.location))
+    }
+}
+
+/// Runs each named `fn NAME(&Backend)` as `sqlite::NAME` and `postgres::NAME`.
+macro_rules! on_both {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[test] fn $name() { super::$name(&super::Backend::sqlite()) })*
+        }
+        mod postgres {
+            $(#[test] fn $name() {
+                if let Some(b) = super::Backend::postgres(concat!("postgres::", stringify!($name))) {
+                    super::$name(&b)
+                }
+            })*
+        }
+    };
+}
+
+on_both!(
+    registration_allocates_and_reregistration_keeps_id_and_ip,
+    key_problems_are_reported_precisely,
+    listed_keys_carry_the_tags_they_give,
+    exhausted_pool_is_reported_and_does_not_spend_the_key,
+    removal_frees_the_node_and_is_recorded_for_the_server,
+    removed_address_is_held_back_then_reused,
+    full_pool_reuses_a_held_address,
+    revoking_with_removal_removes_exactly_the_keys_nodes,
+    activity_is_recorded_and_reset_at_start,
+    changing_network_with_nodes_is_refused,
+    data_survives_reopen,
+);
+
+#[path = "store_race_tests.rs"]
+mod race;
+
+pub(super) fn pk(n: u8) -> String {
     base64::engine::general_purpose::STANDARD.encode([n; 32])
 }
 
-fn enrol(key: &str, n: u8, host: &str) -> Enrolment {
+pub(super) fn enrol(key: &str, n: u8, host: &str) -> Enrolment {
     Enrolment {
         auth_key: key.into(),
         public_key: pk(n),
@@ -27,14 +107,12 @@ fn with_credential(mut e: Enrolment, credential: &str) -> Enrolment {
     e
 }
 
-fn net(s: &str) -> Ipv4Net {
+pub(super) fn net(s: &str) -> Ipv4Net {
     s.parse().unwrap()
 }
 
-#[test]
-fn registration_allocates_and_reregistration_keeps_id_and_ip() {
-    let dir = temp_dir();
-    let store = Store::open(dir.path()).unwrap();
+fn registration_allocates_and_reregistration_keeps_id_and_ip(b: &Backend) {
+    let store = b.open();
     let (_, key) = store.create_key(true, None, 100).unwrap();
     let n = net("100.64.0.0/10");
 
@@ -100,10 +178,8 @@ fn credentials_are_stored_hashed() {
     }
 }
 
-#[test]
-fn key_problems_are_reported_precisely() {
-    let dir = temp_dir();
-    let store = Store::open(dir.path()).unwrap();
+fn key_problems_are_reported_precisely(b: &Backend) {
+    let store = b.open();
     let n = net("10.0.0.0/24");
     let problem = |r: Result<Registered, RegisterError>| match r {
         Err(RegisterError::AuthKey(p)) => p,
@@ -137,10 +213,8 @@ fn key_problems_are_reported_precisely() {
     assert!(keys.iter().all(|k| k.tags.is_empty()));
 }
 
-#[test]
-fn listed_keys_carry_the_tags_they_give() {
-    let dir = temp_dir();
-    let store = Store::open(dir.path()).unwrap();
+fn listed_keys_carry_the_tags_they_give(b: &Backend) {
+    let store = b.open();
     store.create_key(true, None, 1).unwrap();
     let tags = vec!["db".to_owned(), "server".to_owned()];
     let (id, _) = store.create_key_with_tags(true, None, &tags, 1).unwrap();
@@ -151,10 +225,8 @@ fn listed_keys_carry_the_tags_they_give() {
     assert_eq!(json.matches("\"tags\"").count(), 1, "{json}");
 }
 
-#[test]
-fn exhausted_pool_is_reported_and_does_not_spend_the_key() {
-    let dir = temp_dir();
-    let store = Store::open(dir.path()).unwrap();
+fn exhausted_pool_is_reported_and_does_not_spend_the_key(b: &Backend) {
+    let store = b.open();
     // Two hosts, and .2 is the mesh resolver's: one node.
     let n = net("10.0.0.0/30");
     let (_, reusable) = store.create_key(true, None, 1).unwrap();
@@ -169,10 +241,8 @@ fn exhausted_pool_is_reported_and_does_not_spend_the_key() {
     assert_eq!(keys[1].uses, 0);
 }
 
-#[test]
-fn removal_frees_the_node_and_is_recorded_for_the_server() {
-    let dir = temp_dir();
-    let store = Store::open(dir.path()).unwrap();
+fn removal_frees_the_node_and_is_recorded_for_the_server(b: &Backend) {
+    let store = b.open();
     let (_, key) = store.create_key(true, None, 1).unwrap();
     let r = store
         .register(&enrol(&key, 1, "gone"), net("10.0.0.0/24"), 1)
@@ -194,10 +264,8 @@ fn removal_frees_the_node_and_is_recorded_for_the_server() {
     assert!(again.node.id > r.node.id);
 }
 
-#[test]
-fn removed_address_is_held_back_then_reused() {
-    let dir = temp_dir();
-    let store = Store::open(dir.path()).unwrap();
+fn removed_address_is_held_back_then_reused(b: &Backend) {
+    let store = b.open();
     let (_, key) = store.create_key(true, None, 1).unwrap();
     let n = net("10.0.0.0/24");
     let a = store.register(&enrol(&key, 1, "a"), n, 1).unwrap();
@@ -209,10 +277,8 @@ fn removed_address_is_held_back_then_reused() {
     assert_eq!(c.node.mesh_ip, a.node.mesh_ip);
 }
 
-#[test]
-fn full_pool_reuses_a_held_address() {
-    let dir = temp_dir();
-    let store = Store::open(dir.path()).unwrap();
+fn full_pool_reuses_a_held_address(b: &Backend) {
+    let store = b.open();
     let (_, key) = store.create_key(true, None, 1).unwrap();
     // Two hosts, and .2 is the mesh resolver's: one node.
     let n = net("10.0.0.0/30");
@@ -222,10 +288,8 @@ fn full_pool_reuses_a_held_address() {
     assert_eq!(c.node.mesh_ip, a.node.mesh_ip);
 }
 
-#[test]
-fn revoking_with_removal_removes_exactly_the_keys_nodes() {
-    let dir = temp_dir();
-    let store = Store::open(dir.path()).unwrap();
+fn revoking_with_removal_removes_exactly_the_keys_nodes(b: &Backend) {
+    let store = b.open();
     let n = net("10.0.0.0/24");
     let (bad_id, bad) = store.create_key(true, None, 1).unwrap();
     let (_, good) = store.create_key(true, None, 1).unwrap();
@@ -288,10 +352,8 @@ fn database_files_are_private() {
     assert_eq!(mode(DB_FILE), 0o600);
 }
 
-#[test]
-fn activity_is_recorded_and_reset_at_start() {
-    let dir = temp_dir();
-    let store = Store::open(dir.path()).unwrap();
+fn activity_is_recorded_and_reset_at_start(b: &Backend) {
+    let store = b.open();
     let (_, key) = store.create_key(true, None, 1).unwrap();
     let r = store
         .register(&enrol(&key, 1, "a"), net("10.0.0.0/24"), 1)
@@ -310,10 +372,8 @@ fn activity_is_recorded_and_reset_at_start() {
     assert!(!store.list_nodes().unwrap()[0].online);
 }
 
-#[test]
-fn changing_network_with_nodes_is_refused() {
-    let dir = temp_dir();
-    let store = Store::open(dir.path()).unwrap();
+fn changing_network_with_nodes_is_refused(b: &Backend) {
+    let store = b.open();
     store.check_network(net("10.0.0.0/24")).unwrap();
     store.check_network(net("10.1.0.0/24")).unwrap();
     let (_, key) = store.create_key(true, None, 1).unwrap();
@@ -327,17 +387,15 @@ fn changing_network_with_nodes_is_refused() {
     store.check_network(net("10.1.0.0/24")).unwrap();
 }
 
-#[test]
-fn data_survives_reopen() {
-    let dir = temp_dir();
+fn data_survives_reopen(b: &Backend) {
     let (id, cred) = {
-        let store = Store::open(dir.path()).unwrap();
+        let store = b.open();
         let (_, key) = store.create_key(true, None, 1).unwrap();
         let r = store
             .register(&enrol(&key, 1, "a"), net("10.0.0.0/24"), 1)
             .unwrap();
         (r.node.id, r.credential)
     };
-    let store = Store::open(dir.path()).unwrap();
+    let store = b.open();
     assert!(store.verify_node(id, &cred).unwrap().is_some());
 }

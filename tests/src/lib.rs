@@ -26,6 +26,7 @@ pub mod lab;
 pub mod mesh;
 pub mod overlay;
 pub mod pcap;
+pub mod postgres;
 pub mod process;
 pub mod wait;
 

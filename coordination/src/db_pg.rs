@@ -1,0 +1,303 @@
+//! PostgreSQL under the store: a small pool of connections of the
+//! synchronous `postgres` client, and the transaction type [`super::db`]
+//! runs the store's statements in.
+//!
+//! A lost database costs the calls made while it is gone an
+//! [`DbError::Unavailable`] (or the I/O error of the statement that found
+//! out), never a panic; broken connections are dropped and the next call
+//! connects again, so the store recovers by itself when the database returns.
+
+use std::collections::HashMap;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use postgres::types::{IsNull, ToSql, Type};
+use postgres::{Client, NoTls, Statement};
+
+use super::db::{postgres_placeholders, DbError, Row, Value};
+
+/// Connections the pool opens at most. The server's blocking calls are
+/// short; a few connections keep enrolments and the sync loop from queueing.
+pub const MAX_CONNECTIONS: usize = 8;
+/// How long a call waits for a connection when all are busy.
+const CHECKOUT_WAIT: Duration = Duration::from_secs(10);
+/// Default bound on establishing a connection (unless the URL sets one).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection idle longer than this is checked before use: the database
+/// may have restarted meanwhile, and the first statement would fail.
+const IDLE_CHECK_AFTER: Duration = Duration::from_secs(5);
+const IDLE_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
+
+struct PgConn {
+    client: Client,
+    /// Statements prepared on this connection, by the store's SQL text.
+    stmts: HashMap<String, Statement>,
+}
+
+struct PoolState {
+    idle: Vec<(PgConn, Instant)>,
+    /// Connections open, idle or lent out.
+    open: usize,
+}
+
+pub struct PgPool {
+    config: postgres::Config,
+    /// Where the database is, without the password: for messages.
+    target: String,
+    state: Mutex<PoolState>,
+    freed: Condvar,
+}
+
+/// The database a connection string points at, without the password.
+pub fn describe(config: &postgres::Config) -> String {
+    use postgres::config::Host;
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .map(|h| match h {
+            Host::Tcp(name) => name.clone(),
+            Host::Unix(path) => path.display().to_string(),
+        })
+        .collect();
+    let port = config
+        .get_ports()
+        .first()
+        .map_or(String::new(), |p| format!(":{p}"));
+    format!(
+        "postgres://{}@{}{port}/{}",
+        config.get_user().unwrap_or(""),
+        hosts.join(","),
+        config.get_dbname().unwrap_or("")
+    )
+}
+
+impl PgPool {
+    /// A pool for `url` (a `postgres://` URL or `key=value` pairs); connects
+    /// once to find out that it can.
+    pub fn connect(url: &str) -> Result<PgPool, DbError> {
+        let mut config: postgres::Config = url
+            .parse()
+            .map_err(|e| DbError::Unavailable(format!("bad database URL: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        config.keepalives(true);
+        let pool = PgPool {
+            target: describe(&config),
+            config,
+            state: Mutex::new(PoolState {
+                idle: Vec::new(),
+                open: 0,
+            }),
+            freed: Condvar::new(),
+        };
+        pool.run(|_| Ok::<_, DbError>(()))?;
+        Ok(pool)
+    }
+
+    /// Where the database is (no password).
+    pub fn target(&self) -> &str {
+        &self.target
+    }
+
+    fn lock(&self) -> MutexGuard<'_, PoolState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn open_connection(&self) -> Result<PgConn, DbError> {
+        match self.config.connect(NoTls) {
+            Ok(client) => Ok(PgConn {
+                client,
+                stmts: HashMap::new(),
+            }),
+            Err(e) => Err(DbError::Unavailable(format!(
+                "cannot connect to {}: {e}",
+                self.target
+            ))),
+        }
+    }
+
+    /// A healthy connection: an idle one, else a new one while fewer than
+    /// [`MAX_CONNECTIONS`] are open, else the next one freed.
+    fn checkout(&self) -> Result<PgConn, DbError> {
+        let deadline = Instant::now() + CHECKOUT_WAIT;
+        let mut state = self.lock();
+        loop {
+            if let Some((mut conn, since)) = state.idle.pop() {
+                drop(state);
+                let healthy = !conn.client.is_closed()
+                    && (since.elapsed() < IDLE_CHECK_AFTER
+                        || conn.client.is_valid(IDLE_CHECK_TIMEOUT).is_ok());
+                if healthy {
+                    return Ok(conn);
+                }
+                drop(conn);
+                state = self.lock();
+                state.open -= 1;
+                continue;
+            }
+            if state.open < MAX_CONNECTIONS {
+                state.open += 1;
+                drop(state);
+                return self.open_connection().inspect_err(|_| {
+                    self.lock().open -= 1;
+                    self.freed.notify_one();
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(DbError::Unavailable(format!(
+                    "all {MAX_CONNECTIONS} connections to {} stayed busy for {}s",
+                    self.target,
+                    CHECKOUT_WAIT.as_secs()
+                )));
+            }
+            state = self
+                .freed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    fn checkin(&self, conn: PgConn) {
+        if conn.client.is_closed() {
+            drop(conn);
+            self.lock().open -= 1;
+        } else {
+            self.lock().idle.push((conn, Instant::now()));
+        }
+        self.freed.notify_one();
+    }
+
+    /// Runs `f` in a transaction (READ COMMITTED) on a pooled connection; `f`
+    /// commits it. Uniqueness is the schema's constraints' job, not this
+    /// isolation level's: callers retry an insert that loses a race.
+    pub fn run<T, E: From<DbError>>(
+        &self,
+        f: impl FnOnce(PgTx<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut conn = self.checkout()?;
+        let result = match conn.client.transaction() {
+            Ok(tx) => f(PgTx {
+                tx,
+                stmts: &mut conn.stmts,
+            }),
+            Err(e) => Err(DbError::from(e).into()),
+        };
+        self.checkin(conn);
+        result
+    }
+}
+
+impl Drop for PgPool {
+    fn drop(&mut self) {
+        let idle = std::mem::take(&mut self.lock().idle);
+        // Closing a connection runs the client's own runtime, which panics
+        // inside an async task: close them on a thread of their own.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            let closer = std::thread::spawn(move || drop(idle));
+            let _ = closer.join();
+        }
+    }
+}
+
+/// A PostgreSQL transaction with its connection's statement cache.
+pub struct PgTx<'a> {
+    tx: postgres::Transaction<'a>,
+    stmts: &'a mut HashMap<String, Statement>,
+}
+
+impl PgTx<'_> {
+    fn statement(&mut self, sql: &str) -> Result<Statement, DbError> {
+        if let Some(stmt) = self.stmts.get(sql) {
+            return Ok(stmt.clone());
+        }
+        let stmt = self.tx.prepare(&postgres_placeholders(sql))?;
+        self.stmts.insert(sql.to_owned(), stmt.clone());
+        Ok(stmt)
+    }
+
+    pub fn exec(&mut self, sql: &str, args: &[Value]) -> Result<u64, DbError> {
+        let stmt = self.statement(sql)?;
+        let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|v| v as _).collect();
+        Ok(self.tx.execute(&stmt, &params)?)
+    }
+
+    pub fn query(&mut self, sql: &str, args: &[Value]) -> Result<Vec<Row>, DbError> {
+        let stmt = self.statement(sql)?;
+        let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|v| v as _).collect();
+        self.tx.query(&stmt, &params)?.iter().map(row).collect()
+    }
+
+    pub fn batch(&mut self, sql: &str) -> Result<(), DbError> {
+        Ok(self.tx.batch_execute(sql)?)
+    }
+
+    pub fn commit(self) -> Result<(), DbError> {
+        Ok(self.tx.commit()?)
+    }
+}
+
+fn row(r: &postgres::Row) -> Result<Row, DbError> {
+    let mut values = Vec::with_capacity(r.len());
+    for (i, column) in r.columns().iter().enumerate() {
+        let v = match *column.type_() {
+            Type::INT8 => r.try_get::<_, Option<i64>>(i)?.map(Value::Int),
+            Type::INT4 => r
+                .try_get::<_, Option<i32>>(i)?
+                .map(|v| Value::Int(v.into())),
+            Type::INT2 => r
+                .try_get::<_, Option<i16>>(i)?
+                .map(|v| Value::Int(v.into())),
+            Type::BOOL => r
+                .try_get::<_, Option<bool>>(i)?
+                .map(|v| Value::Int(v.into())),
+            Type::BYTEA => r.try_get::<_, Option<Vec<u8>>>(i)?.map(Value::Blob),
+            Type::VOID => None,
+            _ => r.try_get::<_, Option<String>>(i)?.map(Value::Text),
+        };
+        values.push(v.unwrap_or(Value::Null));
+    }
+    Ok(Row(values))
+}
+
+impl ToSql for Value {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Value::Null => Ok(IsNull::Yes),
+            Value::Int(v) => match *ty {
+                Type::INT8 => v.to_sql(ty, out),
+                Type::INT4 => i32::try_from(*v)?.to_sql(ty, out),
+                Type::INT2 => i16::try_from(*v)?.to_sql(ty, out),
+                Type::BOOL => (*v != 0).to_sql(ty, out),
+                _ => Err(format!("an integer given for a {ty} parameter").into()),
+            },
+            Value::Text(s) => s.as_str().to_sql(ty, out),
+            Value::Blob(b) => b.as_slice().to_sql(ty, out),
+        }
+    }
+
+    fn accepts(ty: &Type) -> bool {
+        matches!(
+            *ty,
+            Type::INT8
+                | Type::INT4
+                | Type::INT2
+                | Type::BOOL
+                | Type::TEXT
+                | Type::VARCHAR
+                | Type::BPCHAR
+                | Type::NAME
+                | Type::UNKNOWN
+                | Type::BYTEA
+        )
+    }
+
+    postgres::types::to_sql_checked!();
+}
