@@ -24,6 +24,7 @@ pub mod coturn;
 pub mod dnsmasq;
 pub mod lab;
 pub mod mesh;
+pub mod nats;
 pub mod overlay;
 pub mod pcap;
 pub mod postgres;

@@ -1,0 +1,335 @@
+//! Three coordinator replicas behind one database and one NATS bus, nodes
+//! spread across them (each node lists a different replica first):
+//! paths, relay, enrolment and removal work across replicas as within one.
+//!
+//! ```text
+//!   bus (nats-server :4222)   r1   r2   r3   (overlay-coord serve --bus, one shared store)
+//!     │                        │    │    │
+//!   ──┴────────────── public 203.0.113.0/24 ─┴──┬──────────┬──────────┬────
+//!                                  a (public) b (public)  cgw (no UDP) dgw (no UDP)
+//!                                                            │          │
+//!                                                            c          d
+//! ```
+//!
+//! The store is one SQLite file that the three replicas open together (WAL),
+//! until the PostgreSQL store lands; the bus is what this test is about.
+//! Needs root, `nats-server`, and `cargo build --workspace` first.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context};
+use overlay_proto::api::PathKind;
+use overlay_tests::nats::Nats;
+use overlay_tests::overlay::{tcp_listening, COORD_PORT};
+use overlay_tests::{
+    bin, fatal, lab_test, ping_lossless, wait_path, wait_until, Coordinator, Daemon, Host, Lab,
+    NatKind, Node, Segment, Wait,
+};
+
+const PUBLIC_SUBNET: &str = "203.0.113.0/24";
+/// How long a pair may take to reach its path.
+const PATH_TIMEOUT: Duration = Duration::from_secs(40);
+/// The issue's bound: a removal closes the node's session on another replica.
+const REMOVAL_BOUND: Duration = Duration::from_secs(1);
+/// A node enrolled on one replica must be seen on the others this soon.
+const ENROL_SEEN_BOUND: Duration = Duration::from_secs(3);
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The public segment, the bus and three replicas sharing `store_dir`.
+struct Deployment {
+    segment: Segment,
+    upstream: Ipv4Addr,
+    // Dropped in order: replicas before the bus.
+    replicas: Vec<Coordinator>,
+    _nats: Nats,
+}
+
+impl Deployment {
+    fn start(lab: &Lab) -> anyhow::Result<Deployment> {
+        let segment = lab.segment("public", PUBLIC_SUBNET)?;
+        let upstream = lab.upstream(&segment)?.ip;
+        let bus_host = lab.host("bus")?;
+        let bus_ip = lab.attach(&bus_host, &segment)?.ip;
+        let nats = Nats::start(lab, &bus_host, bus_ip)?;
+        let store_dir = lab.subdir("shared-store")?;
+        let mut replicas = Vec::new();
+        // One after the other: the first creates the store (and TURN secret).
+        for i in 1..=3 {
+            let host = lab.host(&format!("r{i}"))?;
+            let ip = lab.attach(&host, &segment)?.ip;
+            lab.default_route(&host, upstream)?;
+            replicas.push(start_replica(lab, &host, ip, &store_dir, &nats.url())?);
+        }
+        let d = Deployment {
+            segment,
+            upstream,
+            replicas,
+            _nats: nats,
+        };
+        for r in &d.replicas {
+            wait_until(
+                START_TIMEOUT,
+                "every replica to hear the two others",
+                || {
+                    let health = healthz(lab, r)?;
+                    if health.contains("bus: connected, 2 other replicas") {
+                        Ok(())
+                    } else {
+                        Err(Wait::NotYet(health))
+                    }
+                },
+            )?;
+        }
+        Ok(d)
+    }
+
+    /// `--coordinator` for a node that starts on replica `first` (0-based)
+    /// and fails over to the others.
+    fn urls_from(&self, first: usize) -> String {
+        let n = self.replicas.len();
+        (0..n)
+            .map(|i| self.replicas[(first + i) % n].url.clone())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn public_host(&self, lab: &Lab, name: &str) -> anyhow::Result<Host> {
+        let host = lab.host(name)?;
+        lab.attach(&host, &self.segment)?;
+        lab.default_route(&host, self.upstream)?;
+        Ok(host)
+    }
+
+    fn udp_blocked_host(&self, lab: &Lab, name: &str) -> anyhow::Result<Host> {
+        let site = lab.nat_site(&format!("{name}gw"), NatKind::UdpBlocked, &self.segment)?;
+        Ok(lab.site_host(&site, name)?.0)
+    }
+}
+
+/// `overlay-coord serve` on `host` as one replica: the shared store, the bus.
+fn start_replica(
+    lab: &Lab,
+    host: &Host,
+    ip: Ipv4Addr,
+    store_dir: &Path,
+    bus: &str,
+) -> anyhow::Result<Coordinator> {
+    let mut cmd = Command::new(bin("overlay-coord")?);
+    cmd.arg("serve")
+        .args(["--listen", &format!("{ip}:{COORD_PORT}")])
+        .arg("--state-dir")
+        .arg(store_dir)
+        .args(["--public-addr", &ip.to_string(), "--allow-http"])
+        .arg("--turn-allow-private")
+        .args(["--bus", bus])
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info,overlay_coord=debug".into()),
+        )
+        .env("NO_COLOR", "1");
+    let mut proc = lab.spawn(host, &format!("coord-{}", host.name), cmd)?;
+    let port = COORD_PORT.to_string();
+    wait_until(START_TIMEOUT, "overlay-coord to listen", || {
+        proc.ensure_running().map_err(fatal)?;
+        if tcp_listening(lab, host, &port)? {
+            Ok(())
+        } else {
+            Err(Wait::NotYet(format!("nothing listens on TCP port {port}")))
+        }
+    })?;
+    Ok(Coordinator {
+        host: host.clone(),
+        ip,
+        url: format!("http://{ip}:{COORD_PORT}"),
+        state_dir: PathBuf::from(store_dir),
+        proc,
+    })
+}
+
+/// `GET path` of a replica from its own host (bash's /dev/tcp: no HTTP
+/// client needed); the body, whatever the status.
+fn http_get(lab: &Lab, r: &Coordinator, path: &str) -> anyhow::Result<String> {
+    let script = format!(
+        "exec 3<>/dev/tcp/{}/{COORD_PORT} && printf 'GET {path} HTTP/1.1\\r\\nHost: x\\r\\nConnection: close\\r\\n\\r\\n' >&3 && timeout 5 cat <&3",
+        r.ip
+    );
+    let out = lab.output(&r.host, "bash", &["-c", &script])?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (_, body) = text.split_once("\r\n\r\n").context("no HTTP head")?;
+    Ok(body.to_string())
+}
+
+fn healthz(lab: &Lab, r: &Coordinator) -> anyhow::Result<String> {
+    http_get(lab, r, "/healthz")
+}
+
+/// Enrols and starts a node on `host` that talks to `urls` (first one first).
+fn node(lab: &Lab, host: &Host, name: &str, urls: &str, key: &str) -> anyhow::Result<Node> {
+    let mut daemon = Daemon::new(lab, host, name, urls)?;
+    daemon.start(lab, Some(key))?;
+    let status = daemon.wait_ready()?;
+    Ok(Node {
+        host: host.clone(),
+        daemon,
+        mesh_ip: status.mesh_ip,
+    })
+}
+
+/// Waits until `node` is connected to the replica at `url`.
+fn connected_to(node: &Node, url: &str) -> anyhow::Result<()> {
+    let what = format!("{} to be connected to {url}", node.daemon.name);
+    wait_until(START_TIMEOUT, &what, || {
+        let s = node.daemon.status()?;
+        if s.coordinator_connected && s.coordinator == url {
+            Ok(())
+        } else {
+            Err(Wait::NotYet(format!(
+                "at {} (connected: {})",
+                s.coordinator, s.coordinator_connected
+            )))
+        }
+    })
+}
+
+/// Waits until `node` lists `peer` online; returns how long it took.
+fn sees_online(node: &Node, peer: &str, timeout: Duration) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    let what = format!("{} to see {peer} online", node.daemon.name);
+    wait_until(timeout, &what, || {
+        let peers = node.daemon.peers()?;
+        match peers.iter().find(|p| p.name == peer) {
+            Some(p) if p.online => Ok(()),
+            Some(_) => Err(Wait::NotYet(format!("{peer} listed offline"))),
+            None => Err(Wait::NotYet(format!("{peer} not listed"))),
+        }
+    })?;
+    Ok(started.elapsed())
+}
+
+#[test]
+fn nodes_on_different_replicas_find_a_direct_path_or_share_the_relay() {
+    lab_test(|lab| {
+        let dep = Deployment::start(lab)?;
+        let key = dep.replicas[0].create_key(lab)?;
+        let (ha, hb) = (dep.public_host(lab, "a")?, dep.public_host(lab, "b")?);
+        let (hc, hd) = (
+            dep.udp_blocked_host(lab, "c")?,
+            dep.udp_blocked_host(lab, "d")?,
+        );
+        let mut a = node(lab, &ha, "a", &dep.urls_from(0), &key)?;
+        let b = node(lab, &hb, "b", &dep.urls_from(1), &key)?;
+        let mut c = node(lab, &hc, "c", &dep.urls_from(1), &key)?;
+        let d = node(lab, &hd, "d", &dep.urls_from(2), &key)?;
+        connected_to(&a, &dep.replicas[0].url)?;
+        connected_to(&b, &dep.replicas[1].url)?;
+        connected_to(&c, &dep.replicas[1].url)?;
+        connected_to(&d, &dep.replicas[2].url)?;
+
+        // Signaling crosses the bus: a (r1) and b (r2) punch a direct path.
+        let took = wait_path(&mut a.daemon, "b", PathKind::Direct, PATH_TIMEOUT)?;
+        eprintln!(
+            "REPLICAS | a (r1) ↔ b (r2) direct after {:.1} s",
+            took.as_secs_f64()
+        );
+        ping_lossless(lab, &a, &b)?;
+        ping_lossless(lab, &b, &a)?;
+
+        // No UDP on either side: the coordination relay, r2 → bus → r3.
+        let took = wait_path(&mut c.daemon, "d", PathKind::CoordRelay, PATH_TIMEOUT)?;
+        eprintln!(
+            "REPLICAS | c (r2) ↔ d (r3) coord relay after {:.1} s",
+            took.as_secs_f64()
+        );
+        ping_lossless(lab, &c, &d)?;
+        ping_lossless(lab, &d, &c)?;
+        let metrics = http_get(lab, &dep.replicas[1], "/metrics")?;
+        let relayed = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("overlay_coord_bus_relay_frames_out_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .context("no overlay_coord_bus_relay_frames_out_total in r2's /metrics")?;
+        ensure!(relayed >= 20, "r2 sent {relayed} relay frames over the bus");
+        Ok(())
+    });
+}
+
+#[test]
+fn enrolment_and_removal_reach_every_replica() {
+    lab_test(|lab| {
+        let dep = Deployment::start(lab)?;
+        let key = dep.replicas[0].create_key(lab)?;
+        let a = node(
+            lab,
+            &dep.public_host(lab, "a")?,
+            "a",
+            &dep.urls_from(0),
+            &key,
+        )?;
+        let b = node(
+            lab,
+            &dep.public_host(lab, "b")?,
+            "b",
+            &dep.urls_from(1),
+            &key,
+        )?;
+        connected_to(&a, &dep.replicas[0].url)?;
+        connected_to(&b, &dep.replicas[1].url)?;
+        sees_online(&a, "b", START_TIMEOUT)?;
+
+        // e enrols through r3: a (r1) and b (r2) see it online promptly.
+        let he = dep.public_host(lab, "e")?;
+        let e = node(lab, &he, "e", &dep.urls_from(2), &key)?;
+        connected_to(&e, &dep.replicas[2].url)?;
+        let online = Instant::now();
+        for n in [&a, &b] {
+            sees_online(n, "e", ENROL_SEEN_BOUND)?;
+        }
+        eprintln!(
+            "REPLICAS | e enrolled and online on r3, seen online on r1 and r2 within {} ms",
+            online.elapsed().as_millis()
+        );
+        ping_lossless(lab, &a, &e)?;
+
+        // The CLI removes e in the shared store from r1's host; r3 closes its session.
+        let removing = Instant::now();
+        dep.replicas[0].remove_node(lab, "e")?;
+        let proc = e
+            .daemon
+            .proc
+            .as_ref()
+            .context("e's daemon is not running")?;
+        wait_until(Duration::from_secs(5), "e's session to be closed", || {
+            if proc.log().contains("node removed by an administrator") {
+                Ok(())
+            } else {
+                Err(Wait::NotYet("e's daemon has not been told".into()))
+            }
+        })?;
+        let closed = removing.elapsed();
+        eprintln!(
+            "REPLICAS | nodes remove on r1's host → e's session on r3 closed in {} ms",
+            closed.as_millis()
+        );
+        ensure!(
+            closed <= REMOVAL_BOUND,
+            "e's session closed {closed:?} after the removal (bound {REMOVAL_BOUND:?})"
+        );
+        for n in [&a, &b] {
+            wait_until(
+                Duration::from_secs(5),
+                &format!("{} to drop e", n.daemon.name),
+                || {
+                    if n.daemon.peers()?.iter().any(|p| p.name == "e") {
+                        Err(Wait::NotYet("e still listed".into()))
+                    } else {
+                        Ok(())
+                    }
+                },
+            )?;
+        }
+        Ok(())
+    });
+}
