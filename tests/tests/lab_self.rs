@@ -85,3 +85,52 @@ fn point_to_point_links_are_numbered_1_and_2() {
         Ok(())
     });
 }
+
+/// `ping -6` from `host` to `target`: (sent, received).
+fn ping6(lab: &Lab, host: &overlay_tests::Host, target: std::net::Ipv6Addr) -> (u32, u32) {
+    let target = target.to_string();
+    let out = lab
+        .output(
+            host,
+            "ping",
+            &["-6", "-c", "2", "-i", "0.2", "-W", "1", &target],
+        )
+        .expect("ping -6");
+    let text = String::from_utf8_lossy(&out.stdout);
+    overlay_tests::overlay::parse_ping_summary(&text)
+        .unwrap_or_else(|| panic!("no ping summary: {text} {:?}", out.stderr))
+}
+
+#[test]
+fn dual_stack_sites_route_ipv6_without_nat_behind_a_stateful_firewall() {
+    lab_test(|lab| {
+        let public = lab.segment6("pub", "203.0.113.0/24", "2001:db8::/64")?;
+        let server = lab.host("srv")?;
+        let srv = lab.attach(&server, &public)?;
+        let srv6 = srv.ip6.expect("dual-stack segment gives IPv6");
+        // A site made before and one after the server joined: both routed.
+        let early = lab.nat_site6("ea", overlay_tests::NatKind::Symmetric, &public)?;
+        let (a, ia) = lab.site_host(&early, "a")?;
+        let late_server = lab.host("srv2")?;
+        let srv2 = lab.attach(&late_server, &public)?;
+        let late = lab.nat_site6("lb", overlay_tests::NatKind::Cone, &public)?;
+        let (b, ib) = lab.site_host(&late, "b")?;
+        let (a6, b6) = (ia.ip6.expect("a has IPv6"), ib.ip6.expect("b has IPv6"));
+        assert!(
+            a6.segments()[0] == 0x2001 && a6.segments()[1] == 0xdb8,
+            "{a6}"
+        );
+        // Out through the router, no NAT: the server sees a's own address.
+        assert_eq!(ping6(lab, &a, srv6), (2, 2));
+        assert_eq!(ping6(lab, &b, srv2.ip6.expect("srv2 IPv6")), (2, 2));
+        assert_eq!(ping(lab, &a, srv.ip, &["-c", "1", "-W", "2"])?, (1, 1));
+        // Nothing unsolicited comes in: not from a server, not from another site.
+        assert_eq!(ping6(lab, &server, a6).1, 0);
+        assert_eq!(ping6(lab, &a, b6).1, 0);
+        // A plain site stays IPv4-only.
+        let plain = lab.nat_site("pl", overlay_tests::NatKind::Cone, &public)?;
+        let (_, ic) = lab.site_host(&plain, "c")?;
+        assert_eq!(ic.ip6, None);
+        Ok(())
+    });
+}
