@@ -333,3 +333,119 @@ fn enrolment_and_removal_reach_every_replica() {
         Ok(())
     });
 }
+
+/// The bound for a killed replica's nodes to be back, and for
+/// relayed pairs to resume.
+const FAILOVER_BOUND: Duration = Duration::from_secs(5);
+
+/// Waits until `node` is connected to a replica other than `dead`; returns
+/// how long after `since` it was seen there.
+fn moved_off(node: &Node, dead: &str, since: Instant) -> anyhow::Result<Duration> {
+    let what = format!("{} to reconnect to another replica", node.daemon.name);
+    wait_until(FAILOVER_BOUND * 2, &what, || {
+        let s = node.daemon.status()?;
+        if s.coordinator_connected && s.coordinator != dead {
+            Ok(since.elapsed())
+        } else {
+            Err(Wait::NotYet(format!(
+                "at {} (connected: {})",
+                s.coordinator, s.coordinator_connected
+            )))
+        }
+    })
+}
+
+#[test]
+fn a_killed_replicas_nodes_move_to_the_others_and_keep_their_paths() {
+    lab_test(|lab| {
+        let mut dep = Deployment::start(lab)?;
+        let key = dep.replicas[0].create_key(lab)?;
+        let (ha, hb) = (dep.public_host(lab, "a")?, dep.public_host(lab, "b")?);
+        let (hc, hd) = (
+            dep.udp_blocked_host(lab, "c")?,
+            dep.udp_blocked_host(lab, "d")?,
+        );
+        // a and c on r1, which is killed; b and d on r2.
+        let mut a = node(lab, &ha, "a", &dep.urls_from(0), &key)?;
+        let b = node(lab, &hb, "b", &dep.urls_from(1), &key)?;
+        let mut c = node(lab, &hc, "c", &dep.urls_from(0), &key)?;
+        let d = node(lab, &hd, "d", &dep.urls_from(1), &key)?;
+        connected_to(&a, &dep.replicas[0].url)?;
+        connected_to(&c, &dep.replicas[0].url)?;
+        wait_path(&mut a.daemon, "b", PathKind::Direct, PATH_TIMEOUT)?;
+        wait_path(&mut c.daemon, "d", PathKind::CoordRelay, PATH_TIMEOUT)?;
+        ping_lossless(lab, &c, &d)?;
+
+        let dead = dep.replicas[0].url.clone();
+        let b_ip = b.mesh_ip.to_string();
+        let a_ns = a.host.ns.clone();
+        let (pings, moves, relay_back) = std::thread::scope(|scope| {
+            // 12 s of pings a → b across the kill, on the direct path.
+            let pinger = scope.spawn(move || {
+                Command::new("ip")
+                    .args(["netns", "exec", &a_ns, "ping", "-c", "120", "-i", "0.1"])
+                    .args(["-W", "1", &b_ip])
+                    .output()
+            });
+            let killed = Instant::now();
+            let result = (|| {
+                overlay_tests::process::signal(dep.replicas[0].proc.pid(), "KILL")?;
+                let moves = (moved_off(&a, &dead, killed)?, moved_off(&c, &dead, killed)?);
+                let d_ip = d.mesh_ip.to_string();
+                let back = wait_until(FAILOVER_BOUND * 2, "c → d over the relay again", || {
+                    let out = lab.output(&c.host, "ping", &["-c", "1", "-W", "1", &d_ip])?;
+                    if out.status.success() {
+                        Ok(killed.elapsed())
+                    } else {
+                        Err(Wait::NotYet("no answer".into()))
+                    }
+                })?;
+                anyhow::Ok((moves, back))
+            })();
+            let pings = pinger
+                .join()
+                .map_err(|_| anyhow::anyhow!("the ping thread panicked"))
+                .and_then(|out| Ok(out?));
+            result.map(|(moves, back)| (pings, moves, back))
+        })?;
+        let out = pings?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let (sent, received) = overlay_tests::overlay::parse_ping_summary(&text)
+            .with_context(|| format!("no ping summary in {text:?}"))?;
+        eprintln!(
+            "REPLICAS | r1 killed: a back on a replica after {} ms, c after {} ms; c → d relay answered after {} ms; a → b direct: {received} of {sent} pings answered",
+            moves.0.as_millis(),
+            moves.1.as_millis(),
+            relay_back.as_millis()
+        );
+        ensure!(
+            sent == 120 && received == sent,
+            "a → b lost pings across the kill: {received} of {sent}"
+        );
+        ensure!(
+            moves.0 <= FAILOVER_BOUND && moves.1 <= FAILOVER_BOUND,
+            "reconnecting took {moves:?} (bound {FAILOVER_BOUND:?})"
+        );
+        ensure!(
+            relay_back <= FAILOVER_BOUND,
+            "the relay resumed {relay_back:?} after the kill (bound {FAILOVER_BOUND:?})"
+        );
+        ping_lossless(lab, &c, &d)?;
+
+        // Enrolled afterwards on r3: every node sees it.
+        let killed_replica = dep.replicas.remove(0);
+        drop(killed_replica);
+        let f = node(
+            lab,
+            &dep.public_host(lab, "f")?,
+            "f",
+            &dep.urls_from(1),
+            &key,
+        )?;
+        for n in [&a, &b, &c, &d] {
+            sees_online(n, "f", ENROL_SEEN_BOUND)?;
+        }
+        drop(f);
+        Ok(())
+    });
+}
