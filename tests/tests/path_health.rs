@@ -35,7 +35,7 @@ fn dead_direct_path_falls_back_to_the_relay_and_recovers() {
         let LanPair {
             a_host,
             mut a,
-            b,
+            mut b,
             coord,
             ..
         } = LanPair::start(lab, "10.77.2.0/24")?;
@@ -49,6 +49,9 @@ fn dead_direct_path_falls_back_to_the_relay_and_recovers() {
             "direct path lost: a moved b to the coord relay after {:.1} s",
             fallback.as_secs_f64()
         );
+        // b's checks fail too, a moment later: its replies take the relay
+        // only from then on.
+        wait_path(&mut b, "a", PathKind::CoordRelay, FALLBACK_TIMEOUT)?;
         let (sent, received) = ping(lab, &a_host, b_ip, &["-c", "10", "-i", "0.2", "-W", "2"])?;
         ensure!(
             sent == 10 && received == 10,
