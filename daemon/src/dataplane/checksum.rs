@@ -36,6 +36,33 @@ pub fn tcp_v4_pseudo(packet: &[u8], tcp_len: usize) -> u32 {
     sum16(&packet[12..20], u32::from(PROTO_TCP) + tcp_len as u32)
 }
 
+/// Length of the fixed IPv6 header.
+pub const IPV6_HEADER: usize = 40;
+
+/// The TCP pseudo-header's sum for an IPv6 `packet` (no extension headers)
+/// whose TCP segment is `tcp_len` long: source, destination, the upper-layer
+/// length and the next header (RFC 8200 section 8.1).
+pub fn tcp_v6_pseudo(packet: &[u8], tcp_len: usize) -> u32 {
+    let len = tcp_len as u32;
+    sum16(
+        &packet[8..IPV6_HEADER],
+        u32::from(PROTO_TCP) + (len >> 16) + (len & 0xffff),
+    )
+}
+
+/// Writes the TCP checksum of an IPv6 `packet` (no extension headers).
+pub fn tcp_v6(packet: &mut [u8]) {
+    let at = IPV6_HEADER + 16;
+    packet[at] = 0;
+    packet[at + 1] = 0;
+    let tcp_len = packet.len() - IPV6_HEADER;
+    let sum = fold(sum16(
+        &packet[IPV6_HEADER..],
+        tcp_v6_pseudo(packet, tcp_len),
+    ));
+    packet[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
 /// Writes the IPv4 header checksum of `packet` (header length `ihl`).
 pub fn ipv4_header(packet: &mut [u8], ihl: usize) {
     packet[10] = 0;

@@ -2,7 +2,7 @@
 //! lever wireguard-go gained for Tailscale: the kernel hands us TCP segments of up
 //! to 64 KiB with one `virtio_net_hdr` in front, instead of one read per
 //! MTU-sized packet, and leaves checksums to us. Here such a read is cut into
-//! MTU-sized IPv4 packets with complete checksums, ready to encrypt.
+//! MTU-sized IPv4 or IPv6 packets with complete checksums, ready to encrypt.
 //!
 //! ```text
 //!  read:  [virtio_net_hdr 10 B][IPv4][TCP][payload ........................ up to 64 KiB]
@@ -14,7 +14,7 @@
 
 use std::os::fd::RawFd;
 
-use super::checksum::{fold, ipv4_header, sum16, tcp_v4};
+use super::checksum::{fold, ipv4_header, sum16, tcp_v4, tcp_v6, IPV6_HEADER, PROTO_TCP};
 
 /// Length of the `virtio_net_hdr` before every packet read from or written to the TUN.
 pub const VNET_HDR_LEN: usize = 10;
@@ -22,6 +22,7 @@ pub const VNET_HDR_LEN: usize = 10;
 const F_NEEDS_CSUM: u8 = 1;
 const GSO_NONE: u8 = 0;
 const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
 const GSO_ECN: u8 = 0x80;
 const TCP_FIN: u8 = 0x01;
 const TCP_PSH: u8 = 0x08;
@@ -33,17 +34,35 @@ pub enum OffloadError {
     Truncated,
     #[error("offload type {0} is not one we enabled")]
     Unsupported(u8),
+    #[error("IPv6 super-segment with extension headers")]
+    ExtensionHeaders,
 }
 
-/// Tells the kernel it may give us TCPv4 super-segments and partial checksums.
-pub fn enable(fd: RawFd) -> std::io::Result<()> {
-    let flags = libc::TUN_F_CSUM | libc::TUN_F_TSO4;
-    // SAFETY: TUNSETOFFLOAD takes its argument by value; `fd` is our open TUN.
-    let rc = unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, flags as libc::c_ulong) };
-    if rc < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
+/// What the kernel agreed to hand us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offloads {
+    /// TCP super-segments over IPv4 and IPv6, and partial checksums.
+    Tso4And6,
+    /// Over IPv4 only (a kernel that refuses TSO6).
+    Tso4,
+}
+
+/// Tells the kernel it may give us TCP super-segments (IPv4 and IPv6) and
+/// partial checksums; IPv4 alone when it refuses IPv6.
+pub fn enable(fd: RawFd) -> std::io::Result<Offloads> {
+    let set = |flags: libc::c_uint| {
+        // SAFETY: TUNSETOFFLOAD takes its argument by value; `fd` is our open TUN.
+        let rc = unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, flags as libc::c_ulong) };
+        if rc < 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    let v4 = libc::TUN_F_CSUM | libc::TUN_F_TSO4;
+    match set(v4 | libc::TUN_F_TSO6) {
+        Ok(()) => Ok(Offloads::Tso4And6),
+        Err(_) => set(v4).map(|()| Offloads::Tso4),
     }
 }
 
@@ -78,6 +97,7 @@ pub fn segment(frame: &[u8], out: &mut Vec<u8>, lens: &mut Vec<usize>) -> Result
             Ok(())
         }
         GSO_TCPV4 => segment_tcp4(packet, gso_size, out, lens),
+        GSO_TCPV6 => segment_tcp6(packet, gso_size, out, lens),
         other => Err(OffloadError::Unsupported(other)),
     }
 }
@@ -126,6 +146,56 @@ fn segment_tcp4(
     Ok(())
 }
 
+/// As [`segment_tcp4`] for IPv6: no header checksum or identification, the
+/// payload length instead of the total length. The kernel's TSO6 frames from a
+/// TUN carry TCP right after the fixed header; others are refused.
+fn segment_tcp6(
+    packet: &[u8],
+    mss: usize,
+    out: &mut Vec<u8>,
+    lens: &mut Vec<usize>,
+) -> Result<(), OffloadError> {
+    if packet.len() < IPV6_HEADER + 20 || packet[0] >> 4 != 6 || mss == 0 {
+        return Err(OffloadError::Truncated);
+    }
+    if packet[6] != PROTO_TCP {
+        return Err(OffloadError::ExtensionHeaders);
+    }
+    let thl = usize::from(packet[IPV6_HEADER + 12] >> 4) * 4;
+    let hdr_len = IPV6_HEADER + thl;
+    if thl < 20 || packet.len() < hdr_len {
+        return Err(OffloadError::Truncated);
+    }
+    let (headers, payload) = packet.split_at(hdr_len);
+    let tcp = IPV6_HEADER;
+    let seq = u32::from_be_bytes([
+        headers[tcp + 4],
+        headers[tcp + 5],
+        headers[tcp + 6],
+        headers[tcp + 7],
+    ]);
+    let count = payload.len().div_ceil(mss);
+    for (i, chunk) in payload.chunks(mss).enumerate() {
+        let start = out.len();
+        out.extend_from_slice(headers);
+        out.extend_from_slice(chunk);
+        let p = &mut out[start..];
+        let payload_len = (thl + chunk.len()) as u16;
+        p[4..6].copy_from_slice(&payload_len.to_be_bytes());
+        let seq_i = seq.wrapping_add((i * mss) as u32);
+        p[tcp + 4..tcp + 8].copy_from_slice(&seq_i.to_be_bytes());
+        if i + 1 < count {
+            p[tcp + 13] &= !(TCP_FIN | TCP_PSH);
+        }
+        if i > 0 {
+            p[tcp + 13] &= !TCP_CWR;
+        }
+        tcp_v6(p);
+        lens.push(p.len());
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -153,9 +223,38 @@ pub(crate) mod tests {
         p
     }
 
+    /// An IPv6/TCP packet (fd7a::1 → fd7a::2) with the given payload and a
+    /// valid checksum.
+    pub(crate) fn tcp6_packet(payload: &[u8], seq: u32, flags: u8) -> Vec<u8> {
+        let mut p = vec![0u8; 60];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        p[6] = PROTO_TCP;
+        p[7] = 64;
+        p[8..10].copy_from_slice(&[0xfd, 0x7a]);
+        p[23] = 1;
+        p[24..26].copy_from_slice(&[0xfd, 0x7a]);
+        p[39] = 2;
+        p[40..42].copy_from_slice(&40000u16.to_be_bytes());
+        p[42..44].copy_from_slice(&5201u16.to_be_bytes());
+        p[44..48].copy_from_slice(&seq.to_be_bytes());
+        p[52] = 5 << 4;
+        p[53] = flags;
+        p[54..56].copy_from_slice(&65535u16.to_be_bytes());
+        p.extend_from_slice(payload);
+        tcp_v6(&mut p);
+        p
+    }
+
     /// Recomputes a test packet's TCP checksum after its header was edited.
     pub(crate) fn retcp(p: &mut [u8]) {
         tcp_v4(p, 20);
+    }
+
+    fn verifies6(p: &[u8]) -> bool {
+        let len = p.len() - 40;
+        let acc = sum16(&p[8..40], u32::from(PROTO_TCP) + len as u32);
+        fold(sum16(&p[40..], acc)) == 0
     }
 
     fn verifies(p: &[u8]) -> bool {
@@ -196,6 +295,51 @@ pub(crate) mod tests {
             assert!(verifies(seg), "segment {i} checksums");
             assert_eq!(seg, want.as_slice(), "segment {i}");
         }
+    }
+
+    #[test]
+    fn a_tso6_frame_becomes_mss_sized_ipv6_segments() {
+        let payload: Vec<u8> = (0..2500u32).map(|i| (i * 7) as u8).collect();
+        let big = tcp6_packet(&payload, 77, TCP_PSH | TCP_FIN | TCP_CWR | 0x10);
+        let mut frame = vnet(F_NEEDS_CSUM, GSO_TCPV6, 1200, 40, 16);
+        frame.extend_from_slice(&big);
+        let (mut out, mut lens) = (Vec::new(), Vec::new());
+        segment(&frame, &mut out, &mut lens).unwrap();
+        assert_eq!(lens, vec![1260, 1260, 160]);
+        let mut at = 0;
+        for (i, len) in lens.iter().enumerate() {
+            let seg = &out[at..at + len];
+            at += len;
+            let chunk = &payload[i * 1200..(i * 1200 + 1200).min(payload.len())];
+            let flags = match i {
+                0 => TCP_CWR | 0x10,
+                1 => 0x10,
+                _ => TCP_PSH | TCP_FIN | 0x10,
+            };
+            let want = tcp6_packet(chunk, 77 + (i as u32) * 1200, flags);
+            assert!(verifies6(seg), "segment {i} checksum");
+            assert_eq!(seg, want.as_slice(), "segment {i}");
+        }
+    }
+
+    #[test]
+    fn ipv6_super_segments_with_extension_headers_are_refused() {
+        let mut p = tcp6_packet(&[1; 3000], 1, 0x10);
+        p[6] = 0; // a hop-by-hop options header first
+        let mut frame = vnet(F_NEEDS_CSUM, GSO_TCPV6, 1000, 40, 16);
+        frame.extend_from_slice(&p);
+        let (mut out, mut lens) = (Vec::new(), Vec::new());
+        assert_eq!(
+            segment(&frame, &mut out, &mut lens),
+            Err(OffloadError::ExtensionHeaders)
+        );
+        let mut short = vnet(0, GSO_TCPV6, 1000, 40, 16);
+        short.extend_from_slice(&p[..50]);
+        assert_eq!(
+            segment(&short, &mut out, &mut lens),
+            Err(OffloadError::Truncated)
+        );
+        assert!(out.is_empty() && lens.is_empty());
     }
 
     #[test]

@@ -32,10 +32,14 @@ pub fn create(name: &str, ip: Ipv4Addr, network: Ipv4Net, mtu: u16) -> Result<Tu
     if wanted {
         match create_with(name, ip, network, mtu, true) {
             Ok(device) => {
-                if let Err(e) = crate::dataplane::offload::enable(device.as_raw_fd()) {
-                    tracing::info!(
+                match crate::dataplane::offload::enable(device.as_raw_fd()) {
+                    Ok(crate::dataplane::offload::Offloads::Tso4And6) => {}
+                    Ok(crate::dataplane::offload::Offloads::Tso4) => tracing::info!(
+                        "TUN segmentation offload for IPv4 only (the kernel refuses TSO6)"
+                    ),
+                    Err(e) => tracing::info!(
                         "TUN segmentation offload unavailable ({e}); one packet per read"
-                    );
+                    ),
                 }
                 return Ok(Tun {
                     device,
