@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::Ipv4Net;
 
 use crate::config::{self, Config, FileConfig, Overrides};
-use crate::store::{now_unix, KeyProblem, Store};
+use crate::store::{now_unix, KeyProblem, Location, Store};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -25,6 +25,17 @@ pub struct Cli {
     /// State directory holding the store [default: /var/lib/overlay-coord].
     #[arg(long, global = true, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// PostgreSQL holding the store (postgres://USER[:PASSWORD]@HOST[:PORT]/DB,
+    /// or key=value pairs) instead of SQLite in the state directory; replicas
+    /// of `serve` share it.
+    #[arg(
+        long,
+        global = true,
+        value_name = "URL",
+        env = "OVERLAY_COORD_DATABASE",
+        hide_env_values = true
+    )]
+    pub database: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -236,19 +247,21 @@ impl Cli {
                 Some((f, v)) if f.starts_with("--") => (f.to_owned(), Some(v.to_owned())),
                 _ => (arg.clone(), None),
             };
-            let slot = match flag.as_str() {
-                "--state-dir" => &mut self.state_dir,
-                "--config" => &mut self.config,
-                f if f.starts_with("--") => bail!("unexpected option {f:?} among the tag changes"),
-                _ => {
-                    kept.push(arg);
-                    continue;
-                }
+            if !flag.starts_with("--") {
+                kept.push(arg);
+                continue;
+            }
+            let value = match flag.as_str() {
+                "--state-dir" | "--config" | "--database" => inline
+                    .or_else(|| rest.next())
+                    .with_context(|| format!("{flag} needs a value"))?,
+                f => bail!("unexpected option {f:?} among the tag changes"),
             };
-            let value = inline
-                .or_else(|| rest.next())
-                .with_context(|| format!("{flag} needs a value"))?;
-            *slot = Some(PathBuf::from(value));
+            match flag.as_str() {
+                "--state-dir" => self.state_dir = Some(PathBuf::from(value)),
+                "--config" => self.config = Some(PathBuf::from(value)),
+                _ => self.database = Some(value),
+            }
         }
         if kept.is_empty() {
             bail!("nodes tag needs at least one +TAG or -TAG");
@@ -303,6 +316,7 @@ pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<Config> {
         acme_email: args.acme_email.clone(),
         acme_ca: args.acme_ca.clone(),
         bus: args.bus.clone(),
+        database: cli.database.clone(),
     };
     let file = match (&cli.config, file) {
         (Some(path), Some(f)) => Some((path.as_path(), f)),
@@ -314,7 +328,9 @@ pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<Config> {
 fn open_store(cli: &Cli) -> Result<Store> {
     let file = load_file(cli.config.as_deref())?;
     let dir = config::state_dir(file.as_ref(), cli.state_dir.as_deref());
-    Store::open(&dir).with_context(|| format!("opening the store in {}", dir.display()))
+    let database = config::database(file.as_ref(), cli.database.as_deref())?;
+    let location = Location::new(&dir, database.as_deref());
+    Store::open_at(&location).with_context(|| format!("opening the store {location}"))
 }
 
 /// `cert …`: needs no store.
@@ -592,6 +608,31 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn database_is_global_and_taken_back_from_after_tag_changes() {
+        let cli = Cli::try_parse_from([
+            "overlay-coord",
+            "nodes",
+            "tag",
+            "db1",
+            "+server",
+            "--database=postgres://coord@db/overlay",
+        ])
+        .unwrap()
+        .with_global_flags_after_tags()
+        .unwrap();
+        assert_eq!(cli.database.as_deref(), Some("postgres://coord@db/overlay"));
+        let cli = Cli::try_parse_from([
+            "overlay-coord",
+            "keys",
+            "list",
+            "--database",
+            "host=/run/postgresql",
+        ])
+        .unwrap();
+        assert_eq!(cli.database.as_deref(), Some("host=/run/postgresql"));
     }
 
     #[test]

@@ -68,6 +68,9 @@ pub struct FileConfig {
     pub relay_burst_mib: Option<usize>,
     /// The replicas' bus, `nats://host:port` (several replicas share it).
     pub bus: Option<String>,
+    /// PostgreSQL holding the store (`postgres://…`); without it, SQLite in
+    /// the state directory.
+    pub database: Option<String>,
     #[serde(default)]
     pub turn: FileTurn,
     #[serde(default)]
@@ -156,6 +159,7 @@ pub struct Overrides {
     pub acme_email: Option<String>,
     pub acme_ca: Option<PathBuf>,
     pub bus: Option<String>,
+    pub database: Option<String>,
 }
 
 /// The resolved configuration of `serve`.
@@ -176,6 +180,8 @@ pub struct Config {
     /// The replicas' bus (NATS URL); `None`: a single coordinator, the hub's
     /// own in-process broadcast is the bus.
     pub bus: Option<String>,
+    /// PostgreSQL connection string of the store; `None`: SQLite in `state_dir`.
+    pub database: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -299,6 +305,34 @@ pub fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     config_file::parse(path, text)
 }
 
+/// The database an admin command uses: flag, else file; `None` is SQLite in
+/// the state directory. Checked as [`Config::resolve`] checks it.
+pub fn database(
+    file: Option<&FileConfig>,
+    flag: Option<&str>,
+) -> Result<Option<String>, ConfigError> {
+    let url = flag
+        .map(str::to_owned)
+        .or_else(|| file.and_then(|f| f.database.clone()));
+    if let Some(url) = &url {
+        check_database(url).map_err(|e| ConfigError::Invalid(format!("database: {e}")))?;
+    }
+    Ok(url)
+}
+
+/// A PostgreSQL connection string the store can use (`postgres://` or
+/// `postgresql://` URL, or `key=value` pairs); the message never repeats it,
+/// since it may hold a password.
+fn check_database(url: &str) -> Result<(), String> {
+    let looks_like_url = url.starts_with("postgres://") || url.starts_with("postgresql://");
+    if !looks_like_url && !url.contains('=') {
+        return Err("not a PostgreSQL connection string (postgres://USER@HOST/DB)".into());
+    }
+    url.parse::<postgres::Config>()
+        .map(drop)
+        .map_err(|e| format!("not a PostgreSQL connection string: {e}"))
+}
+
 /// The state directory an admin command uses: flag, else file, else default.
 pub fn state_dir(file: Option<&FileConfig>, flag: Option<&Path>) -> PathBuf {
     flag.map(Path::to_path_buf)
@@ -307,6 +341,12 @@ pub fn state_dir(file: Option<&FileConfig>, flag: Option<&Path>) -> PathBuf {
 }
 
 impl Config {
+    /// Where the store is: the database if one is given, else SQLite in the
+    /// state directory.
+    pub fn store_location(&self) -> crate::store::Location {
+        crate::store::Location::new(&self.state_dir, self.database.as_deref())
+    }
+
     /// Merges defaults, the file (named by `path` for error messages) and the flags.
     pub fn resolve(
         file: Option<(&Path, FileConfig)>,
@@ -486,7 +526,13 @@ impl Config {
             }
         }
 
+        let database = flags.database.or(file.database);
+        if let Some(url) = &database {
+            check_database(url).map_err(|e| bad_key("database", e))?;
+        }
+
         Ok(Config {
+            database,
             listen,
             state_dir,
             network,

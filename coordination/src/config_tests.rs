@@ -397,3 +397,54 @@ fn acme_refuses_ips_wildcards_plain_http_directories_and_a_second_certificate() 
     let err = Config::resolve(None, flags).unwrap_err().to_string();
     assert!(err.contains("need --acme-domain"), "{err}");
 }
+
+#[test]
+fn database_comes_from_the_flag_or_the_file_and_defaults_to_sqlite() {
+    let c = Config::resolve(None, flags_http()).unwrap();
+    assert_eq!(c.database, None);
+    assert_eq!(
+        c.store_location(),
+        crate::store::Location::Sqlite(PathBuf::from(DEFAULT_STATE_DIR))
+    );
+    let path = Path::new("c.toml");
+    let file = || parse_file(path, "database = \"postgres://coord@db1/overlay\"\n").unwrap();
+    let c = Config::resolve(Some((path, file())), flags_http()).unwrap();
+    assert_eq!(c.database.as_deref(), Some("postgres://coord@db1/overlay"));
+    assert_eq!(
+        c.store_location(),
+        crate::store::Location::Postgres("postgres://coord@db1/overlay".into())
+    );
+    let flags = Overrides {
+        database: Some("host=/run/postgresql dbname=overlay".into()),
+        ..flags_http()
+    };
+    let c = Config::resolve(Some((path, file())), flags).unwrap();
+    assert_eq!(
+        c.database.as_deref(),
+        Some("host=/run/postgresql dbname=overlay")
+    );
+    // The admin commands read it the same way.
+    assert_eq!(
+        database(Some(&file()), None).unwrap().as_deref(),
+        Some("postgres://coord@db1/overlay")
+    );
+    assert_eq!(database(None, None).unwrap(), None);
+}
+
+#[test]
+fn a_bad_database_is_refused_without_repeating_it() {
+    let path = Path::new("c.toml");
+    for bad in [
+        "mysql://u:hunter2@db/x",
+        "postgres://u:hunter2@db:notaport/x",
+    ] {
+        let file = parse_file(path, &format!("database = \"{bad}\"\n")).unwrap();
+        let err = Config::resolve(Some((path, file)), flags_http())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("database"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        let err = database(None, Some(bad)).unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+}

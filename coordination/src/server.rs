@@ -136,9 +136,9 @@ fn parse_open_file_limit(limits: &str) -> Option<u64> {
 
 /// Opens everything, binds the ports and starts serving in the background.
 pub async fn start(config: Config) -> Result<Server, ServeError> {
-    let state_dir = config.state_dir.clone();
+    let location = config.store_location();
     let network = config.network;
-    let store = Arc::new(blocking(move || Store::open(&state_dir)).await?);
+    let store = Arc::new(blocking(move || Store::open_at(&location)).await?);
     let replicated = config.bus.is_some();
     let nodes = {
         let store = Arc::clone(&store);
@@ -164,6 +164,11 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     };
     let secret = match &config.turn.secret {
         Some(s) => s.clone(),
+        // In a database, where every replica finds the same one.
+        None if config.database.is_some() => {
+            let store = Arc::clone(&store);
+            blocking(move || store.turn_secret(auth::new_credential)).await?
+        }
         None => auth::load_or_create_turn_secret(&config.state_dir)?,
     };
     let metrics = Arc::new(Metrics::default());

@@ -75,6 +75,7 @@ pub fn config(state_dir: &TempDir) -> Config {
             .unwrap(),
         ),
         bus: None,
+        database: None,
     }
 }
 
