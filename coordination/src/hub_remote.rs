@@ -142,6 +142,11 @@ impl Hub {
             if entry.remote.is_some_and(|c| drop(*id, c)) {
                 entry.remote = None;
                 self.went_offline(*id, entry);
+                // A replica that died cannot write its nodes offline in the
+                // store (`nodes list`): every survivor does (the same row).
+                if !entry.is_online() {
+                    self.record_presence(*id, false);
+                }
             }
         }
     }
