@@ -16,7 +16,7 @@ use axum::{Json, Router};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use rand::RngCore;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 
 use overlay_proto::coord::{
     error_code, parse_bearer, ApiError, ChallengeResponse, RegisterRequest, RegisterResponse,
@@ -293,6 +293,14 @@ async fn register(
                 StatusCode::CONFLICT,
                 error_code::POOL_EXHAUSTED,
                 format!("no free address left in {net}"),
+            );
+        }
+        Ok(Err(RegisterError::Store(e))) if e.is_unavailable() => {
+            warn!("registration refused: {e}");
+            return api_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "internal",
+                "the coordinator's database is unavailable; try again later",
             );
         }
         Ok(Err(RegisterError::Store(e))) => return internal_error("registering a node", e),

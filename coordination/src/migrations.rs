@@ -206,7 +206,18 @@ fn current_version(tx: &mut Tx<'_>) -> Result<u32, DbError> {
         Dialect::Sqlite => tx.query_one("PRAGMA user_version", &[])?.u32(0),
         Dialect::Postgres => {
             tx.exec("SELECT pg_advisory_xact_lock(?1)", args![PG_MIGRATION_LOCK])?;
-            tx.batch("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+            // Asked rather than `CREATE TABLE IF NOT EXISTS`, whose notice
+            // every start would log.
+            let exists = tx
+                .query_one(
+                    "SELECT count(*) FROM information_schema.tables
+                     WHERE table_schema = current_schema() AND table_name = 'schema_version'",
+                    &[],
+                )?
+                .i64(0)?;
+            if exists == 0 {
+                tx.batch("CREATE TABLE schema_version (version BIGINT NOT NULL)")?;
+            }
             match tx.query_opt("SELECT version FROM schema_version", &[])? {
                 Some(row) => row.u32(0),
                 None => {

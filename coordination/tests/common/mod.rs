@@ -130,9 +130,11 @@ impl TestServer {
         self.server = Some(server);
     }
 
-    /// Opens the same store the admin CLI would.
+    /// Opens the same store the admin CLI would (SQLite in the state
+    /// directory, or the configured database: then call it from a blocking
+    /// thread, never from an async task).
     pub fn store(&self) -> Store {
-        Store::open(self.dir.path()).expect("open store")
+        Store::open_at(&self.config.store_location()).expect("open store")
     }
 
     pub fn create_key(&self, reusable: bool) -> String {
