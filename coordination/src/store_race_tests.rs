@@ -15,6 +15,7 @@ on_both!(
     two_handles_enrolling_concurrently_hand_out_distinct_names_and_addresses,
     a_single_use_key_raced_by_two_handles_enrols_one_node,
     names_repeat_with_suffixes_and_stay_labels,
+    handles_opening_a_new_store_together_migrate_it_once,
 );
 
 fn tags_and_policy_are_kept_and_counted(b: &Backend) {
@@ -93,6 +94,27 @@ fn names_repeat_with_suffixes_and_stay_labels(b: &Backend) {
     store.remove_node("web-2", 2).unwrap();
     let again = store.register(&enrol(&key, 20, "web"), n, 3).unwrap();
     assert_eq!(again.node.name, "web-2");
+}
+
+/// Replicas that start together on an empty database all come up, on one
+/// schema.
+fn handles_opening_a_new_store_together_migrate_it_once(b: &Backend) {
+    let start = Arc::new(Barrier::new(4));
+    let location = b.location.clone();
+    let openers: Vec<_> = (0..4)
+        .map(|_| {
+            let (start, location) = (Arc::clone(&start), location.clone());
+            std::thread::spawn(move || {
+                start.wait();
+                Store::open_at(&location).map(|s| s.list_nodes().map(|n| n.len()))
+            })
+        })
+        .collect();
+    for opener in openers {
+        let opened = opener.join().unwrap();
+        assert!(matches!(opened, Ok(Ok(0))), "{opened:?}");
+    }
+    assert_eq!(b.open().policy_seq().unwrap(), 0);
 }
 
 /// Registrations per handle, and threads per handle, in the race below.
