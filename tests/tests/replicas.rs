@@ -11,19 +11,22 @@
 //!                                                            c          d
 //! ```
 //!
-//! The store is one SQLite file that the three replicas open together (WAL),
-//! until the PostgreSQL store lands; the bus is what this test is about.
-//! Needs root, `nats-server`, and `cargo build --workspace` first.
+//! The store is a PostgreSQL the test starts (`overlay_tests::postgres`, on a
+//! unix socket every namespace reaches); with `OVERLAY_TEST_POSTGRES=skip`
+//! and no PostgreSQL installed, one SQLite file the three open together.
+//! Needs root, `nats-server`, `postgresql`, and `cargo build --workspace` first.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 use overlay_proto::api::PathKind;
 use overlay_tests::nats::Nats;
 use overlay_tests::overlay::{tcp_listening, COORD_PORT};
+use overlay_tests::postgres::{self, Postgres};
 use overlay_tests::{
     bin, fatal, lab_test, ping_lossless, wait_path, wait_until, Coordinator, Daemon, Host, Lab,
     NatKind, Node, Segment, Wait,
@@ -38,13 +41,17 @@ const REMOVAL_BOUND: Duration = Duration::from_secs(1);
 const ENROL_SEEN_BOUND: Duration = Duration::from_secs(3);
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// The public segment, the bus and three replicas sharing `store_dir`.
+/// The public segment, the bus and three replicas sharing one store.
 struct Deployment {
     segment: Segment,
     upstream: Ipv4Addr,
-    // Dropped in order: replicas before the bus.
+    /// `--database` of every replica and admin command (`None`: the shared
+    /// SQLite file in the replicas' common state directory).
+    database: Option<String>,
+    // Dropped in order: replicas before the bus and the database.
     replicas: Vec<Coordinator>,
     _nats: Nats,
+    _pg: Option<Arc<Postgres>>,
 }
 
 impl Deployment {
@@ -54,20 +61,30 @@ impl Deployment {
         let bus_host = lab.host("bus")?;
         let bus_ip = lab.attach(&bus_host, &segment)?.ip;
         let nats = Nats::start(lab, &bus_host, bus_ip)?;
-        let store_dir = lab.subdir("shared-store")?;
+        let pg = postgres::require("replicas");
+        let database = pg.as_ref().map(|pg| pg.create_database()).transpose()?;
+        let shared_dir = lab.subdir("shared-store")?;
         let mut replicas = Vec::new();
         // One after the other: the first creates the store (and TURN secret).
         for i in 1..=3 {
             let host = lab.host(&format!("r{i}"))?;
             let ip = lab.attach(&host, &segment)?.ip;
             lab.default_route(&host, upstream)?;
-            replicas.push(start_replica(lab, &host, ip, &store_dir, &nats.url())?);
+            let state_dir = match database {
+                Some(_) => lab.subdir(&format!("r{i}-state"))?,
+                None => shared_dir.clone(),
+            };
+            let bus = nats.url();
+            let r = start_replica(lab, &host, ip, &state_dir, database.as_deref(), &bus)?;
+            replicas.push(r);
         }
         let d = Deployment {
             segment,
             upstream,
+            database,
             replicas,
             _nats: nats,
+            _pg: pg,
         };
         for r in &d.replicas {
             wait_until(
@@ -96,6 +113,22 @@ impl Deployment {
             .join(",")
     }
 
+    /// An admin command against the shared store, from replica `r`'s host.
+    fn admin(&self, lab: &Lab, r: usize, args: &[&str]) -> anyhow::Result<String> {
+        let replica = &self.replicas[r];
+        let mut cmd = lab.command(&replica.host, bin("overlay-coord")?);
+        cmd.args(args).arg("--state-dir").arg(&replica.state_dir);
+        if let Some(db) = &self.database {
+            cmd.args(["--database", db]);
+        }
+        overlay_tests::process::checked(&mut cmd)
+    }
+
+    fn create_key(&self, lab: &Lab) -> anyhow::Result<String> {
+        let out = self.admin(lab, 0, &["keys", "create", "--reusable"])?;
+        Ok(out.trim().to_owned())
+    }
+
     fn public_host(&self, lab: &Lab, name: &str) -> anyhow::Result<Host> {
         let host = lab.host(name)?;
         lab.attach(&host, &self.segment)?;
@@ -114,14 +147,18 @@ fn start_replica(
     lab: &Lab,
     host: &Host,
     ip: Ipv4Addr,
-    store_dir: &Path,
+    state_dir: &Path,
+    database: Option<&str>,
     bus: &str,
 ) -> anyhow::Result<Coordinator> {
     let mut cmd = Command::new(bin("overlay-coord")?);
+    if let Some(db) = database {
+        cmd.args(["--database", db]);
+    }
     cmd.arg("serve")
         .args(["--listen", &format!("{ip}:{COORD_PORT}")])
         .arg("--state-dir")
-        .arg(store_dir)
+        .arg(state_dir)
         .args(["--public-addr", &ip.to_string(), "--allow-http"])
         .arg("--turn-allow-private")
         .args(["--bus", bus])
@@ -144,7 +181,7 @@ fn start_replica(
         host: host.clone(),
         ip,
         url: format!("http://{ip}:{COORD_PORT}"),
-        state_dir: PathBuf::from(store_dir),
+        state_dir: PathBuf::from(state_dir),
         proc,
     })
 }
@@ -213,7 +250,7 @@ fn sees_online(node: &Node, peer: &str, timeout: Duration) -> anyhow::Result<Dur
 fn nodes_on_different_replicas_find_a_direct_path_or_share_the_relay() {
     lab_test(|lab| {
         let dep = Deployment::start(lab)?;
-        let key = dep.replicas[0].create_key(lab)?;
+        let key = dep.create_key(lab)?;
         let (ha, hb) = (dep.public_host(lab, "a")?, dep.public_host(lab, "b")?);
         let (hc, hd) = (
             dep.udp_blocked_host(lab, "c")?,
@@ -260,7 +297,7 @@ fn nodes_on_different_replicas_find_a_direct_path_or_share_the_relay() {
 fn enrolment_and_removal_reach_every_replica() {
     lab_test(|lab| {
         let dep = Deployment::start(lab)?;
-        let key = dep.replicas[0].create_key(lab)?;
+        let key = dep.create_key(lab)?;
         let a = node(
             lab,
             &dep.public_host(lab, "a")?,
@@ -295,7 +332,7 @@ fn enrolment_and_removal_reach_every_replica() {
 
         // The CLI removes e in the shared store from r1's host; r3 closes its session.
         let removing = Instant::now();
-        dep.replicas[0].remove_node(lab, "e")?;
+        dep.admin(lab, 0, &["nodes", "remove", "e"])?;
         let proc = e
             .daemon
             .proc
@@ -359,7 +396,7 @@ fn moved_off(node: &Node, dead: &str, since: Instant) -> anyhow::Result<Duration
 fn a_killed_replicas_nodes_move_to_the_others_and_keep_their_paths() {
     lab_test(|lab| {
         let mut dep = Deployment::start(lab)?;
-        let key = dep.replicas[0].create_key(lab)?;
+        let key = dep.create_key(lab)?;
         let (ha, hb) = (dep.public_host(lab, "a")?, dep.public_host(lab, "b")?);
         let (hc, hd) = (
             dep.udp_blocked_host(lab, "c")?,
