@@ -356,6 +356,16 @@ async fn connect(
         match tokio::task::spawn_blocking(move || store.verify_node(node_id, &credential)).await {
             Ok(Ok(Some(node))) => node,
             Ok(Ok(None)) => return unauthorized(&st.metrics),
+            // Said once per request at debug level: while the database is
+            // down every reconnecting node lands here.
+            Ok(Err(e)) if e.is_unavailable() => {
+                debug!("session refused: {e}");
+                return api_error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "internal",
+                    "the coordinator's database is unavailable; try again later",
+                );
+            }
             Ok(Err(e)) => return internal_error("checking a node credential", e),
             Err(e) => return internal_error("checking a node credential", e),
         };

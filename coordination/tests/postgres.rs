@@ -1,6 +1,7 @@
 //! `serve --database`: the coordinator on a PostgreSQL the test starts
-//! itself (`overlay_tests::postgres`). Enrolment while the database is down
-//! is refused with one clear line (HTTP 503), and works again once it is back;
+//! itself (`overlay_tests::postgres`). Enrolment and reconnection while the
+//! database is down are refused with one clear line (HTTP 503), and work
+//! again once it is back;
 //! the TURN secret is the database's, the same for every replica.
 
 mod common;
@@ -79,6 +80,14 @@ async fn enrolment_on_postgres_is_refused_while_it_is_down_and_works_once_it_is_
         "{body}"
     );
     assert!(!refusal.message.contains('\n'), "{body}");
+    // A node reconnecting meanwhile is told the same, not "internal error".
+    match Node::connect(srv.addr, first.node_id, &first.credential).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503)
+        }
+        Err(e) => panic!("expected HTTP 503, got {e}"),
+        Ok(_) => panic!("a session opened while the database was down"),
+    }
 
     {
         let pg = Arc::clone(&pg);
