@@ -517,7 +517,8 @@ impl Config {
         };
 
         let bus = flags.bus.or(file.bus);
-        if let Some(url) = &bus {
+        // One URL, or the servers of a NATS cluster separated by commas.
+        for url in bus.iter().flat_map(|b| b.split(',')).map(str::trim) {
             if !(url.starts_with("nats://") || url.starts_with("tls://")) {
                 return Err(bad_key(
                     "bus",

@@ -448,3 +448,35 @@ fn a_bad_database_is_refused_without_repeating_it() {
         assert!(!err.contains("hunter2"), "{err}");
     }
 }
+
+#[test]
+fn the_bus_is_one_or_several_nats_urls() {
+    let with_bus = |bus: &str| {
+        Config::resolve(
+            None,
+            Overrides {
+                bus: Some(bus.into()),
+                ..flags_http()
+            },
+        )
+    };
+    assert_eq!(Config::resolve(None, flags_http()).unwrap().bus, None);
+    let c = with_bus("nats://10.0.0.1:4222, tls://10.0.0.2:4222").unwrap();
+    assert_eq!(
+        c.bus.as_deref(),
+        Some("nats://10.0.0.1:4222, tls://10.0.0.2:4222")
+    );
+    let err = with_bus("nats://10.0.0.1:4222,http://x")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`http://x` is not a NATS URL"), "{err}");
+    let file = parse_file(
+        Path::new("c.toml"),
+        "bus = \"redis://x\"\nallow_http = true\npublic_addr = \"192.0.2.1\"\n",
+    )
+    .unwrap();
+    let err = Config::resolve(Some((Path::new("c.toml"), file)), Overrides::default())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("bus") && err.contains("c.toml"), "{err}");
+}

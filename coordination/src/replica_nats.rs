@@ -52,7 +52,9 @@ pub struct NatsBus {
 
 impl NatsBus {
     /// Connects `hub` to the bus at `url` (in the background) as a new
-    /// replica with a random id.
+    /// replica with a random id. `url` may list several servers of a NATS
+    /// cluster, separated by commas; the client also learns the cluster's
+    /// other servers from the one it reaches.
     pub async fn start(
         url: &str,
         hub: Arc<Hub>,
@@ -77,7 +79,7 @@ impl NatsBus {
                     let _ = tx.send(event).await;
                 }
             })
-            .connect(url)
+            .connect(bus_servers(url))
             .await
             .map_err(|e| BusStartError::Connect {
                 url: url.to_owned(),
@@ -132,6 +134,14 @@ impl NatsBus {
         let _ = self.stop.send(true);
         let _ = self.task.await;
     }
+}
+
+/// The servers of a `--bus` value: one URL or several separated by commas.
+fn bus_servers(url: &str) -> Vec<&str> {
+    url.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .collect()
 }
 
 /// Takes messages off the link's queue and publishes them. Relay and
