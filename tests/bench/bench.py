@@ -322,6 +322,35 @@ def paths_report(path):
         print(f"note [{system}]: {note}")
 
 
+def replica_report():
+    """The replica table of tests/bench/coord.sh from coord-load's RESULT line on stdin."""
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        r = dict(kv.split("=", 1) for kv in line.split()[1:])
+        if "failed" in r:
+            print(f"replicas: FAILED: {r['failed']}")
+            continue
+        mib = lambda kb: f"{int(kb) / 1024:.0f}" if kb not in (None, "-") else "-"
+        rows = [
+            ("replicas / sessions", f"{r.get('replicas', '?')} / {r['nodes']}"),
+            ("register, connect s", f"{r['register_s']}, {r['connect_s']}"),
+            ("join seen by all p50 / p99 / max ms",
+             f"{r['online_p50_ms']} / {r['online_p99_ms']} / {r['online_max_ms']} ({r['online_n']}/{r['nodes']})"),
+            ("largest replica RSS MiB (loaded / peak)", f"{mib(r.get('rss_loaded_kb'))} / {mib(r.get('hwm_kb'))}"),
+        ]
+        if "moved_expected" in r:
+            rows.append(("replica 2 killed: its sessions back p50 / p99 / max ms",
+                         f"{r['moved_p50_ms']} / {r['moved_p99_ms']} / {r['moved_max_ms']} "
+                         f"({r['moved_n']}/{r['moved_expected']})"))
+        width = max(len(k) for k, _ in rows)
+        for k, v in rows:
+            print(f"{k.ljust(width)}  {v}")
+    print("join: from the newcomer opening its session on replica 1 to its peer_upsert(online)\n"
+          "being read by every session on both replicas; back: from the SIGKILL to each moved\n"
+          "session's netmap from the other replica (first retry spread over 2 s, as overlayd).")
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     if cmd == "iperf":
@@ -334,6 +363,8 @@ def main():
         report(args[0])
     elif cmd == "paths-report":
         paths_report(args[0])
+    elif cmd == "replica-report":
+        replica_report()
     elif cmd == "coord-report":
         coord_report()
     else:

@@ -14,6 +14,12 @@
 #   COORD_POLICY_NODES=10000   nodes of the access-policy case (policy-bench:
 #                              100 rules over 20 tags; set, change, retag, clear
 #                              must each take <= 1 s); 0 skips it
+#   COORD_REPLICA_NODES=20000  the replica case (issue #14): two overlay-coord
+#                              replicas on one throwaway PostgreSQL and one
+#                              nats-server, half the sessions on each; the join
+#                              seen by all, each replica's memory, then SIGKILL
+#                              of the second and the time until its sessions
+#                              have their netmap from the first; 0 skips it
 
 set -euo pipefail
 
@@ -24,6 +30,10 @@ COORD_MAX_RSS_MIB=${COORD_MAX_RSS_MIB:-4096}
 COORD_MAX_VM_MIB=${COORD_MAX_VM_MIB:-8192}
 WORK=$(mktemp -d /tmp/overlay-coord-bench.XXXX)
 SERVER_PID=""
+REPLICA_PIDS=()
+NATS_PID=""
+PG_DIR=""
+PG_BIN=""
 
 log() { printf '[coord-bench %s] %s\n' "$(date +%T)" "$*" >&2; }
 
@@ -31,8 +41,28 @@ cleanup() {
     local rc=$?
     trap - EXIT INT TERM
     stop_server
+    stop_replicas
     if [[ ${BENCH_KEEP:-0} == 1 ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
     exit "$rc"
+}
+
+stop_replicas() {
+    local pid
+    for pid in "${REPLICA_PIDS[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in "${REPLICA_PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    done
+    REPLICA_PIDS=()
+    if [[ -n $NATS_PID ]]; then
+        kill -TERM "$NATS_PID" 2>/dev/null || true
+        wait "$NATS_PID" 2>/dev/null || true
+        NATS_PID=""
+    fi
+    if [[ -n $PG_DIR && -d $PG_DIR/data ]]; then
+        runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate stop >/dev/null 2>&1 || true
+    fi
 }
 
 stop_server() {
@@ -42,6 +72,10 @@ stop_server() {
     kill -KILL "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
     SERVER_PID=""
+REPLICA_PIDS=()
+NATS_PID=""
+PG_DIR=""
+PG_BIN=""
 }
 trap cleanup EXIT
 trap 'exit 130' INT
@@ -99,6 +133,65 @@ done
 
 echo
 printf '%s\n' "${summary[@]}" | python3 "$HERE/bench.py" coord-report
+
+# Replicas (issue #14): two overlay-coord on one PostgreSQL and one NATS.
+replica_nodes=${COORD_REPLICA_NODES:-20000}
+if [[ $replica_nodes != 0 ]]; then
+    PG_BIN=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+    if [[ -z $PG_BIN ]] || ! command -v nats-server >/dev/null; then
+        log "replicas: skipped (needs Debian's postgresql and nats-server packages)"
+    else
+        PG_DIR=$WORK/pg
+        # PostgreSQL runs as its own user, which must reach its directory.
+        chmod 711 "$WORK"
+        mkdir -p "$PG_DIR" && chown postgres: "$PG_DIR"
+        runuser -u postgres -- "$PG_BIN/initdb" -D "$PG_DIR/data" --auth=trust -U postgres -E UTF8 \
+            --locale=C --no-sync --no-instructions >"$WORK/initdb.log" 2>&1 ||
+            { tail -5 "$WORK/initdb.log" >&2; exit 1; }
+        runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 60 \
+            -o "-k $PG_DIR -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c max_connections=200" \
+            start >/dev/null || { tail -5 "$PG_DIR/server.log" >&2; exit 1; }
+        "$PG_BIN/createdb" -h "$PG_DIR" -U postgres overlay
+        database="host=$PG_DIR user=postgres dbname=overlay"
+        nats_port=$(free_port)
+        nats-server --addr 127.0.0.1 --port "$nats_port" >"$WORK/nats.log" 2>&1 &
+        NATS_PID=$!
+        servers=() pids=()
+        for r in 0 1; do
+            port=$(free_port)
+            stun_port=$(free_port)
+            mkdir -p "$WORK/replica-$r"
+            (ulimit -v $((COORD_MAX_VM_MIB * 1024)) &&
+                RUST_LOG=${RUST_LOG:-warn} exec "$BIN/overlay-coord" serve --listen "127.0.0.1:$port" --allow-http \
+                --public-addr 127.0.0.1 --stun-port "$stun_port" --max-sessions 30000 \
+                --state-dir "$WORK/replica-$r" --database "$database" --bus "nats://127.0.0.1:$nats_port" \
+                >"$WORK/replica-$r.log" 2>&1) &
+            REPLICA_PIDS+=($!)
+            pids+=($!)
+            servers+=("127.0.0.1:$port")
+            for _ in $(seq 100); do
+                (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
+                kill -0 "${pids[$r]}" 2>/dev/null || { tail -5 "$WORK/replica-$r.log" >&2; exit 1; }
+                sleep 0.1
+            done
+        done
+        key=$("$BIN/overlay-coord" keys create --reusable --database "$database")
+        log "replicas: ${servers[*]} (pids ${pids[*]}) on PostgreSQL $PG_DIR and NATS :$nats_port"
+        if COORD_LOAD_AUTH_KEY=$key "$BIN/coord-load" --server "$(IFS=,; echo "${servers[*]}")" \
+            --nodes "$replica_nodes" --server-pid "$(IFS=,; echo "${pids[*]}")" \
+            --max-server-rss-mib "$COORD_MAX_RSS_MIB" --kill-replica 1 ${COORD_LOAD_ARGS:-} |
+            tee "$WORK/load-replicas.txt"; then
+            :
+        else
+            log "replicas: coord-load failed; replica log tails:"
+            tail -n 3 "$WORK"/replica-*.log >&2
+        fi
+        echo
+        grep '^RESULT' "$WORK/load-replicas.txt" | python3 "$HERE/bench.py" replica-report ||
+            log "replicas: no result"
+        stop_replicas
+    fi
+fi
 
 # Access policy (issue #10): recompute and per-node deltas after a change.
 policy_nodes=${COORD_POLICY_NODES:-10000}
