@@ -480,3 +480,13 @@ fn the_bus_is_one_or_several_nats_urls() {
         .to_string();
     assert!(err.contains("bus") && err.contains("c.toml"), "{err}");
 }
+
+#[test]
+fn replica_example_config_parses() {
+    let text = include_str!("../../packaging/replicas/coord.toml.example");
+    let path = Path::new("replicas/coord.toml.example");
+    let file = parse_file(path, text).unwrap();
+    let c = Config::resolve(Some((path, file)), Overrides::default()).unwrap();
+    assert!(c.database.is_some());
+    assert_eq!(c.bus.as_deref().map(|b| b.split(',').count()), Some(3));
+}
