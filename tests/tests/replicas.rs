@@ -50,7 +50,7 @@ struct Deployment {
     database: Option<String>,
     // Dropped in order: replicas before the bus and the database.
     replicas: Vec<Coordinator>,
-    _nats: Nats,
+    nats: Nats,
     _pg: Option<Arc<Postgres>>,
 }
 
@@ -83,7 +83,7 @@ impl Deployment {
             upstream,
             database,
             replicas,
-            _nats: nats,
+            nats,
             _pg: pg,
         };
         for r in &d.replicas {
@@ -483,6 +483,105 @@ fn a_killed_replicas_nodes_move_to_the_others_and_keep_their_paths() {
             sees_online(n, "f", ENROL_SEEN_BOUND)?;
         }
         drop(f);
+        Ok(())
+    });
+}
+
+/// Waits until every replica's `/healthz` contains `want`.
+fn all_healthz(lab: &Lab, dep: &Deployment, want: &str) -> anyhow::Result<()> {
+    for r in &dep.replicas {
+        wait_until(
+            START_TIMEOUT,
+            &format!("{} /healthz: {want}", r.host.name),
+            || {
+                let health = healthz(lab, r)?;
+                if health.contains(want) {
+                    Ok(())
+                } else {
+                    Err(Wait::NotYet(health))
+                }
+            },
+        )?;
+    }
+    Ok(())
+}
+
+#[test]
+fn without_the_bus_each_replica_serves_its_own_nodes_and_all_catch_up_after() {
+    lab_test(|lab| {
+        let mut dep = Deployment::start(lab)?;
+        let key = dep.create_key(lab)?;
+        // a and b on r1, c on r2: none has UDP, so all goes through the relay.
+        let (ha, hb, hc) = (
+            dep.udp_blocked_host(lab, "a")?,
+            dep.udp_blocked_host(lab, "b")?,
+            dep.udp_blocked_host(lab, "c")?,
+        );
+        let mut a = node(lab, &ha, "a", &dep.urls_from(0), &key)?;
+        let b = node(lab, &hb, "b", &dep.urls_from(0), &key)?;
+        let mut c = node(lab, &hc, "c", &dep.urls_from(1), &key)?;
+        connected_to(&a, &dep.replicas[0].url)?;
+        connected_to(&b, &dep.replicas[0].url)?;
+        connected_to(&c, &dep.replicas[1].url)?;
+        wait_path(&mut a.daemon, "b", PathKind::CoordRelay, PATH_TIMEOUT)?;
+        wait_path(&mut c.daemon, "a", PathKind::CoordRelay, PATH_TIMEOUT)?;
+        ping_lossless(lab, &c, &a)?;
+
+        // The bus goes away: r1 says so, and still relays between its own nodes.
+        dep.nats.proc.stop()?;
+        all_healthz(lab, &dep, "bus: disconnected")?;
+        let health = healthz(lab, &dep.replicas[0])?;
+        ensure!(health.starts_with("degraded\n"), "r1 /healthz: {health}");
+        ping_lossless(lab, &a, &b)?;
+        ping_lossless(lab, &b, &a)?;
+        let lost = Instant::now();
+        wait_until(START_TIMEOUT, "a to show c offline", || {
+            match a.daemon.peers()?.iter().find(|p| p.name == "c") {
+                Some(p) if !p.online => Ok(()),
+                Some(_) => Err(Wait::NotYet("c still online".into())),
+                None => Err(fatal(anyhow::anyhow!("a lost c from its netmap"))),
+            }
+        })?;
+        eprintln!(
+            "REPLICAS | bus down: a (r1) shows c (r2) offline after {} ms",
+            lost.elapsed().as_millis()
+        );
+        // Enrolled meanwhile through r2: r1 learns of it from the store later.
+        let e = node(
+            lab,
+            &dep.public_host(lab, "e")?,
+            "e",
+            &dep.urls_from(1),
+            &key,
+        )?;
+        connected_to(&e, &dep.replicas[1].url)?;
+
+        // The bus is back: the replicas find each other and catch up.
+        let (host, ip) = (dep.nats.host.clone(), dep.nats.ip);
+        let back = Instant::now();
+        dep.nats = Nats::start(lab, &host, ip)?;
+        all_healthz(lab, &dep, "bus: connected, 2 other replicas")?;
+        sees_online(&a, "c", START_TIMEOUT)?;
+        sees_online(&a, "e", START_TIMEOUT)?;
+        eprintln!(
+            "REPLICAS | bus back: a (r1) sees c and e (enrolled on r2 meanwhile) online {} ms after nats-server restarted",
+            back.elapsed().as_millis()
+        );
+        wait_until(START_TIMEOUT, "c → a over the relay again", || {
+            let out = lab.output(
+                &c.host,
+                "ping",
+                &["-c", "1", "-W", "1", &a.mesh_ip.to_string()],
+            )?;
+            if out.status.success() {
+                Ok(())
+            } else {
+                Err(Wait::NotYet("no answer".into()))
+            }
+        })?;
+        ping_lossless(lab, &c, &a)?;
+        ping_lossless(lab, &a, &c)?;
+        drop(e);
         Ok(())
     });
 }
