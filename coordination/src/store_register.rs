@@ -14,7 +14,7 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 use overlay_proto::NodeId;
 
-use super::db::{args, DbError, Mode, Tx};
+use super::db::{args, DbError, Dialect, Mode, Tx};
 use super::{
     key_from_row, node_from_row, Enrolment, KeyProblem, NodeRow, RegisterError, Registered, Store,
     KEY_COLUMNS, NODE_COLUMNS,
@@ -172,11 +172,7 @@ fn place(
     }
 
     let name = unique_name(tx, &req.hostname)?;
-    let taken: BTreeSet<Ipv4Addr> = tx
-        .query("SELECT mesh_ip FROM nodes", &[])?
-        .iter()
-        .map(|r| r.u32(0).map(Ipv4Addr::from))
-        .collect::<Result<_, _>>()?;
+    let taken = taken_addresses(tx)?;
     // Holds that ended no longer matter; forget them.
     tx.exec(
         "DELETE FROM held_addresses WHERE released_at <= ?1",
@@ -203,10 +199,39 @@ fn place(
     Ok((id as NodeId, true))
 }
 
-/// `wanted`, or `wanted-2`, `wanted-3`, … whichever is free now. One read:
-/// every candidate starts with the shortest stem [`validate::suffixed`] can
-/// cut `wanted` to, so the names with that prefix are all that can collide.
+/// Every node's address, in one row: on PostgreSQL, tens of thousands of
+/// rows cost far more than the one string that lists them.
+fn taken_addresses(tx: &mut Tx<'_>) -> Result<BTreeSet<Ipv4Addr>, DbError> {
+    let sql = match tx.dialect() {
+        Dialect::Sqlite => "SELECT group_concat(mesh_ip) FROM nodes",
+        Dialect::Postgres => "SELECT string_agg(mesh_ip::text, ',') FROM nodes",
+    };
+    let listed = tx.query_one(sql, &[])?.opt_text(0)?.unwrap_or_default();
+    listed
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<u32>()
+                .map(Ipv4Addr::from)
+                .map_err(|_| DbError::Column {
+                    index: 0,
+                    expected: "addresses as 32-bit numbers",
+                })
+        })
+        .collect()
+}
+
+/// `wanted`, or `wanted-2`, `wanted-3`, … whichever is free now. Most
+/// hostnames are free, which one indexed lookup says. Else one read: every
+/// candidate starts with the shortest stem [`validate::suffixed`] can cut
+/// `wanted` to, so the names with that prefix are all that can collide.
 fn unique_name(tx: &mut Tx<'_>, wanted: &str) -> Result<String, DbError> {
+    if tx
+        .query_opt("SELECT 1 FROM nodes WHERE name = ?1", args![wanted])?
+        .is_none()
+    {
+        return Ok(wanted.to_owned());
+    }
     let shortest = validate::suffixed(wanted, u32::MAX);
     let prefix = &shortest[..shortest.rfind('-').unwrap_or(0)];
     let prefix = if wanted.starts_with(prefix) {
