@@ -12,9 +12,9 @@
 //! ```
 //!
 //! Parts: `peer` (one remote node's WireGuard session and where its packets go),
-//! `rx` (the receive side), `offload` and `tun_coalesce` (TUN-side TCP
-//! segmentation offload, both ways), `udp_batch` (UDP GSO/GRO), `icmp`,
-//! `checksum`, `tun_device`. Where a peer's packets go is set only by the shell,
+//! `rx` (the receive side), `timers` (WireGuard's timers, idle peers parked),
+//! `offload` and `tun_coalesce` (TUN-side TCP segmentation offload, both
+//! ways), `udp_batch` (UDP GSO/GRO), `icmp`, `checksum`, `tun_device`. Where a peer's packets go is set only by the shell,
 //! from the node core's decision.
 //!
 //! Every datagram enters through one door, [`DataPlane::arrive`], which takes
@@ -26,9 +26,9 @@
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
-use boringtun::noise::{Tunn, TunnResult};
+use boringtun::noise::TunnResult;
 use overlay_proto::coord::ClientMsg;
 use overlay_proto::NodeId;
 use tokio::sync::{mpsc, oneshot};
@@ -43,6 +43,7 @@ pub mod peer;
 mod policy;
 pub mod resolver;
 mod rx;
+mod timers;
 pub mod tun_coalesce;
 pub mod tun_device;
 pub mod udp_batch;
@@ -278,51 +279,6 @@ impl DataPlane {
         let mut peers: Vec<_> = table.by_id.values().cloned().collect();
         peers.sort_by_key(|p| p.mesh_ip);
         peers
-    }
-
-    /// `peer`'s WireGuard session, the only way to it. A parked peer (idle,
-    /// its timers stopped) first catches up: boringtun's clock moves only in
-    /// `update_timers`, and a packet stamped with a clock minutes old would
-    /// make the next tick expire the session it sets up. The peer then ticks
-    /// again. Both happen under the session's lock, so no packet ever meets
-    /// a stale clock.
-    pub(crate) fn tunn<'p>(&self, peer: &'p Peer) -> MutexGuard<'p, Tunn> {
-        let mut tunn = lock(&peer.tunn);
-        if peer.parked.load(Ordering::Relaxed) {
-            peer.parked.store(false, Ordering::Relaxed);
-            // A handshake initiation (148 bytes) is the most it writes.
-            let mut scratch = [0u8; 256];
-            if let TunnResult::WriteToNetwork(d) = tunn.update_timers(&mut scratch) {
-                *lock(&peer.caught_up) = Some(d.to_vec());
-            }
-            if let Some(p) = self.peer(peer.id) {
-                lock(&self.ticking).insert(p.id, p);
-            }
-        }
-        tunn
-    }
-
-    /// The node core says whether `peer` is idle. An idle peer gets no
-    /// keepalives and is parked at the next quiet tick; one that wakes ticks
-    /// again at once.
-    pub fn set_idle(&self, peer: &Peer, idle: bool) {
-        peer.set_idle(idle);
-        if !idle {
-            drop(self.tunn(peer));
-        }
-    }
-
-    /// Appends the peers that moved data since the last call. Only peers
-    /// whose timers run are asked: a parked peer ticks again on its first
-    /// packet, and is not parked while it has data the shell has not taken.
-    pub fn take_activity(&self, active: &mut Vec<NodeId>) {
-        let ticking = lock(&self.ticking);
-        active.extend(
-            ticking
-                .values()
-                .filter(|peer| peer.take_activity())
-                .map(|peer| peer.id),
-        );
     }
 
     /// Reads the TUN until it fails (the interface went away). Frames that are
@@ -562,81 +518,6 @@ impl DataPlane {
         };
         if self.outbound.try_send(relay).is_err() {
             self.drops.relay_queue_full.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    /// Runs WireGuard's timers (handshakes, keepalives) until the task is ended.
-    ///
-    /// Only peers that tick are visited. An idle peer (the node core's word)
-    /// is parked once its timers have nothing to send and the shell has seen
-    /// all its data; it ticks again when a packet to or from it arrives or
-    /// the node core wakes it (see [`Self::tunn`]).
-    pub async fn run_timers(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(TIMER_TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut out = vec![0u8; BUF_SIZE];
-        let mut batch = Vec::new();
-        loop {
-            tick.tick().await;
-            self.tick_timers(&mut out, &mut batch).await;
-        }
-    }
-
-    /// One timer pass; `batch` is scratch, kept to reuse its allocation.
-    async fn tick_timers(&self, out: &mut [u8], batch: &mut Vec<Arc<Peer>>) {
-        let secs = self.started.elapsed().as_secs();
-        let now = u32::try_from(secs).unwrap_or(u32::MAX);
-        let before = self.clock.swap(now, Ordering::Relaxed);
-        let sweep = now / FLOW_SWEEP.as_secs() as u32 != before / FLOW_SWEEP.as_secs() as u32;
-        if sweep {
-            self.sweep_resolver(now);
-            self.sweep_flows(now);
-        }
-        batch.clear();
-        batch.extend(lock(&self.ticking).values().cloned());
-        for peer in batch.drain(..) {
-            if peer.removed.load(Ordering::Relaxed) {
-                lock(&self.ticking).remove(&peer.id);
-                continue;
-            }
-            let caught_up = lock(&peer.caught_up).take();
-            if let Some(datagram) = caught_up {
-                self.transmit(&peer, &datagram).await;
-            }
-            let len = {
-                let mut tunn = lock(&peer.tunn);
-                let timers = match tunn.update_timers(out) {
-                    TunnResult::WriteToNetwork(d) => Some(d.len()),
-                    _ => None,
-                };
-                let len = match timers {
-                    None if peer.keepalive_due(now) => match tunn.encapsulate(&[], out) {
-                        TunnResult::WriteToNetwork(d) => Some(d.len()),
-                        _ => None,
-                    },
-                    other => other,
-                };
-                if len.is_none() && peer.is_idle() && peer.reported_all() {
-                    peer.parked.store(true, Ordering::Relaxed);
-                    lock(&self.ticking).remove(&peer.id);
-                }
-                len
-            };
-            let Some(len) = len else {
-                continue;
-            };
-            self.transmit(&peer, &out[..len]).await;
-        }
-    }
-
-    /// Drops expired flows from every filtered peer's table, idle ones too
-    /// (a few loads per peer, every [`FLOW_SWEEP`]).
-    fn sweep_flows(&self, now: u32) {
-        let table = self.peers.read().unwrap_or_else(|e| e.into_inner());
-        for peer in table.by_id.values() {
-            if peer.filtered.load(Ordering::Relaxed) {
-                lock(&peer.filter).sweep(now);
-            }
         }
     }
 

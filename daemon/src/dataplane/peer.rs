@@ -174,9 +174,12 @@ impl Peer {
         self.reported.swap(count, Ordering::Relaxed) != count
     }
 
-    /// No data moved that the shell has not reported yet.
-    pub(super) fn reported_all(&self) -> bool {
-        self.data_packets() == self.reported.load(Ordering::Relaxed)
+    /// Whether a timer pass that sent nothing may park this peer: the node
+    /// core says it is idle, and the shell has seen all its data (a packet
+    /// after the last report must reach the node core first, or the peer
+    /// would never wake there).
+    pub(super) fn may_park(&self) -> bool {
+        self.is_idle() && self.data_packets() == self.reported.load(Ordering::Relaxed)
     }
 
     /// The node core's word, through [`super::DataPlane::set_idle`].
@@ -279,6 +282,47 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn peer() -> Peer {
+        let info = PeerInfo {
+            id: 7,
+            name: "p".into(),
+            mesh_ip: Ipv4Addr::new(100, 64, 0, 7),
+            public_key: String::new(),
+            online: true,
+            tags: Vec::new(),
+        };
+        let secret = StaticSecret::from([9; 32]);
+        let filter = PeerFilter::new(None, Arc::default());
+        Peer::new(info, [3; 32], &secret, filter)
+    }
+
+    #[test]
+    fn activity_is_taken_once_and_an_idle_peer_parks_only_once_all_is_reported() {
+        let p = peer();
+        assert!(!p.take_activity(), "nothing moved yet");
+        assert!(!p.may_park(), "awake");
+        p.set_idle(true);
+        assert!(p.may_park());
+        p.count_rx(100);
+        assert!(!p.may_park(), "a packet the shell has not seen");
+        assert!(p.take_activity());
+        assert!(!p.take_activity(), "reported");
+        assert!(p.may_park());
+        p.count_tx(100);
+        assert!(p.take_activity());
+        p.set_idle(false);
+        assert!(!p.may_park());
+    }
+
+    #[test]
+    fn an_idle_peer_gets_no_keepalive() {
+        let p = peer();
+        assert!(!p.keepalive_due(1), "the first one is a full interval away");
+        assert!(p.keepalive_due(1 + PERSISTENT_KEEPALIVE_SECS));
+        p.set_idle(true);
+        assert!(!p.keepalive_due(100 * PERSISTENT_KEEPALIVE_SECS));
+    }
 
     #[test]
     fn wireguard_index_never_produces_the_stun_cookie() {
