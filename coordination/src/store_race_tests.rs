@@ -7,6 +7,8 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use super::{enrol, net, pk, Backend};
+use crate::migrations::MigrationError;
+use crate::store::db::{Dialect, Mode};
 use crate::store::*;
 
 on_both!(
@@ -16,6 +18,7 @@ on_both!(
     a_single_use_key_raced_by_two_handles_enrols_one_node,
     names_repeat_with_suffixes_and_stay_labels,
     handles_opening_a_new_store_together_migrate_it_once,
+    a_store_from_a_newer_version_is_refused,
 );
 
 fn tags_and_policy_are_kept_and_counted(b: &Backend) {
@@ -115,6 +118,25 @@ fn handles_opening_a_new_store_together_migrate_it_once(b: &Backend) {
         assert!(matches!(opened, Ok(Ok(0))), "{opened:?}");
     }
     assert_eq!(b.open().policy_seq().unwrap(), 0);
+}
+
+/// A schema newer than this build knows is refused, not guessed at.
+fn a_store_from_a_newer_version_is_refused(b: &Backend) {
+    let store = b.open();
+    store
+        .db
+        .run(Mode::Write, |tx| match tx.dialect() {
+            Dialect::Sqlite => tx.batch("PRAGMA user_version = 99"),
+            Dialect::Postgres => tx
+                .exec("UPDATE schema_version SET version = 99", &[])
+                .map(drop),
+        })
+        .unwrap();
+    match Store::open_at(&b.location) {
+        Err(StoreError::Migration(MigrationError::TooNew { found: 99, .. })) => {}
+        Err(e) => panic!("expected a too-new schema, got {e}"),
+        Ok(_) => panic!("opened a schema from the future"),
+    }
 }
 
 /// Registrations per handle, and threads per handle, in the race below.
