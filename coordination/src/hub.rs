@@ -193,6 +193,11 @@ struct Inner {
     next_session: u64,
     /// The policy in force, compiled; `None`: everything allowed.
     compiled: Option<Compiled>,
+    /// Sessions other replicas announced for nodes not known here yet (the
+    /// enrolment reaches this replica after the session, from another
+    /// replica or from the store): applied when the node arrives. Bounded
+    /// by `hub_remote::MAX_PENDING_CLAIMS`.
+    pending: HashMap<NodeId, Claim>,
 }
 
 /// What a session gets when it attaches.
@@ -349,8 +354,14 @@ impl Hub {
                 }
             }
             None => {
-                info.online = false;
                 let mut entry = Entry::new(info.clone());
+                if let Some(claim) = inner.pending.remove(&id) {
+                    entry.remote = Some(claim);
+                    entry.epoch = claim.epoch;
+                }
+                info.online = entry.is_online();
+                entry.info.online = info.online;
+                entry.json = peer_json(&entry.info);
                 if let Some(c) = inner.compiled.as_mut() {
                     entry.view = Some(c.classify(entry.node_ref()));
                 }

@@ -14,6 +14,10 @@ use std::collections::HashSet;
 use super::*;
 use crate::bus::ReplicaId;
 
+/// Most claims kept for nodes not known yet; beyond, they wait for the next
+/// presence refresh.
+pub const MAX_PENDING_CLAIMS: usize = 65_536;
+
 impl Hub {
     /// `node` has a session on `replica` opened with `epoch`.
     pub fn remote_online(&self, replica: ReplicaId, node: NodeId, epoch: u64) {
@@ -24,10 +28,14 @@ impl Hub {
     /// The session of `node` on `replica` opened with `epoch` ended.
     pub fn remote_offline(&self, replica: ReplicaId, node: NodeId, epoch: u64) {
         let mut inner = self.write();
+        let claim = Claim { epoch, replica };
         let Some(entry) = inner.nodes.get_mut(&node) else {
+            if inner.pending.get(&node) == Some(&claim) {
+                inner.pending.remove(&node);
+            }
             return;
         };
-        if entry.remote == Some(Claim { epoch, replica }) {
+        if entry.remote == Some(claim) {
             entry.remote = None;
             self.went_offline(node, entry);
         }
@@ -103,6 +111,12 @@ impl Hub {
     /// Applies `claim` on `node` if it outbids what is known.
     fn claim(&self, inner: &mut Inner, claim: Claim, node: NodeId) {
         let Some(entry) = inner.nodes.get_mut(&node) else {
+            let newer = inner.pending.get(&node).is_none_or(|c| claim > *c);
+            if newer
+                && (inner.pending.len() < MAX_PENDING_CLAIMS || inner.pending.contains_key(&node))
+            {
+                inner.pending.insert(node, claim);
+            }
             return;
         };
         let me = self.bus.get().map_or(0, |b| b.replica);
@@ -138,6 +152,7 @@ impl Hub {
     }
 
     fn drop_claims(&self, inner: &mut Inner, drop: impl Fn(NodeId, Claim) -> bool) {
+        inner.pending.retain(|id, c| !drop(*id, *c));
         for (id, entry) in inner.nodes.iter_mut() {
             if entry.remote.is_some_and(|c| drop(*id, c)) {
                 entry.remote = None;
@@ -283,6 +298,35 @@ mod tests {
         // A node that reconnects elsewhere after its replica died comes back.
         h.remote_online(8, 2, 2);
         assert!(online_in_netmap(&h, 2));
+    }
+
+    #[test]
+    fn a_session_announced_before_its_enrolment_counts_when_the_node_arrives() {
+        let (h, _out) = hub(&[1]);
+        let a = h.attach(1).unwrap();
+        let mut deltas = a.deltas;
+        while deltas.try_recv().is_ok() {}
+        h.remote_online(7, 5, 10);
+        h.remote_online(7, 6, 10);
+        h.remote_offline(7, 6, 10);
+        h.replica_gone(8);
+        let peer = |id: NodeId| PeerInfo {
+            id,
+            name: format!("n{id}"),
+            mesh_ip: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
+            public_key: format!("k{id}"),
+            online: false,
+            tags: Vec::new(),
+        };
+        h.apply_upsert(peer(5));
+        h.apply_upsert(peer(6));
+        assert!(online_in_netmap(&h, 5), "the waiting claim applies");
+        assert!(!online_in_netmap(&h, 6), "its session ended meanwhile");
+        let Ok(Delta::Peer { about: 5, text, .. }) = deltas.try_recv() else {
+            panic!("no upsert of node 5");
+        };
+        assert!(text.contains(r#""online":true"#), "{text}");
+        assert!(h.read().pending.is_empty());
     }
 
     #[test]
