@@ -100,11 +100,16 @@ impl Node {
             return false;
         }
         entry.path.wake(now);
+        let online = entry.info.online;
         self.awake.insert(id);
         self.outputs.push_back(Output::Idle {
             peer: id,
             idle: false,
         });
+        // Idle peers hear no netcheck summary (see `handle_netcheck`).
+        if online {
+            self.send_nat(id, now);
+        }
         self.sync_path(id);
         true
     }

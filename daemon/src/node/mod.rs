@@ -19,7 +19,6 @@
 //! change) is a unit test on fake time (see `tests.rs`).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use overlay_proto::api::PathKind;
@@ -339,11 +338,15 @@ impl Node {
     /// A finished netcheck: what we tell peers, and our srflx candidate line
     /// (`None` when STUN saw no NAT or did not answer).
     pub fn handle_netcheck(&mut self, nat: NatSummary, srflx: Option<String>, now: Instant) {
+        // Idle peers have no session and hear our summary when they wake.
+        let mut awake = std::mem::take(&mut self.polling);
+        awake.clear();
+        awake.extend(self.awake.iter().copied());
         if srflx.is_some() && srflx != self.srflx {
             self.srflx = srflx;
             // Sessions already under way learn the candidate too.
-            for id in self.peer_ids() {
-                let session = self.peers[&id].session.as_ref();
+            for &id in &awake {
+                let session = self.peers.get(&id).and_then(|p| p.session.as_ref());
                 if let Some(session) = session.filter(|s| s.created).map(|s| s.id) {
                     self.send_reflexive(id, session, now);
                 }
@@ -357,22 +360,12 @@ impl Node {
             nat.mapping
         );
         self.nat = Some(nat);
-        for id in self.peer_ids() {
-            if self.peers[&id].info.online {
+        for &id in &awake {
+            if self.peers.get(&id).is_some_and(|p| p.info.online) {
                 self.send_nat(id, now);
             }
         }
-    }
-
-    /// Every peer's id, by mesh address (a stable order).
-    fn peer_ids(&self) -> Vec<NodeId> {
-        let mut ids: Vec<(Ipv4Addr, NodeId)> = self
-            .peers
-            .values()
-            .map(|p| (p.info.mesh_ip, p.info.id))
-            .collect();
-        ids.sort_unstable();
-        ids.into_iter().map(|(_, id)| id).collect()
+        self.polling = awake;
     }
 
     fn send_signal(&mut self, to: NodeId, signal: PeerSignal, now: Instant) {

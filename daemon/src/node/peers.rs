@@ -115,7 +115,7 @@ impl Node {
             });
             self.outputs.push_back(Output::Path { peer: id, route });
         }
-        if info.online {
+        if info.online && !lazy {
             self.send_nat(id, now);
         }
         self.netmap.insert(id, info);
@@ -126,6 +126,7 @@ impl Node {
             return;
         };
         let was_online = entry.info.online;
+        let idle = entry.activity.is_idle();
         let tags_changed = entry.info.tags != info.tags;
         entry.info = info.clone();
         if tags_changed && self.filter.is_some() {
@@ -144,7 +145,7 @@ impl Node {
             if entry.path.set_online(info.online, now) {
                 self.end_session(info.id);
             }
-            if info.online {
+            if info.online && !idle {
                 self.send_nat(info.id, now);
             }
         }

@@ -265,3 +265,23 @@ fn a_removed_peer_leaves_the_awake_set() {
     m.run();
     assert!(m.a.awake.is_empty());
 }
+
+#[test]
+fn idle_peers_hear_our_netcheck_summary_only_when_they_wake() {
+    use overlay_proto::signal::{MappingBehaviour, NatSummary};
+    let mut m = Mesh::with_idle_timeout(Some(IDLE));
+    m.carry = false;
+    let nat = NatSummary {
+        udp: true,
+        public_addr: Some("203.0.113.7:4000".parse().unwrap()),
+        mapping: MappingBehaviour::EndpointIndependent,
+    };
+    m.a.handle_netcheck(nat.clone(), Some("srflx line".into()), m.now);
+    assert!(sealed(&drain(&mut m.a)).is_empty(), "B is idle");
+    m.a.peer_activity(B, m.now);
+    let sent: Vec<_> = sealed(&drain(&mut m.a))
+        .into_iter()
+        .map(|s| s.signal)
+        .collect();
+    assert_eq!(sent, vec![PeerSignal::NetInfo { nat }]);
+}
