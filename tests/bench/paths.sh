@@ -263,6 +263,8 @@ overlay_up() {
         if [[ -n $MESH_B ]] && all_on "$NS_A" "$SOCK_A" "$kind" && all_on "$NS_B" "$SOCK_B" "$kind"; then
             break
         fi
+        # Traffic, as a user's would be: a quiet peer may go idle before ICE settles.
+        [[ -z $MESH_B ]] || in_ns "$NS_A" ping -n -c 1 -W 0.2 "$MESH_B" >/dev/null 2>&1 || true
         sleep 0.1
     done
     [[ -n $MESH_B ]] || { note "$sys" "b never got a mesh IP"; return 1; }

@@ -103,31 +103,44 @@ pub async fn recv_coalesced(
     buf: &mut [u8],
 ) -> std::io::Result<(SocketAddr, usize, Option<usize>)> {
     socket
-        .async_io(Interest::READABLE, || {
-            let mut iov = [IoSliceMut::new(buf)];
-            let mut cmsg = nix::cmsg_space!(i32);
-            let msg = recvmsg::<SockaddrStorage>(
-                socket.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::empty(),
-            )
-            .map_err(std::io::Error::from)?;
-            let mut segment = None;
-            if let Ok(cmsgs) = msg.cmsgs() {
-                for c in cmsgs {
-                    if let ControlMessageOwned::UdpGroSegments(size) = c {
-                        segment = usize::try_from(size).ok().filter(|s| *s > 0);
-                    }
-                }
-            }
-            let from = msg
-                .address
-                .and_then(|a| a.as_sockaddr_in().map(|sin| SocketAddr::V4((*sin).into())))
-                .ok_or_else(|| std::io::Error::other("datagram without an IPv4 sender"))?;
-            Ok((from, msg.bytes, segment))
-        })
+        .async_io(Interest::READABLE, || recv_once(socket, buf))
         .await
+}
+
+/// [`recv_coalesced`] without waiting: `WouldBlock` when nothing is queued.
+pub fn try_recv_coalesced(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(SocketAddr, usize, Option<usize>)> {
+    socket.try_io(Interest::READABLE, || recv_once(socket, buf))
+}
+
+fn recv_once(
+    socket: &UdpSocket,
+    buf: &mut [u8],
+) -> std::io::Result<(SocketAddr, usize, Option<usize>)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut cmsg = nix::cmsg_space!(i32);
+    let msg = recvmsg::<SockaddrStorage>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::empty(),
+    )
+    .map_err(std::io::Error::from)?;
+    let mut segment = None;
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for c in cmsgs {
+            if let ControlMessageOwned::UdpGroSegments(size) = c {
+                segment = usize::try_from(size).ok().filter(|s| *s > 0);
+            }
+        }
+    }
+    let from = msg
+        .address
+        .and_then(|a| a.as_sockaddr_in().map(|sin| SocketAddr::V4((*sin).into())))
+        .ok_or_else(|| std::io::Error::other("datagram without an IPv4 sender"))?;
+    Ok((from, msg.bytes, segment))
 }
 
 /// The datagrams in a coalesced receive.

@@ -17,8 +17,9 @@ use webrtc_ice::mdns::MulticastDnsMode;
 use webrtc_ice::network_type::NetworkType;
 use webrtc_ice::state::ConnectionState;
 use webrtc_ice::udp_network::UDPNetwork;
-use webrtc_ice::url::Url;
+use webrtc_ice::url::{ProtoType, SchemeType, Url};
 
+use super::turn_conn::{RelayedConn, TurnRoute};
 use crate::dataplane::peer::IceConn;
 use crate::node::path::{CandidateKind, SelectedPair};
 
@@ -101,6 +102,17 @@ impl IceSettings {
                     Ok(mut url) => {
                         url.username = server.username.clone();
                         url.password = server.credential.clone();
+                        // webrtc-ice's TURN client talks to the server through
+                        // the shim, whose sockets carry relayed data (turn_shim).
+                        if url.scheme == SchemeType::Turn && url.proto == ProtoType::Udp {
+                            match mux.turn_shim().local_for(&url.host, url.port) {
+                                Ok(local) => {
+                                    url.host = local.ip().to_string();
+                                    url.port = local.port();
+                                }
+                                Err(e) => tracing::warn!("TURN shim for {raw:?}: {e}"),
+                            }
+                        }
                         urls.push(url);
                     }
                     Err(e) => tracing::warn!("ignoring TURN URL {raw:?}: {e}"),
@@ -153,6 +165,8 @@ pub struct IceSession {
     pub signalled: Vec<(String, CandidateKind)>,
     /// See [`IceSettings::mesh`].
     mesh: Ipv4Net,
+    /// Where relayed data goes while a shim allocation is selected.
+    route: Arc<TurnRoute>,
 }
 
 impl IceSession {
@@ -207,7 +221,10 @@ impl IceSession {
             Box::pin(async {})
         }));
         let tx = events;
+        let route = TurnRoute::new(peer, settings.mux.turn_shim());
+        let selected = Arc::clone(&route);
         agent.on_selected_candidate_pair_change(Box::new(move |local, remote| {
+            selected.select(local.as_ref(), remote.as_ref());
             let pair = SelectedPair {
                 local: kind(local.candidate_type()),
                 local_addr: addr(local.as_ref()),
@@ -234,6 +251,7 @@ impl IceSession {
             conn: None,
             signalled: Vec::new(),
             mesh: settings.mesh,
+            route,
         })
     }
 
@@ -254,17 +272,18 @@ impl IceSession {
         self.cancel = Some(cancel_tx);
         let agent = self.agent.clone();
         let session = self.session;
+        let route = Arc::clone(&self.route);
         tokio::spawn(async move {
             let result = if controlling {
                 agent
                     .dial(cancel_rx, remote_ufrag, remote_pwd)
                     .await
-                    .map(|c| c as IceConn)
+                    .map(|c| RelayedConn::wrap(c, route))
             } else {
                 agent
                     .accept(cancel_rx, remote_ufrag, remote_pwd)
                     .await
-                    .map(|c| c as IceConn)
+                    .map(|c| RelayedConn::wrap(c, route))
             };
             let event = match result {
                 Ok(conn) => IceEvent::Ready {
@@ -314,6 +333,7 @@ impl IceSession {
     /// Stops the agent in the background (closing can wait on its tasks).
     pub fn close(mut self) {
         self.cancel.take();
+        self.route.clear();
         let agent = self.agent.clone();
         tokio::spawn(async move {
             let _ = agent.close().await;

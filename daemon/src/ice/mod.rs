@@ -5,6 +5,8 @@
 //!   mux      the one UDP socket: STUN ──▶ agents, WireGuard ──▶ DataPlane::arrive
 //!   netcheck what the network allows (UDP, NAT mapping), measured with STUN
 //!   why      `overlayctl why`: what an attempt saw, and a conclusion
+//!   turn_shim  webrtc-ice's TURN clients reach their server through the daemon's
+//!            sockets, so relayed WireGuard skips the agent (turn_conn, turn_channels)
 //! ```
 //!
 //! The decisions (when to start, retry or give up on a session, which side
@@ -15,6 +17,9 @@
 mod agent;
 pub mod mux;
 pub mod netcheck;
+mod turn_channels;
+mod turn_conn;
+pub mod turn_shim;
 pub mod why;
 
 pub use agent::*;

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use webrtc_ice::udp_mux::UDPMux;
 use webrtc_util::Conn;
 
+use super::turn_shim::TurnShim;
 use crate::dataplane::udp_batch;
 use crate::dataplane::{DataPlane, Origin, RxScratch, BUF_SIZE, MAX_BATCH};
 
@@ -47,6 +48,8 @@ pub struct Mux {
     by_addr: Mutex<HashMap<SocketAddr, Weak<MuxConn>>>,
     /// Our own srflx probes waiting for their Binding success.
     probes: Mutex<HashMap<TransactionId, oneshot::Sender<SocketAddr>>>,
+    /// The sockets relayed (TURN) data takes; see `turn_shim`.
+    turn: Arc<TurnShim>,
 }
 
 impl Mux {
@@ -63,7 +66,12 @@ impl Mux {
             conns: Mutex::default(),
             by_addr: Mutex::default(),
             probes: Mutex::default(),
+            turn: Arc::default(),
         }))
+    }
+
+    pub fn turn_shim(&self) -> Arc<TurnShim> {
+        Arc::clone(&self.turn)
     }
 
     pub fn socket(&self) -> Arc<UdpSocket> {
@@ -76,6 +84,7 @@ impl Mux {
 
     /// Reads the socket until it fails; see the module diagram.
     pub async fn run(self: Arc<Self>, dataplane: Arc<DataPlane>) -> std::io::Result<()> {
+        self.turn.attach(Arc::clone(&dataplane));
         let mut buf = vec![0u8; BUF_SIZE];
         let mut rx = RxScratch::default();
         loop {

@@ -1,0 +1,439 @@
+//! The TURN shim: webrtc-ice's TURN clients talk to the TURN server through
+//! sockets the daemon owns, so relayed WireGuard skips the agent.
+//!
+//! ```text
+//!  webrtc-ice TURN client ──loopback──▶ listener (one per TURN server)
+//!   (auth, Allocate, Refresh,             │ a session per client socket:
+//!    CreatePermission, ChannelBind)       ▼
+//!                                      upstream socket ──UDP──▶ TURN server
+//!  ◀──loopback── STUN, Data indications, ◀─┤ (GRO)
+//!                ChannelData not fast      │
+//!  DataPlane::arrive(IceConn(peer)) ◀──────┘ ChannelData from a fast peer
+//!  RelayedConn::send ──ChannelData──▶ upstream socket (no agent, no TURN client)
+//! ```
+//!
+//! The allocation, its permissions and channel bindings stay the TURN
+//! client's: it makes and refreshes them as before, over the shim. The
+//! relay candidate ICE signals and checks is that allocation's relayed
+//! address, and relayed data leaves from the same allocation, so the peer's
+//! NAT sees one address either way. [`super::turn_channels`] learns the
+//! bindings from the client's requests and the server's answers; a peer is
+//! *fast* once ICE selected a pair with this allocation as the local
+//! candidate ([`super::turn_conn`]). STUN inside ChannelData (ICE checks
+//! and consent) always goes to the client, so ICE keeps seeing its checks.
+
+use std::collections::HashMap;
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{sendmsg, MsgFlags, SockaddrIn};
+use tokio::io::Interest;
+use tokio::net::UdpSocket;
+use tokio_util::sync::CancellationToken;
+
+use super::turn_channels::{channel_header, parse_channel_data, Channels, Noted};
+use crate::dataplane::udp_batch;
+use crate::dataplane::{DataPlane, Origin, RxScratch, BUF_SIZE, MAX_BATCH};
+use overlay_proto::NodeId;
+
+/// Client sockets (TURN sessions) one shim serves; beyond, new ones are
+/// ignored and their relay gathering times out.
+const MAX_SESSIONS: usize = 256;
+/// A session whose client sent nothing for this long is gone (the client
+/// refreshes its allocation and permissions every few minutes).
+const SESSION_IDLE: Duration = Duration::from_secs(900);
+/// How often idle sessions are looked for.
+const SWEEP: Duration = Duration::from_secs(60);
+/// One read's room: a GRO run of up to 64 KiB.
+const READ_BYTES: usize = 65_536;
+/// Reads drained from the upstream socket per wake-up, and their room.
+const MAX_READS: usize = 64;
+const DRAIN_BYTES: usize = 8 * READ_BYTES;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[derive(Default)]
+pub struct TurnShim {
+    /// Loopback addresses by upstream server (`host:port`).
+    listeners: Mutex<HashMap<String, SocketAddr>>,
+    /// Sessions by their allocation's relayed address.
+    relayed: Mutex<HashMap<SocketAddr, Weak<Session>>>,
+    dataplane: OnceLock<Arc<DataPlane>>,
+}
+
+impl TurnShim {
+    /// Gives the shim the data plane fast datagrams go to.
+    pub fn attach(&self, dataplane: Arc<DataPlane>) {
+        let _ = self.dataplane.set(dataplane);
+    }
+
+    /// The loopback address that stands for the TURN server `host:port`,
+    /// starting its listener on first use. Must run inside the runtime.
+    pub fn local_for(self: &Arc<Self>, host: &str, port: u16) -> std::io::Result<SocketAddr> {
+        let server = format!("{host}:{port}");
+        let mut listeners = lock(&self.listeners);
+        if let Some(addr) = listeners.get(&server) {
+            return Ok(*addr);
+        }
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        socket.set_nonblocking(true)?;
+        let socket = Arc::new(UdpSocket::from_std(socket)?);
+        let addr = socket.local_addr()?;
+        listeners.insert(server.clone(), addr);
+        tokio::spawn(Arc::clone(self).listen(socket, server));
+        Ok(addr)
+    }
+
+    /// The session whose allocation has the relayed address `relayed`.
+    pub fn session(&self, relayed: SocketAddr) -> Option<Arc<Session>> {
+        lock(&self.relayed).get(&relayed).and_then(Weak::upgrade)
+    }
+
+    /// Reads the clients' datagrams for `server` and passes them on, from
+    /// one upstream socket per client socket.
+    async fn listen(self: Arc<Self>, loopback: Arc<UdpSocket>, server: String) {
+        let mut sessions: HashMap<SocketAddr, Arc<Session>> = HashMap::new();
+        let mut buf = vec![0u8; BUF_SIZE];
+        let mut sweep = tokio::time::interval(SWEEP);
+        let mut resolved: Option<SocketAddr> = None;
+        loop {
+            let (n, from) = tokio::select! {
+                r = loopback.recv_from(&mut buf) => match r {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::warn!("TURN shim for {server} stopped: {e}");
+                        return;
+                    }
+                },
+                _ = sweep.tick() => {
+                    let now = Instant::now();
+                    sessions.retain(|_, s| {
+                        let keep = !s.cancel.is_cancelled() && now.duration_since(*lock(&s.last_client)) < SESSION_IDLE;
+                        if !keep { s.cancel.cancel(); }
+                        keep
+                    });
+                    continue;
+                }
+            };
+            let session = match sessions.get(&from) {
+                Some(s) if !s.cancel.is_cancelled() => Arc::clone(s),
+                _ => {
+                    if resolved.is_none() {
+                        resolved = tokio::net::lookup_host(&server)
+                            .await
+                            .ok()
+                            .and_then(|mut a| a.find(SocketAddr::is_ipv4));
+                    }
+                    let Some(server_addr) = resolved else {
+                        tracing::debug!("TURN shim: cannot resolve {server}");
+                        continue;
+                    };
+                    sessions.retain(|_, s| !s.cancel.is_cancelled());
+                    if sessions.len() >= MAX_SESSIONS {
+                        tracing::debug!("TURN shim: {MAX_SESSIONS} sessions, a new one ignored");
+                        continue;
+                    }
+                    match self.open(&loopback, from, server_addr).await {
+                        Ok(s) => {
+                            sessions.insert(from, Arc::clone(&s));
+                            s
+                        }
+                        Err(e) => {
+                            tracing::debug!("TURN shim: no upstream socket: {e}");
+                            continue;
+                        }
+                    }
+                }
+            };
+            let datagram = &buf[..n];
+            *lock(&session.last_client) = Instant::now();
+            lock(&session.channels).note_client(datagram);
+            let _ = session.upstream.send_to(datagram, session.server).await;
+        }
+    }
+
+    async fn open(
+        self: &Arc<Self>,
+        loopback: &Arc<UdpSocket>,
+        client: SocketAddr,
+        server: SocketAddr,
+    ) -> std::io::Result<Arc<Session>> {
+        let upstream = UdpSocket::bind("0.0.0.0:0").await?;
+        udp_batch::grow_buffers(&upstream);
+        udp_batch::enable_gro(&upstream);
+        let session = Arc::new(Session {
+            client,
+            server,
+            upstream,
+            loopback: Arc::clone(loopback),
+            channels: Mutex::default(),
+            last_client: Mutex::new(Instant::now()),
+            cancel: CancellationToken::new(),
+        });
+        tokio::spawn(Arc::clone(self).read_upstream(Arc::clone(&session)));
+        Ok(session)
+    }
+
+    /// The server's datagrams to one session: fast ChannelData to the data
+    /// plane in runs, everything else to the client.
+    async fn read_upstream(self: Arc<Self>, s: Arc<Session>) {
+        let mut buf = vec![0u8; DRAIN_BYTES];
+        let mut rx = RxScratch::default();
+        let mut relayed = None;
+        let mut reads = [(0usize, 0usize, None::<usize>); MAX_READS];
+        loop {
+            // One waiting read, then whatever else is queued, without waiting.
+            let first = tokio::select! {
+                _ = s.cancel.cancelled() => break,
+                r = udp_batch::recv_coalesced(&s.upstream, &mut buf[..READ_BYTES]) => r,
+            };
+            let (from, n, segment) = match first {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::debug!("TURN shim upstream: {e}");
+                    break;
+                }
+            };
+            let mut count = 0;
+            let mut end = 0;
+            if from == s.server {
+                reads[0] = (0, n, segment);
+                count = 1;
+                end = n;
+            }
+            while count < MAX_READS && end + READ_BYTES <= buf.len() {
+                match udp_batch::try_recv_coalesced(&s.upstream, &mut buf[end..end + READ_BYTES]) {
+                    Ok((from, n, segment)) if from == s.server => {
+                        reads[count] = (end, n, segment);
+                        count += 1;
+                        end += n;
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+            let now = Instant::now();
+            let mut fast: [&[u8]; MAX_BATCH] = [&[]; MAX_BATCH];
+            let mut queued = 0;
+            let mut node = None;
+            for &(start, n, segment) in &reads[..count] {
+                for datagram in udp_batch::segments(&buf[start..start + n], segment) {
+                    let to_node = {
+                        let channels = lock(&s.channels);
+                        parse_channel_data(datagram).and_then(|(channel, range)| {
+                            let data = &datagram[range];
+                            let target = channels.fast_node(channel, now)?;
+                            (!stun::message::is_message(data)).then_some((target, data))
+                        })
+                    };
+                    let Some((target, data)) = to_node else {
+                        self.to_client(&s, datagram, now, &mut relayed).await;
+                        continue;
+                    };
+                    if queued == MAX_BATCH || node.is_some_and(|n| n != target) {
+                        self.deliver(node, &fast[..queued], &mut rx).await;
+                        queued = 0;
+                    }
+                    node = Some(target);
+                    fast[queued] = data;
+                    queued += 1;
+                }
+            }
+            self.deliver(node, &fast[..queued], &mut rx).await;
+        }
+        if let Some(addr) = relayed {
+            lock(&self.relayed).remove(&addr);
+        }
+    }
+
+    /// Relayed WireGuard for `node`, into the data plane.
+    async fn deliver(&self, node: Option<NodeId>, datagrams: &[&[u8]], rx: &mut RxScratch) {
+        if let (Some(node), Some(dp), false) = (node, self.dataplane.get(), datagrams.is_empty()) {
+            dp.arrive(Origin::IceConn(node), datagrams, rx).await;
+        }
+    }
+
+    /// A datagram from the server that is the TURN client's business.
+    async fn to_client(
+        &self,
+        s: &Arc<Session>,
+        datagram: &[u8],
+        now: Instant,
+        relayed: &mut Option<SocketAddr>,
+    ) {
+        match lock(&s.channels).note_server(datagram, now) {
+            Noted::Relayed(addr) => {
+                lock(&self.relayed).insert(addr, Arc::downgrade(s));
+                *relayed = Some(addr);
+            }
+            Noted::Released => s.cancel.cancel(),
+            Noted::Nothing => {}
+        }
+        let _ = s.loopback.send_to(datagram, s.client).await;
+    }
+}
+
+/// One TURN client socket's way to its server.
+pub struct Session {
+    client: SocketAddr,
+    server: SocketAddr,
+    upstream: UdpSocket,
+    loopback: Arc<UdpSocket>,
+    channels: Mutex<Channels>,
+    last_client: Mutex<Instant>,
+    cancel: CancellationToken,
+}
+
+impl Session {
+    /// Sends `node`'s datagrams from `peer` straight to the data plane, or
+    /// stops (`None`).
+    pub fn set_fast(&self, peer: SocketAddr, node: Option<NodeId>) {
+        lock(&self.channels).set_fast(peer, node);
+    }
+
+    /// Sends `datagram` to `peer` as ChannelData, when a channel is bound;
+    /// false when there is none (the caller takes the TURN client's way).
+    pub async fn send(&self, peer: SocketAddr, datagram: &[u8]) -> bool {
+        let Some(channel) = lock(&self.channels).channel_for(peer, Instant::now()) else {
+            return false;
+        };
+        let SocketAddr::V4(server) = self.server else {
+            return false;
+        };
+        let header = channel_header(channel, datagram.len());
+        let to = SockaddrIn::from(server);
+        let parts = [IoSlice::new(&header), IoSlice::new(datagram)];
+        let _ = self
+            .upstream
+            .async_io(Interest::WRITABLE, || {
+                sendmsg(
+                    self.upstream.as_raw_fd(),
+                    &parts,
+                    &[],
+                    MsgFlags::empty(),
+                    Some(&to),
+                )
+                .map_err(std::io::Error::from)
+            })
+            .await;
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use stun::agent::TransactionId;
+    use stun::message::{
+        Message, MessageType, Setter, CLASS_REQUEST, CLASS_SUCCESS_RESPONSE, METHOD_ALLOCATE,
+        METHOD_CHANNEL_BIND,
+    };
+    use turn::proto::channum::ChannelNumber;
+    use turn::proto::peeraddr::PeerAddress;
+    use turn::proto::relayaddr::RelayedAddress;
+
+    fn stun(
+        method: stun::message::Method,
+        class: stun::message::MessageClass,
+        txid: u8,
+        attrs: Vec<Box<dyn Setter>>,
+    ) -> Vec<u8> {
+        let mut setters: Vec<Box<dyn Setter>> = vec![
+            Box::new(TransactionId([txid; 12])),
+            Box::new(MessageType::new(method, class)),
+        ];
+        setters.extend(attrs);
+        let mut m = Message::new();
+        m.build(&setters).unwrap();
+        m.raw
+    }
+
+    async fn recv(socket: &UdpSocket) -> (Vec<u8>, SocketAddr) {
+        let mut buf = [0u8; 2048];
+        let (n, from) = tokio::time::timeout(Duration::from_secs(2), socket.recv_from(&mut buf))
+            .await
+            .expect("a datagram")
+            .unwrap();
+        (buf[..n].to_vec(), from)
+    }
+
+    #[tokio::test]
+    async fn the_shim_forwards_both_ways_and_sends_channel_data_once_bound() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let shim = Arc::new(TurnShim::default());
+        let local = shim
+            .local_for("127.0.0.1", server_addr.port())
+            .expect("a loopback listener");
+        assert_eq!(
+            shim.local_for("127.0.0.1", server_addr.port()).unwrap(),
+            local,
+            "one listener per server"
+        );
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+
+        // Allocate: through the shim and back, and the session is known by
+        // its relayed address.
+        let relayed: SocketAddr = "203.0.113.1:50000".parse().unwrap();
+        let request = stun(METHOD_ALLOCATE, CLASS_REQUEST, 1, vec![]);
+        client.send_to(&request, local).await.unwrap();
+        let (got, upstream) = recv(&server).await;
+        assert_eq!(got, request);
+        assert_ne!(
+            upstream,
+            client.local_addr().unwrap(),
+            "from the shim's own socket"
+        );
+        let answer = stun(
+            METHOD_ALLOCATE,
+            CLASS_SUCCESS_RESPONSE,
+            1,
+            vec![Box::new(RelayedAddress {
+                ip: relayed.ip(),
+                port: relayed.port(),
+            })],
+        );
+        server.send_to(&answer, upstream).await.unwrap();
+        assert_eq!(recv(&client).await, (answer, local));
+        let session = shim
+            .session(relayed)
+            .expect("the session of that allocation");
+
+        // No channel yet: the caller must take the client's way.
+        let peer: SocketAddr = "198.51.100.9:4000".parse().unwrap();
+        assert!(!session.send(peer, b"wireguard").await);
+
+        let bind = stun(
+            METHOD_CHANNEL_BIND,
+            CLASS_REQUEST,
+            2,
+            vec![
+                Box::new(ChannelNumber(0x4005)),
+                Box::new(PeerAddress {
+                    ip: peer.ip(),
+                    port: peer.port(),
+                }),
+            ],
+        );
+        client.send_to(&bind, local).await.unwrap();
+        assert_eq!(recv(&server).await.0, bind);
+        let bound = stun(METHOD_CHANNEL_BIND, CLASS_SUCCESS_RESPONSE, 2, vec![]);
+        server.send_to(&bound, upstream).await.unwrap();
+        assert_eq!(recv(&client).await.0, bound);
+
+        assert!(session.send(peer, b"wireguard").await);
+        let (frame, from) = recv(&server).await;
+        assert_eq!(from, upstream);
+        assert_eq!(&frame[..4], &channel_header(0x4005, 9));
+        assert_eq!(&frame[4..], b"wireguard");
+
+        // Without a data plane or a fast peer, ChannelData goes to the client.
+        server.send_to(&frame, upstream).await.unwrap();
+        assert_eq!(recv(&client).await.0, frame);
+    }
+}
