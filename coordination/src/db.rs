@@ -262,7 +262,8 @@ fn postgres_text(e: &postgres::Error) -> String {
 
 /// Whether a transaction writes. SQLite takes the write lock at the start of
 /// a writing transaction (`BEGIN IMMEDIATE`), so two writers never deadlock
-/// upgrading their locks; PostgreSQL locks rows as it goes.
+/// upgrading their locks; PostgreSQL locks rows as it goes, and runs the
+/// statements of a read each on its own (no snapshot across them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Read,
@@ -309,7 +310,7 @@ impl Db {
                 tx.commit()?;
                 Ok(out)
             }
-            Db::Postgres(pool) => pool.run(|tx| {
+            Db::Postgres(pool) => pool.run(mode, |tx| {
                 let mut tx = Tx::Postgres(tx);
                 let out = f(&mut tx)?;
                 tx.commit()?;

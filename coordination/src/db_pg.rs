@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use postgres::types::{IsNull, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
 
-use super::db::{postgres_placeholders, DbError, Row, Value};
+use super::db::{postgres_placeholders, DbError, Mode, Row, Value};
 
 /// Connections the pool opens at most. The server's blocking calls are
 /// short; a few connections keep enrolments and the sync loop from queueing.
@@ -92,7 +92,7 @@ impl PgPool {
             }),
             freed: Condvar::new(),
         };
-        pool.run(|_| Ok::<_, DbError>(()))?;
+        pool.run(Mode::Read, |_| Ok::<_, DbError>(()))?;
         Ok(pool)
     }
 
@@ -171,20 +171,31 @@ impl PgPool {
         self.freed.notify_one();
     }
 
-    /// Runs `f` in a transaction (READ COMMITTED) on a pooled connection; `f`
-    /// commits it. Uniqueness is the schema's constraints' job, not this
-    /// isolation level's: callers retry an insert that loses a race.
+    /// Runs `f` on a pooled connection: for [`Mode::Write`] in a transaction
+    /// (READ COMMITTED) that `f` commits; for [`Mode::Read`] each statement
+    /// on its own, sparing the BEGIN and COMMIT round trips of the frequent
+    /// reads (a session's credential check, the policy counter). Uniqueness
+    /// is the schema's constraints' job, not an isolation level's: callers
+    /// retry an insert that loses a race.
     pub fn run<T, E: From<DbError>>(
         &self,
+        mode: Mode,
         f: impl FnOnce(PgTx<'_>) -> Result<T, E>,
     ) -> Result<T, E> {
         let mut conn = self.checkout()?;
-        let result = match conn.client.transaction() {
-            Ok(tx) => f(PgTx {
-                tx,
-                stmts: &mut conn.stmts,
+        let PgConn { client, stmts } = &mut conn;
+        let result = match mode {
+            Mode::Read => f(PgTx {
+                on: On::Client(client),
+                stmts,
             }),
-            Err(e) => Err(DbError::from(e).into()),
+            Mode::Write => match client.transaction() {
+                Ok(tx) => f(PgTx {
+                    on: On::Transaction(tx),
+                    stmts,
+                }),
+                Err(e) => Err(DbError::from(e).into()),
+            },
         };
         self.checkin(conn);
         result
@@ -203,9 +214,28 @@ impl Drop for PgPool {
     }
 }
 
-/// A PostgreSQL transaction with its connection's statement cache.
+/// Where a [`PgTx`]'s statements run.
+enum On<'a> {
+    Transaction(postgres::Transaction<'a>),
+    /// Each statement on its own (reads).
+    Client(&'a mut Client),
+}
+
+/// Calls the same method on a transaction or a client, which the `postgres`
+/// crate gives the same signatures.
+macro_rules! on {
+    ($on:expr, $method:ident($($arg:expr),*)) => {
+        match $on {
+            On::Transaction(tx) => tx.$method($($arg),*),
+            On::Client(client) => client.$method($($arg),*),
+        }
+    };
+}
+
+/// A PostgreSQL transaction (or, for reads, a connection) with its
+/// connection's statement cache.
 pub struct PgTx<'a> {
-    tx: postgres::Transaction<'a>,
+    on: On<'a>,
     stmts: &'a mut HashMap<String, Statement>,
 }
 
@@ -214,7 +244,7 @@ impl PgTx<'_> {
         if let Some(stmt) = self.stmts.get(sql) {
             return Ok(stmt.clone());
         }
-        let stmt = self.tx.prepare(&postgres_placeholders(sql))?;
+        let stmt = on!(&mut self.on, prepare(&postgres_placeholders(sql)))?;
         self.stmts.insert(sql.to_owned(), stmt.clone());
         Ok(stmt)
     }
@@ -222,21 +252,27 @@ impl PgTx<'_> {
     pub fn exec(&mut self, sql: &str, args: &[Value]) -> Result<u64, DbError> {
         let stmt = self.statement(sql)?;
         let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|v| v as _).collect();
-        Ok(self.tx.execute(&stmt, &params)?)
+        Ok(on!(&mut self.on, execute(&stmt, &params))?)
     }
 
     pub fn query(&mut self, sql: &str, args: &[Value]) -> Result<Vec<Row>, DbError> {
         let stmt = self.statement(sql)?;
         let params: Vec<&(dyn ToSql + Sync)> = args.iter().map(|v| v as _).collect();
-        self.tx.query(&stmt, &params)?.iter().map(row).collect()
+        on!(&mut self.on, query(&stmt, &params))?
+            .iter()
+            .map(row)
+            .collect()
     }
 
     pub fn batch(&mut self, sql: &str) -> Result<(), DbError> {
-        Ok(self.tx.batch_execute(sql)?)
+        Ok(on!(&mut self.on, batch_execute(sql))?)
     }
 
     pub fn commit(self) -> Result<(), DbError> {
-        Ok(self.tx.commit()?)
+        match self.on {
+            On::Transaction(tx) => Ok(tx.commit()?),
+            On::Client(_) => Ok(()),
+        }
     }
 }
 
