@@ -309,3 +309,28 @@ fn postgres_unreachable_at_open_is_a_clear_error() {
     let secret = Location::Postgres("postgres://u:hunter2@db.example/coord".into()).to_string();
     assert_eq!(secret, "postgres://u@db.example:5432/coord");
 }
+
+/// The server's last handle on the store may go in an async task: closing
+/// PostgreSQL connections there must not enter the client's own runtime.
+#[test]
+fn a_postgres_store_dropped_in_an_async_task_closes_quietly() {
+    let Some(b) = Backend::postgres("a_postgres_store_dropped_in_an_async_task_closes_quietly")
+    else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let location = b.location.clone();
+        let store = tokio::task::spawn_blocking(move || {
+            let store = Store::open_at(&location).unwrap();
+            store.list_nodes().unwrap();
+            store
+        })
+        .await
+        .unwrap();
+        drop(store);
+    });
+}
