@@ -5,13 +5,17 @@
 //! ```text
 //!  socket ──recvmmsg──▶ RecvBatch (BATCH slots of SLOT bytes, reused)
 //!                          │ slices borrowed by the caller
-//!  socket ◀──sendmmsg── SendBatch (≤ 2 iovecs per datagram: header, payload)
+//!  socket ◀──sendmmsg── SendBatch (2 iovecs per datagram: header, payload;
+//!                        a run of equal-sized datagrams to one address is
+//!                        one UDP GSO message, so its receiver can take it
+//!                        in one GRO read)
 //! ```
 
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -21,6 +25,12 @@ pub const BATCH: usize = 64;
 /// Bytes per slot: a full-size UDP datagram on a 1500-byte path and then some;
 /// longer datagrams are truncated by the kernel and dropped by the caller.
 pub const SLOT: usize = 2048;
+/// A GSO message carries at most 64 segments...
+const MAX_SEGMENTS: usize = 64;
+/// ...and one IP datagram's worth of payload.
+const MAX_GSO_BYTES: usize = 65_000;
+/// Whether UDP GSO sends work here; cleared on the first refusal.
+static GSO_OK: AtomicBool = AtomicBool::new(true);
 /// Socket buffer size asked for the listener and every relay socket: a
 /// gigabit of 1,300-byte datagrams is ~100,000 a second, and the default
 /// ~200 KiB holds 2 ms of it.
@@ -172,7 +182,7 @@ impl SendBatch {
                 .async_io(Interest::WRITABLE, || self.sendmmsg(socket, sent, v6))
                 .await
             {
-                Ok(n) => sent += n.max(1),
+                Ok(n) => sent += n,
                 Err(_) => {
                     // The first datagram of the rest failed for good: skip it.
                     failed += 1;
@@ -184,49 +194,114 @@ impl SendBatch {
         failed
     }
 
+    fn len_of(&self, i: usize) -> usize {
+        self.header_lens[i] + self.payloads[i].1
+    }
+
+    /// How many datagrams from `i` on go as one GSO message: same
+    /// destination, all as long as the first but the last, which may be
+    /// shorter, within the kernel's bounds.
+    fn run_from(&self, i: usize, gso: bool) -> usize {
+        let size = self.len_of(i);
+        let mut bytes = size;
+        let mut j = i + 1;
+        while gso
+            && j < self.count
+            && j - i < MAX_SEGMENTS
+            && self.addrs[j] == self.addrs[i]
+            && self.len_of(j) <= size
+            && bytes + self.len_of(j) <= MAX_GSO_BYTES
+        {
+            bytes += self.len_of(j);
+            j += 1;
+            if self.len_of(j - 1) < size {
+                break;
+            }
+        }
+        j - i
+    }
+
+    /// Sends from datagram `start` on; returns how many datagrams went.
     fn sendmmsg(&mut self, socket: &UdpSocket, start: usize, v6: bool) -> io::Result<usize> {
-        let n = self.count - start;
+        let gso = GSO_OK.load(Ordering::Relaxed);
         let mut names: [MaybeUninit<libc::sockaddr_storage>; BATCH] =
             [MaybeUninit::zeroed(); BATCH];
-        let mut name_lens = [0 as libc::socklen_t; BATCH];
-        let mut iovs: [[libc::iovec; 2]; BATCH] = std::array::from_fn(|_| {
-            [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; 2]
-        });
+        // Two iovecs per datagram, laid out in datagram order, so a run is
+        // one contiguous slice of them.
+        let mut iovs: [libc::iovec; 2 * BATCH] = [libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }; 2 * BATCH];
+        let mut control = [[0u64; 4]; BATCH];
+        let mut runs = [0usize; BATCH];
         // SAFETY: mmsghdr is plain data; zero is a valid empty header.
         let mut msgs: [libc::mmsghdr; BATCH] = unsafe { std::mem::zeroed() };
-        for k in 0..n {
+        for k in 0..self.count - start {
             let i = start + k;
-            name_lens[k] = to_storage(self.addrs[i], v6, &mut names[k]);
-            iovs[k][0] = libc::iovec {
+            iovs[2 * k] = libc::iovec {
                 iov_base: self.headers[i].as_mut_ptr().cast(),
                 iov_len: self.header_lens[i],
             };
-            iovs[k][1] = libc::iovec {
+            iovs[2 * k + 1] = libc::iovec {
                 iov_base: self.payloads[i].0 as *mut libc::c_void,
                 iov_len: self.payloads[i].1,
             };
-            msgs[k].msg_hdr.msg_name = names[k].as_mut_ptr().cast();
-            msgs[k].msg_hdr.msg_namelen = name_lens[k];
-            msgs[k].msg_hdr.msg_iov = iovs[k].as_mut_ptr();
-            msgs[k].msg_hdr.msg_iovlen = 2;
         }
-        // SAFETY: headers and names are locals or fields of self; payloads
-        // point into a RecvBatch the caller keeps borrowed until flush ends.
+        let mut m = 0;
+        let mut i = start;
+        while i < self.count {
+            let run = self.run_from(i, gso);
+            let k = i - start;
+            let hdr = &mut msgs[m].msg_hdr;
+            hdr.msg_namelen = to_storage(self.addrs[i], v6, &mut names[m]);
+            hdr.msg_name = names[m].as_mut_ptr().cast();
+            hdr.msg_iov = iovs[2 * k..].as_mut_ptr();
+            hdr.msg_iovlen = 2 * run;
+            if run > 1 {
+                hdr.msg_control = control[m].as_mut_ptr().cast();
+                // SAFETY: CMSG_SPACE(2) is 24 bytes, `control[m]` holds 32,
+                // aligned for cmsghdr; FIRSTHDR/DATA stay inside it.
+                unsafe {
+                    hdr.msg_controllen = libc::CMSG_SPACE(2) as _;
+                    let c = libc::CMSG_FIRSTHDR(hdr);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+                    std::ptr::write_unaligned(
+                        libc::CMSG_DATA(c).cast::<u16>(),
+                        self.len_of(i) as u16,
+                    );
+                }
+            }
+            runs[m] = run;
+            m += 1;
+            i += run;
+        }
+        // SAFETY: every pointer in `msgs` points at locals or fields of
+        // self, and payloads into a RecvBatch the caller keeps borrowed
+        // until flush ends.
         let r = unsafe {
             libc::sendmmsg(
                 socket.as_raw_fd(),
                 msgs.as_mut_ptr(),
-                n as _,
+                m as _,
                 libc::MSG_DONTWAIT,
             )
         };
         if r < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            let gso_refused = matches!(
+                e.raw_os_error(),
+                Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOPROTOOPT)
+            );
+            if runs[0] > 1 && gso_refused {
+                // No UDP GSO here: send one datagram per message from now on.
+                GSO_OK.store(false, Ordering::Relaxed);
+                return Ok(0);
+            }
+            return Err(e);
         }
-        Ok(r as usize)
+        Ok(runs[..r as usize].iter().sum())
     }
 }
 
@@ -350,6 +425,42 @@ mod tests {
                 assert_eq!(&d[4..], &payloads[seen][..]);
                 assert_eq!(got.from(i), a.local_addr().unwrap());
                 seen += 1;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn runs_of_equal_datagrams_leave_as_gso_and_arrive_one_by_one() {
+        let a = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let c = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let (to_b, to_c) = (b.local_addr().unwrap(), c.local_addr().unwrap());
+        // 20 equal to b, a shorter last one, then 3 to c, then 2 more to b.
+        let mut payloads: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 200]).collect();
+        payloads.push(vec![20; 50]);
+        payloads.extend((21..26u8).map(|i| vec![i; 200]));
+        let mut out = SendBatch::default();
+        for (i, p) in payloads.iter().enumerate() {
+            let to = if (21..24).contains(&i) { to_c } else { to_b };
+            assert!(out.push(&[0x40, 0, 0, i as u8], p, to));
+        }
+        assert_eq!(out.flush(&a).await, 0);
+        assert!(GSO_OK.load(Ordering::Relaxed), "loopback takes UDP GSO");
+        for (socket, expect) in [
+            (&b, (0..21).chain(24..26).collect::<Vec<usize>>()),
+            (&c, (21..24).collect()),
+        ] {
+            let mut buf = [0u8; 512];
+            for i in expect {
+                let (n, _) = tokio::time::timeout(
+                    std::time::Duration::from_secs(2),
+                    socket.recv_from(&mut buf),
+                )
+                .await
+                .unwrap()
+                .unwrap();
+                assert_eq!(buf[3] as usize, i, "in order, header first");
+                assert_eq!(&buf[4..n], &payloads[i][..]);
             }
         }
     }
