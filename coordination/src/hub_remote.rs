@@ -185,7 +185,7 @@ mod tests {
 
     const ME: ReplicaId = 100;
 
-    fn hub(nodes: &[NodeId]) -> (Hub, tokio::sync::mpsc::Receiver<Outbound>) {
+    fn hub(nodes: &[NodeId]) -> (Hub, crate::replica::Outbox) {
         let info = |id: NodeId| PeerInfo {
             id,
             name: format!("n{id}"),

@@ -27,7 +27,9 @@ pub const REPLICA_TIMEOUT: Duration = Duration::from_millis(3500);
 /// How often a replica repeats the list of all its sessions, repairing
 /// whatever an event lost on the way.
 pub const PRESENCE_REFRESH: Duration = Duration::from_secs(10);
-/// Messages queued towards the bus; more are dropped and counted.
+/// Messages queued towards the bus, events and inbox messages each; more
+/// are dropped and counted. Events have their own queue and go first, so a
+/// relay flood cannot starve heartbeats (and get this replica taken for dead).
 pub const OUT_QUEUE: usize = 4096;
 /// Bytes queued towards the bus (relay records mostly); more are dropped.
 /// 4 MiB is 32 ms at 1 Gbit/s: a stalled bus costs a bounded amount and
@@ -69,6 +71,7 @@ pub struct BusCounters {
 #[derive(Debug)]
 pub struct BusLink {
     pub replica: ReplicaId,
+    events: mpsc::Sender<Outbound>,
     out: mpsc::Sender<Outbound>,
     /// Bytes of inbox messages in `out`.
     queued: AtomicUsize,
@@ -76,20 +79,28 @@ pub struct BusLink {
 }
 
 impl BusLink {
-    pub fn new(replica: ReplicaId) -> (BusLink, mpsc::Receiver<Outbound>) {
+    pub fn new(replica: ReplicaId) -> (BusLink, Outbox) {
+        let (events, events_rx) = mpsc::channel(OUT_QUEUE);
         let (out, rx) = mpsc::channel(OUT_QUEUE);
         let link = BusLink {
             replica,
+            events,
             out,
             queued: AtomicUsize::new(0),
             counters: BusCounters::default(),
         };
-        (link, rx)
+        (
+            link,
+            Outbox {
+                events: events_rx,
+                inbox: rx,
+            },
+        )
     }
 
     /// Queues an event; `false` when it was dropped.
     pub fn event(&self, event: Event) -> bool {
-        let ok = self.out.try_send(Outbound::Event(event)).is_ok();
+        let ok = self.events.try_send(Outbound::Event(event)).is_ok();
         if !ok {
             self.counters.dropped_out.fetch_add(1, Ordering::Relaxed);
         }
@@ -115,6 +126,36 @@ impl BusLink {
 
     pub fn is_connected(&self) -> bool {
         self.counters.connected.load(Ordering::Relaxed)
+    }
+}
+
+/// The two queues a [`BusLink`] fills, events first.
+#[derive(Debug)]
+pub struct Outbox {
+    events: mpsc::Receiver<Outbound>,
+    inbox: mpsc::Receiver<Outbound>,
+}
+
+impl Outbox {
+    /// The next message, an event if one is waiting; `None` once both
+    /// queues are closed and empty.
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        tokio::select! {
+            biased;
+            Some(m) = self.events.recv() => Some(m),
+            Some(m) = self.inbox.recv() => Some(m),
+            else => None,
+        }
+    }
+
+    pub fn try_recv(&mut self) -> Result<Outbound, mpsc::error::TryRecvError> {
+        self.events.try_recv().or_else(|_| self.inbox.try_recv())
+    }
+
+    /// No more messages are taken; those queued can still be received.
+    pub fn close(&mut self) {
+        self.events.close();
+        self.inbox.close();
     }
 }
 
@@ -191,5 +232,22 @@ mod tests {
         link.taken(msg.len());
         assert!(link.inbox(2, vec![0; 1]));
         assert!(link.event(Event::Heartbeat));
+    }
+
+    #[tokio::test]
+    async fn events_leave_before_queued_relay() {
+        let (link, mut out) = BusLink::new(1);
+        assert!(link.inbox(2, vec![1]));
+        assert!(link.event(Event::Heartbeat));
+        assert!(matches!(
+            out.recv().await,
+            Some(Outbound::Event(Event::Heartbeat))
+        ));
+        assert!(matches!(
+            out.recv().await,
+            Some(Outbound::Inbox { to: 2, .. })
+        ));
+        out.close();
+        assert!(out.recv().await.is_none());
     }
 }

@@ -28,7 +28,9 @@ use tracing::{debug, info, warn};
 
 use crate::bus::{inbox_subject, Envelope, Event, Inbox, ReplicaId, EVENTS_SUBJECT};
 use crate::hub::Hub;
-use crate::replica::{BusLink, Outbound, Replicas, HEARTBEAT, PRESENCE_REFRESH, REPLICA_TIMEOUT};
+use crate::replica::{
+    BusLink, Outbound, Outbox, Replicas, HEARTBEAT, PRESENCE_REFRESH, REPLICA_TIMEOUT,
+};
 use crate::store::Store;
 
 /// Longest wait between two connection attempts.
@@ -150,7 +152,7 @@ fn bus_servers(url: &str) -> Vec<&str> {
 async fn publish(
     client: Client,
     link: Arc<BusLink>,
-    mut out: mpsc::Receiver<Outbound>,
+    mut out: Outbox,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
