@@ -246,7 +246,7 @@ impl DbError {
 
 /// One line: the server's message and code when it sent one, else the
 /// client's error and its cause (`postgres::Error` shows only its kind).
-fn postgres_text(e: &postgres::Error) -> String {
+pub(super) fn postgres_text(e: &postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{} ({})", db.message(), db.code().code());
     }

@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use postgres::types::{IsNull, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
 
-use super::db::{postgres_placeholders, DbError, Mode, Row, Value};
+use super::db::{postgres_placeholders, postgres_text, DbError, Mode, Row, Value};
 
 /// Connections the pool opens at most. The server's blocking calls are
 /// short; a few connections keep enrolments and the sync loop from queueing.
@@ -112,8 +112,9 @@ impl PgPool {
                 stmts: HashMap::new(),
             }),
             Err(e) => Err(DbError::Unavailable(format!(
-                "cannot connect to {}: {e}",
-                self.target
+                "cannot connect to {}: {}",
+                self.target,
+                postgres_text(&e)
             ))),
         }
     }

@@ -84,7 +84,7 @@ pub enum StoreError {
     },
     #[error(transparent)]
     Migration(#[from] MigrationError),
-    #[error("store error: {0}")]
+    #[error(transparent)]
     Db(#[from] DbError),
     #[error("store task failed: {0}")]
     Task(String),
