@@ -6,6 +6,7 @@
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 
+use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::TunnResult;
 
 use super::filter::Direction;
@@ -106,6 +107,17 @@ impl DataPlane {
                 // Cryptokey routing: a peer may only speak from its own mesh IP.
                 self.drops.spoofed_source.fetch_add(1, Ordering::Relaxed);
                 Decrypted::Nothing
+            }
+            TunnResult::Err(WireGuardError::NoCurrentSession) => {
+                self.drops.bad_datagram.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(peer = peer.id, "decapsulate: no such session");
+                // The peer speaks in a session we do not have: one of us
+                // restarted. Offer a new one now rather than leave it to the
+                // peer's 15 s timer (one handshake in flight at a time).
+                match tunn.format_handshake_initiation(dst, false) {
+                    TunnResult::WriteToNetwork(d) => Decrypted::Network(vec![d.to_vec()]),
+                    _ => Decrypted::Nothing,
+                }
             }
             TunnResult::Err(e) => {
                 self.drops.bad_datagram.fetch_add(1, Ordering::Relaxed);
