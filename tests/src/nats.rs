@@ -1,10 +1,15 @@
-//! A real NATS server (`nats-server` from Debian's package) in the lab: the
-//! bus that coordinator replicas share (`overlay-coord serve --bus`). Core
-//! NATS only: no JetStream, so nothing is written but its log.
+//! A real NATS server (`nats-server` from Debian's package): the bus that
+//! coordinator replicas share (`overlay-coord serve --bus`), in the lab
+//! ([`Nats::start`]) or on loopback for tests without namespaces
+//! ([`LocalNats::start`]). Core NATS only: no JetStream, so nothing is
+//! written but its log.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
+
+use anyhow::Context;
 
 use crate::lab::{Host, Lab};
 use crate::overlay::tcp_listening;
@@ -53,5 +58,57 @@ impl Nats {
     /// What replicas are given as `--bus`.
     pub fn url(&self) -> String {
         format!("nats://{}:{NATS_PORT}", self.ip)
+    }
+}
+
+/// A `nats-server` on a free loopback port, its log in a temporary
+/// directory; stopped (and the directory removed) when dropped.
+pub struct LocalNats {
+    pub addr: SocketAddr,
+    proc: Option<Proc>,
+    dir: PathBuf,
+}
+
+impl LocalNats {
+    pub fn start() -> anyhow::Result<LocalNats> {
+        let dir = std::env::temp_dir().join(format!(
+            "overlay-nats-{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        // A port the kernel just handed out and took back: free unless
+        // something grabs it in between, which `nats-server` would report.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("finding a free port")?;
+        let mut cmd = Command::new(NATS_SERVER);
+        cmd.args(["--addr", "127.0.0.1", "--port", &addr.port().to_string()]);
+        let mut nats = LocalNats {
+            addr,
+            proc: None,
+            dir,
+        };
+        let mut proc = Proc::spawn("nats-server", cmd, &nats.dir.join("nats.log"))?;
+        wait_until(START_TIMEOUT, "nats-server to listen", || {
+            proc.ensure_running().map_err(fatal)?;
+            TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                .map(drop)
+                .map_err(|e| Wait::NotYet(format!("{addr}: {e}")))
+        })?;
+        nats.proc = Some(proc);
+        Ok(nats)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://{}", self.addr)
+    }
+}
+
+impl Drop for LocalNats {
+    fn drop(&mut self) {
+        // The server first: its log is in the directory.
+        drop(self.proc.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -1,0 +1,144 @@
+//! Two replicas in this process on one store and a real `nats-server` on
+//! loopback (no namespaces, no root): what crosses the bus, seen by test
+//! clients. The lab test (`tests/tests/replicas.rs`) runs real daemons.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{http, wait_until, Event, Node, TestServer};
+use overlay_proto::coord::{encode_relay_frame, ClientMsg, ServerMsg};
+use overlay_tests::nats::LocalNats;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Two replicas on one state directory (one SQLite store) and one bus.
+async fn replicas(nats: &LocalNats) -> (TestServer, TestServer) {
+    let url = nats.url();
+    let r1 = TestServer::start_with(|c| c.bus = Some(url.clone())).await;
+    let dir = r1.dir.path().to_path_buf();
+    let r2 = TestServer::start_with(|c| {
+        c.bus = Some(url.clone());
+        c.state_dir = dir;
+    })
+    .await;
+    for r in [&r1, &r2] {
+        wait_until("each replica to hear the other", || async {
+            let (_, body) = http(r.addr, "GET", "/healthz", &[], b"").await;
+            body.contains("bus: connected, 1 other replicas")
+        })
+        .await;
+    }
+    (r1, r2)
+}
+
+#[tokio::test]
+async fn enrolment_signals_relay_and_removal_cross_the_bus() {
+    let nats = LocalNats::start().expect("nats-server starts (Debian's nats-server package)");
+    let (r1, r2) = replicas(&nats).await;
+    let a = r1.new_node("a").await;
+    let mut na = r1.connect(&a).await;
+    na.welcome().await;
+
+    // b enrols and connects through r2: a, on r1, hears of it and sees it online.
+    let b = r2.new_node("b").await;
+    let mut nb = r2.connect(&b).await;
+    nb.welcome().await;
+    na.expect_msg(
+        "b online",
+        |m| matches!(m, ServerMsg::PeerUpsert { peer } if peer.id == b.node_id && peer.online),
+    )
+    .await;
+
+    // A signal from a reaches b on the other replica, stamped with a.
+    na.send(&ClientMsg::Signal {
+        to: b.node_id,
+        payload: "offer".into(),
+        from: None,
+    })
+    .await;
+    let got = nb
+        .expect_msg("the signal", |m| matches!(m, ServerMsg::Signal { .. }))
+        .await;
+    assert_eq!(
+        got,
+        ServerMsg::Signal {
+            from: a.node_id,
+            payload: "offer".into()
+        }
+    );
+
+    // A relay frame from a reaches b, stamped with a.
+    assert!(
+        na.send_raw(Message::binary(encode_relay_frame(b.node_id, b"datagram")))
+            .await
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let frame = loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match nb.next_within(left).await {
+            Some(Event::Relay(frame)) => break frame,
+            Some(Event::Msg(_)) => continue,
+            other => panic!("no relay frame for b: {other:?}"),
+        }
+    };
+    assert_eq!(frame, encode_relay_frame(a.node_id, b"datagram"));
+
+    // The CLI removes b in the shared store: r2 closes its session.
+    let store = r1.store();
+    tokio::task::spawn_blocking(move || store.remove_node("b", 0))
+        .await
+        .unwrap()
+        .unwrap();
+    let close = tokio::time::timeout(Duration::from_secs(1), nb.expect_close())
+        .await
+        .expect("b's session closed within 1 s of the removal");
+    assert_eq!(close.map(|f| u16::from(f.code)), Some(4003));
+    na.expect_msg(
+        "b removed",
+        |m| matches!(m, ServerMsg::PeerRemoved { id } if *id == b.node_id),
+    )
+    .await;
+
+    // Its own replica's metrics count what crossed the bus.
+    let text = r1.metrics().await;
+    assert!(text.contains("overlay_coord_bus_connected 1\n"), "{text}");
+    assert!(
+        text.contains("overlay_coord_bus_signals_out_total 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("overlay_coord_bus_relay_frames_out_total 1\n"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_replica_that_stops_takes_its_nodes_offline_elsewhere_at_once() {
+    let nats = LocalNats::start().expect("nats-server starts (Debian's nats-server package)");
+    let (r1, mut r2) = replicas(&nats).await;
+    let a = r1.new_node("a").await;
+    let mut na = r1.connect(&a).await;
+    na.welcome().await;
+    let b = r2.new_node("b").await;
+    let mut nb = Node::connect(r2.addr, b.node_id, &b.credential)
+        .await
+        .expect("b connects to r2");
+    nb.welcome().await;
+    na.expect_msg(
+        "b online",
+        |m| matches!(m, ServerMsg::PeerUpsert { peer } if peer.id == b.node_id && peer.online),
+    )
+    .await;
+    // A clean stop says goodbye for each session: no waiting for the timeout.
+    let stopping = r2.server.take().expect("running");
+    stopping.shutdown().await.expect("clean shutdown");
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        na.expect_msg(
+            "b offline",
+            |m| matches!(m, ServerMsg::PeerUpsert { peer } if peer.id == b.node_id && !peer.online),
+        ),
+    )
+    .await
+    .expect("b offline on r1 within 2 s of r2 stopping");
+}
