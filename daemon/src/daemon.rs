@@ -278,9 +278,10 @@ async fn enrol(config: &Config, state: &StateDir, keys: &Keypair) -> anyhow::Res
     // goes along; the enrolment it belongs to is replaced either way. Each
     // replica of the list is asked in turn until one answers.
     let credential = stored.map(|e| e.credential);
-    let mut last_error = None;
     let mut response = None;
-    for replica in Coordinator::from_list(coordinator, config.ca_cert.as_deref())? {
+    let replicas = Coordinator::from_list(coordinator, config.ca_cert.as_deref())?;
+    let count = replicas.len();
+    for (i, replica) in replicas.into_iter().enumerate() {
         let enrol = control::Enrol {
             auth_key: &auth_key,
             hostname: &config.hostname,
@@ -293,19 +294,17 @@ async fn enrol(config: &Config, state: &StateDir, keys: &Keypair) -> anyhow::Res
                 break;
             }
             // Only an unreachable replica is worth passing over; a refusal is
-            // the deployment's answer.
-            Err(control::EnrolError::Transport(e)) => {
-                tracing::warn!("enrolment at {} failed: {e}", replica.endpoint.url());
-                last_error = Some(control::EnrolError::Transport(e));
-            }
+            // the deployment's answer. The last one's error is the one the
+            // user sees, once.
+            Err(control::EnrolError::Transport(e)) if i + 1 < count => tracing::warn!(
+                "enrolment at {} failed: {e}; trying the next coordinator",
+                replica.endpoint.url()
+            ),
             Err(e) => return Err(e.into()),
         }
     }
     let Some(response) = response else {
-        return Err(last_error.map_or_else(
-            || anyhow::anyhow!("no coordinator to enrol with"),
-            Into::into,
-        ));
+        bail!("no coordinator to enrol with");
     };
     let enrolment = Enrolment::from_response(coordinator, response);
     state.save_enrolment(&enrolment)?;
