@@ -55,11 +55,13 @@ done
 KEY=$("$BIN/overlay-coord" keys create --reusable --state-dir "$WORK/coord" 2>/dev/null)
 
 log "starting $NODES nodes"
+# The memory of every path up: laziness off (with it, new peers start idle
+# and hold no ICE session until traffic; tests/bench/idle.sh measures that).
 for i in $(seq 0 $PEERS); do
     attach "n$i" $((i + 1))
     ip netns exec "$P-n$i" "$BIN/overlayd" up --coordinator "http://$COORD:8080" --auth-key "$KEY" \
         --hostname "n$i" --state-dir "$WORK/n$i" --interface ovl0 --socket "$WORK/n$i.sock" \
-        >"$WORK/n$i.log" 2>&1 &
+        --idle-timeout 0 >"$WORK/n$i.log" 2>&1 &
 done
 
 ctl() { "$BIN/overlayctl" --socket "$WORK/n0.sock" "$@"; }
