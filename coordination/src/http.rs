@@ -51,6 +51,11 @@ pub struct AppState {
     /// Whether the store answered its last sync round.
     pub store_health: Arc<StoreHealth>,
     pub session: SessionContext,
+    /// The secret enrolment challenges are made with: the deployment's, from
+    /// the store, when this is one replica of several; else `None`, and one
+    /// is drawn at start (a restart voids outstanding challenges; a node
+    /// simply asks again).
+    pub challenge_secret: Option<[u8; 32]>,
 }
 
 /// What the enrolment routes share: the app, the per-process challenge key
@@ -105,8 +110,11 @@ impl EnrolClock {
 
 pub fn router(state: AppState) -> Router {
     let body_max = state.session.limits.register_body_max;
-    let mut master = [0u8; 32];
-    rand::rngs::OsRng.fill_bytes(&mut master);
+    let master = state.challenge_secret.unwrap_or_else(|| {
+        let mut master = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut master);
+        master
+    });
     let enrolment = Router::new()
         .route(CHALLENGE_PATH, post(challenge))
         .route(

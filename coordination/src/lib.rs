@@ -8,7 +8,7 @@
 //! | module | owns |
 //! |---|---|
 //! | [`config`] | TOML file, flags, resolved settings and limits |
-//! | [`store`] (keys and enrolment in `store_keys.rs`, `store_register.rs`), [`migrations`] | SQLite: nodes, keys, credentials, removals, held addresses |
+//! | [`store`] (keys and enrolment in `store_keys.rs`, `store_register.rs`), [`migrations`] | SQLite (default) or PostgreSQL (`db.rs`, `db_pg.rs`): nodes, keys, credentials, removals, held addresses, shared secrets |
 //! | [`ipam`] | sans-IO mesh address allocation, the resolver's reserved address |
 //! | [`dns`] | the mesh DNS settings nodes get: domain, resolver, extra records |
 //! | [`auth`] | secrets, hashing, TURN REST credentials |

@@ -171,6 +171,15 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         }
         None => auth::load_or_create_turn_secret(&config.state_dir)?,
     };
+    // Replicas make and check enrolment challenges with one secret, so a node
+    // may ask one replica and answer another.
+    let challenge_secret = if config.bus.is_some() {
+        let store = Arc::clone(&store);
+        let stored = blocking(move || store.challenge_secret(auth::new_credential)).await?;
+        Some(<sha2::Sha256 as sha2::Digest>::digest(stored.as_bytes()).into())
+    } else {
+        None
+    };
     let metrics = Arc::new(Metrics::default());
 
     // Everything that can fail on bad input happens before any task starts.
@@ -322,6 +331,7 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
             shutdown: shutdown_rx.clone(),
             done: done_tx,
         },
+        challenge_secret,
     };
     let router = http::router(state);
 

@@ -250,14 +250,33 @@ impl Store {
     /// accept: the one stored, or `generate()`'s, stored now (when replicas
     /// race, the first to commit wins and all return it).
     pub fn turn_secret(&self, generate: impl FnOnce() -> String) -> Result<String, StoreError> {
+        self.shared_secret("turn_secret", generate)
+    }
+
+    /// The deployment's enrolment-challenge secret: replicas that share it
+    /// accept each other's challenges, so a node may ask one and answer
+    /// another (behind a load balancer, say). Made once by `generate`.
+    pub fn challenge_secret(
+        &self,
+        generate: impl FnOnce() -> String,
+    ) -> Result<String, StoreError> {
+        self.shared_secret("challenge_secret", generate)
+    }
+
+    /// The value of `key` in `meta`, made by `generate` by whoever asks first.
+    fn shared_secret(
+        &self,
+        key: &str,
+        generate: impl FnOnce() -> String,
+    ) -> Result<String, StoreError> {
         let fresh = generate();
         self.db.run(Mode::Write, |tx| {
             tx.exec(
-                "INSERT INTO meta (key, value) VALUES ('turn_secret', ?1) ON CONFLICT (key) DO NOTHING",
-                args![fresh],
+                "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO NOTHING",
+                args![key, fresh],
             )?;
             Ok(tx
-                .query_one("SELECT value FROM meta WHERE key = 'turn_secret'", &[])?
+                .query_one("SELECT value FROM meta WHERE key = ?1", args![key])?
                 .text(0)?)
         })
     }

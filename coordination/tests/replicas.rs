@@ -32,6 +32,23 @@ async fn replicas(nats: &LocalNats) -> (TestServer, TestServer) {
 }
 
 #[tokio::test]
+async fn a_challenge_from_one_replica_is_answered_at_another() {
+    let nats = LocalNats::start().expect("nats-server starts (Debian's nats-server package)");
+    let (r1, r2) = replicas(&nats).await;
+    let key = r1.create_key(true);
+    let node = common::NodeKey::random();
+    let challenge = r1.challenge().await;
+    let request =
+        overlay_proto::enrol::register_request(&challenge, &node.secret, &key, "lb", None)
+            .expect("valid challenge");
+    let (status, body) = r2.send_register(&request).await;
+    assert_eq!(status, 200, "r2 refused r1's challenge: {body}");
+    // Single use still holds on the replica that took it.
+    let (status, _) = r2.send_register(&request).await;
+    assert_ne!(status, 200, "a challenge is used once");
+}
+
+#[tokio::test]
 async fn enrolment_signals_relay_and_removal_cross_the_bus() {
     let nats = LocalNats::start().expect("nats-server starts (Debian's nats-server package)");
     let (r1, r2) = replicas(&nats).await;
