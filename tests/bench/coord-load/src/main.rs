@@ -161,6 +161,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
         register_secs,
         args.nodes as f64 / register_secs.max(1e-9)
     );
+    // With replicas, the enrolments raced across them: every name and
+    // address must still be handed out once.
+    let names: std::collections::HashSet<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    let addrs: std::collections::HashSet<_> = nodes.iter().map(|n| n.mesh_ip).collect();
+    println!(
+        "  distinct names {}/{}, distinct addresses {}/{}",
+        names.len(),
+        nodes.len(),
+        addrs.len(),
+        nodes.len()
+    );
+    if names.len() != nodes.len() || addrs.len() != nodes.len() {
+        bail!("a name or an address was handed out twice");
+    }
 
     // 2. Connect in batches, letting each batch's netmap deltas drain.
     let shared = Arc::new(Shared::default());
