@@ -42,6 +42,7 @@ pub mod offload;
 pub mod peer;
 mod policy;
 pub mod resolver;
+mod runs;
 mod rx;
 mod timers;
 pub mod tun_coalesce;
@@ -51,6 +52,7 @@ pub use rx::{Destinations, RxScratch};
 
 use filter::Direction;
 use peer::{lock, Peer};
+use runs::{run_length, Way};
 
 /// Large enough for any IP packet plus WireGuard's overhead: boringtun panics on
 /// a short buffer, so every buffer handed to it has this size.
@@ -290,7 +292,7 @@ impl DataPlane {
         let mut packets = Vec::with_capacity(FRAME * 2);
         let mut packet_lens = Vec::with_capacity(64);
         let mut arena = vec![0u8; ARENA];
-        let mut direct: Vec<(SocketAddr, usize, usize)> = Vec::with_capacity(256);
+        let mut direct: Vec<(Way, usize, usize)> = Vec::with_capacity(256);
         loop {
             lens[0] = self.tun.recv(&mut frames[0]).await?;
             let mut count = 1;
@@ -369,13 +371,12 @@ impl DataPlane {
                     if let Some(dlen) =
                         self.encapsulate(&peer, packet, &mut arena[used..used + room])
                     {
-                        match peer.endpoint() {
-                            Some(endpoint) => {
-                                direct.push((endpoint, used, dlen));
-                                used += dlen;
-                            }
-                            None => self.transmit(&peer, &arena[used..used + dlen]).await,
-                        }
+                        let way = match peer.endpoint() {
+                            Some(endpoint) => Way::Udp(endpoint),
+                            None => Way::Indirect(peer.id),
+                        };
+                        direct.push((way, used, dlen));
+                        used += dlen;
                     }
                     last = Some(peer);
                 }
@@ -409,40 +410,52 @@ impl DataPlane {
         }
     }
 
-    /// Sends encrypted datagrams `(endpoint, start, len)` of `arena` in GSO runs:
-    /// consecutive, same endpoint, equal length (the last of a run may be shorter).
-    async fn send_direct(&self, direct: &[(SocketAddr, usize, usize)], arena: &[u8]) {
+    /// Sends encrypted datagrams `(way, start, len)` of `arena` in runs:
+    /// consecutive, same way, equal length (the last of a run may be
+    /// shorter). A run on our socket is one GSO send; a run for a peer
+    /// without a direct endpoint goes to its ICE connection's run sender
+    /// (TURN ChannelData in one GSO send) when it has one, else datagram by
+    /// datagram to the ICE queue or the relay.
+    async fn send_direct(&self, direct: &[(Way, usize, usize)], arena: &[u8]) {
         let mut start = 0;
         while start < direct.len() {
-            let (endpoint, _, size) = direct[start];
-            let mut end = start + 1;
-            let mut bytes = size;
-            while end < direct.len()
-                && end - start < udp_batch::MAX_SEGMENTS
-                && bytes + direct[end].2 <= udp_batch::MAX_GSO_BYTES
-                && direct[end].0 == endpoint
-                && direct[end].2 <= size
-                && direct[end - 1].2 == size
-            {
-                bytes += direct[end].2;
-                end += 1;
-            }
+            let way = direct[start].0;
+            let end = start + run_length(&direct[start..]);
             let run: Vec<&[u8]> = direct[start..end]
                 .iter()
                 .map(|&(_, at, len)| &arena[at..at + len])
                 .collect();
-            self.counters.udp_sends.observe(run.len());
-            if let Err(e) = udp_batch::send_segments(&self.udp, endpoint, &run).await {
-                // The direct path failed outright: give these datagrams the
-                // other paths, as a single send would.
-                tracing::debug!("send to {endpoint}: {e}");
-                if let Some(peer) = self.peer_by_endpoint(endpoint) {
+            start = end;
+            match way {
+                Way::Udp(endpoint) => {
+                    self.counters.udp_sends.observe(run.len());
+                    if let Err(e) = udp_batch::send_segments(&self.udp, endpoint, &run).await {
+                        // The direct path failed outright: give these datagrams the
+                        // other paths, as a single send would.
+                        tracing::debug!("send to {endpoint}: {e}");
+                        if let Some(peer) = self.peer_by_endpoint(endpoint) {
+                            for datagram in &run {
+                                self.transmit_indirect(&peer, datagram).await;
+                            }
+                        }
+                    }
+                }
+                Way::Indirect(id) => {
+                    let Some(peer) = self.peer(id) else {
+                        continue;
+                    };
+                    if peer.endpoint().is_none() {
+                        if let Some(link) = peer.active_conn() {
+                            if link.send_run(&run).await {
+                                continue;
+                            }
+                        }
+                    }
                     for datagram in &run {
-                        self.transmit_indirect(&peer, datagram).await;
+                        self.transmit(&peer, datagram).await;
                     }
                 }
             }
-            start = end;
         }
     }
 

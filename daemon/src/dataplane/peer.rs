@@ -28,14 +28,80 @@ pub type IceConn = Arc<dyn Conn + Send + Sync>;
 /// Datagrams waiting for the ICE connection before more go to the relay instead.
 const ICE_QUEUE: usize = 512;
 
+/// A way to send a run of WireGuard datagrams to a peer in one go, that a
+/// relayed ICE connection may offer (the TURN shim's ChannelData, see
+/// `ice::turn_conn`). The data plane knows only this trait.
+#[async_trait::async_trait]
+pub trait RunSender: Send + Sync {
+    /// Sends `datagrams` (all but the last of one length, the last no
+    /// longer) in order; false when this way is closed now and nothing was
+    /// sent (the caller takes the connection's way).
+    async fn send_run(&self, datagrams: &[&[u8]]) -> bool;
+}
+
+/// An ICE connection that can also send runs: what a relayed session hands
+/// the shell. It is a [`Conn`] like any other (everything delegates to
+/// `conn`); [`IceLink::new`] finds `runs` through `as_any`.
+pub struct RunConn {
+    conn: IceConn,
+    runs: Arc<dyn RunSender>,
+}
+
+impl RunConn {
+    pub fn wrap(conn: IceConn, runs: Arc<dyn RunSender>) -> IceConn {
+        Arc::new(RunConn { conn, runs })
+    }
+}
+
+#[async_trait::async_trait]
+impl Conn for RunConn {
+    async fn connect(&self, addr: SocketAddr) -> webrtc_util::Result<()> {
+        self.conn.connect(addr).await
+    }
+
+    async fn recv(&self, buf: &mut [u8]) -> webrtc_util::Result<usize> {
+        self.conn.recv(buf).await
+    }
+
+    async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
+        self.conn.recv_from(buf).await
+    }
+
+    async fn send(&self, buf: &[u8]) -> webrtc_util::Result<usize> {
+        self.conn.send(buf).await
+    }
+
+    async fn send_to(&self, buf: &[u8], target: SocketAddr) -> webrtc_util::Result<usize> {
+        self.conn.send_to(buf, target).await
+    }
+
+    fn local_addr(&self) -> webrtc_util::Result<SocketAddr> {
+        self.conn.local_addr()
+    }
+
+    fn remote_addr(&self) -> Option<SocketAddr> {
+        self.conn.remote_addr()
+    }
+
+    async fn close(&self) -> webrtc_util::Result<()> {
+        self.conn.close().await
+    }
+
+    fn as_any(&self) -> &(dyn std::any::Any + Send + Sync) {
+        self
+    }
+}
+
 /// The ICE connection and a queue in front of it. Packets take this way only
 /// when the pair is not on our shared socket, i.e. through a TURN relay, and a
 /// send through TURN can wait (a permission to create, a slow server): it must
-/// never hold up the loops that serve every peer.
+/// never hold up the loops that serve every peer. Runs of datagrams skip the
+/// queue when the connection can send them itself ([`RunSender`]).
 #[derive(Clone)]
 pub struct IceLink {
     pub conn: IceConn,
     queue: tokio::sync::mpsc::Sender<Vec<u8>>,
+    runs: Option<Arc<dyn RunSender>>,
 }
 
 impl IceLink {
@@ -48,12 +114,25 @@ impl IceLink {
                 let _ = sender.send(&datagram).await;
             }
         });
-        IceLink { conn, queue }
+        let runs = conn
+            .as_any()
+            .downcast_ref::<RunConn>()
+            .map(|c| Arc::clone(&c.runs));
+        IceLink { conn, queue, runs }
     }
 
     /// Queues `datagram`; false when the queue is full.
     pub fn try_send(&self, datagram: &[u8]) -> bool {
         self.queue.try_send(datagram.to_vec()).is_ok()
+    }
+
+    /// Sends a run (see [`RunSender::send_run`]) without the queue; false
+    /// when the connection has no such way open now.
+    pub async fn send_run(&self, datagrams: &[&[u8]]) -> bool {
+        match &self.runs {
+            Some(runs) => runs.send_run(datagrams).await,
+            None => false,
+        }
     }
 }
 

@@ -49,26 +49,55 @@ pub async fn send_segments(
     dst: SocketAddr,
     segments: &[&[u8]],
 ) -> std::io::Result<()> {
+    let iov: Vec<IoSlice> = segments.iter().map(|s| IoSlice::new(s)).collect();
+    let size = segments.first().map_or(0, |s| s.len());
+    send_run(socket, dst, &iov, 1, size).await
+}
+
+/// [`send_segments`] with each segment behind its own 4-byte `prefix` (a
+/// TURN ChannelData header): segment `i` on the wire is `prefixes[i] ‖
+/// segments[i]`, all in one GSO `sendmsg` without copying the data.
+pub async fn send_prefixed(
+    socket: &UdpSocket,
+    dst: SocketAddr,
+    prefixes: &[[u8; 4]],
+    segments: &[&[u8]],
+) -> std::io::Result<()> {
+    let iov: Vec<IoSlice> = prefixes
+        .iter()
+        .zip(segments)
+        .flat_map(|(p, s)| [IoSlice::new(p), IoSlice::new(s)])
+        .collect();
+    let size = segments.first().map_or(0, |s| s.len() + 4);
+    send_run(socket, dst, &iov, 2, size).await
+}
+
+/// Sends the datagrams in `iov`, `per` iovecs each, the first `size` bytes
+/// long: as one GSO message when there are several and the kernel takes it,
+/// else one `sendmsg` per datagram.
+async fn send_run(
+    socket: &UdpSocket,
+    dst: SocketAddr,
+    iov: &[IoSlice<'_>],
+    per: usize,
+    size: usize,
+) -> std::io::Result<()> {
     let SocketAddr::V4(v4) = dst else {
-        for s in segments {
-            socket.send_to(s, dst).await?;
+        for parts in iov.chunks(per) {
+            let datagram: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
+            socket.send_to(&datagram, dst).await?;
         }
         return Ok(());
     };
-    if segments.len() > 1 && GSO_OK.load(Ordering::Relaxed) {
-        let size = segments[0].len();
-        debug_assert!(segments[..segments.len() - 1]
-            .iter()
-            .all(|s| s.len() == size));
-        let addr = SockaddrIn::from(v4);
+    let addr = SockaddrIn::from(v4);
+    if iov.len() > per && GSO_OK.load(Ordering::Relaxed) {
         let seg = size as u16;
-        let iov: Vec<IoSlice> = segments.iter().map(|s| IoSlice::new(s)).collect();
         let sent = socket
             .async_io(Interest::WRITABLE, || {
                 let cmsg = [ControlMessage::UdpGsoSegments(&seg)];
                 sendmsg(
                     socket.as_raw_fd(),
-                    &iov,
+                    iov,
                     &cmsg,
                     MsgFlags::empty(),
                     Some(&addr),
@@ -85,13 +114,24 @@ pub async fn send_segments(
             }
             // This run only (too large for the route, say): send it one by one.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EMSGSIZE)) => {
-                tracing::debug!("GSO run of {} refused ({e}); one by one", segments.len());
+                tracing::debug!("GSO run of {} refused ({e}); one by one", iov.len() / per);
             }
             Err(e) => return Err(e),
         }
     }
-    for s in segments {
-        socket.send_to(s, dst).await?;
+    for parts in iov.chunks(per) {
+        socket
+            .async_io(Interest::WRITABLE, || {
+                sendmsg(
+                    socket.as_raw_fd(),
+                    parts,
+                    &[],
+                    MsgFlags::empty(),
+                    Some(&addr),
+                )
+                .map_err(std::io::Error::from)
+            })
+            .await?;
     }
     Ok(())
 }
@@ -189,5 +229,28 @@ mod tests {
             vec![a.to_vec(), b.to_vec(), c.to_vec()],
             "GRO enabled: {gro}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_prefixed_run_arrives_as_separate_datagrams_each_behind_its_prefix() {
+        let rx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let a = [0xaa; 100];
+        let b = [0xbb; 100];
+        let c = [0xcc; 40];
+        let prefixes = [[1, 1, 1, 1], [2, 2, 2, 2], [3, 3, 3, 3]];
+        send_prefixed(&tx, rx.local_addr().unwrap(), &prefixes, &[&a, &b, &c])
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 65536];
+        for (prefix, data) in prefixes.iter().zip([&a[..], &b[..], &c[..]]) {
+            let (n, _) =
+                tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv_from(&mut buf))
+                    .await
+                    .unwrap()
+                    .unwrap();
+            assert_eq!(&buf[..4], prefix);
+            assert_eq!(&buf[4..n], data);
+        }
     }
 }

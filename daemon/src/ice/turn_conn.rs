@@ -6,7 +6,8 @@
 //!
 //! ```text
 //!  IceLink ──send──▶ RelayedConn ──selected pair on a shim allocation──▶ Session::send (ChannelData)
-//!                        └── otherwise ──▶ webrtc-ice AgentConn
+//!     │                  └── otherwise ──▶ webrtc-ice AgentConn
+//!     └──send_run──▶ TurnRoute (RunSender) ──▶ Session::send_run (ChannelData, one GSO send)
 //! ```
 
 use std::net::SocketAddr;
@@ -17,7 +18,7 @@ use webrtc_ice::candidate::{Candidate, CandidateType};
 use webrtc_util::Conn;
 
 use super::turn_shim::{Session, TurnShim};
-use crate::dataplane::peer::IceConn;
+use crate::dataplane::peer::{IceConn, RunConn, RunSender};
 use overlay_proto::NodeId;
 
 /// Where a session's relayed data goes: the shim session of the selected
@@ -88,6 +89,16 @@ impl TurnRoute {
     }
 }
 
+#[async_trait]
+impl RunSender for TurnRoute {
+    async fn send_run(&self, datagrams: &[&[u8]]) -> bool {
+        match self.current() {
+            Some((session, remote)) => session.send_run(remote, datagrams).await,
+            None => false,
+        }
+    }
+}
+
 /// The agent's connection with the shim's way out in front.
 pub struct RelayedConn {
     inner: IceConn,
@@ -95,8 +106,10 @@ pub struct RelayedConn {
 }
 
 impl RelayedConn {
+    /// Also offers the data plane runs through `route` ([`RunConn`]).
     pub fn wrap(inner: IceConn, route: Arc<TurnRoute>) -> IceConn {
-        Arc::new(RelayedConn { inner, route })
+        let runs: Arc<dyn RunSender> = route.clone();
+        RunConn::wrap(Arc::new(RelayedConn { inner, route }), runs)
     }
 }
 
