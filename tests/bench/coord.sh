@@ -120,7 +120,9 @@ for n in $NODES; do
     done
     key=$("$BIN/overlay-coord" keys create --reusable --state-dir "$state")
     log "N=$n: server pid $SERVER_PID on 127.0.0.1:$port"
-    if COORD_LOAD_AUTH_KEY=$key "$BIN/coord-load" --server "127.0.0.1:$port" --nodes "$n" \
+    # --sources: the server takes at most 4,096 connections from one address
+    # (conns_per_ip), so the sessions come from 127.0.0.1 to 127.0.0.16.
+    if COORD_LOAD_AUTH_KEY=$key "$BIN/coord-load" --server "127.0.0.1:$port" --nodes "$n" --sources 16 \
         --server-pid "$SERVER_PID" --max-server-rss-mib "$COORD_MAX_RSS_MIB" ${COORD_LOAD_ARGS:-} | tee "$WORK/load-$n.txt"; then
         :
     else
@@ -178,7 +180,7 @@ if [[ $replica_nodes != 0 ]]; then
         key=$("$BIN/overlay-coord" keys create --reusable --database "$database")
         log "replicas: ${servers[*]} (pids ${pids[*]}) on PostgreSQL $PG_DIR and NATS :$nats_port"
         if COORD_LOAD_AUTH_KEY=$key "$BIN/coord-load" --server "$(IFS=,; echo "${servers[*]}")" \
-            --nodes "$replica_nodes" --server-pid "$(IFS=,; echo "${pids[*]}")" \
+            --nodes "$replica_nodes" --sources 16 --server-pid "$(IFS=,; echo "${pids[*]}")" \
             --max-server-rss-mib "$COORD_MAX_RSS_MIB" --kill-replica 1 ${COORD_LOAD_ARGS:-} |
             tee "$WORK/load-replicas.txt"; then
             :
