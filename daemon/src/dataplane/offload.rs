@@ -109,13 +109,62 @@ fn segment_tcp4(
     lens: &mut Vec<usize>,
 ) -> Result<(), OffloadError> {
     let ihl = usize::from(packet.first().ok_or(OffloadError::Truncated)? & 0x0f) * 4;
+    if ihl < 20 {
+        return Err(OffloadError::Truncated);
+    }
+    let id = u16::from_be_bytes([
+        *packet.get(4).ok_or(OffloadError::Truncated)?,
+        *packet.get(5).ok_or(OffloadError::Truncated)?,
+    ]);
+    segment_tcp(packet, ihl, mss, out, lens, |p, i, hdr_len| {
+        let total = p.len() as u16;
+        p[2..4].copy_from_slice(&total.to_be_bytes());
+        p[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+        ipv4_header(p, hdr_len);
+        tcp_v4(p, hdr_len);
+    })
+}
+
+/// As [`segment_tcp4`] for IPv6: no header checksum or identification, the
+/// payload length instead of the total length. The kernel's TSO6 frames from a
+/// TUN carry TCP right after the fixed header; others are refused.
+fn segment_tcp6(
+    packet: &[u8],
+    mss: usize,
+    out: &mut Vec<u8>,
+    lens: &mut Vec<usize>,
+) -> Result<(), OffloadError> {
+    if packet.len() < IPV6_HEADER + 20 || packet[0] >> 4 != 6 {
+        return Err(OffloadError::Truncated);
+    }
+    if packet[6] != PROTO_TCP {
+        return Err(OffloadError::ExtensionHeaders);
+    }
+    segment_tcp(packet, IPV6_HEADER, mss, out, lens, |p, _, _| {
+        let payload_len = (p.len() - IPV6_HEADER) as u16;
+        p[4..6].copy_from_slice(&payload_len.to_be_bytes());
+        tcp_v6(p);
+    })
+}
+
+/// Cuts the TCP payload behind an IP header of `ihl` bytes into `mss`-sized
+/// segments, each with the headers copied, its sequence number, and FIN/PSH
+/// only on the last and CWR only on the first; `finish(segment, index, ihl)`
+/// fixes the family's lengths and checksums.
+fn segment_tcp(
+    packet: &[u8],
+    ihl: usize,
+    mss: usize,
+    out: &mut Vec<u8>,
+    lens: &mut Vec<usize>,
+    finish: impl Fn(&mut [u8], usize, usize),
+) -> Result<(), OffloadError> {
     let thl = usize::from(packet.get(ihl + 12).ok_or(OffloadError::Truncated)? >> 4) * 4;
     let hdr_len = ihl + thl;
-    if ihl < 20 || thl < 20 || packet.len() < hdr_len || mss == 0 {
+    if thl < 20 || packet.len() < hdr_len || mss == 0 {
         return Err(OffloadError::Truncated);
     }
     let (headers, payload) = packet.split_at(hdr_len);
-    let id = u16::from_be_bytes([headers[4], headers[5]]);
     let seq = u32::from_be_bytes([
         headers[ihl + 4],
         headers[ihl + 5],
@@ -128,9 +177,6 @@ fn segment_tcp4(
         out.extend_from_slice(headers);
         out.extend_from_slice(chunk);
         let p = &mut out[start..];
-        let total = (hdr_len + chunk.len()) as u16;
-        p[2..4].copy_from_slice(&total.to_be_bytes());
-        p[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
         let seq_i = seq.wrapping_add((i * mss) as u32);
         p[ihl + 4..ihl + 8].copy_from_slice(&seq_i.to_be_bytes());
         if i + 1 < count {
@@ -139,58 +185,7 @@ fn segment_tcp4(
         if i > 0 {
             p[ihl + 13] &= !TCP_CWR;
         }
-        ipv4_header(p, ihl);
-        tcp_v4(p, ihl);
-        lens.push(p.len());
-    }
-    Ok(())
-}
-
-/// As [`segment_tcp4`] for IPv6: no header checksum or identification, the
-/// payload length instead of the total length. The kernel's TSO6 frames from a
-/// TUN carry TCP right after the fixed header; others are refused.
-fn segment_tcp6(
-    packet: &[u8],
-    mss: usize,
-    out: &mut Vec<u8>,
-    lens: &mut Vec<usize>,
-) -> Result<(), OffloadError> {
-    if packet.len() < IPV6_HEADER + 20 || packet[0] >> 4 != 6 || mss == 0 {
-        return Err(OffloadError::Truncated);
-    }
-    if packet[6] != PROTO_TCP {
-        return Err(OffloadError::ExtensionHeaders);
-    }
-    let thl = usize::from(packet[IPV6_HEADER + 12] >> 4) * 4;
-    let hdr_len = IPV6_HEADER + thl;
-    if thl < 20 || packet.len() < hdr_len {
-        return Err(OffloadError::Truncated);
-    }
-    let (headers, payload) = packet.split_at(hdr_len);
-    let tcp = IPV6_HEADER;
-    let seq = u32::from_be_bytes([
-        headers[tcp + 4],
-        headers[tcp + 5],
-        headers[tcp + 6],
-        headers[tcp + 7],
-    ]);
-    let count = payload.len().div_ceil(mss);
-    for (i, chunk) in payload.chunks(mss).enumerate() {
-        let start = out.len();
-        out.extend_from_slice(headers);
-        out.extend_from_slice(chunk);
-        let p = &mut out[start..];
-        let payload_len = (thl + chunk.len()) as u16;
-        p[4..6].copy_from_slice(&payload_len.to_be_bytes());
-        let seq_i = seq.wrapping_add((i * mss) as u32);
-        p[tcp + 4..tcp + 8].copy_from_slice(&seq_i.to_be_bytes());
-        if i + 1 < count {
-            p[tcp + 13] &= !(TCP_FIN | TCP_PSH);
-        }
-        if i > 0 {
-            p[tcp + 13] &= !TCP_CWR;
-        }
-        tcp_v6(p);
+        finish(p, i, ihl);
         lens.push(p.len());
     }
     Ok(())
