@@ -23,6 +23,7 @@ pub mod cert;
 pub mod coturn;
 pub mod dnsmasq;
 pub mod lab;
+mod lab6;
 pub mod mesh;
 pub mod nats;
 pub mod overlay;
