@@ -138,14 +138,22 @@ for n in "${NODES[@]}"; do
 done
 ctl() { local node=$1; shift; "$BIN/overlayctl" --socket "$WORK/$node/overlayd.sock" "$@"; }
 
+# Peers start idle (no ICE until traffic, like Tailscale's and NetBird's lazy
+# connections): a node that does not yet reach all the others directly pings
+# them once, which wakes them, as any traffic would.
 all_direct() {
-    local n count
+    local n m count
     for n in "${NODES[@]}"; do
         count=$(ctl "$n" peers --json | grep -o '"path_kind":"direct"' | wc -l)
-        [ "$count" -eq $((${#NODES[@]} - 1)) ] || return 1
+        if [ "$count" -ne $((${#NODES[@]} - 1)) ]; then
+            for m in "${NODES[@]}"; do
+                [ "$m" = "$n" ] || ctl "$n" ping "$m" -c 1 -W 1 >/dev/null 2>&1 || true
+            done
+            return 1
+        fi
     done
 }
-echo "== waiting until every node reaches the others directly"
+echo "== waiting until every node reaches the others directly (the first packets wake them)"
 wait_for 60 "all peers to be direct" all_direct
 
 echo
