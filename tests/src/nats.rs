@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 
 use crate::lab::{Host, Lab};
-use crate::overlay::tcp_listening;
+use crate::overlay::wait_listening;
 use crate::process::Proc;
 use crate::wait::{fatal, wait_until, Wait};
 
@@ -39,15 +39,7 @@ impl Nats {
             .args(["--port", &NATS_PORT.to_string()])
             .args(["--server_name", &format!("lab-{}", host.name)]);
         let mut proc = lab.spawn(host, &format!("nats-{}", host.name), cmd)?;
-        let port = NATS_PORT.to_string();
-        wait_until(START_TIMEOUT, "nats-server to listen", || {
-            proc.ensure_running().map_err(fatal)?;
-            if tcp_listening(lab, host, &port)? {
-                Ok(())
-            } else {
-                Err(Wait::NotYet(format!("nothing listens on TCP port {port}")))
-            }
-        })?;
+        wait_listening(lab, host, &mut proc, NATS_PORT, "nats-server")?;
         Ok(Nats {
             host: host.clone(),
             ip,

@@ -47,6 +47,18 @@ impl Coordinator {
         extra: &[&str],
     ) -> anyhow::Result<Coordinator> {
         let state_dir = lab.subdir(&format!("{}-state", host.name))?;
+        Coordinator::start_in(lab, host, ip, state_dir, extra)
+    }
+
+    /// As [`Coordinator::start`], with the state in `state_dir` (replicas
+    /// on one SQLite file share one).
+    pub fn start_in(
+        lab: &Lab,
+        host: &Host,
+        ip: Ipv4Addr,
+        state_dir: PathBuf,
+        extra: &[&str],
+    ) -> anyhow::Result<Coordinator> {
         let mut cmd = Command::new(bin("overlay-coord")?);
         cmd.arg("serve")
             .args(["--listen", &format!("{ip}:{COORD_PORT}")])
@@ -60,15 +72,7 @@ impl Coordinator {
             .env("RUST_LOG", rust_log())
             .env("NO_COLOR", "1");
         let mut proc = lab.spawn(host, &format!("coord-{}", host.name), cmd)?;
-        let port = COORD_PORT.to_string();
-        wait_until(START_TIMEOUT, "overlay-coord to listen", || {
-            proc.ensure_running().map_err(fatal)?;
-            if tcp_listening(lab, host, &port)? {
-                Ok(())
-            } else {
-                Err(Wait::NotYet(format!("nothing listens on TCP port {port}")))
-            }
-        })?;
+        wait_listening(lab, host, &mut proc, COORD_PORT, "overlay-coord")?;
         Ok(Coordinator {
             host: host.clone(),
             ip,
@@ -262,6 +266,26 @@ impl Daemon {
 
 /// Whether something in `host` listens on TCP `port` (checked with `ss` inside the
 /// namespace, so no packet is sent anywhere).
+/// Waits until `proc` (a server started on `host`) listens on TCP `port`;
+/// fails at once if it exits.
+pub fn wait_listening(
+    lab: &Lab,
+    host: &Host,
+    proc: &mut Proc,
+    port: u16,
+    what: &str,
+) -> anyhow::Result<()> {
+    let port = port.to_string();
+    wait_until(START_TIMEOUT, &format!("{what} to listen"), || {
+        proc.ensure_running().map_err(fatal)?;
+        if tcp_listening(lab, host, &port)? {
+            Ok(())
+        } else {
+            Err(Wait::NotYet(format!("nothing listens on TCP port {port}")))
+        }
+    })
+}
+
 pub fn tcp_listening(lab: &Lab, host: &Host, port: &str) -> anyhow::Result<bool> {
     let out = lab.exec(host, "ss", &["-Hltn", &format!("sport = :{port}")])?;
     Ok(!out.trim().is_empty())

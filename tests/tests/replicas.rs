@@ -17,7 +17,7 @@
 //! Needs root, `nats-server`, `postgresql`, and `cargo build --workspace` first.
 
 use std::net::Ipv4Addr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context};
 use overlay_proto::api::PathKind;
 use overlay_tests::nats::Nats;
-use overlay_tests::overlay::{tcp_listening, COORD_PORT};
+use overlay_tests::overlay::COORD_PORT;
 use overlay_tests::postgres::{self, Postgres};
 use overlay_tests::{
     bin, fatal, lab_test, ping_lossless, wait_path, wait_until, Coordinator, Daemon, Host, Lab,
@@ -151,39 +151,11 @@ fn start_replica(
     database: Option<&str>,
     bus: &str,
 ) -> anyhow::Result<Coordinator> {
-    let mut cmd = Command::new(bin("overlay-coord")?);
+    let mut extra = vec!["--bus", bus];
     if let Some(db) = database {
-        cmd.args(["--database", db]);
+        extra.extend(["--database", db]);
     }
-    cmd.arg("serve")
-        .args(["--listen", &format!("{ip}:{COORD_PORT}")])
-        .arg("--state-dir")
-        .arg(state_dir)
-        .args(["--public-addr", &ip.to_string(), "--allow-http"])
-        .arg("--turn-allow-private")
-        .args(["--bus", bus])
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info,overlay_coord=debug".into()),
-        )
-        .env("NO_COLOR", "1");
-    let mut proc = lab.spawn(host, &format!("coord-{}", host.name), cmd)?;
-    let port = COORD_PORT.to_string();
-    wait_until(START_TIMEOUT, "overlay-coord to listen", || {
-        proc.ensure_running().map_err(fatal)?;
-        if tcp_listening(lab, host, &port)? {
-            Ok(())
-        } else {
-            Err(Wait::NotYet(format!("nothing listens on TCP port {port}")))
-        }
-    })?;
-    Ok(Coordinator {
-        host: host.clone(),
-        ip,
-        url: format!("http://{ip}:{COORD_PORT}"),
-        state_dir: PathBuf::from(state_dir),
-        proc,
-    })
+    Coordinator::start_in(lab, host, ip, state_dir.to_path_buf(), &extra)
 }
 
 /// `GET path` of a replica from its own host (bash's /dev/tcp: no HTTP
