@@ -71,6 +71,24 @@ impl Default for Batches {
     }
 }
 
+impl Batches {
+    /// The next datagram of the batch that was not relayed here (it goes to
+    /// the turn crate), with its sender; `None` once the batch is used up.
+    fn next_slow(&mut self) -> Option<(SocketAddr, &[u8])> {
+        while self.next < self.rx.len() {
+            let i = self.next;
+            self.next += 1;
+            if self.fast[i] {
+                continue;
+            }
+            if let Some(data) = self.rx.data(i) {
+                return Some((canonical(self.rx.from(i)), data));
+            }
+        }
+        None
+    }
+}
+
 /// A relay socket that never talks to a denied peer.
 pub(crate) struct FilteredConn {
     inner: Arc<UdpSocket>,
@@ -170,14 +188,7 @@ impl Conn for FilteredConn {
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
         let mut b = self.batches.lock().await;
         loop {
-            while b.next < b.rx.len() {
-                let i = b.next;
-                b.next += 1;
-                if b.fast[i] {
-                    continue;
-                }
-                let from = canonical(b.rx.from(i));
-                let Some(data) = b.rx.data(i) else { continue };
+            while let Some((from, data)) = b.next_slow() {
                 if data.len() > buf.len() || self.deny(from) {
                     continue;
                 }
@@ -348,14 +359,7 @@ impl Conn for FilteredListener {
     async fn recv_from(&self, buf: &mut [u8]) -> webrtc_util::Result<(usize, SocketAddr)> {
         let mut b = self.batches.lock().await;
         loop {
-            while b.next < b.rx.len() {
-                let i = b.next;
-                b.next += 1;
-                if b.fast[i] {
-                    continue;
-                }
-                let from = canonical(b.rx.from(i));
-                let Some(packet) = b.rx.data(i) else { continue };
+            while let Some((from, packet)) = b.next_slow() {
                 match stun_filter::inspect(packet, &self.policy) {
                     Verdict::Pass => match self.over_quota(packet) {
                         None if packet.len() <= buf.len() => {

@@ -183,4 +183,4 @@ impl Channels {
 
 #[cfg(test)]
 #[path = "turn_channels_tests.rs"]
-mod tests;
+pub(crate) mod tests;

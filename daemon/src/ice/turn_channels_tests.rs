@@ -11,7 +11,8 @@ fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
 
-fn message(
+/// A STUN message of `method` and `class` with `attrs` (shared with the shim's tests).
+pub(crate) fn message(
     method: stun::message::Method,
     class: stun::message::MessageClass,
     txid: u8,

@@ -350,30 +350,14 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use stun::agent::TransactionId;
     use stun::message::{
-        Message, MessageType, Setter, CLASS_REQUEST, CLASS_SUCCESS_RESPONSE, METHOD_ALLOCATE,
-        METHOD_CHANNEL_BIND,
+        CLASS_REQUEST, CLASS_SUCCESS_RESPONSE, METHOD_ALLOCATE, METHOD_CHANNEL_BIND,
     };
     use turn::proto::channum::ChannelNumber;
     use turn::proto::peeraddr::PeerAddress;
     use turn::proto::relayaddr::RelayedAddress;
 
-    fn stun(
-        method: stun::message::Method,
-        class: stun::message::MessageClass,
-        txid: u8,
-        attrs: Vec<Box<dyn Setter>>,
-    ) -> Vec<u8> {
-        let mut setters: Vec<Box<dyn Setter>> = vec![
-            Box::new(TransactionId([txid; 12])),
-            Box::new(MessageType::new(method, class)),
-        ];
-        setters.extend(attrs);
-        let mut m = Message::new();
-        m.build(&setters).unwrap();
-        m.raw
-    }
+    use crate::ice::turn_channels::tests::message as stun;
 
     async fn recv(socket: &UdpSocket) -> (Vec<u8>, SocketAddr) {
         let mut buf = [0u8; 2048];
