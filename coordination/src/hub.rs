@@ -586,4 +586,4 @@ pub use hub_policy::ApplyStats;
 mod policy_tests;
 #[cfg(test)]
 #[path = "hub_tests.rs"]
-mod tests;
+pub(crate) mod tests;

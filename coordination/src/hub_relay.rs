@@ -350,23 +350,8 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hub::tests::hub;
     use overlay_proto::coord::RelayMessage;
-
-    fn hub(nodes: &[NodeId], limits: Limits) -> Hub {
-        let info = |id: NodeId| PeerInfo {
-            id,
-            name: format!("n{id}"),
-            mesh_ip: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
-            public_key: format!("key{id}"),
-            online: false,
-            tags: Vec::new(),
-        };
-        Hub::new(
-            nodes.iter().map(|id| info(*id)).collect(),
-            Arc::new(Metrics::default()),
-            limits,
-        )
-    }
 
     fn records(msg: &[u8]) -> Vec<(NodeId, Vec<u8>)> {
         let parsed = RelayMessage::parse(msg).unwrap();

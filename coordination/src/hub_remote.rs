@@ -186,19 +186,7 @@ mod tests {
     const ME: ReplicaId = 100;
 
     fn hub(nodes: &[NodeId]) -> (Hub, crate::replica::Outbox) {
-        let info = |id: NodeId| PeerInfo {
-            id,
-            name: format!("n{id}"),
-            mesh_ip: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
-            public_key: format!("key{id}"),
-            online: false,
-            tags: Vec::new(),
-        };
-        let h = Hub::new(
-            nodes.iter().map(|id| info(*id)).collect(),
-            Arc::new(Metrics::default()),
-            Limits::default(),
-        );
+        let h = crate::hub::tests::hub(nodes, Limits::default());
         let (link, rx) = BusLink::new(ME);
         h.set_bus(Arc::new(link));
         (h, rx)

@@ -1,7 +1,8 @@
 use super::*;
 use overlay_proto::coord::decode_relay_frame;
 
-fn peer(id: NodeId) -> PeerInfo {
+/// Node `id` as the hub's tests know it (shared with the relay and replica tests).
+pub(crate) fn peer(id: NodeId) -> PeerInfo {
     PeerInfo {
         id,
         name: format!("n{id}"),
@@ -12,7 +13,7 @@ fn peer(id: NodeId) -> PeerInfo {
     }
 }
 
-fn hub(nodes: &[NodeId], limits: Limits) -> Hub {
+pub(crate) fn hub(nodes: &[NodeId], limits: Limits) -> Hub {
     Hub::new(
         nodes.iter().map(|id| peer(*id)).collect(),
         Arc::new(Metrics::default()),
