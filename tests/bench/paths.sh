@@ -80,20 +80,8 @@ note() { put "$1" note "$2"; log "$1: $2"; }
 in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 field() { awk -v k="$1" '$1 == k {print $2}'; }
 
-track() { echo "$2" >>"$WORK/pids.$1"; }
-stop_pids() {
-    local file=$WORK/pids.$1 pid
-    [[ -f $file ]] || return 0
-    while read -r pid; do kill -TERM "$pid" 2>/dev/null || true; done <"$file"
-    for _ in $(seq 50); do
-        local alive=0
-        while read -r pid; do kill -0 "$pid" 2>/dev/null && alive=1; done <"$file"
-        [[ $alive == 0 ]] && break
-        sleep 0.1
-    done
-    while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done <"$file"
-    rm -f "$file"
-}
+# shellcheck source=procs.sh
+source "$HERE/procs.sh"
 
 cleanup() {
     local rc=$?

@@ -69,23 +69,8 @@ in_b() { ip netns exec "$NS_B" "$@"; }
 now() { echo "$EPOCHREALTIME"; }
 since() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.3f}')" "$1" "$(now)"; }
 
-# Every background process we start is recorded here, by phase, so a phase can
-# stop its own and the exit trap can stop whatever is left.
-track() { echo "$2" >>"$WORK/pids.$1"; }
-
-stop_pids() {
-    local file=$WORK/pids.$1 pid
-    [[ -f $file ]] || return 0
-    while read -r pid; do kill -TERM "$pid" 2>/dev/null || true; done <"$file"
-    for _ in $(seq 50); do
-        local alive=0
-        while read -r pid; do kill -0 "$pid" 2>/dev/null && alive=1; done <"$file"
-        [[ $alive == 0 ]] && break
-        sleep 0.1
-    done
-    while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done <"$file"
-    rm -f "$file"
-}
+# shellcheck source=procs.sh
+source "$HERE/procs.sh"
 
 cleanup() {
     local rc=$?
