@@ -264,8 +264,6 @@ impl Daemon {
     }
 }
 
-/// Whether something in `host` listens on TCP `port` (checked with `ss` inside the
-/// namespace, so no packet is sent anywhere).
 /// Waits until `proc` (a server started on `host`) listens on TCP `port`;
 /// fails at once if it exits.
 pub fn wait_listening(
@@ -286,6 +284,8 @@ pub fn wait_listening(
     })
 }
 
+/// Whether something in `host` listens on TCP `port` (checked with `ss` inside the
+/// namespace, so no packet is sent anywhere).
 pub fn tcp_listening(lab: &Lab, host: &Host, port: &str) -> anyhow::Result<bool> {
     let out = lab.exec(host, "ss", &["-Hltn", &format!("sport = :{port}")])?;
     Ok(!out.trim().is_empty())

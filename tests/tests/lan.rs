@@ -125,8 +125,11 @@ fn wait_all_direct(nodes: &mut [&mut LanNode], timeout: Duration) -> anyhow::Res
                         want.mesh_ip
                     )));
                 }
-                if peer.path_kind == PathKind::Idle {
-                    // New peers start idle: wake it as a user would.
+                if peer.online && peer.path_kind != PathKind::Direct {
+                    // Send as a user would. New peers start idle; and after
+                    // a restart the peer may have us idle while we are not:
+                    // an idle controlling side ignores restart requests and
+                    // wakes on data, which this carries over the relay.
                     nodes[i].daemon.wake(&want.daemon.name)?;
                 }
                 if !(peer.online && peer.path_kind == PathKind::Direct) {
