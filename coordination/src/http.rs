@@ -331,6 +331,7 @@ async fn register(
         name: node.name.clone(),
         mesh_ip: node.mesh_ip,
         network,
+        network6: None,
         credential: registered.credential,
     })
     .into_response()

@@ -23,6 +23,7 @@ fn peer(id: NodeId, tags: &[&str]) -> PeerInfo {
         id,
         name: format!("n{id}"),
         mesh_ip: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
+        mesh_ip6: None,
         public_key: format!("key{id}"),
         online: false,
         tags: tags.iter().map(|t| t.to_string()).collect(),

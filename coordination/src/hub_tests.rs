@@ -7,6 +7,7 @@ pub(crate) fn peer(id: NodeId) -> PeerInfo {
         id,
         name: format!("n{id}"),
         mesh_ip: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
+        mesh_ip6: None,
         public_key: format!("key{id}"),
         online: false,
         tags: Vec::new(),

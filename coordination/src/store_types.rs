@@ -84,6 +84,7 @@ impl NodeRow {
             id: self.id,
             name: self.name.clone(),
             mesh_ip: self.mesh_ip,
+            mesh_ip6: None,
             public_key: self.public_key.clone(),
             online: self.online,
             tags: self.tags.clone(),

@@ -40,6 +40,7 @@ async fn welcome_has_self_peers_ice_and_protocol() {
             protocol,
             node: me,
             network,
+            network6: _,
             peers,
             ice,
             more,

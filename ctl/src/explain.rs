@@ -222,6 +222,7 @@ mod tests {
         let r = WhyReport {
             peer: "b".into(),
             mesh_ip: "100.64.0.2".parse().unwrap(),
+            mesh_ip6: None,
             online: true,
             path_kind: PathKind::CoordRelay,
             path: "coord relay".into(),
@@ -263,6 +264,7 @@ mod tests {
         let r = WhyReport {
             peer: "\u{1b}]0;title\u{7}b".into(),
             mesh_ip: "100.64.0.2".parse().unwrap(),
+            mesh_ip6: None,
             online: true,
             path_kind: PathKind::CoordRelay,
             path: "coord relay".into(),

@@ -266,6 +266,7 @@ mod tests {
             id: 1,
             name: name.to_string(),
             mesh_ip: Ipv4Addr::from(ip),
+            mesh_ip6: None,
             public_key: "k".to_string(),
             online,
             path_kind: if online {
@@ -351,7 +352,7 @@ dave  100.64.0.5  idle  -         12s ago    1.5 KiB  100 B
     fn ping_lines_match_ping8_style() {
         let reply = PingReply {
             seq: 1,
-            from: Ipv4Addr::new(100, 64, 0, 2),
+            from: Ipv4Addr::new(100, 64, 0, 2).into(),
             rtt_ms: 0.8412,
             path: "direct (host)".to_string(),
         };
@@ -360,7 +361,7 @@ dave  100.64.0.5  idle  -         12s ago    1.5 KiB  100 B
             "reply from 100.64.0.2: seq=1 time=0.84 ms via direct (host)"
         );
         let summary = PingSummary {
-            target: Ipv4Addr::new(100, 64, 0, 2),
+            target: Ipv4Addr::new(100, 64, 0, 2).into(),
             sent: 4,
             received: 3,
         };
@@ -401,6 +402,8 @@ dave  100.64.0.5  idle  -         12s ago    1.5 KiB  100 B
             node_id: 7,
             mesh_ip: Ipv4Addr::new(100, 64, 0, 2),
             network: "100.64.0.0/10".parse().expect("valid net"),
+            mesh_ip6: None,
+            network6: None,
             interface: "ovl0".into(),
             public_key: "PUB".into(),
             coordinator: "http://x\u{1b}[31m".into(),
@@ -426,6 +429,8 @@ dave  100.64.0.5  idle  -         12s ago    1.5 KiB  100 B
             node_id: 7,
             mesh_ip: Ipv4Addr::new(100, 64, 0, 2),
             network: "100.64.0.0/10".parse().expect("valid net"),
+            mesh_ip6: None,
+            network6: None,
             interface: "ovl0".to_string(),
             public_key: "PUB".to_string(),
             coordinator: "http://10.77.0.1:8080".to_string(),

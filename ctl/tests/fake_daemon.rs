@@ -69,6 +69,8 @@ fn sample_status() -> Status {
         node_id: 3,
         mesh_ip: Ipv4Addr::new(100, 64, 0, 2),
         network: "100.64.0.0/10".parse().expect("net"),
+        mesh_ip6: None,
+        network6: None,
         interface: "ovl0".to_string(),
         public_key: "PUBKEY".to_string(),
         coordinator: "http://10.77.0.1:8080".to_string(),
@@ -85,6 +87,7 @@ fn sample_peer(name: &str, last: u8, online: bool) -> PeerStatus {
         id: u64::from(last),
         name: name.to_string(),
         mesh_ip: Ipv4Addr::new(100, 64, 0, last),
+        mesh_ip6: None,
         public_key: format!("KEY{last}"),
         online,
         path_kind: if online {
@@ -116,7 +119,7 @@ fn sample_peer(name: &str, last: u8, online: bool) -> PeerStatus {
 fn reply(seq: u16) -> Response {
     Response::PingReply(PingReply {
         seq,
-        from: Ipv4Addr::new(100, 64, 0, 3),
+        from: Ipv4Addr::new(100, 64, 0, 3).into(),
         rtt_ms: 1.5,
         path: "direct (host)".to_string(),
     })
@@ -209,7 +212,7 @@ fn peers_table_shows_paths_and_offline_peers() {
 fn ping_sends_the_parameters_and_streams_replies() {
     let dir = TempDir::new();
     let summary = PingSummary {
-        target: Ipv4Addr::new(100, 64, 0, 3),
+        target: Ipv4Addr::new(100, 64, 0, 3).into(),
         sent: 3,
         received: 2,
     };
@@ -259,7 +262,7 @@ fn ping_sends_the_parameters_and_streams_replies() {
 fn ping_json_prints_one_object_per_line() {
     let dir = TempDir::new();
     let summary = PingSummary {
-        target: Ipv4Addr::new(100, 64, 0, 3),
+        target: Ipv4Addr::new(100, 64, 0, 3).into(),
         sent: 1,
         received: 1,
     };
@@ -287,7 +290,7 @@ fn ping_json_prints_one_object_per_line() {
 fn ping_without_replies_exits_1() {
     let dir = TempDir::new();
     let summary = PingSummary {
-        target: Ipv4Addr::new(100, 64, 0, 3),
+        target: Ipv4Addr::new(100, 64, 0, 3).into(),
         sent: 2,
         received: 0,
     };

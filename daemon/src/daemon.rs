@@ -120,6 +120,8 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
                 node_id: enrolment.node_id,
                 mesh_ip: enrolment.mesh_ip,
                 network: enrolment.network,
+                mesh_ip6: None,
+                network6: None,
                 interface: config.interface.clone(),
                 public_key: keys.public_base64(),
                 coordinator: enrolment.coordinator.clone(),

@@ -309,7 +309,7 @@ impl LocalApi {
                 received += 1;
                 let reply = PingReply {
                     seq,
-                    from: peer.mesh_ip,
+                    from: peer.mesh_ip.into(),
                     rtt_ms: started.elapsed().as_secs_f64() * 1000.0,
                     path,
                 };
@@ -325,7 +325,7 @@ impl LocalApi {
             }
         }
         let summary = PingSummary {
-            target: peer.mesh_ip,
+            target: peer.mesh_ip.into(),
             sent: count,
             received,
         };
@@ -354,6 +354,7 @@ fn peer_status(peer: &Peer, zone: Option<&Zone>) -> PeerStatus {
         id: info.id,
         name: info.name,
         mesh_ip: info.mesh_ip,
+        mesh_ip6: info.mesh_ip6,
         public_key: info.public_key,
         online: info.online,
         path_kind: view.kind,

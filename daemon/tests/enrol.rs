@@ -131,6 +131,7 @@ fn answer(script: &Mutex<Script>, path: &str, body: &[u8]) -> (u16, String) {
         name: req.hostname,
         mesh_ip: "100.64.0.7".parse().unwrap(),
         network: "100.64.0.0/10".parse().unwrap(),
+        network6: None,
         credential: "fresh".into(),
     };
     (200, serde_json::to_string(&r).unwrap())

@@ -4,9 +4,9 @@
 //! more [`Response`] JSON lines (a ping streams one `PingReply` per answer, then
 //! `PingDone`) and closes the connection.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::signal::{MappingBehaviour, NatSummary};
@@ -83,6 +83,11 @@ pub struct Status {
     pub node_id: NodeId,
     pub mesh_ip: Ipv4Addr,
     pub network: Ipv4Net,
+    /// The node's mesh IPv6 address and the mesh's prefix, when it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_ip6: Option<Ipv6Addr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network6: Option<Ipv6Net>,
     pub interface: String,
     pub public_key: String,
     pub coordinator: String,
@@ -179,6 +184,8 @@ pub struct PeerStatus {
     pub id: NodeId,
     pub name: String,
     pub mesh_ip: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_ip6: Option<Ipv6Addr>,
     pub public_key: String,
     pub online: bool,
     pub path_kind: PathKind,
@@ -239,7 +246,7 @@ pub struct PolicyReport {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PingReply {
     pub seq: u16,
-    pub from: Ipv4Addr,
+    pub from: IpAddr,
     pub rtt_ms: f64,
     /// The path the request left on.
     pub path: String,
@@ -247,7 +254,7 @@ pub struct PingReply {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PingSummary {
-    pub target: Ipv4Addr,
+    pub target: IpAddr,
     pub sent: u32,
     pub received: u32,
 }
@@ -305,6 +312,8 @@ pub struct PairReport {
 pub struct WhyReport {
     pub peer: String,
     pub mesh_ip: Ipv4Addr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_ip6: Option<Ipv6Addr>,
     pub online: bool,
     pub path_kind: PathKind,
     pub path: String,

@@ -26,9 +26,9 @@
 //! packet; each side sends them only after the other said it decodes them
 //! ([`RELAY_HELLO`]), so old nodes and coordinators keep working.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 
 use crate::filter::NodeFilter;
@@ -88,8 +88,21 @@ pub struct RegisterResponse {
     pub name: String,
     pub mesh_ip: Ipv4Addr,
     pub network: Ipv4Net,
+    /// The mesh's IPv6 prefix (a ULA /48); the node's IPv6 address is
+    /// [`mesh_ip6`] of it and `mesh_ip`. Absent from older coordinators.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network6: Option<Ipv6Net>,
     /// Secret the node presents on `/v1/connect`; the server keeps only its hash.
     pub credential: String,
+}
+
+/// A node's mesh IPv6 address: the mesh's IPv6 prefix with the node's IPv4
+/// mesh address in the low 32 bits (`fd12:3456:789a::6440:2` for
+/// `100.64.0.2`), so it is stable, unique exactly when the IPv4 address is,
+/// and needs no second address pool.
+pub fn mesh_ip6(network6: Ipv6Net, mesh_ip: Ipv4Addr) -> Ipv6Addr {
+    let prefix = u128::from(network6.network()) & !u128::from(u32::MAX);
+    Ipv6Addr::from(prefix | u128::from(u32::from(mesh_ip)))
 }
 
 /// JSON body of every HTTP error (and of `ServerMsg::Error`).
@@ -127,6 +140,9 @@ pub struct PeerInfo {
     pub id: NodeId,
     pub name: String,
     pub mesh_ip: Ipv4Addr,
+    /// The node's mesh IPv6 address, when the mesh has an IPv6 prefix.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh_ip6: Option<Ipv6Addr>,
     /// WireGuard public key, standard base64.
     pub public_key: String,
     pub online: bool,
@@ -192,6 +208,9 @@ pub enum ServerMsg {
         protocol: u32,
         node: PeerInfo,
         network: Ipv4Net,
+        /// The mesh's IPv6 prefix; absent when the mesh is IPv4-only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        network6: Option<Ipv6Net>,
         /// The netmap, or its first part when `more` is set.
         peers: Vec<PeerInfo>,
         ice: IceConfig,
@@ -270,6 +289,25 @@ pub fn parse_bearer(header: &str) -> Option<(NodeId, &str)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mesh_ip6_puts_the_ipv4_address_in_the_low_bits() {
+        let net: Ipv6Net = "fd12:3456:789a::/48".parse().unwrap();
+        let v6 = mesh_ip6(net, Ipv4Addr::new(100, 64, 0, 2));
+        assert_eq!(v6, "fd12:3456:789a::6440:2".parse::<Ipv6Addr>().unwrap());
+        assert!(net.contains(&v6));
+        // Host bits in the prefix as given do not leak into the address.
+        let sloppy: Ipv6Net = "fd12:3456:789a::1:2:3/48".parse().unwrap();
+        assert_eq!(mesh_ip6(sloppy, Ipv4Addr::new(100, 64, 0, 2)), v6);
+    }
+
+    #[test]
+    fn peer_info_without_ipv6_reads_as_before() {
+        let old = r#"{"id":3,"name":"a","mesh_ip":"100.64.0.3","public_key":"k","online":true}"#;
+        let peer: PeerInfo = serde_json::from_str(old).unwrap();
+        assert_eq!(peer.mesh_ip6, None);
+        assert_eq!(serde_json::to_string(&peer).unwrap(), old);
+    }
 
     #[test]
     fn relay_frame_round_trips() {

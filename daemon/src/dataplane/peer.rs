@@ -367,6 +367,7 @@ mod tests {
             id: 7,
             name: "p".into(),
             mesh_ip: Ipv4Addr::new(100, 64, 0, 7),
+            mesh_ip6: None,
             public_key: String::new(),
             online: true,
             tags: Vec::new(),

@@ -13,6 +13,7 @@ fn peer(id: u64, name: &str, last: u8) -> PeerInfo {
         id,
         name: name.into(),
         mesh_ip: Ipv4Addr::new(100, 64, 0, last),
+        mesh_ip6: None,
         public_key: String::new(),
         online: true,
         tags: vec![],

@@ -376,6 +376,7 @@ mod tests {
         PeerStatus {
             id: 7,
             name: name.into(),
+            mesh_ip6: None,
             mesh_ip: "100.64.0.7".parse().expect("ip"),
             public_key: String::new(),
             online: true,

@@ -166,6 +166,7 @@ mod tests {
             id,
             name: format!("n{id}"),
             mesh_ip: Ipv4Addr::new(100, 64, 0, last_octet),
+            mesh_ip6: None,
             public_key: String::new(),
             online: true,
             tags: tags.iter().map(|t| t.to_string()).collect(),

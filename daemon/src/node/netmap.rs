@@ -54,6 +54,7 @@ mod tests {
             id,
             name: format!("n{id}"),
             mesh_ip: std::net::Ipv4Addr::new(100, 64, 0, id as u8),
+            mesh_ip6: None,
             public_key: key.into(),
             online,
             tags: Vec::new(),

@@ -29,6 +29,7 @@ pub fn info(id: NodeId, online: bool) -> PeerInfo {
         id,
         name: format!("n{id}"),
         mesh_ip: Ipv4Addr::new(100, 64, 0, id as u8),
+        mesh_ip6: None,
         public_key: base64::engine::general_purpose::STANDARD.encode(key),
         online,
         tags: Vec::new(),
@@ -39,6 +40,7 @@ pub fn welcome(peers: Vec<PeerInfo>, ice: IceConfig, more: bool) -> ServerMsg {
     ServerMsg::Welcome {
         protocol: overlay_proto::PROTOCOL_VERSION,
         node: info(0, true),
+        network6: None,
         network: "100.64.0.0/10".parse().expect("network"),
         peers,
         ice,

@@ -171,6 +171,7 @@ impl Shell {
         Ok(WhyReport {
             peer: info.name,
             mesh_ip: info.mesh_ip,
+            mesh_ip6: info.mesh_ip6,
             online: info.online,
             path_kind: report.view.kind,
             path: report.view.label,

@@ -17,6 +17,7 @@ fn zone() -> Zone {
         id: 2,
         name: "b".into(),
         mesh_ip: Ipv4Addr::new(100, 64, 0, 2),
+        mesh_ip6: None,
         public_key: String::new(),
         online: true,
         tags: vec![],

@@ -85,6 +85,7 @@ fn peers(args: &Args) -> Vec<PeerInfo> {
                 mesh_ip: std::net::Ipv4Addr::from(
                     u32::from(std::net::Ipv4Addr::new(100, 64, 0, 0)) + id as u32,
                 ),
+                mesh_ip6: None,
                 public_key: format!("{id:0>43}="),
                 online: false,
                 tags,
