@@ -207,6 +207,8 @@ mod tests {
             }],
             turn: vec![],
             coordinator_rtt_ms: Some(1.25),
+            udp6: false,
+            public_addr6: None,
         };
         let text = netcheck(&r);
         assert!(text.contains("symmetric NAT"), "{text}");

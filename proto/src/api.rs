@@ -286,6 +286,13 @@ pub struct NetcheckReport {
     pub turn: Vec<TurnProbe>,
     /// Round trip of a control-stream ping to the coordination server.
     pub coordinator_rtt_ms: Option<f64>,
+    /// Whether any STUN server answered over IPv6 (false when the node has no
+    /// global IPv6 address or the coordinator announces no IPv6 STUN).
+    #[serde(default)]
+    pub udp6: bool,
+    /// Our IPv6 address and port as a STUN server saw them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_addr6: Option<SocketAddr>,
 }
 
 impl NetcheckReport {

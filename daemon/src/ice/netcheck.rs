@@ -69,6 +69,8 @@ pub async fn run(ice: &IceConfig, coordinator_rtt: Option<Duration>) -> Netcheck
         stun,
         turn,
         coordinator_rtt_ms: coordinator_rtt.map(|d| d.as_secs_f64() * 1000.0),
+        udp6: false,
+        public_addr6: None,
     }
 }
 
