@@ -48,6 +48,12 @@ pub fn netcheck(r: &NetcheckReport) -> String {
             .map_or_else(|| "unknown".to_owned(), |a| a.to_string())
     );
     let _ = writeln!(s, "NAT mapping:     {}", mapping(r.mapping));
+    let ipv6 = match (r.udp6, r.public_addr6) {
+        (true, Some(a)) => format!("yes, public address {a}"),
+        (true, None) => "yes".to_owned(),
+        (false, _) => "no (no global IPv6 address, or no IPv6 STUN server answered)".to_owned(),
+    };
+    let _ = writeln!(s, "IPv6:            {ipv6}");
     for p in &r.stun {
         let result = match (&p.mapped, p.rtt_ms) {
             (Some(m), Some(rtt)) => format!("sees {} ({rtt:.1} ms)", clean(m)),
@@ -77,7 +83,11 @@ pub fn netcheck(r: &NetcheckReport) -> String {
 pub fn why(r: &WhyReport) -> String {
     let mut s = String::new();
     let peer = clean(&r.peer);
-    let _ = writeln!(s, "{peer} ({}): {}", r.mesh_ip, clean(&r.path));
+    let addresses = match r.mesh_ip6 {
+        Some(ip6) => format!("{}, {ip6}", r.mesh_ip),
+        None => r.mesh_ip.to_string(),
+    };
+    let _ = writeln!(s, "{peer} ({addresses}): {}", clean(&r.path));
     let _ = writeln!(s, "  {}", clean(&r.conclusion));
     if let Some(access) = &r.access {
         let _ = writeln!(
@@ -215,6 +225,17 @@ mod tests {
         assert!(text.contains("sees 203.0.113.5:4000 (0.5 ms)"), "{text}");
         assert!(
             text.contains("Coordinator RTT: 1.2 ms") || text.contains("Coordinator RTT: 1.3 ms"),
+            "{text}"
+        );
+        assert!(text.contains("IPv6:            no ("), "{text}");
+        let v6 = NetcheckReport {
+            udp6: true,
+            public_addr6: Some("[2001:db8:5::7]:4000".parse().unwrap()),
+            ..r
+        };
+        let text = netcheck(&v6);
+        assert!(
+            text.contains("IPv6:            yes, public address [2001:db8:5::7]:4000\n"),
             "{text}"
         );
     }

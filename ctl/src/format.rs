@@ -76,6 +76,15 @@ pub fn status(status: &Status) -> String {
     } else {
         "not connected"
     };
+    let mesh_ip6 = match (status.mesh_ip6, status.network6) {
+        (Some(ip), Some(net)) => Some(format!("{ip}/{}", net.prefix_len())),
+        (Some(ip), None) => Some(ip.to_string()),
+        (None, _) => None,
+    };
+    let network = match status.network6 {
+        Some(net6) => format!("{}, {net6}", status.network),
+        None => status.network.to_string(),
+    };
     let rows = [
         (
             "name",
@@ -85,7 +94,8 @@ pub fn status(status: &Status) -> String {
             "mesh ip",
             format!("{}/{}", status.mesh_ip, status.network.prefix_len()),
         ),
-        ("network", status.network.to_string()),
+        ("mesh ipv6", mesh_ip6.unwrap_or_default()),
+        ("network", network),
         ("interface", clean(&status.interface).into_owned()),
         ("public key", clean(&status.public_key).into_owned()),
         (
@@ -96,7 +106,7 @@ pub fn status(status: &Status) -> String {
         ("version", clean(&status.version).into_owned()),
     ];
     let mut out = String::new();
-    for (key, value) in rows {
+    for (key, value) in rows.into_iter().filter(|(_, v)| !v.is_empty()) {
         out.push_str(&format!("{:<13}{value}\n", format!("{key}:")));
     }
     let d = &status.dropped;
@@ -163,7 +173,12 @@ pub fn peers_table(peers: &[PeerStatus]) -> String {
 
     // The DNS column only when the mesh has names.
     let dns = peers.iter().any(|p| p.dns_name.is_some());
+    // The IPv6 column only when the mesh has IPv6 addresses.
+    let ipv6 = peers.iter().any(|p| p.mesh_ip6.is_some());
     let mut header = vec!["NAME", "MESH IP"];
+    if ipv6 {
+        header.push("MESH IPV6");
+    }
     if dns {
         header.push("DNS NAME");
     }
@@ -176,6 +191,12 @@ pub fn peers_table(peers: &[PeerStatus]) -> String {
             format!("{} (offline)", clean(&peer.name))
         };
         let mut row = vec![name, peer.mesh_ip.to_string()];
+        if ipv6 {
+            row.push(
+                peer.mesh_ip6
+                    .map_or_else(|| "-".into(), |ip| ip.to_string()),
+            );
+        }
         if dns {
             row.push(clean_or(peer.dns_name.as_deref(), "-").into_owned());
         }
@@ -344,6 +365,20 @@ dave  100.64.0.5  idle  -         12s ago    1.5 KiB  100 B
     }
 
     #[test]
+    fn peers_table_has_an_ipv6_column_only_when_the_mesh_has_ipv6() {
+        let mut bob = peer("bob", [100, 64, 0, 3], true);
+        bob.mesh_ip6 = Some("fd12:3456:789a::6440:3".parse().unwrap());
+        let old = peer("old", [100, 64, 0, 9], true);
+        let table = peers_table(&[bob, old]);
+        let expected = "\
+NAME  MESH IP     MESH IPV6               PATH           ENDPOINT         HANDSHAKE  RX       TX
+bob   100.64.0.3  fd12:3456:789a::6440:3  direct (host)  10.77.0.3:41641  12s ago    1.5 KiB  100 B
+old   100.64.0.9  -                       direct (host)  10.77.0.3:41641  12s ago    1.5 KiB  100 B
+";
+        assert_eq!(table, expected);
+    }
+
+    #[test]
     fn empty_peer_list_says_so() {
         assert_eq!(peers_table(&[]), "no peers\n");
     }
@@ -447,6 +482,19 @@ dave  100.64.0.5  idle  -         12s ago    1.5 KiB  100 B
         );
         assert!(text.contains("name:        alice (node 7)\n"), "{text}");
         assert!(text.contains("mesh ip:     100.64.0.2/10\n"), "{text}");
+        assert!(!text.contains("ipv6"), "no IPv6, no line: {text}");
+        let mut dual = sample.clone();
+        dual.mesh_ip6 = Some("fd12:3456:789a::6440:2".parse().unwrap());
+        dual.network6 = Some("fd12:3456:789a::/48".parse().unwrap());
+        let text = status(&dual);
+        assert!(
+            text.contains("mesh ipv6:   fd12:3456:789a::6440:2/48\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("network:     100.64.0.0/10, fd12:3456:789a::/48\n"),
+            "{text}"
+        );
         assert!(
             text.contains("coordinator: http://10.77.0.1:8080 (connected)\n"),
             "{text}"
