@@ -121,6 +121,9 @@ pub enum NatKind {
     Symmetric,
     /// Forwards TCP only: no UDP leaves the site at all.
     UdpBlocked,
+    /// No IPv4 leaves the site: an IPv6-only access network (the LAN keeps its
+    /// private IPv4, which goes nowhere). Only with [`Lab::ipv6_only_site`].
+    Ipv6Only,
 }
 
 /// A site behind a NAT router: `site LAN ── router ── public segment`.
@@ -228,21 +231,36 @@ impl Lab {
         );
         process::checked(Command::new("ip").args(["netns", "add", &ns]))?;
         self.namespaces.borrow_mut().push(ns.clone());
-        self.ip(&ns, &["link", "set", "lo", "up"])?;
-        // IPv4 only: keeps candidates, captures and routes simple and predictable.
-        let _ = process::output(Command::new("ip").args([
+        // IPv6 on, as on any machine today: every interface gets a link-local
+        // address (and global ones on dual-stack segments). Set before any
+        // interface exists, so all inherit it. Deterministic: no duplicate
+        // address detection (the lab numbers addresses uniquely, and a
+        // tentative address would make the first packets depend on timing),
+        // no router solicitations and no autoconfiguration from stray router
+        // advertisements: only the addresses and routes the lab gives.
+        process::checked(Command::new("ip").args([
             "netns",
             "exec",
             &ns,
             "sysctl",
             "-qw",
-            "net.ipv6.conf.all.disable_ipv6=1",
-            "net.ipv6.conf.default.disable_ipv6=1",
-        ]));
+            "net.ipv6.conf.all.disable_ipv6=0",
+            "net.ipv6.conf.default.disable_ipv6=0",
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+            "net.ipv6.conf.all.accept_ra=0",
+            "net.ipv6.conf.default.accept_ra=0",
+            "net.ipv6.conf.all.router_solicitations=0",
+            "net.ipv6.conf.default.router_solicitations=0",
+        ]))
+        .with_context(|| format!("turning IPv6 on in {ns} (the lab needs IPv6 in the kernel)"))?;
+        self.ip(&ns, &["link", "set", "lo", "up"])?;
         Ok(ns)
     }
 
-    /// A new host: a namespace with loopback up and nothing else.
+    /// A new host: a namespace with loopback up and nothing else. IPv6 is on,
+    /// as on any machine today: its interfaces get link-local addresses, and
+    /// global ones on dual-stack segments ([`Lab::segment6`]).
     pub fn host(&self, name: &str) -> anyhow::Result<Host> {
         let ns = self.add_namespace(name)?;
         Ok(Host {
@@ -258,7 +276,20 @@ impl Lab {
         let index = self.segments.get();
         self.segments.set(index + 1);
         let ns = self.add_namespace(&format!("sw{index}"))?;
-        self.ip(&ns, &["link", "add", "br0", "type", "bridge"])?;
+        // Without multicast snooping the bridge floods neighbour discovery to
+        // every port, whether or not a host's MLD report got there first.
+        self.ip(
+            &ns,
+            &[
+                "link",
+                "add",
+                "br0",
+                "type",
+                "bridge",
+                "mcast_snooping",
+                "0",
+            ],
+        )?;
         self.ip(&ns, &["link", "set", "br0", "up"])?;
         Ok(Segment {
             name: name.to_string(),
@@ -451,6 +482,10 @@ impl Lab {
     /// is `eth0` on `public`, its LAN `eth1` at `.1` of `10.77.<100+i>.0/24`. Add
     /// machines with [`Lab::site_host`].
     pub fn nat_site(&self, name: &str, kind: NatKind, public: &Segment) -> anyhow::Result<Site> {
+        ensure!(
+            kind != NatKind::Ipv6Only,
+            "site {name:?}: an IPv6-only site is made with Lab::ipv6_only_site"
+        );
         self.site(name, kind, public, false)
     }
 
@@ -502,23 +537,17 @@ impl Lab {
         })
     }
 
-    /// A machine on `site`'s LAN, routed through its NAT router.
+    /// A machine on `site`'s LAN, routed through its NAT router (with no IPv4
+    /// default route on an IPv6-only site: IPv4 beyond the LAN fails at once,
+    /// as there).
     pub fn site_host(&self, site: &Site, name: &str) -> anyhow::Result<(Host, Iface)> {
         let host = self.host(name)?;
         let iface = self.attach(&host, &site.lan)?;
-        self.default_route(&host, site.gateway.ip)?;
+        if site.kind != NatKind::Ipv6Only {
+            self.default_route(&host, site.gateway.ip)?;
+        }
         if let Some(gateway6) = site.gateway.ip6 {
-            self.ip(
-                &host.ns,
-                &[
-                    "-6",
-                    "route",
-                    "add",
-                    "default",
-                    "via",
-                    &gateway6.to_string(),
-                ],
-            )?;
+            self.default_route6(&host, gateway6)?;
         }
         Ok((host, iface))
     }
@@ -534,11 +563,21 @@ impl Lab {
     /// ```text
     ///   coord ── public 203.0.113.0/24 ── inet (IPv4 forwarding off: drops)
     /// ```
+    ///
+    /// On a dual-stack segment the same holds for IPv6 (see [`Lab::default_route6`]).
     pub fn upstream(&self, public: &Segment) -> anyhow::Result<Iface> {
         let host = self.host("inet")?;
         let iface = self.attach(&host, public)?;
         // A new namespace starts with forwarding off; say so rather than rely on it.
-        self.exec(&host, "sysctl", &["-qw", "net.ipv4.ip_forward=0"])?;
+        self.exec(
+            &host,
+            "sysctl",
+            &[
+                "-qw",
+                "net.ipv4.ip_forward=0",
+                "net.ipv6.conf.all.forwarding=0",
+            ],
+        )?;
         Ok(iface)
     }
 
@@ -693,6 +732,7 @@ pub fn nat_ruleset(kind: NatKind, wan: &str, lan: &str) -> String {
             "masquerade",
             format!("iifname \"{lan}\" oifname \"{wan}\" meta l4proto tcp accept"),
         ),
+        NatKind::Ipv6Only => ("masquerade", format!("# {lan} to {wan}: nothing")),
     };
     format!(
         "table ip ovl_nat {{
@@ -759,5 +799,8 @@ mod tests {
         assert!(sym.contains("masquerade fully-random"));
         let blocked = nat_ruleset(NatKind::UdpBlocked, "eth0", "eth1");
         assert!(blocked.contains("meta l4proto tcp accept"));
+        let v6_only = nat_ruleset(NatKind::Ipv6Only, "eth0", "eth1");
+        assert!(v6_only.contains("policy drop"));
+        assert!(!v6_only.contains("iifname \"eth1\" oifname \"eth0\""));
     }
 }

@@ -1,13 +1,13 @@
 //! The lab's IPv6: dual-stack segments and sites, routed without NAT as on
-//! the Internet (see [`Lab::segment6`] and [`Lab::nat_site6`]).
+//! the Internet (see [`Lab::segment6`], [`Lab::nat_site6`] and
+//! [`Lab::ipv6_only_site`]). Every lab host has IPv6 on (see `Lab::host`);
+//! only these give it more than link-local addresses.
 
 use std::net::Ipv6Addr;
-use std::process::Command;
 
 use anyhow::{ensure, Context};
 
 use crate::lab::{Host, Lab, NatKind, Segment, Site};
-use crate::process;
 
 /// An IPv6 /64 from which the lab numbers interfaces: `prefix::n`. Lab
 /// prefixes come from the documentation range `2001:db8::/32` and, like
@@ -48,8 +48,8 @@ impl std::fmt::Display for Subnet6 {
 
 impl Lab {
     /// A dual-stack segment: IPv4 from `subnet`, IPv6 from `subnet6` (a /64,
-    /// e.g. `2001:db8:1::/64`). Hosts attached to it get both, with IPv6
-    /// turned on for that interface only (the lab is IPv4-only elsewhere).
+    /// e.g. `2001:db8:1::/64`). Hosts attached to it get both. (Every lab
+    /// interface has IPv6 on; elsewhere it has only its link-local address.)
     pub fn segment6(&self, name: &str, subnet: &str, subnet6: &str) -> anyhow::Result<Segment> {
         let subnet6 = Subnet6::parse(subnet6)?;
         let mut segment = self.segment(name, subnet)?;
@@ -57,20 +57,11 @@ impl Lab {
         Ok(segment)
     }
 
-    /// Turns IPv6 on for `dev` and gives it `ip/64`, usable at once: no
-    /// duplicate address detection (the lab numbers addresses uniquely), for
-    /// the link-local address too, which neighbour discovery needs before
-    /// anything can be routed.
+    /// Gives `dev` the address `ip/64`, usable at once: no duplicate address
+    /// detection (the lab numbers addresses uniquely; the namespace has it off
+    /// for the link-local addresses too, which neighbour discovery needs
+    /// before anything can be routed).
     pub(crate) fn address6(&self, ns: &str, dev: &str, ip: Ipv6Addr) -> anyhow::Result<()> {
-        process::checked(Command::new("ip").args([
-            "netns",
-            "exec",
-            ns,
-            "sysctl",
-            "-qw",
-            &format!("net.ipv6.conf.{dev}.accept_dad=0"),
-            &format!("net.ipv6.conf.{dev}.disable_ipv6=0"),
-        ]))?;
         self.ip(
             ns,
             &[
@@ -135,6 +126,22 @@ impl Lab {
         );
         self.site(name, kind, public, true)
     }
+
+    /// A site on an IPv6-only access network: as [`Lab::nat_site6`], but the
+    /// router forwards no IPv4 at all ([`NatKind::Ipv6Only`]) and its hosts
+    /// get no IPv4 default route. Their private IPv4 reaches the LAN only.
+    pub fn ipv6_only_site(&self, name: &str, public: &Segment) -> anyhow::Result<Site> {
+        self.nat_site6(name, NatKind::Ipv6Only, public)
+    }
+
+    /// Sets `host`'s IPv6 default route (e.g. via [`Lab::upstream`]'s address).
+    pub fn default_route6(&self, host: &Host, via: Ipv6Addr) -> anyhow::Result<()> {
+        self.ip(
+            &host.ns,
+            &["-6", "route", "add", "default", "via", &via.to_string()],
+        )
+        .map(|_| ())
+    }
 }
 
 /// A site router's IPv6 firewall (no NAT: IPv6 is routed as on the Internet):
@@ -146,7 +153,9 @@ pub fn firewall6_ruleset(kind: NatKind, wan: &str, lan: &str) -> String {
         NatKind::UdpBlocked => {
             format!("iifname \"{lan}\" oifname \"{wan}\" meta l4proto tcp accept")
         }
-        NatKind::Cone | NatKind::Symmetric => format!("iifname \"{lan}\" oifname \"{wan}\" accept"),
+        NatKind::Cone | NatKind::Symmetric | NatKind::Ipv6Only => {
+            format!("iifname \"{lan}\" oifname \"{wan}\" accept")
+        }
     };
     format!(
         "table ip6 ovl_fw6 {{

@@ -88,17 +88,46 @@ fn point_to_point_links_are_numbered_1_and_2() {
 
 /// `ping -6` from `host` to `target`: (sent, received).
 fn ping6(lab: &Lab, host: &overlay_tests::Host, target: std::net::Ipv6Addr) -> (u32, u32) {
-    let target = target.to_string();
-    let out = lab
-        .output(
-            host,
-            "ping",
-            &["-6", "-c", "2", "-i", "0.2", "-W", "1", &target],
-        )
-        .expect("ping -6");
-    let text = String::from_utf8_lossy(&out.stdout);
-    overlay_tests::overlay::parse_ping_summary(&text)
-        .unwrap_or_else(|| panic!("no ping summary: {text} {:?}", out.stderr))
+    ping(lab, host, target, &["-c", "2", "-i", "0.2", "-W", "1"]).expect("ping -6")
+}
+
+/// Every host has IPv6 on, as machines do today: on a plain (IPv4) segment
+/// only a link-local address, usable at once (no duplicate address detection
+/// pending), and neighbours answer on it.
+#[test]
+fn every_host_has_ipv6_with_a_link_local_address_ready_at_once() {
+    lab_test(|lab| {
+        let lan = lab.segment("lan", "10.77.4.0/24")?;
+        let a = lab.host("a")?;
+        let b = lab.host("b")?;
+        let ia = lab.attach(&a, &lan)?;
+        lab.attach(&b, &lan)?;
+        assert_eq!(ia.ip6, None, "a plain segment gives no global IPv6");
+        let addrs = lab.exec(&b, "ip", &["-6", "-o", "addr", "show", "dev", "eth0"])?;
+        let link_local = addrs
+            .lines()
+            .find_map(|l| {
+                let word = l.split_whitespace().skip_while(|w| *w != "inet6").nth(1)?;
+                word.strip_suffix("/64").filter(|a| a.starts_with("fe80:"))
+            })
+            .unwrap_or_else(|| panic!("no link-local address on b's eth0: {addrs}"));
+        assert!(!addrs.contains("tentative"), "DAD is pending: {addrs}");
+        assert!(
+            !addrs.contains("scope global"),
+            "b has a global address: {addrs}"
+        );
+        let target = format!("{link_local}%eth0");
+        let out = lab.output(&a, "ping", &["-6", "-c", "1", "-W", "2", &target])?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(
+            overlay_tests::overlay::parse_ping_summary(&text),
+            Some((1, 1)),
+            "{text}"
+        );
+        let lo = lab.exec(&a, "ip", &["-6", "addr", "show", "dev", "lo"])?;
+        assert!(lo.contains("::1/128"), "no ::1 on a's loopback: {lo}");
+        Ok(())
+    });
 }
 
 #[test]
@@ -127,10 +156,27 @@ fn dual_stack_sites_route_ipv6_without_nat_behind_a_stateful_firewall() {
         // Nothing unsolicited comes in: not from a server, not from another site.
         assert_eq!(ping6(lab, &server, a6).1, 0);
         assert_eq!(ping6(lab, &a, b6).1, 0);
-        // A plain site stays IPv4-only.
+        // A plain site has no global IPv6.
         let plain = lab.nat_site("pl", overlay_tests::NatKind::Cone, &public)?;
-        let (_, ic) = lab.site_host(&plain, "c")?;
+        let (c, ic) = lab.site_host(&plain, "c")?;
         assert_eq!(ic.ip6, None);
+        let out = lab.output(&c, "ping", &["-6", "-c", "1", "-W", "1", &srv6.to_string()])?;
+        assert!(!out.status.success(), "a plain site reached {srv6}");
+        assert_eq!(ping(lab, &c, srv.ip, &["-c", "1", "-W", "2"])?, (1, 1));
+        // An IPv6-only site: IPv6 out as any dual-stack site, no IPv4 at all.
+        let v6only = lab.ipv6_only_site("vo", &public)?;
+        let (d, id) = lab.site_host(&v6only, "d")?;
+        assert!(id.ip6.is_some());
+        assert_eq!(ping6(lab, &d, srv6), (2, 2));
+        let out = lab.output(&d, "ping", &["-c", "1", "-W", "1", &srv.ip.to_string()])?;
+        assert!(
+            !out.status.success(),
+            "an IPv6-only site reached {} over IPv4",
+            srv.ip
+        );
+        // Nor does IPv4 leave it with a route added by hand: the router drops it.
+        lab.default_route(&d, v6only.gateway.ip)?;
+        assert_eq!(ping(lab, &d, srv.ip, &["-c", "1", "-W", "1"])?.1, 0);
         Ok(())
     });
 }
