@@ -1,7 +1,7 @@
 //! A node of a lab mesh (its host, daemon and mesh IP) and the checks the
 //! end-to-end tests run between two of them.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use anyhow::{bail, ensure, Context};
 use overlay_proto::api::PeerStatus;
@@ -37,6 +37,31 @@ impl Node {
     }
 }
 
+impl Node {
+    /// The mesh IPv6 address this node's daemon reports for itself.
+    pub fn mesh_ip6(&self) -> anyhow::Result<Ipv6Addr> {
+        self.daemon
+            .status()?
+            .mesh_ip6
+            .with_context(|| format!("{} reports no mesh IPv6 address", self.daemon.name))
+    }
+
+    /// As [`Node::view_of`], and the mesh IPv6 address this node lists for
+    /// `other` must be the one `other` reports for itself; returns it too.
+    pub fn view6_of(&self, other: &Node) -> anyhow::Result<(PeerStatus, Ipv6Addr)> {
+        let own = other.mesh_ip6()?;
+        let peer = self.view_of(other)?;
+        ensure!(
+            peer.mesh_ip6 == Some(own),
+            "{} lists {} with mesh IPv6 {:?}, but it has {own}",
+            self.daemon.name,
+            other.daemon.name,
+            peer.mesh_ip6
+        );
+        Ok((peer, own))
+    }
+}
+
 /// One line about a peer's path, for failure messages.
 pub fn describe(peer: &PeerStatus) -> String {
     format!(
@@ -48,10 +73,21 @@ pub fn describe(peer: &PeerStatus) -> String {
 /// 20 pings at 0.2 s from `from` to `to`'s mesh IP; none may be lost. A loss
 /// is reported with what each side says about the other.
 pub fn ping_lossless(lab: &Lab, from: &Node, to: &Node) -> anyhow::Result<()> {
+    ping_lossless_to(lab, from, to, to.mesh_ip.into())
+}
+
+/// As [`ping_lossless`], to `to`'s mesh IPv6 address (`ping -6`), which
+/// `from` must list for it.
+pub fn ping6_lossless(lab: &Lab, from: &Node, to: &Node) -> anyhow::Result<()> {
+    let (_, target) = from.view6_of(to)?;
+    ping_lossless_to(lab, from, to, target.into())
+}
+
+fn ping_lossless_to(lab: &Lab, from: &Node, to: &Node, target: IpAddr) -> anyhow::Result<()> {
     let (sent, received) = ping(
         lab,
         &from.host,
-        to.mesh_ip,
+        target,
         &["-c", "20", "-i", "0.2", "-W", "2"],
     )?;
     if sent == 20 && received == 20 {
@@ -71,9 +107,8 @@ pub fn ping_lossless(lab: &Lab, from: &Node, to: &Node) -> anyhow::Result<()> {
         })
         .unwrap_or_else(|e| format!("{e:#}"));
     bail!(
-        "ping {} → {} ({}): {sent} sent, {received} received; {views}",
+        "ping {} → {} ({target}): {sent} sent, {received} received; {views}",
         from.daemon.name,
         to.daemon.name,
-        to.mesh_ip
     )
 }

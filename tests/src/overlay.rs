@@ -1,7 +1,7 @@
 //! overlay's own programs in the lab: a running coordination server, running node
 //! daemons, and `overlayctl` against them.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::process::{Command, ExitStatus, Output};
 use std::time::Duration;
@@ -33,6 +33,11 @@ pub struct Coordinator {
     pub ip: Ipv4Addr,
     /// `http://IP:PORT`, what daemons are given as `--coordinator`.
     pub url: String,
+    /// The server's IPv6 address, when it is dual-stack
+    /// ([`Coordinator::start_dual_stack`]).
+    pub ip6: Option<Ipv6Addr>,
+    /// `http://[IP6]:PORT`, for daemons on IPv6-only sites.
+    pub url6: Option<String>,
     pub state_dir: PathBuf,
     pub proc: Proc,
 }
@@ -59,12 +64,45 @@ impl Coordinator {
         state_dir: PathBuf,
         extra: &[&str],
     ) -> anyhow::Result<Coordinator> {
+        Coordinator::launch(lab, host, ip, None, state_dir, extra)
+    }
+
+    /// A dual-stack server: HTTP/WebSocket on every address of `host` (`[::]`,
+    /// both families), and STUN/TURN announced on `ip` and `ip6`, one
+    /// `--public-addr` per family.
+    pub fn start_dual_stack(
+        lab: &Lab,
+        host: &Host,
+        ip: Ipv4Addr,
+        ip6: Ipv6Addr,
+        extra: &[&str],
+    ) -> anyhow::Result<Coordinator> {
+        let state_dir = lab.subdir(&format!("{}-state", host.name))?;
+        Coordinator::launch(lab, host, ip, Some(ip6), state_dir, extra)
+    }
+
+    fn launch(
+        lab: &Lab,
+        host: &Host,
+        ip: Ipv4Addr,
+        ip6: Option<Ipv6Addr>,
+        state_dir: PathBuf,
+        extra: &[&str],
+    ) -> anyhow::Result<Coordinator> {
+        let listen = match ip6 {
+            Some(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, COORD_PORT)),
+            None => SocketAddr::from((ip, COORD_PORT)),
+        };
         let mut cmd = Command::new(bin("overlay-coord")?);
         cmd.arg("serve")
-            .args(["--listen", &format!("{ip}:{COORD_PORT}")])
+            .args(["--listen", &listen.to_string()])
             .arg("--state-dir")
             .arg(&state_dir)
-            .args(["--public-addr", &ip.to_string(), "--allow-http"])
+            .args(["--public-addr", &ip.to_string()]);
+        if let Some(ip6) = ip6 {
+            cmd.args(["--public-addr", &ip6.to_string()]);
+        }
+        cmd.arg("--allow-http")
             // The lab's "internet" is documentation space (203.0.113.0/24),
             // which the embedded TURN server refuses to relay to by default.
             .arg("--turn-allow-private")
@@ -76,7 +114,9 @@ impl Coordinator {
         Ok(Coordinator {
             host: host.clone(),
             ip,
-            url: format!("http://{ip}:{COORD_PORT}"),
+            url: format!("http://{}", SocketAddr::from((ip, COORD_PORT))),
+            ip6,
+            url6: ip6.map(|ip6| format!("http://{}", SocketAddr::from((ip6, COORD_PORT)))),
             state_dir,
             proc,
         })
@@ -299,8 +339,19 @@ pub fn udp_listening(lab: &Lab, host: &Host, port: &str) -> anyhow::Result<bool>
 }
 
 /// Runs ping(8) in `host` and returns `(transmitted, received)` from its summary.
-pub fn ping(lab: &Lab, host: &Host, target: Ipv4Addr, args: &[&str]) -> anyhow::Result<(u32, u32)> {
-    let mut all: Vec<&str> = args.to_vec();
+/// An IPv6 `target` is pinged with `ping -6`.
+pub fn ping(
+    lab: &Lab,
+    host: &Host,
+    target: impl Into<IpAddr>,
+    args: &[&str],
+) -> anyhow::Result<(u32, u32)> {
+    let target = target.into();
+    let mut all: Vec<&str> = Vec::new();
+    if target.is_ipv6() {
+        all.push("-6");
+    }
+    all.extend_from_slice(args);
     let target = target.to_string();
     all.push(&target);
     let out = lab.output(host, "ping", &all)?;
@@ -325,10 +376,11 @@ pub fn network_state(lab: &Lab, host: &Host) -> String {
             .replace('\n', "; ")
     };
     format!(
-        "addresses in {}: [{}], routes: [{}]",
+        "addresses in {}: [{}], routes: [{}], IPv6 routes: [{}]",
         host.name,
         show(&["-br", "addr"]),
-        show(&["route"])
+        show(&["route"]),
+        show(&["-6", "route"])
     )
 }
 
@@ -369,6 +421,23 @@ impl LanPair {
         configure: impl Fn(&mut Daemon),
     ) -> anyhow::Result<LanPair> {
         let lan = lab.segment("lan", subnet)?;
+        Self::start_on(lab, lan, coord_args, configure)
+    }
+
+    /// As [`LanPair::start`] on a dual-stack LAN (`subnet6` a /64, see
+    /// [`Lab::segment6`]): the nodes have both families on the LAN. The
+    /// coordinator is reached over IPv4.
+    pub fn start_dual_stack(lab: &Lab, subnet: &str, subnet6: &str) -> anyhow::Result<LanPair> {
+        let lan = lab.segment6("lan", subnet, subnet6)?;
+        Self::start_on(lab, lan, &[], |_| {})
+    }
+
+    fn start_on(
+        lab: &Lab,
+        lan: Segment,
+        coord_args: &[&str],
+        configure: impl Fn(&mut Daemon),
+    ) -> anyhow::Result<LanPair> {
         let coord_host = lab.host("coord")?;
         let coord_ip = lab.attach(&coord_host, &lan)?.ip;
         let coord = Coordinator::start(lab, &coord_host, coord_ip, coord_args)?;
@@ -431,10 +500,10 @@ pub fn bulk_transfer(
     blast: &str,
     from: &Host,
     to: &Host,
-    to_ip: Ipv4Addr,
+    to_ip: impl Into<IpAddr>,
     bytes: u64,
 ) -> anyhow::Result<()> {
-    let listen = format!("{to_ip}:5001");
+    let listen = SocketAddr::new(to_ip.into(), 5001).to_string();
     let mut cmd = Command::new(blast);
     cmd.args(["serve", &listen]);
     let mut server = lab.spawn(to, &format!("tcp-blast-{}", to.name), cmd)?;
