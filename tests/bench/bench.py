@@ -142,7 +142,7 @@ ROWS = [
 ]
 
 SYSTEMS = [("raw", "raw veth"), ("wg", "wireguard-go"), ("gota", "gotatun"), ("overlay", "overlay"),
-           ("overlay_policy", "overlay+policy"), ("relay", "overlay relay")]
+           ("overlay6", "overlay IPv6"), ("overlay_policy", "overlay+policy"), ("relay", "overlay relay")]
 
 
 def cell(r, key, fmt):
@@ -166,7 +166,7 @@ def report(path):
     results, notes = load(path)
     d = {name: derived(results.get(name, {})) for name, _ in SYSTEMS}
     meta = results.get("meta", {})
-    head = ["", *[label for _, label in SYSTEMS], "ovl/raw", "ovl/wg", "ovl/gota", "pol/ovl"]
+    head = ["", *[label for _, label in SYSTEMS], "ovl/raw", "ovl/wg", "ovl/gota", "pol/ovl", "v6/v4"]
     lines = []
     for key, label, fmt in ROWS:
         row = [label, *[cell(d[name], key, fmt) for name, _ in SYSTEMS]]
@@ -174,9 +174,10 @@ def report(path):
             row += [ratio(d["overlay"].get(key), d["raw"].get(key)),
                     ratio(d["overlay"].get(key), d["wg"].get(key)),
                     ratio(d["overlay"].get(key), d["gota"].get(key)),
-                    ratio(d["overlay_policy"].get(key), d["overlay"].get(key))]
+                    ratio(d["overlay_policy"].get(key), d["overlay"].get(key)),
+                    ratio(d["overlay6"].get(key), d["overlay"].get(key))]
         else:
-            row += ["", "", "", ""]
+            row += ["", "", "", "", ""]
         lines.append(row)
     widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
 
@@ -203,6 +204,8 @@ def report(path):
         "overlay+policy: the same two daemons right after, with a 100-rule access policy in\n"
         "force (every rule names both nodes; tests/bench/run.sh policy_100); pol/ovl is its\n"
         "ratio to the overlay column of the same run.\n"
+        "overlay IPv6: the same two daemons, to b's mesh IPv6 address (ping -6, iperf3 -6; the\n"
+        "underlay is the same IPv4 veth); v6/v4 is its ratio to the overlay column of the run.\n"
         "overlay relay: the same two nodes with UDP between the hosts dropped (nftables in b),\n"
         "so every packet crosses the coordinator's relay over both control WebSockets (TCP);\n"
         "its daemons' CPU includes the coordinator's. Under load: pings every 10 ms while one\n"

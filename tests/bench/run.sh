@@ -3,8 +3,11 @@
 # two-host network-namespace lab. Run as root from anywhere in the workspace.
 #
 #   host a (10.99.0.1) ══ veth ══ host b (10.99.0.2)
-#     iperf3 -c / ping              iperf3 -s
+#     iperf3 -c / ping              iperf3 -s (both families)
 #     overlay-coord :8080
+#
+# overlay is measured twice in one run: to b's mesh IPv4 address (column
+# "overlay") and to its mesh IPv6 address (ping -6, iperf3 -6: "overlay IPv6").
 #
 # Environment:
 #   BENCH_SECS=10        seconds per iperf3 run
@@ -101,6 +104,13 @@ trap 'exit 143' TERM
 make_lab() {
     ip netns add "$NS_A"
     ip netns add "$NS_B"
+    # IPv6 on (the mesh IPv6 row), usable at once: no duplicate address
+    # detection, no router solicitations.
+    for ns in "$NS_A" "$NS_B"; do
+        ip netns exec "$ns" sysctl -qw net.ipv6.conf.all.disable_ipv6=0 net.ipv6.conf.default.disable_ipv6=0 \
+            net.ipv6.conf.all.accept_dad=0 net.ipv6.conf.default.accept_dad=0 \
+            net.ipv6.conf.default.router_solicitations=0
+    done
     ip link add eth0 netns "$NS_A" type veth peer name eth0 netns "$NS_B"
     ip -n "$NS_A" addr add "$IP_A/24" dev eth0
     ip -n "$NS_B" addr add "$IP_B/24" dev eth0
@@ -138,15 +148,17 @@ rss_max() { # PID...: the largest VmRSS (kB) among them now
 # field KEY: the value of `KEY value` among bench.py's output lines on stdin.
 field() { awk -v k="$1" '$1 == k {print $2}'; }
 
-# measure SYSTEM TARGET_IP MTU DAEMON_PID...: every figure for one system.
+# measure SYSTEM TARGET_IP MTU DAEMON_PID...: every figure for one system. An
+# IPv6 TARGET_IP is measured with ping -6 and iperf3 -6.
 measure() {
     local sys=$1 target=$2 mtu=$3
     shift 3
-    local pids=("$@")
+    local pids=("$@") family=()
+    [[ $target == *:* ]] && family=(-6)
     put "$sys" mtu "$mtu"
 
-    log "$sys: ping x$PINGS"
-    in_a ping -n -i 0.01 -c "$PINGS" -W 1 "$target" >"$WORK/logs/$sys-ping.txt" 2>&1 || true
+    log "$sys: ping ${family[*]} x$PINGS"
+    in_a ping "${family[@]}" -n -i 0.01 -c "$PINGS" -W 1 "$target" >"$WORK/logs/$sys-ping.txt" 2>&1 || true
     local stats
     if stats=$($PY ping "$WORK/logs/$sys-ping.txt" 2>/dev/null); then
         put "$sys" rtt_p50 "$(field p50 <<<"$stats")"
@@ -167,10 +179,10 @@ measure() {
     for spec in "tcp1_fwd:-P 1" "tcp1_rev:-P 1 -R" "tcp4_fwd:-P 4" "tcp4_rev:-P 4 -R"; do
         name=${spec%%:*}
         args=${spec#*:}
-        log "$sys: iperf3 $args, $SECS s"
+        log "$sys: iperf3 ${family[*]} $args, $SECS s"
         read -r u0 s0 k0 < <($PY cpu "${pids[@]}")
         # shellcheck disable=SC2086  # $args is a list of flags
-        if ! in_a timeout $((SECS + 30)) iperf3 -c "$target" -t "$SECS" $args --connect-timeout 5000 --json \
+        if ! in_a timeout $((SECS + 30)) iperf3 "${family[@]}" -c "$target" -t "$SECS" $args --connect-timeout 5000 --json \
             >"$WORK/logs/$sys-$name.json" 2>"$WORK/logs/$sys-$name.err"; then
             note "$sys" "iperf3 $args failed: $(head -c 300 "$WORK/logs/$sys-$name.err" "$WORK/logs/$sys-$name.json" | tr '\n' ' ')"
             continue
@@ -290,10 +302,11 @@ overlay_bins() {
     done
 }
 
-# mesh_ip NS SOCKET: the node's mesh address, empty until it has one.
+# mesh_ip NS SOCKET [FIELD]: the node's mesh address (FIELD mesh_ip6: its mesh
+# IPv6 address), empty until it has one.
 mesh_ip() {
     ip netns exec "$1" "$BIN/overlayctl" --socket "$2" status --json 2>/dev/null |
-        python3 -c 'import json,sys; print(json.load(sys.stdin).get("mesh_ip") or "")' 2>/dev/null || true
+        python3 -c 'import json,sys; print(json.load(sys.stdin).get(sys.argv[1]) or "")' "${3:-mesh_ip}" 2>/dev/null || true
 }
 
 # all_on NS SOCKET KIND: true when every peer's path_kind is KIND (direct, coord_relay).
@@ -313,8 +326,9 @@ print("; ".join("%s (%s)" % (p["path"], p.get("endpoint") or "-") for p in json.
 
 # overlay_up SYS KIND: the coordinator in a, overlayd in a and b (fresh state),
 # until a's first ping to b is answered and both sides are on path KIND
-# (`direct`, `coord_relay`). Sets DIR, SOCK_A, PID_A, PID_B, COORD_PID and
-# MESH_B; the daemons are tracked under phase `ovld`.
+# (`direct`, `coord_relay`). Sets DIR, SOCK_A, PID_A, PID_B, COORD_PID, MESH_B
+# and MESH_B6 (empty when b has no mesh IPv6 address); the daemons are tracked
+# under phase `ovld`.
 overlay_up() {
     local sys=$1 kind=$2
     overlay_bins
@@ -391,6 +405,7 @@ overlay_up() {
     [[ -s $dir/mesh_b ]] || { note "$sys" "b never got a mesh IP"; return 1; }
     [[ -s $dir/t_ping ]] || return 1
     MESH_B=$(cat "$dir/mesh_b")
+    MESH_B6=$(mesh_ip "$NS_B" "$sock_b" mesh_ip6)
     if [[ ! -s $dir/t_path ]]; then
         in_a "$BIN/overlayctl" --socket "$sock_a" peers >"$WORK/logs/$sys-peers.txt" 2>&1 || true
         note "$sys" "measured on path: $(tail -1 "$WORK/logs/$sys-peers.txt")"
@@ -398,13 +413,13 @@ overlay_up() {
     sleep 1
 }
 
-# measure_path SYS PID...: measure over the mesh, noting a's path to b before
-# and after.
+# measure_path SYS TARGET PID...: measure over the mesh to b's mesh address
+# TARGET, noting a's path to b before and after.
 measure_path() {
-    local sys=$1 before after
-    shift
+    local sys=$1 target=$2 before after
+    shift 2
     before=$(peer_paths "$NS_A" "$SOCK_A")
-    measure "$sys" "$MESH_B" "$(in_a cat /sys/class/net/ovl0/mtu)" "$@"
+    measure "$sys" "$target" "$(in_a cat /sys/class/net/ovl0/mtu)" "$@"
     after=$(peer_paths "$NS_A" "$SOCK_A")
     if [[ $before == "$after" ]]; then
         note "$sys" "a's path to b throughout: $before"
@@ -415,7 +430,12 @@ measure_path() {
 
 phase_overlay() {
     overlay_up overlay direct
-    measure_path overlay "$PID_A" "$PID_B"
+    measure_path overlay "$MESH_B" "$PID_A" "$PID_B"
+    if [[ -n $MESH_B6 ]]; then
+        measure_path overlay6 "$MESH_B6" "$PID_A" "$PID_B"
+    else
+        note overlay6 "b reports no mesh IPv6 address (mesh_ip6 in overlayctl status --json)"
+    fi
     measure_dns "$SOCK_A"
     measure_policy "$DIR" "$SOCK_A" "$PID_A" "$PID_B"
     stop_pids ovld
@@ -434,7 +454,7 @@ table inet ovl_bench_relay {
 }
 EOF
     overlay_up relay coord_relay
-    measure_path relay "$PID_A" "$PID_B" "$COORD_PID"
+    measure_path relay "$MESH_B" "$PID_A" "$PID_B" "$COORD_PID"
     measure_loaded_rtt relay "$MESH_B"
     stop_pids ovld
     in_b nft delete table inet ovl_bench_relay
