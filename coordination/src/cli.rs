@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use crate::config::{self, Config, FileConfig, Overrides};
 use crate::store::{now_unix, KeyProblem, Location, Store};
@@ -96,9 +96,15 @@ pub struct ServeArgs {
     /// Mesh network, any IPv4 CIDR [default: 100.64.0.0/10].
     #[arg(long, value_name = "CIDR")]
     pub network: Option<Ipv4Net>,
-    /// Address announced in STUN/TURN URLs [default: the listen IP].
-    #[arg(long, value_name = "IP")]
-    pub public_addr: Option<IpAddr>,
+    /// The mesh's IPv6 prefix, /96 or shorter (nodes' IPv4 mesh addresses
+    /// fill its low 32 bits) [default: a random unique local /48, chosen once
+    /// and kept in the store].
+    #[arg(long, value_name = "PREFIX", value_parser = parse_network6)]
+    pub network6: Option<Ipv6Net>,
+    /// Address announced in STUN/TURN URLs; give it once per family (an IPv4
+    /// and an IPv6 one) to serve both [default: the listen IP].
+    #[arg(long = "public-addr", value_name = "IP")]
+    pub public_addr: Vec<IpAddr>,
     /// UDP port of the embedded STUN/TURN server [default: 3478].
     #[arg(long, value_name = "PORT")]
     pub stun_port: Option<u16>,
@@ -283,6 +289,10 @@ fn parse_tag(s: &str) -> Result<String, String> {
     }
 }
 
+fn parse_network6(s: &str) -> Result<Ipv6Net, String> {
+    crate::mesh6::parse(s)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     config::parse_duration(s)
 }
@@ -299,7 +309,8 @@ pub fn serve_config(cli: &Cli, args: &ServeArgs) -> Result<Config> {
         listen: args.listen,
         state_dir: cli.state_dir.clone(),
         network: args.network,
-        public_addr: args.public_addr,
+        network6: args.network6,
+        public_addrs: args.public_addr.clone(),
         stun_port: args.stun_port,
         no_embedded_turn: args.no_embedded_turn,
         turn_secret: args.turn_secret.clone(),
@@ -462,8 +473,8 @@ pub fn admin(cli: &Cli) -> Result<()> {
                 } else {
                     writeln!(
                         out,
-                        "{:<24} {:<15} {:<44} {:<7} {:<20} TAGS",
-                        "NAME", "MESH IP", "PUBLIC KEY", "ONLINE", "LAST SEEN"
+                        "{:<24} {:<15} {:<25} {:<44} {:<7} {:<20} TAGS",
+                        "NAME", "MESH IP", "MESH IPV6", "PUBLIC KEY", "ONLINE", "LAST SEEN"
                     )?;
                     for n in nodes {
                         let last_seen = if n.online {
@@ -473,9 +484,11 @@ pub fn admin(cli: &Cli) -> Result<()> {
                         };
                         writeln!(
                             out,
-                            "{:<24} {:<15} {:<44} {:<7} {last_seen:<20} {}",
+                            "{:<24} {:<15} {:<25} {:<44} {:<7} {last_seen:<20} {}",
                             n.name,
                             n.mesh_ip.to_string(),
+                            n.mesh_ip6
+                                .map_or_else(|| "-".to_string(), |ip| ip.to_string()),
                             n.public_key,
                             if n.online { "yes" } else { "no" },
                             if n.tags.is_empty() {

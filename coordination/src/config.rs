@@ -4,11 +4,11 @@
 //! Precedence is flag > file > embedded default. Every file error names the
 //! file, and `toml` adds the line, column and key.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use overlay_proto::config_file;
 pub use overlay_proto::config_file::ConfigError;
 use overlay_proto::coord::DnsConfig;
@@ -55,7 +55,10 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     pub state_dir: Option<PathBuf>,
     pub network: Option<Ipv4Net>,
-    pub public_addr: Option<IpAddr>,
+    /// The mesh's IPv6 prefix (checked by [`crate::mesh6::parse`]).
+    pub network6: Option<String>,
+    /// One address, or a list with at most one per family.
+    pub public_addr: Option<PublicAddrs>,
     pub allow_http: Option<bool>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
@@ -77,6 +80,26 @@ pub struct FileConfig {
     pub dns: FileDns,
     #[serde(default)]
     pub acme: FileAcme,
+}
+
+/// `public_addr = "203.0.113.10"` or `public_addr = ["203.0.113.10", "2001:db8::10"]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "an IP address, or a list of IP addresses with at most one per family"
+)]
+pub enum PublicAddrs {
+    One(IpAddr),
+    Many(Vec<IpAddr>),
+}
+
+impl PublicAddrs {
+    fn into_vec(self) -> Vec<IpAddr> {
+        match self {
+            PublicAddrs::One(ip) => vec![ip],
+            PublicAddrs::Many(ips) => ips,
+        }
+    }
 }
 
 /// `[acme]`: a certificate obtained and renewed by the coordinator itself.
@@ -142,7 +165,9 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     pub state_dir: Option<PathBuf>,
     pub network: Option<Ipv4Net>,
-    pub public_addr: Option<IpAddr>,
+    pub network6: Option<Ipv6Net>,
+    /// `--public-addr`, once per family; empty when not given.
+    pub public_addrs: Vec<IpAddr>,
     pub stun_port: Option<u16>,
     pub no_embedded_turn: bool,
     pub turn_secret: Option<String>,
@@ -168,9 +193,13 @@ pub struct Config {
     pub listen: SocketAddr,
     pub state_dir: PathBuf,
     pub network: Ipv4Net,
-    /// Address announced in STUN/TURN URLs. Required when the embedded TURN
-    /// server runs and `listen` is unspecified (0.0.0.0).
-    pub public_addr: Option<IpAddr>,
+    /// The mesh's IPv6 prefix as configured; `None`: the one in the store,
+    /// or a random ULA /48 stored on first start ([`crate::mesh6`]).
+    pub network6: Option<Ipv6Net>,
+    /// Addresses announced in STUN/TURN URLs, at most one per family (see
+    /// [`Config::announced`]). One is required when the embedded TURN server
+    /// runs and `listen` is unspecified (0.0.0.0 or [::]).
+    pub public_addrs: Vec<IpAddr>,
     pub transport: Transport,
     pub turn: TurnConfig,
     pub limits: Limits,
@@ -369,6 +398,16 @@ impl Config {
             .or(file.network)
             .unwrap_or(Ipv4Net::new(std::net::Ipv4Addr::new(100, 64, 0, 0), 10).unwrap_or_default())
             .trunc();
+        let network6 = match (flags.network6, &file.network6) {
+            (Some(net), _) => Some(
+                crate::mesh6::check(net)
+                    .map_err(|e| ConfigError::Invalid(format!("--network6: {e}")))?,
+            ),
+            (None, Some(text)) => {
+                Some(crate::mesh6::parse(text).map_err(|e| bad_key("network6", e))?)
+            }
+            (None, None) => None,
+        };
 
         let ttl = match (flags.turn_ttl, &file.turn.ttl) {
             (Some(d), _) => d,
@@ -454,8 +493,19 @@ impl Config {
             }
         };
 
-        let public_addr = flags.public_addr.or(file.public_addr);
-        if turn.embedded && public_addr.is_none() && listen.ip().is_unspecified() {
+        let public_addrs = if flags.public_addrs.is_empty() {
+            let addrs = file
+                .public_addr
+                .map(PublicAddrs::into_vec)
+                .unwrap_or_default();
+            check_public_addrs(&addrs).map_err(|e| bad_key("public_addr", e))?;
+            addrs
+        } else {
+            check_public_addrs(&flags.public_addrs)
+                .map_err(|e| ConfigError::Invalid(format!("--public-addr: {e}")))?;
+            flags.public_addrs
+        };
+        if turn.embedded && announced(&public_addrs, listen.ip()).is_empty() {
             return Err(ConfigError::Invalid(format!(
                 "listening on {} announces no usable STUN/TURN address: give --public-addr (or `public_addr`), or --no-embedded-turn",
                 listen.ip()
@@ -537,7 +587,8 @@ impl Config {
             listen,
             state_dir,
             network,
-            public_addr,
+            network6,
+            public_addrs,
             transport,
             turn,
             limits,
@@ -546,10 +597,64 @@ impl Config {
         })
     }
 
-    /// The address announced in STUN/TURN URLs.
-    pub fn announced_ip(&self) -> IpAddr {
-        self.public_addr.unwrap_or(self.listen.ip())
+    /// The addresses announced in STUN/TURN URLs, IPv4 first: the public
+    /// address of each family, else the listen address when it is one
+    /// (not 0.0.0.0 or [::]). The embedded STUN/TURN server serves exactly
+    /// these families.
+    pub fn announced(&self) -> Vec<IpAddr> {
+        announced(&self.public_addrs, self.listen.ip())
     }
+}
+
+/// See [`Config::announced`].
+fn announced(public: &[IpAddr], listen: IpAddr) -> Vec<IpAddr> {
+    let listen = listen.to_canonical();
+    let of_family = |v4: bool| {
+        let public = public
+            .iter()
+            .map(|ip| ip.to_canonical())
+            .find(|ip| ip.is_ipv4() == v4);
+        public.or_else(|| (listen.is_ipv4() == v4 && !listen.is_unspecified()).then_some(listen))
+    };
+    [of_family(true), of_family(false)]
+        .into_iter()
+        .flatten()
+        .collect()
+}
+
+/// At most one public address per family, each one a node could send to.
+fn check_public_addrs(addrs: &[IpAddr]) -> Result<(), String> {
+    for ip in addrs {
+        let ip = ip.to_canonical();
+        let unusable = ip.is_unspecified()
+            || ip.is_multicast()
+            || matches!(ip, IpAddr::V4(v4) if v4.is_broadcast())
+            || matches!(ip, IpAddr::V6(v6) if is_link_local(v6));
+        if unusable {
+            return Err(format!(
+                "{ip} cannot be announced to nodes: give the address they reach this server at"
+            ));
+        }
+    }
+    for v4 in [true, false] {
+        let same: Vec<String> = addrs
+            .iter()
+            .map(|ip| ip.to_canonical())
+            .filter(|ip| ip.is_ipv4() == v4)
+            .map(|ip| ip.to_string())
+            .collect();
+        if same.len() > 1 {
+            return Err(format!(
+                "give at most one IPv4 and one IPv6 address, not {}",
+                same.join(" and ")
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn is_link_local(ip: Ipv6Addr) -> bool {
+    ip.segments()[0] & 0xffc0 == 0xfe80
 }
 
 /// Parses `90s`, `30m`, `12h`, `7d` or a combination such as `1h30m`.

@@ -7,7 +7,7 @@ fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
 fn flags_http() -> Overrides {
     Overrides {
         allow_http: true,
-        public_addr: Some("192.0.2.1".parse().unwrap()),
+        public_addrs: vec!["192.0.2.1".parse().unwrap()],
         ..Overrides::default()
     }
 }
@@ -125,7 +125,7 @@ fn neither_tls_nor_http_is_refused() {
 #[test]
 fn unspecified_listen_without_public_addr_is_refused_with_embedded_turn() {
     let flags = Overrides {
-        public_addr: None,
+        public_addrs: vec![],
         ..flags_http()
     };
     assert!(Config::resolve(None, flags.clone()).is_err());
@@ -157,7 +157,10 @@ fn example_config_parses() {
     )
     .unwrap();
     assert!(matches!(c.transport, Transport::Tls { .. }));
-    assert_eq!(c.announced_ip().to_string(), "203.0.113.10");
+    assert_eq!(
+        c.announced(),
+        vec!["203.0.113.10".parse::<IpAddr>().unwrap()]
+    );
     assert_eq!(
         c.turn.allocations_per_user,
         DEFAULT_TURN_ALLOCATIONS_PER_USER
@@ -489,4 +492,117 @@ fn replica_example_config_parses() {
     let c = Config::resolve(Some((path, file)), Overrides::default()).unwrap();
     assert!(c.database.is_some());
     assert_eq!(c.bus.as_deref().map(|b| b.split(',').count()), Some(3));
+}
+
+#[test]
+fn network6_comes_from_the_flag_or_the_file_and_is_checked() {
+    let c = Config::resolve(None, flags_http()).unwrap();
+    assert_eq!(
+        c.network6, None,
+        "none given: the store's, or a generated one"
+    );
+    let flags = Overrides {
+        network6: Some("fd12:3456:789a::7/48".parse().unwrap()),
+        ..flags_http()
+    };
+    let c = Config::resolve(None, flags).unwrap();
+    assert_eq!(c.network6.unwrap().to_string(), "fd12:3456:789a::/48");
+
+    let file = parse_file(Path::new("c.toml"), "network6 = \"fd00:1:2::/64\"\n").unwrap();
+    let c = Config::resolve(Some((Path::new("c.toml"), file)), flags_http()).unwrap();
+    assert_eq!(c.network6.unwrap().to_string(), "fd00:1:2::/64");
+
+    for (text, says) in [
+        ("fd00:1:2::/112", "longer than /96"),
+        ("10.0.0.0/8", "IPv4 network"),
+        ("fe80::/64", "cannot be the mesh IPv6 prefix"),
+    ] {
+        let file = parse_file(Path::new("c.toml"), &format!("network6 = \"{text}\"\n")).unwrap();
+        let err = Config::resolve(Some((Path::new("c.toml"), file)), flags_http())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("network6") && err.contains(says), "{err}");
+    }
+    let flags = Overrides {
+        network6: Some("fd00:1:2::/100".parse().unwrap()),
+        ..flags_http()
+    };
+    let err = Config::resolve(None, flags).unwrap_err().to_string();
+    assert!(err.contains("--network6") && err.contains("/96"), "{err}");
+}
+
+#[test]
+fn public_addr_is_one_address_or_one_per_family() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let resolve = |text: &str| {
+        let file = parse_file(Path::new("c.toml"), text)?;
+        Config::resolve(
+            Some((Path::new("c.toml"), file)),
+            Overrides {
+                public_addrs: vec![],
+                ..flags_http()
+            },
+        )
+    };
+    let c = resolve("public_addr = \"203.0.113.10\"\n").unwrap();
+    assert_eq!(c.announced(), vec![ip("203.0.113.10")]);
+    // Listed IPv6 first, announced IPv4 first.
+    let c = resolve("public_addr = [\"2001:db8::10\", \"203.0.113.10\"]\n").unwrap();
+    assert_eq!(c.announced(), vec![ip("203.0.113.10"), ip("2001:db8::10")]);
+    let c = resolve("public_addr = [\"2001:db8::10\"]\n").unwrap();
+    assert_eq!(c.announced(), vec![ip("2001:db8::10")]);
+
+    let err = resolve("public_addr = [\"203.0.113.10\", \"203.0.113.11\"]\n")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("at most one IPv4 and one IPv6") && err.contains("203.0.113.11"),
+        "{err}"
+    );
+    let err = resolve("public_addr = \"::\"\n").unwrap_err().to_string();
+    assert!(err.contains("cannot be announced"), "{err}");
+    let err = resolve("public_addr = 7\n").unwrap_err().to_string();
+    assert!(err.contains("at most one per family"), "{err}");
+
+    let flags = Overrides {
+        public_addrs: vec![ip("2001:db8::1"), ip("2001:db8::2")],
+        ..flags_http()
+    };
+    let err = Config::resolve(None, flags).unwrap_err().to_string();
+    assert!(err.contains("--public-addr"), "{err}");
+}
+
+#[test]
+fn a_specific_listen_address_is_announced_for_its_family() {
+    let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+    let listen = |l: &str, public: &[&str]| {
+        Config::resolve(
+            None,
+            Overrides {
+                listen: Some(l.parse().unwrap()),
+                public_addrs: public.iter().map(|s| ip(s)).collect(),
+                ..flags_http()
+            },
+        )
+        .map(|c| c.announced())
+    };
+    assert_eq!(
+        listen("[2001:db8::5]:8080", &[]).unwrap(),
+        vec![ip("2001:db8::5")]
+    );
+    assert_eq!(
+        listen("192.0.2.5:8080", &["2001:db8::1"]).unwrap(),
+        vec![ip("192.0.2.5"), ip("2001:db8::1")]
+    );
+    // A public address of the listen address's family wins over it.
+    assert_eq!(
+        listen("192.0.2.5:8080", &["203.0.113.1"]).unwrap(),
+        vec![ip("203.0.113.1")]
+    );
+    // [::] alone names no address to announce.
+    assert!(listen("[::]:8080", &[]).is_err());
+    assert_eq!(
+        listen("[::]:8080", &["2001:db8::1"]).unwrap(),
+        vec![ip("2001:db8::1")]
+    );
 }

@@ -331,7 +331,7 @@ async fn register(
         name: node.name.clone(),
         mesh_ip: node.mesh_ip,
         network,
-        network6: None,
+        network6: st.session.network6,
         credential: registered.credential,
     })
     .into_response()

@@ -32,10 +32,11 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard}
 
 use axum::body::Bytes;
 use axum::extract::ws::Utf8Bytes;
+use ipnet::Ipv6Net;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use overlay_proto::coord::{
-    encode_relay_frame, PeerInfo, RelayBatch, ServerMsg, MAX_FRAME_BYTES, RELAY_HELLO_ID,
+    encode_relay_frame, mesh_ip6, PeerInfo, RelayBatch, ServerMsg, MAX_FRAME_BYTES, RELAY_HELLO_ID,
 };
 use overlay_proto::NodeId;
 
@@ -244,6 +245,9 @@ pub struct Hub {
     limits: Limits,
     /// The replicas' bus; empty for a single coordinator.
     bus: OnceLock<Arc<BusLink>>,
+    /// The mesh's IPv6 prefix: every record the hub holds, so every
+    /// `PeerInfo` it sends, carries the node's address in it.
+    network6: Option<Ipv6Net>,
 }
 
 fn serialize(msg: &ServerMsg) -> Utf8Bytes {
@@ -252,11 +256,23 @@ fn serialize(msg: &ServerMsg) -> Utf8Bytes {
 }
 
 impl Hub {
+    /// A hub for an IPv4-only mesh.
     pub fn new(nodes: Vec<PeerInfo>, metrics: Arc<Metrics>, limits: Limits) -> Hub {
+        Hub::with_network6(nodes, None, metrics, limits)
+    }
+
+    /// A hub whose nodes have mesh IPv6 addresses in `network6`.
+    pub fn with_network6(
+        nodes: Vec<PeerInfo>,
+        network6: Option<Ipv6Net>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Hub {
         let (deltas, _) = broadcast::channel(limits.delta_backlog.max(1));
         let mut inner = Inner::default();
         for mut info in nodes {
             info.online = false;
+            info.mesh_ip6 = network6.map(|net| mesh_ip6(net, info.mesh_ip));
             inner.nodes.insert(info.id, Entry::new(info));
         }
         Hub {
@@ -266,7 +282,21 @@ impl Hub {
             metrics,
             limits,
             bus: OnceLock::new(),
+            network6,
         }
+    }
+
+    /// The mesh's IPv6 prefix, if it has one.
+    pub fn network6(&self) -> Option<Ipv6Net> {
+        self.network6
+    }
+
+    /// `info` with its mesh IPv6 address derived here, whatever it came
+    /// with: records from the store, from registrations and from other
+    /// replicas (of an older version, say) all end up alike.
+    fn with_mesh_ip6(&self, mut info: PeerInfo) -> PeerInfo {
+        info.mesh_ip6 = self.network6.map(|net| mesh_ip6(net, info.mesh_ip));
+        info
     }
 
     /// Connects the hub to the replicas' bus (once, before sessions attach).
@@ -318,6 +348,7 @@ impl Hub {
     /// A node registered here (new, or again with possibly a new name); the
     /// other replicas are told.
     pub fn upsert(&self, info: PeerInfo) {
+        let info = self.with_mesh_ip6(info);
         if self.bus.get().is_some() {
             self.publish(Event::Upsert { peer: info.clone() });
         }
@@ -325,7 +356,8 @@ impl Hub {
     }
 
     /// A node's record, new or changed, as the store has it.
-    pub(crate) fn apply_upsert(&self, mut info: PeerInfo) {
+    pub(crate) fn apply_upsert(&self, info: PeerInfo) {
+        let mut info = self.with_mesh_ip6(info);
         let mut inner = self.write();
         let inner = &mut *inner;
         let id = info.id;

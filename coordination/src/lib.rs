@@ -10,6 +10,7 @@
 //! | [`config`] | TOML file, flags, resolved settings and limits |
 //! | [`store`] (keys and enrolment in `store_keys.rs`, `store_register.rs`), [`migrations`] | SQLite (default) or PostgreSQL (`db.rs`, `db_pg.rs`): nodes, keys, credentials, removals, held addresses, shared secrets |
 //! | [`ipam`] | sans-IO mesh address allocation, the resolver's reserved address |
+//! | [`mesh6`] | the mesh IPv6 prefix: validation, the random ULA /48 of a new deployment |
 //! | [`dns`] | the mesh DNS settings nodes get: domain, resolver, extra records |
 //! | [`auth`] | secrets, hashing, TURN REST credentials |
 //! | [`challenge`] | stateless registration challenges (MAC + issue time), single use |
@@ -46,6 +47,7 @@ pub mod http_server;
 pub mod hub;
 pub mod ice;
 pub mod ipam;
+pub mod mesh6;
 pub mod metrics;
 pub mod migrations;
 pub mod peer_policy;

@@ -138,20 +138,29 @@ fn parse_open_file_limit(limits: &str) -> Option<u64> {
 pub async fn start(config: Config) -> Result<Server, ServeError> {
     let location = config.store_location();
     let network = config.network;
+    let configured6 = config.network6;
     let store = Arc::new(blocking(move || Store::open_at(&location)).await?);
     let replicated = config.bus.is_some();
-    let nodes = {
+    let (network6, nodes) = {
         let store = Arc::clone(&store);
         blocking(move || {
             store.check_network(network)?;
+            let network6 = store.network6(configured6, crate::mesh6::generate)?;
             // A replica leaves the other replicas' nodes as they are.
             if !replicated {
                 store.mark_all_offline()?;
             }
-            store.list_nodes()
+            Ok((network6, store.list_nodes()?))
         })
         .await?
     };
+    info!("mesh IPv6 prefix {network6}");
+    if !crate::mesh6::is_unique_local(network6) {
+        warn!(
+            "the mesh IPv6 prefix {network6} is not a unique local (fd00::/8) one: \
+             make sure nothing else on the nodes' networks uses it"
+        );
+    }
     let removal_seq = {
         let store = Arc::clone(&store);
         blocking(move || store.last_removal_seq()).await?
@@ -220,8 +229,9 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
             );
         }
     }
-    let hub = Arc::new(Hub::new(
+    let hub = Arc::new(Hub::with_network6(
         nodes.iter().map(|n| n.peer_info()).collect(),
+        Some(network6),
         Arc::clone(&metrics),
         config.limits.clone(),
     ));
@@ -248,7 +258,11 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         None => None,
     };
 
-    let announced = config.announced_ip();
+    let announced = config
+        .announced()
+        .first()
+        .copied()
+        .unwrap_or(config.listen.ip());
     let turn = if config.turn.embedded {
         let mut own = std::collections::HashSet::from([announced]);
         if !config.listen.ip().is_unspecified() {
@@ -326,6 +340,7 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
             metrics: Arc::clone(&metrics),
             ice,
             network,
+            network6: Some(network6),
             dns: Utf8Bytes::from(dns::message(config.dns.as_ref())),
             limits: config.limits.clone(),
             shutdown: shutdown_rx.clone(),
@@ -365,6 +380,7 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     }
     info!(
         network = %network,
+        network6 = %network6,
         state_dir = %config.state_dir.display(),
         nodes = node_count,
         dns = %config.dns.as_ref().map(|d| format!("{} on {}, {} records", d.domain, d.resolver, d.records.len())).unwrap_or_else(|| "off".into()),

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::SinkExt;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tracing::{debug, info, warn};
@@ -72,6 +72,8 @@ pub struct SessionContext {
     pub metrics: Arc<Metrics>,
     pub ice: Arc<IceSettings>,
     pub network: Ipv4Net,
+    /// The mesh's IPv6 prefix (`--network6`); nodes' mesh IPv6 addresses are in it.
+    pub network6: Option<Ipv6Net>,
     /// `ServerMsg::Dns`, written once at start: every node gets the same,
     /// after its netmap.
     pub dns: Utf8Bytes,
@@ -223,6 +225,7 @@ impl Session {
             protocol: PROTOCOL_VERSION,
             node,
             network: self.ctx.network,
+            network6: self.ctx.network6,
             ice: self.ctx.ice.for_node(self.node, now_unix()),
             filter: view.as_ref().map(|c| std::sync::Arc::clone(&c.filter_json)),
         };

@@ -19,9 +19,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use rusqlite::Connection;
 
+use overlay_proto::coord::mesh_ip6;
 use overlay_proto::NodeId;
 
 use self::db::{args, Db, DbError, Dialect, Mode, PgPool, Row, Tx};
@@ -93,6 +94,13 @@ pub enum StoreError {
         stored: Ipv4Net,
         configured: Ipv4Net,
     },
+    #[error("the store's nodes have IPv6 addresses in {stored} but the configured prefix is {configured}; keep --network6 {stored} or start with a new state directory")]
+    Network6Changed {
+        stored: Ipv6Net,
+        configured: Ipv6Net,
+    },
+    #[error("the store's mesh IPv6 prefix {0:?} is not valid: {1}")]
+    Network6Invalid(String, String),
 }
 
 impl From<rusqlite::Error> for StoreError {
@@ -136,6 +144,7 @@ fn node_from_row(r: &Row) -> Result<NodeRow, DbError> {
         last_seen: r.opt_u64(6)?,
         relay_bytes_in: r.u64(7)?,
         relay_bytes_out: r.u64(8)?,
+        mesh_ip6: None,
         tags: Vec::new(),
     })
 }
@@ -245,6 +254,43 @@ impl Store {
         })
     }
 
+    /// The mesh's IPv6 prefix: the one stored; else `configured`, or
+    /// `generate()`'s, stored now (when replicas race, the first to commit
+    /// wins). A `configured` prefix other than the stored one replaces it
+    /// only while no node holds an address; after that it is refused, as a
+    /// changed `network` is.
+    pub fn network6(
+        &self,
+        configured: Option<Ipv6Net>,
+        generate: impl FnOnce() -> Ipv6Net,
+    ) -> Result<Ipv6Net, StoreError> {
+        self.db.run(Mode::Write, |tx| {
+            let stored = match stored_network6(tx)? {
+                Some(stored) => stored,
+                None => {
+                    let fresh = configured.unwrap_or_else(generate);
+                    tx.exec(
+                        "INSERT INTO meta (key, value) VALUES ('network6', ?1) ON CONFLICT (key) DO NOTHING",
+                        args![fresh.to_string()],
+                    )?;
+                    stored_network6(tx)?.unwrap_or(fresh)
+                }
+            };
+            let Some(configured) = configured.filter(|c| *c != stored) else {
+                return Ok(stored);
+            };
+            let nodes = tx.query_one("SELECT count(*) FROM nodes", &[])?.i64(0)?;
+            if nodes > 0 {
+                return Err(StoreError::Network6Changed { stored, configured });
+            }
+            tx.exec(
+                "UPDATE meta SET value = ?1 WHERE key = 'network6'",
+                args![configured.to_string()],
+            )?;
+            Ok(configured)
+        })
+    }
+
     /// The deployment's TURN secret, kept in the store so that every replica
     /// of a shared database hands out credentials the others' TURN servers
     /// accept: the one stored, or `generate()`'s, stored now (when replicas
@@ -307,8 +353,10 @@ impl Store {
                 .map(node_from_row)
                 .collect::<Result<Vec<_>, _>>()?;
             let mut tags = policy_store::all_tags(tx)?;
+            let network6 = stored_network6(tx)?;
             for n in &mut nodes {
                 n.tags = tags.remove(&n.id).unwrap_or_default();
+                n.mesh_ip6 = network6.map(|net| mesh_ip6(net, n.mesh_ip));
             }
             Ok(nodes)
         })
@@ -384,6 +432,18 @@ impl Store {
             Ok(())
         })
     }
+}
+
+/// The mesh's IPv6 prefix in `meta`, if one was chosen yet.
+fn stored_network6(tx: &mut Tx<'_>) -> Result<Option<Ipv6Net>, StoreError> {
+    let row = tx.query_opt("SELECT value FROM meta WHERE key = 'network6'", &[])?;
+    let Some(text) = row.map(|r| r.text(0)).transpose()? else {
+        return Ok(None);
+    };
+    // Stored only after `mesh6::check`; anything else was written by hand.
+    crate::mesh6::parse(&text)
+        .map(Some)
+        .map_err(|e| StoreError::Network6Invalid(text, e))
 }
 
 /// Removals are read in `seq` order by every running server (`store_sync`),

@@ -83,6 +83,8 @@ on_both!(
     revoking_with_removal_removes_exactly_the_keys_nodes,
     activity_is_recorded_and_reset_at_start,
     changing_network_with_nodes_is_refused,
+    network6_is_made_once_and_kept,
+    changing_network6_with_nodes_is_refused,
     data_survives_reopen,
 );
 
@@ -385,6 +387,79 @@ fn changing_network_with_nodes_is_refused(b: &Backend) {
         Err(StoreError::NetworkChanged { .. })
     ));
     store.check_network(net("10.1.0.0/24")).unwrap();
+}
+
+pub(super) fn net6(s: &str) -> ipnet::Ipv6Net {
+    s.parse().unwrap()
+}
+
+fn network6_is_made_once_and_kept(b: &Backend) {
+    let first = net6("fd11:2233:4455::/48");
+    // Made by the first to ask; another handle (a restart, or another
+    // replica on the same database) finds it and never calls its generator.
+    assert_eq!(b.open().network6(None, || first).unwrap(), first);
+    let other = b.open();
+    let got = other
+        .network6(None, || panic!("the stored prefix must be used"))
+        .unwrap();
+    assert_eq!(got, first);
+
+    // Nodes are listed with their address in it.
+    let (_, key) = other.create_key(true, None, 1).unwrap();
+    other
+        .register(&enrol(&key, 1, "a"), net("100.64.0.0/10"), 1)
+        .unwrap();
+    let nodes = other.list_nodes().unwrap();
+    assert_eq!(
+        nodes[0].mesh_ip6,
+        Some(overlay_proto::coord::mesh_ip6(first, nodes[0].mesh_ip))
+    );
+    assert!(first.contains(&nodes[0].mesh_ip6.unwrap()));
+    // The configured one, when it is the stored one, is fine with nodes.
+    assert_eq!(other.network6(Some(first), mesh6_never).unwrap(), first);
+}
+
+fn mesh6_never() -> ipnet::Ipv6Net {
+    panic!("nothing to generate")
+}
+
+fn changing_network6_with_nodes_is_refused(b: &Backend) {
+    let store = b.open();
+    // Before the first node it may still change.
+    let a = net6("fd00:a::/48");
+    let c = net6("fd00:c::/64");
+    assert_eq!(store.network6(Some(a), mesh6_never).unwrap(), a);
+    assert_eq!(store.network6(Some(c), mesh6_never).unwrap(), c);
+    assert!(store.list_nodes().unwrap().is_empty());
+    let (_, key) = store.create_key(true, None, 1).unwrap();
+    store
+        .register(&enrol(&key, 1, "a"), net("10.1.0.0/24"), 1)
+        .unwrap();
+    let err = store.network6(Some(a), mesh6_never).unwrap_err();
+    assert!(
+        matches!(err, StoreError::Network6Changed { stored, configured } if stored == c && configured == a),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("keep --network6 fd00:c::/64") && !text.contains('\n'),
+        "one line that says what to do: {text}"
+    );
+    assert_eq!(store.network6(None, mesh6_never).unwrap(), c);
+    assert_eq!(store.network6(Some(c), mesh6_never).unwrap(), c);
+    let node = &store.list_nodes().unwrap()[0];
+    let [a, b, x, y] = node.mesh_ip.octets();
+    let expected = std::net::Ipv6Addr::new(
+        0xfd00,
+        0xc,
+        0,
+        0,
+        0,
+        0,
+        u16::from_be_bytes([a, b]),
+        u16::from_be_bytes([x, y]),
+    );
+    assert_eq!(node.mesh_ip6, Some(expected));
 }
 
 fn data_survives_reopen(b: &Backend) {

@@ -1,7 +1,7 @@
 //! What the store hands out and takes in: node and key rows, enrolment
 //! requests and their outcomes.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 use ipnet::Ipv4Net;
 use serde::Serialize;
@@ -68,6 +68,11 @@ pub struct NodeRow {
     pub id: NodeId,
     pub name: String,
     pub mesh_ip: Ipv4Addr,
+    /// Derived from `mesh_ip` and the mesh's IPv6 prefix; filled by
+    /// `list_nodes` (`node_from_row` leaves it empty, and the hub fills
+    /// what it is given).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mesh_ip6: Option<Ipv6Addr>,
     pub public_key: String,
     pub online: bool,
     pub created_at: u64,
@@ -84,7 +89,7 @@ impl NodeRow {
             id: self.id,
             name: self.name.clone(),
             mesh_ip: self.mesh_ip,
-            mesh_ip6: None,
+            mesh_ip6: self.mesh_ip6,
             public_key: self.public_key.clone(),
             online: self.online,
             tags: self.tags.clone(),

@@ -28,7 +28,7 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 
 use axum::extract::ws::Utf8Bytes;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 
 use overlay_proto::coord::{IceConfig, PeerInfo};
 use overlay_proto::NodeId;
@@ -47,6 +47,8 @@ pub struct Head {
     pub protocol: u32,
     pub node: PeerInfo,
     pub network: Ipv4Net,
+    /// The mesh's IPv6 prefix; `None` leaves the field out.
+    pub network6: Option<Ipv6Net>,
     pub ice: IceConfig,
     /// The node's `NodeFilter` as JSON; `None` while no policy is in force.
     pub filter: Option<Arc<str>>,
@@ -96,6 +98,10 @@ fn welcome_text(head: &Head, peers: &[PeerJson], more: bool) -> String {
     s.push_str(&json(&head.node));
     s.push_str(r#","network":"#);
     s.push_str(&json(&head.network));
+    if let Some(network6) = &head.network6 {
+        s.push_str(r#","network6":"#);
+        s.push_str(&json(network6));
+    }
     s.push_str(r#","peers":"#);
     push_array(&mut s, peers);
     s.push_str(r#","ice":"#);
@@ -165,6 +171,7 @@ mod tests {
                 ..peer(0)
             },
             network: "100.64.0.0/10".parse().unwrap(),
+            network6: None,
             ice: IceConfig {
                 stun: vec!["stun:192.0.2.1:3478".into()],
                 turn: vec![TurnServer {
@@ -217,11 +224,33 @@ mod tests {
             }],
             outbound: vec![],
         };
-        for with_filter in [None, Some(filter)] {
+        let network6: ipnet::Ipv6Net = "fd12:3456:789a::/48".parse().unwrap();
+        let dual = |p: &PeerInfo| PeerInfo {
+            mesh_ip6: Some(overlay_proto::coord::mesh_ip6(network6, p.mesh_ip)),
+            ..p.clone()
+        };
+        let cases = [
+            (None, None),
+            (Some(filter.clone()), None),
+            (None, Some(network6)),
+            (Some(filter), Some(network6)),
+        ];
+        for (with_filter, network6) in cases {
+            // With a prefix, every record carries its IPv6 address.
+            let listed: Vec<PeerInfo> = match network6 {
+                Some(_) => peers.iter().map(dual).collect(),
+                None => peers.clone(),
+            };
+            let texts: Vec<PeerJson> = listed.iter().map(peer_json).collect();
             let h = Head {
                 filter: with_filter
                     .as_ref()
                     .map(|f| Arc::from(serde_json::to_string(f).unwrap())),
+                network6,
+                node: match network6 {
+                    Some(_) => dual(&head().node),
+                    None => head().node,
+                },
                 ..head()
             };
             for more in [false, true] {
@@ -229,14 +258,23 @@ mod tests {
                     protocol: h.protocol,
                     node: h.node.clone(),
                     network: h.network,
-                    network6: None,
-                    peers: peers.clone(),
+                    network6: h.network6,
+                    peers: listed.clone(),
                     ice: h.ice.clone(),
                     more,
                     filter: with_filter.clone(),
                 })
                 .unwrap();
-                assert_eq!(welcome_text(&h, &json, more), expected);
+                assert_eq!(welcome_text(&h, &texts, more), expected);
+                assert_eq!(
+                    expected.contains(r#""network6":"fd12:3456:789a::/48""#),
+                    network6.is_some()
+                );
+                assert_eq!(
+                    expected.contains("6440:1"),
+                    network6.is_some(),
+                    "peer 1's mesh_ip6"
+                );
             }
         }
         for last in [false, true] {

@@ -50,7 +50,8 @@ pub fn config(state_dir: &TempDir) -> Config {
         listen: "127.0.0.1:0".parse().unwrap(),
         state_dir: state_dir.path().to_path_buf(),
         network: "100.64.0.0/10".parse().unwrap(),
-        public_addr: None,
+        network6: None,
+        public_addrs: vec![],
         transport: Transport::PlainHttp,
         turn: TurnConfig {
             embedded: true,
