@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::config::Config;
 use crate::control::{self, failover, ControlClient, Coordinator};
-use crate::dataplane::{DataPlane, SENDER_FILTER_ENV};
+use crate::dataplane::{DataPlane, Mesh6, SENDER_FILTER_ENV};
 use crate::host_dns::HostDns;
 use crate::ice::mux::Mux;
 use crate::identity::{Enrolment, Keypair, StateDir};
@@ -91,6 +91,11 @@ pub async fn up(config: Config) -> anyhow::Result<()> {
         outbound_tx.clone(),
         sender_filter,
     ));
+    // The mesh IPv6 address right away when enrolment gave the prefix; a node
+    // enrolled before the mesh had one gets it from the coordinator's Welcome.
+    if let Some(network6) = enrolment.network6 {
+        dataplane.set_mesh6(Some(Mesh6::of(network6, enrolment.mesh_ip)));
+    }
 
     let coordinators = Coordinator::from_list(&enrolment.coordinator, config.ca_cert.as_deref())?;
     let coord_url = Arc::new(std::sync::Mutex::new(coordinators[0].endpoint.url()));

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! <state-dir>/private.key   base64 X25519 private key, 0600
-//! <state-dir>/node.json     node id, credential, name, mesh IP, network, coordinator; 0600
+//! <state-dir>/node.json     node id, credential, name, mesh IP, network (and IPv6
+//!                           prefix when the mesh has one), coordinator; 0600
 //! ```
 
 use std::io::Write;
@@ -13,7 +14,7 @@ use std::path::{Path, PathBuf};
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use boringtun::x25519::{PublicKey, StaticSecret};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use overlay_proto::coord::RegisterResponse;
 use overlay_proto::NodeId;
 use serde::{Deserialize, Serialize};
@@ -67,6 +68,11 @@ pub struct Enrolment {
     pub name: String,
     pub mesh_ip: Ipv4Addr,
     pub network: Ipv4Net,
+    /// The mesh's IPv6 prefix when registration gave one: the TUN gets its
+    /// IPv6 address at creation. Absent from enrolments made before the
+    /// mesh had IPv6 (the coordinator's `Welcome` brings it then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network6: Option<Ipv6Net>,
 }
 
 impl Enrolment {
@@ -78,6 +84,7 @@ impl Enrolment {
             name: r.name,
             mesh_ip: r.mesh_ip,
             network: r.network,
+            network6: r.network6,
         }
     }
 }
@@ -217,11 +224,26 @@ mod tests {
             name: "a".into(),
             mesh_ip: Ipv4Addr::new(100, 64, 0, 4),
             network: "100.64.0.0/10".parse().unwrap(),
+            network6: Some("fd7a:115c:a1e0::/48".parse().unwrap()),
         };
         state.save_enrolment(&e).unwrap();
         assert_eq!(state.enrolment().unwrap(), Some(e));
         state.forget_enrolment().unwrap();
         assert_eq!(state.enrolment().unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_enrolment_from_before_ipv6_reads_without_a_prefix() {
+        let dir = temp_dir();
+        let old = r#"{"coordinator":"http://c:1","node_id":4,"credential":"s","name":"a",
+            "mesh_ip":"100.64.0.4","network":"100.64.0.0/10"}"#;
+        std::fs::write(dir.join(NODE_FILE), old).unwrap();
+        let e = StateDir::open(&dir).unwrap().enrolment().unwrap().unwrap();
+        assert_eq!(
+            (e.mesh_ip, e.network6),
+            (Ipv4Addr::new(100, 64, 0, 4), None)
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 

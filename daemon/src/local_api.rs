@@ -1,7 +1,7 @@
 //! The daemon's local API: `overlayctl` on a Unix socket (0660, root's), one JSON
 //! request line in, one or more JSON response lines out.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +15,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use crate::dataplane::icmp;
 use crate::dataplane::peer::Peer;
 use crate::dataplane::{DataPlane, BUF_SIZE};
 use crate::dns::{self, Zone};
@@ -190,12 +189,17 @@ impl LocalApi {
             .coord_url
             .lock()
             .map_or_else(|_| n.fixed.coordinator.clone(), |url| url.clone());
+        // What the TUN has: the mesh's IPv6 may come with a later Welcome,
+        // or be refused by the host.
+        let mesh6 = self.dataplane.mesh6();
         Status {
             coordinator,
             coordinator_connected: n.coord_connected.load(Ordering::Relaxed),
             uptime_secs: n.started.elapsed().as_secs(),
             dropped: self.dataplane.drops.snapshot(),
             dns: self.dns_status(),
+            mesh_ip6: mesh6.map(|m| m.addr),
+            network6: mesh6.map(|m| m.network),
             ..n.fixed.clone()
         }
     }
@@ -263,14 +267,36 @@ impl LocalApi {
         metrics::render(&snapshot)
     }
 
-    fn find(&self, target: &str) -> Option<Arc<Peer>> {
-        if let Ok(ip) = target.parse::<Ipv4Addr>() {
-            return self.dataplane.peer_by_ip(ip);
+    /// The peer `target` names and the address to ping it on: the address
+    /// given (IPv4 or IPv6), or for a name its mesh IPv4 address.
+    fn find(&self, target: &str) -> Option<(Arc<Peer>, IpAddr)> {
+        if let Ok(ip) = target.parse::<IpAddr>() {
+            return self.dataplane.peer_by_ip(ip).map(|p| (p, ip));
         }
         self.dataplane
             .peers()
             .into_iter()
             .find(|p| p.name() == target)
+            .map(|p| {
+                let ip = p.mesh_ip.into();
+                (p, ip)
+            })
+    }
+
+    /// Our own mesh address in `target`'s family, to ping from.
+    fn source_for(&self, target: IpAddr) -> Result<IpAddr, String> {
+        match target {
+            IpAddr::V4(_) => Ok(self.node.fixed.mesh_ip.into()),
+            IpAddr::V6(_) => self
+                .dataplane
+                .mesh6()
+                .map(|m| m.addr.into())
+                .ok_or_else(|| {
+                    "this node has no mesh IPv6 address (the mesh has no IPv6 prefix, \
+                 or IPv6 is off on this host); ping the IPv4 address"
+                        .to_owned()
+                }),
+        }
     }
 
     async fn ping(
@@ -281,10 +307,17 @@ impl LocalApi {
         interval_ms: u64,
         timeout_ms: u64,
     ) {
-        let Some(peer) = self.find(target) else {
+        let Some((peer, dst)) = self.find(target) else {
             let message = format!("no peer named or addressed {target:?}; see 'overlayctl peers'");
             let _ = send(write, &Response::Error { message }).await;
             return;
+        };
+        let src = match self.source_for(dst) {
+            Ok(src) => src,
+            Err(message) => {
+                let _ = send(write, &Response::Error { message }).await;
+                return;
+            }
         };
         let ident: u16 = rand::random();
         let count = count.clamp(1, MAX_PING_COUNT);
@@ -295,41 +328,48 @@ impl LocalApi {
         for i in 0..count {
             let seq = (i % u32::from(u16::MAX)) as u16 + 1;
             let started = Instant::now();
-            let waiter = self.dataplane.expect_ping(peer.mesh_ip, ident, seq);
-            let request = icmp::echo_request(
-                self.node.fixed.mesh_ip,
-                peer.mesh_ip,
-                ident,
-                seq,
-                b"overlayctl ping",
-            );
+            let waiter = self.dataplane.expect_ping(dst, ident, seq);
+            let request = echo_request(src, dst, ident, seq, b"overlayctl ping");
             let path = peer.path().label;
-            self.dataplane.send_packet(&peer, &request, &mut out).await;
+            if let Some(request) = request {
+                self.dataplane.send_packet(&peer, &request, &mut out).await;
+            }
             if let Ok(Ok(())) = tokio::time::timeout(timeout, waiter).await {
                 received += 1;
                 let reply = PingReply {
                     seq,
-                    from: peer.mesh_ip.into(),
+                    from: dst,
                     rtt_ms: started.elapsed().as_secs_f64() * 1000.0,
                     path,
                 };
                 if send(write, &Response::PingReply(reply)).await.is_err() {
-                    self.dataplane.forget_ping(peer.mesh_ip, ident, seq);
+                    self.dataplane.forget_ping(dst, ident, seq);
                     return; // the user went away
                 }
             } else {
-                self.dataplane.forget_ping(peer.mesh_ip, ident, seq);
+                self.dataplane.forget_ping(dst, ident, seq);
             }
             if i + 1 < count {
                 tokio::time::sleep(interval.saturating_sub(started.elapsed())).await;
             }
         }
         let summary = PingSummary {
-            target: peer.mesh_ip.into(),
+            target: dst,
             sent: count,
             received,
         };
         let _ = send(write, &Response::PingDone(summary)).await;
+    }
+}
+
+/// An echo request from `src` to `dst`: ICMP for IPv4, ICMPv6 for IPv6;
+/// `None` when the families differ.
+fn echo_request(src: IpAddr, dst: IpAddr, ident: u16, seq: u16, payload: &[u8]) -> Option<Vec<u8>> {
+    use crate::dataplane::{icmp, icmp6};
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => Some(icmp::echo_request(s, d, ident, seq, payload)),
+        (IpAddr::V6(s), IpAddr::V6(d)) => Some(icmp6::echo_request(s, d, ident, seq, payload)),
+        _ => None,
     }
 }
 
@@ -388,6 +428,21 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
 
     use super::*;
+
+    #[test]
+    fn a_ping_to_an_ipv6_address_is_icmpv6_echo() {
+        let (a6, b6): (IpAddr, IpAddr) = (
+            "fd7a:115c:a1e0::6440:1".parse().unwrap(),
+            "fd7a:115c:a1e0::6440:2".parse().unwrap(),
+        );
+        let p = echo_request(a6, b6, 3, 4, b"x").unwrap();
+        assert_eq!((p[0] >> 4, p[6], p[40]), (6, 58, 128));
+        let (a4, b4): (IpAddr, IpAddr) =
+            ("100.64.0.1".parse().unwrap(), "100.64.0.2".parse().unwrap());
+        let p = echo_request(a4, b4, 3, 4, b"x").unwrap();
+        assert_eq!((p[0] >> 4, p[9], p[20]), (4, 1, 8));
+        assert_eq!(echo_request(a4, b6, 3, 4, b"x"), None);
+    }
 
     #[tokio::test]
     async fn socket_is_closed_to_other_users() {

@@ -15,6 +15,15 @@
 //! lock the peer's packets take anyway, and one hash lookup. With no policy
 //! the data plane skips this module entirely.
 //!
+//! IPv4 and IPv6 packets are filtered alike (ICMPv6 is `icmp` to the
+//! policy: echo opens a flow, errors pass with the flow they are about); an
+//! IPv6 packet's extension headers are walked to its transport header (see
+//! `ip6`). One the walk cannot take apart (a chain cut short or longer than
+//! `ip6::MAX_EXTENSIONS`) is dropped whenever a policy is in force, counted
+//! with the policy's drops; ESP and unknown next headers are "other
+//! protocols", which only an allow-everything rule lets through. Flows are
+//! per address family: a peer's IPv4 and IPv6 connections never share one.
+//!
 //! State is bounded: a peer holds at most [`PEER_FLOWS`] flows and the node
 //! [`TOTAL_FLOWS`] (about 40 bytes each with the map's overhead, so at most
 //! ~2.6 MB in all). When a table is full, expired flows are swept (at most
@@ -30,6 +39,7 @@ use std::sync::Arc;
 
 use overlay_proto::filter::Proto;
 
+use super::ip6::{self, Upper};
 use crate::node::access::{PeerAccess, Ports};
 
 /// Flows one peer may have in the table.
@@ -73,7 +83,7 @@ pub enum Verdict {
     Drop,
 }
 
-/// The transport fields of an IPv4 packet the filter decides on.
+/// The transport fields of an IPv4 or IPv6 packet the filter decides on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Shape {
     /// TCP or UDP with its ports (and TCP flags; 0 for UDP).
@@ -98,31 +108,78 @@ enum Shape {
     Other,
 }
 
-/// The IP protocol as the policy knows it.
-fn proto_of(number: u8) -> Option<Proto> {
-    match number {
-        1 => Some(Proto::Icmp),
-        6 => Some(Proto::Tcp),
-        17 => Some(Proto::Udp),
+/// The IP protocol as the policy knows it (ICMPv6 is ICMP to it).
+fn proto_of(number: u8, v6: bool) -> Option<Proto> {
+    match (number, v6) {
+        (1, false) | (ip6::PROTO_ICMPV6, true) => Some(Proto::Icmp),
+        (6, _) => Some(Proto::Tcp),
+        (17, _) => Some(Proto::Udp),
         _ => None,
     }
 }
 
+/// ICMP's and ICMPv6's message types, as the filter tells them apart.
+struct IcmpTypes {
+    echo_request: u8,
+    echo_reply: u8,
+    /// Errors that quote the packet they are about.
+    errors: &'static [u8],
+}
+
+/// Destination unreachable (PMTU too), time exceeded, parameter problem.
+const ICMP4: IcmpTypes = IcmpTypes {
+    echo_request: 8,
+    echo_reply: 0,
+    errors: &[3, 11, 12],
+};
+/// Destination unreachable, packet too big, time exceeded, parameter problem.
+const ICMP6: IcmpTypes = IcmpTypes {
+    echo_request: 128,
+    echo_reply: 129,
+    errors: &[1, 2, 3, 4],
+};
+
 /// Reads the header fields the filter needs; `None` when the packet is too
-/// short for what its header claims.
+/// short for what its header claims (or, IPv6, its extension headers
+/// cannot be walked).
 fn shape(packet: &[u8]) -> Option<Shape> {
-    if packet.len() < 20 || packet[0] >> 4 != 4 {
+    match packet.first()? >> 4 {
+        4 => shape4(packet),
+        6 => shape6(packet),
+        _ => None,
+    }
+}
+
+fn shape4(packet: &[u8]) -> Option<Shape> {
+    if packet.len() < 20 {
         return None;
     }
     let ihl = usize::from(packet[0] & 0x0f) * 4;
-    let Some(proto) = proto_of(packet[9]) else {
+    let Some(proto) = proto_of(packet[9], false) else {
         return Some(Shape::Other);
     };
     let fragment_offset = u16::from_be_bytes([packet[6], packet[7]]) & 0x1fff;
     if fragment_offset != 0 {
         return Some(Shape::Fragment(proto));
     }
-    let l4 = packet.get(ihl..)?;
+    transport(proto, packet.get(ihl..)?, &ICMP4)
+}
+
+fn shape6(packet: &[u8]) -> Option<Shape> {
+    let (number, l4) = match ip6::upper(packet)? {
+        Upper::LaterFragment { proto } => {
+            return Some(proto_of(proto, true).map_or(Shape::Other, Shape::Fragment));
+        }
+        Upper::At { proto, offset } => (proto, packet.get(offset..)?),
+    };
+    let Some(proto) = proto_of(number, true) else {
+        return Some(Shape::Other);
+    };
+    transport(proto, l4, &ICMP6)
+}
+
+/// The shape of a transport header `l4` of `proto`.
+fn transport(proto: Proto, l4: &[u8], icmp: &IcmpTypes) -> Option<Shape> {
     let port = |at: usize| Some(u16::from_be_bytes([*l4.get(at)?, *l4.get(at + 1)?]));
     match proto {
         Proto::Tcp | Proto::Udp => Some(Shape::Ports {
@@ -137,10 +194,9 @@ fn shape(packet: &[u8]) -> Option<Shape> {
             },
         }),
         _ => match *l4.first()? {
-            8 => Some(Shape::EchoRequest(port(4)?)),
-            0 => Some(Shape::EchoReply(port(4)?)),
-            // Destination unreachable (PMTU too), time exceeded, parameter problem.
-            3 | 11 | 12 => inner_shape(l4.get(8..)?),
+            t if t == icmp.echo_request => Some(Shape::EchoRequest(port(4)?)),
+            t if t == icmp.echo_reply => Some(Shape::EchoReply(port(4)?)),
+            t if icmp.errors.contains(&t) => inner_shape(l4.get(8..)?),
             _ => Some(Shape::Other),
         },
     }
@@ -162,9 +218,12 @@ fn inner_shape(quoted: &[u8]) -> Option<Shape> {
     }
 }
 
-/// A flow within one peer: protocol, our port and theirs (a ping's id and 0).
+/// A flow within one peer: address family (the peer and we have one
+/// address each per family, so this stands for the address pair),
+/// protocol, our port and theirs (a ping's id and 0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct FlowKey {
+    v6: bool,
     proto: Proto,
     local: u16,
     remote: u16,
@@ -249,6 +308,7 @@ impl PeerFilter {
         let Some(shape) = shape(packet) else {
             return Verdict::Drop;
         };
+        let v6 = packet[0] >> 4 == 6;
         let (key, opens) = match shape {
             Shape::Ports {
                 proto,
@@ -256,7 +316,7 @@ impl PeerFilter {
                 dst,
                 flags,
             } => {
-                let key = oriented(proto, src, dst, dir);
+                let key = oriented(v6, proto, src, dst, dir);
                 let known = touch(
                     &mut self.flows,
                     key,
@@ -280,6 +340,7 @@ impl PeerFilter {
             }
             Shape::EchoRequest(id) => {
                 let key = FlowKey {
+                    v6,
                     proto: Proto::Icmp,
                     local: id,
                     remote: 0,
@@ -291,6 +352,7 @@ impl PeerFilter {
             }
             Shape::EchoReply(id) => {
                 let key = FlowKey {
+                    v6,
                     proto: Proto::Icmp,
                     local: id,
                     remote: 0,
@@ -308,11 +370,12 @@ impl PeerFilter {
                 };
                 let key = match proto {
                     Proto::Icmp => FlowKey {
+                        v6,
                         proto,
                         local: src,
                         remote: 0,
                     },
-                    _ => oriented(proto, src, dst, back),
+                    _ => oriented(v6, proto, src, dst, back),
                 };
                 return pass_if(self.flows.contains_key(&key) || rules.any);
             }
@@ -417,12 +480,13 @@ fn pass_if(allowed: bool) -> Verdict {
 }
 
 /// The flow key of a packet from `src` to `dst` going `dir`.
-fn oriented(proto: Proto, src: u16, dst: u16, dir: Direction) -> FlowKey {
+fn oriented(v6: bool, proto: Proto, src: u16, dst: u16, dir: Direction) -> FlowKey {
     let (local, remote) = match dir {
         Direction::In => (dst, src),
         Direction::Out => (src, dst),
     };
     FlowKey {
+        v6,
         proto,
         local,
         remote,
@@ -442,3 +506,6 @@ fn opens(access: &PeerAccess, opened: Direction, key: FlowKey, sender: bool) -> 
 #[cfg(test)]
 #[path = "filter_tests.rs"]
 mod tests;
+#[cfg(test)]
+#[path = "filter6_tests.rs"]
+mod tests6;

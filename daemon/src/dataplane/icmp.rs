@@ -1,7 +1,8 @@
 //! Just enough IPv4 and ICMP to route packets by address, answer with
-//! "host unreachable", and run `overlayctl ping` from inside the daemon.
+//! "host unreachable", and run `overlayctl ping` from inside the daemon
+//! (ICMPv6 is `icmp6`).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use super::checksum::internet;
 
@@ -75,6 +76,16 @@ pub fn echo_reply(packet: &[u8]) -> Option<(Ipv4Addr, u16, u16)> {
     Some((src, ident, seq))
 }
 
+/// If `packet` is an ICMP or ICMPv6 echo reply: its source, identifier and
+/// sequence number.
+pub fn echo_reply_any(packet: &[u8]) -> Option<(IpAddr, u16, u16)> {
+    match packet.first()? >> 4 {
+        4 => echo_reply(packet).map(|(from, id, seq)| (from.into(), id, seq)),
+        6 => super::icmp6::echo_reply(packet).map(|(from, id, seq)| (from.into(), id, seq)),
+        _ => None,
+    }
+}
+
 /// "Host unreachable" from `router` about `original`, for packets to a mesh
 /// address no peer owns; `None` when the original must not get an ICMP error
 /// (it is itself an ICMP error, or not IPv4).
@@ -146,5 +157,38 @@ mod tests {
     fn non_ipv4_is_ignored() {
         assert_eq!(ipv4_addrs(&[0x60; 40]), None);
         assert_eq!(ipv4_addrs(&[0x45; 8]), None);
+    }
+
+    #[test]
+    fn echo_replies_of_both_families_are_matched_by_source() {
+        let mut r4 = echo_request(
+            Ipv4Addr::new(100, 64, 0, 2),
+            Ipv4Addr::new(100, 64, 0, 1),
+            5,
+            6,
+            b"",
+        );
+        r4[20] = 0; // echo reply
+        assert_eq!(
+            echo_reply_any(&r4),
+            Some((Ipv4Addr::new(100, 64, 0, 2).into(), 5, 6))
+        );
+        let mut r6 = super::super::icmp6::echo_request(v6_addr(2), v6_addr(1), 5, 6, b"");
+        r6[40] = 129;
+        assert_eq!(echo_reply_any(&r6), Some((v6_addr(2).into(), 5, 6)));
+        assert_eq!(
+            echo_reply_any(&super::super::icmp6::echo_request(
+                v6_addr(2),
+                v6_addr(1),
+                5,
+                6,
+                b""
+            )),
+            None
+        );
+    }
+
+    fn v6_addr(last: u16) -> std::net::Ipv6Addr {
+        std::net::Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0x6440, last)
     }
 }

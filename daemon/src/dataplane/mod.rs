@@ -14,8 +14,16 @@
 //! Parts: `peer` (one remote node's WireGuard session and where its packets go),
 //! `rx` (the receive side), `timers` (WireGuard's timers, idle peers parked),
 //! `offload` and `tun_coalesce` (TUN-side TCP segmentation offload, both
-//! ways), `udp_batch` (UDP GSO/GRO), `icmp`, `checksum`, `tun_device`. Where a peer's packets go is set only by the shell,
-//! from the node core's decision.
+//! ways), `udp_batch` (UDP GSO/GRO), `routing` (which peer a packet goes to),
+//! `icmp`, `icmp6`, `ip6`, `mesh6` (our IPv6 address), `checksum`,
+//! `tun_device`. Where a peer's packets go is set only by the shell, from the
+//! node core's decision.
+//!
+//! Both families take the same path: a peer has a mesh IPv4 address and,
+//! when the mesh has an IPv6 prefix, a mesh IPv6 address; packets are routed
+//! by either, and a peer may send from either (and from nothing else).
+//! IPv6 packets to link-scoped destinations (multicast, link-local: what the
+//! kernel sends on any interface) are not the mesh's and never leave.
 //!
 //! Every datagram enters through one door, [`DataPlane::arrive`], which takes
 //! the datagrams and their [`Origin`] (the shared UDP socket, a peer's ICE
@@ -24,7 +32,7 @@
 //! paths loses nothing. The data plane never calls up into the node core.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -38,20 +46,27 @@ use futures_util::FutureExt;
 mod checksum;
 pub mod filter;
 pub mod icmp;
+pub mod icmp6;
+pub mod ip6;
+mod mesh6;
 pub mod offload;
 pub mod peer;
 mod policy;
 pub mod resolver;
+mod routing;
 mod runs;
 mod rx;
 mod timers;
 pub mod tun_coalesce;
 pub mod tun_device;
 pub mod udp_batch;
+pub use mesh6::Mesh6;
+use mesh6::Mesh6State;
 pub use rx::{Destinations, RxScratch};
 
 use filter::Direction;
 use peer::{lock, Peer};
+use routing::{route_dst, PeerTable};
 use runs::{run_length, Way};
 
 /// Large enough for any IP packet plus WireGuard's overhead: boringtun panics on
@@ -91,15 +106,6 @@ pub enum Outbound {
         to: NodeId,
         datagram: Vec<u8>,
     },
-}
-
-#[derive(Default)]
-struct PeerTable {
-    by_id: HashMap<NodeId, Arc<Peer>>,
-    by_ip: HashMap<Ipv4Addr, Arc<Peer>>,
-    /// Peers whose selected ICE pair is on our shared UDP socket, by the pair's
-    /// remote address: datagrams from there are theirs.
-    by_endpoint: HashMap<SocketAddr, Arc<Peer>>,
 }
 
 /// Counters of packets the data plane refused; visible in logs at debug.
@@ -149,6 +155,12 @@ pub struct DataPlane {
     /// The socket ICE's host candidates live on (see `mux`): direct paths send here.
     udp: Arc<tokio::net::UdpSocket>,
     my_ip: Ipv4Addr,
+    /// The TUN's name, for its IPv6 address (see [`Self::set_mesh6`]).
+    tun_name: String,
+    tun_mtu: u16,
+    /// The mesh IPv6 address the TUN has (and this node answers on), and the
+    /// last one the coordinator gave, which may not have been applicable.
+    mesh6: RwLock<Mesh6State>,
     /// What decrypted packets may be addressed to (see [`Destinations`]).
     destinations: Destinations,
     peers: RwLock<PeerTable>,
@@ -156,7 +168,7 @@ pub struct DataPlane {
     /// and quiet, see [`Self::tunn`]), so an idle peer costs no timer work.
     ticking: Mutex<HashMap<NodeId, Arc<Peer>>>,
     outbound: mpsc::Sender<Outbound>,
-    pings: Mutex<HashMap<(Ipv4Addr, u16, u16), oneshot::Sender<()>>>,
+    pings: Mutex<HashMap<(IpAddr, u16, u16), oneshot::Sender<()>>>,
     pub drops: DropCounters,
     /// ICE and coordinator events for `/metrics`.
     pub counters: crate::metrics::Counters,
@@ -191,6 +203,9 @@ impl DataPlane {
             offload: tun.offload,
             udp,
             my_ip,
+            tun_name: tun.name,
+            tun_mtu: tun.mtu,
+            mesh6: RwLock::default(),
             destinations: Destinations::new(my_ip),
             peers: RwLock::default(),
             ticking: Mutex::default(),
@@ -209,22 +224,18 @@ impl DataPlane {
     pub fn insert(&self, peer: Arc<Peer>) {
         lock(&self.ticking).insert(peer.id, peer.clone());
         let mut table = self.peers.write().unwrap_or_else(|e| e.into_inner());
-        table.by_ip.insert(peer.mesh_ip, peer.clone());
-        table.by_id.insert(peer.id, peer);
+        table.insert(peer);
     }
 
     pub fn remove(&self, id: NodeId) -> Option<Arc<Peer>> {
         let mut table = self.peers.write().unwrap_or_else(|e| e.into_inner());
-        let peer = table.by_id.remove(&id)?;
+        let peer = table.remove(id)?;
         peer.removed.store(true, Ordering::Relaxed);
         lock(&self.ticking).remove(&id);
         if let Some(addr) = peer.endpoint() {
             if table.by_endpoint.get(&addr).is_some_and(|p| p.id == id) {
                 table.by_endpoint.remove(&addr);
             }
-        }
-        if table.by_ip.get(&peer.mesh_ip).is_some_and(|p| p.id == id) {
-            table.by_ip.remove(&peer.mesh_ip);
         }
         Some(peer)
     }
@@ -267,7 +278,8 @@ impl DataPlane {
         peer.set_endpoint(endpoint);
     }
 
-    pub fn peer_by_ip(&self, ip: Ipv4Addr) -> Option<Arc<Peer>> {
+    /// The peer with mesh address `ip` (IPv4 or IPv6).
+    pub fn peer_by_ip(&self, ip: IpAddr) -> Option<Arc<Peer>> {
         self.peers
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -329,20 +341,22 @@ impl DataPlane {
                 for &plen in &packet_lens {
                     let packet = &packets[at..at + plen];
                     at += plen;
-                    let Some((_, dst)) = icmp::ipv4_addrs(packet) else {
+                    let Some(dst) = route_dst(packet) else {
                         continue;
                     };
-                    if self.is_resolver(dst) {
-                        self.to_resolver(packet).await;
-                        continue;
+                    if let IpAddr::V4(v4) = dst {
+                        if self.is_resolver(v4) {
+                            self.to_resolver(packet).await;
+                            continue;
+                        }
                     }
                     let peer = match last.take() {
-                        Some(p) if p.mesh_ip == dst => Some(p),
+                        Some(p) if p.owns(dst) => Some(p),
                         _ => self.peer_by_ip(dst),
                     };
                     let Some(peer) = peer else {
                         self.drops.no_route.fetch_add(1, Ordering::Relaxed);
-                        if let Some(reply) = icmp::host_unreachable(self.my_ip, packet) {
+                        if let Some(reply) = self.icmp_error(packet, false) {
                             self.write_tun(&reply).await;
                         }
                         continue;
@@ -355,7 +369,7 @@ impl DataPlane {
                     frame_verdict = Some(admitted);
                     if !admitted {
                         if first_of_frame {
-                            if let Some(reply) = icmp::prohibited(self.my_ip, packet) {
+                            if let Some(reply) = self.icmp_error(packet, true) {
                                 self.write_tun(&reply).await;
                             }
                         }
@@ -383,6 +397,25 @@ impl DataPlane {
             }
             self.send_direct(&direct, &arena).await;
             direct.clear();
+        }
+    }
+
+    /// The ICMP error this node answers `packet` (read from the TUN) with:
+    /// "prohibited" for what the policy refuses, else "unreachable", in the
+    /// packet's family; `None` where none is due (see `icmp`, `icmp6`).
+    fn icmp_error(&self, packet: &[u8], prohibited: bool) -> Option<Vec<u8>> {
+        match packet.first()? >> 4 {
+            4 if prohibited => icmp::prohibited(self.my_ip, packet),
+            4 => icmp::host_unreachable(self.my_ip, packet),
+            6 => {
+                let me = self.mesh6()?.addr;
+                if prohibited {
+                    icmp6::prohibited(me, packet)
+                } else {
+                    icmp6::host_unreachable(me, packet)
+                }
+            }
+            _ => None,
         }
     }
 
@@ -534,21 +567,22 @@ impl DataPlane {
         }
     }
 
-    /// Registers interest in the echo reply `(ident, seq)`; see [`Self::complete_ping`].
-    pub fn expect_ping(&self, from: Ipv4Addr, ident: u16, seq: u16) -> oneshot::Receiver<()> {
+    /// Registers interest in the echo reply `(ident, seq)` from `from` (an
+    /// ICMP or ICMPv6 one, by its family); see [`Self::complete_ping`].
+    pub fn expect_ping(&self, from: IpAddr, ident: u16, seq: u16) -> oneshot::Receiver<()> {
         let (tx, rx) = oneshot::channel();
         lock(&self.pings).insert((from, ident, seq), tx);
         rx
     }
 
-    pub fn forget_ping(&self, from: Ipv4Addr, ident: u16, seq: u16) {
+    pub fn forget_ping(&self, from: IpAddr, ident: u16, seq: u16) {
         lock(&self.pings).remove(&(from, ident, seq));
     }
 
     /// True when `packet` answered one of our own pings (it then never reaches the
     /// TUN: the kernel did not send the request and would only drop the reply).
     fn complete_ping(&self, packet: &[u8]) -> bool {
-        let Some((from, ident, seq)) = icmp::echo_reply(packet) else {
+        let Some((from, ident, seq)) = icmp::echo_reply_any(packet) else {
             return false;
         };
         match lock(&self.pings).remove(&(from, ident, seq)) {

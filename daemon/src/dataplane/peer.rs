@@ -1,7 +1,7 @@
 //! One remote node as the data plane sees it: its WireGuard session, the ICE
 //! connection packets currently take (if any), and counters.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -139,6 +139,10 @@ impl IceLink {
 pub struct Peer {
     pub id: NodeId,
     pub mesh_ip: Ipv4Addr,
+    /// Its mesh IPv6 address, when the mesh has IPv6. Fixed for the peer's
+    /// life: a new one makes a new peer (see `node::netmap`), as a new IPv4
+    /// address does, so the data plane's address table never goes stale.
+    pub mesh_ip6: Option<Ipv6Addr>,
     pub public_key: [u8; 32],
     /// The netmap's latest word on the peer (a snapshot the shell replaces).
     info: Mutex<PeerInfo>,
@@ -215,6 +219,7 @@ impl Peer {
         Peer {
             id: info.id,
             mesh_ip: info.mesh_ip,
+            mesh_ip6: info.mesh_ip6,
             public_key,
             sealer: Sealer::new(our_secret.to_bytes(), public_key),
             info: Mutex::new(info),
@@ -236,6 +241,16 @@ impl Peer {
             caught_up: Mutex::new(None),
             reported: AtomicU64::new(0),
             keepalive_at: AtomicU32::new(0),
+        }
+    }
+
+    /// Whether `ip` is one of the peer's mesh addresses: the only sources
+    /// its packets may have (cryptokey routing), and where packets to it go.
+    #[inline]
+    pub fn owns(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => v4 == self.mesh_ip,
+            IpAddr::V6(v6) => self.mesh_ip6 == Some(v6),
         }
     }
 
@@ -359,15 +374,20 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn peer() -> Peer {
+        peer_with(7, None)
+    }
+
+    /// Peer `id` at 100.64.0.`id`, with `mesh_ip6` if given.
+    pub(crate) fn peer_with(id: NodeId, mesh_ip6: Option<Ipv6Addr>) -> Peer {
         let info = PeerInfo {
-            id: 7,
-            name: "p".into(),
-            mesh_ip: Ipv4Addr::new(100, 64, 0, 7),
-            mesh_ip6: None,
+            id,
+            name: format!("p{id}"),
+            mesh_ip: Ipv4Addr::new(100, 64, 0, id as u8),
+            mesh_ip6,
             public_key: String::new(),
             online: true,
             tags: Vec::new(),
@@ -375,6 +395,18 @@ mod tests {
         let secret = StaticSecret::from([9; 32]);
         let filter = PeerFilter::new(None, Arc::default());
         Peer::new(info, [3; 32], &secret, filter)
+    }
+
+    #[test]
+    fn a_peer_owns_its_two_mesh_addresses_and_no_other() {
+        let v6: Ipv6Addr = "fd7a:115c:a1e0::6440:7".parse().unwrap();
+        let p = peer_with(7, Some(v6));
+        assert!(p.owns(Ipv4Addr::new(100, 64, 0, 7).into()));
+        assert!(p.owns(v6.into()));
+        assert!(!p.owns(Ipv4Addr::new(100, 64, 0, 8).into()));
+        assert!(!p.owns("fd7a:115c:a1e0::6440:8".parse::<Ipv6Addr>().unwrap().into()));
+        // Without an IPv6 address it owns none.
+        assert!(!peer_with(7, None).owns(v6.into()));
     }
 
     #[test]

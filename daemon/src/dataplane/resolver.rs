@@ -73,7 +73,10 @@ impl Resolver {
 
 impl DataPlane {
     /// A new zone (the netmap or the DNS settings changed); `None`: no DNS.
-    pub fn set_zone(&self, zone: Option<Zone>) {
+    pub fn set_zone(&self, mut zone: Option<Zone>) {
+        if let (Some(zone), Some(mesh6)) = (zone.as_mut(), self.mesh6()) {
+            zone.set_own_ip6(mesh6.addr, mesh6.network);
+        }
         let r = &self.resolver;
         let addr = zone.as_ref().map_or(0, |z| u32::from(z.resolver));
         *r.zone.write().unwrap_or_else(|e| e.into_inner()) = zone.map(Arc::new);

@@ -1,10 +1,12 @@
 //! The receive side: datagrams from a peer are decrypted, checked against the
-//! peer's mesh IP (cryptokey routing) and against our own addresses (a peer
-//! reaches this node, never what lies behind it), and written to the TUN, runs of
-//! one TCP flow merged into one write (see `gro`).
+//! peer's mesh addresses (cryptokey routing: IPv4, or IPv6 when it has one)
+//! and against our own (a peer reaches this node, never what lies behind it),
+//! and written to the TUN, runs of one TCP flow merged into one write (see
+//! `tun_coalesce`).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::Ordering;
+use std::sync::RwLock;
 
 use boringtun::noise::errors::WireGuardError;
 use boringtun::noise::TunnResult;
@@ -20,26 +22,41 @@ use super::{DataPlane, Origin, BUF_SIZE, MAX_BATCH};
 const MIN_DECRYPT_ROOM: usize = 9_216;
 
 /// The destinations a decrypted packet may have to be delivered: this node's
-/// mesh address. Without this check a peer could reach anything the TUN leads
-/// to (the node's LAN addresses, and with forwarding on, its networks). IPv6
-/// mesh addresses and routes this node serves will be added here.
-#[derive(Debug, Clone, Copy)]
+/// mesh addresses. Without this check a peer could reach anything the TUN
+/// leads to (the node's LAN addresses, and with forwarding on, its networks).
+/// Routes this node serves will be added here.
+#[derive(Debug)]
 pub struct Destinations {
     mesh_v4: [u8; 4],
+    /// The mesh IPv6 address the TUN has (it may come and go while we run).
+    mesh_v6: RwLock<Option<[u8; 16]>>,
 }
 
 impl Destinations {
     pub fn new(mesh_v4: Ipv4Addr) -> Self {
         Destinations {
             mesh_v4: mesh_v4.octets(),
+            mesh_v6: RwLock::new(None),
         }
     }
 
-    /// Whether `packet`, an IPv4 packet WireGuard decrypted (so at least a full
-    /// header), is addressed to us. One four-byte compare on the hot path.
+    pub fn set_v6(&self, mesh_v6: Option<Ipv6Addr>) {
+        *self.mesh_v6.write().unwrap_or_else(|e| e.into_inner()) = mesh_v6.map(|a| a.octets());
+    }
+
+    /// Whether `packet`, an IP packet WireGuard decrypted (so at least a full
+    /// header of its version), is addressed to us: one four-byte compare for
+    /// IPv4, a read lock and a sixteen-byte compare for IPv6.
     #[inline]
-    pub fn accepts_v4(&self, packet: &[u8]) -> bool {
-        packet.get(16..20) == Some(&self.mesh_v4[..])
+    pub fn accepts(&self, packet: &[u8]) -> bool {
+        match packet.first().map(|b| b >> 4) {
+            Some(4) => packet.get(16..20) == Some(&self.mesh_v4[..]),
+            Some(6) => {
+                let ours = *self.mesh_v6.read().unwrap_or_else(|e| e.into_inner());
+                ours.is_some_and(|a| packet.get(24..40) == Some(&a[..]))
+            }
+            _ => false,
+        }
     }
 }
 
@@ -87,24 +104,13 @@ impl DataPlane {
                 }
                 Decrypted::Network(pending)
             }
-            TunnResult::WriteToTunnelV4(p, src) if src == peer.mesh_ip => {
-                if !self.destinations.accepts_v4(p) {
-                    self.drops.wrong_destination.fetch_add(1, Ordering::Relaxed);
-                    return Decrypted::Nothing;
-                }
-                if !self.admits(peer, p, Direction::In) {
-                    return Decrypted::Nothing;
-                }
-                let len = p.len();
-                peer.count_rx(len);
-                if self.complete_ping(&dst[..len]) {
-                    Decrypted::Nothing
-                } else {
-                    Decrypted::Packet(len)
-                }
+            TunnResult::WriteToTunnelV4(p, src) if src == peer.mesh_ip => self.deliver(peer, p),
+            TunnResult::WriteToTunnelV6(p, src) if peer.mesh_ip6 == Some(src) => {
+                self.deliver(peer, p)
             }
             TunnResult::WriteToTunnelV4(..) | TunnResult::WriteToTunnelV6(..) => {
-                // Cryptokey routing: a peer may only speak from its own mesh IP.
+                // Cryptokey routing: a peer may only speak from its own mesh
+                // addresses (an IPv6 source when it has none is forged too).
                 self.drops.spoofed_source.fetch_add(1, Ordering::Relaxed);
                 Decrypted::Nothing
             }
@@ -125,6 +131,25 @@ impl DataPlane {
                 Decrypted::Nothing
             }
             TunnResult::Done => Decrypted::Nothing,
+        }
+    }
+
+    /// A decrypted packet from one of `peer`'s own addresses: delivered when
+    /// it is addressed to us and the policy lets it in, unless it answers one
+    /// of our own pings.
+    fn deliver(&self, peer: &Peer, packet: &[u8]) -> Decrypted {
+        if !self.destinations.accepts(packet) {
+            self.drops.wrong_destination.fetch_add(1, Ordering::Relaxed);
+            return Decrypted::Nothing;
+        }
+        if !self.admits(peer, packet, Direction::In) {
+            return Decrypted::Nothing;
+        }
+        peer.count_rx(packet.len());
+        if self.complete_ping(packet) {
+            Decrypted::Nothing
+        } else {
+            Decrypted::Packet(packet.len())
         }
     }
 
@@ -250,11 +275,39 @@ mod tests {
     fn only_packets_to_our_mesh_address_are_delivered() {
         let me = Destinations::new(Ipv4Addr::new(100, 64, 0, 2));
         let peer = [100, 64, 0, 3];
-        assert!(me.accepts_v4(&ipv4(peer, [100, 64, 0, 2])));
+        assert!(me.accepts(&ipv4(peer, [100, 64, 0, 2])));
         // Our LAN address, another mesh node, broadcast: not ours to deliver.
-        assert!(!me.accepts_v4(&ipv4(peer, [10, 77, 1, 3])));
-        assert!(!me.accepts_v4(&ipv4(peer, [100, 64, 0, 4])));
-        assert!(!me.accepts_v4(&ipv4(peer, [255, 255, 255, 255])));
-        assert!(!me.accepts_v4(&[0x45, 0, 0]));
+        assert!(!me.accepts(&ipv4(peer, [10, 77, 1, 3])));
+        assert!(!me.accepts(&ipv4(peer, [100, 64, 0, 4])));
+        assert!(!me.accepts(&ipv4(peer, [255, 255, 255, 255])));
+        assert!(!me.accepts(&[0x45, 0, 0]));
+    }
+
+    #[test]
+    fn ipv6_packets_are_delivered_only_to_our_mesh_ipv6_address_once_we_have_one() {
+        use crate::dataplane::icmp6::echo_request;
+        let me = Destinations::new(Ipv4Addr::new(100, 64, 0, 2));
+        let ours: Ipv6Addr = "fd7a:115c:a1e0::6440:2".parse().unwrap();
+        let peer: Ipv6Addr = "fd7a:115c:a1e0::6440:3".parse().unwrap();
+        let to_us = echo_request(peer, ours, 1, 1, b"");
+        assert!(!me.accepts(&to_us), "no IPv6 address yet");
+        me.set_v6(Some(ours));
+        assert!(me.accepts(&to_us));
+        let other: Ipv6Addr = "fd7a:115c:a1e0::6440:4".parse().unwrap();
+        assert!(!me.accepts(&echo_request(peer, other, 1, 1, b"")));
+        assert!(!me.accepts(&echo_request(
+            peer,
+            "2001:db8::2".parse().unwrap(),
+            1,
+            1,
+            b""
+        )));
+        // An IPv4 packet whose bytes 24..40 happen to hold our address is IPv4.
+        let mut v4 = ipv4(peer.octets()[12..16].try_into().unwrap(), [100, 64, 0, 9]);
+        v4.extend_from_slice(&[0; 4]);
+        v4.extend_from_slice(&ours.octets());
+        assert!(!me.accepts(&v4));
+        me.set_v6(None);
+        assert!(!me.accepts(&to_us), "the address went away");
     }
 }

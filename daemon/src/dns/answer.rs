@@ -1,17 +1,18 @@
 //! One DNS query in, one answer out (or "forward it", or "drop it").
 //!
 //! Parsing is `hickory-proto`'s (it bounds compression pointers and label
-//! lengths); what is answered is ours: `A` for names under the domain, `PTR`
-//! for mesh addresses, `NXDOMAIN` (with the zone's SOA, so the negative answer
+//! lengths); what is answered is ours: `A` and `AAAA` for names under the
+//! domain, `PTR` for mesh addresses of both families (`in-addr.arpa`,
+//! `ip6.arpa`), `NXDOMAIN` (with the zone's SOA, so the negative answer
 //! is cached for [`super::TTL`] seconds) for unknown names under the domain,
 //! an empty `NOERROR` for other types of a known name. EDNS0 is answered with
 //! our payload size; an answer too large for the client's UDP size is sent
 //! truncated (TC) so it retries over TCP.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, PTR, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
 use super::{Zone, TTL};
@@ -102,7 +103,7 @@ fn answer(zone: &Zone, question: &Query, response: &mut Message) -> Option<()> {
     let text = qname.to_ascii();
     let text = text.trim_end_matches('.');
     if let Some(ip) = reverse_name(text) {
-        if !zone.network.contains(&ip) {
+        if !zone.covers(ip) {
             return None;
         }
         response.set_authoritative(true);
@@ -140,16 +141,23 @@ fn answer(zone: &Zone, question: &Query, response: &mut Message) -> Option<()> {
         }
         return Some(());
     }
-    match (zone.lookup(relative), question.query_type()) {
-        (Some(ip), RecordType::A | RecordType::ANY) => {
-            response.add_answer(Record::from_rdata(
-                question.name().clone(),
-                TTL,
-                RData::A(A(ip)),
-            ));
+    let kind = question.query_type();
+    let mut data = Vec::new();
+    if let (Some(ip), RecordType::A | RecordType::ANY) = (zone.lookup(relative), kind) {
+        data.push(RData::A(A(ip)));
+    }
+    if let (Some(ip), RecordType::AAAA | RecordType::ANY) = (zone.lookup6(relative), kind) {
+        data.push(RData::AAAA(AAAA(ip)));
+    }
+    match data {
+        _ if !data.is_empty() => {
+            for rdata in data {
+                response.add_answer(Record::from_rdata(question.name().clone(), TTL, rdata));
+            }
         }
         _ if zone.has_name(relative) => {
-            // The name exists, without data of this type (e.g. AAAA for now).
+            // The name exists, without data of this type (AAAA of a node
+            // without a mesh IPv6 address, MX, ...).
             response.add_name_server(soa(zone)?);
         }
         _ => {
@@ -170,8 +178,34 @@ fn soa(zone: &Zone) -> Option<Record> {
     Some(Record::from_rdata(apex, TTL, RData::SOA(soa)))
 }
 
-/// `4.3.2.1.in-addr.arpa` → 1.2.3.4.
-fn reverse_name(name: &str) -> Option<Ipv4Addr> {
+/// `4.3.2.1.in-addr.arpa` → 1.2.3.4, and the 32 nibbles of an `ip6.arpa`
+/// name → its IPv6 address.
+fn reverse_name(name: &str) -> Option<IpAddr> {
+    if let Some(nibbles) = name.strip_suffix(".ip6.arpa") {
+        return reverse_name6(nibbles).map(IpAddr::V6);
+    }
+    reverse_name4(name).map(IpAddr::V4)
+}
+
+/// `b.a.9.8. … .f.ip6.arpa` (least significant nibble first) → the address.
+fn reverse_name6(nibbles: &str) -> Option<Ipv6Addr> {
+    let mut bits: u128 = 0;
+    let mut count = 0;
+    for (i, label) in nibbles.split('.').enumerate() {
+        let &[digit] = label.as_bytes() else {
+            return None;
+        };
+        let value = char::from(digit).to_digit(16)?;
+        if i >= 32 {
+            return None;
+        }
+        bits |= u128::from(value) << (4 * i);
+        count += 1;
+    }
+    (count == 32).then(|| Ipv6Addr::from(bits))
+}
+
+fn reverse_name4(name: &str) -> Option<Ipv4Addr> {
     let labels = name.strip_suffix(".in-addr.arpa")?;
     let octets: Vec<u8> = labels
         .split('.')
@@ -208,4 +242,28 @@ fn header_only(query: &[u8], code: ResponseCode) -> Vec<u8> {
     out[2] = 0x80 | (query[2] & 0x79);
     out[3] = u16::from(code).to_be_bytes()[1] & 0x0f;
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip6_arpa_names_read_least_significant_nibble_first() {
+        let ip: Ipv6Addr = "fd7a:115c:a1e0::6440:2".parse().unwrap();
+        let name = "2.0.0.0.0.4.4.6.0.0.0.0.0.0.0.0.0.0.0.0.0.e.1.a.c.5.1.1.a.7.d.f.ip6.arpa";
+        assert_eq!(reverse_name(name), Some(IpAddr::V6(ip)));
+        // Upper-case digits are digits (names arrive lowercased anyway).
+        assert_eq!(reverse_name6(&name[..63].to_uppercase()), Some(ip));
+        // Too few or too many nibbles, two-digit labels, non-hex.
+        assert_eq!(reverse_name(&name[2..]), None);
+        assert_eq!(reverse_name(&format!("0.{name}")), None);
+        assert_eq!(reverse_name(&name.replacen("2.0", "20", 1)), None);
+        assert_eq!(reverse_name(&name.replacen('2', "g", 1)), None);
+        assert_eq!(reverse_name("ip6.arpa"), None);
+        assert_eq!(
+            reverse_name("2.0.64.100.in-addr.arpa"),
+            Some(IpAddr::V4(Ipv4Addr::new(100, 64, 0, 2)))
+        );
+    }
 }

@@ -5,7 +5,9 @@
 //!   TUN ──packet to the resolver address──▶ dataplane ──UDP 53──▶ answer::respond(zone, query)
 //!                                                    └─TCP 53──▶ tcp::TcpDns (a few states) ─▶ respond
 //!   respond: NAME.<domain>  A     → the node's mesh address (or NXDOMAIN)
+//!            NAME.<domain>  AAAA  → the node's mesh IPv6 address (empty when it has none)
 //!            x.in-addr.arpa PTR   → the node's name, for mesh addresses
+//!            x.ip6.arpa     PTR   → the node's name, for mesh IPv6 addresses
 //!            anything else        → forwarded to the host's old upstreams (resolv.conf
 //!                                   mode), else REFUSED
 //! ```
@@ -15,7 +17,7 @@
 //! answers go back into the TUN as if the resolver address had sent them.
 
 use std::collections::{HashMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use overlay_proto::coord::PeerInfo;
 
@@ -45,8 +47,15 @@ pub struct Zone {
     /// Names that exist only as parents of longer ones (`b` of an extra
     /// record `a.b`): they answer NOERROR with no data, not NXDOMAIN.
     parents: HashSet<String>,
-    /// Mesh address → fully qualified name.
-    reverse: HashMap<Ipv4Addr, String>,
+    /// Mesh addresses (both families) → fully qualified name.
+    reverse: HashMap<IpAddr, String>,
+    /// Names with a mesh IPv6 address (a peer's, or ours).
+    names6: HashMap<String, Ipv6Addr>,
+    /// The mesh's IPv6 prefix, whose reverse names are ours to answer,
+    /// once this node has its own mesh IPv6 address (see [`Self::set_own_ip6`]).
+    pub network6: Option<ipnet::Ipv6Net>,
+    /// This node's own label, first in the zone.
+    me: String,
     /// Whether names outside the domain are forwarded (resolv.conf mode).
     pub forwarding: bool,
 }
@@ -60,6 +69,9 @@ impl Zone {
             names: HashMap::new(),
             parents: HashSet::new(),
             reverse: HashMap::new(),
+            names6: HashMap::new(),
+            network6: None,
+            me: String::new(),
             forwarding: false,
         }
     }
@@ -73,7 +85,8 @@ impl Zone {
         peers: &[PeerInfo],
         extra: &[(String, Ipv4Addr)],
     ) -> Zone {
-        self.insert(&label(me.0), me.1);
+        self.me = label(me.0);
+        self.insert(&self.me.clone(), me.1);
         let mut sorted: Vec<&PeerInfo> = peers.iter().collect();
         sorted.sort_by_key(|p| p.mesh_ip);
         for peer in sorted {
@@ -84,6 +97,12 @@ impl Zone {
                 name
             };
             self.insert(&name, peer.mesh_ip);
+            if let Some(v6) = peer.mesh_ip6 {
+                // Only under the name that won (see `insert`).
+                if self.names.get(&name) == Some(&peer.mesh_ip) {
+                    self.insert6(&name, v6);
+                }
+            }
         }
         for (name, ip) in extra {
             let name = name.trim_end_matches('.').to_ascii_lowercase();
@@ -110,7 +129,24 @@ impl Zone {
             rest = parent;
         }
         let fqdn = format!("{name}.{}", self.domain);
-        self.reverse.entry(ip).or_insert(fqdn);
+        self.reverse.entry(ip.into()).or_insert(fqdn);
+    }
+
+    fn insert6(&mut self, name: &str, ip: Ipv6Addr) {
+        if name.is_empty() || self.names6.contains_key(name) {
+            return;
+        }
+        self.names6.insert(name.to_owned(), ip);
+        let fqdn = format!("{name}.{}", self.domain);
+        self.reverse.entry(ip.into()).or_insert(fqdn);
+    }
+
+    /// This node's own mesh IPv6 address, and the mesh's prefix (whose
+    /// reverse names are then ours to answer).
+    pub fn set_own_ip6(&mut self, ip: Ipv6Addr, network6: ipnet::Ipv6Net) {
+        self.network6 = Some(network6);
+        let me = self.me.clone();
+        self.insert6(&me, ip);
     }
 
     /// The address of `name` relative to the domain (lowercase).
@@ -118,9 +154,25 @@ impl Zone {
         self.names.get(name).copied()
     }
 
-    /// The name of a mesh address.
-    pub fn reverse(&self, ip: Ipv4Addr) -> Option<&str> {
+    /// The IPv6 address of `name` relative to the domain (lowercase).
+    pub fn lookup6(&self, name: &str) -> Option<Ipv6Addr> {
+        self.names6.get(name).copied()
+    }
+
+    /// The name of a mesh address (either family).
+    pub fn reverse(&self, ip: IpAddr) -> Option<&str> {
         self.reverse.get(&ip).map(String::as_str)
+    }
+
+    /// Whether reverse names of `ip` are this zone's to answer: addresses in
+    /// the mesh's networks, and any mesh IPv6 address a peer has.
+    pub fn covers(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(v4) => self.network.contains(&v4),
+            IpAddr::V6(v6) => {
+                self.network6.is_some_and(|n| n.contains(&v6)) || self.reverse.contains_key(&ip)
+            }
+        }
     }
 
     /// Whether a relative name exists, with or without an address record.

@@ -311,3 +311,119 @@ fn tcp_state_is_bounded() {
     assert_eq!(tcp.on_segment(s, 100, 1, none)[0].flags, RST);
     assert!(tcp.on_segment(seg(0, 0, RST, &[]), 100, 1, none).is_empty());
 }
+
+/// The zone of `zone()` in a mesh with IPv6: `b` has a mesh IPv6 address,
+/// `db-1` none (an older coordinator's word, say), and so do we once
+/// `set_own_ip6` says ours.
+fn zone6() -> Zone {
+    let mut b = peer(2, "b", 2);
+    b.mesh_ip6 = Some(v6(2));
+    let mut z = Zone::new(
+        "overlay.internal",
+        Ipv4Addr::new(100, 100, 100, 100),
+        "100.64.0.0/10".parse().unwrap(),
+    )
+    .build(
+        ("a", Ipv4Addr::new(100, 64, 0, 1)),
+        &[b, peer(3, "DB_1", 3)],
+        &[],
+    );
+    z.set_own_ip6(v6(1), "fd7a:115c:a1e0::/48".parse().unwrap());
+    z
+}
+
+fn v6(last: u16) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::new(0xfd7a, 0x115c, 0xa1e0, 0, 0, 0, 0x6440, last)
+}
+
+/// `ip`'s reverse name under ip6.arpa.
+fn ip6_arpa(ip: std::net::Ipv6Addr) -> String {
+    let hex: String = ip.octets().iter().map(|b| format!("{b:02x}")).collect();
+    let nibbles: Vec<String> = hex.chars().rev().map(String::from).collect();
+    format!("{}.ip6.arpa.", nibbles.join("."))
+}
+
+#[test]
+fn aaaa_answers_with_mesh_ipv6_addresses() {
+    let z = zone6();
+    let m = ask(&z, "b.overlay.internal", RecordType::AAAA);
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+    assert!(m.authoritative());
+    assert_eq!(m.answers().len(), 1);
+    assert_eq!(
+        m.answers()[0].data(),
+        &RData::AAAA(hickory_proto::rr::rdata::AAAA(v6(2)))
+    );
+    // Our own name, from our own address.
+    let m = ask(&z, "a.overlay.internal", RecordType::AAAA);
+    assert_eq!(
+        m.answers()[0].data(),
+        &RData::AAAA(hickory_proto::rr::rdata::AAAA(v6(1)))
+    );
+    // A still answers A only; ANY answers both.
+    let m = ask(&z, "b.overlay.internal", RecordType::A);
+    assert_eq!(m.answers().len(), 1);
+    assert_eq!(m.answers()[0].record_type(), RecordType::A);
+    let m = ask(&z, "b.overlay.internal", RecordType::ANY);
+    let kinds: Vec<_> = m.answers().iter().map(|r| r.record_type()).collect();
+    assert_eq!(kinds, vec![RecordType::A, RecordType::AAAA]);
+    // A node without a mesh IPv6 address: the name exists, no AAAA.
+    let m = ask(&z, "db-1.overlay.internal", RecordType::AAAA);
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+    assert!(m.answers().is_empty());
+    assert_eq!(m.name_servers().len(), 1);
+    let m = ask(&z, "nobody.overlay.internal", RecordType::AAAA);
+    assert_eq!(m.response_code(), ResponseCode::NXDomain);
+}
+
+#[test]
+fn mesh_ipv6_addresses_answer_ptr_under_ip6_arpa() {
+    let mut z = zone6();
+    let m = ask(&z, &ip6_arpa(v6(2)), RecordType::PTR);
+    assert_eq!(m.response_code(), ResponseCode::NoError);
+    assert_eq!(
+        m.answers()[0].data(),
+        &RData::PTR(hickory_proto::rr::rdata::PTR(
+            Name::from_ascii("b.overlay.internal.").unwrap()
+        ))
+    );
+    let m = ask(&z, &ip6_arpa(v6(1)), RecordType::PTR);
+    assert_eq!(
+        m.answers()[0].data(),
+        &RData::PTR(hickory_proto::rr::rdata::PTR(
+            Name::from_ascii("a.overlay.internal.").unwrap()
+        ))
+    );
+    // In the mesh's prefix but nobody's: NXDOMAIN; outside it: not ours.
+    let m = ask(&z, &ip6_arpa(v6(9)), RecordType::PTR);
+    assert_eq!(m.response_code(), ResponseCode::NXDomain);
+    let m = ask(
+        &z,
+        &ip6_arpa("2001:db8::1".parse().unwrap()),
+        RecordType::PTR,
+    );
+    assert_eq!(m.response_code(), ResponseCode::Refused);
+    z.forwarding = true;
+    assert_eq!(
+        respond(
+            &z,
+            &query(
+                &ip6_arpa("2001:db8::1".parse().unwrap()),
+                RecordType::PTR,
+                false
+            ),
+            Transport::Udp
+        ),
+        Reply::Forward
+    );
+}
+
+#[test]
+fn without_ipv6_aaaa_stays_empty_and_ip6_arpa_is_not_ours() {
+    let z = zone();
+    assert!(ask(&z, "a.overlay.internal", RecordType::AAAA)
+        .answers()
+        .is_empty());
+    let m = ask(&z, &ip6_arpa(v6(2)), RecordType::PTR);
+    assert_eq!(m.response_code(), ResponseCode::Refused);
+}

@@ -128,20 +128,23 @@ pub struct PeerAccess {
 }
 
 /// The filter resolved for one peer: the rules that name it, by id, tag or
-/// mesh address. `None` (no policy) lets everything through.
+/// mesh address (IPv4 or IPv6). `None` (no policy) lets everything through.
 pub fn compile(filter: Option<&NodeFilter>, peer: &PeerInfo) -> Option<PeerAccess> {
     let filter = filter?;
-    let ip = std::net::IpAddr::V4(peer.mesh_ip);
+    // A rule naming the peer by either of its mesh addresses covers it: the
+    // peer is one node whichever family its packets use.
+    let covers = |rule: &FilterRule| {
+        rule.covers(peer.id, peer.mesh_ip.into(), &peer.tags)
+            || peer
+                .mesh_ip6
+                .is_some_and(|v6| rule.covers(peer.id, v6.into(), &peer.tags))
+    };
     let mut access = PeerAccess::default();
-    for rule in &filter.inbound {
-        if rule.covers(peer.id, ip, &peer.tags) {
-            access.inbound.add(rule);
-        }
+    for rule in filter.inbound.iter().filter(|r| covers(r)) {
+        access.inbound.add(rule);
     }
-    for rule in &filter.outbound {
-        if rule.covers(peer.id, ip, &peer.tags) {
-            access.outbound.add(rule);
-        }
+    for rule in filter.outbound.iter().filter(|r| covers(r)) {
+        access.outbound.add(rule);
     }
     access.inbound.normalize();
     access.outbound.normalize();
@@ -207,6 +210,24 @@ mod tests {
         let ops = compile(Some(&filter), &peer(4, 9, &["ops"])).unwrap();
         assert!(ops.inbound.allows(Proto::Udp, 9) && ops.inbound.allows_all(Proto::Tcp));
         assert_eq!(ops.inbound.to_string(), "everything");
+    }
+
+    #[test]
+    fn a_rule_naming_the_peers_ipv6_address_covers_it() {
+        let filter = NodeFilter {
+            inbound: vec![rule("fd7a:115c:a1e0::6440:0/120", Proto::Tcp, &["22"])],
+            outbound: vec![rule("100.64.0.2/32", Proto::Udp, &["53"])],
+        };
+        let mut p = peer(2, 2, &[]);
+        let v4_only = compile(Some(&filter), &p).unwrap();
+        assert!(
+            v4_only.inbound.is_empty(),
+            "no IPv6 address: the v6 rule misses"
+        );
+        p.mesh_ip6 = Some("fd7a:115c:a1e0::6440:2".parse().unwrap());
+        let dual = compile(Some(&filter), &p).unwrap();
+        assert_eq!(dual.inbound.to_string(), "tcp 22");
+        assert_eq!(dual.outbound.to_string(), "udp 53");
     }
 
     #[test]

@@ -14,8 +14,9 @@ pub enum Change {
     Update(PeerInfo),
 }
 
-/// Changes that turn `current` into `next`. A node whose key or mesh IP changed is
-/// a different WireGuard peer, so it is removed and added again. `me` is skipped.
+/// Changes that turn `current` into `next`. A node whose key or mesh IP (either
+/// family) changed is a different WireGuard peer, so it is removed and added
+/// again. `me` is skipped.
 pub fn diff(current: &HashMap<NodeId, PeerInfo>, next: &[PeerInfo], me: NodeId) -> Vec<Change> {
     let mut changes = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -37,7 +38,11 @@ pub fn diff(current: &HashMap<NodeId, PeerInfo>, next: &[PeerInfo], me: NodeId) 
 pub fn upsert(current: Option<&PeerInfo>, next: &PeerInfo) -> Vec<Change> {
     match current {
         None => vec![Change::Add(next.clone())],
-        Some(old) if old.public_key != next.public_key || old.mesh_ip != next.mesh_ip => {
+        Some(old)
+            if old.public_key != next.public_key
+                || old.mesh_ip != next.mesh_ip
+                || old.mesh_ip6 != next.mesh_ip6 =>
+        {
             vec![Change::Remove(old.id), Change::Add(next.clone())]
         }
         Some(old) if old != next => vec![Change::Update(next.clone())],
@@ -90,5 +95,20 @@ mod tests {
             vec![Change::Remove(2), Change::Add(peer(2, "other", true))]
         );
         assert!(upsert(Some(&old), &old.clone()).is_empty());
+    }
+
+    #[test]
+    fn a_new_mesh_ipv6_address_is_a_new_peer() {
+        // The data plane's address table and cryptokey routing take a peer's
+        // addresses when it is added; a coordinator that starts giving IPv6
+        // (or another prefix) makes each peer anew.
+        let old = peer(2, "k2", true);
+        let mut next = old.clone();
+        next.mesh_ip6 = Some("fd7a:115c:a1e0::6440:2".parse().unwrap());
+        assert_eq!(
+            upsert(Some(&old), &next),
+            vec![Change::Remove(2), Change::Add(next.clone())]
+        );
+        assert!(upsert(Some(&next), &next.clone()).is_empty());
     }
 }

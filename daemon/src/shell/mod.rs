@@ -30,7 +30,7 @@ pub(crate) use diagnose::access_view;
 
 use crate::control::ControlEvent;
 use crate::dataplane::peer::{IceConn, IceLink, Peer};
-use crate::dataplane::{DataPlane, Origin, Outbound, RxScratch, BUF_SIZE};
+use crate::dataplane::{DataPlane, Mesh6, Origin, Outbound, RxScratch, BUF_SIZE};
 use crate::ice::mux::Mux;
 use crate::ice::why::Attempt;
 use crate::ice::{IceEvent, IceSession, IceSettings};
@@ -190,16 +190,33 @@ impl Shell {
                 }
             }
             msg => {
-                if let ServerMsg::Welcome { network, node, .. } = &msg {
+                if let ServerMsg::Welcome {
+                    network,
+                    network6,
+                    node,
+                    ..
+                } = &msg
+                {
                     self.ice.mesh = *network;
                     if node.name != self.me_name {
                         self.me_name = node.name.clone();
                         self.names.netmap_changed();
                     }
+                    self.set_mesh6(welcome_mesh6(*network6, node));
                 }
                 self.node
                     .handle_server_msg(msg, now, unix_micros() / 1_000_000);
             }
+        }
+    }
+
+    /// The coordinator's word on our mesh IPv6 address (every Welcome says
+    /// it): the TUN gets it, or loses it, and our own name's AAAA follows.
+    fn set_mesh6(&mut self, mesh6: Option<Mesh6>) {
+        let before = self.dataplane.mesh6();
+        self.dataplane.set_mesh6(mesh6);
+        if self.dataplane.mesh6() != before {
+            self.names.netmap_changed();
         }
     }
 
@@ -464,10 +481,61 @@ impl Shell {
     }
 }
 
+/// Our mesh IPv6 address from a Welcome: the address the coordinator gives
+/// us (its own mapping of the prefix and our IPv4 address when it does not
+/// say), with the mesh's prefix; `None` when the mesh has no IPv6 prefix.
+fn welcome_mesh6(
+    network6: Option<ipnet::Ipv6Net>,
+    me: &overlay_proto::coord::PeerInfo,
+) -> Option<Mesh6> {
+    let network = network6?;
+    let mut mesh6 = Mesh6::of(network, me.mesh_ip);
+    if let Some(addr) = me.mesh_ip6.filter(|a| network.contains(a)) {
+        mesh6.addr = addr;
+    }
+    Some(mesh6)
+}
+
 /// The wall clock in microseconds since the Unix epoch: what seeds the counter of
 /// sealed signals (see `node::signaling`).
 fn unix_micros() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_welcome_with_a_prefix_gives_our_mesh_ipv6_address() {
+        let net: ipnet::Ipv6Net = "fd7a:115c:a1e0::/48".parse().unwrap();
+        let mut me = overlay_proto::coord::PeerInfo {
+            id: 5,
+            name: "me".into(),
+            mesh_ip: std::net::Ipv4Addr::new(100, 64, 0, 5),
+            mesh_ip6: None,
+            public_key: String::new(),
+            online: true,
+            tags: Vec::new(),
+        };
+        assert_eq!(welcome_mesh6(None, &me), None, "an IPv4-only mesh");
+        let mapped = welcome_mesh6(Some(net), &me).unwrap();
+        assert_eq!(
+            mapped.addr,
+            "fd7a:115c:a1e0::6440:5"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+        );
+        assert_eq!(mapped.network, net);
+        // The coordinator's own word wins, if it lies in the prefix.
+        me.mesh_ip6 = Some("fd7a:115c:a1e0::77".parse().unwrap());
+        assert_eq!(
+            welcome_mesh6(Some(net), &me).unwrap().addr,
+            me.mesh_ip6.unwrap()
+        );
+        me.mesh_ip6 = Some("2001:db8::5".parse().unwrap());
+        assert_eq!(welcome_mesh6(Some(net), &me), Some(mapped));
+    }
 }
