@@ -80,9 +80,16 @@ fn the_tun_gets_its_mesh_ipv6_address_and_the_prefix_route() {
         let first: Ipv6Addr = "fd7a:115c:a1e0::6440:5".parse().unwrap();
         tun_device::set_ipv6(NAME, tun.mtu, None, Some((first, 48))).expect("set");
         let have = addresses();
-        assert!(have.iter().any(|&(a, p, _)| (a, p) == (first, 48)), "{have:?}");
+        assert!(
+            have.iter().any(|&(a, p, _)| (a, p) == (first, 48)),
+            "{have:?}"
+        );
         let (_, _, flags) = have.iter().find(|(a, ..)| *a == first).copied().unwrap();
-        assert_eq!(flags & IFA_F_TENTATIVE, 0, "usable at once: no DAD on a TUN");
+        assert_eq!(
+            flags & IFA_F_TENTATIVE,
+            0,
+            "usable at once: no DAD on a TUN"
+        );
         assert!(routes(net, 48), "the mesh prefix routes to the TUN");
 
         // A new prefix replaces the address (and its route).
@@ -96,8 +103,7 @@ fn the_tun_gets_its_mesh_ipv6_address_and_the_prefix_route() {
         assert!(routes(other_net, 48) && !routes(net, 48));
 
         // Setting what is there already is no error; taking it away works.
-        tun_device::set_ipv6(NAME, tun.mtu, Some((second, 48)), Some((second, 48)))
-            .expect("again");
+        tun_device::set_ipv6(NAME, tun.mtu, Some((second, 48)), Some((second, 48))).expect("again");
         tun_device::set_ipv6(NAME, tun.mtu, Some((second, 48)), None).expect("remove");
         assert!(!addresses().iter().any(|&(a, ..)| a == second));
 
