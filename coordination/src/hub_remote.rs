@@ -6,8 +6,10 @@
 //! the hub has seen for the node is stale and ignored; a claim above a
 //! session here closes that session as replaced, so a node that moved to
 //! another replica is reached there at once. A replica that goes quiet
-//! (`replica::REPLICA_TIMEOUT`) loses all its claims: its nodes go offline
-//! for everyone until they reconnect elsewhere.
+//! (`replica::REPLICA_TIMEOUT`) keeps its claims for `replica::MOVE_GRACE`
+//! while its nodes move: one that reconnects meanwhile takes over its claim
+//! without ever showing offline; the claims left after the grace are dropped
+//! and those nodes go offline for everyone until they reconnect elsewhere.
 
 use std::collections::HashSet;
 

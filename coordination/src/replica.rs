@@ -21,9 +21,21 @@ use crate::bus::{Event, ReplicaId};
 
 /// How often a replica says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
-/// A replica unheard for this long is gone: its nodes are offline until they
-/// reconnect somewhere. Three heartbeats, so one lost or late is harmless.
+/// A replica unheard for this long is gone. Three heartbeats, so one lost or
+/// late is harmless.
 pub const REPLICA_TIMEOUT: Duration = Duration::from_millis(3500);
+/// How long the nodes of a gone replica still count as online here, after
+/// [`REPLICA_TIMEOUT`], while they move: a node that reconnects within it
+/// (anywhere) never goes offline for the other sessions. Without it a dead
+/// replica's N nodes go offline and come back online, 2 x N deltas to each
+/// of the survivors' sessions (2 x 10,000 x 10,000 frames in the benchmark's
+/// failover) in the seconds the survivors need most. A node that loses its
+/// replica retries within `overlayd`'s `LOST_SPREAD` (2 s) of noticing, at
+/// once for a killed process (its connection is reset), so 10 s covers the
+/// spread and a few failed attempts; nodes that are not back by then go
+/// offline as before. Signals to a node that has not moved yet are lost
+/// meanwhile, as they are during `REPLICA_TIMEOUT`.
+pub const MOVE_GRACE: Duration = Duration::from_secs(10);
 /// How often a replica repeats the list of all its sessions, repairing
 /// whatever an event lost on the way.
 pub const PRESENCE_REFRESH: Duration = Duration::from_secs(10);
@@ -159,10 +171,13 @@ impl Outbox {
     }
 }
 
-/// Which other replicas are alive, from what was last heard of each.
+/// Which other replicas are alive, from what was last heard of each, and
+/// which are gone but their nodes still within [`MOVE_GRACE`].
 #[derive(Debug, Default)]
 pub struct Replicas {
     last_heard: HashMap<ReplicaId, Instant>,
+    /// Gone replicas whose nodes count as online until the instant given.
+    moving: HashMap<ReplicaId, Instant>,
 }
 
 impl Replicas {
@@ -170,11 +185,12 @@ impl Replicas {
     /// heard, or heard again after it was taken for gone), so it must be
     /// told where our nodes are.
     pub fn heard(&mut self, replica: ReplicaId, now: Instant) -> bool {
+        self.moving.remove(&replica);
         self.last_heard.insert(replica, now).is_none()
     }
 
-    /// Replicas unheard for [`REPLICA_TIMEOUT`]: forgotten, and returned so
-    /// their nodes can be taken offline.
+    /// Replicas unheard for [`REPLICA_TIMEOUT`]: forgotten, and returned;
+    /// their nodes are offline once [`Replicas::moved`] returns them.
     pub fn expire(&mut self, now: Instant) -> Vec<ReplicaId> {
         let gone: Vec<ReplicaId> = self
             .last_heard
@@ -184,13 +200,35 @@ impl Replicas {
             .collect();
         for r in &gone {
             self.last_heard.remove(r);
+            self.moving.insert(*r, now + MOVE_GRACE);
         }
         gone
     }
 
-    /// Every replica is taken for gone (this one lost the bus): returns them.
+    /// Gone replicas whose [`MOVE_GRACE`] is over: their nodes that have
+    /// not reconnected anywhere are offline now.
+    pub fn moved(&mut self, now: Instant) -> Vec<ReplicaId> {
+        let over: Vec<ReplicaId> = self
+            .moving
+            .iter()
+            .filter(|(_, until)| now >= **until)
+            .map(|(r, _)| *r)
+            .collect();
+        for r in &over {
+            self.moving.remove(r);
+        }
+        over
+    }
+
+    /// Every replica is taken for gone at once, those within their grace
+    /// too (this one lost the bus): returns them.
     pub fn forget_all(&mut self) -> Vec<ReplicaId> {
-        self.last_heard.drain().map(|(r, _)| r).collect()
+        let moving = self.moving.drain().map(|(r, _)| r);
+        self.last_heard
+            .drain()
+            .map(|(r, _)| r)
+            .chain(moving)
+            .collect()
     }
 
     pub fn len(&self) -> usize {
@@ -217,6 +255,33 @@ mod tests {
         assert!(r.is_empty());
         assert!(r.heard(7, t0 + 10 * HEARTBEAT));
         assert_eq!(r.forget_all(), vec![7]);
+    }
+
+    #[test]
+    fn a_gone_replicas_nodes_go_offline_only_after_the_grace() {
+        let t0 = Instant::now();
+        let mut r = Replicas::default();
+        r.heard(7, t0);
+        r.heard(8, t0);
+        let gone_at = t0 + REPLICA_TIMEOUT;
+        r.heard(8, gone_at);
+        assert_eq!(r.expire(gone_at), vec![7]);
+        assert!(r.moved(gone_at + MOVE_GRACE / 2).is_empty());
+        assert_eq!(r.moved(gone_at + MOVE_GRACE), vec![7]);
+        assert!(r.moved(gone_at + 2 * MOVE_GRACE).is_empty(), "once");
+
+        // Heard again within the grace: it was not gone after all.
+        assert_eq!(r.expire(gone_at + REPLICA_TIMEOUT), vec![8]);
+        assert!(r.heard(8, gone_at + REPLICA_TIMEOUT + HEARTBEAT));
+        assert!(r.moved(gone_at + 3 * MOVE_GRACE).is_empty());
+
+        // Losing the bus takes everyone, those within the grace included.
+        r.expire(gone_at + 4 * MOVE_GRACE);
+        r.heard(9, gone_at + 4 * MOVE_GRACE);
+        let mut all = r.forget_all();
+        all.sort_unstable();
+        assert_eq!(all, vec![8, 9]);
+        assert!(r.moved(gone_at + 10 * MOVE_GRACE).is_empty());
     }
 
     #[test]

@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 use crate::bus::{inbox_subject, Envelope, Event, Inbox, ReplicaId, EVENTS_SUBJECT};
 use crate::hub::Hub;
 use crate::replica::{
-    BusLink, Outbound, Outbox, Replicas, HEARTBEAT, PRESENCE_REFRESH, REPLICA_TIMEOUT,
+    BusLink, Outbound, Outbox, Replicas, HEARTBEAT, MOVE_GRACE, PRESENCE_REFRESH, REPLICA_TIMEOUT,
 };
 use crate::store::Store;
 
@@ -221,8 +221,12 @@ impl Receiver {
                 Some(event) = conn.recv() => self.connection(event),
                 _ = heartbeat.tick() => {
                     self.link.event(Event::Heartbeat);
-                    for gone in self.replicas.expire(Instant::now().into_std()) {
-                        warn!(replica = %format!("{gone:016x}"), "replica unheard for {REPLICA_TIMEOUT:?}: its nodes are offline until they reconnect");
+                    let now = Instant::now().into_std();
+                    for gone in self.replicas.expire(now) {
+                        warn!(replica = %format!("{gone:016x}"), "replica unheard for {REPLICA_TIMEOUT:?}: its nodes stay online here for {MOVE_GRACE:?} while they move");
+                    }
+                    for gone in self.replicas.moved(now) {
+                        info!(replica = %format!("{gone:016x}"), "the gone replica's nodes that did not move are offline");
                         self.hub.replica_gone(gone);
                     }
                     self.count_replicas();
