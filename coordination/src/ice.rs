@@ -34,9 +34,12 @@ fn host_port(addr: SocketAddr) -> String {
 }
 
 impl IceSettings {
-    /// `embedded`: the announced address of the embedded STUN/TURN server.
+    /// `embedded`: the announced addresses of the embedded STUN/TURN
+    /// server, one per family it serves. Each is a `stun:` URL and a `turn:`
+    /// URL of the one deployment: a node that reaches it over IPv4 and IPv6
+    /// gets a relay in each family, with one credential.
     pub fn new(
-        embedded: Option<SocketAddr>,
+        embedded: &[SocketAddr],
         secret: &str,
         external: &[ExternalTurn],
         ttl_secs: u64,
@@ -45,11 +48,16 @@ impl IceSettings {
             ttl_secs,
             ..IceSettings::default()
         };
-        if let Some(addr) = embedded {
-            let hp = host_port(addr);
-            settings.stun.push(format!("stun:{hp}"));
+        if !embedded.is_empty() {
+            let hps: Vec<String> = embedded.iter().map(|a| host_port(*a)).collect();
+            settings
+                .stun
+                .extend(hps.iter().map(|hp| format!("stun:{hp}")));
             settings.turn.push(TurnDeployment {
-                urls: vec![format!("turn:{hp}?transport=udp")],
+                urls: hps
+                    .iter()
+                    .map(|hp| format!("turn:{hp}?transport=udp"))
+                    .collect(),
                 secret: secret.to_string(),
             });
         }
@@ -104,12 +112,7 @@ mod tests {
 
     #[test]
     fn embedded_server_is_announced_with_stun_and_turn_urls() {
-        let s = IceSettings::new(
-            Some("192.0.2.1:3478".parse().unwrap()),
-            "secret",
-            &[],
-            43_200,
-        );
+        let s = IceSettings::new(&["192.0.2.1:3478".parse().unwrap()], "secret", &[], 43_200);
         let ice = s.for_node(42, 1_699_956_800);
         assert_eq!(ice.stun, vec!["stun:192.0.2.1:3478"]);
         assert_eq!(ice.turn.len(), 1);
@@ -134,7 +137,7 @@ mod tests {
                 secret: None,
             },
         ];
-        let s = IceSettings::new(None, "secret", &ext, 60);
+        let s = IceSettings::new(&[], "secret", &ext, 60);
         let ice = s.for_node(1, 1000);
         assert_eq!(ice.stun, vec!["stun:turn.example.com:3478"]);
         assert_eq!(ice.turn.len(), 2);
@@ -150,7 +153,39 @@ mod tests {
 
     #[test]
     fn ipv6_hosts_are_bracketed() {
-        let s = IceSettings::new(Some("[2001:db8::1]:3478".parse().unwrap()), "s", &[], 60);
+        let s = IceSettings::new(&["[2001:db8::1]:3478".parse().unwrap()], "s", &[], 60);
         assert_eq!(s.for_node(1, 0).stun, vec!["stun:[2001:db8::1]:3478"]);
+    }
+
+    #[test]
+    fn a_dual_stack_server_is_announced_in_both_families_with_one_credential() {
+        let s = IceSettings::new(
+            &[
+                "192.0.2.1:3478".parse().unwrap(),
+                "[2001:db8::1]:3478".parse().unwrap(),
+            ],
+            "secret",
+            &[],
+            60,
+        )
+        .with_netcheck("192.0.2.1:3479".parse().unwrap())
+        .with_netcheck("[2001:db8::1]:3479".parse().unwrap());
+        let ice = s.for_node(7, 1000);
+        assert_eq!(
+            ice.stun,
+            vec!["stun:192.0.2.1:3478", "stun:[2001:db8::1]:3478"]
+        );
+        assert_eq!(ice.turn.len(), 1, "one server, one credential");
+        assert_eq!(
+            ice.turn[0].urls,
+            vec![
+                "turn:192.0.2.1:3478?transport=udp",
+                "turn:[2001:db8::1]:3478?transport=udp"
+            ]
+        );
+        assert_eq!(
+            ice.netcheck,
+            vec!["stun:192.0.2.1:3479", "stun:[2001:db8::1]:3479"]
+        );
     }
 }

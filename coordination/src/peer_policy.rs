@@ -13,6 +13,11 @@
 //!   (`--turn-allow-private`, for labs that use such addresses as their
 //!   "internet").
 //!
+//! - the mesh's own networks (`network`, `network6`): never relayed to.
+//!   Mesh addresses exist only inside the nodes' tunnels; a relay that sent
+//!   to one would reach the mesh from outside it wherever this host routes
+//!   the mesh (a node on the same machine, say).
+//!
 //! An IPv4-mapped IPv6 address (`::ffff:a.b.c.d`, what a dual-stack socket
 //! reports for an IPv4 peer) is judged as the IPv4 address it carries, so
 //! `::ffff:127.0.0.1` is loopback and `::ffff:8.8.8.8` is public.
@@ -116,6 +121,8 @@ pub struct PeerPolicy {
     pub allow_private: bool,
     /// The server's own addresses (listen, public, relay).
     pub own: HashSet<IpAddr>,
+    /// The mesh's networks, IPv4 and IPv6: always denied.
+    pub mesh: Vec<ipnet::IpNet>,
 }
 
 impl PeerPolicy {
@@ -123,6 +130,9 @@ impl PeerPolicy {
     pub fn allows(&self, ip: IpAddr) -> bool {
         let ip = canonical(ip);
         if self.own.iter().any(|own| canonical(*own) == ip) {
+            return false;
+        }
+        if self.mesh.iter().any(|net| net.contains(&ip)) {
             return false;
         }
         match ip {
@@ -283,11 +293,36 @@ mod tests {
         let p = PeerPolicy {
             allow_private: true,
             own: [ip("198.51.100.7"), ip("::ffff:192.0.2.9")].into(),
+            ..PeerPolicy::default()
         };
         assert!(!p.allows(ip("198.51.100.7")));
         assert!(!p.allows(ip("::ffff:198.51.100.7")));
         assert!(!p.allows(ip("192.0.2.9")));
         assert!(p.allows(ip("198.51.100.8")));
+    }
+
+    #[test]
+    fn the_mesh_networks_are_denied_even_with_allow_private() {
+        let p = PeerPolicy {
+            allow_private: true,
+            mesh: vec![
+                "100.64.0.0/10".parse().unwrap(),
+                "fd12:3456:789a::/48".parse().unwrap(),
+            ],
+            ..PeerPolicy::default()
+        };
+        for s in [
+            "100.64.0.2",
+            "::ffff:100.64.0.2",
+            "fd12:3456:789a::6440:2",
+            "fd12:3456:789a:ffff::1",
+        ] {
+            assert!(!p.allows(ip(s)), "{s} is in the mesh");
+        }
+        // Neighbouring unique local and shared space stay a lab's to use.
+        assert!(p.allows(ip("fd12:3456:789b::1")));
+        assert!(p.allows(ip("100.128.0.1")));
+        assert!(lax().allows(ip("fd12:3456:789a::6440:2")));
     }
 
     #[test]

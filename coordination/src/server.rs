@@ -73,7 +73,8 @@ pub enum ServeError {
 /// A running server.
 pub struct Server {
     http_addr: SocketAddr,
-    turn_addr: Option<SocketAddr>,
+    /// Where the embedded STUN/TURN listeners are bound, IPv4 first.
+    turn_addrs: Vec<SocketAddr>,
     metrics: Arc<Metrics>,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<Result<(), ServeError>>,
@@ -85,9 +86,15 @@ impl Server {
         self.http_addr
     }
 
-    /// Where the embedded STUN/TURN server is bound, if it runs.
+    /// Where the embedded STUN/TURN server is bound, if it runs (its IPv4
+    /// listener when it serves IPv4).
     pub fn turn_addr(&self) -> Option<SocketAddr> {
-        self.turn_addr
+        self.turn_addrs.first().copied()
+    }
+
+    /// Every listener of the embedded STUN/TURN server, one per family.
+    pub fn turn_addrs(&self) -> &[SocketAddr] {
+        &self.turn_addrs
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -132,6 +139,33 @@ fn parse_open_file_limit(limits: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// The STUN-only responders netcheck compares with, one per family of
+/// `stun_turn` (what nodes are told of the STUN/TURN server): always that
+/// server's port plus one, beside the embedded server, or, with it off,
+/// beside the external one (a coturn on this host listens on the TURN port
+/// itself, 3478, which a responder must leave to it). Each with the address
+/// it is announced at.
+async fn start_netcheck(
+    listen: std::net::IpAddr,
+    port: u16,
+    stun_turn: &[SocketAddr],
+) -> Vec<(StunResponder, SocketAddr)> {
+    let mut responders = Vec::new();
+    for announced in stun_turn {
+        let family = crate::stun_filter::Family::of(announced.ip());
+        let port = match port {
+            0 => 0,
+            _ => announced.port().wrapping_add(1),
+        };
+        let bind = SocketAddr::new(crate::turn_server::bind_ip(listen, family), port);
+        match StunResponder::start(bind).await {
+            Ok(r) => responders.push((r, *announced)),
+            Err(e) => warn!("no second STUN port for netcheck on {bind}: {e}"),
+        }
+    }
+    responders
 }
 
 /// Opens everything, binds the ports and starts serving in the background.
@@ -258,24 +292,25 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         None => None,
     };
 
-    let announced = config
-        .announced()
-        .first()
-        .copied()
-        .unwrap_or(config.listen.ip());
+    // At most one address per family; the embedded STUN/TURN server and the
+    // netcheck responder serve exactly these families.
+    let announced = config.announced();
     let turn = if config.turn.embedded {
-        let mut own = std::collections::HashSet::from([announced]);
+        let mut own = std::collections::HashSet::new();
         if !config.listen.ip().is_unspecified() {
             own.insert(config.listen.ip());
         }
+        let mesh = vec![ipnet::IpNet::V4(network), ipnet::IpNet::V6(network6)];
         Some(
             EmbeddedTurn::start(TurnOptions {
-                bind: SocketAddr::new(config.listen.ip(), config.turn.port),
-                relay_ip: announced,
+                listen_ip: config.listen.ip(),
+                port: config.turn.port,
+                relay_ips: announced.clone(),
                 secret: secret.clone(),
                 policy: PeerPolicy {
                     allow_private: config.turn.allow_private,
                     own,
+                    mesh,
                 },
                 metrics: Arc::clone(&metrics),
                 quotas: Quotas {
@@ -294,31 +329,29 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     } else {
         None
     };
-    let turn_addr = turn.as_ref().map(EmbeddedTurn::local_addr);
-    // The second STUN port netcheck compares with, always the TURN port plus
-    // one: beside the embedded server, or, with it off, beside the external
-    // one (a coturn on this host listens on the TURN port itself, 3478, which
-    // this responder must leave to it).
-    let netcheck_port = match config.turn.port {
-        0 => 0,
-        port => turn_addr.map_or(port, |a| a.port()).wrapping_add(1),
+    let turn_addrs = turn
+        .as_ref()
+        .map(|t| t.local_addrs().to_vec())
+        .unwrap_or_default();
+    // What nodes are told: the embedded server's, or with it off, the
+    // configured port (an external server on this host) for the netcheck
+    // responder's sake.
+    let stun_turn: Vec<SocketAddr> = match &turn {
+        Some(t) => t.announced().to_vec(),
+        None => announced
+            .iter()
+            .map(|ip| SocketAddr::new(*ip, config.turn.port))
+            .collect(),
     };
-    let stun_alt =
-        match StunResponder::start(SocketAddr::new(config.listen.ip(), netcheck_port)).await {
-            Ok(r) => Some(r),
-            Err(e) => {
-                warn!("no second STUN port for netcheck: {e}");
-                None
-            }
-        };
+    let stun_alt = start_netcheck(config.listen.ip(), config.turn.port, &stun_turn).await;
     let mut ice = IceSettings::new(
-        turn_addr.map(|a| SocketAddr::new(announced, a.port())),
+        turn.as_ref().map(|t| t.announced()).unwrap_or_default(),
         &secret,
         &config.turn.external,
         config.turn.ttl.as_secs(),
     );
-    if let Some(r) = &stun_alt {
-        ice = ice.with_netcheck(SocketAddr::new(announced, r.local_addr().port()));
+    for (r, announced) in &stun_alt {
+        ice = ice.with_netcheck(SocketAddr::new(announced.ip(), r.local_addr().port()));
     }
     let ice = Arc::new(ice);
 
@@ -384,7 +417,10 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         state_dir = %config.state_dir.display(),
         nodes = node_count,
         dns = %config.dns.as_ref().map(|d| format!("{} on {}, {} records", d.domain, d.resolver, d.records.len())).unwrap_or_else(|| "off".into()),
-        stun_turn = %turn_addr.map(|a| format!("{announced}:{}", a.port())).unwrap_or_else(|| "external only".into()),
+        stun_turn = %match &turn {
+            Some(t) => t.announced().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(" "),
+            None => "external only".into(),
+        },
         max_sessions = config.limits.max_sessions,
         bus = config.bus.as_deref().unwrap_or("in-process"),
         "overlay-coord ready"
@@ -427,7 +463,7 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
 
     Ok(Server {
         http_addr,
-        turn_addr,
+        turn_addrs,
         metrics,
         shutdown: shutdown_tx,
         task,

@@ -11,6 +11,8 @@ use stun::xoraddr::XorMappedAddress;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
+use crate::turn_server::bind_udp;
+
 /// Largest datagram read; a Binding request is 20 bytes plus a few attributes.
 const MAX_DATAGRAM: usize = 1500;
 /// How many ports above the configured one are tried when it is taken.
@@ -60,7 +62,9 @@ impl Drop for StunResponder {
 
 /// A UDP socket on `bind`, or on the first free port of the few above it.
 async fn bind_near(bind: SocketAddr) -> std::io::Result<UdpSocket> {
-    let taken = match UdpSocket::bind(bind).await {
+    // One socket per family (an IPv6 one takes IPv6 only), so the IPv4 and
+    // IPv6 responders of one port do not collide.
+    let taken = match bind_udp(bind) {
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && bind.port() != 0 => e,
         other => return other,
     };
@@ -68,7 +72,7 @@ async fn bind_near(bind: SocketAddr) -> std::io::Result<UdpSocket> {
         let Some(port) = bind.port().checked_add(offset) else {
             break;
         };
-        if let Ok(socket) = UdpSocket::bind(SocketAddr::new(bind.ip(), port)).await {
+        if let Ok(socket) = bind_udp(SocketAddr::new(bind.ip(), port)) {
             tracing::warn!(
                 "UDP port {} is taken (a STUN/TURN server on this host?): \
                  the netcheck STUN port is {port}",
@@ -147,18 +151,13 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn dual_stack_responder_tells_ipv4_clients_their_ipv4_address() {
-        let responder = StunResponder::start("[::]:0".parse().unwrap())
-            .await
-            .expect("this host must allow a dual-stack [::] socket");
-        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    /// The XOR-MAPPED-ADDRESS `responder` answers `client` with.
+    async fn mapped(client: &UdpSocket, responder: SocketAddr) -> SocketAddr {
         let mut req = Message::new();
         req.new_transaction_id().unwrap();
         req.set_type(BINDING_REQUEST);
         req.write_header();
-        let port = responder.local_addr().port();
-        client.send_to(&req.raw, ("127.0.0.1", port)).await.unwrap();
+        client.send_to(&req.raw, responder).await.unwrap();
         let mut buf = [0u8; 256];
         let (n, _) = tokio::time::timeout(
             std::time::Duration::from_secs(2),
@@ -171,9 +170,29 @@ mod tests {
         resp.unmarshal_binary(&buf[..n]).unwrap();
         let mut xor = XorMappedAddress::default();
         xor.get_from(&resp).unwrap();
-        assert_eq!(
-            SocketAddr::new(xor.ip, xor.port),
-            client.local_addr().unwrap()
-        );
+        SocketAddr::new(xor.ip, xor.port)
+    }
+
+    #[tokio::test]
+    async fn responders_of_both_families_share_a_port_and_tell_each_client_its_own_address() {
+        let v4 = StunResponder::start("0.0.0.0:0".parse().unwrap())
+            .await
+            .unwrap();
+        let port = v4.local_addr().port();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let to = SocketAddr::from(([127, 0, 0, 1], port));
+        assert_eq!(mapped(&client, to).await, client.local_addr().unwrap());
+
+        let Ok(client6) = UdpSocket::bind("[::1]:0").await else {
+            return; // no IPv6 loopback on this host
+        };
+        let v6 = StunResponder::start(SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)))
+            .await
+            .expect("an IPv6-only socket beside the IPv4 one");
+        assert_eq!(v6.local_addr().port(), port);
+        let to = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port));
+        let got = mapped(&client6, to).await;
+        assert!(got.is_ipv6(), "{got}");
+        assert_eq!(got, client6.local_addr().unwrap());
     }
 }

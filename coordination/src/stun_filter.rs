@@ -27,6 +27,9 @@ use stun::message::{
 };
 use stun::textattrs::Username;
 use turn::proto::peeraddr::PeerAddress;
+use turn::proto::reqfamily::{
+    RequestedAddressFamily, REQUESTED_FAMILY_IPV4, REQUESTED_FAMILY_IPV6,
+};
 
 use crate::peer_policy::PeerPolicy;
 
@@ -90,20 +93,52 @@ fn peer_ip(value: &[u8], transaction_id: TransactionId) -> Option<IpAddr> {
     (value.len() == exact).then_some(peer.ip)
 }
 
-/// The USERNAME of `packet` if it is an Allocate request that carries one
-/// (the second, authenticated, attempt of a client).
-pub fn allocate_username(packet: &[u8]) -> Option<String> {
+/// An IP address family, as REQUESTED-ADDRESS-FAMILY names it (RFC 6156).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    /// The family of `ip`, an IPv4-mapped IPv6 address being IPv4.
+    pub fn of(ip: IpAddr) -> Family {
+        if ip.to_canonical().is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+}
+
+/// What the server takes from an authenticated Allocate request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllocateRequest {
+    pub username: String,
+    /// REQUESTED-ADDRESS-FAMILY, when the request names a valid one.
+    pub family: Option<Family>,
+}
+
+/// `packet` if it is an Allocate request that carries a USERNAME (the
+/// second, authenticated, attempt of a client).
+pub fn allocate_request(packet: &[u8]) -> Option<AllocateRequest> {
     if message_type(packet)? != MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST) {
         return None;
     }
     let message = decode(packet)?;
-    Username::get_from_as(&message, ATTR_USERNAME)
-        .ok()
-        .map(|u| u.text)
+    let username = Username::get_from_as(&message, ATTR_USERNAME).ok()?.text;
+    let mut requested = RequestedAddressFamily::default();
+    let family = match requested.get_from(&message) {
+        Ok(()) if requested == REQUESTED_FAMILY_IPV4 => Some(Family::V4),
+        Ok(()) if requested == REQUESTED_FAMILY_IPV6 => Some(Family::V6),
+        // Absent, or a value the turn crate answers 440 for itself.
+        _ => None,
+    };
+    Some(AllocateRequest { username, family })
 }
 
 /// An error response with `code` to the Allocate request `packet` (which
-/// [`allocate_username`] accepted).
+/// [`allocate_request`] accepted).
 pub fn allocate_error(packet: &[u8], code: u16, reason: &[u8]) -> Vec<u8> {
     error_response(METHOD_ALLOCATE, transaction_id(packet), code, reason)
 }
@@ -323,7 +358,7 @@ mod tests {
     }
 
     #[test]
-    fn allocate_username_is_read_from_allocate_requests_only() {
+    fn allocate_requests_give_their_username_and_requested_family() {
         let mut m = 0x0003u16.to_be_bytes().to_vec();
         m.extend_from_slice(&16u16.to_be_bytes());
         m.extend_from_slice(&MAGIC_COOKIE);
@@ -332,21 +367,34 @@ mod tests {
         m.extend_from_slice(&[0x00, 0x19, 0, 4, 17, 0, 0, 0]);
         m.extend_from_slice(&[0x00, 0x06, 0, 4]);
         m.extend_from_slice(b"9:42");
-        assert_eq!(allocate_username(&m).as_deref(), Some("9:42"));
+        let request = |username: &str, family| {
+            Some(AllocateRequest {
+                username: username.into(),
+                family,
+            })
+        };
+        assert_eq!(allocate_request(&m), request("9:42", None));
+        // REQUESTED-ADDRESS-FAMILY (RFC 6156): 0x01 IPv4, 0x02 IPv6.
+        for (value, family) in [(1u8, Some(Family::V4)), (2, Some(Family::V6)), (3, None)] {
+            let mut with = m.clone();
+            with.extend_from_slice(&[0x00, 0x17, 0, 4, value, 0, 0, 0]);
+            with[2..4].copy_from_slice(&24u16.to_be_bytes());
+            assert_eq!(allocate_request(&with), request("9:42", family), "{value}");
+        }
         let resp = allocate_error(&m, 486, b"Allocation Quota Reached");
         assert_eq!(&resp[0..2], &[0x01, 0x13], "Allocate error response");
         assert_eq!(error_code(&resp), 486);
         assert_eq!(&resp[8..20], &TXID);
         // The first, unauthenticated attempt carries no USERNAME.
         let bare = [&m[..2], &4u16.to_be_bytes(), &m[4..28]].concat();
-        assert_eq!(allocate_username(&bare), None);
+        assert_eq!(allocate_request(&bare), None);
         // Not an Allocate request.
         let mut refresh = m.clone();
         refresh[1] = 0x04;
-        assert_eq!(allocate_username(&refresh), None);
+        assert_eq!(allocate_request(&refresh), None);
         // A USERNAME running past the message.
         m.truncate(34);
-        assert_eq!(allocate_username(&m), None);
+        assert_eq!(allocate_request(&m), None);
     }
 
     #[test]

@@ -14,7 +14,7 @@
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::io::Interest;
@@ -305,6 +305,53 @@ impl SendBatch {
     }
 }
 
+/// A UDP socket bound to `addr`. An IPv6 one takes IPv6 only
+/// (`IPV6_V6ONLY`), so that `[::]` and `0.0.0.0` of one port are two
+/// sockets, one per family, whatever `net.ipv6.bindv6only` says.
+pub fn bind_udp(addr: SocketAddr) -> io::Result<UdpSocket> {
+    let family = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the descriptor is owned right below.
+    let fd = unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nothing else owns.
+    let socket = unsafe { std::net::UdpSocket::from_raw_fd(fd) };
+    if addr.is_ipv6() {
+        let on: libc::c_int = 1;
+        // SAFETY: a c_int option value of the right size.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as _,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    let mut name = MaybeUninit::zeroed();
+    let len = to_storage(addr, addr.is_ipv6(), &mut name);
+    // SAFETY: `name` holds a sockaddr of `len` bytes written by to_storage.
+    if unsafe { libc::bind(fd, name.as_ptr().cast(), len) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    UdpSocket::from_std(socket)
+}
+
 /// Asks for [`SOCKET_BUFFER`]-sized send and receive buffers, beyond
 /// `net.core.[rw]mem_max` when the process may (the `FORCE` options need
 /// CAP_NET_ADMIN); failing both leaves the kernel's default.
@@ -463,6 +510,30 @@ mod tests {
                 assert_eq!(&buf[4..n], &payloads[i][..]);
             }
         }
+    }
+
+    #[tokio::test]
+    async fn ipv4_and_ipv6_sockets_share_a_port_and_the_ipv6_one_takes_only_ipv6() {
+        let v4 = bind_udp("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = v4.local_addr().unwrap().port();
+        let Ok(v6) = bind_udp(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) else {
+            return; // no IPv6 on this host: nothing to check
+        };
+        assert_eq!(v6.local_addr().unwrap().port(), port);
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.send_to(b"4", ("127.0.0.1", port)).await.unwrap();
+        let mut buf = [0u8; 4];
+        let (n, _) = v4.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"4", "IPv4 reaches the IPv4 socket");
+        let Ok(client6) = UdpSocket::bind("[::1]:0").await else {
+            return; // no IPv6 loopback
+        };
+        client6.send_to(b"6", ("::1", port)).await.unwrap();
+        let (n, from) = v6.recv_from(&mut buf).await.unwrap();
+        assert_eq!(
+            (&buf[..n], from),
+            (&b"6"[..], client6.local_addr().unwrap())
+        );
     }
 
     #[tokio::test]

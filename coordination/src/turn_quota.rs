@@ -5,15 +5,17 @@
 //!
 //! ```text
 //!  listener recv_from: Allocate request with USERNAME u
-//!     ├─ u or the server at its quota → 486 / 508 answered here, not passed on
-//!     └─ else expect(u) ──▶ turn crate authenticates, then allocate_conn
-//!                              └─ take() → AllocationSlot, kept in the relay
+//!     ├─ check(u): u or the server at its quota → 486 / 508 answered here,
+//!     │            not passed on
+//!     └─ else the listener notes u ──▶ turn crate authenticates, then allocate_conn
+//!                              └─ take(u) → AllocationSlot, kept in the relay
 //!                                 socket; dropping the socket frees it
 //! ```
 //!
-//! `expect` and `take` pair up because the turn crate handles one datagram
-//! of a listener at a time: the Allocate it was last handed is the one
-//! whose relay socket it asks for. A `take` without an `expect` is refused.
+//! The listener's note and `take` pair up because the turn crate handles one
+//! datagram of a listener at a time: the Allocate it was last handed is the
+//! one whose relay socket it asks for (`turn_relay::Admitted`, one per
+//! listener, so the IPv4 and IPv6 listeners never take each other's).
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -41,8 +43,6 @@ pub enum OverQuota {
 struct Counts {
     per_user: HashMap<String, usize>,
     total: usize,
-    /// The username of the Allocate request last passed to the server.
-    expected: Option<String>,
 }
 
 #[derive(Debug)]
@@ -75,24 +75,22 @@ impl AllocationQuota {
         }
     }
 
-    /// Admits an Allocate request by `username` to the server, or says
+    /// Whether an Allocate request by `username` may go to the server, or
     /// which quota it would exceed.
-    pub fn expect(&self, username: &str) -> Result<(), OverQuota> {
-        let mut counts = self.counts();
+    pub fn check(&self, username: &str) -> Result<(), OverQuota> {
+        let counts = self.counts();
         if let Some(over) = self.over(&counts, username) {
             self.metrics
                 .turn_quota_refused
                 .fetch_add(1, Ordering::Relaxed);
             return Err(over);
         }
-        counts.expected = Some(username.to_string());
         Ok(())
     }
 
-    /// Counts the allocation of the request admitted last.
-    pub fn take(self: &Arc<Self>) -> Result<AllocationSlot, OverQuota> {
+    /// Counts an allocation of `username`, whose request was checked.
+    pub fn take(self: &Arc<Self>, username: String) -> Result<AllocationSlot, OverQuota> {
         let mut counts = self.counts();
-        let username = counts.expected.take().ok_or(OverQuota::Total)?;
         // Checked again: an earlier admitted request may have taken the room.
         if let Some(over) = self.over(&counts, &username) {
             self.metrics
@@ -166,8 +164,8 @@ mod tests {
     }
 
     fn allocate(q: &Arc<AllocationQuota>, user: &str) -> Result<AllocationSlot, OverQuota> {
-        q.expect(user)?;
-        q.take()
+        q.check(user)?;
+        q.take(user.to_string())
     }
 
     #[test]
@@ -195,11 +193,12 @@ mod tests {
     }
 
     #[test]
-    fn take_without_expect_is_refused_and_expect_is_used_once() {
-        let q = quota(5, 5);
-        assert!(q.take().is_err());
-        q.expect("1:a").unwrap();
-        let _a = q.take().unwrap();
-        assert!(q.take().is_err());
+    fn take_checks_again_for_room_taken_since_the_check() {
+        let q = quota(1, 5);
+        q.check("1:a").unwrap();
+        q.check("1:a").unwrap();
+        let _a = q.take("1:a".into()).unwrap();
+        assert_eq!(q.take("1:a".into()).unwrap_err(), OverQuota::User);
+        assert_eq!(q.count("1:a"), 1);
     }
 }

@@ -33,7 +33,7 @@ use super::batch::{RecvBatch, SendBatch, BATCH};
 use super::channels::{channel_header, parse_channel_data, ChannelTable};
 use crate::metrics::Metrics;
 use crate::peer_policy::PeerPolicy;
-use crate::stun_filter::{self, Verdict};
+use crate::stun_filter::{self, Family, Verdict};
 use crate::turn_quota::{AllocationQuota, AllocationSlot, OverQuota};
 
 /// The channel table shared by the listener and every relay socket; each
@@ -44,6 +44,36 @@ fn lock(table: &Table) -> std::sync::MutexGuard<'_, ChannelTable<Arc<UdpSocket>>
     // A panic while holding the table cannot leave it inconsistent in a way
     // that matters more than losing the relay: keep serving.
     table.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The Allocate request a listener last handed the turn crate, for the
+/// relay socket the crate asks for next (it handles one datagram of a
+/// listener at a time; see `turn_quota`): who pays for it, and the family
+/// of its relayed address. One per listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Admitted {
+    pub username: String,
+    pub family: Family,
+}
+
+pub(crate) type AdmittedSlot = Arc<Mutex<Option<Admitted>>>;
+
+/// The family of an allocation's relayed address: the one the request asks
+/// for (REQUESTED-ADDRESS-FAMILY, RFC 6156), else the client's own, as
+/// coturn's `allocation-default-address-family=keep` (a client that reached
+/// the server over IPv6 gets an IPv6 relay; IPv4 clients, and every client
+/// that predates IPv6 here, an IPv4 one), else the one this server relays
+/// in. `None`: the requested family is not served (440).
+pub(crate) fn relay_family(
+    requested: Option<Family>,
+    client: Family,
+    served: &[Family],
+) -> Option<Family> {
+    match requested {
+        Some(family) => served.contains(&family).then_some(family),
+        None if served.contains(&client) => Some(client),
+        None => served.first().copied(),
+    }
 }
 
 /// `addr` with an IPv4-mapped IPv6 address replaced by its IPv4 address.
@@ -240,15 +270,22 @@ pub(crate) struct FilteredListener {
     quota: Arc<AllocationQuota>,
     table: Table,
     batches: tokio::sync::Mutex<Batches>,
+    /// Shared with this listener's relay address generator.
+    admitted: AdmittedSlot,
+    /// The families the server relays in, IPv4 first.
+    served: Vec<Family>,
 }
 
 impl FilteredListener {
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         inner: Arc<UdpSocket>,
         table: Table,
         policy: Arc<PeerPolicy>,
         metrics: Arc<Metrics>,
         quota: Arc<AllocationQuota>,
+        admitted: AdmittedSlot,
+        served: Vec<Family>,
     ) -> FilteredListener {
         FilteredListener {
             inner,
@@ -257,16 +294,34 @@ impl FilteredListener {
             quota,
             table,
             batches: tokio::sync::Mutex::new(Batches::default()),
+            admitted,
+            served,
         }
     }
 
-    /// Checks an Allocate request against the quotas; `Some` is the error
-    /// response to send instead of passing it on.
-    fn over_quota(&self, packet: &[u8]) -> Option<Vec<u8>> {
-        let username = stun_filter::allocate_username(packet)?;
-        let username = username.as_str();
-        match self.quota.expect(username) {
-            Ok(()) => None,
+    /// Checks an Allocate request from `client` against the families served
+    /// and the quotas, and notes it for the relay socket it will ask for;
+    /// `Some` is the error response to send instead of passing it on.
+    fn admit(&self, packet: &[u8], client: SocketAddr) -> Option<Vec<u8>> {
+        let request = stun_filter::allocate_request(packet)?;
+        let Some(family) = relay_family(request.family, Family::of(client.ip()), &self.served)
+        else {
+            tracing::debug!(%client, "TURN allocation of a family not served");
+            return Some(stun_filter::allocate_error(
+                packet,
+                440,
+                b"Address Family not Supported",
+            ));
+        };
+        let username = request.username.as_str();
+        match self.quota.check(username) {
+            Ok(()) => {
+                *self.admitted.lock().unwrap_or_else(|e| e.into_inner()) = Some(Admitted {
+                    username: request.username.clone(),
+                    family,
+                });
+                None
+            }
             Err(OverQuota::User) => {
                 tracing::debug!(username, "TURN allocation over the per-user quota");
                 Some(stun_filter::allocate_error(
@@ -361,7 +416,7 @@ impl Conn for FilteredListener {
         loop {
             while let Some((from, packet)) = b.next_slow() {
                 match stun_filter::inspect(packet, &self.policy) {
-                    Verdict::Pass => match self.over_quota(packet) {
+                    Verdict::Pass => match self.admit(packet, from) {
                         None if packet.len() <= buf.len() => {
                             lock(&self.table).note_request(from, packet, Instant::now());
                             buf[..packet.len()].copy_from_slice(packet);

@@ -25,12 +25,16 @@
 //! learnt from the turn crate's own answers (`turn_channels.rs`); denied
 //! peers never get a binding, since their ChannelBind is refused first.
 //!
-//! Address families: on a dual-stack `[::]` listener an IPv4 client shows
-//! up as `::ffff:a.b.c.d`. The listener hands the turn crate the plain IPv4
-//! address (so XOR-MAPPED-ADDRESS says IPv4), and each relay socket is of
-//! the family of its allocation, whatever the listener's.
+//! Address families: one listener per family the server announces an
+//! address for (`--public-addr` per family), on the same port, the IPv6 one
+//! IPv6-only; each is its own `ConnConfig` of the turn crate, so a client's
+//! allocations live with the listener it reached. A relayed address is of the
+//! family the Allocate asks for (REQUESTED-ADDRESS-FAMILY), else of the
+//! client's own ([`relay::relay_family`]); a family not served is refused
+//! with 440. The ChannelData fast path is family-blind: sockaddrs of either
+//! family, and IPv4-mapped addresses read as IPv4 wherever they show up.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,7 +54,9 @@ mod channels;
 #[path = "turn_relay.rs"]
 mod relay;
 
-use relay::{FilteredConn, FilteredListener, Table};
+use relay::{Admitted, AdmittedSlot, FilteredConn, FilteredListener, Table};
+
+pub use batch::bind_udp;
 
 use overlay_proto::NodeId;
 
@@ -58,6 +64,7 @@ use crate::auth;
 use crate::metrics::Metrics;
 use crate::peer_policy::PeerPolicy;
 use crate::store::now_unix;
+use crate::stun_filter::Family;
 use crate::turn_quota::{AllocationQuota, Quotas};
 
 /// Realm of the embedded TURN server; part of the long-term credential key.
@@ -82,6 +89,8 @@ pub enum TurnError {
     },
     #[error("cannot start the TURN server: {0}")]
     Start(#[from] turn::Error),
+    #[error("the STUN/TURN server has no address to announce")]
+    NoAddress,
 }
 
 /// Accepts exactly the REST credentials of [`auth::turn_credential`], for
@@ -121,31 +130,81 @@ impl AuthHandler for RestAuth {
     }
 }
 
-/// Creates relay sockets on `bind_ip`, announced as `relay_ip`.
+/// Where the server's sockets of one family bind, and the address its
+/// relayed transport addresses of that family announce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FamilyAddrs {
+    pub bind: IpAddr,
+    pub announced: IpAddr,
+}
+
+/// The families the server serves: those it announces an address for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Families {
+    v4: Option<FamilyAddrs>,
+    v6: Option<FamilyAddrs>,
+}
+
+impl Families {
+    /// `announced` holds at most one address per family; sockets bind
+    /// `listen` where it is of their family, else that family's
+    /// unspecified address.
+    pub(crate) fn new(listen: IpAddr, announced: &[IpAddr]) -> Families {
+        let mut families = Families::default();
+        for ip in announced.iter().map(|ip| ip.to_canonical()) {
+            let family = Family::of(ip);
+            let addrs = Some(FamilyAddrs {
+                bind: bind_ip(listen, family),
+                announced: ip,
+            });
+            match family {
+                Family::V4 if families.v4.is_none() => families.v4 = addrs,
+                Family::V6 if families.v6.is_none() => families.v6 = addrs,
+                _ => {}
+            }
+        }
+        families
+    }
+
+    pub(crate) fn get(&self, family: Family) -> Option<FamilyAddrs> {
+        match family {
+            Family::V4 => self.v4,
+            Family::V6 => self.v6,
+        }
+    }
+
+    /// The families served, IPv4 first.
+    pub(crate) fn served(&self) -> Vec<Family> {
+        [Family::V4, Family::V6]
+            .into_iter()
+            .filter(|f| self.get(*f).is_some())
+            .collect()
+    }
+}
+
+/// Where a socket of `family` binds when the server listens on `listen`:
+/// `listen` itself when it is of that family (one address, or `0.0.0.0` /
+/// `[::]`), else the family's unspecified address.
+pub fn bind_ip(listen: IpAddr, family: Family) -> IpAddr {
+    let listen = listen.to_canonical();
+    match family {
+        _ if Family::of(listen) == family => listen,
+        Family::V4 => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        Family::V6 => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+/// Creates the relay sockets of one listener's allocations.
 struct FilteredRelays {
-    relay_ip: IpAddr,
-    bind_ip: IpAddr,
+    families: Families,
     policy: Arc<PeerPolicy>,
     metrics: Arc<Metrics>,
     quota: Arc<AllocationQuota>,
     /// The listener, which ChannelData to clients leaves from.
     listener: Arc<UdpSocket>,
     table: Table,
-}
-
-impl FilteredRelays {
-    /// Where a relay socket of the given family binds and what it
-    /// announces; `None` when this server has no such address. A `[::]`
-    /// listener serves IPv4 allocations from `0.0.0.0`.
-    fn addresses(&self, ipv4: bool) -> Option<(IpAddr, IpAddr)> {
-        let bind = match self.bind_ip.to_canonical() {
-            IpAddr::V6(v6) if ipv4 && v6.is_unspecified() => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            ip if ip.is_ipv4() == ipv4 => ip,
-            _ => return None,
-        };
-        let announced = self.relay_ip.to_canonical();
-        (announced.is_ipv4() == ipv4).then_some((bind, announced))
-    }
+    /// The Allocate the listener handed the turn crate last.
+    admitted: AdmittedSlot,
 }
 
 #[async_trait]
@@ -154,22 +213,32 @@ impl RelayAddressGenerator for FilteredRelays {
         Ok(())
     }
 
+    /// `use_ipv4` is the turn crate's reading of REQUESTED-ADDRESS-FAMILY
+    /// (IPv4 when absent); the listener read the same attribute and knows
+    /// the client's family besides, so its choice is the one taken.
     async fn allocate_conn(
         &self,
-        use_ipv4: bool,
+        _use_ipv4: bool,
         requested_port: u16,
     ) -> Result<(Arc<dyn Conn + Send + Sync>, SocketAddr), turn::Error> {
-        let (bind_ip, relay_ip) = self
-            .addresses(use_ipv4)
+        let Admitted { username, family } = self
+            .admitted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| turn::Error::Other("an allocation nobody asked for".into()))?;
+        let addrs = self
+            .families
+            .get(family)
             .ok_or_else(|| turn::Error::Other("requested address family is not served".into()))?;
         let slot = self
             .quota
-            .take()
+            .take(username)
             .map_err(|over| turn::Error::Other(format!("allocation quota reached: {over:?}")))?;
-        let socket = UdpSocket::bind(SocketAddr::new(bind_ip, requested_port)).await?;
+        let socket = bind_udp(SocketAddr::new(addrs.bind, requested_port))?;
         batch::grow_buffers(&socket);
         let mut relay_addr = socket.local_addr()?;
-        relay_addr.set_ip(relay_ip);
+        relay_addr.set_ip(addrs.announced);
         let conn = FilteredConn::new(
             Arc::new(socket),
             relay_addr,
@@ -184,10 +253,14 @@ impl RelayAddressGenerator for FilteredRelays {
 }
 
 pub struct TurnOptions {
-    /// UDP address of the STUN/TURN listener (port 0: ephemeral).
-    pub bind: SocketAddr,
-    /// Address announced as the relayed transport address.
-    pub relay_ip: IpAddr,
+    /// The IP `serve` listens on: one address, or `0.0.0.0` / `[::]`.
+    pub listen_ip: IpAddr,
+    /// UDP port of the listeners (0: ephemeral, the same for both
+    /// families when it is free in both).
+    pub port: u16,
+    /// Addresses announced as relayed transport addresses, at most one per
+    /// family: the server listens and relays in exactly these families.
+    pub relay_ips: Vec<IpAddr>,
     pub secret: String,
     pub policy: PeerPolicy,
     pub metrics: Arc<Metrics>,
@@ -201,52 +274,72 @@ pub struct EmbeddedTurn {
     /// The channel bindings relayed without the turn crate (tests look in).
     #[cfg_attr(not(test), allow(dead_code))]
     table: Table,
-    local_addr: SocketAddr,
+    /// Where each listener is bound, IPv4 first.
+    local_addrs: Vec<SocketAddr>,
+    /// What nodes are told for each: its family's announced address and
+    /// its port.
+    announced: Vec<SocketAddr>,
     sweeper: tokio::task::JoinHandle<()>,
 }
 
 impl EmbeddedTurn {
     pub async fn start(opts: TurnOptions) -> Result<EmbeddedTurn, TurnError> {
-        let socket = UdpSocket::bind(opts.bind)
-            .await
-            .map_err(|source| TurnError::Bind {
-                addr: opts.bind,
+        let families = Families::new(opts.listen_ip, &opts.relay_ips);
+        let served = families.served();
+        if served.is_empty() {
+            return Err(TurnError::NoAddress);
+        }
+        let mut listeners = Vec::new();
+        let mut announced = Vec::new();
+        for family in &served {
+            let addrs = families.get(*family).ok_or(TurnError::NoAddress)?;
+            let socket = bind_listener(addrs.bind, opts.port, listeners.first())?;
+            batch::grow_buffers(&socket);
+            let local = socket.local_addr().map_err(|source| TurnError::Bind {
+                addr: SocketAddr::new(addrs.bind, opts.port),
                 source,
             })?;
-        let local_addr = socket.local_addr().map_err(|source| TurnError::Bind {
-            addr: opts.bind,
-            source,
-        })?;
-        batch::grow_buffers(&socket);
-        let socket = Arc::new(socket);
+            announced.push(SocketAddr::new(addrs.announced, local.port()));
+            listeners.push((Arc::new(socket), local));
+        }
         let table = Table::default();
         let mut policy = opts.policy;
-        policy.own.insert(opts.relay_ip);
-        if !local_addr.ip().is_unspecified() {
-            policy.own.insert(local_addr.ip());
+        for addr in listeners.iter().map(|(_, a)| a).chain(&announced) {
+            if !addr.ip().is_unspecified() {
+                policy.own.insert(addr.ip());
+            }
         }
         let policy = Arc::new(policy);
         let quota = AllocationQuota::new(opts.quotas, Arc::clone(&opts.metrics));
-        let server = Arc::new(
-            Server::new(ServerConfig {
-                conn_configs: vec![ConnConfig {
+        let conn_configs = listeners
+            .iter()
+            .map(|(socket, _)| {
+                let admitted = AdmittedSlot::default();
+                ConnConfig {
                     conn: Arc::new(FilteredListener::new(
-                        Arc::clone(&socket),
+                        Arc::clone(socket),
                         Arc::clone(&table),
                         Arc::clone(&policy),
                         Arc::clone(&opts.metrics),
                         Arc::clone(&quota),
+                        Arc::clone(&admitted),
+                        served.clone(),
                     )),
                     relay_addr_generator: Box::new(FilteredRelays {
-                        relay_ip: opts.relay_ip,
-                        bind_ip: opts.bind.ip(),
-                        policy,
+                        families,
+                        policy: Arc::clone(&policy),
                         metrics: Arc::clone(&opts.metrics),
                         quota: Arc::clone(&quota),
-                        listener: socket,
+                        listener: Arc::clone(socket),
                         table: Arc::clone(&table),
+                        admitted,
                     }),
-                }],
+                }
+            })
+            .collect();
+        let server = Arc::new(
+            Server::new(ServerConfig {
+                conn_configs,
                 realm: REALM.into(),
                 auth_handler: Arc::new(RestAuth {
                     secret: opts.secret,
@@ -266,13 +359,25 @@ impl EmbeddedTurn {
         Ok(EmbeddedTurn {
             server,
             table,
-            local_addr,
+            local_addrs: listeners.iter().map(|(_, a)| *a).collect(),
+            announced,
             sweeper,
         })
     }
 
+    /// The first listener's address (the IPv4 one when IPv4 is served).
     pub fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+        self.local_addrs[0]
+    }
+
+    /// Every listener's address, IPv4 first.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// The STUN/TURN addresses to announce, one per family, IPv4 first.
+    pub fn announced(&self) -> &[SocketAddr] {
+        &self.announced
     }
 
     pub async fn close(self) {
@@ -280,6 +385,23 @@ impl EmbeddedTurn {
         if let Err(e) = self.server.close().await {
             tracing::warn!("closing the TURN server: {e}");
         }
+    }
+}
+
+/// A listener socket on `ip` and `port`; with port 0 the second family's
+/// takes the first one's port when it is free, so both are announced alike.
+fn bind_listener(
+    ip: IpAddr,
+    port: u16,
+    first: Option<&(Arc<UdpSocket>, SocketAddr)>,
+) -> Result<UdpSocket, TurnError> {
+    let bind = |port| {
+        let addr = SocketAddr::new(ip, port);
+        bind_udp(addr).map_err(|source| TurnError::Bind { addr, source })
+    };
+    match first {
+        Some((_, first)) if port == 0 => bind(first.port()).or_else(|_| bind(0)),
+        _ => bind(port),
     }
 }
 

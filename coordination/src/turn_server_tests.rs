@@ -67,15 +67,15 @@ fn rest_auth_refuses_credentials_of_removed_nodes() {
     assert!(auth.auth_handle(&other.username, REALM, src).is_ok());
 }
 
-fn relays(bind: &str, relay: &str) -> FilteredRelays {
+fn relays(listen: &str, announced: &[&str]) -> FilteredRelays {
     let metrics = Arc::new(Metrics::default());
     let listener = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
+    let announced: Vec<IpAddr> = announced.iter().map(|s| s.parse().unwrap()).collect();
     FilteredRelays {
         listener: Arc::new(UdpSocket::from_std(listener).unwrap()),
         table: Table::default(),
-        relay_ip: relay.parse().unwrap(),
-        bind_ip: bind.parse().unwrap(),
+        families: Families::new(listen.parse().unwrap(), &announced),
         policy: Arc::new(PeerPolicy::default()),
         quota: AllocationQuota::new(
             Quotas {
@@ -85,35 +85,69 @@ fn relays(bind: &str, relay: &str) -> FilteredRelays {
             Arc::clone(&metrics),
         ),
         metrics,
+        admitted: AdmittedSlot::default(),
     }
 }
 
-#[tokio::test]
-async fn relay_family_follows_the_allocation_not_the_listener() {
+fn admit(r: &FilteredRelays, username: &str, family: Family) {
+    *r.admitted.lock().unwrap() = Some(Admitted {
+        username: username.into(),
+        family,
+    });
+}
+
+#[test]
+fn each_family_binds_the_listen_address_when_it_is_of_that_family() {
     let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-    // A dual-stack [::] listener serves IPv4 allocations from 0.0.0.0.
-    let r = relays("::", "203.0.113.1");
-    assert_eq!(r.addresses(true), Some((ip("0.0.0.0"), ip("203.0.113.1"))));
-    // No IPv6 address to announce: IPv6 allocations are refused.
-    assert_eq!(r.addresses(false), None);
-    let r = relays("::", "2001:db8::1");
-    assert_eq!(r.addresses(false), Some((ip("::"), ip("2001:db8::1"))));
-    assert_eq!(r.addresses(true), None);
-    // A mapped listener or announced address counts as IPv4.
-    let r = relays("::ffff:127.0.0.1", "::ffff:203.0.113.1");
-    assert_eq!(
-        r.addresses(true),
-        Some((ip("127.0.0.1"), ip("203.0.113.1")))
-    );
-    let r = relays("0.0.0.0", "203.0.113.1");
-    assert_eq!(r.addresses(false), None);
+    let pair = |bind: &str, announced: &str| {
+        Some(FamilyAddrs {
+            bind: ip(bind),
+            announced: ip(announced),
+        })
+    };
+    // [::] and 0.0.0.0 both mean "every address of the family".
+    let f = Families::new(ip("::"), &[ip("203.0.113.1"), ip("2001:db8::1")]);
+    assert_eq!(f.get(Family::V4), pair("0.0.0.0", "203.0.113.1"));
+    assert_eq!(f.get(Family::V6), pair("::", "2001:db8::1"));
+    assert_eq!(f.served(), vec![Family::V4, Family::V6]);
+    let f = Families::new(ip("0.0.0.0"), &[ip("2001:db8::1"), ip("203.0.113.1")]);
+    assert_eq!(f.get(Family::V6), pair("::", "2001:db8::1"));
+    assert_eq!(f.served(), vec![Family::V4, Family::V6], "IPv4 first");
+    // One address: its family binds it, the other every address.
+    let f = Families::new(ip("192.0.2.5"), &[ip("192.0.2.5"), ip("2001:db8::1")]);
+    assert_eq!(f.get(Family::V4), pair("192.0.2.5", "192.0.2.5"));
+    assert_eq!(f.get(Family::V6), pair("::", "2001:db8::1"));
+    // No address to announce: the family is not served.
+    let f = Families::new(ip("::"), &[ip("203.0.113.1")]);
+    assert_eq!(f.get(Family::V6), None);
+    assert_eq!(f.served(), vec![Family::V4]);
+    // A mapped listen or announced address counts as IPv4.
+    let f = Families::new(ip("::ffff:127.0.0.1"), &[ip("::ffff:203.0.113.1")]);
+    assert_eq!(f.get(Family::V4), pair("127.0.0.1", "203.0.113.1"));
+}
+
+#[test]
+fn the_relay_family_is_the_requested_one_else_the_clients() {
+    use relay::relay_family;
+    let both = [Family::V4, Family::V6];
+    let (v4, v6) = (Family::V4, Family::V6);
+    // Asked for (RFC 6156): given when served, else refused (440).
+    assert_eq!(relay_family(Some(v4), v6, &both), Some(v4));
+    assert_eq!(relay_family(Some(v6), v4, &both), Some(v6));
+    assert_eq!(relay_family(Some(v6), v4, &[v4]), None);
+    assert_eq!(relay_family(Some(v4), v6, &[v6]), None);
+    // Not asked for: the client's own, else what there is.
+    assert_eq!(relay_family(None, v6, &both), Some(v6));
+    assert_eq!(relay_family(None, v4, &both), Some(v4));
+    assert_eq!(relay_family(None, v6, &[v4]), Some(v4));
 }
 
 #[tokio::test]
-async fn ipv4_allocation_on_a_dual_stack_listener_gets_an_ipv4_relay_socket() {
-    let r = relays("::", "203.0.113.1");
-    r.quota.expect("1:1").unwrap();
-    let (conn, relay_addr) = r.allocate_conn(true, 0).await.expect("IPv4 allocation");
+async fn an_allocation_gets_a_relay_socket_of_its_admitted_family() {
+    let r = relays("::", &["203.0.113.1", "2001:db8::1"]);
+    admit(&r, "1:1", Family::V4);
+    // The turn crate's use_ipv4 is not what decides: the listener's note is.
+    let (conn, relay_addr) = r.allocate_conn(false, 0).await.expect("IPv4 allocation");
     assert!(conn.local_addr().unwrap().is_ipv4());
     assert_eq!(relay_addr.ip(), "203.0.113.1".parse::<IpAddr>().unwrap());
     assert_eq!(r.quota.count("1:1"), 1);
@@ -121,6 +155,25 @@ async fn ipv4_allocation_on_a_dual_stack_listener_gets_an_ipv4_relay_socket() {
     assert_eq!(r.quota.count("1:1"), 0, "the slot goes with the socket");
     // Without an admitted Allocate request there is nothing to count it on.
     assert!(r.allocate_conn(true, 0).await.is_err());
+
+    if UdpSocket::bind("[::1]:0").await.is_err() {
+        return; // no IPv6 on this host
+    }
+    admit(&r, "1:1", Family::V6);
+    let (conn, relay_addr) = r.allocate_conn(true, 0).await.expect("IPv6 allocation");
+    let local = conn.local_addr().unwrap();
+    assert!(local.is_ipv6());
+    assert_eq!(
+        relay_addr,
+        SocketAddr::new("2001:db8::1".parse().unwrap(), local.port())
+    );
+    assert_eq!(r.quota.count("1:1"), 1);
+    drop(conn);
+    // A family without an address is not allocated, and costs no slot.
+    let r = relays("::", &["203.0.113.1"]);
+    admit(&r, "1:1", Family::V6);
+    assert!(r.allocate_conn(false, 0).await.is_err());
+    assert_eq!(r.quota.count("1:1"), 0);
 }
 
 #[tokio::test]
@@ -142,6 +195,8 @@ async fn dual_stack_listener_reports_ipv4_clients_as_ipv4() {
             },
             Arc::clone(&metrics),
         ),
+        AdmittedSlot::default(),
+        vec![Family::V4],
     );
     let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.send_to(b"hello", ("127.0.0.1", port)).await.unwrap();
@@ -180,16 +235,47 @@ fn outbound_ipv4() -> Option<IpAddr> {
     (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
 }
 
+/// A non-loopback IPv6 address of this host (global or unique local), if
+/// it has a route out.
+fn outbound_ipv6() -> Option<IpAddr> {
+    let s = std::net::UdpSocket::bind("[::]:0").ok()?;
+    s.connect("[2001:db8::1]:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+/// A dual-stack embedded server on every address, announcing loopback.
+async fn dual_stack_turn(metrics: &Arc<Metrics>) -> EmbeddedTurn {
+    EmbeddedTurn::start(TurnOptions {
+        listen_ip: "::".parse().unwrap(),
+        port: 0,
+        relay_ips: vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()],
+        secret: "s".into(),
+        policy: PeerPolicy {
+            allow_private: true,
+            ..PeerPolicy::default()
+        },
+        metrics: Arc::clone(metrics),
+        quotas: Quotas {
+            per_user: 4,
+            total: 4,
+        },
+        node_exists: Arc::new(|_| true),
+    })
+    .await
+    .unwrap()
+}
+
 #[tokio::test]
 async fn channel_data_on_a_live_binding_is_relayed_both_ways_without_the_turn_crate() {
-    use turn::client::{Client, ClientConfig};
     let Some(peer_ip) = outbound_ipv4() else {
         return; // no address a relay may send to on this host
     };
     let metrics = Arc::new(Metrics::default());
     let turn = EmbeddedTurn::start(TurnOptions {
-        bind: "127.0.0.1:0".parse().unwrap(),
-        relay_ip: "127.0.0.1".parse().unwrap(),
+        listen_ip: "127.0.0.1".parse().unwrap(),
+        port: 0,
+        relay_ips: vec!["127.0.0.1".parse().unwrap()],
         secret: "s".into(),
         policy: PeerPolicy {
             allow_private: true,
@@ -204,13 +290,58 @@ async fn channel_data_on_a_live_binding_is_relayed_both_ways_without_the_turn_cr
     })
     .await
     .unwrap();
-    let server = turn.local_addr().to_string();
+    let server = turn.local_addr();
+    relayed_both_ways_on_the_fast_path(&turn, server, "127.0.0.1:0", peer_ip).await;
+    turn.close().await;
+}
+
+#[tokio::test]
+async fn an_ipv6_client_gets_an_ipv6_relay_and_its_channel_data_takes_the_fast_path() {
+    if UdpSocket::bind("[::1]:0").await.is_err() {
+        return; // no IPv6 loopback on this host
+    }
+    let Some(peer_ip) = outbound_ipv6() else {
+        return; // no IPv6 address a relay may send to on this host
+    };
+    let metrics = Arc::new(Metrics::default());
+    let turn = dual_stack_turn(&metrics).await;
+    let [v4, v6] = turn.local_addrs() else {
+        panic!("one listener per family: {:?}", turn.local_addrs());
+    };
+    assert!(v4.is_ipv4() && v6.is_ipv6());
+    assert_eq!(v4.port(), v6.port(), "one port for both families");
+    assert_eq!(
+        turn.announced(),
+        [
+            SocketAddr::new("127.0.0.1".parse().unwrap(), v4.port()),
+            SocketAddr::new("::1".parse().unwrap(), v6.port()),
+        ]
+    );
+    let server = SocketAddr::new("::1".parse().unwrap(), v6.port());
+    relayed_both_ways_on_the_fast_path(&turn, server, "[::1]:0", peer_ip).await;
+    turn.close().await;
+}
+
+/// Allocates on `server` from a client bound to `client_bind`, binds a
+/// channel to a peer on `peer_ip` and checks that 100 datagrams each way
+/// cross the relay through the batched ChannelData path.
+async fn relayed_both_ways_on_the_fast_path(
+    turn: &EmbeddedTurn,
+    server: SocketAddr,
+    client_bind: &str,
+    peer_ip: IpAddr,
+) {
+    use turn::client::{Client, ClientConfig};
+    let (peers_before, clients_before) = {
+        let table = turn.table.lock().unwrap();
+        (table.relayed_to_peers, table.relayed_to_clients)
+    };
     let cred = auth::turn_credential("s", 1, now_unix(), 600);
-    let socket = Arc::new(UdpSocket::bind("127.0.0.1:0").await.unwrap());
+    let socket = Arc::new(UdpSocket::bind(client_bind).await.unwrap());
     let client_addr = socket.local_addr().unwrap();
     let client = Client::new(ClientConfig {
-        stun_serv_addr: server.clone(),
-        turn_serv_addr: server,
+        stun_serv_addr: server.to_string(),
+        turn_serv_addr: server.to_string(),
         username: cred.username,
         password: cred.password,
         realm: String::new(),
@@ -223,9 +354,14 @@ async fn channel_data_on_a_live_binding_is_relayed_both_ways_without_the_turn_cr
     .unwrap();
     client.listen().await.unwrap();
     let relay = client.allocate().await.unwrap();
+    let relayed = relay.local_addr().unwrap();
+    assert_eq!(
+        relayed.is_ipv4(),
+        client_addr.is_ipv4(),
+        "a relay of the client's family: {relayed}"
+    );
     let peer = UdpSocket::bind((peer_ip, 0)).await.unwrap();
     let peer_addr = peer.local_addr().unwrap();
-
     // The turn client binds a channel after its first Send indication; keep
     // sending until the server's table has the binding.
     let mut buf = [0u8; 256];
@@ -271,10 +407,8 @@ async fn channel_data_on_a_live_binding_is_relayed_both_ways_without_the_turn_cr
     );
 
     // Peer to client: ChannelData from the relay socket's batches.
-    let relayed = relay.local_addr().unwrap();
-    let to_relay = SocketAddr::new("127.0.0.1".parse().unwrap(), relayed.port());
     for i in 0..100u8 {
-        peer.send_to(&[i; 200], to_relay).await.unwrap();
+        peer.send_to(&[i; 200], relayed).await.unwrap();
     }
     let mut got = 0;
     while let Ok(Ok((n, from))) =
@@ -292,8 +426,13 @@ async fn channel_data_on_a_live_binding_is_relayed_both_ways_without_the_turn_cr
         let table = turn.table.lock().unwrap();
         (table.relayed_to_peers, table.relayed_to_clients)
     };
-    assert!(to_peers >= 100, "{to_peers} relayed to the peer");
-    assert!(to_clients >= 100, "{to_clients} relayed to the client");
+    assert!(
+        to_peers - peers_before >= 100,
+        "{to_peers} relayed to the peer"
+    );
+    assert!(
+        to_clients - clients_before >= 100,
+        "{to_clients} relayed to the client"
+    );
     client.close().await.unwrap();
-    turn.close().await;
 }

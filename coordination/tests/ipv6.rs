@@ -118,3 +118,159 @@ async fn a_configured_prefix_is_used_and_a_different_one_later_is_refused() {
     );
     srv.restart().await;
 }
+
+/// Whether this host has IPv6 loopback (`ip -6 addr show lo`).
+async fn has_ipv6_loopback() -> bool {
+    tokio::net::UdpSocket::bind("[::1]:0").await.is_ok()
+}
+
+/// A server that announces STUN/TURN on 127.0.0.1 and [::1].
+async fn dual_stack_server() -> TestServer {
+    TestServer::start_with(|c| {
+        c.public_addrs = vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+    })
+    .await
+}
+
+async fn turn_client(
+    bind: &str,
+    server: std::net::SocketAddr,
+    username: &str,
+    password: &str,
+) -> turn::client::Client {
+    let conn = std::sync::Arc::new(tokio::net::UdpSocket::bind(bind).await.unwrap());
+    let c = turn::client::Client::new(turn::client::ClientConfig {
+        stun_serv_addr: server.to_string(),
+        turn_serv_addr: server.to_string(),
+        username: username.into(),
+        password: password.into(),
+        realm: String::new(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn,
+        vnet: None,
+    })
+    .await
+    .unwrap();
+    c.listen().await.unwrap();
+    c
+}
+
+#[tokio::test]
+async fn with_an_ipv6_public_address_nodes_are_told_stun_and_turn_in_both_families() {
+    if !has_ipv6_loopback().await {
+        eprintln!("skipped: no IPv6 loopback on this host");
+        return;
+    }
+    let srv = dual_stack_server().await;
+    let [v4, v6] = srv.server().turn_addrs() else {
+        panic!("one listener per family: {:?}", srv.server().turn_addrs());
+    };
+    assert!(v4.is_ipv4() && v6.is_ipv6(), "{v4} {v6}");
+    let a = srv.new_node("a").await;
+    let mut node = srv.connect(&a).await;
+    let ServerMsg::Welcome { ice, .. } = node.welcome().await else {
+        unreachable!()
+    };
+    let (p4, p6) = (v4.port(), v6.port());
+    assert_eq!(
+        ice.stun,
+        vec![format!("stun:127.0.0.1:{p4}"), format!("stun:[::1]:{p6}")]
+    );
+    assert_eq!(ice.turn.len(), 1, "one server, one credential");
+    assert_eq!(
+        ice.turn[0].urls,
+        vec![
+            format!("turn:127.0.0.1:{p4}?transport=udp"),
+            format!("turn:[::1]:{p6}?transport=udp")
+        ]
+    );
+    assert_eq!(ice.netcheck.len(), 2, "{:?}", ice.netcheck);
+    assert!(ice.netcheck[0].starts_with("stun:127.0.0.1:"));
+    assert!(ice.netcheck[1].starts_with("stun:[::1]:"));
+}
+
+#[tokio::test]
+async fn stun_over_ipv6_maps_to_the_clients_ipv6_address_and_turn_relays_in_its_family() {
+    if !has_ipv6_loopback().await {
+        eprintln!("skipped: no IPv6 loopback on this host");
+        return;
+    }
+    let srv = dual_stack_server().await;
+    let v6 = srv.server().turn_addrs()[1];
+    let server6 = std::net::SocketAddr::new("::1".parse().unwrap(), v6.port());
+
+    // A plain Binding request over [::1]: XOR-MAPPED-ADDRESS of family IPv6.
+    let c = turn_client("[::1]:0", server6, "", "").await;
+    let mapped = tokio::time::timeout(DEADLINE, c.send_binding_request())
+        .await
+        .expect("answer in time")
+        .expect("binding success");
+    assert!(mapped.is_ipv6(), "{mapped}");
+    assert_eq!(mapped.ip().to_string(), "::1");
+    c.close().await.unwrap();
+
+    // An allocation over [::1] gets an IPv6 relayed address, announced as
+    // the IPv6 public address; one over IPv4 an IPv4 one, as before.
+    let node = srv.new_node("t").await.node_id;
+    let cred = overlay_coord::auth::turn_credential(
+        "test-secret",
+        node,
+        overlay_coord::store::now_unix(),
+        600,
+    );
+    let c = turn_client("[::1]:0", server6, &cred.username, &cred.password).await;
+    let relay = c.allocate().await.expect("IPv6 allocation");
+    let relayed = webrtc_util::Conn::local_addr(&relay).unwrap();
+    assert!(relayed.is_ipv6(), "{relayed}");
+    assert_eq!(relayed.ip().to_string(), "::1");
+    c.close().await.unwrap();
+
+    let server4 = srv.server().turn_addrs()[0];
+    let c = turn_client("127.0.0.1:0", server4, &cred.username, &cred.password).await;
+    let relay = c.allocate().await.expect("IPv4 allocation");
+    let relayed = webrtc_util::Conn::local_addr(&relay).unwrap();
+    assert_eq!(relayed.ip().to_string(), "127.0.0.1");
+    c.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn turn_refuses_to_relay_into_the_mesh_ipv6_prefix_or_ipv6_loopback() {
+    if !has_ipv6_loopback().await {
+        eprintln!("skipped: no IPv6 loopback on this host");
+        return;
+    }
+    let prefix: Ipv6Net = "fd12:3456:789a::/48".parse().unwrap();
+    let srv = TestServer::start_with(|c| {
+        c.public_addrs = vec!["127.0.0.1".parse().unwrap(), "::1".parse().unwrap()];
+        c.network6 = Some(prefix);
+        // Private space allowed, as in a lab: the mesh stays denied anyway.
+        c.turn.allow_private = true;
+    })
+    .await;
+    let server6 =
+        std::net::SocketAddr::new("::1".parse().unwrap(), srv.server().turn_addrs()[1].port());
+    let a = srv.new_node("a").await;
+    let cred = overlay_coord::auth::turn_credential(
+        "test-secret",
+        a.node_id,
+        overlay_coord::store::now_unix(),
+        600,
+    );
+    let c = turn_client("[::1]:0", server6, &cred.username, &cred.password).await;
+    let relay = c.allocate().await.expect("IPv6 allocation");
+    let denied_before = srv.metric("overlay_coord_turn_denied_peer_total").await;
+    let mesh_peer = std::net::SocketAddr::new(std::net::IpAddr::V6(mesh_ip6(prefix, a.mesh_ip)), 9);
+    let loopback = "[::1]:9".parse().unwrap();
+    for peer in [mesh_peer, loopback] {
+        // The CreatePermission the client sends first is refused (403).
+        assert!(
+            webrtc_util::Conn::send_to(&relay, b"x", peer)
+                .await
+                .is_err(),
+            "relaying to {peer} must be refused"
+        );
+    }
+    assert!(srv.metric("overlay_coord_turn_denied_peer_total").await >= denied_before + 2);
+    c.close().await.unwrap();
+}
