@@ -325,3 +325,59 @@ async fn serve_tells_nodes_the_dns_domain_or_that_dns_is_off() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("--no-dns"), "{}", stderr(&o));
 }
+
+#[tokio::test]
+async fn nodes_list_shows_the_mesh_ipv6_and_a_changed_network6_is_one_clear_error() {
+    let dir = temp_dir("cli-ipv6");
+    let key = stdout(&run(dir.path(), &["keys", "create"]))
+        .trim()
+        .to_string();
+    let serving = serve_with(dir.path(), &["--network6", "fd12:3456:789a::/48"]);
+    let reg = register_at(serving.addr, &key, &NodeKey::random(), "six").await;
+    assert_eq!(
+        reg.network6.map(|n| n.to_string()).as_deref(),
+        Some("fd12:3456:789a::/48")
+    );
+    let expected = overlay_proto::coord::mesh_ip6(reg.network6.unwrap(), reg.mesh_ip).to_string();
+    let o = run(dir.path(), &["nodes", "list", "--json"]);
+    let nodes: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(nodes[0]["mesh_ip6"], expected.as_str(), "{nodes}");
+    let table = stdout(&run(dir.path(), &["nodes", "list"]));
+    assert!(
+        table.contains("MESH IPV6") && table.contains(&expected),
+        "{table}"
+    );
+    drop(serving);
+
+    // The node holds an address in the prefix: another one is refused, in
+    // one line that says what to keep.
+    let o = run(
+        dir.path(),
+        &[
+            "serve",
+            "--allow-http",
+            "--listen",
+            "127.0.0.1:0",
+            "--stun-port",
+            "0",
+            "--network6",
+            "fd00:1::/48",
+        ],
+    );
+    assert!(!o.status.success());
+    let err = stderr(&o);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("overlay-coord: error: ")
+            && last.contains("keep --network6 fd12:3456:789a::/48"),
+        "{err}"
+    );
+    // And a prefix that cannot be one never gets that far.
+    for bad in ["10.0.0.0/8", "fd00::/120"] {
+        let o = run(dir.path(), &["serve", "--allow-http", "--network6", bad]);
+        assert!(!o.status.success());
+        let err = stderr(&o);
+        assert!(err.contains("--network6"), "{bad}: {err}");
+        assert!(!err.contains("panicked"));
+    }
+}
