@@ -1,7 +1,7 @@
 //! The netmap side of the node: peers added, changed and removed, and what the
 //! node reports about a peer (`overlayctl status`/`why`).
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::time::Instant;
 
 use overlay_proto::coord::PeerInfo;
@@ -153,10 +153,11 @@ impl Node {
         self.sync_path(info.id);
     }
 
-    /// The peer that `target` names: a mesh address or a name.
+    /// The peer that `target` names: a mesh address (IPv4 or IPv6) or a name.
     pub fn find_peer(&self, target: &str) -> Option<NodeId> {
-        match target.parse::<Ipv4Addr>() {
-            Ok(ip) => self.peers.values().find(|p| p.info.mesh_ip == ip),
+        match target.parse::<IpAddr>() {
+            Ok(IpAddr::V4(ip)) => self.peers.values().find(|p| p.info.mesh_ip == ip),
+            Ok(IpAddr::V6(ip)) => self.peers.values().find(|p| p.info.mesh_ip6 == Some(ip)),
             Err(_) => {
                 let mut named: Vec<_> = self
                     .peers
@@ -237,5 +238,29 @@ impl Node {
             let access = access::compile(self.filter.as_ref(), &self.peers[&id].info);
             self.outputs.push_back(Output::Access { peer: id, access });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use overlay_proto::coord::IceConfig;
+
+    use super::super::testkit::{info, new_node, welcome};
+
+    #[test]
+    fn a_peer_is_found_by_name_or_either_mesh_address() {
+        let t0 = Instant::now();
+        let mut node = new_node(1, t0, 7);
+        let mut b = info(2, true);
+        b.mesh_ip6 = Some("fd7a:115c:a1e0::6440:2".parse().unwrap());
+        let peers = vec![b, info(3, true)];
+        node.handle_server_msg(welcome(peers, IceConfig::default(), false), t0, 0);
+        assert_eq!(node.find_peer("100.64.0.2"), Some(2));
+        assert_eq!(node.find_peer("fd7a:115c:a1e0::6440:2"), Some(2));
+        assert_eq!(node.find_peer("n3"), Some(3));
+        assert_eq!(node.find_peer("fd7a:115c:a1e0::6440:3"), None, "3 has none");
+        assert_eq!(node.find_peer("100.64.0.9"), None);
     }
 }
