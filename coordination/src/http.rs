@@ -19,8 +19,9 @@ use rand::RngCore;
 use tracing::{debug, error, info, warn};
 
 use overlay_proto::coord::{
-    error_code, parse_bearer, ApiError, ChallengeResponse, RegisterRequest, RegisterResponse,
-    CHALLENGE_PATH, CONNECT_PATH, MAX_FRAME_BYTES, REGISTER_PATH,
+    error_code, parse_bearer, parse_digest, ApiError, ChallengeResponse, RegisterRequest,
+    RegisterResponse, CHALLENGE_PATH, CONNECT_PATH, MAX_FRAME_BYTES, NETMAP_DIGEST_HEADER,
+    REGISTER_PATH,
 };
 use overlay_proto::enrol::{self, CHALLENGE_LEN};
 
@@ -391,13 +392,17 @@ async fn connect(
         );
     }
     let ctx = st.session.clone();
+    let holds = headers
+        .get(NETMAP_DIGEST_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_digest);
     // Our own limit check is MAX_FRAME_BYTES; tungstenite's is higher so that
     // an oversized frame gets a close reason instead of a protocol error.
     ws.read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
         .max_message_size(2 * MAX_FRAME_BYTES)
         .max_frame_size(2 * MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| session::run(socket, node.id, node.name, ctx))
+        .on_upgrade(move |socket| session::run(socket, node.id, node.name, holds, ctx))
 }
 
 /// What `/healthz` says: the first line `ok` (200) when the store answered

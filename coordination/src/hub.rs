@@ -36,7 +36,8 @@ use ipnet::Ipv6Net;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use overlay_proto::coord::{
-    encode_relay_frame, mesh_ip6, PeerInfo, RelayBatch, ServerMsg, MAX_FRAME_BYTES, RELAY_HELLO_ID,
+    encode_relay_frame, mesh_ip6, peer_json_digest, PeerInfo, RelayBatch, ServerMsg,
+    MAX_FRAME_BYTES, RELAY_HELLO_ID,
 };
 use overlay_proto::NodeId;
 
@@ -135,6 +136,9 @@ struct Entry {
     /// `info` serialized, for the netmap pages of sessions that attach; kept
     /// in step by [`Entry::set_info`].
     json: PeerJson,
+    /// `json`'s share of a netmap digest (`overlay_proto::coord::peer_json_digest`),
+    /// kept with it.
+    digest: u64,
     stats: Arc<RelayStats>,
     live: Option<Live>,
     /// Its session on another replica, when it is there (replicas only).
@@ -147,8 +151,10 @@ struct Entry {
 
 impl Entry {
     fn new(info: PeerInfo) -> Entry {
+        let json = peer_json(&info);
         Entry {
-            json: peer_json(&info),
+            digest: peer_json_digest(&json),
+            json,
             info,
             stats: Arc::default(),
             live: None,
@@ -174,6 +180,7 @@ impl Entry {
 
     fn set_info(&mut self, info: PeerInfo) {
         self.json = peer_json(&info);
+        self.digest = peer_json_digest(&self.json);
         self.info = info;
     }
 
@@ -392,8 +399,7 @@ impl Hub {
                     entry.epoch = claim.epoch;
                 }
                 info.online = entry.is_online();
-                entry.info.online = info.online;
-                entry.json = peer_json(&entry.info);
+                entry.set_online(info.online);
                 if let Some(c) = inner.compiled.as_mut() {
                     entry.view = Some(c.classify(entry.node_ref()));
                 }
@@ -493,6 +499,21 @@ impl Hub {
                 .filter(|(id, e)| **id != me && may_see(&mine.view, &e.view))
                 .map(|(id, e)| (*id, &e.json)),
             max_bytes,
+        )
+    }
+
+    /// The digest (`overlay_proto::coord::netmap_digest`) of the netmap
+    /// [`Hub::netmap_page`] would give `me`: a node that says it holds this
+    /// one need not be sent it again.
+    pub fn netmap_digest(&self, me: NodeId) -> Option<u64> {
+        let inner = self.read();
+        let mine = inner.nodes.get(&me)?;
+        Some(
+            inner
+                .nodes
+                .iter()
+                .filter(|(id, e)| **id != me && may_see(&mine.view, &e.view))
+                .fold(0u64, |sum, (_, e)| sum.wrapping_add(e.digest)),
         )
     }
 

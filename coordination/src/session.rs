@@ -116,6 +116,29 @@ fn to_text(msg: &ServerMsg) -> Message {
     ))
 }
 
+/// The Welcome for a node whose netmap is current: no peers, `resumed`.
+/// `None` if the node's filter does not read back (never expected): the
+/// caller then sends the whole netmap, filter included, rather than a
+/// Welcome that would say no policy is in force.
+fn resumed_welcome(head: &welcome::Head) -> Option<Utf8Bytes> {
+    let filter = match &head.filter {
+        Some(json) => Some(serde_json::from_str(json).ok()?),
+        None => None,
+    };
+    let msg = ServerMsg::Welcome {
+        protocol: head.protocol,
+        node: head.node.clone(),
+        network: head.network,
+        network6: head.network6,
+        peers: Vec::new(),
+        ice: head.ice.clone(),
+        more: false,
+        filter,
+        resumed: true,
+    };
+    Some(Utf8Bytes::from(serde_json::to_string(&msg).ok()?))
+}
+
 fn error_msg(error: &str, message: &str, about: Option<NodeId>) -> Message {
     to_text(&ServerMsg::Error {
         error: error.into(),
@@ -136,8 +159,15 @@ fn close_frame(code: u16, reason: &str) -> Message {
     }))
 }
 
-/// Runs the session of `node` until either side ends it.
-pub async fn run(socket: WebSocket, node: NodeId, name: String, ctx: SessionContext) {
+/// Runs the session of `node` until either side ends it. `holds` is the
+/// digest of the netmap the node said it holds (`NETMAP_DIGEST_HEADER`).
+pub async fn run(
+    socket: WebSocket,
+    node: NodeId,
+    name: String,
+    holds: Option<u64>,
+    ctx: SessionContext,
+) {
     let now = Instant::now();
     let limits = ctx.limits.clone();
     let mut session = Session {
@@ -178,7 +208,7 @@ pub async fn run(socket: WebSocket, node: NodeId, name: String, ctx: SessionCont
     };
     let session_id = attached.session_id;
     info!(node = node, name = %name, "session online");
-    let reason = session.serve(attached).await;
+    let reason = session.serve(attached, holds).await;
     if session.ctx.hub.detach(node, session_id) {
         info!(node = node, name = %name, reason = %reason, "session offline");
     } else {
@@ -209,7 +239,7 @@ impl Session {
     }
 
     /// The session loop; returns why it ended.
-    async fn serve(&mut self, attached: Attached) -> String {
+    async fn serve(&mut self, attached: Attached, holds: Option<u64>) -> String {
         let Attached {
             node,
             view,
@@ -232,23 +262,19 @@ impl Session {
         self.view = view;
         // The netmap is read page by page while it is sent; the deltas that
         // arrive meanwhile wait in `deltas` and reach the node after the last
-        // part (see the `welcome` module for why that is consistent).
-        let mut from = 0;
-        let mut first = true;
-        loop {
-            let page = self
-                .ctx
-                .hub
-                .netmap_page(self.node, from, self.ctx.limits.netmap_part_bytes);
-            let text = welcome::part_text(&head, &page, first);
+        // part (see the `welcome` module for why that is consistent). A node
+        // that holds the netmap already gets a Welcome without it; the digest
+        // is read after the subscription to `deltas` too, so the same holds.
+        let resumed = holds
+            .filter(|d| self.ctx.hub.netmap_digest(self.node) == Some(*d))
+            .and_then(|_| resumed_welcome(&head));
+        if let Some(text) = resumed {
+            debug!(node = self.node, "netmap resumed");
             if self.send(Message::Text(text)).await.is_err() {
                 return "write failed".into();
             }
-            match page.next {
-                Some(next) => from = next,
-                None => break,
-            }
-            first = false;
+        } else if let Err(()) = self.send_netmap(&head).await {
+            return "write failed".into();
         }
         // After the netmap, so the node has the names the settings are for.
         if self
@@ -323,6 +349,25 @@ impl Session {
             }
         }
         reason
+    }
+
+    /// The whole netmap: the Welcome and the PeerBatch parts after it.
+    async fn send_netmap(&mut self, head: &welcome::Head) -> Result<(), ()> {
+        let mut from = 0;
+        let mut first = true;
+        loop {
+            let page = self
+                .ctx
+                .hub
+                .netmap_page(self.node, from, self.ctx.limits.netmap_part_bytes);
+            self.send(Message::Text(welcome::part_text(head, &page, first)))
+                .await?;
+            match page.next {
+                Some(next) => from = next,
+                None => return Ok(()),
+            }
+            first = false;
+        }
     }
 
     fn too_slow(&self) -> Flow {

@@ -263,6 +263,7 @@ mod tests {
                     ice: h.ice.clone(),
                     more,
                     filter: with_filter.clone(),
+                    resumed: false,
                 })
                 .unwrap();
                 assert_eq!(welcome_text(&h, &texts, more), expected);

@@ -7,7 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::{http, wait_until, Event, Node, TestServer};
-use overlay_proto::coord::{encode_relay_frame, ClientMsg, ServerMsg};
+use overlay_proto::coord::{
+    bearer, encode_relay_frame, format_digest, netmap_digest, ClientMsg, PeerInfo,
+    RegisterResponse, ServerMsg, CONNECT_PATH, NETMAP_DIGEST_HEADER,
+};
 use overlay_tests::nats::LocalNats;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -158,4 +161,87 @@ async fn a_replica_that_stops_takes_its_nodes_offline_elsewhere_at_once() {
     )
     .await
     .expect("b offline on r1 within 2 s of r2 stopping");
+}
+
+/// A session of `node` at `addr` that says it holds the netmap `holds`.
+async fn connect_holding(addr: std::net::SocketAddr, node: &RegisterResponse, holds: u64) -> Node {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = format!("ws://{addr}{CONNECT_PATH}")
+        .into_client_request()
+        .unwrap();
+    let headers = req.headers_mut();
+    headers.insert(
+        "authorization",
+        bearer(node.node_id, &node.credential).parse().unwrap(),
+    );
+    headers.insert(NETMAP_DIGEST_HEADER, format_digest(holds).parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(req)
+        .await
+        .expect("connects");
+    Node { ws }
+}
+
+/// The peers and `resumed` of a Welcome.
+fn welcome_peers(msg: ServerMsg) -> (Vec<PeerInfo>, bool) {
+    match msg {
+        ServerMsg::Welcome {
+            peers,
+            resumed,
+            more: false,
+            ..
+        } => (peers, resumed),
+        other => panic!("not a whole Welcome: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_node_that_moves_with_a_current_netmap_is_not_sent_it_again() {
+    let nats = LocalNats::start().expect("nats-server starts (Debian's nats-server package)");
+    let (r1, r2) = replicas(&nats).await;
+    let a = r1.new_node("a").await;
+    let mut na = r1.connect(&a).await;
+    na.welcome().await;
+    let b = r2.new_node("b").await;
+    let mut nb = Node::connect(r2.addr, b.node_id, &b.credential)
+        .await
+        .expect("b connects to r2");
+    // b's netmap: its Welcome, then what changed, until it shows a online.
+    let (mut held, _) = welcome_peers(nb.welcome().await);
+    while !held.iter().any(|p| p.id == a.node_id && p.online) {
+        if let ServerMsg::PeerUpsert { peer } = nb
+            .expect_msg("an upsert", |m| matches!(m, ServerMsg::PeerUpsert { .. }))
+            .await
+        {
+            held.retain(|p| p.id != peer.id);
+            held.push(peer);
+        }
+    }
+    let digest = netmap_digest(&held);
+
+    // b moves to r1 holding a current netmap: no peers sent, told to keep it.
+    drop(nb);
+    let mut moved = connect_holding(r1.addr, &b, digest).await;
+    let (peers, resumed) = welcome_peers(moved.welcome().await);
+    assert!(resumed && peers.is_empty(), "{peers:?}");
+    // A digest that is not the server's: the whole netmap.
+    drop(moved);
+    let mut wrong = connect_holding(r1.addr, &b, digest.wrapping_add(1)).await;
+    let (peers, resumed) = welcome_peers(wrong.welcome().await);
+    assert!(!resumed);
+    assert_eq!(peers.iter().map(|p| p.id).collect::<Vec<_>>(), [a.node_id]);
+    drop(wrong);
+
+    // c enrols while b is away: b's old netmap is not current any more.
+    let c = r2.new_node("c").await;
+    na.expect_msg(
+        "c enrolled",
+        |m| matches!(m, ServerMsg::PeerUpsert { peer } if peer.id == c.node_id),
+    )
+    .await;
+    let mut back = connect_holding(r1.addr, &b, digest).await;
+    let (peers, resumed) = welcome_peers(back.welcome().await);
+    assert!(!resumed);
+    let mut ids: Vec<_> = peers.iter().map(|p| p.id).collect();
+    ids.sort_unstable();
+    assert_eq!(ids, [a.node_id, c.node_id]);
 }

@@ -43,6 +43,52 @@ pub const REGISTER_PATH: &str = "/v1/register";
 pub const CHALLENGE_PATH: &str = "/v1/register/challenge";
 /// Path of the WebSocket control stream.
 pub const CONNECT_PATH: &str = "/v1/connect";
+/// Request header on [`CONNECT_PATH`]: the [`netmap_digest`] (16 hex
+/// digits) of the netmap a node holds from its last session. When it is
+/// what the server would send, the `Welcome` says `resumed` and lists no
+/// peers, so a node that moves to another replica, or reconnects, does not
+/// download a mesh it already has (10,000 moving nodes x 20,000 peers would
+/// be ~26 GB of JSON).
+pub const NETMAP_DIGEST_HEADER: &str = "x-overlay-netmap";
+
+/// One peer's share of a [`netmap_digest`]: the first 8 bytes of the
+/// SHA-256 of its JSON as `serde_json` writes it (what the server sends).
+pub fn peer_digest(peer: &PeerInfo) -> u64 {
+    // A plain struct of strings and numbers: serializing cannot fail.
+    peer_json_digest(&serde_json::to_string(peer).unwrap_or_default())
+}
+
+/// [`peer_digest`] of a peer already serialized.
+pub fn peer_json_digest(json: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(json.as_bytes());
+    let mut first = [0; 8];
+    first.copy_from_slice(&hash[..8]);
+    u64::from_be_bytes(first)
+}
+
+/// The digest of a netmap: its peers' [`peer_digest`]s added up (wrapping),
+/// so it does not depend on their order and a holder can follow a change of
+/// one peer by a subtraction and an addition. Online state is part of a
+/// peer's record, so it is part of the digest.
+pub fn netmap_digest<'a>(peers: impl IntoIterator<Item = &'a PeerInfo>) -> u64 {
+    peers
+        .into_iter()
+        .fold(0u64, |sum, p| sum.wrapping_add(peer_digest(p)))
+}
+
+/// A digest as the [`NETMAP_DIGEST_HEADER`] carries it.
+pub fn format_digest(digest: u64) -> String {
+    format!("{digest:016x}")
+}
+
+/// A [`NETMAP_DIGEST_HEADER`] value: exactly 16 hex digits.
+pub fn parse_digest(value: &str) -> Option<u64> {
+    if value.len() != 16 || !value.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(value, 16).ok()
+}
 /// Largest text or binary frame either side accepts on the control stream.
 /// A relayed WireGuard datagram of a 1280-byte MTU is far below it.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024;
@@ -223,6 +269,10 @@ pub enum ServerMsg {
         /// (everything allowed). See [`crate::filter`].
         #[serde(default, skip_serializing_if = "Option::is_none")]
         filter: Option<NodeFilter>,
+        /// The netmap the node said it holds ([`NETMAP_DIGEST_HEADER`]) is
+        /// current: keep it; `peers` is empty. Deltas follow as usual.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resumed: bool,
     },
     /// The next part of the netmap a `Welcome` with `more` began.
     PeerBatch { peers: Vec<PeerInfo>, last: bool },
@@ -307,6 +357,43 @@ mod tests {
         let peer: PeerInfo = serde_json::from_str(old).unwrap();
         assert_eq!(peer.mesh_ip6, None);
         assert_eq!(serde_json::to_string(&peer).unwrap(), old);
+    }
+
+    #[test]
+    fn a_netmap_digest_ignores_order_and_follows_online_state() {
+        let peer = |id: NodeId, online: bool| PeerInfo {
+            id,
+            name: format!("n{id}"),
+            mesh_ip: Ipv4Addr::new(100, 64, 0, id as u8),
+            mesh_ip6: None,
+            public_key: format!("k{id}"),
+            online,
+            tags: Vec::new(),
+        };
+        let a = [peer(1, true), peer(2, false), peer(3, true)];
+        let b = [peer(3, true), peer(1, true), peer(2, false)];
+        assert_eq!(netmap_digest(&a), netmap_digest(&b));
+        let c = [peer(1, true), peer(2, true), peer(3, true)];
+        assert_ne!(netmap_digest(&a), netmap_digest(&c));
+        // Followed by one subtraction and one addition.
+        let followed = netmap_digest(&a)
+            .wrapping_sub(peer_digest(&peer(2, false)))
+            .wrapping_add(peer_digest(&peer(2, true)));
+        assert_eq!(followed, netmap_digest(&c));
+        let json = serde_json::to_string(&a[0]).unwrap();
+        assert_eq!(peer_json_digest(&json), peer_digest(&a[0]));
+        let d = netmap_digest(&a);
+        assert_eq!(parse_digest(&format_digest(d)), Some(d));
+        assert_eq!(parse_digest(&format_digest(0)), Some(0));
+        for bad in [
+            "",
+            "12",
+            "0123456789abcdeg",
+            "0123456789abcdef0",
+            "+123456789abcdef",
+        ] {
+            assert_eq!(parse_digest(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

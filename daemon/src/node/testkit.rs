@@ -46,6 +46,7 @@ pub fn welcome(peers: Vec<PeerInfo>, ice: IceConfig, more: bool) -> ServerMsg {
         ice,
         more,
         filter: None,
+        resumed: false,
     }
 }
 
