@@ -345,7 +345,11 @@ def replica_report():
         if "moved_expected" in r:
             rows.append(("replica 2 killed: its sessions back p50 / p99 / max ms",
                          f"{r['moved_p50_ms']} / {r['moved_p99_ms']} / {r['moved_max_ms']} "
-                         f"({r['moved_n']}/{r['moved_expected']})"))
+                         f"({r['moved_n']}/{r['moved_expected']}"
+                         + (f", {r['moved_resumed']} resumed" if "moved_resumed" in r else "") + ")"))
+            if "moved_rss_kb" in r:
+                rows.append(("the other replica after the move: RSS MiB (now / peak)",
+                             f"{mib(r['moved_rss_kb'])} / {mib(r.get('moved_hwm_kb'))}"))
         width = max(len(k) for k, _ in rows)
         for k, v in rows:
             print(f"{k.ljust(width)}  {v}")

@@ -4,6 +4,15 @@
 //! the list, another try after a short pause when that fails. What is
 //! measured is, per moved session, the time from the kill until its netmap
 //! has arrived from the new replica.
+//!
+//! Each moving session says which netmap it holds (`NETMAP_DIGEST_HEADER`),
+//! as `overlayd` does; the server sends it again only when it differs. A
+//! simulated node keeps no netmap (20,000 of 20,000 peers would not fit in
+//! memory), so the digest each sends is that of the mesh as one full netmap
+//! read just before the kill shows it, less the node itself: what every
+//! session holds once the mesh is quiet and no session was closed (both are
+//! checked). The server compares it with its own state; a wrong digest costs
+//! a full netmap, which the figures would show.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -31,6 +40,10 @@ pub struct Moved {
     pub expected: usize,
     /// Time from the kill to each moved session's netmap.
     pub delays: Vec<Duration>,
+    /// Moved sessions the server told their netmap was current.
+    pub resumed: usize,
+    /// VmRSS and VmHWM (kB) of the replica they moved to, once they all had.
+    pub survivor_rss: Option<(u64, u64)>,
     pub failures: Vec<String>,
 }
 
@@ -38,6 +51,8 @@ pub struct Replicas<'a> {
     pub servers: &'a [SocketAddr],
     pub nodes: &'a [RegisterResponse],
     pub source_of: &'a (dyn Fn(usize) -> Option<IpAddr> + Sync),
+    /// The digest of the netmap session `i` holds, when known.
+    pub holds: &'a (dyn Fn(usize) -> Option<u64> + Sync),
     pub concurrency: usize,
 }
 
@@ -76,6 +91,7 @@ impl Replicas<'_> {
             // The replicas after the dead one, in list order, as overlayd tries them.
             let order: Vec<SocketAddr> = (1..k).map(|d| self.servers[(index + d) % k]).collect();
             let source = (self.source_of)(i);
+            let holds = (self.holds)(i);
             let (node_id, credential) = (node.node_id, node.credential.clone());
             let (limit, shared, upserts) = (limit.clone(), shared.clone(), upserts.clone());
             let spread = LOST_SPREAD.mul_f64(rand::thread_rng().gen::<f64>());
@@ -87,13 +103,13 @@ impl Replicas<'_> {
                     attempt += 1;
                     let connected = {
                         let _permit = limit.acquire().await;
-                        session::connect(server, source, node_id, &credential).await
+                        session::connect(server, source, node_id, &credential, holds).await
                     };
                     match connected {
-                        Ok((ws, _)) => {
+                        Ok((ws, netmap)) => {
                             let at = t_kill.elapsed();
                             tokio::spawn(session::read_loop(i, ws, shared, upserts));
-                            return Ok(at);
+                            return Ok((at, netmap.resumed));
                         }
                         Err(e) if Instant::now() + RETRY_PAUSE >= deadline => {
                             return Err(format!("node {node_id}: {e:#} (after {attempt} attempts)"))
@@ -106,11 +122,16 @@ impl Replicas<'_> {
         let mut moved = Moved {
             expected,
             delays: Vec::with_capacity(expected),
+            resumed: 0,
+            survivor_rss: None,
             failures: Vec::new(),
         };
         while let Some(joined) = set.join_next().await {
             match joined {
-                Ok(Ok(delay)) => moved.delays.push(delay),
+                Ok(Ok((delay, resumed))) => {
+                    moved.delays.push(delay);
+                    moved.resumed += usize::from(resumed);
+                }
                 Ok(Err(e)) => moved.failures.push(e),
                 Err(e) => moved.failures.push(format!("reconnect task: {e}")),
             }

@@ -202,7 +202,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 let mut attempt = 0;
                 let (ws, _) = loop {
                     attempt += 1;
-                    match session::connect(server, source, node.node_id, &node.credential).await {
+                    match session::connect(server, source, node.node_id, &node.credential, None)
+                        .await
+                    {
                         Ok(connected) => break connected,
                         Err(_) if attempt < 3 => {
                             tokio::time::sleep(Duration::from_millis(200 * attempt)).await
@@ -250,6 +252,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         source_of(args.nodes),
         newcomer.node_id,
         &newcomer.credential,
+        None,
     )
     .await?;
     let newcomer_reader = tokio::spawn(session::read_loop(
@@ -322,10 +325,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if closed > 0 {
         println!("  sessions closed: {closed}: {:?}", close_reasons(&shared));
     }
+    // Only the join was timed: the move's frames are counted, not parsed.
+    shared.armed.store(false, Ordering::SeqCst);
     let moved = match args.kill_replica {
-        Some(index) => {
-            Some(kill_replica(&args, index, &nodes, &sources, &shared, &upsert_tx).await?)
-        }
+        Some(index) => Some(
+            kill_replica(
+                &args, index, &nodes, &newcomer, &sources, &shared, &upsert_tx,
+            )
+            .await?,
+        ),
         None => None,
     };
     // One line for scripts.
@@ -357,12 +365,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         moved.as_ref().map_or(String::new(), |m| {
             let f = Stats::of(&m.delays);
             format!(
-                " moved_expected={} moved_n={} moved_p50_ms={:.1} moved_p99_ms={:.1} moved_max_ms={:.1}",
+                " moved_expected={} moved_n={} moved_resumed={} moved_p50_ms={:.1} moved_p99_ms={:.1} moved_max_ms={:.1} \
+                 moved_rss_kb={} moved_hwm_kb={}",
                 m.expected,
                 m.delays.len(),
+                m.resumed,
                 f.p50_ms,
                 f.p99_ms,
-                f.max_ms
+                f.max_ms,
+                kb(m.survivor_rss.map(|r| r.0)),
+                kb(m.survivor_rss.map(|r| r.1)),
             )
         })
     );
@@ -388,11 +400,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Kills replica `index` and moves its sessions (see [`failover`]).
+/// Kills replica `index` and moves its sessions (see [`failover`]). First
+/// the newcomer connects again, to the replica the sessions move to, and
+/// reads the whole mesh: the netmap each moving session holds is that mesh
+/// less itself (the newcomer included, online).
 async fn kill_replica(
     args: &Args,
     index: usize,
     nodes: &[RegisterResponse],
+    newcomer: &RegisterResponse,
     sources: &[Option<IpAddr>],
     shared: &Arc<Shared>,
     upserts: &mpsc::UnboundedSender<Upsert>,
@@ -402,13 +418,43 @@ async fn kill_replica(
         .get(index)
         .with_context(|| format!("--kill-replica {index} needs the replica's --server-pid"))?;
     let source_of = |i: usize| sources[i % sources.len()];
+    wait_quiet(shared, Duration::from_secs(60)).await;
+    let survivor = args.servers[(index + 1) % args.servers.len()];
+    let (ws, own, mesh) = session::connect_digests(
+        survivor,
+        source_of(args.nodes),
+        newcomer.node_id,
+        &newcomer.credential,
+    )
+    .await
+    .context("reading the mesh before the kill")?;
+    tokio::spawn(session::read_loop(
+        usize::MAX,
+        ws,
+        shared.clone(),
+        upserts.clone(),
+    ));
+    wait_quiet(shared, Duration::from_secs(60)).await;
+    let closed = shared.closed.load(Ordering::Relaxed);
+    if closed > 0 {
+        bail!(
+            "{closed} sessions closed before the kill: {:?}",
+            close_reasons(shared)
+        );
+    }
+    let total = mesh.values().fold(own, |sum, d| sum.wrapping_add(*d));
+    let holds = |i: usize| {
+        let id = nodes.get(i)?.node_id;
+        Some(total.wrapping_sub(*mesh.get(&id)?))
+    };
     let replicas = failover::Replicas {
         servers: &args.servers,
         nodes,
         source_of: &source_of,
+        holds: &holds,
         concurrency: args.concurrency,
     };
-    let moved = replicas
+    let mut moved = replicas
         .kill_and_move(
             index,
             pid,
@@ -417,12 +463,24 @@ async fn kill_replica(
             upserts,
         )
         .await?;
+    let survivor_pid = args
+        .server_pids
+        .get((index + 1) % args.servers.len())
+        .copied();
+    moved.survivor_rss = server_rss(survivor_pid);
     println!(
-        "  replica {index} ({}) killed -> {}/{} of its sessions got a netmap from another: {}",
+        "  replica {index} ({}) killed -> {}/{} of its sessions got a netmap from another ({} resumed, {} in full): {}",
         args.servers[index],
         moved.delays.len(),
         moved.expected,
+        moved.resumed,
+        moved.delays.len() - moved.resumed,
         Stats::of(&moved.delays)
+    );
+    println!(
+        "  the replica they moved to: VmRSS {}, peak VmHWM {}",
+        mib(moved.survivor_rss.map(|r| r.0)),
+        mib(moved.survivor_rss.map(|r| r.1)),
     );
     Ok(moved)
 }
