@@ -27,7 +27,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
-use overlay_proto::api::{PathKind, PeerStatus};
+use overlay_proto::api::{PathKind, PeerStatus, WhyReport};
 use overlay_proto::coord::mesh_ip6;
 use overlay_tests::mesh::{describe, ping6_lossless};
 use overlay_tests::overlay::{bulk_transfer, ping, MESH_IFACE};
@@ -211,6 +211,22 @@ fn symmetric_ipv4_nats_with_global_ipv6_go_direct_over_ipv6() {
                 direct_over_ipv6(seen),
                 "{who}'s path changed during the pings: {}",
                 describe(seen)
+            );
+        }
+        // `why` lists the IPv6 candidates, the site's global ones and never a
+        // link-local one (every lab interface has one).
+        let why: WhyReport = a.daemon.ctl_json(&["why", "b"])?;
+        for (side, list) in [
+            ("local", &why.local_candidates),
+            ("remote", &why.remote_candidates),
+        ] {
+            ensure!(
+                list.iter().any(|c| c.contains("2001:db8:")),
+                "overlayctl why b on a lists no global IPv6 {side} candidate: {list:?}"
+            );
+            ensure!(
+                !list.iter().any(|c| c.contains("fe80:")),
+                "overlayctl why b on a lists a link-local {side} candidate: {list:?}"
             );
         }
         eprintln!(
