@@ -320,6 +320,63 @@ mod tests {
         assert!(h.read().pending.is_empty());
     }
 
+    /// What `netmap_digest` must say: the digest of the netmap `me` would
+    /// be sent now, read the way a session reads it.
+    fn digest_of_pages(h: &Hub, me: NodeId) -> u64 {
+        let mut peers = Vec::new();
+        let mut from = 0;
+        loop {
+            let page = h.netmap_page(me, from, 1 << 20);
+            peers.extend(
+                page.peers
+                    .iter()
+                    .map(|j| serde_json::from_str::<PeerInfo>(j).unwrap()),
+            );
+            match page.next {
+                Some(next) => from = next,
+                None => return overlay_proto::coord::netmap_digest(&peers),
+            }
+        }
+    }
+
+    #[test]
+    fn the_netmap_digest_follows_every_change() {
+        let (h, _out) = hub(&[1, 2, 3]);
+        let check = |h: &Hub| {
+            for me in [1, 2, 3] {
+                if h.contains(me) {
+                    assert_eq!(
+                        h.netmap_digest(me),
+                        Some(digest_of_pages(h, me)),
+                        "node {me}"
+                    );
+                }
+            }
+        };
+        check(&h);
+        let a = h.attach(1).unwrap();
+        check(&h);
+        h.remote_online(7, 2, 1);
+        check(&h);
+        h.replica_gone(7);
+        check(&h);
+        h.apply_upsert(PeerInfo {
+            id: 4,
+            name: "n4".into(),
+            mesh_ip: std::net::Ipv4Addr::new(100, 64, 0, 4),
+            mesh_ip6: None,
+            public_key: "k4".into(),
+            online: false,
+            tags: Vec::new(),
+        });
+        check(&h);
+        h.remove(3);
+        check(&h);
+        h.detach(1, a.session_id);
+        check(&h);
+        assert_eq!(h.netmap_digest(3), None, "a removed node holds nothing");
+    }
+
     #[test]
     fn an_upsert_from_the_bus_is_not_sent_back() {
         let (h, mut out) = hub(&[1]);
