@@ -131,7 +131,7 @@ fn answer(script: &Mutex<Script>, path: &str, body: &[u8]) -> (u16, String) {
         name: req.hostname,
         mesh_ip: "100.64.0.7".parse().unwrap(),
         network: "100.64.0.0/10".parse().unwrap(),
-        network6: None,
+        network6: Some("fd7a:115c:a1e0::/48".parse().unwrap()),
         credential: "fresh".into(),
     };
     (200, serde_json::to_string(&r).unwrap())
@@ -197,4 +197,30 @@ async fn busy_coordinator_is_asked_again_with_a_fresh_challenge() {
         .expect("enrolled after one retry");
     assert_eq!(script.lock().unwrap().challenges, 1);
     assert_eq!(script.lock().unwrap().busy, 0);
+}
+
+#[tokio::test]
+async fn the_mesh_ipv6_prefix_from_registration_is_kept_with_the_enrolment() {
+    let script = Arc::new(Mutex::new(Script::default()));
+    let addr = coordinator(script.clone()).await;
+    let r = enrol_with(addr, &Keypair::generate(), None)
+        .await
+        .expect("enrolled");
+    let enrolment = overlayd::identity::Enrolment::from_response(&format!("http://{addr}"), r);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let state = overlayd::identity::StateDir::open(dir.path()).expect("state dir");
+    state.save_enrolment(&enrolment).expect("saved");
+    let stored = state.enrolment().expect("read").expect("enrolled");
+    assert_eq!(
+        stored.network6,
+        Some("fd7a:115c:a1e0::/48".parse().unwrap())
+    );
+    // What the TUN gets at the next start: the prefix with our IPv4 address.
+    let mesh6 = overlayd::dataplane::Mesh6::of(stored.network6.unwrap(), stored.mesh_ip);
+    assert_eq!(
+        mesh6.addr,
+        "fd7a:115c:a1e0::6440:7"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+    );
 }
