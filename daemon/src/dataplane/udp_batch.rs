@@ -2,15 +2,22 @@
 //! equal-sized WireGuard datagrams to one peer in one `sendmsg`, and UDP GRO hands
 //! us a run of datagrams from one peer in one `recvmsg`. Both fall back to one
 //! datagram per call where the kernel refuses them.
+//!
+//! The shared socket is dual-stack (`[::]`, `IPV6_V6ONLY` off) where the host
+//! has IPv6. On such a socket the kernel names IPv4 peers `::ffff:a.b.c.d`;
+//! the rest of the daemon (endpoints, candidates, the data plane's tables)
+//! knows them only as plain IPv4 addresses. So every address read here is
+//! [`normalise`]d, and every IPv4 destination is mapped back
+//! ([`on_wire`]) when it leaves through an IPv6 socket.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::net::SocketAddr;
+use std::net::{SocketAddr, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::sys::socket::{
     recvmsg, sendmsg, setsockopt, sockopt, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockaddrIn, SockaddrStorage,
+    SockaddrLike, SockaddrStorage,
 };
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
@@ -26,6 +33,57 @@ static GSO_OK: AtomicBool = AtomicBool::new(true);
 /// Socket buffers large enough for GSO bursts from several peers (wireguard-go
 /// asks for 7 MiB); as root the system's default ceiling does not apply.
 const SOCKET_BUFFER: usize = 7 << 20;
+
+/// `addr` as the rest of the daemon knows it: an IPv4 peer seen through a
+/// dual-stack socket (`::ffff:a.b.c.d`) as plain IPv4, anything else as it is.
+pub fn normalise(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// The destination to hand a socket bound to `local`: an IPv4 `dst` mapped
+/// into IPv6 when the socket is IPv6 (dual-stack), else `dst` as it is.
+pub fn on_wire(dst: SocketAddr, local: SocketAddr) -> SocketAddr {
+    match (dst, local) {
+        (SocketAddr::V4(v4), SocketAddr::V6(_)) => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        _ => dst,
+    }
+}
+
+/// A UDP socket on every IPv6 and IPv4 address (`[::]:port`, `IPV6_V6ONLY`
+/// off, whatever the `bindv6only` sysctl says), non-blocking. Fails where the
+/// host has no IPv6 (`ipv6.disable=1`: no AF_INET6 sockets; or no address to
+/// bind); the caller then takes an IPv4 socket.
+pub fn bind_dual_stack(port: u16) -> std::io::Result<std::net::UdpSocket> {
+    use nix::sys::socket::{bind, socket, AddressFamily, SockFlag, SockType, SockaddrIn6};
+    let fd = socket(
+        AddressFamily::Inet6,
+        SockType::Datagram,
+        SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC,
+        None,
+    )?;
+    setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    let any = SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, port, 0, 0);
+    bind(fd.as_raw_fd(), &SockaddrIn6::from(any))?;
+    Ok(std::net::UdpSocket::from(fd))
+}
+
+/// Sends one datagram to `dst` (see [`on_wire`]).
+pub async fn send_to(
+    socket: &UdpSocket,
+    datagram: &[u8],
+    dst: SocketAddr,
+) -> std::io::Result<usize> {
+    let dst = on_wire(dst, socket.local_addr()?);
+    socket.send_to(datagram, dst).await
+}
 
 /// Raises the socket's send and receive buffers; best effort.
 pub fn grow_buffers(socket: &UdpSocket) {
@@ -82,14 +140,7 @@ async fn send_run(
     per: usize,
     size: usize,
 ) -> std::io::Result<()> {
-    let SocketAddr::V4(v4) = dst else {
-        for parts in iov.chunks(per) {
-            let datagram: Vec<u8> = parts.iter().flat_map(|p| p.iter().copied()).collect();
-            socket.send_to(&datagram, dst).await?;
-        }
-        return Ok(());
-    };
-    let addr = SockaddrIn::from(v4);
+    let addr = SockaddrStorage::from(on_wire(dst, socket.local_addr()?));
     if iov.len() > per && GSO_OK.load(Ordering::Relaxed) {
         let seg = size as u16;
         let sent = socket
@@ -178,9 +229,20 @@ fn recv_once(
     }
     let from = msg
         .address
-        .and_then(|a| a.as_sockaddr_in().map(|sin| SocketAddr::V4((*sin).into())))
-        .ok_or_else(|| std::io::Error::other("datagram without an IPv4 sender"))?;
+        .as_ref()
+        .and_then(sender)
+        .ok_or_else(|| std::io::Error::other("datagram without an IP sender"))?;
     Ok((from, msg.bytes, segment))
+}
+
+/// The sender of a received datagram, [`normalise`]d.
+fn sender(addr: &SockaddrStorage) -> Option<SocketAddr> {
+    let addr = match addr.family()? {
+        nix::sys::socket::AddressFamily::Inet => SocketAddr::V4((*addr.as_sockaddr_in()?).into()),
+        nix::sys::socket::AddressFamily::Inet6 => SocketAddr::V6((*addr.as_sockaddr_in6()?).into()),
+        _ => return None,
+    };
+    Some(normalise(addr))
 }
 
 /// The datagrams in a coalesced receive.
@@ -191,6 +253,79 @@ pub fn segments(data: &[u8], segment: Option<usize>) -> std::slice::Chunks<'_, u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn dual_stack() -> UdpSocket {
+        UdpSocket::from_std(bind_dual_stack(0).expect("IPv6 on the test host")).unwrap()
+    }
+
+    #[test]
+    fn mapped_senders_read_as_ipv4_and_ipv4_destinations_map_on_ipv6_sockets() {
+        let mapped: SocketAddr = "[::ffff:192.0.2.7]:4000".parse().unwrap();
+        let v4: SocketAddr = "192.0.2.7:4000".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::7]:4000".parse().unwrap();
+        assert_eq!(normalise(mapped), v4);
+        assert_eq!(normalise(v4), v4);
+        assert_eq!(normalise(v6), v6);
+        let any6: SocketAddr = "[::]:41641".parse().unwrap();
+        let any4: SocketAddr = "0.0.0.0:41641".parse().unwrap();
+        assert_eq!(on_wire(v4, any6), mapped);
+        assert_eq!(on_wire(v4, any4), v4);
+        assert_eq!(on_wire(v6, any6), v6);
+        assert_eq!(normalise(on_wire(v4, any6)), v4, "round trip");
+    }
+
+    #[tokio::test]
+    async fn a_dual_stack_socket_speaks_both_families_and_names_ipv4_peers_plainly() {
+        let shared = dual_stack();
+        let port = shared.local_addr().unwrap().port();
+        let peer4 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let peer6 = UdpSocket::bind("[::1]:0").await.unwrap();
+        let mut buf = vec![0u8; 65536];
+        for peer in [&peer4, &peer6] {
+            let to: SocketAddr = match peer.local_addr().unwrap() {
+                SocketAddr::V4(_) => SocketAddr::new([127, 0, 0, 1].into(), port),
+                SocketAddr::V6(_) => SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), port),
+            };
+            peer.send_to(b"hello", to).await.unwrap();
+            let (from, n, _) = tokio::time::timeout(
+                std::time::Duration::from_secs(2),
+                recv_coalesced(&shared, &mut buf),
+            )
+            .await
+            .unwrap()
+            .unwrap();
+            assert_eq!(
+                (from, &buf[..n]),
+                (peer.local_addr().unwrap(), &b"hello"[..])
+            );
+            send_to(&shared, b"back", from).await.unwrap();
+            let (n, _) = peer.recv_from(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"back");
+        }
+    }
+
+    #[tokio::test]
+    async fn gso_runs_leave_a_dual_stack_socket_to_either_family() {
+        let tx = dual_stack();
+        for bind in ["127.0.0.1:0", "[::1]:0"] {
+            let rx = UdpSocket::bind(bind).await.unwrap();
+            let segs = [[1u8; 100], [2u8; 100], [3u8; 100]];
+            let parts: Vec<&[u8]> = segs.iter().map(|s| &s[..]).collect();
+            send_segments(&tx, rx.local_addr().unwrap(), &parts)
+                .await
+                .unwrap();
+            let mut buf = vec![0u8; 2048];
+            for seg in &segs {
+                let (n, _) =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), rx.recv_from(&mut buf))
+                        .await
+                        .unwrap()
+                        .unwrap();
+                assert_eq!(&buf[..n], &seg[..], "to {bind}");
+            }
+        }
+        assert!(GSO_OK.load(Ordering::Relaxed), "GSO was refused");
+    }
 
     #[test]
     fn coalesced_data_splits_into_segments() {

@@ -2,11 +2,11 @@
 //! callbacks into [`IceEvent`]s for the engine, which feeds them to the peer's
 //! [`crate::node::path::PathState`].
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use overlay_proto::coord::IceConfig;
 use overlay_proto::NodeId;
 use tokio::sync::mpsc;
@@ -19,6 +19,7 @@ use webrtc_ice::state::ConnectionState;
 use webrtc_ice::udp_network::UDPNetwork;
 use webrtc_ice::url::{ProtoType, SchemeType, Url};
 
+use super::candidates::{gather_addr, host_port, refuse_remote_addr};
 use super::turn_conn::{RelayedConn, TurnRoute};
 use crate::dataplane::peer::IceConn;
 use crate::node::path::{CandidateKind, SelectedPair};
@@ -80,6 +81,9 @@ pub struct IceSettings {
     pub tun_name: String,
     /// The mesh network: a remote candidate inside it would route into the tunnel.
     pub mesh: Ipv4Net,
+    /// The mesh's IPv6 prefix (the coordinator's `Welcome` says it), for the
+    /// same reason; `None` while unknown or when the mesh has none.
+    pub mesh6: Option<Ipv6Net>,
 }
 
 impl IceSettings {
@@ -87,6 +91,7 @@ impl IceSettings {
         ice: &IceConfig,
         tun_name: &str,
         mesh: Ipv4Net,
+        mesh6: Option<Ipv6Net>,
         mux: Arc<crate::ice::mux::Mux>,
     ) -> Self {
         let mut urls = Vec::new();
@@ -124,30 +129,8 @@ impl IceSettings {
             mux,
             tun_name: tun_name.to_owned(),
             mesh,
+            mesh6,
         }
-    }
-}
-
-/// Why a remote candidate's address is refused: a peer must not aim our
-/// connectivity checks (STUN requests from our socket) at this host, its local
-/// networks' broadcast or multicast groups, or through the tunnel itself.
-pub fn refuse_remote_addr(ip: Ipv4Addr, port: u16, mesh: Ipv4Net) -> Option<&'static str> {
-    if port == 0 {
-        Some("port 0")
-    } else if ip.is_unspecified() || ip.octets()[0] == 0 {
-        Some("unspecified address")
-    } else if ip.is_loopback() {
-        Some("loopback address")
-    } else if ip.is_multicast() {
-        Some("multicast address")
-    } else if ip.is_broadcast() {
-        Some("broadcast address")
-    } else if ip.is_link_local() {
-        Some("link-local address")
-    } else if mesh.contains(&ip) {
-        Some("address inside the mesh network")
-    } else {
-        None
     }
 }
 
@@ -165,8 +148,41 @@ pub struct IceSession {
     pub signalled: Vec<(String, CandidateKind)>,
     /// See [`IceSettings::mesh`].
     mesh: Ipv4Net,
+    mesh6: Option<Ipv6Net>,
+    /// Whether the shared socket reaches IPv6 (see `Mux::ipv6`).
+    ipv6: bool,
     /// Where relayed data goes while a shim allocation is selected.
     route: Arc<TurnRoute>,
+}
+
+/// How every agent is set up: host candidates on the shared socket (IPv6
+/// too when it is dual-stack), filtered by [`gather_addr`].
+fn agent_config(settings: &IceSettings, controlling: bool) -> AgentConfig {
+    let tun_name = settings.tun_name.clone();
+    let (mesh, mesh6) = (settings.mesh, settings.mesh6);
+    let mut network_types = vec![NetworkType::Udp4];
+    if settings.mux.ipv6() {
+        network_types.push(NetworkType::Udp6);
+    }
+    AgentConfig {
+        urls: settings.urls.clone(),
+        network_types,
+        udp_network: UDPNetwork::Muxed(settings.mux.clone()),
+        candidate_types: vec![
+            CandidateType::Host,
+            CandidateType::ServerReflexive,
+            CandidateType::Relay,
+        ],
+        multicast_dns_mode: MulticastDnsMode::Disabled,
+        interface_filter: Arc::new(Some(Box::new(move |name: &str| name != tun_name))),
+        ip_filter: Arc::new(Some(Box::new(move |ip| gather_addr(ip, mesh, mesh6)))),
+        is_controlling: controlling,
+        disconnected_timeout: Some(DISCONNECTED_TIMEOUT),
+        failed_timeout: Some(FAILED_TIMEOUT),
+        keepalive_interval: Some(KEEPALIVE_INTERVAL),
+        relay_acceptance_min_wait: Some(RELAY_ACCEPTANCE_MIN_WAIT),
+        ..Default::default()
+    }
 }
 
 impl IceSession {
@@ -177,25 +193,17 @@ impl IceSession {
         session: u64,
         events: mpsc::UnboundedSender<IceEvent>,
     ) -> Result<Self, webrtc_ice::Error> {
-        let tun_name = settings.tun_name.clone();
-        let config = AgentConfig {
-            urls: settings.urls.clone(),
-            network_types: vec![NetworkType::Udp4],
-            udp_network: UDPNetwork::Muxed(settings.mux.clone()),
-            candidate_types: vec![
-                CandidateType::Host,
-                CandidateType::ServerReflexive,
-                CandidateType::Relay,
-            ],
-            multicast_dns_mode: MulticastDnsMode::Disabled,
-            interface_filter: Arc::new(Some(Box::new(move |name: &str| name != tun_name))),
-            is_controlling: controlling,
-            disconnected_timeout: Some(DISCONNECTED_TIMEOUT),
-            failed_timeout: Some(FAILED_TIMEOUT),
-            keepalive_interval: Some(KEEPALIVE_INTERVAL),
-            relay_acceptance_min_wait: Some(RELAY_ACCEPTANCE_MIN_WAIT),
-            ..Default::default()
-        };
+        let config = agent_config(settings, controlling);
+        Self::with_config(settings, config, peer, session, events).await
+    }
+
+    async fn with_config(
+        settings: &IceSettings,
+        config: AgentConfig,
+        peer: NodeId,
+        session: u64,
+        events: mpsc::UnboundedSender<IceEvent>,
+    ) -> Result<Self, webrtc_ice::Error> {
         let agent = Arc::new(Agent::new(config).await?);
 
         let tx = events.clone();
@@ -251,6 +259,8 @@ impl IceSession {
             conn: None,
             signalled: Vec::new(),
             mesh: settings.mesh,
+            mesh6: settings.mesh6,
+            ipv6: settings.mux.ipv6(),
             route,
         })
     }
@@ -302,9 +312,12 @@ impl IceSession {
     }
 
     /// Adds a signalled candidate; returns its address and type. A peer gets at
-    /// most [`MAX_REMOTE_CANDIDATES`] per session, UDP over IPv4 literals only,
-    /// none that [`refuse_remote_addr`] refuses, so it can neither grow our state
-    /// nor aim our checks at arbitrarily many or at local addresses.
+    /// most [`MAX_REMOTE_CANDIDATES`] per session, UDP over IP literals only
+    /// (IPv6 only when our socket has it), none that [`refuse_remote_addr`]
+    /// refuses, so it can neither grow our state nor aim our checks at
+    /// arbitrarily many or at local addresses. Addresses must be written as
+    /// we would write them: webrtc-ice matches a check's sender to a candidate
+    /// by comparing text, so `2001:DB8::1` would never match.
     pub fn add_remote_candidate(
         &mut self,
         raw: &str,
@@ -313,14 +326,24 @@ impl IceSession {
             return Err(webrtc_ice::Error::Other("too many candidates".into()));
         }
         let candidate = webrtc_ice::candidate::candidate_base::unmarshal_candidate(raw)?;
-        if candidate.network_type() != NetworkType::Udp4 {
-            return Err(webrtc_ice::Error::Other("only UDP over IPv4".into()));
+        match candidate.network_type() {
+            NetworkType::Udp4 => {}
+            NetworkType::Udp6 if self.ipv6 => {}
+            NetworkType::Udp6 => {
+                return Err(webrtc_ice::Error::Other("no IPv6 on this host".into()))
+            }
+            _ => return Err(webrtc_ice::Error::Other("only UDP".into())),
         }
-        let ip: Ipv4Addr = candidate
+        let ip: IpAddr = candidate
             .address()
             .parse()
-            .map_err(|_| webrtc_ice::Error::Other("address is not an IPv4 literal".into()))?;
-        if let Some(reason) = refuse_remote_addr(ip, candidate.port(), self.mesh) {
+            .map_err(|_| webrtc_ice::Error::Other("address is not an IP literal".into()))?;
+        if ip.to_string() != candidate.address() {
+            return Err(webrtc_ice::Error::Other(
+                "address not in canonical form".into(),
+            ));
+        }
+        if let Some(reason) = refuse_remote_addr(ip, candidate.port(), self.mesh, self.mesh6) {
             return Err(webrtc_ice::Error::Other(reason.into()));
         }
         let candidate: Arc<dyn Candidate + Send + Sync> = Arc::new(candidate);
@@ -350,95 +373,12 @@ fn kind(t: CandidateType) -> CandidateKind {
     }
 }
 
+/// `a.b.c.d:port` or `[v6]:port`: what `SocketAddr` parses, so the node can
+/// make a selected pair's address the peer's endpoint.
 fn addr(c: &(dyn Candidate + Send + Sync)) -> String {
-    format!("{}:{}", c.address(), c.port())
+    host_port(&c.address(), c.port())
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn refused(ip: &str, port: u16) -> Option<&'static str> {
-        let mesh: Ipv4Net = "100.64.0.0/10".parse().unwrap();
-        refuse_remote_addr(ip.parse().unwrap(), port, mesh)
-    }
-
-    #[test]
-    fn ordinary_addresses_are_accepted() {
-        for ip in [
-            "10.77.1.3",
-            "192.168.1.20",
-            "203.0.113.9",
-            "172.16.0.1",
-            "100.128.0.1",
-        ] {
-            assert_eq!(refused(ip, 41641), None, "{ip}");
-        }
-    }
-
-    #[test]
-    fn local_special_and_mesh_addresses_are_refused() {
-        let cases = [
-            ("0.0.0.0", "unspecified address"),
-            ("0.1.2.3", "unspecified address"),
-            ("127.0.0.1", "loopback address"),
-            ("127.8.9.10", "loopback address"),
-            ("224.0.0.251", "multicast address"),
-            ("239.255.255.250", "multicast address"),
-            ("255.255.255.255", "broadcast address"),
-            ("169.254.169.254", "link-local address"),
-            ("100.64.0.1", "address inside the mesh network"),
-            ("100.127.255.254", "address inside the mesh network"),
-        ];
-        for (ip, reason) in cases {
-            assert_eq!(refused(ip, 41641), Some(reason), "{ip}");
-        }
-        assert_eq!(refused("10.77.1.3", 0), Some("port 0"));
-    }
-
-    #[tokio::test]
-    async fn session_refuses_hostile_candidates_and_takes_ordinary_ones() {
-        let settings = IceSettings {
-            urls: Vec::new(),
-            mux: crate::ice::mux::Mux::bind().await.expect("UDP socket"),
-            tun_name: "ovl-test".into(),
-            mesh: "100.64.0.0/10".parse().unwrap(),
-        };
-        let (events, _rx) = mpsc::unbounded_channel();
-        let mut session = IceSession::new(&settings, true, 2, 1, events)
-            .await
-            .expect("agent");
-        let line =
-            |addr: &str, port: u16| format!("candidate:1 1 udp 2130706431 {addr} {port} typ host");
-        for (addr, port) in [
-            ("127.0.0.1", 5000),
-            ("0.0.0.0", 5000),
-            ("224.0.0.1", 5000),
-            ("169.254.1.1", 5000),
-            ("100.64.0.7", 5000),
-            ("10.1.2.3", 0),
-            ("evil\u{1b}[2J.local", 5000),
-        ] {
-            assert!(
-                session.add_remote_candidate(&line(addr, port)).is_err(),
-                "{addr}:{port} accepted"
-            );
-        }
-        assert!(session.signalled.is_empty());
-        let (addr, kind) = session
-            .add_remote_candidate(&line("10.1.2.3", 5000))
-            .expect("an ordinary LAN candidate");
-        assert_eq!(
-            (addr.as_str(), kind),
-            ("10.1.2.3:5000", CandidateKind::Host)
-        );
-        session.close();
-    }
-
-    #[test]
-    fn the_mesh_network_is_the_netmaps() {
-        let mesh: Ipv4Net = "10.200.0.0/16".parse().unwrap();
-        assert!(refuse_remote_addr("10.200.3.4".parse().unwrap(), 9, mesh).is_some());
-        assert!(refuse_remote_addr("100.64.0.1".parse().unwrap(), 9, mesh).is_none());
-    }
-}
+#[path = "agent_tests.rs"]
+mod tests;

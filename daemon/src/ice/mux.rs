@@ -12,9 +12,16 @@
 //! and ICE only sees STUN. webrtc-ice gathers no server-reflexive candidates on a
 //! mux, so [`Mux::reflexive_addr`] asks STUN itself from this socket and the engine
 //! signals the answer as our srflx candidate.
+//!
+//! The socket is dual-stack (`[::]:port`, IPv4 arrives as `::ffff:a.b.c.d`)
+//! where the host has IPv6, else IPv4 only. One socket rather than one per
+//! family: webrtc-ice gives an agent one conn for all its host candidates
+//! anyway, the data plane keeps one send path, and a peer's endpoint is one
+//! `SocketAddr` of either family. Addresses are normalised where they are read
+//! (`udp_batch`), so nothing past this module ever sees a mapped address.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -23,17 +30,16 @@ use stun::attributes::ATTR_USERNAME;
 use stun::message::{Getter, Message, BINDING_REQUEST, BINDING_SUCCESS};
 use stun::xoraddr::XorMappedAddress;
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 use webrtc_ice::udp_mux::UDPMux;
 use webrtc_util::Conn;
 
+use super::inbox::Inbox;
 use super::turn_shim::TurnShim;
 use crate::dataplane::udp_batch;
 use crate::dataplane::{DataPlane, Origin, RxScratch, BUF_SIZE, MAX_BATCH};
 
-/// Datagrams queued for one agent before more are dropped (STUN is sparse).
-const AGENT_QUEUE: usize = 256;
 /// How long a STUN server may take to answer our srflx probe.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -53,8 +59,15 @@ pub struct Mux {
 }
 
 impl Mux {
+    /// Binds the shared socket: dual-stack when the host has IPv6, else IPv4.
     pub async fn bind() -> std::io::Result<Arc<Mux>> {
-        let socket = UdpSocket::bind("0.0.0.0:0").await?;
+        let socket = match udp_batch::bind_dual_stack(0) {
+            Ok(socket) => UdpSocket::from_std(socket)?,
+            Err(e) => {
+                tracing::info!("no IPv6 socket ({e}); peers are reached over IPv4 only");
+                UdpSocket::bind("0.0.0.0:0").await?
+            }
+        };
         let local_addr = socket.local_addr()?;
         udp_batch::grow_buffers(&socket);
         if !udp_batch::enable_gro(&socket) {
@@ -80,6 +93,11 @@ impl Mux {
 
     pub fn port(&self) -> u16 {
         self.local_addr.port()
+    }
+
+    /// Whether the socket reaches IPv6 peers (it is dual-stack).
+    pub fn ipv6(&self) -> bool {
+        self.local_addr.is_ipv6()
     }
 
     /// Reads the socket until it fails; see the module diagram.
@@ -149,7 +167,8 @@ impl Mux {
             if let Some(waiter) = lock(&self.probes).remove(&msg.transaction_id.0) {
                 let mut mapped = XorMappedAddress::default();
                 if mapped.get_from(&msg).is_ok() {
-                    let _ = waiter.send(SocketAddr::new(mapped.ip, mapped.port));
+                    let mapped = udp_batch::normalise(SocketAddr::new(mapped.ip, mapped.port));
+                    let _ = waiter.send(mapped);
                 }
                 return;
             }
@@ -169,6 +188,20 @@ impl Mux {
         }
     }
 
+    /// What [`Self::run`] does with STUN, without a data plane: for tests of
+    /// ICE itself.
+    #[cfg(test)]
+    pub(crate) async fn serve_stun(self: Arc<Self>) {
+        let mut buf = vec![0u8; BUF_SIZE];
+        while let Ok((from, n, segment)) = udp_batch::recv_coalesced(&self.socket, &mut buf).await {
+            for datagram in udp_batch::segments(&buf[..n], segment) {
+                if stun::message::is_message(datagram) {
+                    self.route_stun(datagram, from);
+                }
+            }
+        }
+    }
+
     /// Our address and port as the STUN server `server` sees this socket.
     pub async fn reflexive_addr(&self, server: SocketAddr) -> Option<SocketAddr> {
         let mut msg = Message::new();
@@ -178,7 +211,8 @@ impl Mux {
         let (tx, rx) = oneshot::channel();
         lock(&self.probes).insert(msg.transaction_id.0, tx);
         let answer = async {
-            self.socket.send_to(&msg.raw, server).await.ok()?;
+            let to = udp_batch::on_wire(server, self.local_addr);
+            self.socket.send_to(&msg.raw, to).await.ok()?;
             tokio::time::timeout(PROBE_TIMEOUT, rx).await.ok()?.ok()
         }
         .await;
@@ -201,13 +235,11 @@ impl UDPMux for Mux {
         if let Some(conn) = conns.get(ufrag) {
             return Ok(conn.clone());
         }
-        let (tx, rx) = mpsc::channel(AGENT_QUEUE);
         let conn = Arc::new(MuxConn {
             mux: Arc::downgrade(&self),
             socket: self.socket.clone(),
             local_addr: self.local_addr,
-            tx,
-            rx: tokio::sync::Mutex::new(rx),
+            inbox: Inbox::default(),
             closed: CancellationToken::new(),
         });
         conns.insert(ufrag.to_owned(), conn.clone());
@@ -227,18 +259,17 @@ pub struct MuxConn {
     mux: Weak<Mux>,
     socket: Arc<UdpSocket>,
     local_addr: SocketAddr,
-    tx: mpsc::Sender<(Vec<u8>, SocketAddr)>,
-    rx: tokio::sync::Mutex<mpsc::Receiver<(Vec<u8>, SocketAddr)>>,
-    /// Every host candidate of an agent reads this one conn; closing must not wait
-    /// for the receive lock another candidate's reader holds, or `Agent::close`
-    /// never finishes on a machine with several addresses.
+    /// Every host candidate of the agent reads this one conn, each all of it.
+    inbox: Inbox,
+    /// Closing must not wait for a read another candidate's task is in, or
+    /// `Agent::close` never finishes on a machine with several addresses.
     closed: CancellationToken,
 }
 
 impl MuxConn {
     fn deliver(&self, datagram: &[u8], from: SocketAddr) {
-        // A full queue means the agent is not reading: dropping is what UDP does.
-        let _ = self.tx.try_send((datagram.to_vec(), from));
+        self.inbox
+            .deliver(datagram, from, std::time::Instant::now());
     }
 }
 
@@ -257,7 +288,7 @@ impl Conn for MuxConn {
     async fn recv_from(&self, buf: &mut [u8]) -> Result<(usize, SocketAddr), webrtc_util::Error> {
         let next = tokio::select! {
             _ = self.closed.cancelled() => None,
-            next = async { self.rx.lock().await.recv().await } => next,
+            next = self.inbox.recv() => Some(next),
         };
         match next {
             Some((datagram, from)) => {
@@ -285,7 +316,8 @@ impl Conn for MuxConn {
                 lock(&mux.by_addr).insert(target, Arc::downgrade(&me));
             }
         }
-        Ok(self.socket.send_to(buf, target).await?)
+        let to = udp_batch::on_wire(target, self.local_addr);
+        Ok(self.socket.send_to(buf, to).await?)
     }
 
     fn local_addr(&self) -> Result<SocketAddr, webrtc_util::Error> {
@@ -313,14 +345,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Whether `ip` is one of this host's own addresses: then STUN saw us without a
-/// NAT and an srflx candidate would only repeat a host candidate.
-pub fn is_local_ip(ip: std::net::IpAddr) -> bool {
+/// NAT and an srflx candidate would only repeat a host candidate (the usual
+/// case for IPv6, which has no NAT).
+pub fn is_local_ip(ip: IpAddr) -> bool {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
         return false;
     };
     addrs
         .filter_map(|a| a.address)
-        .filter_map(|a| a.as_sockaddr_in().map(|sin| std::net::IpAddr::V4(sin.ip())))
+        .filter_map(|a| {
+            let v4 = a.as_sockaddr_in().map(|sin| IpAddr::V4(sin.ip()));
+            v4.or_else(|| a.as_sockaddr_in6().map(|sin6| IpAddr::V6(sin6.ip())))
+        })
         .any(|local| local == ip)
 }
 
@@ -329,8 +365,12 @@ pub fn srflx_candidate(mapped: SocketAddr, local_port: u16) -> String {
     // RFC 8445 priority: type preference 100 (srflx), local preference 65535,
     // component 1.
     let priority: u32 = (100 << 24) | (65_535 << 8) | (256 - 1);
+    let base = match mapped {
+        SocketAddr::V4(_) => "0.0.0.0",
+        SocketAddr::V6(_) => "::",
+    };
     format!(
-        "ovlsrflx 1 udp {priority} {} {} typ srflx raddr 0.0.0.0 rport {local_port}",
+        "ovlsrflx 1 udp {priority} {} {} typ srflx raddr {base} rport {local_port}",
         mapped.ip(),
         mapped.port()
     )
@@ -349,6 +389,50 @@ mod tests {
         let c = unmarshal_candidate(&line).unwrap();
         assert_eq!(c.candidate_type(), CandidateType::ServerReflexive);
         assert_eq!((c.address().as_str(), c.port()), ("203.0.113.7", 40000));
+
+        let line = srflx_candidate("[2001:db8::7]:40000".parse().unwrap(), 5555);
+        let c = unmarshal_candidate(&line).unwrap();
+        assert_eq!(c.candidate_type(), CandidateType::ServerReflexive);
+        assert_eq!(
+            c.network_type(),
+            webrtc_ice::network_type::NetworkType::Udp6
+        );
+        assert_eq!((c.address().as_str(), c.port()), ("2001:db8::7", 40000));
+    }
+
+    #[tokio::test]
+    async fn the_shared_socket_is_dual_stack_and_probes_stun_of_either_family() {
+        let mux = Mux::bind().await.unwrap();
+        assert!(mux.ipv6(), "the test host has IPv6");
+        // A STUN server that answers with the sender's address, as it saw it.
+        for server in ["127.0.0.1:0", "[::1]:0"] {
+            let stun = UdpSocket::bind(server).await.unwrap();
+            let server = stun.local_addr().unwrap();
+            let answer = tokio::spawn(async move {
+                let mut buf = [0u8; 1500];
+                let (n, from) = stun.recv_from(&mut buf).await.unwrap();
+                let mut req = Message::new();
+                req.unmarshal_binary(&buf[..n]).unwrap();
+                let mut resp = Message::new();
+                resp.build(&[
+                    Box::new(BINDING_SUCCESS),
+                    Box::new(req.transaction_id),
+                    Box::new(XorMappedAddress {
+                        ip: from.ip(),
+                        port: from.port(),
+                    }),
+                ])
+                .unwrap();
+                stun.send_to(&resp.raw, from).await.unwrap();
+            });
+            let run = tokio::spawn(mux.clone().serve_stun());
+            let seen = mux.reflexive_addr(server).await;
+            run.abort();
+            answer.await.unwrap();
+            let seen = seen.expect("an answer");
+            assert_eq!(seen.ip(), server.ip(), "IPv4 is named plainly, not ::ffff:");
+            assert_eq!(seen.port(), mux.port());
+        }
     }
 
     #[tokio::test]

@@ -1,6 +1,8 @@
 //! `overlayctl netcheck`: does UDP get out, what public address does STUN see,
-//! does the NAT keep one mapping for every destination, is TURN reachable.
-//! The classification is a plain function; the probes are the IO around it.
+//! does the NAT keep one mapping for every destination, is TURN reachable; and
+//! the same over IPv6 where the coordinator names IPv6 STUN servers
+//! (`stun:[2001:db8::1]:3478`). The classification is a plain function; the
+//! probes are the IO around it.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,30 +31,56 @@ pub fn classify(mapped: &[Option<SocketAddr>]) -> MappingBehaviour {
     }
 }
 
-/// `stun:host:port` or `turn:host:port?transport=udp` → `host:port`.
+/// The port STUN and TURN URLs without one mean (RFC 7064, RFC 7065).
+const DEFAULT_PORT: u16 = 3478;
+
+/// `stun:host:port`, `stun:[v6]:port` or `turn:host:port?transport=udp` →
+/// `host:port` (`[v6]:port`), the port 3478 when the URL has none.
 pub fn server_addr(url: &str) -> Option<String> {
     let rest = url.split_once(':')?.1;
     let rest = rest.split('?').next()?;
-    if rest.contains(':') {
+    if let Some(v6) = rest.strip_prefix('[') {
+        let (host, after) = v6.split_once(']')?;
+        let ip: std::net::Ipv6Addr = host.parse().ok()?;
+        let port = match after.strip_prefix(':') {
+            Some(port) => port.parse().ok()?,
+            None if after.is_empty() => DEFAULT_PORT,
+            None => return None,
+        };
+        return Some(SocketAddr::new(ip.into(), port).to_string());
+    }
+    if rest.is_empty() {
+        None
+    } else if rest.contains(':') {
         Some(rest.to_owned())
     } else {
-        Some(format!("{rest}:3478"))
+        Some(format!("{rest}:{DEFAULT_PORT}"))
     }
 }
 
+/// Whether a [`server_addr`] names an IPv6 server (a bracketed literal); host
+/// names are asked over IPv4, as before IPv6.
+pub fn is_ipv6_server(server: &str) -> bool {
+    server.starts_with('[')
+}
+
 pub async fn run(ice: &IceConfig, coordinator_rtt: Option<Duration>) -> NetcheckReport {
-    let servers: Vec<String> = ice
+    let (servers6, servers): (Vec<String>, Vec<String>) = ice
         .stun
         .iter()
         .chain(ice.netcheck.iter())
         .filter_map(|u| server_addr(u))
-        .collect();
-    let stun = stun_probes(&servers).await;
-    let mapped: Vec<Option<SocketAddr>> = stun
-        .iter()
-        .map(|p| p.mapped.as_ref().and_then(|m| m.parse().ok()))
-        .collect();
-    let mapping = classify(&mapped);
+        .partition(|s| is_ipv6_server(s));
+    // One socket per family, asked side by side: IPv6 costs no extra time.
+    let (stun, stun6) = tokio::join!(stun_probes(&servers, false), stun_probes(&servers6, true));
+    let answers = |probes: &[StunProbe]| -> Vec<Option<SocketAddr>> {
+        probes
+            .iter()
+            .map(|p| p.mapped.as_ref().and_then(|m| m.parse().ok()))
+            .collect()
+    };
+    let mapped = answers(&stun);
+    let mapped6 = answers(&stun6);
     let mut turn = Vec::new();
     for server in &ice.turn {
         for url in &server.urls {
@@ -65,17 +93,19 @@ pub async fn run(ice: &IceConfig, coordinator_rtt: Option<Duration>) -> Netcheck
     NetcheckReport {
         udp: mapped.iter().any(Option::is_some),
         public_addr: mapped.iter().flatten().next().copied(),
-        mapping,
-        stun,
+        // The NAT question is IPv4's: IPv6 has no NAT to classify.
+        mapping: classify(&mapped),
+        stun: stun.into_iter().chain(stun6).collect(),
         turn,
         coordinator_rtt_ms: coordinator_rtt.map(|d| d.as_secs_f64() * 1000.0),
-        udp6: false,
-        public_addr6: None,
+        udp6: mapped6.iter().any(Option::is_some),
+        public_addr6: mapped6.iter().flatten().next().copied(),
     }
 }
 
-/// Asks every server from one socket, so the answers compare one mapping.
-async fn stun_probes(servers: &[String]) -> Vec<StunProbe> {
+/// Asks every server from one socket (IPv6 when `v6`), so the answers compare
+/// one mapping.
+async fn stun_probes(servers: &[String], v6: bool) -> Vec<StunProbe> {
     let failed = |server: &String, error: String| StunProbe {
         server: server.clone(),
         mapped: None,
@@ -85,7 +115,7 @@ async fn stun_probes(servers: &[String]) -> Vec<StunProbe> {
     let Some(first) = servers.first() else {
         return Vec::new();
     };
-    let client = match client(first, first, "", "").await {
+    let client = match client(first, first, "", "", v6).await {
         Ok(c) => c,
         Err(e) => return servers.iter().map(|s| failed(s, e.clone())).collect(),
     };
@@ -112,7 +142,8 @@ async fn stun_probes(servers: &[String]) -> Vec<StunProbe> {
 
 async fn turn_probe(server: &str, username: &str, password: &str) -> TurnProbe {
     let result = async {
-        let client = client(server, server, username, password).await?;
+        let v6 = is_ipv6_server(server);
+        let client = client(server, server, username, password, v6).await?;
         let allocated = tokio::time::timeout(PROBE_TIMEOUT, client.allocate()).await;
         let outcome = match allocated {
             Ok(Ok(relay)) => {
@@ -146,10 +177,10 @@ async fn client(
     turn: &str,
     username: &str,
     password: &str,
+    v6: bool,
 ) -> Result<turn::client::Client, String> {
-    let socket = UdpSocket::bind("0.0.0.0:0")
-        .await
-        .map_err(|e| e.to_string())?;
+    let any = if v6 { "[::]:0" } else { "0.0.0.0:0" };
+    let socket = UdpSocket::bind(any).await.map_err(|e| e.to_string())?;
     let conn: Arc<dyn Conn + Send + Sync> = Arc::new(socket);
     let client = turn::client::Client::new(turn::client::ClientConfig {
         stun_serv_addr: stun.to_owned(),
@@ -207,5 +238,95 @@ mod tests {
             Some("example.com:3478")
         );
         assert_eq!(server_addr("nonsense"), None);
+    }
+
+    /// A STUN server on `ip` that answers every Binding request with the
+    /// sender's address as it saw it; its `stun:` URL.
+    async fn stun_server(ip: std::net::IpAddr) -> (String, tokio::task::JoinHandle<()>) {
+        use stun::message::{Message, BINDING_SUCCESS};
+        use stun::xoraddr::XorMappedAddress;
+        let socket = UdpSocket::bind((ip, 0)).await.unwrap();
+        let url = format!("stun:{}", socket.local_addr().unwrap());
+        let task = tokio::spawn(async move {
+            let mut buf = [0u8; 1500];
+            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+                let mut req = Message::new();
+                if req.unmarshal_binary(&buf[..n]).is_err() {
+                    continue;
+                }
+                let mut resp = Message::new();
+                resp.build(&[
+                    Box::new(BINDING_SUCCESS),
+                    Box::new(req.transaction_id),
+                    Box::new(XorMappedAddress {
+                        ip: from.ip(),
+                        port: from.port(),
+                    }),
+                ])
+                .unwrap();
+                let _ = socket.send_to(&resp.raw, from).await;
+            }
+        });
+        (url, task)
+    }
+
+    #[tokio::test]
+    async fn netcheck_asks_ipv6_stun_servers_beside_ipv4_ones() {
+        let (url4, a) = stun_server([127, 0, 0, 1].into()).await;
+        let (url6, b) = stun_server(std::net::Ipv6Addr::LOCALHOST.into()).await;
+        let ice = IceConfig {
+            stun: vec![url4, url6],
+            ..IceConfig::default()
+        };
+        let report = run(&ice, None).await;
+        a.abort();
+        b.abort();
+        assert!(report.udp && report.udp6, "{report:?}");
+        assert!(
+            report.public_addr.is_some_and(|a| a.is_ipv4()),
+            "{report:?}"
+        );
+        let public6 = report.public_addr6.expect("an IPv6 answer");
+        assert_eq!(public6.ip(), std::net::Ipv6Addr::LOCALHOST);
+        assert_eq!(report.stun.len(), 2);
+        // One IPv4 answer: the NAT's mapping cannot be told from one server.
+        assert_eq!(report.mapping, MappingBehaviour::Unknown);
+    }
+
+    #[tokio::test]
+    async fn without_ipv6_servers_netcheck_reports_no_ipv6() {
+        let (url4, a) = stun_server([127, 0, 0, 1].into()).await;
+        let ice = IceConfig {
+            stun: vec![url4],
+            ..IceConfig::default()
+        };
+        let report = run(&ice, None).await;
+        a.abort();
+        assert!(report.udp && !report.udp6, "{report:?}");
+        assert_eq!(report.public_addr6, None);
+    }
+
+    #[test]
+    fn ipv6_server_addresses_keep_their_brackets() {
+        assert_eq!(
+            server_addr("stun:[2001:db8::1]:3478").as_deref(),
+            Some("[2001:db8::1]:3478")
+        );
+        assert_eq!(
+            server_addr("stun:[2001:db8::1]").as_deref(),
+            Some("[2001:db8::1]:3478")
+        );
+        assert_eq!(
+            server_addr("turn:[2001:db8::1]:3479?transport=udp").as_deref(),
+            Some("[2001:db8::1]:3479")
+        );
+        assert_eq!(server_addr("stun:[2001:db8::1"), None);
+        assert_eq!(server_addr("stun:[not-v6]:3478"), None);
+        assert_eq!(server_addr("stun:[2001:db8::1]x"), None);
+        let parsed: SocketAddr = server_addr("stun:[2001:db8::1]").unwrap().parse().unwrap();
+        assert!(parsed.is_ipv6());
+        assert!(is_ipv6_server(&server_addr("stun:[2001:db8::1]").unwrap()));
+        assert!(!is_ipv6_server(&server_addr("stun:203.0.113.1").unwrap()));
+        assert!(!is_ipv6_server(&server_addr("stun:example.com").unwrap()));
     }
 }

@@ -29,7 +29,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
-use nix::sys::socket::{sendmsg, MsgFlags, SockaddrIn};
+use nix::sys::socket::{sendmsg, MsgFlags, SockaddrStorage};
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
@@ -72,10 +72,11 @@ impl TurnShim {
         let _ = self.dataplane.set(dataplane);
     }
 
-    /// The loopback address that stands for the TURN server `host:port`,
-    /// starting its listener on first use. Must run inside the runtime.
+    /// The loopback address that stands for the TURN server `host:port`
+    /// (an IPv6 host without brackets, as a URL's host is), starting its
+    /// listener on first use. Must run inside the runtime.
     pub fn local_for(self: &Arc<Self>, host: &str, port: u16) -> std::io::Result<SocketAddr> {
-        let server = format!("{host}:{port}");
+        let server = super::host_port(host, port);
         let mut listeners = lock(&self.listeners);
         if let Some(addr) = listeners.get(&server) {
             return Ok(*addr);
@@ -127,7 +128,7 @@ impl TurnShim {
                         resolved = tokio::net::lookup_host(&server)
                             .await
                             .ok()
-                            .and_then(|mut a| a.find(SocketAddr::is_ipv4));
+                            .and_then(prefer_ipv4);
                     }
                     let Some(server_addr) = resolved else {
                         tracing::debug!("TURN shim: cannot resolve {server}");
@@ -163,7 +164,14 @@ impl TurnShim {
         client: SocketAddr,
         server: SocketAddr,
     ) -> std::io::Result<Arc<Session>> {
-        let upstream = UdpSocket::bind("0.0.0.0:0").await?;
+        // The server's family: a TURN server reached over IPv6 still relays
+        // to IPv4 peers (its allocations are IPv4), which is how an IPv6-only
+        // site reaches an IPv4-only one.
+        let any: SocketAddr = match server {
+            SocketAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let upstream = UdpSocket::bind(any).await?;
         udp_batch::grow_buffers(&upstream);
         udp_batch::enable_gro(&upstream);
         let session = Arc::new(Session {
@@ -278,6 +286,14 @@ impl TurnShim {
     }
 }
 
+/// The address to reach a server at: IPv4 when it has one (what every
+/// deployment so far used), else IPv6.
+fn prefer_ipv4(addrs: impl Iterator<Item = SocketAddr>) -> Option<SocketAddr> {
+    let addrs: Vec<SocketAddr> = addrs.collect();
+    let v4 = addrs.iter().find(|a| a.is_ipv4());
+    v4.or(addrs.first()).copied()
+}
+
 /// One TURN client socket's way to its server.
 pub struct Session {
     client: SocketAddr,
@@ -302,11 +318,8 @@ impl Session {
         let Some(channel) = lock(&self.channels).channel_for(peer, Instant::now()) else {
             return false;
         };
-        let SocketAddr::V4(server) = self.server else {
-            return false;
-        };
         let header = channel_header(channel, datagram.len());
-        let to = SockaddrIn::from(server);
+        let to = SockaddrStorage::from(self.server);
         let parts = [IoSlice::new(&header), IoSlice::new(datagram)];
         let _ = self
             .upstream
@@ -370,14 +383,26 @@ mod tests {
 
     #[tokio::test]
     async fn the_shim_forwards_both_ways_and_sends_channel_data_once_bound() {
-        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        forwards_both_ways("127.0.0.1").await;
+    }
+
+    #[tokio::test]
+    async fn the_shim_reaches_a_turn_server_over_ipv6() {
+        forwards_both_ways("::1").await;
+    }
+
+    /// The shim's whole conversation with a TURN server at `host` (written
+    /// as in a URL's host: IPv6 without brackets).
+    async fn forwards_both_ways(host: &str) {
+        let ip: std::net::IpAddr = host.parse().unwrap();
+        let server = UdpSocket::bind((ip, 0)).await.unwrap();
         let server_addr = server.local_addr().unwrap();
         let shim = Arc::new(TurnShim::default());
         let local = shim
-            .local_for("127.0.0.1", server_addr.port())
+            .local_for(host, server_addr.port())
             .expect("a loopback listener");
         assert_eq!(
-            shim.local_for("127.0.0.1", server_addr.port()).unwrap(),
+            shim.local_for(host, server_addr.port()).unwrap(),
             local,
             "one listener per server"
         );

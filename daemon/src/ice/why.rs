@@ -20,8 +20,10 @@ impl Attempt {
         remote: &[CandidateStats],
         pairs: &[CandidatePairStats],
     ) -> Self {
-        let describe =
-            |c: &CandidateStats| format!("{} {}:{}", type_name(c.candidate_type), c.ip, c.port);
+        let describe = |c: &CandidateStats| {
+            let at = super::host_port(&c.ip, c.port);
+            format!("{} {at}", type_name(c.candidate_type))
+        };
         let find = |id: &str| {
             local
                 .iter()
@@ -191,6 +193,40 @@ mod tests {
         let c = conclude(&e);
         assert!(c.starts_with("b gets no UDP out"), "{c}");
         assert!(c.ends_with("the next direct attempt is in 64s"), "{c}");
+    }
+
+    #[test]
+    fn ipv6_candidates_and_pairs_read_as_bracketed_addresses() {
+        let candidate = |id: &str, typ, ip: &str, port| CandidateStats {
+            id: id.into(),
+            candidate_type: typ,
+            ip: ip.into(),
+            port,
+            ..CandidateStats::default()
+        };
+        let local = [
+            candidate("l4", CandidateType::Host, "10.0.0.1", 5000),
+            candidate("l6", CandidateType::Host, "2001:db8:1::2", 5000),
+        ];
+        let remote = [candidate(
+            "r6",
+            CandidateType::ServerReflexive,
+            "2001:db8:2::2",
+            6000,
+        )];
+        let pairs = [CandidatePairStats {
+            local_candidate_id: "l6".into(),
+            remote_candidate_id: "r6".into(),
+            state: CandidatePairState::Succeeded,
+            nominated: true,
+            ..CandidatePairStats::default()
+        }];
+        let a = Attempt::from_stats(&local, &remote, &pairs);
+        assert_eq!(a.local, ["host 10.0.0.1:5000", "host [2001:db8:1::2]:5000"]);
+        assert_eq!(a.remote, ["srflx [2001:db8:2::2]:6000"]);
+        assert_eq!(a.pairs[0].local, "host [2001:db8:1::2]:5000");
+        assert_eq!(a.pairs[0].remote, "srflx [2001:db8:2::2]:6000");
+        assert_eq!(a.pairs[0].outcome, "succeeded");
     }
 
     #[test]

@@ -129,8 +129,9 @@ pub struct Node {
     last_poll: Option<Instant>,
     /// Our latest netcheck, shared with peers.
     nat: Option<NatSummary>,
-    /// Our shared socket's srflx candidate, signalled in every session.
-    srflx: Option<String>,
+    /// Our shared socket's srflx candidates (IPv4, and IPv6 where a NAT66
+    /// or prefix translation sits between), signalled in every session.
+    srflx: Vec<String>,
     /// The access rules the coordinator compiled for us; `None`: no policy.
     filter: Option<NodeFilter>,
     /// How long a peer may go without data before it turns idle; `None`: never.
@@ -168,7 +169,7 @@ impl Node {
             last_netcheck: None,
             last_poll: None,
             nat: None,
-            srflx: None,
+            srflx: Vec::new(),
             filter: None,
             idle_timeout: None,
             awake: BTreeSet::new(),
@@ -335,14 +336,20 @@ impl Node {
         self.outputs.push_back(Output::IceSettings(ice));
     }
 
-    /// A finished netcheck: what we tell peers, and our srflx candidate line
-    /// (`None` when STUN saw no NAT or did not answer).
-    pub fn handle_netcheck(&mut self, nat: NatSummary, srflx: Option<String>, now: Instant) {
+    /// A finished netcheck: what we tell peers, and our srflx candidate lines
+    /// (none when STUN saw no NAT or did not answer; one per family at most).
+    pub fn handle_netcheck(
+        &mut self,
+        nat: NatSummary,
+        srflx: impl IntoIterator<Item = String>,
+        now: Instant,
+    ) {
+        let srflx: Vec<String> = srflx.into_iter().collect();
         // Idle peers have no session and hear our summary when they wake.
         let mut awake = std::mem::take(&mut self.polling);
         awake.clear();
         awake.extend(self.awake.iter().copied());
-        if srflx.is_some() && srflx != self.srflx {
+        if !srflx.is_empty() && srflx != self.srflx {
             self.srflx = srflx;
             // Sessions already under way learn the candidate too.
             for &id in &awake {
@@ -380,9 +387,9 @@ impl Node {
         }
     }
 
-    /// Signals our srflx candidate for `session` (webrtc-ice gathers none on a mux).
+    /// Signals our srflx candidates for `session` (webrtc-ice gathers none on a mux).
     fn send_reflexive(&mut self, to: NodeId, session: u64, now: Instant) {
-        if let Some(candidate) = self.srflx.clone() {
+        for candidate in self.srflx.clone() {
             self.send_signal(to, PeerSignal::Candidate { session, candidate }, now);
         }
     }

@@ -82,7 +82,17 @@ impl SelectedPair {
         }
     }
 
-    /// `direct (host)`, `direct (srflx)`, `turn (relay via ADDR)`.
+    /// Whether packets travel over IPv6: the peer's address is what they are
+    /// sent to (webrtc-ice may pair a check with a local candidate of the
+    /// other family, since all share one dual-stack socket).
+    pub fn ipv6(&self) -> bool {
+        self.remote_addr
+            .parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| a.is_ipv6())
+    }
+
+    /// `direct (host)`, `direct (srflx)`, `turn (relay via ADDR)`; a direct
+    /// path over IPv6 says so: `direct (host, v6)`.
     pub fn label(&self) -> String {
         match (self.local, self.remote) {
             (CandidateKind::Relay, _) => format!("turn (relay via {})", self.local_addr),
@@ -95,7 +105,8 @@ impl SelectedPair {
                     _ => 1,
                 };
                 let worst = if rank(l) >= rank(r) { l } else { r };
-                format!("direct ({})", worst.label())
+                let family = if self.ipv6() { ", v6" } else { "" };
+                format!("direct ({}{family})", worst.label())
             }
         }
     }
@@ -475,5 +486,31 @@ mod tests {
         assert_eq!(pair(Relay, Host).label(), "turn (relay via 10.0.0.1:5000)");
         assert_eq!(pair(Host, Relay).kind(), PathKind::Turn);
         assert_eq!(pair(Srflx, Prflx).kind(), PathKind::Direct);
+    }
+
+    #[test]
+    fn a_direct_path_over_ipv6_says_so_and_ipv4_labels_stay_as_they_were() {
+        use CandidateKind::*;
+        let v6 = |local, remote| SelectedPair {
+            local,
+            local_addr: "[2001:db8:1::2]:5000".into(),
+            remote,
+            remote_addr: "[2001:db8:2::2]:6000".into(),
+        };
+        assert_eq!(v6(Host, Host).label(), "direct (host, v6)");
+        assert_eq!(v6(Host, Srflx).label(), "direct (srflx, v6)");
+        assert_eq!(v6(Prflx, Host).label(), "direct (prflx, v6)");
+        assert_eq!(v6(Host, Host).kind(), PathKind::Direct);
+        assert_eq!(pair(Host, Host).label(), "direct (host)");
+        // The family is the peer's: where packets go.
+        let mut mixed = v6(Host, Host);
+        mixed.local_addr = "10.0.0.1:5000".into();
+        assert_eq!(mixed.label(), "direct (host, v6)");
+        mixed.remote_addr = "10.0.0.2:6000".into();
+        assert_eq!(mixed.label(), "direct (host)");
+        // TURN is named by the relay's address, of either family.
+        let mut relayed = v6(Relay, Host);
+        relayed.local_addr = "[2001:db8::3]:50000".into();
+        assert_eq!(relayed.label(), "turn (relay via [2001:db8::3]:50000)");
     }
 }

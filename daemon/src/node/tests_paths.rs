@@ -275,6 +275,46 @@ fn a_netcheck_result_reaches_online_peers_and_sessions_under_way() {
 }
 
 #[test]
+fn an_ipv6_srflx_goes_out_beside_the_ipv4_one_and_to_later_sessions_too() {
+    let mut m = Mesh::new();
+    m.carry = false;
+    m.advance(Duration::ZERO);
+    let session = m.a.session(B).unwrap();
+    let nat = NatSummary {
+        udp: true,
+        public_addr: Some("203.0.113.7:4000".parse().unwrap()),
+        mapping: MappingBehaviour::EndpointDependent,
+    };
+    let lines = vec!["srflx v4".to_owned(), "srflx v6".to_owned()];
+    m.a.handle_netcheck(nat.clone(), lines.clone(), m.now);
+    let candidates = |signals: Vec<PeerSignal>| -> Vec<String> {
+        signals
+            .into_iter()
+            .filter_map(|s| match s {
+                PeerSignal::Candidate { candidate, .. } => Some(candidate),
+                _ => None,
+            })
+            .collect()
+    };
+    let sent: Vec<_> = sealed(&drain(&mut m.a))
+        .into_iter()
+        .map(|s| s.signal)
+        .collect();
+    assert_eq!(candidates(sent.clone()), lines);
+    assert!(sent.contains(&PeerSignal::NetInfo { nat: nat.clone() }));
+    assert!(sent
+        .iter()
+        .all(|s| !matches!(s, PeerSignal::Candidate { session: other, .. } if *other != session)));
+    // A netcheck that found only IPv4 this time replaces the pair.
+    m.a.handle_netcheck(nat, Some("srflx v4".to_owned()), m.now);
+    let sent: Vec<_> = sealed(&drain(&mut m.a))
+        .into_iter()
+        .map(|s| s.signal)
+        .collect();
+    assert_eq!(candidates(sent), ["srflx v4"]);
+}
+
+#[test]
 fn the_node_wakes_up_every_poll_interval() {
     let t0 = Instant::now();
     let mut node = new_node(A, t0, 1);

@@ -15,33 +15,39 @@ use crate::ice::mux::Mux;
 use crate::ice::why::{self, Attempt, Evidence};
 use crate::node::access::PeerAccess;
 
-/// A finished netcheck, and what STUN saw of the shared socket.
+/// A finished netcheck, and what STUN saw of the shared socket: over IPv4,
+/// and over IPv6 when the coordinator names an IPv6 STUN server.
 pub(super) struct Netchecked {
     report: NetcheckReport,
-    reflexive: Option<SocketAddr>,
+    reflexive: [Option<SocketAddr>; 2],
 }
 
-/// Runs netcheck and the shared socket's srflx probe side by side.
+/// Runs netcheck and the shared socket's srflx probes side by side.
 pub(super) async fn netcheck(ice: IceConfig, rtt: Option<Duration>, mux: Arc<Mux>) -> Netchecked {
-    let server = match ice
-        .stun
-        .first()
-        .and_then(|u| crate::ice::netcheck::server_addr(u))
-    {
-        Some(server) => tokio::net::lookup_host(server)
-            .await
-            .ok()
-            .and_then(|mut a| a.next()),
-        None => None,
+    use crate::ice::netcheck::{is_ipv6_server, server_addr};
+    let first = |v6: bool| {
+        ice.stun
+            .iter()
+            .filter_map(|u| server_addr(u))
+            .find(|s| is_ipv6_server(s) == v6)
     };
-    let probe = async {
-        match server {
-            Some(server) => mux.reflexive_addr(server).await,
-            None => None,
+    let probe = |server: Option<String>| {
+        let mux = Arc::clone(&mux);
+        async move {
+            let server = tokio::net::lookup_host(server?).await.ok()?.next()?;
+            mux.reflexive_addr(server).await
         }
     };
-    let (report, reflexive) = tokio::join!(crate::ice::netcheck::run(&ice, rtt), probe);
-    Netchecked { report, reflexive }
+    let probe6 = first(true).filter(|_| mux.ipv6());
+    let (report, v4, v6) = tokio::join!(
+        crate::ice::netcheck::run(&ice, rtt),
+        probe(first(false)),
+        probe(probe6)
+    );
+    Netchecked {
+        report,
+        reflexive: [v4, v6],
+    }
 }
 
 impl Shell {
@@ -62,13 +68,17 @@ impl Shell {
         }
     }
 
-    /// Hands the node what netcheck found, and our srflx candidate unless STUN
-    /// saw one of our own addresses (no NAT: it would repeat a host candidate).
+    /// Hands the node what netcheck found, and our srflx candidates unless STUN
+    /// saw one of our own addresses (no NAT: it would repeat a host candidate;
+    /// so an IPv6 one only where a NAT66 or prefix translation sits between).
     pub(super) fn on_netcheck(&mut self, done: Netchecked) {
         let Netchecked { report, reflexive } = done;
+        let port = self.mux.port();
         let srflx = reflexive
+            .into_iter()
+            .flatten()
             .filter(|m| !crate::ice::mux::is_local_ip(m.ip()))
-            .map(|m| crate::ice::mux::srflx_candidate(m, self.mux.port()));
+            .map(|m| crate::ice::mux::srflx_candidate(m, port));
         self.node
             .handle_netcheck(report.summary(), srflx, Instant::now());
     }

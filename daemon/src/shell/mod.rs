@@ -100,6 +100,7 @@ impl Shell {
             mux: links.mux.clone(),
             tun_name: tun_name.clone(),
             mesh: links.network,
+            mesh6: dataplane.mesh6().map(|m| m.network),
         };
         let (netcheck_tx, netcheck_rx) = mpsc::unbounded_channel();
         let public = *PublicKey::from(&secret).as_bytes();
@@ -198,6 +199,7 @@ impl Shell {
                 } = &msg
                 {
                     self.ice.mesh = *network;
+                    self.ice.mesh6 = *network6;
                     if node.name != self.me_name {
                         self.me_name = node.name.clone();
                         self.names.netmap_changed();
@@ -400,6 +402,7 @@ impl Shell {
                         &ice,
                         &self.tun_name,
                         self.ice.mesh,
+                        self.ice.mesh6,
                         self.mux.clone(),
                     );
                     self.ice_config = ice;
