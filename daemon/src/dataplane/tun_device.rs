@@ -57,8 +57,9 @@ const IPV6_MIN_MTU: u16 = 1280;
 /// be `None`), each with its prefix length, so the kernel routes the whole
 /// mesh prefix to the interface. IPv6 is enabled on the interface first if
 /// the host's default left it off. A TUN is point-to-point without ARP
-/// (IFF_NOARP), so the kernel skips duplicate address detection and the
-/// address is usable at once.
+/// (IFF_NOARP), so the kernel skips duplicate address detection: the
+/// address leaves "tentative" as soon as the kernel's address work runs,
+/// without a probe's one-second wait.
 pub fn set_ipv6(
     name: &str,
     mtu: u16,
