@@ -189,9 +189,22 @@ fn peers_resolve_by_name_and_the_hosts_resolv_conf_comes_back_intact() {
                 && managed.contains(&format!("search {DOMAIN} lab.test")),
             "resolv.conf not managed: {managed}"
         );
-        let getent = lab.exec(&a_host, "getent", &["hosts", &fqdn("b")])?;
+        // `getent hosts` asks for IPv6 first, so the IPv4 checks ask for
+        // IPv4 alone, and the mesh IPv6 address is checked on its own.
+        let getent = lab.exec(&a_host, "getent", &["ahostsv4", &fqdn("b")])?;
         ensure!(getent.starts_with(&b_ip.to_string()), "getent: {getent:?}");
-        let by_search = lab.exec(&a_host, "getent", &["hosts", "c"])?;
+        let b_ip6 = b.status()?.mesh_ip6.context("b has no mesh IPv6 address")?;
+        let getent6 = lab.exec(&a_host, "getent", &["ahostsv6", &fqdn("b")])?;
+        ensure!(
+            getent6.starts_with(&b_ip6.to_string()),
+            "getent ahostsv6: {getent6:?}"
+        );
+        let ptr6 = short(lab, &a_host, resolver, &["-x", &b_ip6.to_string()])?;
+        ensure!(
+            ptr6 == format!("{}.", fqdn("b")),
+            "PTR of b's IPv6: {ptr6:?}"
+        );
+        let by_search = lab.exec(&a_host, "getent", &["ahostsv4", "c"])?;
         ensure!(
             by_search.starts_with(&c_ip.to_string()),
             "getent c: {by_search:?}"
