@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::control::failover::{self, Failover};
+use crate::control::resume::HeldNetmap;
 use crate::control::transport::{Connector, Endpoint, TransportError};
 use crate::dataplane::{DataPlane, Origin, Outbound, RxScratch, MAX_BATCH};
 use crate::node::backoff::Backoff;
@@ -248,13 +249,15 @@ impl ControlClient {
         let mut failover = Failover::new(self.coordinators.len(), self.backoff.clone());
         let authorization = bearer(self.node_id, &self.credential);
         let mut refused = false;
+        let mut held = HeldNetmap::new(self.node_id);
         loop {
             let coordinator = &self.coordinators[failover.current()];
             let url = coordinator.endpoint.ws_url(CONNECT_PATH);
-            let attempt = coordinator.connector.websocket(
+            let attempt = coordinator.connector.websocket_holding(
                 &coordinator.endpoint,
                 CONNECT_PATH,
                 &authorization,
+                held.digest(),
             );
             let result = tokio::select! {
                 r = attempt => r,
@@ -270,7 +273,10 @@ impl ControlClient {
                     }
                     self.connected.store(true, Ordering::SeqCst);
                     let _ = self.events.send(ControlEvent::Connected).await;
-                    let why = self.session(ws, &mut outbound, &mut shutdown).await;
+                    let why = self
+                        .session(ws, &mut outbound, &mut shutdown, &mut held)
+                        .await;
+                    held.session_ended();
                     self.connected.store(false, Ordering::SeqCst);
                     let _ = self.events.send(ControlEvent::Disconnected).await;
                     if *shutdown.borrow() {
@@ -325,6 +331,7 @@ impl ControlClient {
         mut ws: tokio_tungstenite::WebSocketStream<S>,
         outbound: &mut mpsc::Receiver<Outbound>,
         shutdown: &mut watch::Receiver<bool>,
+        held: &mut HeldNetmap,
     ) -> String
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
@@ -356,7 +363,10 @@ impl ControlClient {
                                     }
                                 }
                             }
-                            Ok(msg) => { let _ = self.events.send(ControlEvent::Message(Box::new(msg))).await; }
+                            Ok(msg) => {
+                                held.observe(&msg);
+                                let _ = self.events.send(ControlEvent::Message(Box::new(msg))).await;
+                            }
                             Err(e) => tracing::debug!("ignoring unknown message from coordinator: {e}"),
                         },
                         Some(Ok(Message::Binary(frame))) => match RelayMessage::parse(&frame) {

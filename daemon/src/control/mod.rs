@@ -7,12 +7,14 @@
 //!                      Outbound (signals, relay frames) ◀── shell, data plane
 //!   transport          TCP/TLS, HTTP/1.1 and the WebSocket upgrade, with timeouts
 //!   failover           which replica of several to try next, and when
+//!   resume             the digest of the netmap held, so a reconnect need not fetch it again
 //! ```
 //!
 //! Nothing here decides about peers: messages go to the node core as they came.
 
 mod client;
 pub mod failover;
+pub mod resume;
 pub mod transport;
 
 pub use client::*;

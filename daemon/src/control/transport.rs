@@ -13,6 +13,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::rustls;
 
+use overlay_proto::coord::{format_digest, NETMAP_DIGEST_HEADER};
+
 /// How long connecting (TCP + TLS) may take before the attempt counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The least time one address of several gets before the next is tried.
@@ -328,9 +330,22 @@ impl Connector {
         path: &str,
         authorization: &str,
     ) -> Result<tokio_tungstenite::WebSocketStream<Box<dyn Io>>, TransportError> {
+        self.websocket_holding(endpoint, path, authorization, None)
+            .await
+    }
+
+    /// [`Connector::websocket`], saying which netmap the node holds
+    /// (`NETMAP_DIGEST_HEADER`, see `control::resume`).
+    pub async fn websocket_holding(
+        &self,
+        endpoint: &Endpoint,
+        path: &str,
+        authorization: &str,
+        holds: Option<u64>,
+    ) -> Result<tokio_tungstenite::WebSocketStream<Box<dyn Io>>, TransportError> {
         self.bounded(
             endpoint,
-            self.websocket_unbounded(endpoint, path, authorization),
+            self.websocket_unbounded(endpoint, path, authorization, holds),
         )
         .await
     }
@@ -340,6 +355,7 @@ impl Connector {
         endpoint: &Endpoint,
         path: &str,
         authorization: &str,
+        holds: Option<u64>,
     ) -> Result<tokio_tungstenite::WebSocketStream<Box<dyn Io>>, TransportError> {
         use tokio_tungstenite::tungstenite::client::IntoClientRequest;
         let io = self.connect(endpoint).await?;
@@ -351,6 +367,12 @@ impl Connector {
             .parse()
             .map_err(|_| TransportError::WebSocket("credential is not a valid header".into()))?;
         request.headers_mut().insert("authorization", value);
+        if let Some(digest) = holds {
+            let value = format_digest(digest)
+                .parse()
+                .map_err(|_| TransportError::WebSocket("bad netmap digest header".into()))?;
+            request.headers_mut().insert(NETMAP_DIGEST_HEADER, value);
+        }
         // The coordinator is trusted with larger messages than it accepts from nodes:
         // the netmap of a large mesh (about 130 bytes a node) comes in one Welcome.
         let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()

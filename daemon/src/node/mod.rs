@@ -258,6 +258,7 @@ impl Node {
                 ice,
                 more,
                 filter,
+                resumed,
                 ..
             } => {
                 self.set_ice(ice, now, unix_secs);
@@ -269,7 +270,11 @@ impl Node {
                     self.last_netcheck = Some(now);
                     self.outputs.push_back(Output::Netcheck);
                 }
-                if more {
+                if resumed {
+                    // The coordinator found the netmap we hold current
+                    // (`control::resume`): it stays as it is.
+                    self.pending_netmap = None;
+                } else if more {
                     self.pending_netmap = Some(peers);
                 } else {
                     self.apply_netmap(&peers, now);

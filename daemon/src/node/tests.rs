@@ -429,6 +429,33 @@ fn a_netmap_cut_short_by_a_reconnect_is_dropped() {
 }
 
 #[test]
+fn a_resumed_welcome_keeps_the_netmap() {
+    let t0 = std::time::Instant::now();
+    let mut node = new_node(A, t0, 1);
+    node.handle_server_msg(
+        welcome(vec![info(B, true)], IceConfig::default(), false),
+        t0,
+        0,
+    );
+    assert!(node.has_peer(B));
+    drain(&mut node);
+    node.set_coordinator_connected(false);
+    node.set_coordinator_connected(true);
+    let mut resumed_welcome = welcome(vec![], IceConfig::default(), false);
+    if let ServerMsg::Welcome { resumed, .. } = &mut resumed_welcome {
+        *resumed = true;
+    }
+    node.handle_server_msg(resumed_welcome, t0, 0);
+    assert!(
+        node.has_peer(B),
+        "an empty peer list that says resumed removes nobody"
+    );
+    assert!(!drain(&mut node)
+        .iter()
+        .any(|o| matches!(o, Output::PeerRemoved(_))));
+}
+
+#[test]
 fn a_peer_whose_key_changed_is_removed_and_added_again() {
     let mut m = Mesh::new();
     m.connect_with(host_pair());
