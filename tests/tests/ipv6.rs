@@ -74,16 +74,17 @@ fn public(lab: &Lab) -> anyhow::Result<Public> {
 /// Enrols and starts daemons `a` on `a_host` and `b` on `b_host` at one moment,
 /// each with its own coordinator URL (one per family the site has). Both
 /// must report a mesh IPv6 address: the mesh prefix (a ULA) with their IPv4
-/// mesh address in the low bits.
+/// mesh address in the low bits. Also returns when they were launched.
 fn start_pair(
     lab: &Lab,
     coord: &Coordinator,
     (a_host, a_url): (&Host, &str),
     (b_host, b_url): (&Host, &str),
-) -> anyhow::Result<(Node, Node)> {
+) -> anyhow::Result<(Node, Node, Instant)> {
     let key = coord.create_key(lab)?;
     let mut da = Daemon::new(lab, a_host, "a", a_url)?;
     let mut db = Daemon::new(lab, b_host, "b", b_url)?;
+    let launched = Instant::now();
     da.launch(lab, Some(&key))?;
     db.launch(lab, Some(&key))?;
     let mut nodes = Vec::new();
@@ -118,20 +119,20 @@ fn start_pair(
         "both nodes got mesh IP {}",
         a.mesh_ip
     );
-    Ok((a, b))
+    Ok((a, b, launched))
 }
 
 /// Waits until each of `a` and `b` sees the other on a path `want` accepts
 /// (`what` names it); an idle peer is woken with a ping. Returns the time
-/// taken and what each side saw.
+/// since `t0` and what each side saw.
 fn wait_both(
+    t0: Instant,
     a: &mut Node,
     b: &mut Node,
     what: &str,
     timeout: Duration,
     want: impl Fn(&PeerStatus) -> Result<bool, String>,
 ) -> anyhow::Result<(Duration, PeerStatus, PeerStatus)> {
-    let t0 = Instant::now();
     let (a_sees, b_sees) = wait_until(timeout, &format!("a and b on {what}"), || {
         for node in [&mut *a, &mut *b] {
             if !node.daemon.is_running() {
@@ -193,11 +194,12 @@ fn symmetric_ipv4_nats_with_global_ipv6_go_direct_over_ipv6() {
         let site_b = lab.nat_site6("b", NatKind::Symmetric, &p.segment)?;
         let (b1, _) = lab.site_host(&site_b, "b1")?;
         let url = p.coord.url.clone();
-        let (mut a, mut b) = start_pair(lab, &p.coord, (&a1, &url), (&b1, &url))?;
+        let (mut a, mut b, t0) = start_pair(lab, &p.coord, (&a1, &url), (&b1, &url))?;
 
         // Over IPv4 only TURN could join them; over IPv6 the routers are plain
         // stateful firewalls, which a simultaneous open passes.
         let (settled, _, _) = wait_both(
+            t0,
             &mut a,
             &mut b,
             "a direct path over IPv6",
@@ -231,7 +233,7 @@ fn symmetric_ipv4_nats_with_global_ipv6_go_direct_over_ipv6() {
         }
         eprintln!(
             "IPV6-ROW | symmetric NAT + global IPv6 | symmetric NAT + global IPv6 | {} | \
-             direct over IPv6 after {:.1} s | 20 pings each way per family, none lost",
+             direct over IPv6 {:.1} s after launch | 20 pings each way per family, none lost",
             paths(&a_sees, &b_sees),
             settled.as_secs_f64()
         );
@@ -250,25 +252,30 @@ fn an_ipv6_only_site_and_an_ipv4_only_site_reach_each_other_over_a_relay() {
         // Each reaches the coordinator in the one family it has.
         let url6 = p.coord.url6.clone().context("a dual-stack coordinator")?;
         let url4 = p.coord.url.clone();
-        let (mut a, mut b) = start_pair(lab, &p.coord, (&a1, &url6), (&b1, &url4))?;
+        let (mut a, mut b, t0) = start_pair(lab, &p.coord, (&a1, &url6), (&b1, &url4))?;
 
         // No underlay family is common to both: a relay carries them, TURN
         // (a relayed address in b's family) or the coordinator's own relay.
         let (settled, _, _) =
-            wait_both(&mut a, &mut b, "a relay path", RELAY_TIMEOUT, |p| {
-                match p.path_kind {
+            wait_both(
+                t0,
+                &mut a,
+                &mut b,
+                "a relay path",
+                RELAY_TIMEOUT,
+                |p| match p.path_kind {
                     PathKind::Turn | PathKind::CoordRelay => Ok(true),
                     PathKind::Direct => Err(format!(
                         "a direct path between an IPv6-only and an IPv4-only site: {}",
                         describe(p)
                     )),
                     PathKind::Connecting | PathKind::Idle => Ok(false),
-                }
-            })?;
+                },
+            )?;
         ping_both_families(lab, &a, &b)?;
         let (a_sees, b_sees) = (a.view_of(&b)?, b.view_of(&a)?);
         eprintln!(
-            "IPV6-ROW | IPv6 only | IPv4 only (cone NAT) | {} | relayed after {:.1} s | \
+            "IPV6-ROW | IPv6 only | IPv4 only (cone NAT) | {} | relayed {:.1} s after launch | \
              20 pings each way per family, none lost",
             paths(&a_sees, &b_sees),
             settled.as_secs_f64()
