@@ -274,3 +274,145 @@ async fn turn_refuses_to_relay_into_the_mesh_ipv6_prefix_or_ipv6_loopback() {
     assert!(srv.metric("overlay_coord_turn_denied_peer_total").await >= denied_before + 2);
     c.close().await.unwrap();
 }
+
+/// An Allocate request with long-term credentials and, when given,
+/// REQUESTED-ADDRESS-FAMILY (which the turn crate's client cannot send), from
+/// `socket` to `server`: the relayed address, or the error code.
+async fn allocate_with_family(
+    socket: &tokio::net::UdpSocket,
+    server: std::net::SocketAddr,
+    username: &str,
+    password: &str,
+    family: Option<turn::proto::reqfamily::RequestedAddressFamily>,
+) -> Result<std::net::SocketAddr, u16> {
+    use stun::agent::TransactionId;
+    use stun::attributes::{ATTR_NONCE, ATTR_REALM, ATTR_USERNAME};
+    use stun::error_code::ErrorCodeAttribute;
+    use stun::integrity::MessageIntegrity;
+    use stun::message::{
+        Getter, Message, MessageType, Setter, CLASS_ERROR_RESPONSE, CLASS_REQUEST, METHOD_ALLOCATE,
+    };
+    use stun::textattrs::TextAttribute;
+    use turn::proto::relayaddr::RelayedAddress;
+    use turn::proto::reqfamily::RequestedAddressFamily;
+    use turn::proto::reqtrans::RequestedTransport;
+
+    async fn exchange(
+        socket: &tokio::net::UdpSocket,
+        server: std::net::SocketAddr,
+        attrs: Vec<Box<dyn Setter>>,
+    ) -> Message {
+        let mut all: Vec<Box<dyn Setter>> = vec![
+            Box::new(TransactionId::new()),
+            Box::new(MessageType::new(METHOD_ALLOCATE, CLASS_REQUEST)),
+            Box::new(RequestedTransport {
+                protocol: turn::proto::PROTO_UDP,
+            }),
+        ];
+        all.extend(attrs);
+        let mut m = Message::new();
+        m.build(&all).unwrap();
+        socket.send_to(&m.raw, server).await.unwrap();
+        let mut buf = [0u8; 1500];
+        let (n, _) = tokio::time::timeout(DEADLINE, socket.recv_from(&mut buf))
+            .await
+            .expect("an answer in time")
+            .unwrap();
+        let mut res = Message::new();
+        res.unmarshal_binary(&buf[..n]).unwrap();
+        res
+    }
+
+    let family_attr = |attrs: &mut Vec<Box<dyn Setter>>| {
+        if let Some(f) = &family {
+            attrs.push(Box::new(RequestedAddressFamily(f.0)));
+        }
+    };
+    let mut first: Vec<Box<dyn Setter>> = Vec::new();
+    family_attr(&mut first);
+    let challenge = exchange(socket, server, first).await;
+    let nonce = TextAttribute::get_from_as(&challenge, ATTR_NONCE).expect("a 401 with a nonce");
+    let realm = TextAttribute::get_from_as(&challenge, ATTR_REALM).unwrap();
+    let mut second: Vec<Box<dyn Setter>> = Vec::new();
+    family_attr(&mut second);
+    second.push(Box::new(TextAttribute::new(ATTR_USERNAME, username.into())));
+    second.push(Box::new(realm.clone()));
+    second.push(Box::new(nonce));
+    second.push(Box::new(MessageIntegrity::new_long_term_integrity(
+        username.into(),
+        realm.text,
+        password.into(),
+    )));
+    let res = exchange(socket, server, second).await;
+    if res.typ.class == CLASS_ERROR_RESPONSE {
+        let mut code = ErrorCodeAttribute::default();
+        code.get_from(&res).unwrap();
+        return Err(code.code.0);
+    }
+    let mut relayed = RelayedAddress::default();
+    relayed.get_from(&res).unwrap();
+    Ok(std::net::SocketAddr::new(relayed.ip, relayed.port))
+}
+
+#[tokio::test]
+async fn an_ipv6_client_gets_an_ipv4_relay_when_it_asks_for_one_and_440_for_a_family_not_served() {
+    use turn::proto::reqfamily::{REQUESTED_FAMILY_IPV4, REQUESTED_FAMILY_IPV6};
+    if !has_ipv6_loopback().await {
+        eprintln!("skipped: no IPv6 loopback on this host");
+        return;
+    }
+    let srv = dual_stack_server().await;
+    let server6 =
+        std::net::SocketAddr::new("::1".parse().unwrap(), srv.server().turn_addrs()[1].port());
+    let node = srv.new_node("t").await.node_id;
+    let cred = overlay_coord::auth::turn_credential(
+        "test-secret",
+        node,
+        overlay_coord::store::now_unix(),
+        600,
+    );
+    // Over IPv6, asking for IPv4 (an IPv6-only node reaching IPv4 peers).
+    let socket = tokio::net::UdpSocket::bind("[::1]:0").await.unwrap();
+    let relayed = allocate_with_family(
+        &socket,
+        server6,
+        &cred.username,
+        &cred.password,
+        Some(REQUESTED_FAMILY_IPV4),
+    )
+    .await
+    .expect("an IPv4 relay");
+    assert_eq!(relayed.ip().to_string(), "127.0.0.1");
+    // Asking for IPv6 explicitly, from another client address.
+    let socket = tokio::net::UdpSocket::bind("[::1]:0").await.unwrap();
+    let relayed = allocate_with_family(
+        &socket,
+        server6,
+        &cred.username,
+        &cred.password,
+        Some(REQUESTED_FAMILY_IPV6),
+    )
+    .await
+    .expect("an IPv6 relay");
+    assert_eq!(relayed.ip().to_string(), "::1");
+
+    // A server without an IPv6 address refuses IPv6 relays with 440.
+    let v4_only = TestServer::start().await;
+    let node = v4_only.new_node("t").await.node_id;
+    let cred = overlay_coord::auth::turn_credential(
+        "test-secret",
+        node,
+        overlay_coord::store::now_unix(),
+        600,
+    );
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let refused = allocate_with_family(
+        &socket,
+        v4_only.server().turn_addr().unwrap(),
+        &cred.username,
+        &cred.password,
+        Some(REQUESTED_FAMILY_IPV6),
+    )
+    .await;
+    assert_eq!(refused, Err(440));
+}
