@@ -38,7 +38,9 @@ fn commented_keys(text: &str) -> BTreeSet<String> {
         let key = key.trim();
         if line.starts_with("# ")
             || key.is_empty()
-            || !key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+            || !key
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         {
             continue;
         }
@@ -83,6 +85,7 @@ fn coordinator_example_config_documents_every_key() {
         "listen",
         "state_dir",
         "network",
+        "network6",
         "public_addr",
         "allow_http",
         "tls_cert",
