@@ -14,6 +14,7 @@ use crate::store::*;
 on_both!(
     tags_and_policy_are_kept_and_counted,
     the_turn_secret_is_made_once_and_shared,
+    replicas_starting_together_agree_on_one_mesh_ipv6_prefix,
     two_handles_enrolling_concurrently_hand_out_distinct_names_and_addresses,
     a_single_use_key_raced_by_two_handles_enrols_one_node,
     names_repeat_with_suffixes_and_stay_labels,
@@ -62,6 +63,27 @@ fn the_turn_secret_is_made_once_and_shared(b: &Backend) {
     assert_eq!(first, "first");
     assert_eq!(a.turn_secret(|| "second".into()).unwrap(), "first");
     assert_eq!(other.turn_secret(|| "third".into()).unwrap(), "first");
+}
+
+/// Replicas on one database, each generating its own random prefix on
+/// start: the first to commit wins and every one of them uses that one.
+fn replicas_starting_together_agree_on_one_mesh_ipv6_prefix(b: &Backend) {
+    const REPLICAS: usize = 6;
+    let start = Arc::new(Barrier::new(REPLICAS));
+    let workers: Vec<_> = (0..REPLICAS)
+        .map(|_| {
+            let (store, start) = (b.open(), Arc::clone(&start));
+            std::thread::spawn(move || {
+                start.wait();
+                store.network6(None, crate::mesh6::generate).unwrap()
+            })
+        })
+        .collect();
+    let chosen: HashSet<ipnet::Ipv6Net> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    assert_eq!(chosen.len(), 1, "{chosen:?}");
+    let prefix = *chosen.iter().next().unwrap();
+    assert_eq!(prefix.prefix_len(), 48);
+    assert_eq!(b.open().network6(None, || unreachable!()).unwrap(), prefix);
 }
 
 fn names_repeat_with_suffixes_and_stay_labels(b: &Backend) {
