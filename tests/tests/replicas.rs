@@ -440,6 +440,16 @@ fn a_killed_replicas_nodes_move_to_the_others_and_keep_their_paths() {
             "the relay resumed {relay_back:?} after the kill (bound {FAILOVER_BOUND:?})"
         );
         ping_lossless(lab, &c, &d)?;
+        // Both moved within the grace holding a current netmap: the replicas
+        // they reached told them to keep it instead of sending it again.
+        let resumed: usize = dep.replicas[1..]
+            .iter()
+            .map(|r| r.proc.log().matches("netmap resumed").count())
+            .sum();
+        ensure!(
+            resumed >= 2,
+            "{resumed} of the 2 moved nodes resumed their netmap (coordinator debug log)"
+        );
 
         // Enrolled afterwards on r3: every node sees it.
         let killed_replica = dep.replicas.remove(0);
