@@ -203,7 +203,7 @@ fn symmetric_ipv4_nats_with_global_ipv6_go_direct_over_ipv6() {
             &mut a,
             &mut b,
             "a direct path over IPv6",
-            RELAY_TIMEOUT,
+            DIRECT_TIMEOUT,
             |p| Ok(direct_over_ipv6(p)),
         )?;
         ping_both_families(lab, &a, &b)?;
