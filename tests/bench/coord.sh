@@ -20,7 +20,10 @@
 #                              nats-server, half the sessions on each; the join
 #                              seen by all, each replica's memory, then SIGKILL
 #                              of the second and the time until its sessions
-#                              have their netmap from the first; 0 skips it
+#                              have their netmap from the first (resumed, as
+#                              overlayd does, when it is current); capped at
+#                              what fits one process's open-file limit (the
+#                              survivor holds every session); 0 skips it
 
 set -euo pipefail
 
