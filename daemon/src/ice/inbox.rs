@@ -64,6 +64,11 @@ impl Inbox {
             if ring.datagrams.len() > CAPACITY {
                 ring.datagrams.pop_front();
                 ring.first += 1;
+                // A reader a whole ring behind has stopped (its candidate
+                // closed): it must not keep the ring full. Were it only slow,
+                // it registers again at the oldest datagram kept.
+                let first = ring.first;
+                ring.cursors.retain(|_, cursor| *cursor >= first);
             }
         }
         self.arrived.notify_waiters();
@@ -198,5 +203,27 @@ mod tests {
         assert_eq!(lock(&inbox.state).datagrams.len(), CAPACITY);
         let (first, _) = inbox.recv().await;
         assert_eq!(first, 10usize.to_be_bytes(), "the oldest were dropped");
+    }
+
+    #[test]
+    fn a_reader_that_stopped_does_not_keep_the_ring_full() {
+        let inbox = Inbox::default();
+        let [gone, live] = two_task_ids().map(Some);
+        let t0 = Instant::now();
+        inbox.deliver(b"x", from(), t0);
+        assert!(inbox.take(gone, t0).is_some());
+        // `gone` reads no more; `live` keeps up.
+        let later = t0 + READER_GRACE;
+        for i in 0..=CAPACITY {
+            inbox.deliver(&i.to_be_bytes(), from(), later);
+            while inbox.take(live, later).is_some() {}
+        }
+        let after = later + READER_GRACE;
+        inbox.deliver(b"y", from(), after);
+        assert!(inbox.take(live, after).is_some());
+        assert!(
+            lock(&inbox.state).datagrams.len() <= 1,
+            "only what arrived within the grace is kept"
+        );
     }
 }
