@@ -50,8 +50,13 @@ pub struct Envelope {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Event {
     /// "I am alive"; a replica unheard for `replica::REPLICA_TIMEOUT` is gone
-    /// and its nodes offline.
-    Heartbeat,
+    /// and its nodes offline. `ice`: the sender's embedded STUN/TURN server,
+    /// which the other replicas list for their nodes after their own (absent
+    /// from older replicas, and from one without an embedded server).
+    Heartbeat {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ice: Option<ReplicaIce>,
+    },
     /// `node` opened a session here; `epoch` orders it against sessions of
     /// the same node on other replicas (see [`Claim`]).
     Online { node: NodeId, epoch: u64 },
@@ -65,6 +70,16 @@ pub enum Event {
     /// A node enrolled (or re-enrolled) through the sender: its record as
     /// written to the store.
     Upsert { peer: PeerInfo },
+}
+
+/// The URLs of one replica's embedded STUN/TURN server, as its own nodes
+/// get them: `stun:` and `turn:` per family, and the netcheck responders.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaIce {
+    pub stun: Vec<String>,
+    pub turn: Vec<String>,
+    #[serde(default)]
+    pub netcheck: Vec<String>,
 }
 
 impl Envelope {
@@ -230,6 +245,37 @@ mod tests {
             .contains(r#""type":"presence""#));
         assert_eq!(Envelope::decode(&bytes).unwrap(), env);
         assert!(Envelope::decode(b"{\"from\":1}").is_err());
+    }
+
+    #[test]
+    fn heartbeats_carry_the_senders_stun_turn_urls_and_old_ones_still_parse() {
+        let ice = ReplicaIce {
+            stun: vec![
+                "stun:203.0.113.2:3478".into(),
+                "stun:[2001:db8::2]:3478".into(),
+            ],
+            turn: vec!["turn:203.0.113.2:3478?transport=udp".into()],
+            netcheck: vec!["stun:203.0.113.2:3479".into()],
+        };
+        let env = Envelope {
+            from: 7,
+            event: Event::Heartbeat {
+                ice: Some(ice.clone()),
+            },
+        };
+        assert_eq!(Envelope::decode(&env.encode()).unwrap(), env);
+        // From a replica of an earlier version, or one without an embedded
+        // server: no URLs, still a heartbeat.
+        let old = Envelope::decode(br#"{"from":7,"event":{"type":"heartbeat"}}"#).unwrap();
+        assert_eq!(old.event, Event::Heartbeat { ice: None });
+        let none = Envelope {
+            from: 7,
+            event: Event::Heartbeat { ice: None },
+        };
+        assert_eq!(
+            none.encode(),
+            br#"{"from":7,"event":{"type":"heartbeat"}}"#.to_vec()
+        );
     }
 
     #[test]

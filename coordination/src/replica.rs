@@ -13,11 +13,13 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
 use crate::bus::{Event, ReplicaId};
+use crate::ice::ReplicaIceDirectory;
 
 /// How often a replica says it is alive.
 pub const HEARTBEAT: Duration = Duration::from_secs(1);
@@ -88,6 +90,9 @@ pub struct BusLink {
     /// Bytes of inbox messages in `out`.
     queued: AtomicUsize,
     pub counters: BusCounters,
+    /// This replica's STUN/TURN URLs, told in its heartbeats, and the live
+    /// other replicas' (`IceSettings` lists them after its own).
+    pub ice: Arc<ReplicaIceDirectory>,
 }
 
 impl BusLink {
@@ -100,6 +105,7 @@ impl BusLink {
             out,
             queued: AtomicUsize::new(0),
             counters: BusCounters::default(),
+            ice: Arc::default(),
         };
         (
             link,
@@ -296,17 +302,17 @@ mod tests {
         };
         link.taken(msg.len());
         assert!(link.inbox(2, vec![0; 1]));
-        assert!(link.event(Event::Heartbeat));
+        assert!(link.event(Event::Heartbeat { ice: None }));
     }
 
     #[tokio::test]
     async fn events_leave_before_queued_relay() {
         let (link, mut out) = BusLink::new(1);
         assert!(link.inbox(2, vec![1]));
-        assert!(link.event(Event::Heartbeat));
+        assert!(link.event(Event::Heartbeat { ice: None }));
         assert!(matches!(
             out.recv().await,
-            Some(Outbound::Event(Event::Heartbeat))
+            Some(Outbound::Event(Event::Heartbeat { ice: None }))
         ));
         assert!(matches!(
             out.recv().await,

@@ -220,9 +220,13 @@ impl Receiver {
                 Some(msg) = inbox.next() => self.inbox(&msg.payload),
                 Some(event) = conn.recv() => self.connection(event),
                 _ = heartbeat.tick() => {
-                    self.link.event(Event::Heartbeat);
+                    self.link.event(Event::Heartbeat {
+                        ice: self.link.ice.own(),
+                    });
                     let now = Instant::now().into_std();
                     for gone in self.replicas.expire(now) {
+                        // Its STUN/TURN is no use to nodes any more.
+                        self.link.ice.forget(gone);
                         warn!(replica = %format!("{gone:016x}"), "replica unheard for {REPLICA_TIMEOUT:?}: its nodes stay online here for {MOVE_GRACE:?} while they move");
                     }
                     for gone in self.replicas.moved(now) {
@@ -273,7 +277,7 @@ impl Receiver {
             self.announce();
         }
         match env.event {
-            Event::Heartbeat => {}
+            Event::Heartbeat { ice } => self.link.ice.heard(from, ice),
             Event::Online { node, epoch } => self.hub.remote_online(from, node, epoch),
             Event::Offline { node, epoch } => self.hub.remote_offline(from, node, epoch),
             Event::Presence { nodes } => self.hub.remote_presence(from, &nodes),
@@ -332,6 +336,7 @@ impl Receiver {
                 self.link.counters.connected.store(false, Ordering::Relaxed);
                 warn!("lost the replicas' bus: nodes on other replicas are offline here until it is back");
                 for gone in self.replicas.forget_all() {
+                    self.link.ice.forget(gone);
                     self.hub.replica_gone(gone);
                 }
                 self.count_replicas();

@@ -350,8 +350,21 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
         &config.turn.external,
         config.turn.ttl.as_secs(),
     );
-    for (r, announced) in &stun_alt {
-        ice = ice.with_netcheck(SocketAddr::new(announced.ip(), r.local_addr().port()));
+    let netcheck: Vec<SocketAddr> = stun_alt
+        .iter()
+        .map(|(r, announced)| SocketAddr::new(announced.ip(), r.local_addr().port()))
+        .collect();
+    for addr in &netcheck {
+        ice = ice.with_netcheck(*addr);
+    }
+    // Replicas tell each other their embedded servers; a node hears of the
+    // live others' after its own replica's.
+    if let Some(link) = hub.bus() {
+        if let Some(t) = &turn {
+            link.ice
+                .set_own(crate::ice::replica_ice(t.announced(), &netcheck));
+        }
+        ice = ice.with_replicas(Arc::clone(&link.ice));
     }
     let ice = Arc::new(ice);
 
