@@ -53,6 +53,34 @@ pub enum Upper {
 /// Walks `packet`'s extension headers; `None` when it is not IPv6 or its
 /// chain is cut short or too long.
 pub fn upper(packet: &[u8]) -> Option<Upper> {
+    walk(packet, |_, _| true)
+}
+
+/// Whether `packet` carries a routing header with segments left: it asks
+/// the receiver to forward it on (RFC 8200 type 0 is refused by the kernel,
+/// but segment routing is honoured where `seg6_enabled` is set). A peer
+/// reaches this node, never what lies behind it, so such packets are not
+/// delivered. Cheap for the usual packet: no extension header, no walk.
+pub fn routes_onward(packet: &[u8]) -> bool {
+    if !matches!(
+        packet.get(6),
+        Some(&(HOP_BY_HOP | ROUTING | DEST_OPTS | FRAGMENT | AUTH))
+    ) {
+        return false;
+    }
+    let mut onward = false;
+    walk(packet, |kind, header| {
+        if kind == ROUTING && header.get(3).is_some_and(|&left| left != 0) {
+            onward = true;
+        }
+        !onward
+    });
+    onward
+}
+
+/// The walk behind [`upper`]: `visit` sees each extension header (its kind
+/// and its bytes) and may stop the walk by returning false (then `None`).
+fn walk(packet: &[u8], mut visit: impl FnMut(u8, &[u8]) -> bool) -> Option<Upper> {
     if packet.len() < HEADER || packet[0] >> 4 != 6 {
         return None;
     }
@@ -72,7 +100,7 @@ pub fn upper(packet: &[u8]) -> Option<Upper> {
             }
             proto => return Some(Upper::At { proto, offset: at }),
         };
-        if packet.len() < at + len {
+        if packet.len() < at + len || !visit(next, &packet[at..at + len]) {
             return None;
         }
         next = packet[at];
@@ -186,6 +214,36 @@ pub(crate) mod tests {
                 offset: 48
             })
         );
+    }
+
+    #[test]
+    fn a_routing_header_with_segments_left_routes_onward() {
+        let mut srh = options(3);
+        srh[2] = 4; // segment routing
+        srh[3] = 1; // one segment left
+        let onward = packet(
+            &[(HOP_BY_HOP, options(1)), (ROUTING, srh.clone())],
+            6,
+            &[0; 20],
+        );
+        assert!(routes_onward(&onward));
+        srh[3] = 0; // the last segment: this node is the destination
+        let done = packet(&[(ROUTING, srh)], 6, &[0; 20]);
+        assert!(!routes_onward(&done));
+        assert_eq!(
+            upper(&done),
+            Some(Upper::At {
+                proto: 6,
+                offset: 64
+            })
+        );
+        assert!(!routes_onward(&packet(&[], 6, &[0; 20])));
+        assert!(!routes_onward(&packet(
+            &[(DEST_OPTS, options(1))],
+            17,
+            &[0; 8]
+        )));
+        assert!(!routes_onward(&[0x60, 0, 0, 0, 0, 0, ROUTING]));
     }
 
     #[test]

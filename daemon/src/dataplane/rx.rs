@@ -46,7 +46,9 @@ impl Destinations {
 
     /// Whether `packet`, an IP packet WireGuard decrypted (so at least a full
     /// header of its version), is addressed to us: one four-byte compare for
-    /// IPv4, a read lock and a sixteen-byte compare for IPv6.
+    /// IPv4, a read lock and a sixteen-byte compare for IPv6. An IPv6 packet
+    /// that asks to be routed on (a routing header with segments left) is
+    /// not ours either, though its destination is.
     #[inline]
     pub fn accepts(&self, packet: &[u8]) -> bool {
         match packet.first().map(|b| b >> 4) {
@@ -54,6 +56,7 @@ impl Destinations {
             Some(6) => {
                 let ours = *self.mesh_v6.read().unwrap_or_else(|e| e.into_inner());
                 ours.is_some_and(|a| packet.get(24..40) == Some(&a[..]))
+                    && !super::ip6::routes_onward(packet)
             }
             _ => false,
         }
@@ -302,6 +305,18 @@ mod tests {
             1,
             b""
         )));
+        // Addressed to us, but asking to be routed on: not ours.
+        {
+            use crate::dataplane::ip6::tests::{options, packet, B};
+            me.set_v6(Some(B));
+            let mut srh = options(3);
+            srh[2] = 4;
+            srh[3] = 1;
+            assert!(!me.accepts(&packet(&[(43, srh.clone())], 6, &[0; 20])));
+            srh[3] = 0;
+            assert!(me.accepts(&packet(&[(43, srh)], 6, &[0; 20])));
+            me.set_v6(Some(ours));
+        }
         // An IPv4 packet whose bytes 24..40 happen to hold our address is IPv4.
         let mut v4 = ipv4(peer.octets()[12..16].try_into().unwrap(), [100, 64, 0, 9]);
         v4.extend_from_slice(&[0; 4]);
