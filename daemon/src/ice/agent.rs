@@ -94,16 +94,19 @@ impl IceSettings {
         mesh6: Option<Ipv6Net>,
         mux: Arc<crate::ice::mux::Mux>,
     ) -> Self {
+        let usable = |url: &Url| reachable(&url.host, mux.ipv6());
         let mut urls = Vec::new();
         for raw in &ice.stun {
             match Url::parse_url(raw) {
-                Ok(url) => urls.push(url),
+                Ok(url) if usable(&url) => urls.push(url),
+                Ok(_) => {}
                 Err(e) => tracing::warn!("ignoring STUN URL {raw:?}: {e}"),
             }
         }
         for server in &ice.turn {
             for raw in &server.urls {
                 match Url::parse_url(raw) {
+                    Ok(url) if !usable(&url) => {}
                     Ok(mut url) => {
                         url.username = server.username.clone();
                         url.password = server.credential.clone();
@@ -132,6 +135,13 @@ impl IceSettings {
             mesh6,
         }
     }
+}
+
+/// Whether a STUN or TURN server at `host` (a URL's host: an IPv6 address
+/// without brackets, an IPv4 address or a name) can be asked from our
+/// socket: one named by an IPv6 address is out of reach of an IPv4 socket.
+fn reachable(host: &str, ipv6: bool) -> bool {
+    ipv6 || host.parse::<std::net::Ipv6Addr>().is_err()
 }
 
 /// One ICE negotiation with one peer.

@@ -58,6 +58,14 @@ async fn session_refuses_hostile_candidates_and_takes_ordinary_ones() {
     session.close();
 }
 
+#[test]
+fn servers_named_by_ipv6_addresses_are_skipped_without_ipv6() {
+    assert!(reachable("2001:db8::1", true));
+    assert!(!reachable("2001:db8::1", false));
+    assert!(reachable("203.0.113.1", false));
+    assert!(reachable("stun.example.com", false));
+}
+
 /// Two agents, each on its own dual-stack mux, with only IPv6 candidates:
 /// they must pair over IPv6, and the pair must read as such (`[::1]:port`,
 /// labelled `direct (host, v6)`). The agents may gather only `::1` (the
