@@ -296,7 +296,7 @@ pub async fn start(config: Config) -> Result<Server, ServeError> {
     // netcheck responder serve exactly these families.
     let announced = config.announced();
     let turn = if config.turn.embedded {
-        let mut own = std::collections::HashSet::new();
+        let mut own = host_addresses();
         if !config.listen.ip().is_unspecified() {
             own.insert(config.listen.ip());
         }
@@ -498,5 +498,42 @@ mod tests {
             None
         );
         assert_eq!(parse_open_file_limit(""), None);
+    }
+}
+
+/// Every address configured on this host's interfaces: a TURN relay must not
+/// reach the coordinator's own services (HTTP, metrics, NATS listening on
+/// `[::]`) through any of them, IPv6 hosts typically having several global
+/// ones (SLAAC, privacy, a second prefix) besides the one announced. Read
+/// once at start; empty (with a warning) if the kernel will not say.
+fn host_addresses() -> std::collections::HashSet<std::net::IpAddr> {
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => addrs
+            .filter_map(|a| {
+                let addr = a.address?;
+                if let Some(v4) = addr.as_sockaddr_in() {
+                    Some(std::net::IpAddr::V4(v4.ip()))
+                } else {
+                    addr.as_sockaddr_in6()
+                        .map(|v6| std::net::IpAddr::V6(v6.ip()))
+                }
+            })
+            .collect(),
+        Err(e) => {
+            warn!("cannot list this host's addresses ({e}); TURN refuses only the listen and public ones");
+            Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod host_address_tests {
+    #[test]
+    fn the_hosts_own_addresses_include_loopback() {
+        let own = super::host_addresses();
+        assert!(
+            own.contains(&std::net::IpAddr::from([127, 0, 0, 1])),
+            "{own:?}"
+        );
     }
 }
