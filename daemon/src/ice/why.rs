@@ -15,6 +15,13 @@ pub struct Attempt {
 }
 
 impl Attempt {
+    /// The report of an agent's statistics, without what the shared socket
+    /// makes webrtc-ice invent (see `inbox`): a check read by a host
+    /// candidate of the other family becomes a peer-reflexive copy of a
+    /// candidate the peer signalled, paired across families. Those pairs
+    /// never carry anything and are left out, as are the copies, unless a
+    /// check on one succeeded (it came before the signal: the copy is then
+    /// what ICE knows the peer by).
     pub fn from_stats(
         local: &[CandidateStats],
         remote: &[CandidateStats],
@@ -24,19 +31,45 @@ impl Attempt {
             let at = super::host_port(&c.ip, c.port);
             format!("{} {at}", type_name(c.candidate_type))
         };
-        let find = |id: &str| {
+        let used = |c: &CandidateStats| {
+            pairs.iter().any(|p| {
+                p.remote_candidate_id == c.id
+                    && (p.nominated || p.state == CandidatePairState::Succeeded)
+            })
+        };
+        let copy = |c: &CandidateStats| {
+            c.candidate_type == CandidateType::PeerReflexive
+                && !used(c)
+                && remote.iter().any(|o| {
+                    o.candidate_type != CandidateType::PeerReflexive
+                        && (o.ip.as_str(), o.port) == (c.ip.as_str(), c.port)
+                })
+        };
+        let remote: Vec<&CandidateStats> = remote.iter().filter(|c| !copy(c)).collect();
+        let by_id = |id: &str| {
             local
                 .iter()
-                .chain(remote.iter())
+                .chain(remote.iter().copied())
                 .find(|c| c.id == id)
-                .map(describe)
-                .unwrap_or_else(|| id.to_owned())
         };
+        let family =
+            |c: &CandidateStats| c.ip.parse::<std::net::IpAddr>().ok().map(|ip| ip.is_ipv6());
+        let real = |p: &&CandidatePairStats| match (
+            by_id(&p.local_candidate_id),
+            by_id(&p.remote_candidate_id),
+        ) {
+            (Some(l), Some(r)) => family(l) == family(r),
+            // A copy that was left out, or a candidate the stats lack.
+            (Some(_), None) => false,
+            _ => true,
+        };
+        let find = |id: &str| by_id(id).map(describe).unwrap_or_else(|| id.to_owned());
         Attempt {
             local: local.iter().map(describe).collect(),
-            remote: remote.iter().map(describe).collect(),
+            remote: remote.iter().copied().map(describe).collect(),
             pairs: pairs
                 .iter()
+                .filter(real)
                 .map(|p| PairReport {
                     local: find(&p.local_candidate_id),
                     remote: find(&p.remote_candidate_id),
@@ -227,6 +260,70 @@ mod tests {
         assert_eq!(a.pairs[0].local, "host [2001:db8:1::2]:5000");
         assert_eq!(a.pairs[0].remote, "srflx [2001:db8:2::2]:6000");
         assert_eq!(a.pairs[0].outcome, "succeeded");
+    }
+
+    #[test]
+    fn cross_family_pairs_and_prflx_copies_of_signalled_candidates_are_left_out() {
+        let candidate = |id: &str, typ, ip: &str, port| CandidateStats {
+            id: id.into(),
+            candidate_type: typ,
+            ip: ip.into(),
+            port,
+            ..CandidateStats::default()
+        };
+        let local = [
+            candidate("l4", CandidateType::Host, "10.0.0.1", 5000),
+            candidate("l6", CandidateType::Host, "2001:db8:1::2", 5000),
+        ];
+        let remote = [
+            candidate("r4", CandidateType::Host, "10.0.0.2", 6000),
+            candidate("c4", CandidateType::PeerReflexive, "10.0.0.2", 6000),
+            candidate("r6", CandidateType::Host, "2001:db8:1::3", 6000),
+            candidate("p4", CandidateType::PeerReflexive, "198.51.100.7", 7000),
+            candidate("u6", CandidateType::PeerReflexive, "2001:db8:1::3", 6000),
+        ];
+        let pair = |l: &str, r: &str| CandidatePairStats {
+            local_candidate_id: l.into(),
+            remote_candidate_id: r.into(),
+            state: CandidatePairState::InProgress,
+            ..CandidatePairStats::default()
+        };
+        let pairs = [
+            pair("l4", "r4"),
+            pair("l6", "r6"),
+            pair("l6", "c4"),
+            pair("l4", "c4"),
+            pair("l6", "r4"),
+            pair("l4", "p4"),
+            CandidatePairStats {
+                state: CandidatePairState::Succeeded,
+                ..pair("l6", "u6")
+            },
+        ];
+        let a = Attempt::from_stats(&local, &remote, &pairs);
+        assert_eq!(
+            a.remote,
+            [
+                "host 10.0.0.2:6000",
+                "host [2001:db8:1::3]:6000",
+                "prflx 198.51.100.7:7000",
+                "prflx [2001:db8:1::3]:6000"
+            ]
+        );
+        let shown: Vec<(&str, &str)> = a
+            .pairs
+            .iter()
+            .map(|p| (p.local.as_str(), p.remote.as_str()))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                ("host 10.0.0.1:5000", "host 10.0.0.2:6000"),
+                ("host [2001:db8:1::2]:5000", "host [2001:db8:1::3]:6000"),
+                ("host 10.0.0.1:5000", "prflx 198.51.100.7:7000"),
+                ("host [2001:db8:1::2]:5000", "prflx [2001:db8:1::3]:6000"),
+            ]
+        );
     }
 
     #[test]
