@@ -58,6 +58,44 @@ async fn session_refuses_hostile_candidates_and_takes_ordinary_ones() {
     session.close();
 }
 
+/// Where the host has no IPv6 the mux is IPv4 (the fallback of
+/// `Mux::bind`): agents gather IPv4 only and take no IPv6 candidate, and
+/// IPv6 servers are left out of their settings.
+#[tokio::test]
+async fn without_ipv6_agents_stay_ipv4_only() {
+    let mux = Mux::bind_ipv4().await.expect("UDP socket");
+    assert!(!mux.ipv6());
+    let ice = IceConfig {
+        stun: vec![
+            "stun:203.0.113.1:3478".into(),
+            "stun:[2001:db8::1]:3478".into(),
+        ],
+        ..IceConfig::default()
+    };
+    let settings = IceSettings::from_config(
+        &ice,
+        "ovl-test",
+        "100.64.0.0/10".parse().unwrap(),
+        None,
+        mux,
+    );
+    let hosts: Vec<&str> = settings.urls.iter().map(|u| u.host.as_str()).collect();
+    assert_eq!(hosts, ["203.0.113.1"]);
+    assert_eq!(
+        agent_config(&settings, true).network_types,
+        [NetworkType::Udp4]
+    );
+    let (events, _rx) = mpsc::unbounded_channel();
+    let mut session = IceSession::new(&settings, true, 2, 1, events)
+        .await
+        .expect("agent");
+    let v6 = "candidate:1 1 udp 2130706431 2001:db8:2::7 5000 typ host";
+    assert!(session.add_remote_candidate(v6).is_err());
+    let v4 = "candidate:1 1 udp 2130706431 10.1.2.3 5000 typ host";
+    assert!(session.add_remote_candidate(v4).is_ok());
+    session.close();
+}
+
 #[test]
 fn servers_named_by_ipv6_addresses_are_skipped_without_ipv6() {
     assert!(reachable("2001:db8::1", true));

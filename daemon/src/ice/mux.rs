@@ -68,6 +68,11 @@ impl Mux {
                 UdpSocket::bind("0.0.0.0:0").await?
             }
         };
+        Self::on(socket)
+    }
+
+    /// A mux on `socket`: dual-stack or IPv4.
+    fn on(socket: UdpSocket) -> std::io::Result<Arc<Mux>> {
         let local_addr = socket.local_addr()?;
         udp_batch::grow_buffers(&socket);
         if !udp_batch::enable_gro(&socket) {
@@ -190,6 +195,12 @@ impl Mux {
 
     /// What [`Self::run`] does with STUN, without a data plane: for tests of
     /// ICE itself.
+    /// A mux on an IPv4 socket, as on a host without IPv6: for tests.
+    #[cfg(test)]
+    pub(crate) async fn bind_ipv4() -> std::io::Result<Arc<Mux>> {
+        Self::on(UdpSocket::bind("0.0.0.0:0").await?)
+    }
+
     #[cfg(test)]
     pub(crate) async fn serve_stun(self: Arc<Self>) {
         let mut buf = vec![0u8; BUF_SIZE];
