@@ -27,7 +27,37 @@ pub fn refuse_remote_addr(
     }
     match ip {
         IpAddr::V4(ip) => refuse_remote_v4(ip, mesh),
-        IpAddr::V6(ip) => refuse_remote_v6(ip, mesh6),
+        IpAddr::V6(ip) => refuse_remote_v6(ip, mesh6).or_else(|| match translated_v4(ip) {
+            Translated::V4(v4) => refuse_remote_v4(v4, mesh),
+            Translated::Unknown => Some("NAT64 local-use address"),
+            Translated::No => None,
+        }),
+    }
+}
+
+enum Translated {
+    No,
+    V4(Ipv4Addr),
+    /// A translator's prefix whose IPv4 address we cannot locate.
+    Unknown,
+}
+
+/// The IPv4 address an IPv6 address stands for through a translator: the
+/// NAT64 well-known prefix (`64:ff9b::/96`, RFC 6052) and 6to4
+/// (`2002:a.b.c.d::/48`, RFC 3056). Its checks go to that IPv4 address, so
+/// it must pass the IPv4 rules (no loopback, no mesh address). A NAT64
+/// local-use prefix (`64:ff9b:1::/48`, RFC 8215) can embed it anywhere.
+fn translated_v4(ip: Ipv6Addr) -> Translated {
+    let s = ip.segments();
+    let bits = u128::from(ip);
+    if bits >> 32 == 0x0064_ff9b << 64 {
+        Translated::V4(Ipv4Addr::from(bits as u32))
+    } else if s[0] == 0x2002 {
+        Translated::V4(Ipv4Addr::from((u32::from(s[1]) << 16) | u32::from(s[2])))
+    } else if s[..3] == [0x64, 0xff9b, 1] {
+        Translated::Unknown
+    } else {
+        Translated::No
     }
 }
 
@@ -114,6 +144,8 @@ mod tests {
             "2a00:1450:4001:82b::200e",
             "fd12:3456:789a::1",
             "fd7a:115c:a1e1::1",
+            "64:ff9b::cb00:7109",
+            "2002:cb00:7109::1",
         ] {
             assert_eq!(refused(ip, 41641), None, "{ip}");
         }
@@ -141,6 +173,11 @@ mod tests {
             ("::ffff:10.0.0.1", "IPv4 address written as IPv6"),
             ("::10.0.0.1", "IPv4 address written as IPv6"),
             ("fd7a:115c:a1e0::6440:1", "address inside the mesh network"),
+            ("64:ff9b::6440:5", "address inside the mesh network"),
+            ("64:ff9b::7f00:1", "loopback address"),
+            ("2002:7f00:1::1", "loopback address"),
+            ("2002:6440:5::1", "address inside the mesh network"),
+            ("64:ff9b:1::a00:1", "NAT64 local-use address"),
         ];
         for (ip, reason) in cases {
             assert_eq!(refused(ip, 41641), Some(reason), "{ip}");
