@@ -73,7 +73,11 @@ pub enum IceEvent {
 /// Settings shared by every agent the daemon creates.
 #[derive(Clone)]
 pub struct IceSettings {
+    /// STUN servers, given to every agent.
     pub urls: Vec<Url>,
+    /// TURN servers in the coordinator's order (its own replica's first);
+    /// each agent gets one per family ([`choose_turn`]).
+    pub turn: Vec<TurnUrl>,
     /// The shared socket every agent's host candidates live on.
     pub mux: Arc<crate::ice::mux::Mux>,
     /// Our TUN interface: never gather candidates on it, or the tunnel would
@@ -96,6 +100,7 @@ impl IceSettings {
     ) -> Self {
         let usable = |url: &Url| reachable(&url.host, mux.ipv6());
         let mut urls = Vec::new();
+        let mut turn = Vec::new();
         for raw in &ice.stun {
             match Url::parse_url(raw) {
                 Ok(url) if usable(&url) => urls.push(url),
@@ -110,6 +115,8 @@ impl IceSettings {
                     Ok(mut url) => {
                         url.username = server.username.clone();
                         url.password = server.credential.clone();
+                        let server = super::host_port(&url.host, url.port);
+                        let v6 = url.host.parse::<std::net::Ipv6Addr>().is_ok();
                         // webrtc-ice's TURN client talks to the server through
                         // the shim, whose sockets carry relayed data (turn_shim).
                         if url.scheme == SchemeType::Turn && url.proto == ProtoType::Udp {
@@ -121,7 +128,7 @@ impl IceSettings {
                                 Err(e) => tracing::warn!("TURN shim for {raw:?}: {e}"),
                             }
                         }
-                        urls.push(url);
+                        turn.push(TurnUrl { url, server, v6 });
                     }
                     Err(e) => tracing::warn!("ignoring TURN URL {raw:?}: {e}"),
                 }
@@ -129,6 +136,7 @@ impl IceSettings {
         }
         IceSettings {
             urls,
+            turn,
             mux,
             tun_name: tun_name.to_owned(),
             mesh,
@@ -165,6 +173,35 @@ pub struct IceSession {
     route: Arc<TurnRoute>,
 }
 
+/// One TURN URL as an agent is given it (its host may be the shim's
+/// loopback stand-in), and the server it stands for.
+#[derive(Clone)]
+pub struct TurnUrl {
+    pub url: Url,
+    /// The real server, `host:port` (the shim's key).
+    pub server: String,
+    /// Whether the server is named by an IPv6 address.
+    pub v6: bool,
+}
+
+/// The TURN URLs one ICE session uses: the first of each family whose server
+/// is not `silent` (asked, and no answer for a while), else the first of the
+/// family. webrtc-ice allocates on every TURN URL it is given, so handing it
+/// every replica's server would multiply allocations by the replicas; one
+/// per family keeps a relay candidate for each family, and a server that
+/// stopped answering is passed over by the next session.
+pub fn choose_turn(turn: &[TurnUrl], silent: impl Fn(&str) -> bool) -> Vec<&Url> {
+    let mut chosen = Vec::new();
+    for v6 in [false, true] {
+        let mut family = turn.iter().filter(|t| t.v6 == v6);
+        let first = family.clone().next();
+        if let Some(t) = family.find(|t| !silent(&t.server)).or(first) {
+            chosen.push(&t.url);
+        }
+    }
+    chosen
+}
+
 /// How every agent is set up: host candidates on the shared socket (IPv6
 /// too when it is dual-stack), filtered by [`gather_addr`].
 fn agent_config(settings: &IceSettings, controlling: bool) -> AgentConfig {
@@ -174,8 +211,15 @@ fn agent_config(settings: &IceSettings, controlling: bool) -> AgentConfig {
     if settings.mux.ipv6() {
         network_types.push(NetworkType::Udp6);
     }
+    let shim = settings.mux.turn_shim();
+    let mut urls = settings.urls.clone();
+    urls.extend(
+        choose_turn(&settings.turn, |server| shim.silent(server))
+            .into_iter()
+            .cloned(),
+    );
     AgentConfig {
-        urls: settings.urls.clone(),
+        urls,
         network_types,
         udp_network: UDPNetwork::Muxed(settings.mux.clone()),
         candidate_types: vec![

@@ -11,6 +11,7 @@ use crate::ice::mux::Mux;
 async fn session_refuses_hostile_candidates_and_takes_ordinary_ones() {
     let settings = IceSettings {
         urls: Vec::new(),
+        turn: Vec::new(),
         mux: Mux::bind().await.expect("UDP socket"),
         tun_name: "ovl-test".into(),
         mesh: "100.64.0.0/10".parse().unwrap(),
@@ -152,6 +153,7 @@ async fn pair_up(
             let reader = tokio::spawn(Arc::clone(&mux).serve_stun());
             let settings = IceSettings {
                 urls: Vec::new(),
+                turn: Vec::new(),
                 mux,
                 tun_name: "ovl-test".into(),
                 mesh: "100.64.0.0/10".parse().unwrap(),
@@ -206,4 +208,45 @@ async fn pair_up(
     reader_a.abort();
     reader_b.abort();
     (selected.unwrap(), ports.0, ports.1)
+}
+
+fn turn_url(server: &str) -> TurnUrl {
+    let (host, port) = server.rsplit_once(':').unwrap();
+    let host = host.trim_matches(|c| c == '[' || c == ']');
+    TurnUrl {
+        url: Url::parse_url(&format!("turn:{server}?transport=udp")).unwrap(),
+        server: crate::ice::host_port(host, port.parse().unwrap()),
+        v6: host.parse::<std::net::Ipv6Addr>().is_ok(),
+    }
+}
+
+/// Every replica's TURN server is listed, but each ICE session allocates on
+/// one per family: the first that answers.
+#[test]
+fn each_session_takes_one_turn_server_per_family_passing_over_silent_ones() {
+    let turn = [
+        turn_url("203.0.113.1:3478"),
+        turn_url("[2001:db8::1]:3478"),
+        turn_url("203.0.113.2:3478"),
+        turn_url("[2001:db8::2]:3478"),
+        turn_url("203.0.113.3:3478"),
+    ];
+    let hosts =
+        |chosen: Vec<&Url>| -> Vec<String> { chosen.iter().map(|u| u.host.clone()).collect() };
+    assert_eq!(
+        hosts(choose_turn(&turn, |_| false)),
+        ["203.0.113.1", "2001:db8::1"]
+    );
+    let dead = ["203.0.113.1:3478", "[2001:db8::1]:3478"];
+    assert_eq!(
+        hosts(choose_turn(&turn, |s| dead.contains(&s))),
+        ["203.0.113.2", "2001:db8::2"]
+    );
+    // Every server of a family silent: the first, as if none were.
+    assert_eq!(
+        hosts(choose_turn(&turn, |s| s.starts_with("203."))),
+        ["203.0.113.1", "2001:db8::1"]
+    );
+    assert_eq!(hosts(choose_turn(&turn[..1], |_| false)), ["203.0.113.1"]);
+    assert!(choose_turn(&[], |_| false).is_empty());
 }

@@ -59,8 +59,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[derive(Default)]
 pub struct TurnShim {
-    /// Loopback addresses by upstream server (`host:port`).
-    listeners: Mutex<HashMap<String, SocketAddr>>,
+    /// Loopback addresses by upstream server (`host:port`), and whether the
+    /// server answers.
+    listeners: Mutex<HashMap<String, (SocketAddr, Arc<Health>)>>,
     /// Sessions by their allocation's relayed address.
     relayed: Mutex<HashMap<SocketAddr, Weak<Session>>>,
     dataplane: OnceLock<Arc<DataPlane>>,
@@ -78,16 +79,25 @@ impl TurnShim {
     pub fn local_for(self: &Arc<Self>, host: &str, port: u16) -> std::io::Result<SocketAddr> {
         let server = super::host_port(host, port);
         let mut listeners = lock(&self.listeners);
-        if let Some(addr) = listeners.get(&server) {
+        if let Some((addr, _)) = listeners.get(&server) {
             return Ok(*addr);
         }
         let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
         socket.set_nonblocking(true)?;
         let socket = Arc::new(UdpSocket::from_std(socket)?);
         let addr = socket.local_addr()?;
-        listeners.insert(server.clone(), addr);
-        tokio::spawn(Arc::clone(self).listen(socket, server));
+        let health = Arc::new(Health::default());
+        listeners.insert(server.clone(), (addr, Arc::clone(&health)));
+        tokio::spawn(Arc::clone(self).listen(socket, server, health));
         Ok(addr)
+    }
+
+    /// Whether the TURN server `server` (`host:port`) was sent something
+    /// [`SILENT_AFTER`] ago or longer and has not answered since.
+    pub fn silent(&self, server: &str) -> bool {
+        lock(&self.listeners)
+            .get(server)
+            .is_some_and(|(_, h)| h.silent(Instant::now()))
     }
 
     /// The session whose allocation has the relayed address `relayed`.
@@ -97,11 +107,19 @@ impl TurnShim {
 
     /// Reads the clients' datagrams for `server` and passes them on, from
     /// one upstream socket per client socket.
-    async fn listen(self: Arc<Self>, loopback: Arc<UdpSocket>, server: String) {
+    async fn listen(
+        self: Arc<Self>,
+        loopback: Arc<UdpSocket>,
+        server: String,
+        health: Arc<Health>,
+    ) {
         let mut sessions: HashMap<SocketAddr, Arc<Session>> = HashMap::new();
         let mut buf = vec![0u8; BUF_SIZE];
         let mut sweep = tokio::time::interval(SWEEP);
         let mut resolved: Option<SocketAddr> = None;
+        // Set once sending to the server's IPv4 address failed (a host
+        // without IPv4): its IPv6 address is used from then on.
+        let mut no_ipv4 = false;
         loop {
             let (n, from) = tokio::select! {
                 r = loopback.recv_from(&mut buf) => match r {
@@ -128,7 +146,7 @@ impl TurnShim {
                         resolved = tokio::net::lookup_host(&server)
                             .await
                             .ok()
-                            .and_then(prefer_ipv4);
+                            .and_then(|addrs| pick_addr(addrs, no_ipv4));
                     }
                     let Some(server_addr) = resolved else {
                         tracing::debug!("TURN shim: cannot resolve {server}");
@@ -139,7 +157,7 @@ impl TurnShim {
                         tracing::debug!("TURN shim: {MAX_SESSIONS} sessions, a new one ignored");
                         continue;
                     }
-                    match self.open(&loopback, from, server_addr).await {
+                    match self.open(&loopback, from, server_addr, &health).await {
                         Ok(s) => {
                             sessions.insert(from, Arc::clone(&s));
                             s
@@ -152,9 +170,20 @@ impl TurnShim {
                 }
             };
             let datagram = &buf[..n];
-            *lock(&session.last_client) = Instant::now();
+            let now = Instant::now();
+            *lock(&session.last_client) = now;
             lock(&session.channels).note_client(datagram);
-            let _ = session.upstream.send_to(datagram, session.server).await;
+            health.sent(now);
+            if let Err(e) = session.upstream.send_to(datagram, session.server).await {
+                if session.server.is_ipv4() && !no_ipv4 {
+                    // No IPv4 here (an IPv6-only site): the next datagram
+                    // of the client opens a session to the IPv6 address.
+                    tracing::debug!("TURN shim: {server} over IPv4: {e}; trying IPv6");
+                    no_ipv4 = true;
+                    resolved = None;
+                    session.cancel.cancel();
+                }
+            }
         }
     }
 
@@ -163,6 +192,7 @@ impl TurnShim {
         loopback: &Arc<UdpSocket>,
         client: SocketAddr,
         server: SocketAddr,
+        health: &Arc<Health>,
     ) -> std::io::Result<Arc<Session>> {
         // The server's family: a TURN server reached over IPv6 still relays
         // to IPv4 peers (its allocations are IPv4), which is how an IPv6-only
@@ -182,6 +212,7 @@ impl TurnShim {
             channels: Mutex::default(),
             last_client: Mutex::new(Instant::now()),
             cancel: CancellationToken::new(),
+            health: Arc::clone(health),
         });
         tokio::spawn(Arc::clone(self).read_upstream(Arc::clone(&session)));
         Ok(session)
@@ -210,6 +241,7 @@ impl TurnShim {
             let mut count = 0;
             let mut end = 0;
             if from == s.server {
+                s.health.answered();
                 reads[0] = (0, n, segment);
                 count = 1;
                 end = n;
@@ -287,11 +319,36 @@ impl TurnShim {
 }
 
 /// The address to reach a server at: IPv4 when it has one (what every
-/// deployment so far used), else IPv6.
-fn prefer_ipv4(addrs: impl Iterator<Item = SocketAddr>) -> Option<SocketAddr> {
+/// deployment so far used), else IPv6; IPv6 first once IPv4 failed here.
+fn pick_addr(addrs: impl Iterator<Item = SocketAddr>, no_ipv4: bool) -> Option<SocketAddr> {
     let addrs: Vec<SocketAddr> = addrs.collect();
-    let v4 = addrs.iter().find(|a| a.is_ipv4());
-    v4.or(addrs.first()).copied()
+    let preferred = addrs.iter().find(|a| a.is_ipv4() != no_ipv4);
+    preferred.or(addrs.first()).copied()
+}
+
+/// How long a TURN server may leave what it was sent unanswered before the
+/// next ICE session passes it over for the next one of its family.
+pub const SILENT_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether a TURN server answers: the oldest datagram sent since its last
+/// answer.
+#[derive(Default)]
+pub struct Health {
+    waiting_since: Mutex<Option<Instant>>,
+}
+
+impl Health {
+    fn sent(&self, now: Instant) {
+        lock(&self.waiting_since).get_or_insert(now);
+    }
+
+    fn answered(&self) {
+        *lock(&self.waiting_since) = None;
+    }
+
+    fn silent(&self, now: Instant) -> bool {
+        lock(&self.waiting_since).is_some_and(|since| now.duration_since(since) >= SILENT_AFTER)
+    }
 }
 
 /// One TURN client socket's way to its server.
@@ -302,6 +359,8 @@ pub struct Session {
     loopback: Arc<UdpSocket>,
     channels: Mutex<Channels>,
     last_client: Mutex<Instant>,
+    /// The server's answers, shared by every session to it.
+    health: Arc<Health>,
     cancel: CancellationToken,
 }
 
@@ -371,6 +430,33 @@ mod tests {
     use turn::proto::relayaddr::RelayedAddress;
 
     use crate::ice::turn_channels::tests::message as stun;
+
+    #[test]
+    fn a_server_is_silent_once_it_leaves_a_datagram_unanswered_long_enough() {
+        let h = Health::default();
+        let t0 = Instant::now();
+        assert!(!h.silent(t0 + SILENT_AFTER * 2), "never asked");
+        h.sent(t0);
+        h.sent(t0 + SILENT_AFTER / 2);
+        assert!(!h.silent(t0 + SILENT_AFTER / 2));
+        assert!(
+            h.silent(t0 + SILENT_AFTER),
+            "counted from the oldest unanswered"
+        );
+        h.answered();
+        assert!(!h.silent(t0 + SILENT_AFTER * 3));
+    }
+
+    #[test]
+    fn ipv4_is_preferred_until_it_failed_here() {
+        let v4: SocketAddr = "203.0.113.1:3478".parse().unwrap();
+        let v6: SocketAddr = "[2001:db8::1]:3478".parse().unwrap();
+        assert_eq!(pick_addr([v6, v4].into_iter(), false), Some(v4));
+        assert_eq!(pick_addr([v4, v6].into_iter(), true), Some(v6));
+        assert_eq!(pick_addr([v4].into_iter(), true), Some(v4));
+        assert_eq!(pick_addr([v6].into_iter(), false), Some(v6));
+        assert_eq!(pick_addr(std::iter::empty(), false), None);
+    }
 
     async fn recv(socket: &UdpSocket) -> (Vec<u8>, SocketAddr) {
         let mut buf = [0u8; 2048];

@@ -97,6 +97,7 @@ impl Shell {
     ) -> Self {
         let ice = IceSettings {
             urls: Vec::new(),
+            turn: Vec::new(),
             mux: links.mux.clone(),
             tun_name: tun_name.clone(),
             mesh: links.network,
