@@ -48,7 +48,10 @@ async fn welcome_has_self_peers_ice_and_protocol() {
             resumed,
         } => {
             assert!(!more, "a small mesh is one message");
-            assert!(!resumed, "a node that says it holds nothing gets everything");
+            assert!(
+                !resumed,
+                "a node that says it holds nothing gets everything"
+            );
             assert_eq!(filter, None, "no policy: no filter");
             assert_eq!(protocol, overlay_proto::PROTOCOL_VERSION);
             assert_eq!(me.id, a.node_id);
