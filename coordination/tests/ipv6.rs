@@ -132,30 +132,6 @@ async fn dual_stack_server() -> TestServer {
     .await
 }
 
-async fn turn_client(
-    bind: &str,
-    server: std::net::SocketAddr,
-    username: &str,
-    password: &str,
-) -> turn::client::Client {
-    let conn = std::sync::Arc::new(tokio::net::UdpSocket::bind(bind).await.unwrap());
-    let c = turn::client::Client::new(turn::client::ClientConfig {
-        stun_serv_addr: server.to_string(),
-        turn_serv_addr: server.to_string(),
-        username: username.into(),
-        password: password.into(),
-        realm: String::new(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn,
-        vnet: None,
-    })
-    .await
-    .unwrap();
-    c.listen().await.unwrap();
-    c
-}
-
 #[tokio::test]
 async fn with_an_ipv6_public_address_nodes_are_told_stun_and_turn_in_both_families() {
     if !has_ipv6_loopback().await {

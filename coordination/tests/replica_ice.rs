@@ -80,22 +80,14 @@ async fn a_node_is_told_every_live_replicas_stun_turn_its_own_first() {
     assert_eq!(ice.netcheck.len(), 2, "{ice:?}");
 
     // And the credential is good on the other replica's TURN server.
-    let conn = std::sync::Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
-    let other = r2.server().turn_addr().unwrap().to_string();
-    let client = turn::client::Client::new(turn::client::ClientConfig {
-        stun_serv_addr: other.clone(),
-        turn_serv_addr: other,
-        username: ice.turn[0].username.clone(),
-        password: ice.turn[0].credential.clone(),
-        realm: String::new(),
-        software: String::new(),
-        rto_in_ms: 0,
-        conn,
-        vnet: None,
-    })
-    .await
-    .unwrap();
-    client.listen().await.unwrap();
+    let other = r2.server().turn_addr().unwrap();
+    let client = common::turn_client(
+        "127.0.0.1:0",
+        other,
+        &ice.turn[0].username,
+        &ice.turn[0].credential,
+    )
+    .await;
     let allocated = client.allocate().await;
     assert!(
         allocated.is_ok(),

@@ -529,3 +529,28 @@ pub async fn healthz_over_tls(tcp: TcpStream, connector: &TlsConnector) -> Strin
     let _ = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut buf)).await;
     String::from_utf8_lossy(&buf).into_owned()
 }
+
+/// A TURN client (the turn crate's) on a socket bound to `bind`, listening.
+pub async fn turn_client(
+    bind: &str,
+    server: std::net::SocketAddr,
+    username: &str,
+    password: &str,
+) -> turn::client::Client {
+    let conn = std::sync::Arc::new(tokio::net::UdpSocket::bind(bind).await.unwrap());
+    let c = turn::client::Client::new(turn::client::ClientConfig {
+        stun_serv_addr: server.to_string(),
+        turn_serv_addr: server.to_string(),
+        username: username.into(),
+        password: password.into(),
+        realm: String::new(),
+        software: String::new(),
+        rto_in_ms: 0,
+        conn,
+        vnet: None,
+    })
+    .await
+    .unwrap();
+    c.listen().await.unwrap();
+    c
+}
