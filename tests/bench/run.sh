@@ -17,6 +17,8 @@
 #                        coordination relay, UDP between the hosts blocked)
 #   OVERLAY_BIN_DIR=DIR  use the overlay binaries in DIR instead of building release
 #   BENCH_KEEP=1         keep the work directory (logs) after the run
+#   BENCH_V6_FIRST=1     measure the overlay IPv6 column before the IPv4 one (to
+#                        see how much of v6/v4 is the order of the phases)
 # See tests/bench/README.md for what each figure means.
 
 set -euo pipefail
@@ -430,11 +432,15 @@ measure_path() {
 
 phase_overlay() {
     overlay_up overlay direct
-    measure_path overlay "$MESH_B" "$PID_A" "$PID_B"
-    if [[ -n $MESH_B6 ]]; then
-        measure_path overlay6 "$MESH_B6" "$PID_A" "$PID_B"
-    else
+    if [[ -z $MESH_B6 ]]; then
         note overlay6 "b reports no mesh IPv6 address (mesh_ip6 in overlayctl status --json)"
+    elif [[ ${BENCH_V6_FIRST:-0} == 1 ]]; then
+        note overlay6 "measured before the IPv4 column (BENCH_V6_FIRST=1)"
+        measure_path overlay6 "$MESH_B6" "$PID_A" "$PID_B"
+    fi
+    measure_path overlay "$MESH_B" "$PID_A" "$PID_B"
+    if [[ -n $MESH_B6 && ${BENCH_V6_FIRST:-0} != 1 ]]; then
+        measure_path overlay6 "$MESH_B6" "$PID_A" "$PID_B"
     fi
     measure_dns "$SOCK_A"
     measure_policy "$DIR" "$SOCK_A" "$PID_A" "$PID_B"
