@@ -58,6 +58,10 @@ pub fn stun_filter(data: &[u8]) {
     let policy = PeerPolicy {
         allow_private: mode & 1 != 0,
         own,
+        mesh: vec![
+            "100.64.0.0/10".parse().expect("mesh network"),
+            "fd7a:115c:a1e0::/48".parse().expect("mesh IPv6 prefix"),
+        ],
     };
     let verdict = inspect(packet, &policy);
     if verdict == Verdict::Pass {
