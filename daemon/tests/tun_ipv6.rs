@@ -45,6 +45,26 @@ fn routes(prefix: Ipv6Addr, len: u8) -> bool {
 
 /// Runs `test` on a thread in a new network namespace (the namespace goes
 /// away with the thread, and the TUN with it).
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+/// The TUN as overlayd makes it (IPv4 mesh address, MTU 1280), in a
+/// namespace whose new interfaces start with IPv6 off; inside a runtime.
+fn new_tun() -> tun_device::Tun {
+    std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1").expect("sysctl");
+    tun_device::create(
+        NAME,
+        Ipv4Addr::new(100, 64, 0, 5),
+        "100.64.0.0/10".parse().unwrap(),
+        1280,
+    )
+    .expect("TUN")
+}
+
 fn in_own_netns(test: impl FnOnce() + Send + 'static) {
     std::thread::spawn(move || {
         // SAFETY: unshare(2) on this thread only; no memory is involved.
@@ -64,20 +84,9 @@ fn in_own_netns(test: impl FnOnce() + Send + 'static) {
 #[test]
 fn the_tun_gets_its_mesh_ipv6_address_and_the_prefix_route() {
     in_own_netns(|| {
-        // New interfaces in this namespace start with IPv6 off.
-        std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1").expect("sysctl");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = runtime();
         let _guard = rt.enter();
-        let tun = tun_device::create(
-            NAME,
-            Ipv4Addr::new(100, 64, 0, 5),
-            "100.64.0.0/10".parse().unwrap(),
-            1280,
-        )
-        .expect("TUN");
+        let tun = new_tun();
         assert!(addresses().is_empty());
 
         let net: Ipv6Addr = "fd7a:115c:a1e0::".parse().unwrap();
@@ -153,19 +162,9 @@ fn a_host_that_keeps_ipv6_off_on_the_interface_is_refused_in_one_clear_error() {
             assert!(out.status.success(), "mount {args:?}: {out:?}");
         };
         run(&["--make-rprivate", "/"]);
-        std::fs::write("/proc/sys/net/ipv6/conf/default/disable_ipv6", "1").expect("sysctl");
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
+        let rt = runtime();
         let _guard = rt.enter();
-        let tun = tun_device::create(
-            NAME,
-            Ipv4Addr::new(100, 64, 0, 5),
-            "100.64.0.0/10".parse().unwrap(),
-            1280,
-        )
-        .expect("TUN");
+        let tun = new_tun();
         let switch = format!("/proc/sys/net/ipv6/conf/{NAME}/disable_ipv6");
         run(&["--bind", &switch, &switch]);
         run(&["-o", "remount,ro,bind", &switch]);

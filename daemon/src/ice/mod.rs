@@ -28,3 +28,36 @@ pub mod why;
 
 pub use agent::*;
 pub use candidates::host_port;
+
+/// A STUN server on `ip` that answers every Binding request with the
+/// sender's address as it saw it: its address, and its task.
+#[cfg(test)]
+pub(crate) async fn test_stun_server(
+    ip: std::net::IpAddr,
+) -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use stun::message::{Message, BINDING_SUCCESS};
+    use stun::xoraddr::XorMappedAddress;
+    let socket = tokio::net::UdpSocket::bind((ip, 0)).await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            let mut req = Message::new();
+            if req.unmarshal_binary(&buf[..n]).is_err() {
+                continue;
+            }
+            let mut resp = Message::new();
+            resp.build(&[
+                Box::new(BINDING_SUCCESS),
+                Box::new(req.transaction_id),
+                Box::new(XorMappedAddress {
+                    ip: from.ip(),
+                    port: from.port(),
+                }),
+            ])
+            .unwrap();
+            let _ = socket.send_to(&resp.raw, from).await;
+        }
+    });
+    (addr, task)
+}

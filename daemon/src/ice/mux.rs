@@ -415,31 +415,15 @@ mod tests {
     async fn the_shared_socket_is_dual_stack_and_probes_stun_of_either_family() {
         let mux = Mux::bind().await.unwrap();
         assert!(mux.ipv6(), "the test host has IPv6");
-        // A STUN server that answers with the sender's address, as it saw it.
-        for server in ["127.0.0.1:0", "[::1]:0"] {
-            let stun = UdpSocket::bind(server).await.unwrap();
-            let server = stun.local_addr().unwrap();
-            let answer = tokio::spawn(async move {
-                let mut buf = [0u8; 1500];
-                let (n, from) = stun.recv_from(&mut buf).await.unwrap();
-                let mut req = Message::new();
-                req.unmarshal_binary(&buf[..n]).unwrap();
-                let mut resp = Message::new();
-                resp.build(&[
-                    Box::new(BINDING_SUCCESS),
-                    Box::new(req.transaction_id),
-                    Box::new(XorMappedAddress {
-                        ip: from.ip(),
-                        port: from.port(),
-                    }),
-                ])
-                .unwrap();
-                stun.send_to(&resp.raw, from).await.unwrap();
-            });
+        for ip in [
+            std::net::IpAddr::from([127, 0, 0, 1]),
+            std::net::Ipv6Addr::LOCALHOST.into(),
+        ] {
+            let (server, answer) = crate::ice::test_stun_server(ip).await;
             let run = tokio::spawn(mux.clone().serve_stun());
             let seen = mux.reflexive_addr(server).await;
             run.abort();
-            answer.await.unwrap();
+            answer.abort();
             let seen = seen.expect("an answer");
             assert_eq!(seen.ip(), server.ip(), "IPv4 is named plainly, not ::ffff:");
             assert_eq!(seen.port(), mux.port());

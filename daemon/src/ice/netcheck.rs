@@ -240,42 +240,12 @@ mod tests {
         assert_eq!(server_addr("nonsense"), None);
     }
 
-    /// A STUN server on `ip` that answers every Binding request with the
-    /// sender's address as it saw it; its `stun:` URL.
-    async fn stun_server(ip: std::net::IpAddr) -> (String, tokio::task::JoinHandle<()>) {
-        use stun::message::{Message, BINDING_SUCCESS};
-        use stun::xoraddr::XorMappedAddress;
-        let socket = UdpSocket::bind((ip, 0)).await.unwrap();
-        let url = format!("stun:{}", socket.local_addr().unwrap());
-        let task = tokio::spawn(async move {
-            let mut buf = [0u8; 1500];
-            while let Ok((n, from)) = socket.recv_from(&mut buf).await {
-                let mut req = Message::new();
-                if req.unmarshal_binary(&buf[..n]).is_err() {
-                    continue;
-                }
-                let mut resp = Message::new();
-                resp.build(&[
-                    Box::new(BINDING_SUCCESS),
-                    Box::new(req.transaction_id),
-                    Box::new(XorMappedAddress {
-                        ip: from.ip(),
-                        port: from.port(),
-                    }),
-                ])
-                .unwrap();
-                let _ = socket.send_to(&resp.raw, from).await;
-            }
-        });
-        (url, task)
-    }
-
     #[tokio::test]
     async fn netcheck_asks_ipv6_stun_servers_beside_ipv4_ones() {
-        let (url4, a) = stun_server([127, 0, 0, 1].into()).await;
-        let (url6, b) = stun_server(std::net::Ipv6Addr::LOCALHOST.into()).await;
+        let (server4, a) = crate::ice::test_stun_server([127, 0, 0, 1].into()).await;
+        let (server6, b) = crate::ice::test_stun_server(std::net::Ipv6Addr::LOCALHOST.into()).await;
         let ice = IceConfig {
-            stun: vec![url4, url6],
+            stun: vec![format!("stun:{server4}"), format!("stun:{server6}")],
             ..IceConfig::default()
         };
         let report = run(&ice, None).await;
@@ -295,9 +265,9 @@ mod tests {
 
     #[tokio::test]
     async fn without_ipv6_servers_netcheck_reports_no_ipv6() {
-        let (url4, a) = stun_server([127, 0, 0, 1].into()).await;
+        let (server4, a) = crate::ice::test_stun_server([127, 0, 0, 1].into()).await;
         let ice = IceConfig {
-            stun: vec![url4],
+            stun: vec![format!("stun:{server4}")],
             ..IceConfig::default()
         };
         let report = run(&ice, None).await;

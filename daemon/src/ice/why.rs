@@ -228,15 +228,18 @@ mod tests {
         assert!(c.ends_with("the next direct attempt is in 64s"), "{c}");
     }
 
-    #[test]
-    fn ipv6_candidates_and_pairs_read_as_bracketed_addresses() {
-        let candidate = |id: &str, typ, ip: &str, port| CandidateStats {
+    fn candidate(id: &str, typ: CandidateType, ip: &str, port: u16) -> CandidateStats {
+        CandidateStats {
             id: id.into(),
             candidate_type: typ,
             ip: ip.into(),
             port,
             ..CandidateStats::default()
-        };
+        }
+    }
+
+    #[test]
+    fn ipv6_candidates_and_pairs_read_as_bracketed_addresses() {
         let local = [
             candidate("l4", CandidateType::Host, "10.0.0.1", 5000),
             candidate("l6", CandidateType::Host, "2001:db8:1::2", 5000),
@@ -264,13 +267,6 @@ mod tests {
 
     #[test]
     fn cross_family_pairs_and_prflx_copies_of_signalled_candidates_are_left_out() {
-        let candidate = |id: &str, typ, ip: &str, port| CandidateStats {
-            id: id.into(),
-            candidate_type: typ,
-            ip: ip.into(),
-            port,
-            ..CandidateStats::default()
-        };
         let local = [
             candidate("l4", CandidateType::Host, "10.0.0.1", 5000),
             candidate("l6", CandidateType::Host, "2001:db8:1::2", 5000),
