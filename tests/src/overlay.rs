@@ -260,6 +260,16 @@ impl Daemon {
             .is_some_and(|p| matches!(p.try_exit(), Ok(None)))
     }
 
+    /// For a [`wait_until`] condition: a daemon that exited ends the wait
+    /// at once (nothing it waits for can happen any more).
+    pub fn alive(&mut self) -> Result<(), Wait> {
+        if self.is_running() {
+            Ok(())
+        } else {
+            Err(fatal(anyhow::anyhow!("overlayd {} exited", self.name)))
+        }
+    }
+
     /// Runs `overlayctl --socket S args…` (from the root namespace: the socket is a
     /// file, and overlayctl makes no network traffic).
     pub fn ctl(&self, args: &[&str]) -> anyhow::Result<Output> {
@@ -476,9 +486,7 @@ pub fn wait_path(
     let started = std::time::Instant::now();
     let what = format!("{} to see {peer} on {want:?}", d.name);
     wait_until(timeout, &what, || {
-        if !d.is_running() {
-            return Err(fatal(anyhow::anyhow!("overlayd {} exited", d.name)));
-        }
+        d.alive()?;
         let peers = d.peers()?;
         match peers.iter().find(|p| p.name == peer) {
             Some(p) if p.path_kind == want => Ok(()),

@@ -12,9 +12,7 @@ use std::time::Duration;
 use anyhow::ensure;
 use overlay_proto::api::PathKind;
 use overlay_tests::overlay::ping;
-use overlay_tests::{
-    fatal, lab_test, wait_path, wait_until, Coordinator, Daemon, Lab, LanPair, Wait,
-};
+use overlay_tests::{lab_test, wait_path, wait_until, Coordinator, Daemon, Lab, LanPair, Wait};
 
 const DIRECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The daemons notice a closed control connection at once; allow for slow CI.
@@ -29,9 +27,7 @@ fn wait_connected(d: &mut Daemon, want: bool, timeout: Duration) -> anyhow::Resu
         if want { "" } else { "dis" }
     );
     wait_until(timeout, &what, || {
-        if !d.is_running() {
-            return Err(fatal(anyhow::anyhow!("overlayd {} exited", d.name)));
-        }
+        d.alive()?;
         let status = d.status()?;
         if status.coordinator_connected == want {
             Ok(())

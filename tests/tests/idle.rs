@@ -88,9 +88,7 @@ fn idle_peers_stop_talking_and_the_first_ping_wakes_them_without_loss() {
         let quiet_since = Instant::now();
         wait_until(IDLE_WITHIN, "a and b to show each other idle", || {
             for (d, peer) in [(&mut a, "b"), (&mut b, "a")] {
-                if !d.is_running() {
-                    return Err(fatal(anyhow::anyhow!("overlayd {} exited", d.name)));
-                }
+                d.alive()?;
                 let peers = d.peers()?;
                 let p = peers
                     .iter()

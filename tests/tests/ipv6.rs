@@ -134,14 +134,8 @@ fn wait_both(
     want: impl Fn(&PeerStatus) -> Result<bool, String>,
 ) -> anyhow::Result<(Duration, PeerStatus, PeerStatus)> {
     let (a_sees, b_sees) = wait_until(timeout, &format!("a and b on {what}"), || {
-        for node in [&mut *a, &mut *b] {
-            if !node.daemon.is_running() {
-                return Err(fatal(anyhow::anyhow!(
-                    "overlayd {} exited",
-                    node.daemon.name
-                )));
-            }
-        }
+        a.daemon.alive()?;
+        b.daemon.alive()?;
         let (a_sees, b_sees) = (a.view_of(b)?, b.view_of(a)?);
         for (node, peer) in [(&*a, &a_sees), (&*b, &b_sees)] {
             if peer.path_kind == PathKind::Idle {

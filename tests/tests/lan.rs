@@ -98,12 +98,7 @@ fn start_mesh(lab: &Lab) -> anyhow::Result<Mesh> {
 fn wait_all_direct(nodes: &mut [&mut LanNode], timeout: Duration) -> anyhow::Result<()> {
     wait_until(timeout, "every pair of nodes to be direct", || {
         for i in 0..nodes.len() {
-            if !nodes[i].daemon.is_running() {
-                return Err(fatal(anyhow::anyhow!(
-                    "overlayd {} exited",
-                    nodes[i].daemon.name
-                )));
-            }
+            nodes[i].daemon.alive()?;
             let peers = nodes[i].daemon.peers()?;
             for j in 0..nodes.len() {
                 if i == j {

@@ -341,14 +341,8 @@ fn wait_settled(
 ) -> anyhow::Result<Duration> {
     let what = format!("both nodes to show path kind {:?}", expect.kind());
     let (at, a_sees, b_sees) = wait_until(timeout, &what, || {
-        for node in [&mut *a, &mut *b] {
-            if !node.daemon.is_running() {
-                return Err(fatal(anyhow::anyhow!(
-                    "overlayd {} exited",
-                    node.daemon.name
-                )));
-            }
-        }
+        a.daemon.alive()?;
+        b.daemon.alive()?;
         let (a_sees, b_sees) = (a.view_of(b)?, b.view_of(a)?);
         let kind = expect.kind();
         if a_sees.online && b_sees.online && a_sees.path_kind == kind && b_sees.path_kind == kind {
