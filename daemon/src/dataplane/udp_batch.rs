@@ -7,8 +7,10 @@
 //! has IPv6. On such a socket the kernel names IPv4 peers `::ffff:a.b.c.d`;
 //! the rest of the daemon (endpoints, candidates, the data plane's tables)
 //! knows them only as plain IPv4 addresses. So every address read here is
-//! [`normalise`]d, and every IPv4 destination is mapped back
-//! ([`on_wire`]) when it leaves through an IPv6 socket.
+//! [`normalise`]d. Destinations need nothing: Linux sends to a plain IPv4
+//! address (`sockaddr_in`) on a dual-stack socket as on an IPv4 one
+//! (`udpv6_sendmsg` hands it to `udp_sendmsg`, UDP GSO included), so a send
+//! costs no lookup of the socket's family.
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{SocketAddr, SocketAddrV6};
@@ -46,17 +48,6 @@ pub fn normalise(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// The destination to hand a socket bound to `local`: an IPv4 `dst` mapped
-/// into IPv6 when the socket is IPv6 (dual-stack), else `dst` as it is.
-pub fn on_wire(dst: SocketAddr, local: SocketAddr) -> SocketAddr {
-    match (dst, local) {
-        (SocketAddr::V4(v4), SocketAddr::V6(_)) => {
-            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
-        }
-        _ => dst,
-    }
-}
-
 /// A UDP socket on every IPv6 and IPv4 address (`[::]:port`, `IPV6_V6ONLY`
 /// off, whatever the `bindv6only` sysctl says), non-blocking. Fails where the
 /// host has no IPv6 (`ipv6.disable=1`: no AF_INET6 sockets; or no address to
@@ -73,16 +64,6 @@ pub fn bind_dual_stack(port: u16) -> std::io::Result<std::net::UdpSocket> {
     let any = SocketAddrV6::new(std::net::Ipv6Addr::UNSPECIFIED, port, 0, 0);
     bind(fd.as_raw_fd(), &SockaddrIn6::from(any))?;
     Ok(std::net::UdpSocket::from(fd))
-}
-
-/// Sends one datagram to `dst` (see [`on_wire`]).
-pub async fn send_to(
-    socket: &UdpSocket,
-    datagram: &[u8],
-    dst: SocketAddr,
-) -> std::io::Result<usize> {
-    let dst = on_wire(dst, socket.local_addr()?);
-    socket.send_to(datagram, dst).await
 }
 
 /// Raises the socket's send and receive buffers; best effort.
@@ -140,7 +121,7 @@ async fn send_run(
     per: usize,
     size: usize,
 ) -> std::io::Result<()> {
-    let addr = SockaddrStorage::from(on_wire(dst, socket.local_addr()?));
+    let addr = SockaddrStorage::from(dst);
     if iov.len() > per && GSO_OK.load(Ordering::Relaxed) {
         let seg = size as u16;
         let sent = socket
@@ -259,19 +240,13 @@ mod tests {
     }
 
     #[test]
-    fn mapped_senders_read_as_ipv4_and_ipv4_destinations_map_on_ipv6_sockets() {
+    fn mapped_senders_read_as_plain_ipv4() {
         let mapped: SocketAddr = "[::ffff:192.0.2.7]:4000".parse().unwrap();
         let v4: SocketAddr = "192.0.2.7:4000".parse().unwrap();
         let v6: SocketAddr = "[2001:db8::7]:4000".parse().unwrap();
         assert_eq!(normalise(mapped), v4);
         assert_eq!(normalise(v4), v4);
         assert_eq!(normalise(v6), v6);
-        let any6: SocketAddr = "[::]:41641".parse().unwrap();
-        let any4: SocketAddr = "0.0.0.0:41641".parse().unwrap();
-        assert_eq!(on_wire(v4, any6), mapped);
-        assert_eq!(on_wire(v4, any4), v4);
-        assert_eq!(on_wire(v6, any6), v6);
-        assert_eq!(normalise(on_wire(v4, any6)), v4, "round trip");
     }
 
     #[tokio::test]
@@ -298,7 +273,7 @@ mod tests {
                 (from, &buf[..n]),
                 (peer.local_addr().unwrap(), &b"hello"[..])
             );
-            send_to(&shared, b"back", from).await.unwrap();
+            shared.send_to(b"back", from).await.unwrap();
             let (n, _) = peer.recv_from(&mut buf).await.unwrap();
             assert_eq!(&buf[..n], b"back");
         }

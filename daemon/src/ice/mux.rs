@@ -222,8 +222,7 @@ impl Mux {
         let (tx, rx) = oneshot::channel();
         lock(&self.probes).insert(msg.transaction_id.0, tx);
         let answer = async {
-            let to = udp_batch::on_wire(server, self.local_addr);
-            self.socket.send_to(&msg.raw, to).await.ok()?;
+            self.socket.send_to(&msg.raw, server).await.ok()?;
             tokio::time::timeout(PROBE_TIMEOUT, rx).await.ok()?.ok()
         }
         .await;
@@ -327,8 +326,7 @@ impl Conn for MuxConn {
                 lock(&mux.by_addr).insert(target, Arc::downgrade(&me));
             }
         }
-        let to = udp_batch::on_wire(target, self.local_addr);
-        Ok(self.socket.send_to(buf, to).await?)
+        Ok(self.socket.send_to(buf, target).await?)
     }
 
     fn local_addr(&self) -> Result<SocketAddr, webrtc_util::Error> {
