@@ -20,7 +20,7 @@ const DAD_SKIPPED_WITHIN: Duration = Duration::from_millis(500);
 
 /// This thread's IPv6 addresses on `NAME`: (address, prefix length, flags).
 fn addresses() -> Vec<(Ipv6Addr, u8, u32)> {
-    let text = std::fs::read_to_string("/proc/thread-self/net/if_inet6").unwrap_or_default();
+    let text = std::fs::read_to_string("/proc/thread-self/net/if_inet6").expect("if_inet6");
     text.lines()
         .filter_map(|line| {
             let f: Vec<&str> = line.split_whitespace().collect();
@@ -37,7 +37,7 @@ fn addresses() -> Vec<(Ipv6Addr, u8, u32)> {
 
 /// Whether this thread's IPv6 routing table sends `prefix/len` to `NAME`.
 fn routes(prefix: Ipv6Addr, len: u8) -> bool {
-    let text = std::fs::read_to_string("/proc/thread-self/net/ipv6_route").unwrap_or_default();
+    let text = std::fs::read_to_string("/proc/thread-self/net/ipv6_route").expect("ipv6_route");
     let want = format!("{:032x} {len:02x}", u128::from(prefix));
     text.lines()
         .any(|l| l.starts_with(&want) && l.split_whitespace().last() == Some(NAME))

@@ -39,15 +39,20 @@ pub fn tcp_v4_pseudo(packet: &[u8], tcp_len: usize) -> u32 {
 /// Length of the fixed IPv6 header.
 pub const IPV6_HEADER: usize = 40;
 
-/// The TCP pseudo-header's sum for an IPv6 `packet` (no extension headers)
-/// whose TCP segment is `tcp_len` long: source, destination, the upper-layer
-/// length and the next header (RFC 8200 section 8.1).
-pub fn tcp_v6_pseudo(packet: &[u8], tcp_len: usize) -> u32 {
-    let len = tcp_len as u32;
+/// The pseudo-header's sum for an upper-layer message of protocol `next`,
+/// `len` bytes long, in an IPv6 `packet`: source, destination, the length
+/// and the next header (RFC 8200 section 8.1).
+pub fn v6_pseudo(packet: &[u8], next: u8, len: usize) -> u32 {
+    let len = len as u32;
     sum16(
         &packet[8..IPV6_HEADER],
-        u32::from(PROTO_TCP) + (len >> 16) + (len & 0xffff),
+        u32::from(next) + (len >> 16) + (len & 0xffff),
     )
+}
+
+/// [`v6_pseudo`] for a TCP segment of `tcp_len` bytes.
+pub fn tcp_v6_pseudo(packet: &[u8], tcp_len: usize) -> u32 {
+    v6_pseudo(packet, PROTO_TCP, tcp_len)
 }
 
 /// Writes the TCP checksum of an IPv6 `packet` (no extension headers).

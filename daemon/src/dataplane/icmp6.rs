@@ -34,7 +34,10 @@ fn message(
     p.extend_from_slice(&[kind, code, 0, 0]);
     p.extend_from_slice(&rest);
     p.extend_from_slice(body);
-    let sum = fold(sum16(&p[HEADER..], ip6::pseudo_sum(&p, PROTO_ICMPV6, len)));
+    let sum = fold(sum16(
+        &p[HEADER..],
+        super::checksum::v6_pseudo(&p, PROTO_ICMPV6, len),
+    ));
     p[HEADER + 2..HEADER + 4].copy_from_slice(&sum.to_be_bytes());
     p
 }
@@ -117,7 +120,7 @@ mod tests {
     fn verifies(p: &[u8]) -> bool {
         fold(sum16(
             &p[HEADER..],
-            ip6::pseudo_sum(p, PROTO_ICMPV6, p.len() - HEADER),
+            crate::dataplane::checksum::v6_pseudo(p, PROTO_ICMPV6, p.len() - HEADER),
         )) == 0
     }
 

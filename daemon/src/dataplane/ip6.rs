@@ -37,7 +37,7 @@ pub fn addrs(packet: &[u8]) -> Option<(Ipv6Addr, Ipv6Addr)> {
 /// solicitations the kernel sends on any interface) or link-local. Such
 /// packets are not the mesh's to carry.
 pub fn link_scoped(addr: Ipv6Addr) -> bool {
-    addr.is_multicast() || addr.segments()[0] & 0xffc0 == 0xfe80
+    addr.is_multicast() || addr.is_unicast_link_local()
 }
 
 /// Where an IPv6 packet's upper layer is.
@@ -120,16 +120,6 @@ pub fn header(src: Ipv6Addr, dst: Ipv6Addr, next: u8, payload_len: usize) -> [u8
     h[8..24].copy_from_slice(&src.octets());
     h[24..40].copy_from_slice(&dst.octets());
     h
-}
-
-/// The pseudo-header's sum (RFC 8200 section 8.1) for an upper-layer
-/// message of `len` bytes of protocol `next` in `packet`.
-pub fn pseudo_sum(packet: &[u8], next: u8, len: usize) -> u32 {
-    let len = len as u32;
-    super::checksum::sum16(
-        &packet[8..HEADER],
-        u32::from(next) + (len >> 16) + (len & 0xffff),
-    )
 }
 
 #[cfg(test)]

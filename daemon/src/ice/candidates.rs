@@ -84,14 +84,13 @@ fn refuse_remote_v4(ip: Ipv4Addr, mesh: Ipv4Net) -> Option<&'static str> {
 /// IPv4 in IPv6 clothing (`::ffff:a.b.c.d`, `::a.b.c.d`), which would slip
 /// past the IPv4 checks.
 fn refuse_remote_v6(ip: Ipv6Addr, mesh6: Option<Ipv6Net>) -> Option<&'static str> {
-    let first = ip.segments()[0];
     if ip.is_unspecified() {
         Some("unspecified address")
     } else if ip.is_loopback() {
         Some("loopback address")
     } else if ip.is_multicast() {
         Some("multicast address")
-    } else if first & 0xffc0 == 0xfe80 {
+    } else if ip.is_unicast_link_local() {
         Some("link-local address")
     } else if ip.to_ipv4_mapped().is_some() || u128::from(ip) >> 32 == 0 {
         Some("IPv4 address written as IPv6")
