@@ -36,8 +36,8 @@ use ipnet::Ipv6Net;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use overlay_proto::coord::{
-    encode_relay_frame, mesh_ip6, peer_json_digest, PeerInfo, RelayBatch, ServerMsg,
-    MAX_FRAME_BYTES, RELAY_HELLO_ID,
+    combine_digests, encode_relay_frame, mesh_ip6, peer_json_digest, PeerInfo, RelayBatch,
+    ServerMsg, MAX_FRAME_BYTES, RELAY_HELLO_ID,
 };
 use overlay_proto::NodeId;
 
@@ -521,13 +521,13 @@ impl Hub {
         let inner = self.read();
         let mine = inner.nodes.get(&me)?;
         if inner.compiled.is_some() {
-            return Some(
+            return Some(combine_digests(
                 inner
                     .nodes
                     .iter()
                     .filter(|(id, e)| **id != me && may_see(&mine.view, &e.view))
-                    .fold(0u64, |sum, (_, e)| sum.wrapping_add(e.digest)),
-            );
+                    .map(|(_, e)| e.digest),
+            ));
         }
         // Writers count a change with the write lock held: it cannot move
         // while the read lock is.
@@ -536,10 +536,7 @@ impl Hub {
         let all = match *cached {
             Some((at, sum)) if at == changes => sum,
             _ => {
-                let sum = inner
-                    .nodes
-                    .values()
-                    .fold(0u64, |sum, e| sum.wrapping_add(e.digest));
+                let sum = combine_digests(inner.nodes.values().map(|e| e.digest));
                 *cached = Some((changes, sum));
                 sum
             }

@@ -72,9 +72,14 @@ pub fn peer_json_digest(json: &str) -> u64 {
 /// one peer by a subtraction and an addition. Online state is part of a
 /// peer's record, so it is part of the digest.
 pub fn netmap_digest<'a>(peers: impl IntoIterator<Item = &'a PeerInfo>) -> u64 {
-    peers
-        .into_iter()
-        .fold(0u64, |sum, p| sum.wrapping_add(peer_digest(p)))
+    combine_digests(peers.into_iter().map(peer_digest))
+}
+
+/// The netmap digest of peers whose [`peer_digest`]s are `digests`: their
+/// wrapping sum, so it does not depend on order and one peer's change is
+/// one subtraction and one addition.
+pub fn combine_digests(digests: impl IntoIterator<Item = u64>) -> u64 {
+    digests.into_iter().fold(0u64, u64::wrapping_add)
 }
 
 /// A digest as the [`NETMAP_DIGEST_HEADER`] carries it.

@@ -35,7 +35,9 @@ impl HeldNetmap {
     /// netmap.
     pub fn digest(&self) -> Option<u64> {
         let peers = self.peers.as_ref()?;
-        Some(peers.values().fold(0u64, |sum, d| sum.wrapping_add(*d)))
+        Some(overlay_proto::coord::combine_digests(
+            peers.values().copied(),
+        ))
     }
 
     /// The session ended: a netmap cut short is dropped, as the node core

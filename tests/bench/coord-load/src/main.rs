@@ -442,7 +442,9 @@ async fn kill_replica(
             close_reasons(shared)
         );
     }
-    let total = mesh.values().fold(own, |sum, d| sum.wrapping_add(*d));
+    let total = own.wrapping_add(overlay_proto::coord::combine_digests(
+        mesh.values().copied(),
+    ));
     let holds = |i: usize| {
         let id = nodes.get(i)?.node_id;
         Some(total.wrapping_sub(*mesh.get(&id)?))
