@@ -85,7 +85,7 @@ pub fn status(status: &Status) -> String {
         Some(net6) => format!("{}, {net6}", status.network),
         None => status.network.to_string(),
     };
-    let rows = [
+    let mut rows = vec![
         (
             "name",
             format!("{} (node {})", clean(&status.name), status.node_id),
@@ -94,7 +94,6 @@ pub fn status(status: &Status) -> String {
             "mesh ip",
             format!("{}/{}", status.mesh_ip, status.network.prefix_len()),
         ),
-        ("mesh ipv6", mesh_ip6.unwrap_or_default()),
         ("network", network),
         ("interface", clean(&status.interface).into_owned()),
         ("public key", clean(&status.public_key).into_owned()),
@@ -105,8 +104,11 @@ pub fn status(status: &Status) -> String {
         ("uptime", human_duration(status.uptime_secs)),
         ("version", clean(&status.version).into_owned()),
     ];
+    if let Some(ip6) = mesh_ip6 {
+        rows.insert(2, ("mesh ipv6", ip6));
+    }
     let mut out = String::new();
-    for (key, value) in rows.into_iter().filter(|(_, v)| !v.is_empty()) {
+    for (key, value) in rows {
         out.push_str(&format!("{:<13}{value}\n", format!("{key}:")));
     }
     let d = &status.dropped;
