@@ -304,11 +304,6 @@ impl Hub {
         }
     }
 
-    /// The mesh's IPv6 prefix, if it has one.
-    pub fn network6(&self) -> Option<Ipv6Net> {
-        self.network6
-    }
-
     /// `info` with its mesh IPv6 address derived here, whatever it came
     /// with: records from the store, from registrations and from other
     /// replicas (of an older version, say) all end up alike.

@@ -116,29 +116,6 @@ fn to_text(msg: &ServerMsg) -> Message {
     ))
 }
 
-/// The Welcome for a node whose netmap is current: no peers, `resumed`.
-/// `None` if the node's filter does not read back (never expected): the
-/// caller then sends the whole netmap, filter included, rather than a
-/// Welcome that would say no policy is in force.
-fn resumed_welcome(head: &welcome::Head) -> Option<Utf8Bytes> {
-    let filter = match &head.filter {
-        Some(json) => Some(serde_json::from_str(json).ok()?),
-        None => None,
-    };
-    let msg = ServerMsg::Welcome {
-        protocol: head.protocol,
-        node: head.node.clone(),
-        network: head.network,
-        network6: head.network6,
-        peers: Vec::new(),
-        ice: head.ice.clone(),
-        more: false,
-        filter,
-        resumed: true,
-    };
-    Some(Utf8Bytes::from(serde_json::to_string(&msg).ok()?))
-}
-
 fn error_msg(error: &str, message: &str, about: Option<NodeId>) -> Message {
     to_text(&ServerMsg::Error {
         error: error.into(),
@@ -265,12 +242,14 @@ impl Session {
         // part (see the `welcome` module for why that is consistent). A node
         // that holds the netmap already gets a Welcome without it; the digest
         // is read after the subscription to `deltas` too, so the same holds.
-        let resumed = holds
-            .filter(|d| self.ctx.hub.netmap_digest(self.node) == Some(*d))
-            .and_then(|_| resumed_welcome(&head));
-        if let Some(text) = resumed {
+        let resumed = holds.is_some_and(|d| self.ctx.hub.netmap_digest(self.node) == Some(d));
+        if resumed {
             debug!(node = self.node, "netmap resumed");
-            if self.send(Message::Text(text)).await.is_err() {
+            if self
+                .send(Message::Text(welcome::resumed_text(&head)))
+                .await
+                .is_err()
+            {
                 return "write failed".into();
             }
         } else if let Err(()) = self.send_netmap(&head).await {

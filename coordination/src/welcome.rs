@@ -83,15 +83,20 @@ pub fn fill<'a>(peers: impl IntoIterator<Item = (NodeId, &'a PeerJson)>, max_byt
 /// The text of one part: the Welcome when `first`, else a PeerBatch.
 pub fn part_text(head: &Head, page: &Page, first: bool) -> Utf8Bytes {
     Utf8Bytes::from(if first {
-        welcome_text(head, &page.peers, page.next.is_some())
+        welcome_text(head, &page.peers, page.next.is_some(), false)
     } else {
         batch_text(&page.peers, page.next.is_none())
     })
 }
 
+/// The Welcome of a node whose netmap is current: no peers, `resumed`.
+pub fn resumed_text(head: &Head) -> Utf8Bytes {
+    Utf8Bytes::from(welcome_text(head, &[], false, true))
+}
+
 /// `ServerMsg::Welcome` exactly as serde writes it (a test holds the two
 /// together), with the peers' stored JSON spliced in.
-fn welcome_text(head: &Head, peers: &[PeerJson], more: bool) -> String {
+fn welcome_text(head: &Head, peers: &[PeerJson], more: bool, resumed: bool) -> String {
     let mut s = String::with_capacity(512 + array_len(peers));
     let _ = write!(s, r#"{{"type":"welcome","protocol":{}"#, head.protocol);
     s.push_str(r#","node":"#);
@@ -112,6 +117,9 @@ fn welcome_text(head: &Head, peers: &[PeerJson], more: bool) -> String {
     if let Some(filter) = &head.filter {
         s.push_str(r#","filter":"#);
         s.push_str(filter);
+    }
+    if resumed {
+        s.push_str(r#","resumed":true"#);
     }
     s.push('}');
     s
@@ -253,7 +261,7 @@ mod tests {
                 },
                 ..head()
             };
-            for more in [false, true] {
+            for (more, resumed) in [(false, false), (true, false), (false, true)] {
                 let expected = serde_json::to_string(&ServerMsg::Welcome {
                     protocol: h.protocol,
                     node: h.node.clone(),
@@ -263,10 +271,10 @@ mod tests {
                     ice: h.ice.clone(),
                     more,
                     filter: with_filter.clone(),
-                    resumed: false,
+                    resumed,
                 })
                 .unwrap();
-                assert_eq!(welcome_text(&h, &texts, more), expected);
+                assert_eq!(welcome_text(&h, &texts, more, resumed), expected);
                 assert_eq!(
                     expected.contains(r#""network6":"fd12:3456:789a::/48""#),
                     network6.is_some()
@@ -320,7 +328,7 @@ mod tests {
         let h = head();
         let texts = parts(&h, &json, budget);
         assert!(texts.len() > 10, "{} parts", texts.len());
-        let overhead = welcome_text(&h, &[], true).len();
+        let overhead = welcome_text(&h, &[], true, false).len();
         for t in &texts {
             assert!(t.len() <= budget + overhead, "{} bytes", t.len());
         }
