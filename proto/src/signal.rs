@@ -49,6 +49,14 @@ pub enum PeerSignal {
         session: u64,
         ufrag: String,
         pwd: String,
+        /// Both sides gather no TURN relay candidates in this session: the
+        /// last one settled on TURN although a direct pair had passed its
+        /// checks, and another full session could pick the relay again (a
+        /// check from a relay that arrives before its candidate is signalled
+        /// reads as peer-reflexive and outranks a server-reflexive pair).
+        /// Absent from older nodes' offers: false.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        direct_only: bool,
     },
     Answer {
         session: u64,
@@ -131,5 +139,31 @@ mod tests {
         assert_eq!(nat.public_addr, Some("203.0.113.5:4000".parse().unwrap()));
         let evil = r#"{"udp":true,"mapping":"unknown","public_addr":"\u001b[2J1.2.3.4:5"}"#;
         assert!(serde_json::from_str::<NatSummary>(evil).is_err());
+    }
+
+    #[test]
+    fn an_offer_is_direct_only_only_when_it_says_so() {
+        // What older nodes send, and what a full session still looks like.
+        let plain =
+            r#"{"from":1,"to":2,"counter":3,"type":"offer","session":9,"ufrag":"u","pwd":"p"}"#;
+        let offer = serde_json::from_str::<SealedSignal>(plain).unwrap();
+        assert!(matches!(
+            offer.signal,
+            PeerSignal::Offer {
+                direct_only: false,
+                ..
+            }
+        ));
+        assert_eq!(serde_json::to_string(&offer).unwrap(), plain);
+
+        let direct = PeerSignal::Offer {
+            session: 9,
+            ufrag: "u".into(),
+            pwd: "p".into(),
+            direct_only: true,
+        };
+        let json = serde_json::to_string(&direct).unwrap();
+        assert!(json.contains(r#""direct_only":true"#), "{json}");
+        assert_eq!(serde_json::from_str::<PeerSignal>(&json).unwrap(), direct);
     }
 }

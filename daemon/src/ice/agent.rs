@@ -57,6 +57,8 @@ pub enum IceEvent {
         session: u64,
         pair: SelectedPair,
     },
+    /// Follows `Selected` when a direct pair had passed its checks by then.
+    DirectSeen { peer: NodeId, session: u64 },
     /// `dial`/`accept` returned: the connection packets can use.
     Ready {
         peer: NodeId,
@@ -202,9 +204,18 @@ pub fn choose_turn(turn: &[TurnUrl], silent: impl Fn(&str) -> bool) -> Vec<&Url>
     chosen
 }
 
+/// Our side of one session.
+#[derive(Debug, Clone, Copy)]
+pub struct Role {
+    pub controlling: bool,
+    /// Gather no TURN relay candidates (the offer said so).
+    pub direct_only: bool,
+}
+
 /// How every agent is set up: host candidates on the shared socket (IPv6
-/// too when it is dual-stack), filtered by [`gather_addr`].
-fn agent_config(settings: &IceSettings, controlling: bool) -> AgentConfig {
+/// too when it is dual-stack), filtered by [`gather_addr`]; a relay
+/// candidate per family unless the session is direct-only.
+fn agent_config(settings: &IceSettings, role: Role) -> AgentConfig {
     let tun_name = settings.tun_name.clone();
     let (mesh, mesh6) = (settings.mesh, settings.mesh6);
     let mut network_types = vec![NetworkType::Udp4];
@@ -213,24 +224,24 @@ fn agent_config(settings: &IceSettings, controlling: bool) -> AgentConfig {
     }
     let shim = settings.mux.turn_shim();
     let mut urls = settings.urls.clone();
-    urls.extend(
-        choose_turn(&settings.turn, |server| shim.silent(server))
-            .into_iter()
-            .cloned(),
-    );
+    let mut candidate_types = vec![CandidateType::Host, CandidateType::ServerReflexive];
+    if !role.direct_only {
+        urls.extend(
+            choose_turn(&settings.turn, |server| shim.silent(server))
+                .into_iter()
+                .cloned(),
+        );
+        candidate_types.push(CandidateType::Relay);
+    }
     AgentConfig {
         urls,
         network_types,
         udp_network: UDPNetwork::Muxed(settings.mux.clone()),
-        candidate_types: vec![
-            CandidateType::Host,
-            CandidateType::ServerReflexive,
-            CandidateType::Relay,
-        ],
+        candidate_types,
         multicast_dns_mode: MulticastDnsMode::Disabled,
         interface_filter: Arc::new(Some(Box::new(move |name: &str| name != tun_name))),
         ip_filter: Arc::new(Some(Box::new(move |ip| gather_addr(ip, mesh, mesh6)))),
-        is_controlling: controlling,
+        is_controlling: role.controlling,
         disconnected_timeout: Some(DISCONNECTED_TIMEOUT),
         failed_timeout: Some(FAILED_TIMEOUT),
         keepalive_interval: Some(KEEPALIVE_INTERVAL),
@@ -242,12 +253,12 @@ fn agent_config(settings: &IceSettings, controlling: bool) -> AgentConfig {
 impl IceSession {
     pub async fn new(
         settings: &IceSettings,
-        controlling: bool,
+        role: Role,
         peer: NodeId,
         session: u64,
         events: mpsc::UnboundedSender<IceEvent>,
     ) -> Result<Self, webrtc_ice::Error> {
-        let config = agent_config(settings, controlling);
+        let config = agent_config(settings, role);
         Self::with_config(settings, config, peer, session, events).await
     }
 
@@ -285,6 +296,8 @@ impl IceSession {
         let tx = events;
         let route = TurnRoute::new(peer, settings.mux.turn_shim());
         let selected = Arc::clone(&route);
+        // Weak: the agent owns this handler.
+        let stats = Arc::downgrade(&agent);
         agent.on_selected_candidate_pair_change(Box::new(move |local, remote| {
             selected.select(local.as_ref(), remote.as_ref());
             let pair = SelectedPair {
@@ -298,7 +311,20 @@ impl IceSession {
                 session,
                 pair,
             });
-            Box::pin(async {})
+            let (tx, stats) = (tx.clone(), stats.clone());
+            Box::pin(async move {
+                // Runs on the agent's own task for these events, which holds
+                // none of the locks the statistics take.
+                let Some(agent) = stats.upgrade() else {
+                    return;
+                };
+                let remote = agent.get_remote_candidates_stats().await;
+                let local = agent.get_local_candidates_stats().await;
+                let pairs = agent.get_candidate_pairs_stats().await;
+                if super::why::direct_pair_succeeded(&local, &remote, &pairs) {
+                    let _ = tx.send(IceEvent::DirectSeen { peer, session });
+                }
+            })
         }));
 
         let (ufrag, pwd) = agent.get_local_user_credentials().await;

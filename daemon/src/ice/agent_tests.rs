@@ -19,7 +19,7 @@ async fn session_refuses_hostile_candidates_and_takes_ordinary_ones() {
     };
     assert!(settings.mux.ipv6(), "the test host has IPv6");
     let (events, _rx) = mpsc::unbounded_channel();
-    let mut session = IceSession::new(&settings, true, 2, 1, events)
+    let mut session = IceSession::new(&settings, FULL, 2, 1, events)
         .await
         .expect("agent");
     let line =
@@ -83,11 +83,11 @@ async fn without_ipv6_agents_stay_ipv4_only() {
     let hosts: Vec<&str> = settings.urls.iter().map(|u| u.host.as_str()).collect();
     assert_eq!(hosts, ["203.0.113.1"]);
     assert_eq!(
-        agent_config(&settings, true).network_types,
+        agent_config(&settings, FULL).network_types,
         [NetworkType::Udp4]
     );
     let (events, _rx) = mpsc::unbounded_channel();
-    let mut session = IceSession::new(&settings, true, 2, 1, events)
+    let mut session = IceSession::new(&settings, FULL, 2, 1, events)
         .await
         .expect("agent");
     let v6 = "candidate:1 1 udp 2130706431 2001:db8:2::7 5000 typ host";
@@ -159,7 +159,11 @@ async fn pair_up(
                 mesh: "100.64.0.0/10".parse().unwrap(),
                 mesh6: "fd7a:115c:a1e0::/48".parse().ok(),
             };
-            let mut config = agent_config(&settings, controlling);
+            let role = Role {
+                controlling,
+                direct_only: false,
+            };
+            let mut config = agent_config(&settings, role);
             config.include_loopback = true;
             config.ip_filter = Arc::new(Some(Box::new(gather)));
             let (tx, rx) = mpsc::unbounded_channel();
@@ -249,4 +253,43 @@ fn each_session_takes_one_turn_server_per_family_passing_over_silent_ones() {
     );
     assert_eq!(hosts(choose_turn(&turn[..1], |_| false)), ["203.0.113.1"]);
     assert!(choose_turn(&[], |_| false).is_empty());
+}
+
+const FULL: Role = Role {
+    controlling: true,
+    direct_only: false,
+};
+
+/// A direct-only session (see `PathState::on_direct_seen`) neither allocates
+/// on a TURN server nor gathers relay candidates; a full one does both.
+#[tokio::test]
+async fn a_direct_only_session_gathers_no_relay() {
+    let settings = IceSettings {
+        urls: vec![Url::parse_url("stun:203.0.113.1:3478").unwrap()],
+        turn: vec![turn_url("203.0.113.1:3478")],
+        mux: Mux::bind().await.expect("UDP socket"),
+        tun_name: "ovl-test".into(),
+        mesh: "100.64.0.0/10".parse().unwrap(),
+        mesh6: None,
+    };
+    let schemes = |config: &AgentConfig| -> Vec<SchemeType> {
+        config.urls.iter().map(|u| u.scheme).collect()
+    };
+    let full = agent_config(&settings, FULL);
+    assert_eq!(schemes(&full), [SchemeType::Stun, SchemeType::Turn]);
+    assert!(full.candidate_types.contains(&CandidateType::Relay));
+
+    let direct = agent_config(
+        &settings,
+        Role {
+            controlling: false,
+            direct_only: true,
+        },
+    );
+    assert_eq!(schemes(&direct), [SchemeType::Stun]);
+    assert_eq!(
+        direct.candidate_types,
+        [CandidateType::Host, CandidateType::ServerReflexive]
+    );
+    assert!(!direct.is_controlling);
 }

@@ -81,6 +81,32 @@ impl Attempt {
     }
 }
 
+/// Whether a pair that no relay carries has passed its checks: neither
+/// candidate is a relay, and the remote one is not a peer-reflexive copy of a
+/// relay the peer signalled (a check from its relay that came first).
+pub fn direct_pair_succeeded(
+    local: &[CandidateStats],
+    remote: &[CandidateStats],
+    pairs: &[CandidatePairStats],
+) -> bool {
+    let relayed_at = |c: &CandidateStats| {
+        remote.iter().any(|r| {
+            r.candidate_type == CandidateType::Relay
+                && (r.ip.as_str(), r.port) == (c.ip.as_str(), c.port)
+        })
+    };
+    let direct = |id: &str, side: &[CandidateStats]| {
+        side.iter()
+            .find(|c| c.id == id)
+            .is_some_and(|c| c.candidate_type != CandidateType::Relay && !relayed_at(c))
+    };
+    pairs.iter().any(|p| {
+        p.state == CandidatePairState::Succeeded
+            && direct(&p.local_candidate_id, local)
+            && direct(&p.remote_candidate_id, remote)
+    })
+}
+
 fn type_name(t: CandidateType) -> &'static str {
     match t {
         CandidateType::Host => "host",
@@ -329,5 +355,47 @@ mod tests {
         let mut e = evidence(PathKind::Connecting, "connecting", None, None);
         e.online = false;
         assert_eq!(conclude(&e), "b is offline");
+    }
+
+    #[test]
+    fn a_direct_pair_counts_only_when_it_passed_and_no_relay_carries_it() {
+        use CandidatePairState::{InProgress, Succeeded};
+        let local = [
+            candidate("host", CandidateType::Host, "203.0.113.4", 5000),
+            candidate("relay", CandidateType::Relay, "203.0.113.1", 40000),
+        ];
+        // The peer's srflx, its relay, and a peer-reflexive copy of that relay
+        // (a check from it came before the signal).
+        let remote = [
+            candidate("srflx", CandidateType::ServerReflexive, "203.0.113.3", 6000),
+            candidate("relay", CandidateType::Relay, "203.0.113.1", 41000),
+            candidate("copy", CandidateType::PeerReflexive, "203.0.113.1", 41000),
+        ];
+        let pair = |l: &str, r: &str, state| CandidatePairStats {
+            local_candidate_id: l.into(),
+            remote_candidate_id: r.into(),
+            state,
+            ..CandidatePairStats::default()
+        };
+        let seen = |pairs: &[CandidatePairStats]| direct_pair_succeeded(&local, &remote, pairs);
+        assert!(seen(&[pair("host", "srflx", Succeeded)]));
+        assert!(
+            !seen(&[pair("host", "srflx", InProgress)]),
+            "not yet passed"
+        );
+        assert!(!seen(&[pair("relay", "srflx", Succeeded)]), "our relay");
+        assert!(!seen(&[pair("host", "relay", Succeeded)]), "their relay");
+        assert!(
+            !seen(&[pair("host", "copy", Succeeded)]),
+            "their relay by another name"
+        );
+        assert!(
+            !seen(&[pair("host", "gone", Succeeded)]),
+            "an unknown candidate"
+        );
+        assert!(seen(&[
+            pair("host", "copy", Succeeded),
+            pair("host", "srflx", Succeeded)
+        ]));
     }
 }

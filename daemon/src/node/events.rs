@@ -41,6 +41,8 @@ pub enum Output {
         peer: NodeId,
         session: u64,
         controlling: bool,
+        /// Gather no TURN relay candidates (see `PathState::on_direct_seen`).
+        direct_only: bool,
     },
     /// Start connectivity checks against the remote credentials.
     ConnectIce {
@@ -148,6 +150,9 @@ pub enum IceInput {
     /// A local candidate to signal.
     Candidate(String),
     Selected(SelectedPair),
+    /// When the pair was selected, a direct pair (neither side a relay) had
+    /// passed its checks too.
+    DirectSeen,
     /// `dial`/`accept` returned a connection.
     Ready,
     Connected,

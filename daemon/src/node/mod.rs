@@ -74,6 +74,8 @@ struct Session {
     ready: bool,
     /// The peer's signalled candidates that the agent took: address and type.
     signalled: Vec<(String, CandidateKind)>,
+    /// Neither side gathers TURN relay candidates ([`PathState::on_direct_seen`]).
+    direct_only: bool,
 }
 
 /// Everything the node keeps about one peer.
@@ -323,7 +325,14 @@ impl Node {
             return;
         };
         match entry.path.poll(now, jitter) {
-            Some(path::Action::StartSession) => self.start_session(id),
+            Some(path::Action::StartSession) => self.start_session(id, false),
+            Some(path::Action::StartDirectSession) => {
+                tracing::debug!(
+                    peer = id,
+                    "ICE chose TURN though a direct pair worked: trying again without relays"
+                );
+                self.start_session(id, true)
+            }
             Some(path::Action::RequestRestart) => self.send_signal(
                 id,
                 PeerSignal::RestartRequest {
@@ -408,15 +417,16 @@ impl Node {
     /// Opens a new ICE session with `id` (we are controlling): the offer goes
     /// out once the agent exists. Any previous session ends; packets use the
     /// relay meanwhile.
-    fn start_session(&mut self, id: NodeId) {
+    fn start_session(&mut self, id: NodeId, direct_only: bool) {
         self.end_session(id);
         let session = self.rng.next_u64();
         if let Some(entry) = self.peers.get_mut(&id) {
-            entry.session = Some(Session::new(session, None));
+            entry.session = Some(Session::new(session, None, direct_only));
             self.outputs.push_back(Output::StartIce {
                 peer: id,
                 session,
                 controlling: true,
+                direct_only,
             });
         }
     }
@@ -454,7 +464,7 @@ impl Node {
 }
 
 impl Session {
-    fn new(id: u64, offer: Option<(String, String)>) -> Self {
+    fn new(id: u64, offer: Option<(String, String)>, direct_only: bool) -> Self {
         Session {
             id,
             created: false,
@@ -462,6 +472,7 @@ impl Session {
             connecting: false,
             ready: false,
             signalled: Vec::new(),
+            direct_only,
         }
     }
 }

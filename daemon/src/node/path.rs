@@ -117,6 +117,9 @@ impl SelectedPair {
 pub enum Action {
     /// Controlling side: open a new ICE session (an offer).
     StartSession,
+    /// Controlling side: open a session in which neither side gathers TURN
+    /// relay candidates (see [`PathState::on_direct_seen`]).
+    StartDirectSession,
     /// Controlled side: ask the controlling peer for a new session.
     RequestRestart,
 }
@@ -132,6 +135,10 @@ pub struct PathState {
     last_start: Option<Instant>,
     upgrade: Backoff,
     next_upgrade: Option<Instant>,
+    /// The current session had a direct pair pass its checks.
+    direct_seen: bool,
+    /// A direct-only session was tried since the path was last direct.
+    direct_retry_spent: bool,
 }
 
 impl PathState {
@@ -146,6 +153,8 @@ impl PathState {
             last_start: None,
             upgrade: Backoff::new(UPGRADE_BASE, UPGRADE_CAP),
             next_upgrade: None,
+            direct_seen: false,
+            direct_retry_spent: false,
         }
     }
 
@@ -212,6 +221,17 @@ impl PathState {
         self.status = IceStatus::Checking { since: now };
         self.selected = None;
         self.last_start = Some(now);
+        self.direct_seen = false;
+    }
+
+    /// When ICE selected its pair, a direct pair of the same session had
+    /// already passed its checks. ICE keeps the pair it nominated, so if that
+    /// is a TURN pair the controlling side at once opens a session without
+    /// relay candidates, once until the path is next direct: the slow
+    /// upgrade schedule is for NATs that may change, not for a race lost
+    /// moments ago.
+    pub fn on_direct_seen(&mut self) {
+        self.direct_seen = true;
     }
 
     pub fn on_selected(&mut self, pair: SelectedPair) {
@@ -308,10 +328,18 @@ impl PathState {
                 .is_some_and(|p| p.kind() == PathKind::Turn);
         if !on_turn {
             if self.selected().is_some() {
-                self.upgrade.reset(); // direct: nothing to upgrade
+                // Direct: nothing to upgrade.
+                self.upgrade.reset();
+                self.direct_retry_spent = false;
             }
             self.next_upgrade = None;
             return None;
+        }
+        if self.controlling && self.direct_seen && !self.direct_retry_spent {
+            self.direct_retry_spent = true;
+            self.next_upgrade = None;
+            self.session_started(now);
+            return Some(Action::StartDirectSession);
         }
         let due = *self
             .next_upgrade
@@ -460,6 +488,63 @@ mod tests {
         p.on_selected(pair(CandidateKind::Host, CandidateKind::Srflx));
         p.on_connected();
         assert_eq!(p.poll(t1 + UPGRADE_CAP * 10, 1.0), None, "direct stays put");
+    }
+
+    #[test]
+    fn turn_chosen_after_a_direct_pair_passed_retries_direct_only_at_once_and_once() {
+        let t0 = Instant::now();
+        let mut p = PathState::new(true, true, t0);
+        p.poll(t0, 1.0);
+        p.on_selected(pair(CandidateKind::Host, CandidateKind::Relay));
+        p.on_direct_seen();
+        p.on_connected();
+        assert_eq!(p.poll(t0, 1.0), Some(Action::StartDirectSession));
+        assert!(
+            p.selected().is_none(),
+            "checking: the relay carries packets"
+        );
+
+        // The direct-only session times out (the direct pair was a fluke):
+        // the next attempt is a full one, and TURN is not retried direct-only
+        // again however often a direct pair is seen.
+        let t1 = t0 + CHECK_TIMEOUT;
+        assert_eq!(p.poll(t1, 1.0), None, "failed; retry after the backoff");
+        let t2 = t1 + RETRY_BASE;
+        assert_eq!(p.poll(t2, 1.0), Some(Action::StartSession));
+        p.on_selected(pair(CandidateKind::Host, CandidateKind::Relay));
+        p.on_direct_seen();
+        p.on_connected();
+        assert_eq!(p.poll(t2, 1.0), None, "the slow upgrade schedule again");
+        assert_eq!(p.poll(t2 + UPGRADE_BASE, 1.0), Some(Action::StartSession));
+
+        // Once direct, a later race may be retried direct-only again.
+        p.on_selected(pair(CandidateKind::Host, CandidateKind::Srflx));
+        p.on_connected();
+        assert_eq!(p.poll(t2 + UPGRADE_BASE, 1.0), None);
+        let t3 = t2 + UPGRADE_CAP;
+        p.session_started(t3);
+        p.on_selected(pair(CandidateKind::Relay, CandidateKind::Host));
+        p.on_direct_seen();
+        p.on_connected();
+        assert_eq!(p.poll(t3, 1.0), Some(Action::StartDirectSession));
+    }
+
+    #[test]
+    fn only_the_controlling_side_and_only_a_turn_pair_retry_direct_only() {
+        let t0 = Instant::now();
+        let mut controlled = PathState::new(false, true, t0);
+        controlled.session_started(t0);
+        controlled.on_selected(pair(CandidateKind::Relay, CandidateKind::Host));
+        controlled.on_direct_seen();
+        controlled.on_connected();
+        assert_eq!(controlled.poll(t0, 1.0), None);
+
+        let mut direct = PathState::new(true, true, t0);
+        direct.poll(t0, 1.0);
+        direct.on_selected(pair(CandidateKind::Host, CandidateKind::Srflx));
+        direct.on_direct_seen();
+        direct.on_connected();
+        assert_eq!(direct.poll(t0, 1.0), None);
     }
 
     #[test]

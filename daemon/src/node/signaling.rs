@@ -365,6 +365,7 @@ mod tests {
             session: 1,
             ufrag: ufrag.into(),
             pwd: pwd.into(),
+            direct_only: false,
         };
         let good_pwd = "abcdefghijklmnopqrstuv";
         assert!(well_formed(&offer("abcd", good_pwd)));

@@ -63,15 +63,17 @@ impl Node {
                 session,
                 ufrag,
                 pwd,
+                direct_only,
             } if !controlling => {
                 self.end_session(from);
                 if let Some(entry) = self.peers.get_mut(&from) {
-                    entry.session = Some(Session::new(session, Some((ufrag, pwd))));
+                    entry.session = Some(Session::new(session, Some((ufrag, pwd)), direct_only));
                 }
                 self.outputs.push_back(Output::StartIce {
                     peer: from,
                     session,
                     controlling: false,
+                    direct_only,
                 });
             }
             PeerSignal::Answer {
@@ -104,7 +106,7 @@ impl Node {
                     .is_some_and(|e| !e.activity.is_idle() && e.path.on_restart_request(now));
                 if start {
                     tracing::debug!(peer = from, "peer asked for a new ICE session: {reason:?}");
-                    self.start_session(from);
+                    self.start_session(from, false);
                     self.sync_path(from);
                 }
             }
@@ -161,6 +163,7 @@ impl Node {
         };
         s.created = true;
         let offer = s.offer.take();
+        let direct_only = s.direct_only;
         if controlling {
             self.send_signal(
                 peer,
@@ -168,6 +171,7 @@ impl Node {
                     session,
                     ufrag,
                     pwd,
+                    direct_only,
                 },
                 now,
             );
@@ -247,6 +251,12 @@ impl Node {
                     for (addr, kind) in &s.signalled {
                         entry.path.learn_remote(addr, *kind);
                     }
+                }
+                false
+            }
+            IceInput::DirectSeen => {
+                if let Some(entry) = self.peers.get_mut(&peer) {
+                    entry.path.on_direct_seen();
                 }
                 false
             }

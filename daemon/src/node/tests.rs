@@ -64,6 +64,7 @@ fn both_sides_offering_at_once_leaves_only_the_controlling_offer() {
             session: 77,
             ufrag: "bbbb".into(),
             pwd: PWD.into(),
+            direct_only: false,
         },
     );
     m.a.handle_signal(B, offer, m.now);
@@ -253,6 +254,7 @@ fn an_offer_flood_is_cut_off_by_the_session_limiter() {
                 session: 1000 + n,
                 ufrag: ufrag(n),
                 pwd: PWD.into(),
+                direct_only: false,
             },
         );
         m.b.handle_signal(A, offer, m.now);

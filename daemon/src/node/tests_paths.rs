@@ -387,3 +387,43 @@ fn a_restart_request_during_a_netmap_in_parts_is_served_and_the_netmap_keeps_it(
     );
     assert_eq!(m.a.session(B), Some(new));
 }
+
+/// ICE nominated a TURN pair although a direct pair had passed its checks
+/// (a check from the peer's relay, read as peer-reflexive, outranked it):
+/// at the next poll the controlling side opens a session in which neither
+/// side gathers relays, and that one goes direct.
+#[test]
+fn turn_chosen_over_a_working_direct_pair_is_retried_without_relays_at_once() {
+    let mut m = Mesh::new();
+    m.advance(Duration::ZERO);
+    let first = m.a.session(B).unwrap();
+    for (node, peer) in [(&mut m.a, B), (&mut m.b, A)] {
+        node.handle_ice(peer, first, IceInput::Selected(turn_pair()), m.now);
+        node.handle_ice(peer, first, IceInput::DirectSeen, m.now);
+        node.handle_ice(peer, first, IceInput::Ready, m.now);
+    }
+    m.run();
+    assert_eq!(m.route_a().view.kind, PathKind::Turn);
+
+    m.advance(POLL_INTERVAL);
+    let second = m.a.session(B).expect("a new session");
+    assert_ne!(first, second);
+    let direct_only = |log: &[Output], controlling: bool| {
+        log.contains(&Output::StartIce {
+            peer: if controlling { B } else { A },
+            session: second,
+            controlling,
+            direct_only: true,
+        })
+    };
+    assert!(direct_only(&m.log_a, true), "{:?}", m.log_a);
+    assert!(
+        direct_only(&m.log_b, false),
+        "the offer said so: {:?}",
+        m.log_b
+    );
+    assert_eq!(m.route_a().view.kind, PathKind::CoordRelay);
+    m.connect_with(host_pair());
+    assert_eq!(m.route_a().view.kind, PathKind::Direct);
+    assert_eq!(starts(&m.log_a).len(), 2, "no further session");
+}

@@ -33,7 +33,7 @@ use crate::dataplane::peer::{IceConn, IceLink, Peer};
 use crate::dataplane::{DataPlane, Mesh6, Origin, Outbound, RxScratch, BUF_SIZE};
 use crate::ice::mux::Mux;
 use crate::ice::why::Attempt;
-use crate::ice::{IceEvent, IceSession, IceSettings};
+use crate::ice::{IceEvent, IceSession, IceSettings, Role};
 use crate::node::{Dropped, IceInput, Node, Output, Route};
 use diagnose::Netchecked;
 
@@ -236,6 +236,7 @@ impl Shell {
                 session,
                 pair,
             } => (peer, session, IceInput::Selected(pair)),
+            IceEvent::DirectSeen { peer, session } => (peer, session, IceInput::DirectSeen),
             IceEvent::Ready {
                 peer,
                 session,
@@ -351,7 +352,11 @@ impl Shell {
                     peer,
                     session,
                     controlling,
-                } => self.start_ice(peer, session, controlling).await,
+                    direct_only,
+                } => {
+                    self.start_ice(peer, session, controlling, direct_only)
+                        .await
+                }
                 Output::ConnectIce {
                     peer,
                     session,
@@ -420,14 +425,24 @@ impl Shell {
         }
     }
 
-    async fn start_ice(&mut self, peer: NodeId, session: u64, controlling: bool) {
+    async fn start_ice(
+        &mut self,
+        peer: NodeId,
+        session: u64,
+        controlling: bool,
+        direct_only: bool,
+    ) {
         let events = self.ice_tx.clone();
         let now = Instant::now();
         self.dataplane
             .counters
             .ice_attempts
             .fetch_add(1, Ordering::Relaxed);
-        match IceSession::new(&self.ice, controlling, peer, session, events).await {
+        let role = Role {
+            controlling,
+            direct_only,
+        };
+        match IceSession::new(&self.ice, role, peer, session, events).await {
             Ok(s) => {
                 let (ufrag, pwd) = (s.ufrag.clone(), s.pwd.clone());
                 if let Some(old) = self.sessions.insert(peer, s) {

@@ -159,6 +159,7 @@ async fn offer_flood(
                         session: rand::random(),
                         ufrag: token(8),
                         pwd: token(24),
+                        direct_only: false,
                     },
                 };
                 let msg = ClientMsg::Signal { to: peer.id, from: None, payload: sealer.seal(&offer) };
