@@ -44,9 +44,14 @@ fn attack(
 ) -> anyhow::Result<HashMap<String, String>> {
     let mut cmd = lab.command(host, bin(tool)?);
     cmd.args(args);
+    let started = unix_millis();
     let out = process::checked(&mut cmd).with_context(|| format!("{tool} {}", args.join(" ")))?;
     let report = report(&out);
-    eprintln!("{tool} {}: {report:?}", args.join(" "));
+    eprintln!(
+        "{tool} {} (from {started} to {} ms): {report:?}",
+        args.join(" "),
+        unix_millis()
+    );
     Ok(report)
 }
 
@@ -55,6 +60,13 @@ fn report(text: &str) -> HashMap<String, String> {
         .filter_map(|w| w.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// The wall clock in milliseconds, to line the attacks up with slow probes.
+fn unix_millis() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 /// Enrols a node `m` on `host` with a key smaller than `than`, then stops it, so
@@ -205,8 +217,12 @@ fn a_hostile_client_costs_a_direct_pair_nothing_and_healthz_stays_fast() {
         // The witnesses' verdicts.
         std::fs::write(&stop_file, b"")?;
         prober.wait_exit(Duration::from_secs(15))?;
-        let probes = report(&prober.log());
+        let probe_log = prober.log();
+        let probes = report(&probe_log);
         eprintln!("healthz while under attack: {probes:?}");
+        for slow in probe_log.lines().filter(|l| l.starts_with("slow healthz")) {
+            eprintln!("{slow}");
+        }
         let worst = number(&probes, "worst_ms")?;
         ensure!(
             number(&probes, "failures")? == 0.0 && worst < HEALTHZ_BOUND_MS,
