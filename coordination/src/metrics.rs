@@ -116,6 +116,8 @@ impl RelayDrop {
 pub struct Metrics {
     pub registrations: AtomicU64,
     pub sessions_opened: AtomicU64,
+    /// Sessions whose node held the current netmap, so it was not sent again.
+    pub netmap_resumed: AtomicU64,
     pub signaling_messages: AtomicU64,
     /// Signals refused (unknown/offline target) or dropped (target queue full).
     pub signaling_refused: AtomicU64,
@@ -263,6 +265,12 @@ impl Metrics {
             "counter",
             "Control sessions opened.",
             load(&self.sessions_opened),
+        );
+        metric(
+            "overlay_coord_netmap_resumed_total",
+            "counter",
+            "Sessions whose node already held the current netmap (a Welcome without peers).",
+            load(&self.netmap_resumed),
         );
         metric(
             "overlay_coord_signaling_messages_total",

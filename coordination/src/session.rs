@@ -245,6 +245,10 @@ impl Session {
         let resumed = holds.is_some_and(|d| self.ctx.hub.netmap_digest(self.node) == Some(d));
         if resumed {
             debug!(node = self.node, "netmap resumed");
+            self.ctx
+                .metrics
+                .netmap_resumed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if self
                 .send(Message::Text(welcome::resumed_text(&head)))
                 .await

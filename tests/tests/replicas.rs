@@ -442,13 +442,18 @@ fn a_killed_replicas_nodes_move_to_the_others_and_keep_their_paths() {
         ping_lossless(lab, &c, &d)?;
         // Both moved within the grace holding a current netmap: the replicas
         // they reached told them to keep it instead of sending it again.
-        let resumed: usize = dep.replicas[1..]
-            .iter()
-            .map(|r| r.proc.log().matches("netmap resumed").count())
-            .sum();
+        let mut resumed = 0;
+        for replica in &dep.replicas[1..] {
+            let metrics = http_get(lab, replica, "/metrics")?;
+            resumed += metrics
+                .lines()
+                .find_map(|l| l.strip_prefix("overlay_coord_netmap_resumed_total "))
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .context("no overlay_coord_netmap_resumed_total in /metrics")?;
+        }
         ensure!(
             resumed >= 2,
-            "{resumed} of the 2 moved nodes resumed their netmap (coordinator debug log)"
+            "{resumed} of the 2 moved nodes resumed their netmap (overlay_coord_netmap_resumed_total)"
         );
 
         // Enrolled afterwards on r3: every node sees it.
