@@ -140,11 +140,14 @@ pub fn status(status: &Status) -> String {
         } else {
             format!("; other names go to {}", clean(&dns.upstreams.join(", ")))
         };
+        let on = match dns.resolver6 {
+            Some(v6) => format!("{} and {v6}", dns.resolver),
+            None => dns.resolver.to_string(),
+        };
         out.push_str(&format!(
-            "{:<13}{} on {} ({} names; mode {}: {}{upstreams})\n",
+            "{:<13}{} on {on} ({} names; mode {}: {}{upstreams})\n",
             "dns:",
             clean(&dns.domain),
-            dns.resolver,
             dns.names,
             clean(&dns.mode),
             clean(&dns.host),
@@ -514,6 +517,7 @@ old   100.64.0.9  -                       direct (host)  10.77.0.3:41641  12s ag
         sample.dns = Some(overlay_proto::api::DnsStatus {
             domain: "overlay.internal".into(),
             resolver: Ipv4Addr::new(100, 100, 100, 100),
+            resolver6: None,
             mode: "resolv-conf".into(),
             host: "/etc/resolv.conf managed".into(),
             upstreams: vec!["10.0.0.53".into()],
@@ -529,6 +533,14 @@ old   100.64.0.9  -                       direct (host)  10.77.0.3:41641  12s ag
                 "dns:         overlay.internal on 100.100.100.100 (4 names; mode resolv-conf: \
                  /etc/resolv.conf managed; other names go to 10.0.0.53)\n"
             ),
+            "{text}"
+        );
+        if let Some(dns) = sample.dns.as_mut() {
+            dns.resolver6 = "fd7a:115c:a1e0::6464:6464".parse().ok();
+        }
+        let text = status(&sample);
+        assert!(
+            text.contains("overlay.internal on 100.100.100.100 and fd7a:115c:a1e0::6464:6464 ("),
             "{text}"
         );
     }

@@ -211,6 +211,7 @@ impl LocalApi {
         Some(DnsStatus {
             domain: zone.domain.clone(),
             resolver: zone.resolver,
+            resolver6: zone.resolver6,
             mode: self.host_dns.mode().as_str().to_owned(),
             host: self.host_dns.describe(),
             upstreams: resolver

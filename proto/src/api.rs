@@ -109,6 +109,9 @@ pub struct DnsStatus {
     pub domain: String,
     /// The mesh address the resolver answers on (UDP and TCP 53).
     pub resolver: Ipv4Addr,
+    /// Its IPv6 address in the mesh prefix, when the mesh has IPv6.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolver6: Option<std::net::Ipv6Addr>,
     /// `auto`, `resolv-conf` or `off` (`overlayd --dns`).
     pub mode: String,
     /// What was done to the host's DNS, or how to set it up.

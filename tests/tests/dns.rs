@@ -15,7 +15,7 @@
 //! answering. The original resolv.conf comes back byte for byte on
 //! `overlayctl down`, on SIGTERM, and on the next start after a SIGKILL.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context};
@@ -38,7 +38,13 @@ fn original(upstream: Ipv4Addr) -> String {
 }
 
 /// `dig` from `host` with short timeouts; its stdout.
-fn dig(lab: &Lab, host: &Host, resolver: Ipv4Addr, args: &[&str]) -> anyhow::Result<String> {
+fn dig(
+    lab: &Lab,
+    host: &Host,
+    resolver: impl Into<IpAddr>,
+    args: &[&str],
+) -> anyhow::Result<String> {
+    let resolver = resolver.into();
     let server = format!("@{resolver}");
     let mut all = vec![server.as_str(), "+time=1", "+tries=1"];
     all.extend_from_slice(args);
@@ -47,7 +53,12 @@ fn dig(lab: &Lab, host: &Host, resolver: Ipv4Addr, args: &[&str]) -> anyhow::Res
 }
 
 /// `dig +short NAME` (or other args): the first answer line, trimmed.
-fn short(lab: &Lab, host: &Host, resolver: Ipv4Addr, args: &[&str]) -> anyhow::Result<String> {
+fn short(
+    lab: &Lab,
+    host: &Host,
+    resolver: impl Into<IpAddr>,
+    args: &[&str],
+) -> anyhow::Result<String> {
     let mut all = vec!["+short"];
     all.extend_from_slice(args);
     Ok(dig(lab, host, resolver, &all)?
@@ -203,6 +214,23 @@ fn peers_resolve_by_name_and_the_hosts_resolv_conf_comes_back_intact() {
         ensure!(
             ptr6 == format!("{}.", fqdn("b")),
             "PTR of b's IPv6: {ptr6:?}"
+        );
+        // The resolver answers at its IPv6 address too, over UDP and TCP.
+        let resolver6 = status.resolver6.context("no IPv6 resolver address")?;
+        let aaaa = short(lab, &a_host, resolver6, &["AAAA", &fqdn("b")])?;
+        ensure!(
+            aaaa == b_ip6.to_string(),
+            "AAAA of b from {resolver6}: {aaaa:?}"
+        );
+        let tcp6 = short(lab, &a_host, resolver6, &["+tcp", &fqdn("c")])?;
+        ensure!(
+            tcp6 == c_ip.to_string(),
+            "TCP query for c to {resolver6}: {tcp6:?}"
+        );
+        let closed = dig(lab, &a_host, resolver6, &["-p", "54", &fqdn("b")])?;
+        ensure!(
+            !closed.contains("ANSWER SECTION"),
+            "port 54 of {resolver6} answered: {closed}"
         );
         let by_search = lab.exec(&a_host, "getent", &["ahostsv4", "c"])?;
         ensure!(

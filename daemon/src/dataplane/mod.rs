@@ -344,11 +344,9 @@ impl DataPlane {
                     let Some(dst) = route_dst(packet) else {
                         continue;
                     };
-                    if let IpAddr::V4(v4) = dst {
-                        if self.is_resolver(v4) {
-                            self.to_resolver(packet).await;
-                            continue;
-                        }
+                    if self.for_resolver(dst) {
+                        self.to_resolver(packet).await;
+                        continue;
                     }
                     let peer = match last.take() {
                         Some(p) if p.owns(dst) => Some(p),

@@ -1,9 +1,10 @@
-//! The mesh resolver's address, served from the TUN: packets to it never go
-//! to a peer; UDP and TCP port 53 are answered from the zone (`crate::dns`),
-//! names outside the mesh forwarded to the host's upstream servers when the
-//! host's resolv.conf points here, anything else refused with an ICMP error.
+//! The mesh resolver's addresses (IPv4, and its IPv6 twin in the mesh
+//! prefix), served from the TUN: packets to them never go to a peer; UDP
+//! and TCP port 53 are answered from the zone (`crate::dns`), names outside
+//! the mesh forwarded to the host's upstream servers when the host's
+//! resolv.conf points here, anything else refused with an ICMP error.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
@@ -12,10 +13,10 @@ use crate::dns::answer::Transport;
 use crate::dns::tcp::{Out, Segment, TcpDns};
 use crate::dns::{respond, Reply, Zone};
 
-use super::checksum::{fold, internet, sum16, tcp_v4};
-use super::icmp;
+use super::checksum::{fold, internet, sum16, tcp_v4, tcp_v6, v6_pseudo, IPV6_HEADER};
 use super::peer::lock;
 use super::DataPlane;
+use super::{icmp, icmp6};
 
 const PROTO_TCP: u8 = 6;
 const PROTO_UDP: u8 = 17;
@@ -29,6 +30,10 @@ const FORWARD_WAIT: Duration = Duration::from_millis(1500);
 pub struct Resolver {
     /// The resolver's address as a `u32`; 0 while the mesh has no DNS.
     addr: AtomicU32,
+    /// Its IPv6 address, high and low halves; 0 while there is none. A
+    /// reader racing a change may pair halves of two addresses for one
+    /// packet: neither is a peer's, so nothing goes astray.
+    addr6: [AtomicU64; 2],
     zone: RwLock<Option<Arc<Zone>>>,
     tcp: Mutex<TcpDns>,
     /// The host's servers for names outside the mesh (resolv.conf mode).
@@ -79,8 +84,14 @@ impl DataPlane {
         }
         let r = &self.resolver;
         let addr = zone.as_ref().map_or(0, |z| u32::from(z.resolver));
+        let addr6 = zone
+            .as_ref()
+            .and_then(|z| z.resolver6)
+            .map_or(0, u128::from);
         *r.zone.write().unwrap_or_else(|e| e.into_inner()) = zone.map(Arc::new);
         r.addr.store(addr, Ordering::Relaxed);
+        r.addr6[0].store((addr6 >> 64) as u64, Ordering::Relaxed);
+        r.addr6[1].store(addr6 as u64, Ordering::Relaxed);
     }
 
     /// Where names outside the mesh are forwarded (empty: refused).
@@ -99,7 +110,27 @@ impl DataPlane {
         addr != 0 && addr == u32::from(dst)
     }
 
-    /// A packet from the TUN to the resolver's address.
+    /// Whether a packet to `dst` is for the resolver's IPv6 address.
+    #[inline]
+    pub(super) fn is_resolver6(&self, dst: Ipv6Addr) -> bool {
+        let bits = u128::from(dst);
+        let r = &self.resolver.addr6;
+        bits != 0
+            && (bits >> 64) as u64 == r[0].load(Ordering::Relaxed)
+            && bits as u64 == r[1].load(Ordering::Relaxed)
+    }
+
+    /// Whether a packet to `dst` is for the resolver, either family.
+    #[inline]
+    pub(super) fn for_resolver(&self, dst: IpAddr) -> bool {
+        match dst {
+            IpAddr::V4(v4) => self.is_resolver(v4),
+            IpAddr::V6(v6) => self.is_resolver6(v6),
+        }
+    }
+
+    /// A packet from the TUN to one of the resolver's addresses; answers
+    /// come from the address it was sent to.
     pub(super) async fn to_resolver(self: &Arc<Self>, packet: &[u8]) {
         let Some(zone) = self.resolver.zone() else {
             return;
@@ -112,7 +143,11 @@ impl DataPlane {
             (PROTO_UDP, Some(53)) => self.udp_query(&zone, &ip).await,
             (PROTO_TCP, Some(53)) => self.tcp_segment(&zone, &ip).await,
             _ => {
-                if let Some(reply) = icmp::host_unreachable(zone.resolver, packet) {
+                let reply = match ip.dst {
+                    IpAddr::V4(to) => icmp::host_unreachable(to, packet),
+                    IpAddr::V6(to) => icmp6::host_unreachable(to, packet),
+                };
+                if let Some(reply) = reply {
                     self.write_tun(&reply).await;
                 }
             }
@@ -128,8 +163,9 @@ impl DataPlane {
         match respond(zone, payload, Transport::Udp) {
             Reply::Answer(answer) => {
                 self.count_answer(&answer);
-                let packet = udp_packet(zone.resolver, client, &answer);
-                self.write_tun(&packet).await;
+                if let Some(packet) = udp_packet(ip.dst, client, &answer) {
+                    self.write_tun(&packet).await;
+                }
             }
             Reply::Forward => {
                 let upstreams = self.resolver.upstreams();
@@ -147,10 +183,14 @@ impl DataPlane {
                     .fetch_add(1, Ordering::Relaxed);
                 let me = self.clone();
                 let query = payload.to_vec();
-                let from = zone.resolver;
+                let from = ip.dst;
                 tokio::spawn(async move {
                     match forward_once(&upstreams, &query).await {
-                        Some(answer) => me.write_tun(&udp_packet(from, client, &answer)).await,
+                        Some(answer) => {
+                            if let Some(packet) = udp_packet(from, client, &answer) {
+                                me.write_tun(&packet).await;
+                            }
+                        }
                         None => {
                             me.resolver
                                 .counters
@@ -195,8 +235,9 @@ impl DataPlane {
             self.count_answer(answer);
         }
         for o in out {
-            let packet = tcp_packet(zone.resolver, seg.client, &o);
-            self.write_tun(&packet).await;
+            if let Some(packet) = tcp_packet(ip.dst, seg.client, &o) {
+                self.write_tun(&packet).await;
+            }
         }
     }
 
@@ -247,16 +288,46 @@ async fn forward_once(upstreams: &[SocketAddr], query: &[u8]) -> Option<Vec<u8>>
     None
 }
 
-/// The IPv4 fields the resolver needs.
+/// The IP fields the resolver needs, of either family.
 struct Ip<'a> {
-    src: Ipv4Addr,
+    src: IpAddr,
+    dst: IpAddr,
     proto: u8,
     l4: &'a [u8],
 }
 
 impl<'a> Ip<'a> {
     fn parse(packet: &'a [u8]) -> Option<Ip<'a>> {
-        if packet.len() < 20 || packet[0] >> 4 != 4 {
+        match packet.first()? >> 4 {
+            4 => Self::parse_v4(packet),
+            6 => Self::parse_v6(packet),
+            _ => None,
+        }
+    }
+
+    /// An IPv6 packet whose fixed header is followed by the transport
+    /// header itself: a stub resolver's query carries no extension headers
+    /// (and a fragment header means a fragment, which is no query).
+    fn parse_v6(packet: &'a [u8]) -> Option<Ip<'a>> {
+        if packet.len() < IPV6_HEADER {
+            return None;
+        }
+        let payload = usize::from(u16::from_be_bytes([packet[4], packet[5]]));
+        let end = (IPV6_HEADER + payload).min(packet.len());
+        let addr = |at: usize| -> Option<Ipv6Addr> {
+            let octets: [u8; 16] = packet.get(at..at + 16)?.try_into().ok()?;
+            Some(Ipv6Addr::from(octets))
+        };
+        Some(Ip {
+            src: addr(8)?.into(),
+            dst: addr(24)?.into(),
+            proto: packet[6],
+            l4: &packet[IPV6_HEADER..end],
+        })
+    }
+
+    fn parse_v4(packet: &'a [u8]) -> Option<Ip<'a>> {
+        if packet.len() < 20 {
             return None;
         }
         let ihl = usize::from(packet[0] & 0x0f) * 4;
@@ -267,7 +338,8 @@ impl<'a> Ip<'a> {
             return None;
         }
         Some(Ip {
-            src: Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]),
+            src: Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]).into(),
+            dst: Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]).into(),
             proto: packet[9],
             l4: &packet[ihl..end],
         })
@@ -324,42 +396,62 @@ fn mss_option(mut options: &[u8]) -> Option<u16> {
     None
 }
 
-/// An IPv4 header from `src` to `dst` for `l4_len` bytes of `proto`.
-fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: usize) -> Vec<u8> {
-    let total = 20 + l4_len;
-    let mut p = Vec::with_capacity(total);
-    p.extend_from_slice(&[0x45, 0]);
-    p.extend_from_slice(&(total as u16).to_be_bytes());
-    p.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
-    p.extend_from_slice(&src.octets());
-    p.extend_from_slice(&dst.octets());
-    let sum = internet(&p[..20]);
-    p[10..12].copy_from_slice(&sum.to_be_bytes());
-    p
+/// An IP header from `src` to `dst` for `l4_len` bytes of `proto`, of
+/// their family (`None` if they differ).
+fn ip_header(src: IpAddr, dst: IpAddr, proto: u8, l4_len: usize) -> Option<Vec<u8>> {
+    match (src, dst) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            let total = 20 + l4_len;
+            let mut p = Vec::with_capacity(total);
+            p.extend_from_slice(&[0x45, 0]);
+            p.extend_from_slice(&(total as u16).to_be_bytes());
+            p.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
+            p.extend_from_slice(&src.octets());
+            p.extend_from_slice(&dst.octets());
+            let sum = internet(&p[..20]);
+            p[10..12].copy_from_slice(&sum.to_be_bytes());
+            Some(p)
+        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => {
+            let mut p = Vec::with_capacity(IPV6_HEADER + l4_len);
+            p.extend_from_slice(&[0x60, 0, 0, 0]);
+            p.extend_from_slice(&(l4_len as u16).to_be_bytes());
+            p.extend_from_slice(&[proto, 64]);
+            p.extend_from_slice(&src.octets());
+            p.extend_from_slice(&dst.octets());
+            Some(p)
+        }
+        _ => None,
+    }
 }
 
 /// A UDP answer from the resolver's port 53 to the client.
-fn udp_packet(from: Ipv4Addr, client: (Ipv4Addr, u16), payload: &[u8]) -> Vec<u8> {
+fn udp_packet(from: IpAddr, client: (IpAddr, u16), payload: &[u8]) -> Option<Vec<u8>> {
     let len = 8 + payload.len();
-    let mut p = ipv4_header(from, client.0, PROTO_UDP, len);
+    let mut p = ip_header(from, client.0, PROTO_UDP, len)?;
+    let ihl = p.len();
     p.extend_from_slice(&53u16.to_be_bytes());
     p.extend_from_slice(&client.1.to_be_bytes());
     p.extend_from_slice(&(len as u16).to_be_bytes());
     p.extend_from_slice(&[0, 0]);
     p.extend_from_slice(payload);
-    let pseudo = sum16(&p[12..20], u32::from(PROTO_UDP) + len as u32);
-    let sum = match fold(sum16(&p[20..], pseudo)) {
+    let pseudo = match from {
+        IpAddr::V4(_) => sum16(&p[12..20], u32::from(PROTO_UDP) + len as u32),
+        IpAddr::V6(_) => v6_pseudo(&p, PROTO_UDP, len),
+    };
+    // Zero means "no checksum" over IPv4 and is not allowed over IPv6.
+    let sum = match fold(sum16(&p[ihl..], pseudo)) {
         0 => 0xffff,
         s => s,
     };
-    p[26..28].copy_from_slice(&sum.to_be_bytes());
-    p
+    p[ihl + 6..ihl + 8].copy_from_slice(&sum.to_be_bytes());
+    Some(p)
 }
 
 /// A TCP segment from the resolver's port 53 to the client.
-fn tcp_packet(from: Ipv4Addr, client: (Ipv4Addr, u16), seg: &Out) -> Vec<u8> {
+fn tcp_packet(from: IpAddr, client: (IpAddr, u16), seg: &Out) -> Option<Vec<u8>> {
     let len = 20 + seg.payload.len();
-    let mut p = ipv4_header(from, client.0, PROTO_TCP, len);
+    let mut p = ip_header(from, client.0, PROTO_TCP, len)?;
     p.extend_from_slice(&53u16.to_be_bytes());
     p.extend_from_slice(&client.1.to_be_bytes());
     p.extend_from_slice(&seg.seq.to_be_bytes());
@@ -368,8 +460,11 @@ fn tcp_packet(from: Ipv4Addr, client: (Ipv4Addr, u16), seg: &Out) -> Vec<u8> {
     p.extend_from_slice(&seg.window.to_be_bytes());
     p.extend_from_slice(&[0, 0, 0, 0]);
     p.extend_from_slice(&seg.payload);
-    tcp_v4(&mut p, 20);
-    p
+    match from {
+        IpAddr::V4(_) => tcp_v4(&mut p, 20),
+        IpAddr::V6(_) => tcp_v6(&mut p),
+    }
+    Some(p)
 }
 
 #[cfg(test)]
@@ -379,9 +474,9 @@ mod tests {
 
     #[test]
     fn built_packets_carry_valid_checksums() {
-        let from = Ipv4Addr::new(100, 100, 100, 100);
-        let client = (Ipv4Addr::new(100, 64, 0, 1), 5353);
-        let udp = udp_packet(from, client, b"answer!");
+        let from = Ipv4Addr::new(100, 100, 100, 100).into();
+        let client = (Ipv4Addr::new(100, 64, 0, 1).into(), 5353);
+        let udp = udp_packet(from, client, b"answer!").unwrap();
         assert_eq!(internet(&udp[..20]), 0);
         let pseudo = sum16(&udp[12..20], u32::from(PROTO_UDP) + (udp.len() - 20) as u32);
         assert_eq!(fold(sum16(&udp[20..], pseudo)), 0);
@@ -395,7 +490,7 @@ mod tests {
             window: 100,
             payload: b"xyz".to_vec(),
         };
-        let tcp = tcp_packet(from, client, &seg);
+        let tcp = tcp_packet(from, client, &seg).unwrap();
         assert_eq!(internet(&tcp[..20]), 0);
         let pseudo = super::super::checksum::tcp_v4_pseudo(&tcp, tcp.len() - 20);
         assert_eq!(fold(sum16(&tcp[20..], pseudo)), 0);
@@ -404,6 +499,42 @@ mod tests {
             (parsed.seq, parsed.ack, parsed.payload),
             (7, 9, &b"xyz"[..])
         );
+    }
+
+    #[test]
+    fn ipv6_answers_carry_valid_checksums_and_parse_back() {
+        let from: IpAddr = "fd7a:115c:a1e0::6464:6464".parse().unwrap();
+        let client: (IpAddr, u16) = ("fd7a:115c:a1e0::6440:1".parse().unwrap(), 5353);
+        let udp = udp_packet(from, client, b"answer!").unwrap();
+        assert_eq!(udp.len(), IPV6_HEADER + 8 + 7);
+        let pseudo = v6_pseudo(&udp, PROTO_UDP, udp.len() - IPV6_HEADER);
+        assert_eq!(fold(sum16(&udp[IPV6_HEADER..], pseudo)), 0);
+        let parsed = Ip::parse(&udp).unwrap();
+        assert_eq!(
+            (parsed.src, parsed.dst, parsed.proto),
+            (from, client.0, PROTO_UDP)
+        );
+        assert_eq!(parsed.udp().unwrap(), (53, &b"answer!"[..]));
+
+        let seg = Out {
+            seq: 7,
+            ack: 9,
+            flags: crate::dns::tcp::ACK,
+            window: 100,
+            payload: b"xyz".to_vec(),
+        };
+        let tcp = tcp_packet(from, client, &seg).unwrap();
+        let pseudo = v6_pseudo(&tcp, PROTO_TCP, tcp.len() - IPV6_HEADER);
+        assert_eq!(fold(sum16(&tcp[IPV6_HEADER..], pseudo)), 0);
+        let parsed = Ip::parse(&tcp).unwrap().tcp().unwrap();
+        assert_eq!(parsed.client, (from, 53));
+        assert_eq!((parsed.seq, parsed.payload), (7, &b"xyz"[..]));
+
+        // An answer is never built across families, and a header cut short
+        // is no query.
+        let v4: IpAddr = Ipv4Addr::new(100, 100, 100, 100).into();
+        assert!(udp_packet(v4, client, b"x").is_none());
+        assert!(Ip::parse(&udp[..IPV6_HEADER - 1]).is_none());
     }
 
     #[test]
@@ -417,7 +548,8 @@ mod tests {
 
     #[test]
     fn fragments_and_short_packets_are_not_queries() {
-        let mut udp = udp_packet(Ipv4Addr::LOCALHOST, (Ipv4Addr::LOCALHOST, 1), b"q");
+        let local = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mut udp = udp_packet(local, (local, 1), b"q").unwrap();
         assert!(Ip::parse(&udp).is_some());
         udp[6] = 0x20; // more fragments
         assert!(Ip::parse(&udp).is_none());

@@ -40,6 +40,9 @@ pub struct Zone {
     pub domain: String,
     /// The mesh address the resolver answers on.
     pub resolver: Ipv4Addr,
+    /// Its IPv6 twin in the mesh prefix (the prefix with `resolver` in the
+    /// low 32 bits, as every node's), once the mesh has IPv6.
+    pub resolver6: Option<Ipv6Addr>,
     /// The mesh network, whose reverse names are ours to answer.
     pub network: ipnet::Ipv4Net,
     /// Lowercase first labels (or longer names for extra records) under the domain.
@@ -65,6 +68,7 @@ impl Zone {
         Zone {
             domain: domain.trim_end_matches('.').to_ascii_lowercase(),
             resolver,
+            resolver6: None,
             network,
             names: HashMap::new(),
             parents: HashSet::new(),
@@ -145,6 +149,7 @@ impl Zone {
     /// reverse names are then ours to answer).
     pub fn set_own_ip6(&mut self, ip: Ipv6Addr, network6: ipnet::Ipv6Net) {
         self.network6 = Some(network6);
+        self.resolver6 = Some(overlay_proto::coord::mesh_ip6(network6, self.resolver));
         let me = self.me.clone();
         self.insert6(&me, ip);
     }

@@ -15,7 +15,7 @@
 //! query of up to 64 KiB) and forgotten after [`IDLE_SECS`] of silence.
 
 use std::collections::HashMap;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// Connections held at once; a SYN beyond that is reset.
 pub const MAX_CONNECTIONS: usize = 256;
@@ -40,7 +40,7 @@ pub const ACK: u8 = 0x10;
 /// One TCP segment as the responder sees it (addresses of the client).
 #[derive(Debug, Clone, Copy)]
 pub struct Segment<'a> {
-    pub client: (Ipv4Addr, u16),
+    pub client: (IpAddr, u16),
     pub seq: u32,
     pub ack: u32,
     pub flags: u8,
@@ -73,7 +73,7 @@ struct Conn {
 /// Every DNS-over-TCP connection to the resolver.
 #[derive(Debug, Default)]
 pub struct TcpDns {
-    conns: HashMap<(Ipv4Addr, u16), Conn>,
+    conns: HashMap<(IpAddr, u16), Conn>,
 }
 
 impl TcpDns {

@@ -1,4 +1,4 @@
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use hickory_proto::op::{Edns, Message, MessageType, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
@@ -228,7 +228,7 @@ fn node_names_become_dns_labels() {
     assert_eq!(label("_"), "");
 }
 
-const CLIENT: (Ipv4Addr, u16) = (Ipv4Addr::new(100, 64, 0, 1), 40000);
+const CLIENT: (IpAddr, u16) = (IpAddr::V4(Ipv4Addr::new(100, 64, 0, 1)), 40000);
 
 fn seg(seq: u32, ack: u32, flags: u8, payload: &[u8]) -> Segment<'_> {
     Segment {

@@ -54,7 +54,7 @@ pub fn dns_query(data: &[u8]) {
         }
     }
     let mut tcp = TcpDns::default();
-    let client = (Ipv4Addr::new(100, 64, 0, 1), 40000);
+    let client = (Ipv4Addr::new(100, 64, 0, 1).into(), 40000);
     let seg = |seq, flags, payload| Segment {
         client,
         seq,
