@@ -472,6 +472,17 @@ mod tests {
     use super::*;
     use crate::dataplane::checksum::internet;
 
+    /// An ACK carrying `xyz`, seq 7, ack 9.
+    fn xyz_segment() -> Out {
+        Out {
+            seq: 7,
+            ack: 9,
+            flags: crate::dns::tcp::ACK,
+            window: 100,
+            payload: b"xyz".to_vec(),
+        }
+    }
+
     #[test]
     fn built_packets_carry_valid_checksums() {
         let from = Ipv4Addr::new(100, 100, 100, 100).into();
@@ -483,14 +494,7 @@ mod tests {
         let parsed = Ip::parse(&udp).unwrap();
         assert_eq!(parsed.udp().unwrap(), (53, &b"answer!"[..]));
 
-        let seg = Out {
-            seq: 7,
-            ack: 9,
-            flags: crate::dns::tcp::ACK,
-            window: 100,
-            payload: b"xyz".to_vec(),
-        };
-        let tcp = tcp_packet(from, client, &seg).unwrap();
+        let tcp = tcp_packet(from, client, &xyz_segment()).unwrap();
         assert_eq!(internet(&tcp[..20]), 0);
         let pseudo = super::super::checksum::tcp_v4_pseudo(&tcp, tcp.len() - 20);
         assert_eq!(fold(sum16(&tcp[20..], pseudo)), 0);
@@ -516,14 +520,7 @@ mod tests {
         );
         assert_eq!(parsed.udp().unwrap(), (53, &b"answer!"[..]));
 
-        let seg = Out {
-            seq: 7,
-            ack: 9,
-            flags: crate::dns::tcp::ACK,
-            window: 100,
-            payload: b"xyz".to_vec(),
-        };
-        let tcp = tcp_packet(from, client, &seg).unwrap();
+        let tcp = tcp_packet(from, client, &xyz_segment()).unwrap();
         let pseudo = v6_pseudo(&tcp, PROTO_TCP, tcp.len() - IPV6_HEADER);
         assert_eq!(fold(sum16(&tcp[IPV6_HEADER..], pseudo)), 0);
         let parsed = Ip::parse(&tcp).unwrap().tcp().unwrap();
