@@ -1,7 +1,7 @@
 //! `overlayctl netcheck`: does UDP get out, what public address does STUN see,
 //! does the NAT keep one mapping for every destination, is TURN reachable; and
 //! the same over IPv6 where the coordinator names IPv6 STUN servers
-//! (`stun:[2001:db8::1]:3478`). The classification is a plain function; the
+//! (`stun:[2001:db8::1]:3478`, or a name with an AAAA record). The classification is a plain function; the
 //! probes are the IO around it.
 
 use std::net::SocketAddr;
@@ -16,6 +16,8 @@ use webrtc_util::Conn;
 
 /// How long one STUN or TURN probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long looking up a server's IPv6 address may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// The NAT's mapping behaviour from what STUN servers at different addresses saw
 /// of one local socket, in the order they were asked.
@@ -59,18 +61,47 @@ pub fn server_addr(url: &str) -> Option<String> {
 }
 
 /// Whether a [`server_addr`] names an IPv6 server (a bracketed literal); host
-/// names are asked over IPv4, as before IPv6.
+/// names are asked over IPv4 by name, and over IPv6 at their AAAA address
+/// ([`named_v6`]).
 pub fn is_ipv6_server(server: &str) -> bool {
     server.starts_with('[')
 }
 
+/// The IPv6 address (`[v6]:port`) of each server among `servers` that is
+/// named rather than written as an address and has one in DNS, once each.
+async fn named_v6(servers: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    for server in servers {
+        if server.parse::<SocketAddr>().is_ok() {
+            continue;
+        }
+        let lookup = tokio::net::lookup_host(server.as_str());
+        let Ok(Ok(addrs)) = tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await else {
+            continue;
+        };
+        let v6 = addrs
+            .into_iter()
+            .find(SocketAddr::is_ipv6)
+            .map(|a| a.to_string());
+        if let Some(v6) = v6.filter(|a| !found.contains(a)) {
+            found.push(v6);
+        }
+    }
+    found
+}
+
 pub async fn run(ice: &IceConfig, coordinator_rtt: Option<Duration>) -> NetcheckReport {
-    let (servers6, servers): (Vec<String>, Vec<String>) = ice
+    let (mut servers6, servers): (Vec<String>, Vec<String>) = ice
         .stun
         .iter()
         .chain(ice.netcheck.iter())
         .filter_map(|u| server_addr(u))
         .partition(|s| is_ipv6_server(s));
+    for v6 in named_v6(&servers).await {
+        if !servers6.contains(&v6) {
+            servers6.push(v6);
+        }
+    }
     // One socket per family, asked side by side: IPv6 costs no extra time.
     let (stun, stun6) = tokio::join!(stun_probes(&servers, false), stun_probes(&servers6, true));
     let answers = |probes: &[StunProbe]| -> Vec<Option<SocketAddr>> {
@@ -261,6 +292,41 @@ mod tests {
         assert_eq!(report.stun.len(), 2);
         // One IPv4 answer: the NAT's mapping cannot be told from one server.
         assert_eq!(report.mapping, MappingBehaviour::Unknown);
+    }
+
+    /// A server named in DNS is asked over IPv6 at its AAAA address: here
+    /// `localhost`, with the STUN server listening on ::1 only.
+    #[tokio::test]
+    async fn a_named_stun_server_is_asked_over_ipv6_too() {
+        let (server6, task) =
+            crate::ice::test_stun_server(std::net::Ipv6Addr::LOCALHOST.into()).await;
+        let port = server6.port();
+        let ice = IceConfig {
+            stun: vec![format!("stun:localhost:{port}")],
+            ..IceConfig::default()
+        };
+        let report = run(&ice, None).await;
+        task.abort();
+        let named6 = tokio::net::lookup_host(("localhost", port))
+            .await
+            .is_ok_and(|mut a| a.any(|a| a.ip() == std::net::Ipv6Addr::LOCALHOST));
+        if named6 {
+            assert!(report.udp6, "{report:?}");
+            assert_eq!(
+                report.public_addr6.map(|a| a.ip()),
+                Some(std::net::Ipv6Addr::LOCALHOST.into())
+            );
+            assert!(
+                report
+                    .stun
+                    .iter()
+                    .any(|p| p.server == format!("[::1]:{port}")),
+                "{report:?}"
+            );
+        } else {
+            // This host's `localhost` has no IPv6 address: nothing to ask.
+            assert!(!report.udp6, "{report:?}");
+        }
     }
 
     #[tokio::test]
