@@ -16,8 +16,10 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use instant_acme::{BodyWrapper, BytesResponse, HttpClient};
 use tokio::net::TcpStream;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
-use tokio_rustls::rustls::{self, RootCertStore};
+use tokio_rustls::rustls;
+use tokio_rustls::rustls::pki_types::ServerName;
+
+use crate::tls::RootsError;
 use tokio_rustls::TlsConnector;
 
 /// Longest one ACME request may take, connection included.
@@ -50,27 +52,11 @@ pub struct AcmeHttp {
 
 impl AcmeHttp {
     pub fn new(ca: Option<&Path>) -> Result<AcmeHttp, HttpError> {
-        let mut roots = RootCertStore::empty();
-        for cert in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(cert);
-        }
-        if let Some(path) = ca {
-            let pem = std::fs::read(path).map_err(|source| HttpError::ReadCa {
-                path: path.to_path_buf(),
-                source,
-            })?;
-            let certs: Vec<CertificateDer<'static>> =
-                rustls_pemfile::certs(&mut std::io::BufReader::new(pem.as_slice()))
-                    .filter_map(Result::ok)
-                    .collect();
-            let (added, _) = roots.add_parsable_certificates(certs);
-            if added == 0 {
-                return Err(HttpError::BadCa(path.to_path_buf()));
-            }
-        }
-        if roots.is_empty() {
-            return Err(HttpError::NoRoots);
-        }
+        let roots = crate::tls::client_roots(ca).map_err(|e| match e {
+            RootsError::Read { path, source } => HttpError::ReadCa { path, source },
+            RootsError::NoCert { path } => HttpError::BadCa(path),
+            RootsError::Empty => HttpError::NoRoots,
+        })?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?

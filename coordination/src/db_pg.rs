@@ -2,18 +2,30 @@
 //! synchronous `postgres` client, and the transaction type [`super::db`]
 //! runs the store's statements in.
 //!
+//! TLS follows libpq's URL parameters: `sslmode=require` (or `verify-ca`,
+//! `verify-full`) connects over rustls and verifies the server's certificate
+//! and name against the system's roots and `sslrootcert=PATH` if given;
+//! unlike libpq's `require`, an unverifiable server is refused. Without one
+//! of those modes the connection is plain, as before.
+//!
 //! A lost database costs the calls made while it is gone an
 //! [`DbError::Unavailable`] (or the I/O error of the statement that found
 //! out), never a panic; broken connections are dropped and the next call
 //! connects again, so the store recovers by itself when the database returns.
 
 use std::collections::HashMap;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
+use postgres::config::SslMode;
 use postgres::types::{IsNull, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_rustls::rustls;
+
+use crate::tls::RootsError;
 
 use super::db::{postgres_placeholders, postgres_text, DbError, Mode, Row, Value};
 
@@ -43,6 +55,8 @@ struct PoolState {
 
 pub struct PgPool {
     config: postgres::Config,
+    /// `None`: plain TCP or a unix socket.
+    tls: Option<MakeRustlsConnect>,
     /// Where the database is, without the password: for messages.
     target: String,
     state: Mutex<PoolState>,
@@ -72,13 +86,131 @@ pub fn describe(config: &postgres::Config) -> String {
     )
 }
 
+/// Takes libpq's TLS parameters out of a connection string (URL or
+/// `key=value` form) that the `postgres` crate would refuse: `sslrootcert`
+/// is returned, and `sslmode=verify-ca`/`verify-full` become `require`
+/// (which here verifies anyway). In the `key=value` form a value may be
+/// single-quoted (`sslrootcert='/etc/db ca.pem'`, `\'` and `\\` inside); in
+/// the URL form it is taken as written (no percent-escapes).
+pub fn libpq_tls_params(url: &str) -> (String, Option<PathBuf>) {
+    let mut root_cert = None;
+    let mut keep = |pair: &str| -> Option<String> {
+        match pair.split_once('=') {
+            Some(("sslrootcert", path)) => {
+                root_cert = Some(PathBuf::from(unquote(path)));
+                None
+            }
+            Some(("sslmode", "verify-ca" | "verify-full")) => Some("sslmode=require".into()),
+            _ => Some(pair.to_owned()),
+        }
+    };
+    let cleaned = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        match url.split_once('?') {
+            Some((base, query)) => {
+                let pairs: Vec<String> = query.split('&').filter_map(&mut keep).collect();
+                if pairs.is_empty() {
+                    base.to_owned()
+                } else {
+                    format!("{base}?{}", pairs.join("&"))
+                }
+            }
+            None => url.to_owned(),
+        }
+    } else {
+        let pairs: Vec<String> = key_value_pairs(url)
+            .iter()
+            .filter_map(|p| keep(p))
+            .collect();
+        pairs.join(" ")
+    };
+    (cleaned, root_cert)
+}
+
+/// The `key=value` pairs of a libpq connection string, as written: split
+/// at whitespace outside single quotes.
+fn key_value_pairs(text: &str) -> Vec<String> {
+    let (mut pairs, mut pair) = (Vec::new(), String::new());
+    let (mut quoted, mut escaped) = (false, false);
+    for c in text.chars() {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '\'' => quoted = !quoted,
+            c if c.is_whitespace() && !quoted => {
+                if !pair.is_empty() {
+                    pairs.push(std::mem::take(&mut pair));
+                }
+                continue;
+            }
+            _ => {}
+        }
+        pair.push(c);
+    }
+    if !pair.is_empty() {
+        pairs.push(pair);
+    }
+    pairs
+}
+
+/// A libpq value without its single quotes and escapes.
+fn unquote(value: &str) -> String {
+    let Some(inner) = value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) else {
+        return value.to_owned();
+    };
+    let mut out = String::new();
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        out.push(if c == '\\' {
+            chars.next().unwrap_or(c)
+        } else {
+            c
+        });
+    }
+    out
+}
+
+/// rustls on ring, trusting the system's roots and `root_cert`.
+fn tls_connector(root_cert: Option<&Path>) -> Result<MakeRustlsConnect, DbError> {
+    let roots = crate::tls::client_roots(root_cert).map_err(|e| {
+        DbError::Unavailable(match e {
+            RootsError::Read { path, source } => {
+                format!("cannot read sslrootcert {}: {source}", path.display())
+            }
+            RootsError::NoCert { path } => {
+                format!("sslrootcert {} holds no PEM certificate", path.display())
+            }
+            RootsError::Empty => {
+                "no system root certificates to verify the database with: give sslrootcert=PATH"
+                    .into()
+            }
+        })
+    })?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| DbError::Unavailable(format!("TLS: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
+}
+
 impl PgPool {
     /// A pool for `url` (a `postgres://` URL or `key=value` pairs); connects
     /// once to find out that it can.
     pub fn connect(url: &str) -> Result<PgPool, DbError> {
+        let (url, root_cert) = libpq_tls_params(url);
         let mut config: postgres::Config = url
             .parse()
             .map_err(|e| DbError::Unavailable(format!("bad database URL: {e}")))?;
+        let tls = match (config.get_ssl_mode(), root_cert) {
+            (SslMode::Require, root_cert) => Some(tls_connector(root_cert.as_deref())?),
+            (_, Some(_)) => {
+                return Err(DbError::Unavailable(
+                    "bad database URL: sslrootcert needs sslmode=require (or verify-full)".into(),
+                ))
+            }
+            (_, None) => None,
+        };
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -86,6 +218,7 @@ impl PgPool {
         let pool = PgPool {
             target: describe(&config),
             config,
+            tls,
             state: Mutex::new(PoolState {
                 idle: Vec::new(),
                 open: 0,
@@ -106,16 +239,27 @@ impl PgPool {
     }
 
     fn open_connection(&self) -> Result<PgConn, DbError> {
-        match self.config.connect(NoTls) {
+        let connected = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()),
+            None => self.config.connect(NoTls),
+        };
+        match connected {
             Ok(client) => Ok(PgConn {
                 client,
                 stmts: HashMap::new(),
             }),
-            Err(e) => Err(DbError::Unavailable(format!(
-                "cannot connect to {}: {}",
-                self.target,
-                postgres_text(&e)
-            ))),
+            Err(e) => {
+                let text = postgres_text(&e);
+                let hint = if self.tls.is_some() && text.contains("certificate") {
+                    " (give the server's CA with sslrootcert=PATH in the database URL)"
+                } else {
+                    ""
+                };
+                Err(DbError::Unavailable(format!(
+                    "cannot connect to {}: {text}{hint}",
+                    self.target
+                )))
+            }
         }
     }
 
@@ -337,4 +481,60 @@ impl ToSql for Value {
     }
 
     postgres::types::to_sql_checked!();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libpq_tls_parameters_are_taken_out_of_both_url_forms() {
+        let (url, ca) = libpq_tls_params(
+            "postgres://overlay:pw@db.example:5432/overlay?sslmode=verify-full&sslrootcert=/etc/overlay/db-ca.pem&application_name=coord",
+        );
+        assert_eq!(
+            url,
+            "postgres://overlay:pw@db.example:5432/overlay?sslmode=require&application_name=coord"
+        );
+        assert_eq!(ca.as_deref(), Some(Path::new("/etc/overlay/db-ca.pem")));
+
+        let (url, ca) = libpq_tls_params(
+            "host=db.example user=overlay sslmode=verify-ca sslrootcert='/etc/db ca.pem'",
+        );
+        assert_eq!(url, "host=db.example user=overlay sslmode=require");
+        assert_eq!(ca.as_deref(), Some(Path::new("/etc/db ca.pem")));
+        let (url, ca) = libpq_tls_params(r"password='it\'s  two' sslrootcert='/a\\b.pem'");
+        assert_eq!(url, r"password='it\'s  two'");
+        assert_eq!(ca.as_deref(), Some(Path::new(r"/a\b.pem")));
+
+        let (url, ca) = libpq_tls_params("postgres://db.example/overlay?sslrootcert=/ca.pem");
+        assert_eq!(
+            (url.as_str(), ca.is_some()),
+            ("postgres://db.example/overlay", true)
+        );
+        let plain = "host=/tmp/pg port=5432 user=postgres dbname=t1";
+        assert_eq!(libpq_tls_params(plain), (plain.to_owned(), None));
+    }
+
+    #[test]
+    fn a_root_cert_without_a_tls_mode_is_refused_in_one_line() {
+        let err = PgPool::connect("postgres://db.invalid/overlay?sslrootcert=/ca.pem")
+            .err()
+            .expect("refused");
+        assert!(
+            err.to_string()
+                .contains("sslrootcert needs sslmode=require"),
+            "{err}"
+        );
+        let err = PgPool::connect(
+            "postgres://db.invalid/overlay?sslmode=require&sslrootcert=/no/such.pem",
+        )
+        .err()
+        .expect("refused");
+        assert!(
+            err.to_string()
+                .contains("cannot read sslrootcert /no/such.pem"),
+            "{err}"
+        );
+    }
 }

@@ -23,6 +23,48 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
 }
 
+/// Why a client's trust store could not be made.
+#[derive(Debug)]
+pub enum RootsError {
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    NoCert {
+        path: PathBuf,
+    },
+    /// No system roots and no extra certificate: nothing could be trusted.
+    Empty,
+}
+
+/// What a TLS client of ours trusts: the system's root certificates, and
+/// those in the PEM file `extra` (a private CA) if given.
+pub fn client_roots(extra: Option<&Path>) -> Result<rustls::RootCertStore, RootsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(path) = extra {
+        let pem = std::fs::read(path).map_err(|source| RootsError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(pem.as_slice()))
+            .filter_map(Result::ok)
+            .collect();
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(RootsError::NoCert {
+                path: path.to_path_buf(),
+            });
+        }
+    }
+    if roots.is_empty() {
+        return Err(RootsError::Empty);
+    }
+    Ok(roots)
+}
+
 /// Builds the rustls server configuration from PEM files.
 pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, TlsError> {
     let read = |path: &Path| {

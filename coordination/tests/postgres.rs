@@ -110,3 +110,50 @@ async fn enrolment_on_postgres_is_refused_while_it_is_down_and_works_once_it_is_
     let nodes = on_store(&location, |s| s.list_nodes().unwrap()).await;
     assert_eq!(nodes.len(), 2);
 }
+
+/// TLS to PostgreSQL from the database URL, as libpq takes it:
+/// `sslmode=verify-full&sslrootcert=CA` reaches a server that refuses
+/// anything but TLS (`hostssl` only); a plain URL is refused by the server,
+/// and TLS without the CA by us, each in one line that says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_reaches_a_tls_only_postgres_with_the_ca_named_in_the_url() {
+    const TEST: &str = "the_store_reaches_a_tls_only_postgres_with_the_ca_named_in_the_url";
+    if postgres::require(TEST).is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let pems = overlay_coord::selfsigned::generate(&["127.0.0.1".parse().unwrap()], &[], 1)
+        .expect("certificates");
+    let ca = dir.path().join("db-ca.pem");
+    std::fs::write(&ca, &pems.ca).unwrap();
+    let pg = tokio::task::spawn_blocking(move || Postgres::start_tls(&pems.cert, &pems.key))
+        .await
+        .unwrap()
+        .expect("start PostgreSQL with TLS");
+    let port = pg.tls_port().expect("a TLS port");
+    let base = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+
+    let tls = Location::Postgres(format!(
+        "{base}?sslmode=verify-full&sslrootcert={}",
+        ca.display()
+    ));
+    let key = on_store(&tls, |s| s.create_key(true, None, now_unix()).unwrap().1).await;
+    assert!(key.starts_with("ovk_"), "{key}");
+
+    let open_err = |url: String| async move {
+        tokio::task::spawn_blocking(move || Store::open_at(&Location::Postgres(url)).err())
+            .await
+            .unwrap()
+            .map(|e| e.to_string())
+            .expect("refused")
+    };
+    let plain = open_err(base.clone()).await;
+    assert!(plain.contains("no encryption"), "{plain}");
+    let untrusted = open_err(format!("{base}?sslmode=require")).await;
+    eprintln!("plain: {plain}\nwithout the CA: {untrusted}");
+    assert!(
+        untrusted.contains("certificate") && untrusted.contains("sslrootcert=PATH"),
+        "{untrusted}"
+    );
+    drop(pg);
+}

@@ -37,6 +37,9 @@ pub struct Postgres {
     /// Who runs the server when we are root: (uid, gid).
     owner: Option<(u32, u32)>,
     next_db: AtomicU32,
+    /// A TCP port on 127.0.0.1 that takes TLS connections only
+    /// ([`Postgres::start_tls`]).
+    tls_port: Option<u16>,
 }
 
 /// The directory of the PostgreSQL server binaries: `$OVERLAY_PG_BIN`, else
@@ -114,6 +117,46 @@ impl Postgres {
     /// `initdb` into a new directory under the temporary directory and start
     /// the server on a socket there; waits until it accepts connections.
     pub fn start() -> Result<Postgres> {
+        let pg = Postgres::init(None)?;
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    /// [`Postgres::start`], and also listening on 127.0.0.1 at
+    /// [`Postgres::tls_port`] with `cert_pem`/`key_pem`, where connections
+    /// without TLS are refused (`pg_hba.conf`: `hostssl` only).
+    pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<Postgres> {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .map(|a| a.port())
+            .context("finding a free port")?;
+        let pg = Postgres::init(Some(port))?;
+        for (name, pem) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = pg.data().join(name);
+            std::fs::write(&path, pem).with_context(|| format!("writing {}", path.display()))?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+            if let Some((uid, gid)) = pg.owner {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+            }
+        }
+        let hba = "local all all trust\nhostssl all all 127.0.0.1/32 trust\n";
+        std::fs::write(pg.data().join("pg_hba.conf"), hba).context("writing pg_hba.conf")?;
+        pg.start_server()?;
+        Ok(pg)
+    }
+
+    /// The port the server listens on (it names the socket file too).
+    fn port(&self) -> u16 {
+        self.tls_port.unwrap_or(PORT)
+    }
+
+    /// The TLS-only TCP port of a [`Postgres::start_tls`] cluster.
+    pub fn tls_port(&self) -> Option<u16> {
+        self.tls_port
+    }
+
+    fn init(tls_port: Option<u16>) -> Result<Postgres> {
         let bin = bin_dir()?;
         let owner = if is_root() {
             Some(
@@ -135,6 +178,7 @@ impl Postgres {
             bin,
             owner,
             next_db: AtomicU32::new(0),
+            tls_port,
         };
         if let Some((uid, gid)) = owner {
             std::os::unix::fs::chown(&pg.dir, Some(uid), Some(gid))
@@ -148,7 +192,6 @@ impl Postgres {
                 .args(["--locale=C", "--no-sync", "--no-instructions"]),
         )
         .context("initdb")?;
-        pg.start_server()?;
         Ok(pg)
     }
 
@@ -175,8 +218,16 @@ impl Postgres {
     /// Starts the server (again, after [`Postgres::stop_server`]) and waits
     /// until it accepts connections.
     pub fn start_server(&self) -> Result<()> {
+        let listen = match self.tls_port {
+            // The socket file is named after the port, in a directory of its own.
+            Some(port) => format!(
+                "-p {port} -c listen_addresses=127.0.0.1 -c ssl=on \
+                 -c ssl_cert_file=server.crt -c ssl_key_file=server.key"
+            ),
+            None => format!("-p {PORT} -c listen_addresses=''"),
+        };
         let options = format!(
-            "-k {} -p {PORT} -c listen_addresses='' -c fsync=off -c synchronous_commit=off \
+            "-k {} {listen} -c fsync=off -c synchronous_commit=off \
              -c full_page_writes=off -c max_connections=300",
             self.dir.display()
         );
@@ -216,8 +267,9 @@ impl Postgres {
     /// `postgres` crate and `--database` accept).
     pub fn url(&self, dbname: &str) -> String {
         format!(
-            "host={} port={PORT} user=postgres dbname={dbname}",
-            self.dir.display()
+            "host={} port={} user=postgres dbname={dbname}",
+            self.dir.display(),
+            self.port()
         )
     }
 
@@ -228,7 +280,7 @@ impl Postgres {
             Command::new(self.bin.join("createdb"))
                 .arg("-h")
                 .arg(&self.dir)
-                .args(["-p", &PORT.to_string(), "-U", "postgres", &name]),
+                .args(["-p", &self.port().to_string(), "-U", "postgres", &name]),
         );
         if let Err(e) = out {
             bail!("createdb {name}: {e:#}\nserver log:\n{}", self.log());
