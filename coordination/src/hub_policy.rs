@@ -39,7 +39,7 @@ pub struct ApplyStats {
     pub messages: usize,
 }
 
-fn view_key(v: &View) -> usize {
+pub(super) fn view_key(v: &View) -> usize {
     v.as_ref().map_or(0, |c| Arc::as_ptr(c) as usize)
 }
 

@@ -238,3 +238,36 @@ fn a_new_node_is_announced_only_where_it_may_be_seen() {
         .peers
         .contains(&overlay_proto::filter::Principal::Node(6)));
 }
+
+/// A reconnecting node's netmap digest, summed per policy class, is the
+/// digest of the netmap it would be sent: with no policy, under one (where
+/// n4 sees nobody and the servers see each other), after a tag change moves
+/// n4 into the servers' class, after presence changes, and once the policy
+/// is lifted again.
+#[test]
+fn netmap_digests_are_those_of_the_netmaps_sent_under_a_policy() {
+    let h = hub();
+    let check = |h: &Hub, when: &str| {
+        for me in 1..=4 {
+            let sent = super::tests::netmap(h, me);
+            let want = overlay_proto::coord::netmap_digest(&sent);
+            assert_eq!(h.netmap_digest(me), Some(want), "n{me} {when}");
+        }
+    };
+    check(&h, "without a policy");
+    h.apply_policy(policy(), None);
+    check(&h, "under the policy");
+    assert!(super::tests::netmap(&h, 4).is_empty(), "n4 sees nobody");
+    let tags = HashMap::from([
+        (2, vec!["server".to_string()]),
+        (3, vec!["server".to_string()]),
+        (4, vec!["server".to_string()]),
+    ]);
+    h.apply_policy(policy(), Some(&tags));
+    check(&h, "after n4 became a server");
+    let _online = h.attach(3).unwrap();
+    check(&h, "with n3 online");
+    h.apply_policy(None, Some(&tags));
+    check(&h, "with the policy lifted");
+    assert_eq!(h.netmap_digest(99), None, "an unknown node");
+}

@@ -23,7 +23,7 @@ pub(crate) fn hub(nodes: &[NodeId], limits: Limits) -> Hub {
 }
 
 /// The netmap `me` is sent, read page by page as a session does.
-fn netmap(h: &Hub, me: NodeId) -> Vec<PeerInfo> {
+pub(crate) fn netmap(h: &Hub, me: NodeId) -> Vec<PeerInfo> {
     let mut peers = Vec::new();
     let mut from = 0;
     loop {
