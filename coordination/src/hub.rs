@@ -262,7 +262,7 @@ pub struct Hub {
     /// class it may see minus itself, so the check is a sum over the
     /// classes (a handful) instead of a walk over the mesh per node
     /// (10,000 nodes moving at once to a replica of 20,000).
-    digest_classes: Mutex<Option<(u64, Vec<(View, u64)>)>>,
+    digest_classes: Mutex<Option<(u64, ClassDigests)>>,
     /// The mesh's IPv6 prefix: every record the hub holds, so every
     /// `PeerInfo` it sends, carries the node's address in it.
     network6: Option<Ipv6Net>,
@@ -661,10 +661,13 @@ mod hub_remote;
 mod hub_stats;
 pub use hub_policy::ApplyStats;
 
+/// Per view (policy class), the sum of its records' digests.
+type ClassDigests = Vec<(View, u64)>;
+
 /// The records' digests summed per view (policy class; records of one
 /// class share its `Arc`, so the pointer tells the class). As many entries
 /// as classes: one without a policy, at most one per record.
-fn class_digests<'a>(records: impl Iterator<Item = (&'a View, u64)>) -> Vec<(View, u64)> {
+fn class_digests<'a>(records: impl Iterator<Item = (&'a View, u64)>) -> ClassDigests {
     let mut classes: HashMap<usize, (View, u64)> = HashMap::new();
     for (view, digest) in records {
         let (_, sum) = classes
