@@ -14,7 +14,7 @@
 //! connects again, so the store recovers by itself when the database returns.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -86,28 +86,46 @@ pub fn describe(config: &postgres::Config) -> String {
     )
 }
 
+/// Which certificates verify the database server (libpq's `sslrootcert`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootCert {
+    /// `sslrootcert=system`, or none given: the system's roots.
+    System,
+    /// `sslrootcert=PATH`: that CA only.
+    File(PathBuf),
+}
+
 /// Takes libpq's TLS parameters out of a connection string (URL or
 /// `key=value` form) that the `postgres` crate would refuse: `sslrootcert`
 /// is returned, and `sslmode=verify-ca`/`verify-full` become `require`
-/// (which here verifies anyway). In the `key=value` form a value may be
-/// single-quoted (`sslrootcert='/etc/db ca.pem'`, `\'` and `\\` inside); in
-/// the URL form it is taken as written (no percent-escapes).
-pub fn libpq_tls_params(url: &str) -> (String, Option<PathBuf>) {
+/// (which here verifies anyway). The `key=value` form follows libpq's
+/// grammar (spaces around `=`, single quotes, backslash escapes) and is
+/// written back quoted; in the URL form values are taken as written (no
+/// percent-escapes). A string that does not parse is passed on unchanged,
+/// for the `postgres` crate to refuse.
+pub fn libpq_tls_params(url: &str) -> (String, Option<RootCert>) {
     let mut root_cert = None;
-    let mut keep = |pair: &str| -> Option<String> {
-        match pair.split_once('=') {
-            Some(("sslrootcert", path)) => {
-                root_cert = Some(PathBuf::from(unquote(path)));
-                None
+    let mut keep = |key: &str, value: &str| -> Option<(String, String)> {
+        match (key, value) {
+            ("sslrootcert", "system") => root_cert = Some(RootCert::System),
+            ("sslrootcert", path) => root_cert = Some(RootCert::File(PathBuf::from(path))),
+            ("sslmode", "verify-ca" | "verify-full") => {
+                return Some((key.to_owned(), "require".to_owned()))
             }
-            Some(("sslmode", "verify-ca" | "verify-full")) => Some("sslmode=require".into()),
-            _ => Some(pair.to_owned()),
+            _ => return Some((key.to_owned(), value.to_owned())),
         }
+        None
     };
     let cleaned = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         match url.split_once('?') {
             Some((base, query)) => {
-                let pairs: Vec<String> = query.split('&').filter_map(&mut keep).collect();
+                let pairs: Vec<String> = query
+                    .split('&')
+                    .filter_map(|pair| match pair.split_once('=') {
+                        Some((k, v)) => keep(k, v).map(|(k, v)| format!("{k}={v}")),
+                        None => Some(pair.to_owned()),
+                    })
+                    .collect();
                 if pairs.is_empty() {
                     base.to_owned()
                 } else {
@@ -117,61 +135,70 @@ pub fn libpq_tls_params(url: &str) -> (String, Option<PathBuf>) {
             None => url.to_owned(),
         }
     } else {
-        let pairs: Vec<String> = key_value_pairs(url)
-            .iter()
-            .filter_map(|p| keep(p))
-            .collect();
-        pairs.join(" ")
+        match key_values(url) {
+            Some(pairs) => pairs
+                .iter()
+                .filter_map(|(k, v)| keep(k, v))
+                .map(|(k, v)| format!("{k}={}", quote(&v)))
+                .collect::<Vec<_>>()
+                .join(" "),
+            None => url.to_owned(),
+        }
     };
     (cleaned, root_cert)
 }
 
-/// The `key=value` pairs of a libpq connection string, as written: split
-/// at whitespace outside single quotes.
-fn key_value_pairs(text: &str) -> Vec<String> {
-    let (mut pairs, mut pair) = (Vec::new(), String::new());
-    let (mut quoted, mut escaped) = (false, false);
-    for c in text.chars() {
-        match c {
-            _ if escaped => escaped = false,
-            '\\' if quoted => escaped = true,
-            '\'' => quoted = !quoted,
-            c if c.is_whitespace() && !quoted => {
-                if !pair.is_empty() {
-                    pairs.push(std::mem::take(&mut pair));
-                }
-                continue;
-            }
-            _ => {}
+/// The `key=value` pairs of a libpq connection string, values unquoted and
+/// unescaped; `None` if it is not one.
+fn key_values(text: &str) -> Option<Vec<(String, String)>> {
+    let mut pairs = Vec::new();
+    let mut chars = text.chars().peekable();
+    loop {
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if chars.peek().is_none() {
+            return Some(pairs);
         }
-        pair.push(c);
-    }
-    if !pair.is_empty() {
-        pairs.push(pair);
-    }
-    pairs
-}
-
-/// A libpq value without its single quotes and escapes.
-fn unquote(value: &str) -> String {
-    let Some(inner) = value.strip_prefix('\'').and_then(|v| v.strip_suffix('\'')) else {
-        return value.to_owned();
-    };
-    let mut out = String::new();
-    let mut chars = inner.chars();
-    while let Some(c) = chars.next() {
-        out.push(if c == '\\' {
-            chars.next().unwrap_or(c)
+        let mut key = String::new();
+        while let Some(c) = chars.next_if(|c| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        if key.is_empty() || chars.next() != Some('=') {
+            return None;
+        }
+        while chars.next_if(|c| c.is_whitespace()).is_some() {}
+        let mut value = String::new();
+        if chars.next_if_eq(&'\'').is_some() {
+            loop {
+                match chars.next()? {
+                    '\'' => break,
+                    '\\' => value.push(chars.next()?),
+                    c => value.push(c),
+                }
+            }
         } else {
-            c
-        });
+            while let Some(c) = chars.next_if(|c| !c.is_whitespace()) {
+                value.push(if c == '\\' { chars.next()? } else { c });
+            }
+        }
+        pairs.push((key, value));
     }
-    out
 }
 
-/// rustls on ring, trusting the system's roots and `root_cert`.
-fn tls_connector(root_cert: Option<&Path>) -> Result<MakeRustlsConnect, DbError> {
-    let roots = crate::tls::client_roots(root_cert).map_err(|e| {
+/// A value as a libpq connection string writes it: single-quoted, with
+/// `\` and `'` escaped.
+fn quote(value: &str) -> String {
+    let escaped = value.replace('\\', "\\\\").replace('\'', "\\'");
+    format!("'{escaped}'")
+}
+
+/// rustls on ring, trusting `root_cert` (the system's roots by default).
+fn tls_connector(root_cert: &RootCert) -> Result<MakeRustlsConnect, DbError> {
+    let roots = match root_cert {
+        RootCert::System => crate::tls::client_roots(None),
+        RootCert::File(path) => crate::tls::file_roots(path),
+    };
+    let roots = roots.map_err(|e| {
         DbError::Unavailable(match e {
             RootsError::Read { path, source } => {
                 format!("cannot read sslrootcert {}: {source}", path.display())
@@ -203,7 +230,9 @@ impl PgPool {
             .parse()
             .map_err(|e| DbError::Unavailable(format!("bad database URL: {e}")))?;
         let tls = match (config.get_ssl_mode(), root_cert) {
-            (SslMode::Require, root_cert) => Some(tls_connector(root_cert.as_deref())?),
+            (SslMode::Require, root_cert) => {
+                Some(tls_connector(&root_cert.unwrap_or(RootCert::System))?)
+            }
             (_, Some(_)) => {
                 return Err(DbError::Unavailable(
                     "bad database URL: sslrootcert needs sslmode=require (or verify-full)".into(),
@@ -489,6 +518,7 @@ mod tests {
 
     #[test]
     fn libpq_tls_parameters_are_taken_out_of_both_url_forms() {
+        let file = |p: &str| Some(RootCert::File(PathBuf::from(p)));
         let (url, ca) = libpq_tls_params(
             "postgres://overlay:pw@db.example:5432/overlay?sslmode=verify-full&sslrootcert=/etc/overlay/db-ca.pem&application_name=coord",
         );
@@ -496,24 +526,38 @@ mod tests {
             url,
             "postgres://overlay:pw@db.example:5432/overlay?sslmode=require&application_name=coord"
         );
-        assert_eq!(ca.as_deref(), Some(Path::new("/etc/overlay/db-ca.pem")));
+        assert_eq!(ca, file("/etc/overlay/db-ca.pem"));
 
+        // libpq's grammar: spaces around `=`, quotes, escapes in and out of them.
         let (url, ca) = libpq_tls_params(
-            "host=db.example user=overlay sslmode=verify-ca sslrootcert='/etc/db ca.pem'",
+            "host=db.example user = overlay sslmode='verify-ca' sslrootcert='/etc/db ca.pem'",
         );
-        assert_eq!(url, "host=db.example user=overlay sslmode=require");
-        assert_eq!(ca.as_deref(), Some(Path::new("/etc/db ca.pem")));
-        let (url, ca) = libpq_tls_params(r"password='it\'s  two' sslrootcert='/a\\b.pem'");
+        assert_eq!(url, "host='db.example' user='overlay' sslmode='require'");
+        assert_eq!(ca, file("/etc/db ca.pem"));
+        let (url, ca) = libpq_tls_params(r"password='it\'s  two' sslrootcert=/a\ b.pem");
         assert_eq!(url, r"password='it\'s  two'");
-        assert_eq!(ca.as_deref(), Some(Path::new(r"/a\b.pem")));
+        assert_eq!(ca, file("/a b.pem"));
+        let (url, ca) = libpq_tls_params(r"password=it's sslrootcert=system");
+        assert_eq!(url, r"password='it\'s'");
+        assert_eq!(ca, Some(RootCert::System));
 
         let (url, ca) = libpq_tls_params("postgres://db.example/overlay?sslrootcert=/ca.pem");
         assert_eq!(
-            (url.as_str(), ca.is_some()),
-            ("postgres://db.example/overlay", true)
+            (url.as_str(), ca),
+            ("postgres://db.example/overlay", file("/ca.pem"))
         );
-        let plain = "host=/tmp/pg port=5432 user=postgres dbname=t1";
-        assert_eq!(libpq_tls_params(plain), (plain.to_owned(), None));
+        // Not a connection string: left for the `postgres` crate to refuse.
+        assert_eq!(libpq_tls_params("host=").0, "host=''");
+        assert_eq!(libpq_tls_params("nonsense").0, "nonsense");
+        assert_eq!(libpq_tls_params("a='open").0, "a='open");
+        let (plain, ca) = libpq_tls_params("host=/tmp/pg port=5432 user=postgres dbname=t1");
+        assert_eq!(
+            plain,
+            "host='/tmp/pg' port='5432' user='postgres' dbname='t1'"
+        );
+        assert_eq!(ca, None);
+        let parsed: postgres::Config = plain.parse().unwrap();
+        assert_eq!(parsed.get_dbname(), Some("t1"));
     }
 
     #[test]

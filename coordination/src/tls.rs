@@ -45,24 +45,37 @@ pub fn client_roots(extra: Option<&Path>) -> Result<rustls::RootCertStore, Roots
         let _ = roots.add(cert);
     }
     if let Some(path) = extra {
-        let pem = std::fs::read(path).map_err(|source| RootsError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(pem.as_slice()))
-            .filter_map(Result::ok)
-            .collect();
-        let (added, _) = roots.add_parsable_certificates(certs);
-        if added == 0 {
-            return Err(RootsError::NoCert {
-                path: path.to_path_buf(),
-            });
-        }
+        add_pem_file(&mut roots, path)?;
     }
     if roots.is_empty() {
         return Err(RootsError::Empty);
     }
     Ok(roots)
+}
+
+/// Only the certificates in the PEM file `path`: a client told to trust one
+/// CA trusts no other.
+pub fn file_roots(path: &Path) -> Result<rustls::RootCertStore, RootsError> {
+    let mut roots = rustls::RootCertStore::empty();
+    add_pem_file(&mut roots, path)?;
+    Ok(roots)
+}
+
+fn add_pem_file(roots: &mut rustls::RootCertStore, path: &Path) -> Result<(), RootsError> {
+    let pem = std::fs::read(path).map_err(|source| RootsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let certs: Vec<_> = rustls_pemfile::certs(&mut BufReader::new(pem.as_slice()))
+        .filter_map(Result::ok)
+        .collect();
+    let (added, _) = roots.add_parsable_certificates(certs);
+    if added == 0 {
+        return Err(RootsError::NoCert {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(())
 }
 
 /// Builds the rustls server configuration from PEM files.

@@ -126,7 +126,7 @@ impl Postgres {
     /// [`Postgres::tls_port`] with `cert_pem`/`key_pem`, where connections
     /// without TLS are refused (`pg_hba.conf`: `hostssl` only).
     pub fn start_tls(cert_pem: &str, key_pem: &str) -> Result<Postgres> {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|s| s.local_addr())
             .map(|a| a.port())
             .context("finding a free port")?;

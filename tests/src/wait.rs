@@ -57,6 +57,14 @@ pub fn wait_until<T>(
     }
 }
 
+/// The wall clock in milliseconds since the Unix epoch, to line a test's
+/// events up with the timestamps in the lab's logs.
+pub fn unix_millis() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -44,13 +44,13 @@ fn attack(
 ) -> anyhow::Result<HashMap<String, String>> {
     let mut cmd = lab.command(host, bin(tool)?);
     cmd.args(args);
-    let started = unix_millis();
+    let started = overlay_tests::wait::unix_millis();
     let out = process::checked(&mut cmd).with_context(|| format!("{tool} {}", args.join(" ")))?;
     let report = report(&out);
     eprintln!(
         "{tool} {} (from {started} to {} ms): {report:?}",
         args.join(" "),
-        unix_millis()
+        overlay_tests::wait::unix_millis()
     );
     Ok(report)
 }
@@ -60,13 +60,6 @@ fn report(text: &str) -> HashMap<String, String> {
         .filter_map(|w| w.split_once('='))
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
-}
-
-/// The wall clock in milliseconds, to line the attacks up with slow probes.
-fn unix_millis() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
 }
 
 /// Enrols a node `m` on `host` with a key smaller than `than`, then stops it, so

@@ -69,21 +69,26 @@ pub fn is_ipv6_server(server: &str) -> bool {
 
 /// The IPv6 address (`[v6]:port`) of each server among `servers` that is
 /// named rather than written as an address and has one in DNS, once each.
+/// All looked up at once, so the slowest name bounds the wait.
 async fn named_v6(servers: &[String]) -> Vec<String> {
-    let mut found = Vec::new();
-    for server in servers {
-        if server.parse::<SocketAddr>().is_ok() {
-            continue;
-        }
-        let lookup = tokio::net::lookup_host(server.as_str());
-        let Ok(Ok(addrs)) = tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await else {
-            continue;
-        };
-        let v6 = addrs
-            .into_iter()
-            .find(SocketAddr::is_ipv6)
-            .map(|a| a.to_string());
-        if let Some(v6) = v6.filter(|a| !found.contains(a)) {
+    let lookups = servers
+        .iter()
+        .filter(|server| server.parse::<SocketAddr>().is_err())
+        .map(|server| async move {
+            let lookup = tokio::net::lookup_host(server.as_str());
+            match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+                Ok(Ok(addrs)) => addrs.into_iter().find(SocketAddr::is_ipv6),
+                _ => None,
+            }
+        });
+    let mut found: Vec<String> = Vec::new();
+    for v6 in futures_util::future::join_all(lookups)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        let v6 = v6.to_string();
+        if !found.contains(&v6) {
             found.push(v6);
         }
     }
@@ -91,19 +96,24 @@ async fn named_v6(servers: &[String]) -> Vec<String> {
 }
 
 pub async fn run(ice: &IceConfig, coordinator_rtt: Option<Duration>) -> NetcheckReport {
-    let (mut servers6, servers): (Vec<String>, Vec<String>) = ice
+    let (servers6, servers): (Vec<String>, Vec<String>) = ice
         .stun
         .iter()
         .chain(ice.netcheck.iter())
         .filter_map(|u| server_addr(u))
         .partition(|s| is_ipv6_server(s));
-    for v6 in named_v6(&servers).await {
-        if !servers6.contains(&v6) {
-            servers6.push(v6);
+    // One socket per family, asked side by side: IPv6 (and looking up the
+    // IPv6 addresses of servers given by name) costs no extra time.
+    let ipv6 = async {
+        let mut servers6 = servers6;
+        for v6 in named_v6(&servers).await {
+            if !servers6.contains(&v6) {
+                servers6.push(v6);
+            }
         }
-    }
-    // One socket per family, asked side by side: IPv6 costs no extra time.
-    let (stun, stun6) = tokio::join!(stun_probes(&servers, false), stun_probes(&servers6, true));
+        stun_probes(&servers6, true).await
+    };
+    let (stun, stun6) = tokio::join!(stun_probes(&servers, false), ipv6);
     let answers = |probes: &[StunProbe]| -> Vec<Option<SocketAddr>> {
         probes
             .iter()

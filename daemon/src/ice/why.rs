@@ -83,7 +83,9 @@ impl Attempt {
 
 /// Whether a pair that no relay carries has passed its checks: neither
 /// candidate is a relay, and the remote one is not a peer-reflexive copy of a
-/// relay the peer signalled (a check from its relay that came first).
+/// relay the peer signalled (a check from its relay that came first). The
+/// nominated pair does not count: asked about when it was selected, it may
+/// be such a copy whose relay has not been signalled yet.
 pub fn direct_pair_succeeded(
     local: &[CandidateStats],
     remote: &[CandidateStats],
@@ -102,6 +104,7 @@ pub fn direct_pair_succeeded(
     };
     pairs.iter().any(|p| {
         p.state == CandidatePairState::Succeeded
+            && !p.nominated
             && direct(&p.local_candidate_id, local)
             && direct(&p.remote_candidate_id, remote)
     })
@@ -378,6 +381,14 @@ mod tests {
             ..CandidatePairStats::default()
         };
         let seen = |pairs: &[CandidatePairStats]| direct_pair_succeeded(&local, &remote, pairs);
+        let nominated = |l: &str, r: &str| CandidatePairStats {
+            nominated: true,
+            ..pair(l, r, Succeeded)
+        };
+        assert!(
+            !seen(&[nominated("host", "srflx")]),
+            "the selected pair itself"
+        );
         assert!(seen(&[pair("host", "srflx", Succeeded)]));
         assert!(
             !seen(&[pair("host", "srflx", InProgress)]),

@@ -92,7 +92,6 @@ async fn main() {
     }
 }
 
-/// One `GET /healthz` on a new connection; the time until the whole answer came.
 /// One `/healthz` request on a fresh connection: how long the connection
 /// took, and the whole exchange.
 async fn probe_healthz(addr: &str) -> anyhow::Result<(Duration, Duration)> {
@@ -119,7 +118,7 @@ async fn healthz(addr: &str, stop_file: &std::path::Path, every: Duration) -> an
                     // When, and in which part: to line it up with the logs.
                     eprintln!(
                         "slow healthz at {}: connect {:.1} ms, total {:.1} ms",
-                        unix_millis(),
+                        overlay_tests::wait::unix_millis(),
                         connect.as_secs_f64() * 1000.0,
                         took.as_secs_f64() * 1000.0
                     );
@@ -212,11 +211,4 @@ async fn reregister(url: &str, auth_key: &str, victim_key: &str) -> anyhow::Resu
     println!("status={status}");
     println!("error={code}");
     Ok(())
-}
-
-/// The wall clock in milliseconds, as the lab's logs can be matched against.
-fn unix_millis() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis())
 }
