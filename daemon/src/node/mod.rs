@@ -327,9 +327,11 @@ impl Node {
         match entry.path.poll(now, jitter) {
             Some(path::Action::StartSession) => self.start_session(id, false),
             Some(path::Action::StartDirectSession) => {
-                tracing::debug!(
-                    peer = id,
-                    "ICE chose TURN though a direct pair worked: trying again without relays"
+                let info = &entry.info;
+                tracing::info!(
+                    "peer {} ({}): ICE chose TURN though a direct pair worked; trying again without relays",
+                    info.name,
+                    info.mesh_ip
                 );
                 self.start_session(id, true)
             }
