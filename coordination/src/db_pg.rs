@@ -4,8 +4,8 @@
 //!
 //! TLS follows libpq's URL parameters: `sslmode=require` (or `verify-ca`,
 //! `verify-full`) connects over rustls and verifies the server's certificate
-//! and name against the system's roots and `sslrootcert=PATH` if given;
-//! unlike libpq's `require`, an unverifiable server is refused. Without one
+//! and name against `sslrootcert=PATH` alone if given, else the system's
+//! roots; unlike libpq's `require`, an unverifiable server is refused. Without one
 //! of those modes the connection is plain, as before.
 //!
 //! A lost database costs the calls made while it is gone an

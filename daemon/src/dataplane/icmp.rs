@@ -26,19 +26,26 @@ pub fn ipv4_addrs(packet: &[u8]) -> Option<(Ipv4Addr, Ipv4Addr)> {
     Some((src, dst))
 }
 
+/// An IPv4 header (no options, don't fragment, TTL 64, with its checksum)
+/// from `src` to `dst` for `l4_len` bytes of `proto`.
+pub fn ipv4_header(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, l4_len: usize) -> [u8; IPV4_HEADER] {
+    let mut h = [0u8; IPV4_HEADER];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&((IPV4_HEADER + l4_len) as u16).to_be_bytes());
+    h[6] = 0x40; // don't fragment
+    h[8] = 64; // TTL
+    h[9] = proto;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let sum = internet(&h);
+    h[10..12].copy_from_slice(&sum.to_be_bytes());
+    h
+}
+
 fn ipv4_packet(src: Ipv4Addr, dst: Ipv4Addr, icmp: &[u8]) -> Vec<u8> {
-    let total = IPV4_HEADER + icmp.len();
-    let mut p = vec![0u8; total];
-    p[0] = 0x45;
-    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-    p[6] = 0x40; // don't fragment
-    p[8] = 64; // TTL
-    p[9] = PROTO_ICMP;
-    p[12..16].copy_from_slice(&src.octets());
-    p[16..20].copy_from_slice(&dst.octets());
-    let sum = internet(&p[..IPV4_HEADER]);
-    p[10..12].copy_from_slice(&sum.to_be_bytes());
-    p[IPV4_HEADER..].copy_from_slice(icmp);
+    let mut p = Vec::with_capacity(IPV4_HEADER + icmp.len());
+    p.extend_from_slice(&ipv4_header(src, dst, PROTO_ICMP, icmp.len()));
+    p.extend_from_slice(icmp);
     p
 }
 

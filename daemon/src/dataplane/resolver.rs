@@ -13,7 +13,7 @@ use crate::dns::answer::Transport;
 use crate::dns::tcp::{Out, Segment, TcpDns};
 use crate::dns::{respond, Reply, Zone};
 
-use super::checksum::{fold, internet, sum16, tcp_v4, tcp_v6, v6_pseudo, IPV6_HEADER};
+use super::checksum::{fold, sum16, tcp_v4, tcp_v6, v6_pseudo, IPV6_HEADER};
 use super::peer::lock;
 use super::DataPlane;
 use super::{icmp, icmp6, ip6};
@@ -328,9 +328,7 @@ impl<'a> Ip<'a> {
     }
 
     fn parse_v4(packet: &'a [u8]) -> Option<Ip<'a>> {
-        if packet.len() < 20 {
-            return None;
-        }
+        let (src, dst) = icmp::ipv4_addrs(packet)?;
         let ihl = usize::from(packet[0] & 0x0f) * 4;
         let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
         let end = total.min(packet.len());
@@ -339,8 +337,8 @@ impl<'a> Ip<'a> {
             return None;
         }
         Some(Ip {
-            src: Ipv4Addr::new(packet[12], packet[13], packet[14], packet[15]).into(),
-            dst: Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]).into(),
+            src: src.into(),
+            dst: dst.into(),
             proto: packet[9],
             l4: &packet[ihl..end],
         })
@@ -402,22 +400,9 @@ fn mss_option(mut options: &[u8]) -> Option<u16> {
 fn ip_header(src: IpAddr, dst: IpAddr, proto: u8, l4_len: usize) -> Option<Vec<u8>> {
     match (src, dst) {
         (IpAddr::V4(src), IpAddr::V4(dst)) => {
-            let total = 20 + l4_len;
-            let mut p = Vec::with_capacity(total);
-            p.extend_from_slice(&[0x45, 0]);
-            p.extend_from_slice(&(total as u16).to_be_bytes());
-            p.extend_from_slice(&[0, 0, 0x40, 0, 64, proto, 0, 0]);
-            p.extend_from_slice(&src.octets());
-            p.extend_from_slice(&dst.octets());
-            let sum = internet(&p[..20]);
-            p[10..12].copy_from_slice(&sum.to_be_bytes());
-            Some(p)
+            Some(icmp::ipv4_header(src, dst, proto, l4_len).to_vec())
         }
-        (IpAddr::V6(src), IpAddr::V6(dst)) => {
-            let mut p = Vec::with_capacity(IPV6_HEADER + l4_len);
-            p.extend_from_slice(&ip6::header(src, dst, proto, l4_len));
-            Some(p)
-        }
+        (IpAddr::V6(src), IpAddr::V6(dst)) => Some(ip6::header(src, dst, proto, l4_len).to_vec()),
         _ => None,
     }
 }

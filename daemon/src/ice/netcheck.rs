@@ -68,7 +68,8 @@ pub fn is_ipv6_server(server: &str) -> bool {
 }
 
 /// The IPv6 address (`[v6]:port`) of each server among `servers` that is
-/// named rather than written as an address and has one in DNS, once each.
+/// named rather than written as an address and has one in DNS (the
+/// caller drops repeats).
 /// All looked up at once, so the slowest name bounds the wait.
 async fn named_v6(servers: &[String]) -> Vec<String> {
     let lookups = servers
@@ -81,18 +82,8 @@ async fn named_v6(servers: &[String]) -> Vec<String> {
                 _ => None,
             }
         });
-    let mut found: Vec<String> = Vec::new();
-    for v6 in futures_util::future::join_all(lookups)
-        .await
-        .into_iter()
-        .flatten()
-    {
-        let v6 = v6.to_string();
-        if !found.contains(&v6) {
-            found.push(v6);
-        }
-    }
-    found
+    let found = futures_util::future::join_all(lookups).await;
+    found.into_iter().flatten().map(|a| a.to_string()).collect()
 }
 
 pub async fn run(ice: &IceConfig, coordinator_rtt: Option<Duration>) -> NetcheckReport {
